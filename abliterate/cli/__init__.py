@@ -1,0 +1,50 @@
+"""`abliterate` command line: one sub-command per pipeline stage, plus the full run.
+
+Each sub-command lives in its own module with `register(subparsers)`; the module sets
+`func` on its parser. Bad input raises AbliterateError: printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from abliterate.errors import AbliterateError
+
+# Order is the order shown in --help.
+COMMANDS = ["inventory"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="abliterate",
+        description=(
+            "Remove the refusal direction from a chat model's weights. Stages: inventory "
+            "(read safetensors headers, classify every tensor), measure (mean residuals of "
+            "harmful and harmless prompts, refusal directions), ablate (project the direction "
+            "out of every matched weight, shard by shard), validate (structural diff and "
+            "projection residuals), evaluate (refusal rate and KL). `run` chains them as a "
+            "Prefect flow tracked in MLflow; `demo` runs it on the built-in demo model."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"abliterate.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AbliterateError as exc:
+        print(f"abliterate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Model families as data: which tensor name plays which weight role (DESIGN.md vocabulary).
+
+A profile is a list of rules. Each rule is a regular expression over the tensor name with
+optional named groups `layer` and `expert`, the role it assigns, and the tensor's
+residual axis: the axis whose length is the hidden size (the axis the refusal direction
+lives on). The ablation engine edits along that axis, so it is declared here, never guessed
+from shapes. Layer numbers are matched as whole numbers (`\\d+` followed by a dot), so
+layer 1 never matches layers 10-19.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Roles that write into the residual stream (edited on the output side) and read from it.
+WRITER_ROLES = ("embed", "attn_out", "mlp_down", "expert_down", "shared_expert_down")
+READER_ROLES = ("router", "attn_in", "mlp_in", "expert_in", "shared_expert_in", "lm_head")
+BIAS_ROLES = ("attn_out_bias", "mlp_down_bias", "expert_down_bias", "shared_expert_down_bias", "attn_in_bias")
+OTHER_ROLES = ("norm", "router_bias", "mtp")
+ALL_ROLES = WRITER_ROLES + READER_ROLES + BIAS_ROLES + OTHER_ROLES
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # full-match regex; groups `layer`, `expert`
+    role: str
+    residual_axis: int | None  # axis of length hidden_size; None for tensors off the residual stream
+    fused_experts: bool = False  # one 3-D tensor [E, ...] holds every expert of the layer
+
+    def __post_init__(self) -> None:
+        if self.role not in ALL_ROLES:
+            raise ValueError(f"unknown role {self.role!r} in profile rule {self.pattern!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    family: str
+    model_types: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    # config.json key for routed experts per MoE layer (None: dense family)
+    experts_key: str | None = None
+    # config.json key for the number of MTP layers stored after the decoder layers
+    mtp_key: str | None = None
+    compiled: tuple[tuple[re.Pattern, Rule], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compiled", tuple((re.compile(r.pattern), r) for r in self.rules))
+
+    def classify(self, name: str) -> tuple[Rule, int | None, int | None] | None:
+        """The first rule that fully matches `name`, with its layer and expert index."""
+        for regex, rule in self.compiled:
+            match = regex.fullmatch(name)
+            if match:
+                groups = match.groupdict()
+                layer = int(groups["layer"]) if groups.get("layer") is not None else None
+                expert = int(groups["expert"]) if groups.get("expert") is not None else None
+                return rule, layer, expert
+        return None
+
+
+L = r"model\.layers\.(?P<layer>\d+)\."
+E = r"(?P<expert>\d+)\."
+
+# Shared by every decoder-only transformers family we support.
+_COMMON = (
+    Rule(r"model\.embed_tokens\.weight", "embed", 1),
+    Rule(r"lm_head\.weight", "lm_head", 1),
+    Rule(r"model\.norm\.weight", "norm", 0),
+    Rule(L + r"(input_layernorm|post_attention_layernorm)\.weight", "norm", 0),
+    Rule(L + r"self_attn\.(q_norm|k_norm)\.weight", "norm", None),
+    Rule(L + r"self_attn\.(q_proj|k_proj|v_proj)\.weight", "attn_in", 1),
+    Rule(L + r"self_attn\.(q_proj|k_proj|v_proj)\.bias", "attn_in_bias", None),
+    Rule(L + r"self_attn\.o_proj\.weight", "attn_out", 0),
+    Rule(L + r"self_attn\.o_proj\.bias", "attn_out_bias", 0),
+    Rule(L + r"mlp\.(gate_proj|up_proj)\.weight", "mlp_in", 1),
+    Rule(L + r"mlp\.down_proj\.weight", "mlp_down", 0),
+    Rule(L + r"mlp\.down_proj\.bias", "mlp_down_bias", 0),
+)
+
+# Routed experts, both on-disk layouts: one 2-D tensor per expert (transformers' default
+# save format), or transformers 5's fused 3-D tensors (save_original_format=False):
+# gate_up_proj [E, 2I, H], down_proj [E, H, I].
+_EXPERTS = (
+    Rule(L + r"mlp\.experts\." + E + r"(gate_proj|up_proj)\.weight", "expert_in", 1),
+    Rule(L + r"mlp\.experts\." + E + r"down_proj\.weight", "expert_down", 0),
+    Rule(L + r"mlp\.experts\.gate_up_proj", "expert_in", 2, fused_experts=True),
+    Rule(L + r"mlp\.experts\.down_proj", "expert_down", 1, fused_experts=True),
+    Rule(L + r"mlp\.gate\.weight", "router", 1),
+)
+
+GLM4_MOE = Profile(
+    family="glm4_moe",
+    model_types=("glm4_moe",),
+    experts_key="n_routed_experts",
+    mtp_key="num_nextn_predict_layers",
+    rules=_COMMON
+    + _EXPERTS
+    + (
+        Rule(L + r"mlp\.gate\.e_score_correction_bias", "router_bias", None),
+        Rule(L + r"mlp\.shared_experts\.(gate_proj|up_proj)\.weight", "shared_expert_in", 1),
+        Rule(L + r"mlp\.shared_experts\.down_proj\.weight", "shared_expert_down", 0),
+        # The MTP layer (index num_hidden_layers) carries its own embedding and head besides
+        # a full MoE decoder layer; transformers drops it on load.
+        Rule(L + r"embed_tokens\.weight", "embed", 1),
+        Rule(L + r"(eh_proj|enorm|hnorm)\.weight", "mtp", None),
+        Rule(L + r"shared_head\.(norm|head)\.weight", "mtp", None),
+    ),
+)
+
+QWEN3_MOE = Profile(
+    family="qwen3_moe",
+    model_types=("qwen3_moe",),
+    experts_key="num_experts",
+    rules=_COMMON + _EXPERTS,
+)
+
+LLAMA = Profile(
+    family="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    rules=_COMMON,
+)
+
+PROFILES: dict[str, Profile] = {p.family: p for p in (GLM4_MOE, QWEN3_MOE, LLAMA)}
+
+
+def profile_for_model_type(model_type: str | None) -> Profile | None:
+    for profile in PROFILES.values():
+        if model_type in profile.model_types:
+            return profile
+    return None
+
+
+# Markers of quantized checkpoints: their weights are not plain matrices, so a projection
+# on them would be wrong. Checked on tensor names (suffixes) and dtypes.
+QUANTIZED_SUFFIXES = {
+    "weight_scale_inv": "FP8 (block scales)",
+    "weight_scale": "FP8/INT8 (scales)",
+    "_blocks": "MXFP4",
+    "_scales": "MXFP4",
+    ".absmax": "bitsandbytes 4-bit",
+    ".quant_map": "bitsandbytes 4-bit",
+    ".quant_state.bitsandbytes__nf4": "bitsandbytes NF4",
+    ".quant_state.bitsandbytes__fp4": "bitsandbytes FP4",
+    ".SCB": "bitsandbytes 8-bit",
+    ".qweight": "GPTQ/AWQ",
+    ".qzeros": "GPTQ/AWQ",
+}
+QUANTIZED_DTYPES = {"F8_E4M3": "FP8", "F8_E5M2": "FP8", "F8_E8M0": "MXFP4 scales", "F4": "FP4", "I4": "INT4"}
+
+
+def quantization_marker(name: str, dtype: str) -> str | None:
+    for suffix, kind in QUANTIZED_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    return QUANTIZED_DTYPES.get(dtype)
