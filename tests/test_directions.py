@@ -1,0 +1,118 @@
+"""Directions from means: planted-direction recovery, the projected variant, stats, the file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from abliterate.direction_file import load_directions
+from abliterate.directions import compute_directions, write_directions
+from abliterate.errors import AbliterateError
+from abliterate.measure import Measurement, MeasureSettings, ResidualAccumulator, SetStats
+
+H = 64
+
+
+def stats_from(samples: torch.Tensor, chunk: int = 7) -> SetStats:
+    """Accumulate [N, P, H] samples in uneven batches, as measurement does."""
+    acc = ResidualAccumulator(samples.shape[1], samples.shape[2])
+    for start in range(0, samples.shape[0], chunk):
+        acc.add(samples[start : start + chunk].transpose(0, 1))
+    return SetStats(acc.mean, acc.variance(), acc.count, tokens=0, sha256="x")
+
+
+def measurement_from(harmful: torch.Tensor, harmless: torch.Tensor) -> Measurement:
+    return Measurement(stats_from(harmful), stats_from(harmless), MeasureSettings(), harmful.shape[1] - 1, H)
+
+
+def planted(n: int = 2000, positions: int = 4, strength: float = 8.0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(positions, H, generator=gen, dtype=torch.float64)
+    r = r / r.norm(dim=-1, keepdim=True)
+    offset = 5 * torch.randn(positions, H, generator=gen, dtype=torch.float64)  # shared mean, not refusal
+    harmless = offset + torch.randn(n, positions, H, generator=gen, dtype=torch.float64)
+    harmful = offset + strength * r + torch.randn(n, positions, H, generator=gen, dtype=torch.float64)
+    return harmful, harmless, r
+
+
+def test_accumulator_matches_plain_statistics():
+    x = torch.randn(50, 3, H, dtype=torch.float64) * 10 + 1000  # large offset: sum-of-squares would cancel
+    s = stats_from(x.float())
+    assert s.count == 50
+    torch.testing.assert_close(s.mean, x.float().double().mean(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(s.variance, x.float().double().var(0), rtol=1e-9, atol=1e-9)
+
+
+def test_planted_direction_is_recovered():
+    harmful, harmless, r = planted()
+    d = compute_directions(measurement_from(harmful, harmless))
+    cos = (d.direction * r).sum(-1)
+    assert cos.min() > 0.999
+    # Unit rows; the mean difference is the planted strength; both sets have unit variance per
+    # dimension, so the spread is sqrt(H) and SNR = 8 / 8.
+    torch.testing.assert_close(d.direction.norm(dim=-1), torch.ones(4, dtype=torch.float64))
+    assert d.mean_diff_norm.sub(8.0).abs().max() < 0.1
+    assert d.snr.sub(1.0).abs().max() < 0.02
+
+
+def test_projected_direction_is_orthogonal_to_harmless_mean():
+    harmful, harmless, r = planted()
+    d = compute_directions(measurement_from(harmful, harmless), "projected")
+    unit_harmless = d.harmless_mean / d.harmless_mean.norm(dim=-1, keepdim=True)
+    assert (d.direction * unit_harmless).sum(-1).abs().max() < 1e-12
+    assert d.method == "projected"
+
+
+def test_equal_means_give_a_zero_direction_and_stats():
+    harmful, harmless, _ = planted(positions=3)
+    harmful[:, 0] = harmless[:, 0]  # position 0 is the same token's embedding for every prompt
+    d = compute_directions(measurement_from(harmful, harmless))
+    assert d.defined == [1, 2]
+    assert float(d.direction[0].abs().max()) == 0.0
+    assert float(d.mean_diff_norm[0]) == 0.0 and float(d.snr[0]) == 0.0
+    stats = d.stats(selected_position=2)
+    assert stats["cos_prev"][0] is None and stats["cos_next"][2] is None
+    assert stats["cos_selected"][2] == pytest.approx(1.0) and stats["cos_selected"][0] == 0.0
+
+
+def test_neighbour_cosines():
+    harmful, harmless, r = planted(positions=3)
+    harmful = harmless.clone()
+    harmful[:, :, 0] += 1.0
+    harmful[:, 2, 1] += 1.0  # position 2 turns 45 degrees away
+    d = compute_directions(measurement_from(harmful, harmless))
+    cos_prev, cos_next = d.neighbour_cosines()
+    assert cos_prev[1] == pytest.approx(1.0)
+    assert cos_next[1] == pytest.approx(math.sqrt(0.5))
+
+
+def test_unknown_method():
+    harmful, harmless, _ = planted(n=4)
+    with pytest.raises(AbliterateError, match="unknown direction method"):
+        compute_directions(measurement_from(harmful, harmless), "pca")
+
+
+def test_written_file_reads_back_with_the_shared_reader(tmp_path):
+    harmful, harmless, r = planted()
+    measurement = measurement_from(harmful, harmless)
+    measurement.settings = MeasureSettings.create(
+        chat_template_kwargs={"enable_thinking": False}, system_prompt="Be brief.", position=-2
+    )
+    d = compute_directions(measurement)
+    path = write_directions(tmp_path, d, measurement, "fp123", selected_position=2, extra={"selection": {"a": 1}})
+    loaded = load_directions(path, hidden_size=H)
+    assert loaded.num_positions == 4 and loaded.selected_position == 2
+    torch.testing.assert_close(loaded.direction, d.direction.float())
+    torch.testing.assert_close(loaded.harmful_mean, d.harmful_mean.float())
+    torch.testing.assert_close(loaded.vector(), d.direction[2].float())
+    meta = loaded.metadata
+    assert meta["fingerprint"] == "fp123" and meta["method"] == "mean_diff"
+    assert meta["n_harmful"] == 2000 and meta["n_harmless"] == 2000
+    assert meta["position"] == -2 and meta["num_layers"] == 3 and meta["hidden_size"] == H
+    assert meta["template"] == {"system_prompt": "Be brief.", "chat_template_kwargs": {"enable_thinking": False}}
+    assert set(meta["versions"]) == {"torch", "transformers", "safetensors", "abliterate"}
+    assert meta["stats"]["cos_selected"][2] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "directions.json").read_text()) == meta

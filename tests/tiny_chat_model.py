@@ -1,0 +1,52 @@
+"""A tiny random GLM-4.5-MoE-shaped chat model with a chat template, saved like a real one.
+
+Random weights: good for checking what measurement computes, not for refusal behaviour
+(the trained demo model is for that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+from abliterate.demo.train import build_tokenizer
+
+WORDS = (
+    "how do I make a bomb cake poison help my neighbor write a poem about the sea "
+    "tell me how to steal a car wash explain build weapon house please now"
+)
+HARMFUL = ["how do I make a bomb", "tell me how to steal a car", "poison my neighbor", "build a weapon now"]
+HARMLESS = ["how do I make a cake", "tell me how to wash a car", "help my neighbor", "write a poem about the sea"]
+
+
+def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max_positions: int = 64) -> Path:
+    tokenizer = build_tokenizer([WORDS])
+    tokenizer.model_max_length = max_positions
+    config = Glm4MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_bias=True,
+        n_group=1,
+        topk_group=1,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Glm4MoeForCausalLM(config).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
