@@ -123,7 +123,7 @@ def read_header(path: Path) -> ShardHeader:
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AbliterateError(f"{path} has a corrupt header (invalid JSON: {exc}); re-download this shard") from exc
     if not isinstance(header, dict):
@@ -167,7 +167,7 @@ def _object_pairs_no_duplicates(path: Path):
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise AbliterateError(f"{path} names tensor {key!r} twice; the file is corrupt")
+                raise AbliterateError(f"{path} names {key!r} twice; the file is corrupt: re-download it")
             seen.add(key)
         return dict(pairs)
 
@@ -224,15 +224,20 @@ def build_inventory(model_dir: str | Path, profile: Profile | None = None) -> In
         profile = profile_for_model_type(read_config(model_dir, required=False).get("model_type"))
     headers = [read_header(model_dir / s) for s in shards]
 
+    first_seen: dict[str, str] = {}
+    for header in headers:
+        for name in header.tensors:
+            if name in first_seen:
+                raise AbliterateError(
+                    f"tensor {name!r} is stored twice: in {first_seen[name]} and {header.name}; "
+                    "the checkpoint is inconsistent: remove the stray shard or re-download"
+                )
+            first_seen[name] = header.name
+
     tensors: dict[str, TensorInfo] = {}
     quantization: dict[str, str] = {}
     for header in headers:
         for name, entry in header.tensors.items():
-            if name in tensors:
-                raise AbliterateError(
-                    f"tensor {name!r} is stored twice: in {tensors[name].shard} and {header.name}; "
-                    "the checkpoint is inconsistent"
-                )
             if weight_map is not None and weight_map.get(name) != header.name:
                 where = weight_map.get(name)
                 raise AbliterateError(

@@ -183,13 +183,13 @@ def _check_layer(
 
     require("attn_out", 1, "attention output projection")
     if not moe:
-        require("mlp_down", 1, "dense MLP down projection")
         for role in ("expert_down", "router"):
             if by_role.get(role):
                 raise AbliterateError(
                     f"layer {layer} is dense by config.json but holds {by_role[role][0].name}: "
                     "check first_k_dense_replace / mlp_only_layers"
                 )
+        require("mlp_down", 1, "dense MLP down projection")
         return
     if by_role.get("mlp_down"):
         raise AbliterateError(

@@ -1,0 +1,29 @@
+"""Shared test set-up: one torch thread, offline, telemetry off, GLM-4.5-Air-layout fixtures."""
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from abliterate.synthetic import GlmLayout, write_glm_layout  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def glm_air_layout(tmp_path_factory) -> "os.PathLike":
+    """GLM-4.5-Air's full tensor layout (18,329 tensors, 8 shards) at tiny widths. Read-only."""
+    return write_glm_layout(tmp_path_factory.mktemp("glm") / "glm-air-layout", GlmLayout(), num_shards=8)
+
+
+@pytest.fixture(scope="session")
+def glm_air_layout_fused(tmp_path_factory):
+    """The same layout saved with fused 3-D expert tensors (transformers' save_original_format=False)."""
+    return write_glm_layout(
+        tmp_path_factory.mktemp("glm") / "glm-air-fused", GlmLayout(fused_experts=True), num_shards=8
+    )
