@@ -1,0 +1,168 @@
+"""Measurement: agreement with a plain output_hidden_states computation, batching, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
+
+from abliterate.chat import render_chat
+from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.errors import AbliterateError
+from abliterate.measure import (
+    MeasureSettings,
+    length_sorted_batches,
+    load_model,
+    measure,
+    measure_prompts,
+    prompt_set_sha256,
+)
+from abliterate.prompts import load_prompts
+
+DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(build_tiny_chat_model(tmp_path_factory.mktemp("tiny")))
+
+
+def reference_residuals(model, tokenizer, prompts, settings) -> torch.Tensor:
+    """[N, L+1, H] float64, one unpadded forward per prompt: HF hidden_states[0..L-1], and the last
+    decoder layer's raw output (HF's last hidden state is after the final norm)."""
+    texts = render_chat(tokenizer, prompts, system_prompt=settings.system_prompt, **settings.template_kwargs)
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        seen = {}
+        handle = model.model.layers[-1].register_forward_hook(lambda _m, _a, out: seen.update(last=out))
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states
+        handle.remove()
+        assert len(hidden) == model.config.num_hidden_layers + 1
+        assert not torch.allclose(hidden[-1], seen["last"])  # post-norm: not residual position L
+        rows.append(torch.stack([*hidden[:-1], seen["last"]])[:, 0, settings.position].double())
+    return torch.stack(rows)
+
+
+def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(((ours - reference).norm(dim=-1) / reference.norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("position", [-1, -3])
+def test_means_match_hidden_states_reference(tiny, position):
+    model, tokenizer = tiny
+    settings = MeasureSettings(position=position, batch_size=3, system_prompt="Be concise and polite.")
+    stats = measure_prompts(model, tokenizer, HARMFUL + HARMLESS, settings, progress=False)
+    ref = reference_residuals(model, tokenizer, HARMFUL + HARMLESS, settings)
+    assert stats.mean.shape == (4, 32) and stats.mean.dtype == torch.float64
+    assert max_relative_error(stats.mean, ref.mean(0)) < 1e-6
+    torch.testing.assert_close(stats.variance, ref.var(0), rtol=1e-5, atol=1e-12)
+    assert stats.count == 8
+    assert stats.sha256 == prompt_set_sha256(HARMFUL + HARMLESS)
+    texts = render_chat(tokenizer, HARMFUL + HARMLESS, system_prompt="Be concise and polite.")
+    assert stats.tokens == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def test_batch_size_changes_nothing_but_rounding(tiny):
+    model, tokenizer = tiny
+    one = measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(batch_size=1), progress=False)
+    many = measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(batch_size=4), progress=False)
+    assert max_relative_error(many.mean[1:], one.mean[1:]) < 1e-6
+
+
+def test_template_kwargs_reach_the_template(tiny):
+    model, tokenizer = tiny
+    off = measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(), progress=False)
+    on = measure_prompts(
+        model, tokenizer, HARMFUL, MeasureSettings.create({"enable_thinking": True}), progress=False
+    )
+    assert on.tokens == off.tokens - 2 * len(HARMFUL)  # "<think>" instead of "<think></think>\n"
+    assert not torch.allclose(on.mean, off.mean)
+
+
+def test_measure_both_sets(tiny):
+    model, tokenizer = tiny
+    m = measure(model, tokenizer, HARMFUL, HARMLESS[:3], MeasureSettings(), progress=False)
+    assert (m.num_layers, m.hidden_size, m.harmful.count, m.harmless.count) == (3, 32, 4, 3)
+    # Every prompt ends with the same generation-prompt token: equal embeddings at position 0.
+    torch.testing.assert_close(m.harmful.mean[0], m.harmless.mean[0])
+
+
+def test_batches_are_length_sorted_and_left_padded():
+    encoded = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+    batches = list(length_sorted_batches(encoded, batch_size=2, pad_id=0))
+    assert [b.indices for b in batches] == [[1, 2], [0, 3]]
+    assert batches[0].input_ids.tolist() == [[0, 8], [9, 10]]
+    assert batches[0].attention_mask.tolist() == [[0, 1], [1, 1]]
+    assert batches[1].position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3]]
+
+
+def test_settings_are_hashable_and_serialisable():
+    a = MeasureSettings.create({"enable_thinking": False, "a": 1}, position=-2, system_prompt="x")
+    b = MeasureSettings.create({"a": 1, "enable_thinking": False}, position=-2, system_prompt="x")
+    assert a == b and hash(a) == hash(b)
+    assert a.as_dict() == {
+        "position": -2,
+        "system_prompt": "x",
+        "chat_template_kwargs": {"a": 1, "enable_thinking": False},
+        "batch_size": 16,
+        "dtype": "float32",
+        "max_length": None,
+    }
+    with pytest.raises(AbliterateError, match="must be negative"):
+        MeasureSettings(position=3)
+
+
+def test_empty_prompt_set(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(AbliterateError, match="harmless prompt set is empty"):
+        measure(model, tokenizer, HARMFUL, [], MeasureSettings(), progress=False)
+
+
+def test_prompt_longer_than_context(tiny):
+    model, tokenizer = tiny  # context: 64 positions
+    long = " ".join(["please"] * 80)
+    with pytest.raises(AbliterateError, match=r"harmful prompt #2 is \d+ tokens long.*context of 64 tokens"):
+        measure(model, tokenizer, [*HARMFUL[:2], long], HARMLESS, MeasureSettings(), progress=False)
+    with pytest.raises(AbliterateError, match="context of 10 tokens"):
+        measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(max_length=10), progress=False)
+
+
+def test_position_beyond_prompt_start(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(AbliterateError, match="token position -200 does not exist"):
+        measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(position=-200), progress=False)
+
+
+def test_tokenizer_without_chat_template(tiny):
+    model, tokenizer = tiny
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(AbliterateError, match="chat template"):
+            measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(), progress=False)
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_nan_activations_name_the_layer(tmp_path):
+    model, tokenizer = load_model(build_tiny_chat_model(tmp_path))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.fill_(float("nan"))
+    with pytest.raises(AbliterateError, match=r"residual position 2 \(output of decoder layer 1, input of layer 2\)"):
+        measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(), label="harmful", progress=False)
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(AbliterateError, match="no config.json"):
+        load_model(tmp_path)
+
+
+@pytest.mark.skipif(not DEMO_READY, reason="the demo model is not built")
+def test_demo_model_means_match_hidden_states_reference():
+    model, tokenizer = load_model(DEMO_MODEL_DIR)
+    prompts = load_prompts(prompt_file("demo", "harmful", "val"))[:24]
+    settings = MeasureSettings(batch_size=8)
+    stats = measure_prompts(model, tokenizer, prompts, settings, progress=False)
+    ref = reference_residuals(model, tokenizer, prompts, settings)
+    assert max_relative_error(stats.mean, ref.mean(0)) < 1e-6

@@ -1,0 +1,173 @@
+"""Automatic direction selection: scores, candidates, the choice, the CLI, and the demo figures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
+
+from abliterate.chat import render_chat
+from abliterate.cli import main
+from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.direction_file import load_directions
+from abliterate.directions import DirectionSet, compute_directions
+from abliterate.errors import AbliterateError
+from abliterate.intervention import directional_ablation
+from abliterate.measure import MeasureSettings, encode_prompts, load_model, measure, pad_token_id
+from abliterate.prompts import load_prompts
+from abliterate.refusal import is_refusal
+from abliterate.selection import (
+    SelectionSettings,
+    candidate_positions,
+    first_token_kl,
+    first_token_logprobs,
+    refusal_score,
+    refusal_token_ids,
+    select_direction,
+)
+
+DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tokenizer = load_model(tiny_dir)
+    directions = compute_directions(measure(model, tokenizer, HARMFUL, HARMLESS, MeasureSettings(), progress=False))
+    return model, tokenizer, directions
+
+
+def test_refusal_score_is_mean_log_odds():
+    probs = torch.tensor([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    # refusal tokens 0 and 2: p = 0.5 (log-odds 0) and p = 0.75 (log-odds log 3)
+    assert refusal_score(probs.log(), [0, 2]) == pytest.approx(math.log(3) / 2)
+
+
+def test_first_token_kl():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]], dtype=torch.float64).log()
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64).log()
+    expected = (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
+    assert first_token_kl(p, q) == pytest.approx(expected)
+    assert first_token_kl(p, p) == 0.0
+
+
+def test_refusal_tokens_are_reply_openers(tiny):
+    _, tokenizer, _ = tiny
+    # The tiny vocabulary knows "I" but not "As"; unknown words are skipped.
+    assert refusal_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("▁I")]
+    with pytest.raises(AbliterateError, match="no refusal marker"):
+        refusal_token_ids(tokenizer, ["cannot provide", "as a zebra"])
+
+
+def test_candidates_skip_the_last_fifth_and_undefined_positions():
+    direction = torch.eye(11, 16, dtype=torch.float64)
+    direction[0] = 0  # position 0 undefined
+    zeros = torch.zeros(11)
+    d = DirectionSet(direction, direction, direction, "mean_diff", zeros, zeros)
+    assert candidate_positions(d, 0.2, None) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert candidate_positions(d, 0.2, 3) == [1, 5, 8]
+    assert candidate_positions(d, 0.0, None)[-1] == 10
+
+
+def test_scores_match_a_direct_computation(tiny):
+    model, tokenizer, directions = tiny
+    settings = MeasureSettings()
+    selection = select_direction(
+        model, tokenizer, directions, HARMFUL, HARMLESS, settings, position=2, progress=False
+    )
+    assert selection.explicit and selection.position == 2 and [c.position for c in selection.candidates] == [2]
+    encoded = encode_prompts(tokenizer, HARMLESS, settings, None)
+    base = first_token_logprobs(model, encoded, 1, pad_token_id(tokenizer))
+    with directional_ablation(model, directions.direction[2].float()):
+        ablated = first_token_logprobs(model, encoded, 1, pad_token_id(tokenizer))
+    assert selection.score(2).kl == pytest.approx(first_token_kl(base, ablated), rel=1e-6)
+    assert selection.score(2).kl > 0
+
+
+def test_auto_picks_lowest_refusal_under_the_kl_threshold(tiny):
+    model, tokenizer, directions = tiny
+    selection = select_direction(
+        model, tokenizer, directions, HARMFUL, HARMLESS, MeasureSettings(), SelectionSettings(kl_threshold=1e9),
+        progress=False,
+    )
+    assert not selection.explicit
+    assert [c.position for c in selection.candidates] == [1, 2]  # L = 3: position 3 is in the last fifth
+    assert selection.position == min(selection.candidates, key=lambda c: c.refusal_score).position
+    assert selection.as_dict()["candidates"][0].keys() == {"position", "refusal_score", "kl"}
+    with pytest.raises(AbliterateError, match="raise the KL threshold"):
+        select_direction(
+            model, tokenizer, directions, HARMFUL, HARMLESS, MeasureSettings(), SelectionSettings(kl_threshold=-1),
+            progress=False,
+        )
+
+
+def test_explicit_position_must_hold_a_direction(tiny):
+    model, tokenizer, directions = tiny
+    for position, message in ((0, "is zero"), (9, "out of range")):
+        with pytest.raises(AbliterateError, match=message):
+            select_direction(
+                model, tokenizer, directions, HARMFUL, HARMLESS, MeasureSettings(), position=position, progress=False
+            )
+
+
+def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
+    files = {}
+    for name, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(prompts) + "\n")
+    common = ["measure", str(tiny_dir), "--harmful", str(files["harmful"]), "--harmless", str(files["harmless"])]
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--batch-size", "3", "--chat-template-kwargs", "enable_thinking=false"]
+    assert main([*common, *args, "--select", "auto", "--kl-threshold", "1e9",
+                 "--harmful-val", str(files["harmful"]), "--harmless-val", str(files["harmless"])]) == 0
+    loaded = load_directions(out / "directions.safetensors")
+    assert loaded.num_positions == 4 and loaded.selected_position in (1, 2)
+    assert loaded.metadata["template"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert len(loaded.metadata["selection"]["candidates"]) == 2
+    assert (out / "directions.json").is_file()
+    assert "<- selected" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "none"), "--select", "none", "--position", "-2"]) == 0
+    loaded = load_directions(tmp_path / "none" / "directions.safetensors")
+    assert loaded.selected_position is None and loaded.metadata["position"] == -2
+    assert main([*common, "--out", str(out), "--position", "3"]) == 2
+    assert "--position '3'" in capsys.readouterr().err
+
+
+def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
+    texts = render_chat(tokenizer, prompts)
+    batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_token_id(tokenizer))
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.skipif(not DEMO_READY, reason="the demo model is not built")
+def test_demo_auto_selected_direction_removes_refusals():
+    model, tokenizer = load_model(DEMO_MODEL_DIR)
+    load = lambda kind, split: load_prompts(prompt_file("demo", kind, split))  # noqa: E731
+    settings = MeasureSettings()
+    directions = compute_directions(
+        measure(model, tokenizer, load("harmful", "train"), load("harmless", "train"), settings, progress=False)
+    )
+    selection = select_direction(
+        model, tokenizer, directions, load("harmful", "val"), load("harmless", "val"), settings, progress=False
+    )
+    harmful_test, harmless_test = load("harmful", "test"), load("harmless", "test")
+    before = [is_refusal(r) for r in greedy_replies(model, tokenizer, harmful_test)]
+    encoded = encode_prompts(tokenizer, harmless_test, settings, None)
+    base = first_token_logprobs(model, encoded, 16, pad_token_id(tokenizer))
+    with directional_ablation(model, directions.direction[selection.position].float()):
+        after = [is_refusal(r) for r in greedy_replies(model, tokenizer, harmful_test)]
+        ablated = first_token_logprobs(model, encoded, 16, pad_token_id(tokenizer))
+    kl = first_token_kl(base, ablated)
+    print(f"selected {selection.position}: refusals {sum(before)}/{len(before)} -> {sum(after)}/{len(after)}, KL {kl:.4f}")
+    assert sum(before) / len(before) > 0.9
+    assert sum(after) / len(after) < 0.1
+    assert kl < 0.05
