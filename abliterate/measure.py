@@ -257,7 +257,9 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
         hidden = output[0] if isinstance(output, tuple) else output
         captured[len(layers)] = hidden[:, token_index, :].detach().float().cpu()
 
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:

@@ -94,13 +94,15 @@ def refusal_token_ids(tokenizer: Any, markers: Sequence[str] | None = None) -> l
                 ids.add(int(encoded[0]))
     if not ids:
         raise AbliterateError(
-            "no refusal marker that opens a reply (\"I ...\", \"As ...\") encodes to a known token with this "
+            'no refusal marker that opens a reply ("I ...", "As ...") encodes to a known token with this '
             "tokenizer: give markers in the model's language"
         )
     return sorted(ids)
 
 
-def candidate_positions(directions: DirectionSet, skip_last_fraction: float, max_candidates: int | None) -> list[int]:
+def candidate_positions(
+    directions: DirectionSet, skip_last_fraction: float, max_candidates: int | None
+) -> list[int]:
     num_layers = directions.num_positions - 1
     last = int(num_layers * (1.0 - skip_last_fraction))
     candidates = [p for p in directions.defined if p <= last]
@@ -166,11 +168,15 @@ def select_direction(
             f"the direction at position {position} is zero (harmful and harmless means coincide there): "
             "choose another position"
         )
-    candidates = [position] if position is not None else candidate_positions(
-        directions, settings.skip_last_fraction, settings.max_candidates
+    candidates = (
+        [position]
+        if position is not None
+        else candidate_positions(directions, settings.skip_last_fraction, settings.max_candidates)
     )
     if not candidates:
-        raise AbliterateError("no candidate position has a non-zero direction: the two prompt sets look identical")
+        raise AbliterateError(
+            "no candidate position has a non-zero direction: the two prompt sets look identical"
+        )
     limit = context_length(model, tokenizer, measure_settings)
     harmful = encode_prompts(tokenizer, harmful_val, measure_settings, limit, "harmful validation")
     harmless = encode_prompts(tokenizer, harmless_val, measure_settings, limit, "harmless validation")
@@ -185,7 +191,9 @@ def select_direction(
             ablated_harmless = first_token_logprobs(model, harmless, settings.batch_size, pad_id)
             ablated_harmful = first_token_logprobs(model, harmful, settings.batch_size, pad_id)
         scores.append(
-            CandidateScore(p, refusal_score(ablated_harmful, token_ids), first_token_kl(base_harmless, ablated_harmless))
+            CandidateScore(
+                p, refusal_score(ablated_harmful, token_ids), first_token_kl(base_harmless, ablated_harmless)
+            )
         )
     if position is None:
         allowed = [s for s in scores if s.kl <= settings.kl_threshold]

@@ -102,7 +102,9 @@ def test_written_file_reads_back_with_the_shared_reader(tmp_path):
         chat_template_kwargs={"enable_thinking": False}, system_prompt="Be brief.", position=-2
     )
     d = compute_directions(measurement)
-    path = write_directions(tmp_path, d, measurement, "fp123", selected_position=2, extra={"selection": {"a": 1}})
+    path = write_directions(
+        tmp_path, d, measurement, "fp123", selected_position=2, extra={"selection": {"a": 1}}
+    )
     loaded = load_directions(path, hidden_size=H)
     assert loaded.num_positions == 4 and loaded.selected_position == 2
     torch.testing.assert_close(loaded.direction, d.direction.float())
@@ -112,7 +114,10 @@ def test_written_file_reads_back_with_the_shared_reader(tmp_path):
     assert meta["fingerprint"] == "fp123" and meta["method"] == "mean_diff"
     assert meta["n_harmful"] == 2000 and meta["n_harmless"] == 2000
     assert meta["position"] == -2 and meta["num_layers"] == 3 and meta["hidden_size"] == H
-    assert meta["template"] == {"system_prompt": "Be brief.", "chat_template_kwargs": {"enable_thinking": False}}
+    assert meta["template"] == {
+        "system_prompt": "Be brief.",
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     assert set(meta["versions"]) == {"torch", "transformers", "safetensors", "abliterate"}
     assert meta["stats"]["cos_selected"][2] == pytest.approx(1.0)
     assert json.loads((tmp_path / "directions.json").read_text()) == meta

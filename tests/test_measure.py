@@ -31,17 +31,16 @@ def reference_residuals(model, tokenizer, prompts, settings) -> torch.Tensor:
     """[N, L+1, H] float64, one unpadded forward per prompt: HF hidden_states[0..L-1], and the last
     decoder layer's raw output (HF's last hidden state is after the final norm)."""
     texts = render_chat(tokenizer, prompts, system_prompt=settings.system_prompt, **settings.template_kwargs)
-    rows = []
+    rows, seen = [], {}
+    handle = model.model.layers[-1].register_forward_hook(lambda _m, _a, out: seen.update(last=out))
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        seen = {}
-        handle = model.model.layers[-1].register_forward_hook(lambda _m, _a, out: seen.update(last=out))
         with torch.no_grad():
             hidden = model(ids, output_hidden_states=True).hidden_states
-        handle.remove()
         assert len(hidden) == model.config.num_hidden_layers + 1
         assert not torch.allclose(hidden[-1], seen["last"])  # post-norm: not residual position L
         rows.append(torch.stack([*hidden[:-1], seen["last"]])[:, 0, settings.position].double())
+    handle.remove()
     return torch.stack(rows)
 
 
@@ -149,7 +148,9 @@ def test_nan_activations_name_the_layer(tmp_path):
     model, tokenizer = load_model(build_tiny_chat_model(tmp_path))
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.fill_(float("nan"))
-    with pytest.raises(AbliterateError, match=r"residual position 2 \(output of decoder layer 1, input of layer 2\)"):
+    with pytest.raises(
+        AbliterateError, match=r"residual position 2 \(output of decoder layer 1, input of layer 2\)"
+    ):
         measure_prompts(model, tokenizer, HARMFUL, MeasureSettings(), label="harmful", progress=False)
 
 

@@ -39,7 +39,9 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     model, tokenizer = load_model(tiny_dir)
-    directions = compute_directions(measure(model, tokenizer, HARMFUL, HARMLESS, MeasureSettings(), progress=False))
+    directions = compute_directions(
+        measure(model, tokenizer, HARMFUL, HARMLESS, MeasureSettings(), progress=False)
+    )
     return model, tokenizer, directions
 
 
@@ -81,7 +83,9 @@ def test_scores_match_a_direct_computation(tiny):
     selection = select_direction(
         model, tokenizer, directions, HARMFUL, HARMLESS, settings, position=2, progress=False
     )
-    assert selection.explicit and selection.position == 2 and [c.position for c in selection.candidates] == [2]
+    assert (
+        selection.explicit and selection.position == 2 and [c.position for c in selection.candidates] == [2]
+    )
     encoded = encode_prompts(tokenizer, HARMLESS, settings, None)
     base = first_token_logprobs(model, encoded, 1, pad_token_id(tokenizer))
     with directional_ablation(model, directions.direction[2].float()):
@@ -93,7 +97,13 @@ def test_scores_match_a_direct_computation(tiny):
 def test_auto_picks_lowest_refusal_under_the_kl_threshold(tiny):
     model, tokenizer, directions = tiny
     selection = select_direction(
-        model, tokenizer, directions, HARMFUL, HARMLESS, MeasureSettings(), SelectionSettings(kl_threshold=1e9),
+        model,
+        tokenizer,
+        directions,
+        HARMFUL,
+        HARMLESS,
+        MeasureSettings(),
+        SelectionSettings(kl_threshold=1e9),
         progress=False,
     )
     assert not selection.explicit
@@ -102,7 +112,13 @@ def test_auto_picks_lowest_refusal_under_the_kl_threshold(tiny):
     assert selection.as_dict()["candidates"][0].keys() == {"position", "refusal_score", "kl"}
     with pytest.raises(AbliterateError, match="raise the KL threshold"):
         select_direction(
-            model, tokenizer, directions, HARMFUL, HARMLESS, MeasureSettings(), SelectionSettings(kl_threshold=-1),
+            model,
+            tokenizer,
+            directions,
+            HARMFUL,
+            HARMLESS,
+            MeasureSettings(),
+            SelectionSettings(kl_threshold=-1),
             progress=False,
         )
 
@@ -112,7 +128,14 @@ def test_explicit_position_must_hold_a_direction(tiny):
     for position, message in ((0, "is zero"), (9, "out of range")):
         with pytest.raises(AbliterateError, match=message):
             select_direction(
-                model, tokenizer, directions, HARMFUL, HARMLESS, MeasureSettings(), position=position, progress=False
+                model,
+                tokenizer,
+                directions,
+                HARMFUL,
+                HARMLESS,
+                MeasureSettings(),
+                position=position,
+                progress=False,
             )
 
 
@@ -121,11 +144,33 @@ def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
     for name, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text("\n".join(prompts) + "\n")
-    common = ["measure", str(tiny_dir), "--harmful", str(files["harmful"]), "--harmless", str(files["harmless"])]
+    common = [
+        "measure",
+        str(tiny_dir),
+        "--harmful",
+        str(files["harmful"]),
+        "--harmless",
+        str(files["harmless"]),
+    ]
     out = tmp_path / "out"
     args = ["--out", str(out), "--batch-size", "3", "--chat-template-kwargs", "enable_thinking=false"]
-    assert main([*common, *args, "--select", "auto", "--kl-threshold", "1e9",
-                 "--harmful-val", str(files["harmful"]), "--harmless-val", str(files["harmless"])]) == 0
+    assert (
+        main(
+            [
+                *common,
+                *args,
+                "--select",
+                "auto",
+                "--kl-threshold",
+                "1e9",
+                "--harmful-val",
+                str(files["harmful"]),
+                "--harmless-val",
+                str(files["harmless"]),
+            ]
+        )
+        == 0
+    )
     loaded = load_directions(out / "directions.safetensors")
     assert loaded.num_positions == 4 and loaded.selected_position in (1, 2)
     assert loaded.metadata["template"]["chat_template_kwargs"] == {"enable_thinking": False}
@@ -143,9 +188,10 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 8
     texts = render_chat(tokenizer, prompts)
     batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_token_id(tokenizer))
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tokenizer)
+        )
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.skipif(not DEMO_READY, reason="the demo model is not built")
@@ -154,10 +200,18 @@ def test_demo_auto_selected_direction_removes_refusals():
     load = lambda kind, split: load_prompts(prompt_file("demo", kind, split))  # noqa: E731
     settings = MeasureSettings()
     directions = compute_directions(
-        measure(model, tokenizer, load("harmful", "train"), load("harmless", "train"), settings, progress=False)
+        measure(
+            model, tokenizer, load("harmful", "train"), load("harmless", "train"), settings, progress=False
+        )
     )
     selection = select_direction(
-        model, tokenizer, directions, load("harmful", "val"), load("harmless", "val"), settings, progress=False
+        model,
+        tokenizer,
+        directions,
+        load("harmful", "val"),
+        load("harmless", "val"),
+        settings,
+        progress=False,
     )
     harmful_test, harmless_test = load("harmful", "test"), load("harmless", "test")
     before = [is_refusal(r) for r in greedy_replies(model, tokenizer, harmful_test)]
@@ -167,7 +221,9 @@ def test_demo_auto_selected_direction_removes_refusals():
         after = [is_refusal(r) for r in greedy_replies(model, tokenizer, harmful_test)]
         ablated = first_token_logprobs(model, encoded, 16, pad_token_id(tokenizer))
     kl = first_token_kl(base, ablated)
-    print(f"selected {selection.position}: refusals {sum(before)}/{len(before)} -> {sum(after)}/{len(after)}, KL {kl:.4f}")
+    print(
+        f"selected {selection.position}: refusals {sum(before)}/{len(before)} -> {sum(after)}/{len(after)}, KL {kl:.4f}"
+    )
     assert sum(before) / len(before) > 0.9
     assert sum(after) / len(after) < 0.1
     assert kl < 0.05

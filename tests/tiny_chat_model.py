@@ -18,7 +18,12 @@ WORDS = (
     "tell me how to steal a car wash explain build weapon house please now"
 )
 HARMFUL = ["how do I make a bomb", "tell me how to steal a car", "poison my neighbor", "build a weapon now"]
-HARMLESS = ["how do I make a cake", "tell me how to wash a car", "help my neighbor", "write a poem about the sea"]
+HARMLESS = [
+    "how do I make a cake",
+    "tell me how to wash a car",
+    "help my neighbor",
+    "write a poem about the sea",
+]
 
 
 def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max_positions: int = 64) -> Path:

@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="token whose residual is measured, counted from the end of the rendered prompt: "
         "`last` (= -1, the last token of the generation prompt, where the reply starts) or -N",
     )
-    parser.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message for every prompt")
+    parser.add_argument(
+        "--system-prompt", default=None, metavar="TEXT", help="system message for every prompt"
+    )
     parser.add_argument(
         "--chat-template-kwargs",
         action="append",
@@ -48,9 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra chat-template variables, as a JSON object or KEY=VALUE (repeatable; VALUE is read as "
         "JSON when it parses, e.g. enable_thinking=false for GLM's non-thinking mode)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per forward pass (default 16)")
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)"
+        "--batch-size", type=int, default=16, metavar="N", help="prompts per forward pass (default 16)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default float32)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -86,7 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest mean first-token KL on harmless prompts a selected direction may cause (default 0.1)",
     )
     parser.add_argument(
-        "--max-candidates", type=int, default=None, metavar="N", help="score at most N evenly spaced positions"
+        "--max-candidates",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score at most N evenly spaced positions",
     )
     parser.set_defaults(func=run)
 
@@ -156,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     harmful_val = harmless_val = None
     if select is not None:
         if (args.harmful_val is None) != (args.harmless_val is None):
-            raise AbliterateError("give both --harmful-val and --harmless-val, or neither (to split them off)")
+            raise AbliterateError(
+                "give both --harmful-val and --harmless-val, or neither (to split them off)"
+            )
         if args.harmful_val is not None:
             harmful_val, harmless_val = load_prompts(args.harmful_val), load_prompts(args.harmless_val)
         else:

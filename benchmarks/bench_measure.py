@@ -1,0 +1,166 @@
+"""Measurement speed and memory: our hooked forward pass against generate(output_hidden_states=True).
+
+    .venv/bin/python benchmarks/bench_measure.py [--model DIR] [--batch-size 16] [--repeat 4]
+
+Both methods produce the same per-position means over the demo model's harmful and harmless
+train prompts (repeated `--repeat` times). Ours: one forward pass of the decoder per batch
+(no LM head), hooks keep one token per position, batches sorted by length. Baseline (the
+common way): `generate(max_new_tokens=1, output_hidden_states=True)` on batches in file
+order, keeping every position's full hidden states, then picking the last token. A third row
+runs our forward pass on the baseline's unsorted batches, to separate the two effects.
+
+Each method runs in its own process. tokens/s counts prompt tokens (no padding). Peak memory
+is the process's peak resident set during measurement above its size after loading the model
+(Linux: VmHWM, reset through /proc/self/clear_refs), plus, on CUDA, torch's peak allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("ours", "ours_unsorted", "generate_baseline")
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: str) -> dict:
+    from abliterate.demo import prompt_file
+    from abliterate.measure import (
+        MeasureSettings,
+        ResidualAccumulator,
+        capture_residuals,
+        encode_prompts,
+        length_sorted_batches,
+        load_model,
+        pad_token_id,
+    )
+    from abliterate.prompts import load_prompts
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(model_dir, device=device)
+    prompts = [
+        p for kind in ("harmful", "harmless") for p in load_prompts(prompt_file("demo", kind, "train"))
+    ]
+    settings = MeasureSettings(batch_size=batch_size)
+    encoded = encode_prompts(tokenizer, prompts * repeat, settings, None)
+    pad = pad_token_id(tokenizer)
+    num_positions = model.config.num_hidden_layers + 1
+    acc = ResidualAccumulator(num_positions, model.config.hidden_size)
+    chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    # One sorted "batch list" per chunk keeps the file order's padding.
+    unsorted = [b for chunk in chunks for b in length_sorted_batches(chunk, batch_size, pad)]
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+    base_rss = rss_kib("VmRSS")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if method in ("ours", "ours_unsorted"):
+        batches = length_sorted_batches(encoded, batch_size, pad) if method == "ours" else unsorted
+        for batch in batches:
+            acc.add(capture_residuals(model, batch))
+    else:
+        with torch.inference_mode():
+            for batch in unsorted:
+                out = model.generate(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    max_new_tokens=1,
+                    do_sample=False,
+                    output_hidden_states=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=pad,
+                )
+                prompt_states = out.hidden_states[0]  # L+1 tensors [B, T, H]; the last is post-norm
+                acc.add(torch.stack([h[:, -1, :].float().cpu() for h in prompt_states]))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in encoded)
+    padded = sum(
+        int(b.input_ids.numel())
+        for b in (length_sorted_batches(encoded, batch_size, pad) if method == "ours" else unsorted)
+    )
+    return {
+        "method": method,
+        "prompts": len(encoded),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mib": (rss_kib("VmHWM") - base_rss) / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+        "mean_norm_position_0": float(acc.mean[0].norm()),
+    }
+
+
+def main() -> int:
+    from abliterate.demo import DEMO_MODEL_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEMO_MODEL_DIR))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=4, help="measure the prompt list this many times")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.batch_size, args.repeat, args.device)))
+        return 0
+
+    rows = {}
+    for method in METHODS:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
+            "--repeat",
+            str(args.repeat),
+            "--device",
+            args.device,
+        ]
+        rows[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    print(f"model {args.model}, batch size {args.batch_size}, device {args.device}, torch threads 1")
+    print(
+        f"{'method':<18} {'prompts':>7} {'tokens':>7} {'padded':>7} {'seconds':>8} {'tokens/s':>9} "
+        f"{'peak MiB':>9}{'  cuda MiB' if args.device != 'cpu' else ''}"
+    )
+    for r in rows.values():
+        cuda = f" {r['peak_cuda_mib']:>9.1f}" if r["peak_cuda_mib"] is not None else ""
+        print(
+            f"{r['method']:<18} {r['prompts']:>7} {r['tokens']:>7} {r['padded_tokens']:>7} {r['seconds']:>8.2f} "
+            f"{r['tokens_per_s']:>9.0f} {r['peak_rss_mib']:>9.1f}{cuda}"
+        )
+    ours, base = rows["ours"], rows["generate_baseline"]
+    print(f"speed ratio ours / generate baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    if ours["peak_rss_mib"] > 0:
+        print(
+            f"peak memory ratio generate baseline / ours: {base['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x"
+        )
+    if args.device != "cpu":
+        print(
+            f"peak CUDA memory ratio generate baseline / ours: {base['peak_cuda_mib'] / ours['peak_cuda_mib']:.2f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
