@@ -11,8 +11,6 @@ The pieces are separate on purpose, so a layer-streamed measurement can reuse th
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.errors import AbliterateError
+from abliterate.prompts import prompts_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # tokenizer.model_max_length is a huge sentinel (1e30) when the tokenizer does not know its limit.
@@ -72,11 +71,6 @@ class MeasureSettings:
         out = asdict(self)
         out["chat_template_kwargs"] = self.template_kwargs
         return out
-
-
-def prompt_set_sha256(prompts: Sequence[str]) -> str:
-    """Hash of a prompt set's content (order included), independent of the file format it came from."""
-    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------- float64 statistics per position
@@ -313,7 +307,7 @@ def measure_prompts(
         tokens += int(batch.attention_mask.sum())
         bar.update(len(batch.indices))
     bar.close()
-    return SetStats(acc.mean, acc.variance(), acc.count, tokens, prompt_set_sha256(prompts))
+    return SetStats(acc.mean, acc.variance(), acc.count, tokens, prompts_sha256(list(prompts)))
 
 
 def measure(

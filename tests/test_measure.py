@@ -15,9 +15,8 @@ from abliterate.measure import (
     load_model,
     measure,
     measure_prompts,
-    prompt_set_sha256,
 )
-from abliterate.prompts import load_prompts
+from abliterate.prompts import load_prompts, prompts_sha256
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
 
@@ -58,7 +57,7 @@ def test_means_match_hidden_states_reference(tiny, position):
     assert max_relative_error(stats.mean, ref.mean(0)) < 1e-6
     torch.testing.assert_close(stats.variance, ref.var(0), rtol=1e-5, atol=1e-12)
     assert stats.count == 8
-    assert stats.sha256 == prompt_set_sha256(HARMFUL + HARMLESS)
+    assert stats.sha256 == prompts_sha256(HARMFUL + HARMLESS)
     texts = render_chat(tokenizer, HARMFUL + HARMLESS, system_prompt="Be concise and polite.")
     assert stats.tokens == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 

@@ -180,6 +180,10 @@ def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "none"), "--select", "none", "--position", "-2"]) == 0
     loaded = load_directions(tmp_path / "none" / "directions.safetensors")
     assert loaded.selected_position is None and loaded.metadata["position"] == -2
+    # Without validation files, a seeded fifth of each set is held out for selection.
+    assert main([*common, "--out", str(tmp_path / "split"), "--kl-threshold", "1e9"]) == 0
+    meta = load_directions(tmp_path / "split" / "directions.safetensors").metadata
+    assert (meta["n_harmful"], meta["n_harmless"]) == (3, 3)
     assert main([*common, "--out", str(out), "--position", "3"]) == 2
     assert "--position '3'" in capsys.readouterr().err
 

@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
         if args.harmful_val is not None:
             harmful_val, harmless_val = load_prompts(args.harmful_val), load_prompts(args.harmless_val)
         else:
-            harmful, harmful_val = split_prompts(harmful, args.val_fraction, args.seed)
-            harmless, harmless_val = split_prompts(harmless, args.val_fraction, args.seed)
+            harmful_val, harmful = split_prompts(harmful, args.val_fraction, args.seed)
+            harmless_val, harmless = split_prompts(harmless, args.val_fraction, args.seed)
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     measurement = measure(model, tokenizer, harmful, harmless, settings)
