@@ -12,7 +12,7 @@ The pieces are separate on purpose, so a layer-streamed measurement can reuse th
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,6 @@ class Measurement:
     settings: MeasureSettings
     num_layers: int
     hidden_size: int
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. model fingerprint, set by the caller
 
     @property
     def num_positions(self) -> int:
@@ -326,6 +325,19 @@ def measure(
         num_layers=len(decoder_layers(model)),
         hidden_size=int(model.config.hidden_size),
     )
+
+
+def measure_checkpoint(
+    model_dir: str | Path,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    settings: MeasureSettings,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Measurement:
+    """Load the model (in `settings.dtype`) and measure both prompt sets."""
+    model, tokenizer = load_model(model_dir, settings.dtype, device)
+    return measure(model, tokenizer, harmful, harmless, settings, progress)
 
 
 # ---------------------------------------------------------------- loading
