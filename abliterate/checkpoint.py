@@ -329,3 +329,13 @@ def read_config(model_dir: str | Path, required: bool = True) -> dict:
 
 def known_families() -> str:
     return ", ".join(f"{p.family} ({'/'.join(p.model_types)})" for p in PROFILES.values())
+
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Streaming sha256 of a file (bounded memory for multi-GB shards)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ checked against a model).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from abliterate.checkpoint import file_sha256
 from abliterate.errors import AbliterateError
 
 DIRECTIONS_FILE = "directions.safetensors"
@@ -82,14 +82,6 @@ class Directions:
 
     def _where(self) -> str:
         return str(self.path) if self.path else "the directions"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_directions(

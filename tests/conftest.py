@@ -27,3 +27,21 @@ def glm_air_layout_fused(tmp_path_factory):
     return write_glm_layout(
         tmp_path_factory.mktemp("glm") / "glm-air-fused", GlmLayout(fused_experts=True), num_shards=8
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    """One Prefect test harness (temporary server + database) and one MLflow store per session.
+
+    Prefect reads settings at import, so this configures the environment before the flows import.
+    """
+    home = tmp_path_factory.mktemp("project")
+    os.environ["ABLITERATE_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from flows.runtime import configure
+
+    configure()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home

@@ -30,10 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=sorted(PROFILES),
         help="use this family's role rules instead of the one config.json's model_type selects",
     )
+    parser.add_argument(
+        "--track",
+        action="store_true",
+        help="run as the Prefect `inventory` flow (cached tasks) and log the counts to MLflow",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.track:
+        from flows.runtime import configure
+
+        configure()
+        from flows.inventory import inventory_flow
+
+        inventory_flow(args.model_dir, args.family)
     started = time.perf_counter()
     inventory = build_inventory(args.model_dir, PROFILES[args.family] if args.family else None)
     structure = detect_structure(inventory)

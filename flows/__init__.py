@@ -1,0 +1,1 @@
+"""Prefect flows: the main `abliterate` flow, the sweep over ablation variants, the inventory flow."""

@@ -1,0 +1,124 @@
+"""MLflow tracking for flow runs, always through an explicit run id.
+
+MLflow's "active run" is per thread, and Prefect runs mapped tasks on a thread pool, so
+nothing here uses the fluent `mlflow.log_*` API: a `Tracker` holds a client and a run id,
+and every call names the run. One experiment per model, named after it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from flows.runtime import artifact_root, tracking_uri
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+BATCH = 900  # log_batch accepts at most 1000 metrics per call
+
+
+def experiment_name(model_dir: str | Path) -> str:
+    return f"abliterate/{Path(model_dir).resolve().name}"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{"plan": {"scale": 1}} -> {"plan.scale": 1}; lists become JSON text."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    if isinstance(value, list | tuple):
+        return {prefix: json.dumps(list(value))}
+    return {prefix: value}
+
+
+class Tracker:
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten("", params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def series(self, name: str, values: Mapping[int, float]) -> None:
+        """One metric over layers: step = layer index (or residual position)."""
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(step)) for step, v in values.items() if v is not None]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def json(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def table(self, rows: list[dict], artifact_file: str) -> None:
+        if rows:
+            columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+            self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = tracking_uri()
+    # A local store keeps artifacts under ./mlruns; a real server decides for itself.
+    location = artifact_root() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def tracked_run(
+    experiment: str, run_name: str, tags: Mapping[str, Any] | None = None, parent: Tracker | None = None
+) -> Iterator[Tracker]:
+    """Create a run, yield its Tracker, end it FINISHED or FAILED."""
+    c = client()
+    all_tags = dict(tags or {})
+    if parent is not None:
+        all_tags["mlflow.parentRunId"] = parent.run_id
+    run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    tracker = Tracker(c, run.info.run_id)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="abliterate-mlflow-")

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin, cached wrappers around the domain functions in `abliterate`."""

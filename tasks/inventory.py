@@ -1,0 +1,36 @@
+"""Weight inventory and structure detection as cached Prefect tasks."""
+
+from __future__ import annotations
+
+from prefect import task
+
+import abliterate.checkpoint
+import abliterate.profiles
+import abliterate.structure
+from abliterate.checkpoint import Inventory, build_inventory, file_sha256, shard_stamp
+from abliterate.structure import Structure, detect_structure
+from tasks.caching import code_hash, make_key
+
+
+def _inventory_key(_context, parameters) -> str:
+    # Headers only: cheap, and changes whenever any shard is rewritten.
+    code = code_hash(abliterate.checkpoint, abliterate.profiles)
+    return make_key("inventory", code, shard_stamp(parameters["model_dir"]), parameters.get("family"))
+
+
+@task(name="weight-inventory", cache_key_fn=_inventory_key, persist_result=True)
+def inventory_task(model_dir: str, family: str | None = None) -> Inventory:
+    profile = abliterate.profiles.PROFILES[family] if family else None
+    return build_inventory(model_dir, profile)
+
+
+def _structure_key(_context, parameters) -> str:
+    inventory: Inventory = parameters["inventory"]
+    config = inventory.model_dir / "config.json"
+    config_hash = file_sha256(config) if config.is_file() else None  # the task reports the missing file
+    return make_key("structure", code_hash(abliterate.structure), inventory.fingerprint, config_hash)
+
+
+@task(name="structure-detection", cache_key_fn=_structure_key, persist_result=True)
+def structure_task(inventory: Inventory) -> Structure:
+    return detect_structure(inventory)
