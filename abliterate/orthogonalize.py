@@ -1,0 +1,71 @@
+"""The weight edits of DESIGN.md, on float32 tensors, in place.
+
+Every edited tensor is a stack of vectors in residual space: the vectors lie along its
+residual axis (the profile's `residual_axis`, the axis of length hidden). Removing the
+direction r (unit) with scale s from each such vector v, v' = v - s r (r^T v), is at once
+- the writer rule W' = W - s r (r^T W) for W [H, in] (residual axis 0: columns),
+- the reader rule W' = W - s (W r) r^T for a router W [E, H] (residual axis 1: rows),
+- the embedding rule on rows of [V, H], and the bias rule for a writer's bias [H];
+- for a fused expert tensor [E, H, I] (axis 1) the writer rule on each expert's [H, I].
+The norm-preserving variant rescales each vector back to its original length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from abliterate.errors import AbliterateError
+
+
+def project_out_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_axis: int) -> torch.Tensor:
+    """In place: v <- v - scale * r (r^T v) for every vector v of `w` along `residual_axis`."""
+    _check(w, r, residual_axis)
+    if scale == 0.0:
+        return w
+    if residual_axis == w.dim() - 1:  # rows: routers, embeddings, biases
+        rows = w.view(-1, w.shape[-1])
+        rows.addr_(rows @ r, r, alpha=-scale)
+    elif residual_axis == 0:  # columns: writers [H, in]
+        cols = w.view(w.shape[0], -1)
+        cols.addr_(r, r @ cols, alpha=-scale)
+    else:  # a middle axis (fused experts [E, H, I]): each leading slice on its own
+        for part in w:
+            project_out_(part, r, scale, residual_axis - 1)
+    return w
+
+
+def norm_preserving_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_axis: int) -> torch.Tensor:
+    """In place: v <- |v| * normalize(v - scale * r (r^T v)); a vector projected to zero stays zero."""
+    _check(w, r, residual_axis)
+    if scale == 0.0:
+        return w
+    before = torch.linalg.vector_norm(w, dim=residual_axis, keepdim=True)
+    project_out_(w, r, scale, residual_axis)
+    after = torch.linalg.vector_norm(w, dim=residual_axis, keepdim=True)
+    w.mul_(torch.where(after > 0, before / after.clamp_min(torch.finfo(w.dtype).tiny), 0.0))
+    return w
+
+
+def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor, where: str = "") -> torch.Tensor:
+    """Unit r made orthogonal to normalize(harmless_mean), so ablation leaves the harmless mean alone."""
+    r64, m64 = r.double().flatten(), harmless_mean.double().flatten()
+    m_norm = float(m64.norm())
+    if m_norm > 0:
+        m64 = m64 / m_norm
+        r64 = r64 - (r64 @ m64) * m64
+    norm = float(r64.norm())
+    if not norm > 1e-6:
+        raise AbliterateError(
+            f"the direction{where} is parallel to the harmless mean: nothing is left after projecting; "
+            "use the plain method"
+        )
+    return (r64 / norm).float()
+
+
+def _check(w: torch.Tensor, r: torch.Tensor, residual_axis: int) -> None:
+    if w.dtype != torch.float32 or r.dtype != torch.float32:
+        raise TypeError(f"edits run in float32, got weight {w.dtype} and direction {r.dtype}")
+    if not w.is_contiguous():
+        raise ValueError("the weight must be contiguous (it is edited through views)")
+    if not 0 <= residual_axis < w.dim() or w.shape[residual_axis] != r.numel():
+        raise ValueError(f"weight shape {list(w.shape)} has no axis {residual_axis} of length {r.numel()}")

@@ -1,0 +1,352 @@
+"""The ablation plan: which tensors to edit, with which direction, how strongly, by which method.
+
+One frozen, validated object, serialisable to a dict/YAML that round-trips exactly. Specs as a
+user types them (CLI, YAML, Prefect parameters) are parsed by `build_plan` against the model's
+structure; the plan itself always holds explicit layer indices and one scale per layer.
+
+Layer spec: `all`, a range `10-30` (inclusive), a list `5,7,9-12`, or any mix. Indices are exact
+decoder layer numbers 0..L-1 (layer 1 is layer 1, never 10-19); out of range is an error.
+
+Scale spec: a constant (`1.0`); a comma list with one value per target layer (`1,1,0.5`); or a
+Gaussian kernel over layer indices `gauss:center=20,width=5,peak=1.0[,floor=0.0]`, giving
+`floor + (peak - floor) * exp(-((i - center) / width)^2 / 2)`. Every scale lies in [0, 2]:
+0 leaves a tensor unchanged, 1 removes the direction completely, values above 1 push the
+weights past zero along the direction (2 reflects it); larger values only damage the model.
+
+Direction: `selected` (default: the one position the directions file records as selected,
+used for every layer), `own` (layer i uses the direction at residual position i, the input of
+layer i; the embedding uses position 0), or an explicit position number.
+
+Method: `plain` (W' = W - s r r^T W), `norm_preserving` (writers keep each residual-space
+column's norm), `projected` (the direction is first made orthogonal to the harmless mean at
+the tensor's own layer; needs a directions file with means).
+
+MTP layers (GLM-4.5 stores one after the decoder layers; transformers drops it on load, but
+inference servers use it for speculative decoding): default `ablate`. The MTP layer reads the
+last decoder layer's output, so it sees the residual stream the last decoder layer writes;
+left unedited it would keep writing the refusal direction into its draft tokens and the
+drafts would disagree with the ablated model (fewer accepted tokens, refusals proposed again).
+`ablate` treats each MTP layer like the last decoder layer: it is edited when the last decoder
+layer is a target, with that layer's scale; under `own` it uses the direction at its own index
+(position L, the last decoder layer's output, which is what it reads). `skip` leaves it as is.
+
+Embedding rows (`embed` target) use the scale at layer 0 (constant: the constant; list: the
+first entry; kernel: the kernel at 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from abliterate.errors import AbliterateError
+
+DEFAULT_TARGETS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down", "router")
+OPTIONAL_TARGETS = ("embed",)
+TARGET_ROLES = DEFAULT_TARGETS + OPTIONAL_TARGETS
+# Output-side biases follow their weight: edited when `biases` is on and the weight's role is a target.
+BIAS_OF = {
+    "attn_out": "attn_out_bias",
+    "mlp_down": "mlp_down_bias",
+    "expert_down": "expert_down_bias",
+    "shared_expert_down": "shared_expert_down_bias",
+}
+METHODS = ("plain", "norm_preserving", "projected")
+MTP_MODES = ("ablate", "skip")
+MAX_SCALE = 2.0
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class AblationPlan:
+    layers: tuple[int, ...]  # every edited layer, MTP layers included, sorted
+    scales: tuple[float, ...]  # one per entry of `layers`
+    num_layers: int  # decoder layers of the model (MTP layers have indices >= this)
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    direction_position: str | int = "selected"  # "selected" | "own" | position number
+    selected_position: int | None = None  # resolved from the directions file
+    method: str = "plain"
+    mtp: str = "ablate"
+    biases: bool = False
+    embed_scale: float = 1.0
+    layer_spec: str = "all"  # as the user wrote them, for the record
+    scale_spec: str = "1.0"
+    format: int = field(default=PLAN_FORMAT)
+
+    def __post_init__(self) -> None:
+        if list(self.layers) != sorted(set(self.layers)) or any(i < 0 for i in self.layers):
+            raise AbliterateError(f"plan layers must be distinct, sorted, non-negative: {list(self.layers)}")
+        if not self.layers and "embed" not in self.targets:
+            raise AbliterateError("the plan targets no layer: give at least one layer (e.g. --layers all)")
+        if len(self.scales) != len(self.layers):
+            raise AbliterateError(f"plan has {len(self.layers)} layers but {len(self.scales)} scales")
+        for layer, value in zip(self.layers, self.scales, strict=True):
+            _check_scale(value, f"layer {layer}")
+        _check_scale(self.embed_scale, "the embedding")
+        if not self.targets:
+            raise AbliterateError(f"the plan has no target roles: choose from {', '.join(TARGET_ROLES)}")
+        for role in self.targets:
+            _check_role(role)
+        if len(set(self.targets)) != len(self.targets):
+            raise AbliterateError(f"target roles repeat: {list(self.targets)}")
+        if self.method not in METHODS:
+            raise AbliterateError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
+        if self.mtp not in MTP_MODES:
+            raise AbliterateError(f"unknown MTP mode {self.mtp!r}: choose {', '.join(MTP_MODES)}")
+        pos = self.direction_position
+        if isinstance(pos, bool) or not (pos in ("selected", "own") or (isinstance(pos, int) and pos >= 0)):
+            raise AbliterateError(
+                f"direction position {pos!r} is invalid: use `selected`, `own` or a position number >= 0"
+            )
+        if self.format != PLAN_FORMAT:
+            raise AbliterateError(f"plan format {self.format} is not supported (this version reads {PLAN_FORMAT})")
+
+    def scale_for(self, layer: int | None) -> float:
+        """Scale of a tensor of `layer` (None: the embedding, which is not in a layer)."""
+        if layer is None:
+            return self.embed_scale
+        return self.scales[self.layers.index(layer)]
+
+    def position_for(self, layer: int | None) -> int:
+        """Residual position whose direction edits tensors of `layer` (None: the embedding)."""
+        if self.direction_position == "own":
+            return 0 if layer is None else layer
+        if self.direction_position == "selected":
+            if self.selected_position is None:
+                raise AbliterateError(
+                    "the plan uses the selected direction but records no selected position: "
+                    "build it with the directions file, or pass an explicit direction position"
+                )
+            return self.selected_position
+        return int(self.direction_position)
+
+    def roles(self) -> tuple[str, ...]:
+        """Every role the plan edits: the targets, plus their output-side biases when `biases` is on."""
+        extra = tuple(BIAS_OF[r] for r in self.targets if self.biases and r in BIAS_OF)
+        return self.targets + extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "layers": list(self.layers),
+            "scale": {str(layer): value for layer, value in zip(self.layers, self.scales, strict=True)},
+            "embed_scale": self.embed_scale,
+            "num_layers": self.num_layers,
+            "targets": list(self.targets),
+            "direction_position": self.direction_position,
+            "selected_position": self.selected_position,
+            "method": self.method,
+            "mtp": self.mtp,
+            "biases": self.biases,
+            "layer_spec": self.layer_spec,
+            "scale_spec": self.scale_spec,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AblationPlan:
+        if not isinstance(data, dict):
+            raise AbliterateError(f"an ablation plan must be a mapping, got {type(data).__name__}")
+        known = ({f.name for f in fields(cls)} - {"scales"}) | {"scale"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AbliterateError(f"unknown ablation plan keys {unknown}; known: {sorted(known)}")
+        try:
+            layers = tuple(int(i) for i in data["layers"])
+            scale = {int(k): float(v) for k, v in data["scale"].items()}
+            num_layers = int(data["num_layers"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AbliterateError(f"ablation plan lacks or mangles `layers`, `scale` or `num_layers` ({exc})") from exc
+        if sorted(scale) != sorted(layers):
+            raise AbliterateError(f"plan `scale` keys {sorted(scale)} differ from `layers` {list(layers)}")
+        rest = {k: v for k, v in data.items() if k not in ("layers", "scale", "num_layers")}
+        if "targets" in rest:
+            rest["targets"] = tuple(rest["targets"])
+        return cls(layers=layers, scales=tuple(scale[i] for i in layers), num_layers=num_layers, **rest)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> AblationPlan:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise AbliterateError(f"the ablation plan is not valid YAML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def sha256(self) -> str:
+        """Identity of what the plan does (the specs as typed are left out: only their result counts)."""
+        data = self.to_dict()
+        del data["layer_spec"], data["scale_spec"]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _check_role(role: str) -> None:
+    if role not in TARGET_ROLES:
+        raise AbliterateError(
+            f"unknown or unsupported target role {role!r}: choose from {', '.join(TARGET_ROLES)} "
+            "(output-side biases follow their weight with --biases)"
+        )
+
+
+def _check_scale(value: float, where: str) -> None:
+    if not isinstance(value, int | float) or math.isnan(value) or not 0.0 <= value <= MAX_SCALE:
+        raise AbliterateError(
+            f"scale {value!r} for {where} is outside [0, {MAX_SCALE}]: 0 leaves weights unchanged, 1 removes "
+            f"the direction, up to {MAX_SCALE} overshoots it; other values would damage the model"
+        )
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """`all`, `10-30`, `5,7,9-12` -> sorted distinct decoder layer indices, each checked against 0..L-1."""
+    text = str(spec).strip().lower()
+    if text == "all":
+        return tuple(range(num_layers))
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise AbliterateError(
+                f"layer spec {spec!r}: cannot read {part!r}; write `all`, `N`, `A-B` or a comma list like `5,7,9-12`"
+            )
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if high < low:
+            raise AbliterateError(f"layer spec {spec!r}: range {part!r} runs backwards; write it as {high}-{low}")
+        if high >= num_layers:
+            raise AbliterateError(
+                f"layer spec {spec!r}: layer {high} is out of range, the model has decoder layers 0..{num_layers - 1} "
+                "(MTP layers are chosen with --mtp)"
+            )
+        chosen.update(range(low, high + 1))
+    return tuple(sorted(chosen))
+
+
+def parse_scale(spec: str | float, layers: tuple[int, ...]) -> tuple[tuple[float, ...], float]:
+    """Scale spec -> (one scale per layer in `layers`, the embedding's scale). See the module docstring."""
+    text = str(spec).strip()
+    if text.startswith("gauss:"):
+        params = _kernel_params(text, {"center", "width", "peak", "floor"}, {"center", "width"})
+        peak, floor = params.get("peak", 1.0), params.get("floor", 0.0)
+        if params["width"] <= 0:
+            raise AbliterateError(f"scale spec {text!r}: width must be positive")
+
+        def kernel(i: float) -> float:
+            return floor + (peak - floor) * math.exp(-0.5 * ((i - params["center"]) / params["width"]) ** 2)
+
+        values, embed = tuple(kernel(i) for i in layers), kernel(0)
+    elif "," in text:
+        values = tuple(_number(p, text) for p in text.split(","))
+        if len(values) != len(layers):
+            raise AbliterateError(
+                f"scale spec {text!r} lists {len(values)} values but the plan targets {len(layers)} layers "
+                f"({_short(layers)}): give one value per target layer, a constant or a kernel"
+            )
+        embed = values[0]
+    else:
+        value = _number(text, text)
+        values, embed = tuple(value for _ in layers), value
+    for layer, value in zip(layers, values, strict=True):
+        _check_scale(value, f"layer {layer} (scale spec {text!r})")
+    return values, embed
+
+
+def _kernel_params(text: str, allowed: set[str], required: set[str]) -> dict[str, float]:
+    params: dict[str, float] = {}
+    for part in text.split(":", 1)[1].split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise AbliterateError(
+                f"scale spec {text!r}: cannot read {part!r}; write e.g. gauss:center=20,width=5,peak=1.0,floor=0"
+            )
+        params[key] = _number(value, text)
+    missing = required - set(params)
+    if missing:
+        raise AbliterateError(f"scale spec {text!r} lacks {', '.join(sorted(missing))}")
+    return params
+
+
+def _number(text: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise AbliterateError(
+            f"scale spec {spec!r}: {text.strip()!r} is not a number; write a constant (1.0), one value per "
+            "target layer (1,1,0.5) or a kernel (gauss:center=20,width=5)"
+        ) from None
+    if not math.isfinite(value):
+        raise AbliterateError(f"scale spec {spec!r}: {text.strip()!r} is not finite")
+    return value
+
+
+def _short(layers: tuple[int, ...]) -> str:
+    return ",".join(map(str, layers[:8])) + (",..." if len(layers) > 8 else "")
+
+
+def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Comma list of roles; `default` stands for the default set (e.g. `default,embed`)."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    roles: list[str] = []
+    for part in (p.strip() for p in parts):
+        for role in DEFAULT_TARGETS if part == "default" else (part,):
+            _check_role(role)
+            if role not in roles:
+                roles.append(role)
+    if not roles:
+        raise AbliterateError(f"the target set {spec!r} is empty: choose from {', '.join(TARGET_ROLES)}")
+    return tuple(roles)
+
+
+def parse_position(spec: str | int) -> str | int:
+    text = str(spec).strip().lower()
+    if text in ("selected", "own"):
+        return text
+    if not text.isdigit():
+        raise AbliterateError(f"direction position {spec!r}: use `selected`, `own` or a position number")
+    return int(text)
+
+
+def build_plan(
+    num_layers: int,
+    mtp_layers: list[int] | tuple[int, ...] = (),
+    layers: str = "all",
+    scale: str | float = "1.0",
+    targets: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+    direction_position: str | int = "selected",
+    method: str = "plain",
+    mtp: str = "ablate",
+    biases: bool = False,
+    selected_position: int | None = None,
+) -> AblationPlan:
+    """Parse the specs against a model with `num_layers` decoder layers and the given MTP layer indices."""
+    decoder = parse_layers(layers, num_layers)
+    values, embed_scale = parse_scale(scale, decoder)
+    if mtp not in MTP_MODES:
+        raise AbliterateError(f"unknown MTP mode {mtp!r}: choose {', '.join(MTP_MODES)}")
+    all_layers, all_scales = list(decoder), list(values)
+    if mtp == "ablate" and decoder and decoder[-1] == num_layers - 1:
+        for m in sorted(mtp_layers):
+            all_layers.append(m)
+            all_scales.append(values[-1])
+    return AblationPlan(
+        layers=tuple(all_layers),
+        scales=tuple(all_scales),
+        num_layers=num_layers,
+        targets=parse_targets(targets),
+        direction_position=parse_position(direction_position),
+        selected_position=selected_position,
+        method=method,
+        mtp=mtp,
+        biases=biases,
+        embed_scale=embed_scale,
+        layer_spec=str(layers),
+        scale_spec=str(scale),
+    )
