@@ -14,7 +14,7 @@ import sys
 from abliterate.errors import AbliterateError
 
 # Order is the order shown in --help.
-COMMANDS = ["inventory", "measure"]
+COMMANDS = ["inventory", "measure", "validate", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
