@@ -1,0 +1,102 @@
+"""Activation measurement and direction computation + selection as cached Prefect tasks.
+
+Keys: the model fingerprint, the prompt hashes and the measurement settings (template, token
+position, dtype). Nothing about ablation (layers, scales, roles, method) enters them, so
+reruns with other ablation settings reuse the measurement and the directions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+import abliterate.directions
+import abliterate.intervention
+import abliterate.measure
+import abliterate.selection
+from abliterate.directions import compute_directions, write_directions
+from abliterate.measure import Measurement, MeasureSettings, load_model, measure
+from abliterate.prompts import prompts_sha256
+from abliterate.selection import Selection, SelectionSettings, select_direction
+from tasks.caching import code_hash, make_key
+
+
+def _measure_key(_context, p) -> str:
+    return make_key(
+        "measure",
+        code_hash(abliterate.measure),
+        p["fingerprint"],
+        prompts_sha256(p["harmful"]),
+        prompts_sha256(p["harmless"]),
+        p["settings"].as_dict(),
+    )
+
+
+@task(name="activation-measurement", cache_key_fn=_measure_key, persist_result=True)
+def measure_task(
+    model_dir: str, fingerprint: str, harmful: list[str], harmless: list[str], settings: MeasureSettings
+) -> Measurement:
+    model, tokenizer = load_model(model_dir, settings.dtype)
+    return measure(model, tokenizer, harmful, harmless, settings)
+
+
+def _directions_id(
+    fingerprint: str,
+    measurement: Measurement,
+    method: str,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    selection: SelectionSettings,
+) -> str:
+    return make_key(
+        "directions",
+        code_hash(abliterate.directions, abliterate.selection, abliterate.intervention),
+        fingerprint,
+        measurement.harmful.sha256,
+        measurement.harmless.sha256,
+        measurement.settings.as_dict(),
+        method,
+        prompts_sha256(harmful_val),
+        prompts_sha256(harmless_val),
+        selection.as_dict(),
+    )
+
+
+def _directions_key(_context, p) -> str:
+    return _directions_id(
+        p["fingerprint"], p["measurement"], p["method"], p["harmful_val"], p["harmless_val"], p["selection"]
+    )
+
+
+@task(name="direction-computation", cache_key_fn=_directions_key, persist_result=True)
+def directions_task(
+    model_dir: str,
+    fingerprint: str,
+    measurement: Measurement,
+    method: str,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    selection: SelectionSettings,
+    work_dir: str,
+) -> tuple[str, Selection]:
+    """Per-position directions, the automatic choice among them, and directions.safetensors.
+
+    Returns the file's path (under `work_dir`, keyed like the task) and the selection with
+    every candidate's scores.
+    """
+    directions = compute_directions(measurement, method)
+    model, tokenizer = load_model(model_dir, measurement.settings.dtype)
+    chosen = select_direction(
+        model, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection
+    )
+    key = _directions_id(fingerprint, measurement, method, harmful_val, harmless_val, selection)
+    path = write_directions(
+        Path(work_dir) / "directions" / key,
+        directions,
+        measurement,
+        fingerprint,
+        chosen.position,
+        extra={"selection": chosen.as_dict()},
+    )
+    return str(path), chosen
