@@ -605,9 +605,13 @@ def ablate_checkpoint(
     workers: int = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    inputs: AblationInputs | None = None,
 ) -> dict[str, Any]:
-    """Ablate a whole checkpoint shard by shard; returns the manifest. `plan` None: the default plan."""
-    inputs = load_inputs(model_dir, directions_path, force)
+    """Ablate a whole checkpoint shard by shard; returns the manifest. `plan` None: the default plan.
+
+    `inputs`: the result of `load_inputs(model_dir, directions_path, force)` when the caller has it.
+    """
+    inputs = inputs or load_inputs(model_dir, directions_path, force)
     plan = default_plan(inputs) if plan is None else resolve_plan(plan, inputs)
     matches = plan_matches(plan, inputs.inventory, inputs.structure)
     prepared = prepare_output(inputs, plan, out_dir, overwrite)

@@ -16,6 +16,8 @@ import torch
 
 from abliterate.errors import AbliterateError
 
+NOISE = 1e-5  # relative size of float32 rounding noise left by a projection of an H-vector
+
 
 def project_out_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_axis: int) -> torch.Tensor:
     """In place: v <- v - scale * r (r^T v) for every vector v of `w` along `residual_axis`."""
@@ -35,14 +37,18 @@ def project_out_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_axis: 
 
 
 def norm_preserving_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_axis: int) -> torch.Tensor:
-    """In place: v <- |v| * normalize(v - scale * r (r^T v)); a vector projected to zero stays zero."""
+    """In place: v <- |v| * normalize(v - scale * r (r^T v)).
+
+    A vector (anti)parallel to r with scale 1 leaves only float32 noise; rescaling that noise to
+    |v| would write a random vector, so a remainder under NOISE * |v| becomes zero instead.
+    """
     _check(w, r, residual_axis)
     if scale == 0.0:
         return w
     before = torch.linalg.vector_norm(w, dim=residual_axis, keepdim=True)
     project_out_(w, r, scale, residual_axis)
     after = torch.linalg.vector_norm(w, dim=residual_axis, keepdim=True)
-    w.mul_(torch.where(after > 0, before / after.clamp_min(torch.finfo(w.dtype).tiny), 0.0))
+    w.mul_(torch.where(after > NOISE * before, before / after.clamp_min(torch.finfo(w.dtype).tiny), 0.0))
     return w
 
 

@@ -170,7 +170,7 @@ class AblationPlan:
         return cls(layers=layers, scales=tuple(scale[i] for i in layers), num_layers=num_layers, **rest)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
     @classmethod
     def from_yaml(cls, text: str) -> AblationPlan:

@@ -1,0 +1,159 @@
+"""`abliterate ablate MODEL --directions FILE --out DIR`: project the refusal direction out of the weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from abliterate.errors import AbliterateError
+from abliterate.plan import DEFAULT_TARGETS, MAX_SCALE, TARGET_ROLES, AblationPlan
+
+HELP = "write a copy of a checkpoint with the refusal direction projected out of its weights"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ablate",
+        help=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Write DIR: MODEL with the refusal direction r removed from every targeted weight, shard by shard.\n"
+            "Writers (attn_out, mlp_down, expert_down, shared_expert_down; embed rows) become\n"
+            "W - s r (r^T W); routers (which read the residual stream) become W - s (W r) r^T. Each edit runs\n"
+            "in float32 and is rounded once to the tensor's own dtype; every other tensor, the shard headers,\n"
+            "the index and every non-weight file (config, tokenizer, chat template, remote code) are copied\n"
+            "verbatim. Memory stays at about one tensor. DIR/abliteration.json, written last, records the\n"
+            "plan, the directions, every edited tensor and the fingerprints.\n\n"
+            "A killed run, rerun with the same arguments, finishes the missing shards; the result is\n"
+            "bit-identical to an uninterrupted run. The input is never written to.\n\n"
+            "MTP layers (GLM-4.5's next-token-prediction layer, used for speculative decoding) are ablated\n"
+            "like the last decoder layer by default (--mtp ablate): the MTP layer reads the last layer's\n"
+            "output, and drafts from an unedited MTP layer would keep proposing refusals."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="local Hugging Face checkpoint directory (safetensors)")
+    parser.add_argument(
+        "--directions",
+        required=True,
+        metavar="FILE",
+        help="directions.safetensors from `abliterate measure`, or a hand-written safetensors file holding only "
+        "a float32 `direction` tensor [L+1, H] (one per residual position) or [H] (one for every layer)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
+    parser.add_argument(
+        "--layers",
+        default="all",
+        metavar="SPEC",
+        help="decoder layers to edit: `all` (default), `10-30`, `5,7,9-12`; exact indices, out of range is an error",
+    )
+    parser.add_argument(
+        "--direction-layer",
+        default="selected",
+        metavar="selected|own|N",
+        help="which direction: `selected` (default; the position the directions file selected, for every layer), "
+        "`own` (layer i uses the direction at residual position i) or a residual position N",
+    )
+    parser.add_argument(
+        "--scale",
+        default="1.0",
+        metavar="SPEC",
+        help=f"strength, 0..{MAX_SCALE:g}: a constant (default 1.0 removes the direction), one value per target "
+        "layer (`1,1,0.5`), or a Gaussian over layer indices `gauss:center=20,width=5,peak=1.0,floor=0`",
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        metavar="ROLES",
+        help=f"comma list of roles to edit, from {', '.join(TARGET_ROLES)}; `default` stands for the default set "
+        f"({', '.join(DEFAULT_TARGETS)}), e.g. `default,embed`",
+    )
+    method = parser.add_mutually_exclusive_group()
+    method.add_argument(
+        "--norm-preserving",
+        action="store_const",
+        dest="method",
+        const="norm_preserving",
+        help="keep each writer column's norm (the projected column is rescaled to its original length); "
+        "routers are edited plainly",
+    )
+    method.add_argument(
+        "--projected",
+        action="store_const",
+        dest="method",
+        const="projected",
+        help="first make the direction orthogonal to the harmless mean of each tensor's layer "
+        "(needs a directions file with means)",
+    )
+    parser.set_defaults(method="plain")
+    parser.add_argument(
+        "--mtp", choices=["ablate", "skip"], default="ablate", help="MTP layers: ablate like the last layer (default) or skip"
+    )
+    parser.add_argument("--biases", action="store_true", help="also edit output-side biases of targeted writers")
+    parser.add_argument("--plan", metavar="YAML", help="read the whole plan from a YAML file (overrides the options above)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and every tensor it matches; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory")
+    parser.add_argument(
+        "--force", action="store_true", help="accept a directions file measured on a checkpoint with another fingerprint"
+    )
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="shards rewritten in parallel (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from abliterate.ablate import (
+        ablate_checkpoint,
+        default_plan,
+        describe_matches,
+        load_inputs,
+        plan_matches,
+        resolve_plan,
+    )
+
+    if args.workers < 1:
+        raise AbliterateError(f"--workers must be at least 1, got {args.workers}")
+    inputs = load_inputs(args.model, args.directions, args.force)
+    if args.plan:
+        plan = resolve_plan(AblationPlan.from_yaml(_read(args.plan)), inputs)
+    else:
+        plan = default_plan(
+            inputs,
+            layers=args.layers,
+            scale=args.scale,
+            targets=args.targets,
+            direction_position=args.direction_layer,
+            method=args.method,
+            mtp=args.mtp,
+            biases=args.biases,
+        )
+    if args.dry_run:
+        for warning in inputs.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(describe_matches(plan, plan_matches(plan, inputs.inventory, inputs.structure)))
+        return 0
+    if not args.out:
+        raise AbliterateError("--out DIR is required (or pass --dry-run to only list the matched tensors)")
+    print(plan.to_yaml(), file=sys.stderr)
+    manifest = ablate_checkpoint(
+        args.model,
+        args.directions,
+        args.out,
+        plan,
+        overwrite=args.overwrite,
+        force=args.force,
+        workers=args.workers,
+        progress=not args.quiet,
+        log=lambda line: print(line, file=sys.stderr),
+        inputs=inputs,
+    )
+    counts = ", ".join(f"{role} {n}" for role, n in manifest["counts"].items())
+    print(f"wrote {manifest['output']['path']}: edited {counts}")
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise AbliterateError(f"cannot read plan file {path}: {exc.strerror}") from exc
