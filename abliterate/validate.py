@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from abliterate.ablate import MANIFEST_FILE, WEIGHT_SUFFIXES, direction_for, plan_matches
 from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
 from abliterate.errors import AbliterateError
+from abliterate.plan import AblationPlan
 
-MANIFEST_FILE = "abliteration.json"
 UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
 FLOAT32_UNIT = 2.0**-24
 TOLERANCE_FACTOR = 2.0
@@ -183,12 +184,13 @@ def validate_output(
     bar.close()
 
     edited = _planned_edits(manifest, inventory, checks)
-    _compare_with_plan(inventory, changed, edited, uncompared, manifest, checks)
+    plan = _read_plan(manifest, checks)
+    _compare_with_plan(inventory, changed, edited, uncompared, plan, checks)
 
     directions = _load_directions(manifest, directions_path, inventory, checks) if edited else None
     worst, nan_inf = _check_numbers(original_dir, ablated_dir, inventory, output, changed, edited, directions,
-                                    manifest, checks, progress)  # fmt: skip
-    files = _compare_files(original_dir, ablated_dir, inventory, output, checks)
+                                    plan, checks, progress)  # fmt: skip
+    files = _compare_files(original_dir, ablated_dir, inventory, checks)
 
     by_role: Counter[str] = Counter()
     by_layer: dict[str, Counter[str]] = defaultdict(Counter)
@@ -299,8 +301,18 @@ def _planned_edits(manifest: dict | None, inventory: Inventory, checks: _Checks)
         counts[t.role or "unclassified"] += t.shape[0] if t.fused_experts else 1
     recorded = {k: v for k, v in (manifest.get("counts") or {}).items() if v}
     if recorded and recorded != dict(counts):
-        checks.fail(f"the manifest's counts {recorded} disagree with its edited list {dict(counts)}")
+        checks.fail(f"the manifest's counts {recorded} disagree with its edited list {dict(sorted(counts.items()))}")
     return edited
+
+
+def _read_plan(manifest: dict | None, checks: _Checks) -> AblationPlan | None:
+    if manifest is None:
+        return None
+    try:
+        return AblationPlan.from_dict(manifest.get("plan"))
+    except AbliterateError as exc:
+        checks.fail(f"the manifest's plan is unreadable ({exc}): rerun the ablation")
+        return None
 
 
 def _compare_with_plan(
@@ -308,27 +320,49 @@ def _compare_with_plan(
     changed: list[str],
     edited: dict[str, dict],
     uncompared: set[str],
-    manifest: dict | None,
+    plan: AblationPlan | None,
     checks: _Checks,
 ) -> None:
-    if manifest is None:
-        return
-    plan = manifest.get("plan") or {}
-    layers = set(plan.get("layers") or []) if isinstance(plan.get("layers"), list) else None
-    targets = set(plan.get("targets") or []) if isinstance(plan.get("targets"), list) else None
+    """Changed tensors against the manifest's edited list, and that list against the plan.
+
+    The plan check uses the input's own classification (exact layer numbers), independently of
+    how the engine matched names, and then the engine's matcher to find planned tensors the
+    manifest leaves out.
+    """
     for name in changed:
-        t = inventory.tensors[name]
         if name not in edited:
-            checks.fail(f"tensor {name} ({_where(t)}) changed but the plan does not edit it")
-            continue
-        if targets is not None and t.role not in targets and not (t.role or "").endswith("_bias"):
-            checks.fail(f"tensor {name} was edited as {t.role}, a role outside the plan's targets {sorted(targets)}")
-        if layers is not None and t.layer is not None and t.layer not in layers:
-            checks.fail(f"tensor {name} of layer {t.layer} was edited but the plan's layers are {sorted(layers)}")
+            checks.fail(f"tensor {name} ({_where(inventory.tensors[name])}) changed but the plan does not edit it")
     changed_set = set(changed)
-    for name in edited:
-        if name not in changed_set and name not in uncompared:
+    for name, entry in edited.items():
+        if name in changed_set or name in uncompared:
+            continue
+        if float(entry.get("scale", 1.0)) != 0.0:  # scale 0 leaves the bytes as they are
             checks.fail(f"tensor {name} ({_where(inventory.tensors[name])}) is planned for editing but its bytes are unchanged")
+    if plan is None:
+        return
+    roles, layers = set(plan.roles()), set(plan.layers)
+    for name in edited:
+        t = inventory.tensors[name]
+        if t.role not in roles:
+            checks.fail(f"tensor {name} was edited as {t.role}, a role outside the plan's {sorted(roles)}")
+        elif t.layer is not None and t.layer not in layers:
+            checks.fail(f"tensor {name} of layer {t.layer} was edited but the plan's layers are {_ranges(layers)}")
+    for m in plan_matches(plan, inventory):
+        if m.tensor.name not in edited:
+            checks.fail(
+                f"tensor {m.tensor.name} ({_where(m.tensor)}) matches the plan but the manifest does not list it as edited"
+            )
+
+
+def _ranges(layers: set[int]) -> str:
+    """{1, 2, 3, 7} -> '1-3, 7'."""
+    out: list[str] = []
+    for i in sorted(layers):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out) or "none"
 
 
 # ---------------------------------------------------------------- structure: index, headers, shards
@@ -534,17 +568,12 @@ def _check_numbers(
     changed: list[str],
     edited: dict[str, dict],
     directions: Any,
-    manifest: dict | None,
+    plan: AblationPlan | None,
     checks: _Checks,
     progress: bool,
 ) -> tuple[dict[str, WorstResidual], list[str]]:
     """NaN/Inf scan of every changed tensor; residual of every edited one against the direction used."""
-    plan = None
-    if directions is not None and manifest is not None:
-        from abliterate.ablate import direction_for
-        from abliterate.plan import AblationPlan
-
-        plan = AblationPlan.from_dict(manifest["plan"])
+    residuals = plan is not None and directions is not None
     hidden = None
     worst: dict[str, WorstResidual] = {}
     nan_inf: list[str] = []
@@ -557,7 +586,7 @@ def _check_numbers(
                 continue
             entry = edited.get(name)
             r = None
-            if plan is not None and entry is not None and t.residual_axis is not None:
+            if residuals and entry is not None and t.residual_axis is not None:
                 layer = entry.get("layer")
                 if layer not in vectors:
                     vectors[layer] = direction_for(plan, directions, layer).double()
@@ -687,12 +716,18 @@ def _plain_files(root: Path) -> set[str]:
     }
 
 
-def _compare_files(
-    original_dir: Path, ablated_dir: Path, inventory: Inventory, output: dict[str, _OutputTensor], checks: _Checks
-) -> dict[str, list[str]]:
-    weights = set(inventory.shards) | {INDEX_FILE}
-    src = _plain_files(original_dir) - weights
-    dst = _plain_files(ablated_dir) - weights - {MANIFEST_FILE}
+def _compare_files(original_dir: Path, ablated_dir: Path, inventory: Inventory, checks: _Checks) -> dict[str, list[str]]:
+    """Non-weight files must be copied verbatim; weight files outside the shards must not be copied."""
+    shards = set(inventory.shards) | {INDEX_FILE}
+    src = _plain_files(original_dir) - shards
+    dst = _plain_files(ablated_dir) - shards - {MANIFEST_FILE}
+    # Other weight files (pytorch_model.bin, consolidated.safetensors, ...) would carry the direction.
+    weights = sorted(f for f in src if f.endswith(WEIGHT_SUFFIXES))
+    for f in weights:
+        if f in dst:
+            checks.fail(f"file {f} holds weights the ablation does not edit, copied unablated: delete it from the output")
+    src -= set(weights)
+    dst -= set(weights)
     missing = sorted(src - dst)
     changed = sorted(
         f for f in src & dst
@@ -705,5 +740,5 @@ def _compare_files(
     for f in changed:
         checks.fail(f"file {f} differs from the original's: non-weight files must be copied verbatim")
     for f in extra:
-        (checks.fail if f.endswith(".safetensors") else checks.warn)(f"file {f} is in the output but not in the original")
-    return {"missing": missing, "changed": changed, "extra": extra}
+        (checks.fail if f.endswith(WEIGHT_SUFFIXES) else checks.warn)(f"file {f} is in the output but not in the original")
+    return {"missing": missing, "changed": changed, "extra": extra, "weights_not_copied": [f for f in weights if f not in dst]}
