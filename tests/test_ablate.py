@@ -1,0 +1,439 @@
+"""The per-shard ablation engine on GLM-4.5-Air's full layout: exactly the planned bytes change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from abliterate.ablate import (
+    MANIFEST_FILE,
+    STATE_DIR,
+    ablate_checkpoint,
+    ablate_shard,
+    default_plan,
+    direction_for,
+    load_inputs,
+    plan_matches,
+    prepare_output,
+)
+from abliterate.checkpoint import INDEX_FILE, build_inventory, fingerprint
+from abliterate.cli import main
+from abliterate.direction_file import save_directions
+from abliterate.errors import AbliterateError
+from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout, write_llama_layout
+
+MAIN_COUNTS = {"attn_out": 46, "mlp_down": 1, "expert_down": 5760, "shared_expert_down": 45, "router": 45}
+# The MTP layer 46 is ablated like the last decoder layer (the plan's documented default).
+DEFAULT_COUNTS = {"attn_out": 47, "expert_down": 5888, "mlp_down": 1, "router": 46, "shared_expert_down": 46}
+BF16_LEVEL = 2.0**-8  # relative rounding of one bf16 value is at most 2^-9
+FP32_LEVEL = 1e-6
+
+
+def write_directions(model_dir: Path, path: Path, selected: int | None = 20, means: bool = True,
+                     recorded: bool = True, seed: int = 3) -> Path:  # fmt: skip
+    inventory = build_inventory(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    positions, hidden = config["num_hidden_layers"] + 1, config["hidden_size"]
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(positions, hidden, generator=gen)
+    metadata = {"fingerprint": inventory.fingerprint, "selected_position": selected} if recorded else {}
+    extra = {}
+    if means:
+        extra = {"harmful_mean": torch.randn(positions, hidden, generator=gen),
+                 "harmless_mean": torch.randn(positions, hidden, generator=gen) + 2}  # fmt: skip
+    return save_directions(path, direction, metadata, **extra)
+
+
+def run(src: Path, directions: Path, out: Path, **specs) -> dict:
+    inputs = load_inputs(src, directions)
+    plan = default_plan(inputs, **specs)
+    return ablate_checkpoint(src, directions, out, plan, progress=False, log=lambda _: None, inputs=inputs)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def tensor_bytes(folder: Path) -> dict[str, bytes]:
+    """Raw bytes of every tensor, by name, read from the input's offsets."""
+    out = {}
+    inventory = build_inventory(folder)
+    for shard in inventory.shards:
+        data = (Path(folder) / shard).read_bytes()
+        for t in inventory.by_shard(shard):
+            out[t.name] = data[t.start : t.end]
+    return out
+
+
+def load(folder: Path, name: str, shard: str) -> torch.Tensor:
+    with safe_open(str(Path(folder) / shard), framework="pt") as handle:
+        return handle.get_tensor(name).float()
+
+
+def residual(entry: dict, src: Path, out: Path, r: torch.Tensor) -> float:
+    """|r^T W'| / |W| for writers (worst expert of a fused tensor), |W' r| / |W| for routers and embeddings."""
+    w, w2 = load(src, entry["name"], entry["shard"]), load(out, entry["name"], entry["shard"])
+    if entry["side"] != "writer":
+        return float((w2 @ r).norm() / w.norm())
+    if entry["fused_experts"]:
+        return max(float((r @ w2[e]).norm() / w[e].norm()) for e in range(w.shape[0]))
+    return float((r @ w2.reshape(w2.shape[0], -1)).norm() / w.norm())
+
+
+@pytest.fixture(scope="module")
+def default_run(glm_air_layout, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    src = Path(glm_air_layout)
+    before = file_hashes(src)
+    directions = write_directions(src, root / "directions.safetensors")
+    out = root / "out"
+    manifest = run(src, directions, out)
+    return src, directions, out, manifest, before
+
+
+def test_default_plan_edits_exactly_the_expected_tensors(default_run):
+    src, _, out, manifest, before = default_run
+    assert manifest["counts"] == DEFAULT_COUNTS
+    main = {}
+    for e in manifest["edited"]:
+        if e["layer"] < 46:
+            main[e["role"]] = main.get(e["role"], 0) + 1
+    assert main == MAIN_COUNTS
+    assert {e["layer"] for e in manifest["edited"]} == set(range(47))
+    old, new = tensor_bytes(src), tensor_bytes(out)
+    assert list(old) == list(new)  # names and order
+    changed = {name for name in old if old[name] != new[name]}
+    assert changed == {e["name"] for e in manifest["edited"]}
+    assert len(old) == 18329 and len(old) - len(changed) == 18329 - 6028
+    assert file_hashes(src) == before  # the input is never modified
+
+
+def test_output_layout_is_identical(default_run):
+    src, _, out, manifest, _ = default_run
+    inventory = build_inventory(src)
+    for shard in inventory.shards:
+        a, b = (src / shard).read_bytes(), (out / shard).read_bytes()
+        assert len(a) == len(b)
+        header = 8 + int.from_bytes(a[:8], "little")
+        assert a[:header] == b[:header]  # names, dtypes, shapes, offsets, __metadata__
+    assert (src / INDEX_FILE).read_bytes() == (out / INDEX_FILE).read_bytes()
+    for name in ("config.json", "generation_config.json"):
+        assert (src / name).read_bytes() == (out / name).read_bytes()
+    names = {p.name for p in out.iterdir()}
+    assert names == {p.name for p in src.iterdir()} | {MANIFEST_FILE}  # no state or temp files left
+    assert manifest["input"]["fingerprint"] == manifest["output"]["fingerprint"] == fingerprint(out)
+    assert set(manifest["shards"]) == set(inventory.shards)
+    assert manifest["plan"]["mtp"] == "ablate" and manifest["plan"]["layers"] == list(range(47))
+    assert {"torch", "safetensors", "transformers"} <= set(manifest["versions"])
+
+
+def test_plain_edits_leave_residuals_at_rounding_level(default_run):
+    src, directions_path, out, manifest, _ = default_run
+    inputs = load_inputs(src, directions_path)
+    plan = default_plan(inputs)
+    r = direction_for(plan, inputs.directions, 20)
+    worst = {}
+    for e in manifest["edited"][::7] + [e for e in manifest["edited"] if e["role"] in ("router", "mlp_down")]:
+        assert e["direction_position"] == 20 and e["scale"] == 1.0 and e["method"] == "plain"
+        worst[e["role"]] = max(worst.get(e["role"], 0.0), residual(e, src, out, r))
+    assert set(worst) == set(DEFAULT_COUNTS)
+    for role, value in worst.items():
+        assert value < (FP32_LEVEL if role == "router" else BF16_LEVEL), role
+
+
+def test_router_stays_fp32_and_experts_bf16(default_run):
+    src, _, out, manifest, _ = default_run
+    router = next(e for e in manifest["edited"] if e["role"] == "router")
+    with safe_open(str(out / router["shard"]), framework="pt") as handle:
+        assert handle.get_slice(router["name"]).get_dtype() == "F32"
+    expert = next(e for e in manifest["edited"] if e["role"] == "expert_down")
+    with safe_open(str(out / expert["shard"]), framework="pt") as handle:
+        assert handle.get_slice(expert["name"]).get_dtype() == "BF16"
+
+
+def test_fused_experts_are_edited_per_expert(glm_air_layout_fused, tmp_path):
+    src = Path(glm_air_layout_fused)
+    directions = write_directions(src, tmp_path / "d.safetensors")
+    manifest = run(src, directions, tmp_path / "out")
+    assert manifest["counts"] == DEFAULT_COUNTS
+    fused = [e for e in manifest["edited"] if e["fused_experts"]]
+    assert len(fused) == 46 and all(e["residual_axis"] == 1 for e in fused)
+    inputs = load_inputs(src, directions)
+    r = direction_for(default_plan(inputs), inputs.directions, 1)
+    for e in fused[:3] + fused[-1:]:
+        assert residual(e, src, tmp_path / "out", r) < BF16_LEVEL
+    old, new = tensor_bytes(src), tensor_bytes(tmp_path / "out")
+    assert {n for n in old if old[n] != new[n]} == {e["name"] for e in manifest["edited"]}
+
+
+def test_layer_one_never_touches_layers_ten_to_nineteen(glm_air_layout, tmp_path):
+    src = Path(glm_air_layout)
+    directions = write_directions(src, tmp_path / "d.safetensors")
+    manifest = run(src, directions, tmp_path / "out", layers="1")
+    assert {e["layer"] for e in manifest["edited"]} == {1}
+    assert manifest["counts"] == {"attn_out": 1, "expert_down": 128, "router": 1, "shared_expert_down": 1}
+    old, new = tensor_bytes(src), tensor_bytes(tmp_path / "out")
+    for name in old:
+        if any(f"layers.{i}." in name for i in range(10, 20)):
+            assert old[name] == new[name], name
+
+
+def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
+    src = Path(glm_air_layout)
+    directions = write_directions(src, tmp_path / "d.safetensors")
+    zero = run(src, directions, tmp_path / "zero", scale="0", method="norm_preserving")
+    for shard in zero["shards"]:
+        assert (src / shard).read_bytes() == (tmp_path / "zero" / shard).read_bytes()
+    full = run(src, directions, tmp_path / "full", layers="3,7", method="norm_preserving")
+    half = run(src, directions, tmp_path / "half", layers="3,7", method="norm_preserving", scale="0.5")
+    inputs = load_inputs(src, directions)
+    r = direction_for(default_plan(inputs), inputs.directions, 3)
+    writers = [e for e in full["edited"] if e["side"] == "writer"]
+    assert {e["method"] for e in writers} == {"norm_preserving"}
+    assert {e["method"] for e in full["edited"] if e["role"] == "router"} == {"plain"}
+    for e in writers[::10]:
+        w = load(src, e["name"], e["shard"])
+        w_full, w_half = load(tmp_path / "full", e["name"], e["shard"]), load(tmp_path / "half", e["name"], e["shard"])
+        torch.testing.assert_close(w_full.norm(dim=0), w.norm(dim=0), rtol=2 * BF16_LEVEL, atol=0)
+        torch.testing.assert_close(w_half.norm(dim=0), w.norm(dim=0), rtol=2 * BF16_LEVEL, atol=0)
+        along = [float((r @ x).norm() / x.norm()) for x in (w, w_half, w_full)]
+        assert along[2] < BF16_LEVEL < along[1] < along[0]
+
+
+def test_projected_method_and_own_directions(glm_air_layout, tmp_path):
+    src = Path(glm_air_layout)
+    directions = write_directions(src, tmp_path / "d.safetensors")
+    manifest = run(src, directions, tmp_path / "out", layers="2,30", direction_position="own", method="projected")
+    inputs = load_inputs(src, directions)
+    plan = default_plan(inputs, layers="2,30", direction_position="own", method="projected")
+    for e in manifest["edited"]:
+        assert e["direction_position"] == e["layer"] and e["method"] == "projected"
+        r = direction_for(plan, inputs.directions, e["layer"])
+        assert abs(float(r @ inputs.directions.harmless_mean[e["layer"]])) < 1e-4
+        if e["role"] in ("attn_out", "router", "shared_expert_down"):
+            assert residual(e, src, tmp_path / "out", r) < BF16_LEVEL
+
+
+def test_embed_target_and_dense_llama(tmp_path):
+    src = write_llama_layout(tmp_path / "llama", num_layers=4, hidden=16, inter=32)
+    directions = write_directions(src, tmp_path / "d.safetensors", selected=2)
+    manifest = run(src, directions, tmp_path / "out", targets="default,embed")
+    assert manifest["counts"] == {"attn_out": 4, "embed": 1, "mlp_down": 4}
+    inputs = load_inputs(src, directions)
+    r = direction_for(default_plan(inputs), inputs.directions, None)
+    embed = next(e for e in manifest["edited"] if e["role"] == "embed")
+    assert embed["side"] == "embed" and embed["layer"] is None
+    assert residual(embed, src, tmp_path / "out", r) < BF16_LEVEL
+
+
+def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
+    layout = GlmLayout(num_layers=3, n_routed_experts=4, num_experts_per_tok=2, hidden_size=16)
+    single = write_glm_layout(tmp_path / "single", layout, single_file=True)
+    sharded = write_glm_layout(tmp_path / "sharded", layout, num_shards=4)
+    d1 = write_directions(single, tmp_path / "d1.safetensors", selected=1)
+    d2 = write_directions(sharded, tmp_path / "d2.safetensors", selected=1)
+    run(single, d1, tmp_path / "o1")
+    assert sorted(p.name for p in (tmp_path / "o1").iterdir()) == sorted(
+        ["model.safetensors", "config.json", "generation_config.json", MANIFEST_FILE]
+    )
+    inputs = load_inputs(sharded, d2)
+    plan = default_plan(inputs)
+    serial = ablate_checkpoint(sharded, d2, tmp_path / "serial", plan, progress=False, log=lambda _: None)
+    parallel = ablate_checkpoint(sharded, d2, tmp_path / "par", plan, workers=3, progress=False, log=lambda _: None)
+    assert serial["edited"] == parallel["edited"]
+    assert file_hashes(tmp_path / "serial") == {
+        k: v for k, v in file_hashes(tmp_path / "par").items() if k != MANIFEST_FILE
+    } | {MANIFEST_FILE: file_hashes(tmp_path / "serial")[MANIFEST_FILE]}
+
+
+# ---------------------------------------------------------------- resume and safety
+
+
+SMALL = GlmLayout(num_layers=8, n_routed_experts=16, num_experts_per_tok=2, hidden_size=32, moe_intermediate_size=16)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    src = write_glm_layout(root / "in", SMALL, num_shards=6)
+    directions = write_directions(src, root / "d.safetensors", selected=4)
+    reference = root / "reference"
+    run(src, directions, reference)
+    return src, directions, reference
+
+
+def shard_hashes(folder: Path) -> dict[str, str]:
+    return {k: v for k, v in file_hashes(folder).items() if k != MANIFEST_FILE}
+
+
+def test_resume_after_a_crash_is_bit_identical(small, tmp_path):
+    src, directions, reference = small
+    out = tmp_path / "out"
+    inputs = load_inputs(src, directions)
+    plan = default_plan(inputs)
+    prepared = prepare_output(inputs, plan, out)
+    first = inputs.inventory.shards[:2]
+    for shard in first:
+        ablate_shard(plan, inputs, shard, out)
+    # What a kill leaves: a half-written temp file of the next shard, no manifest.
+    (out / f".{inputs.inventory.shards[2]}.tmp-99999-1").write_bytes(b"partial")
+    assert not (out / MANIFEST_FILE).exists() and prepared.run_key
+    stamps = {s: (out / s).stat().st_mtime_ns for s in first}
+    manifest = ablate_checkpoint(src, directions, out, plan, progress=False, log=lambda _: None)
+    assert {s: (out / s).stat().st_mtime_ns for s in first} == stamps  # skipped, not rewritten
+    assert shard_hashes(out) == shard_hashes(reference)
+    assert manifest["edited"] == json.loads((reference / MANIFEST_FILE).read_text())["edited"]
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_killed_process_resumes_bit_identical(small, tmp_path):
+    """SIGKILL the CLI once its first shard is done; the rerun finishes the rest."""
+    src, directions, reference = small
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "import sys; from abliterate.cli import main; sys.exit(main())",
+           "ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]  # fmt: skip
+    first_done = out / STATE_DIR / f"{build_inventory(src).shards[0]}.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not first_done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / MANIFEST_FILE).exists(), "the run finished before it could be killed"
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]) == 0
+    assert shard_hashes(out) == shard_hashes(reference)
+
+
+def test_rerun_of_a_complete_output_rewrites_nothing(small, tmp_path):
+    src, directions, reference = small
+    out = tmp_path / "out"
+    first = run(src, directions, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    again = run(src, directions, out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == stamps
+    assert again["edited"] == first["edited"] and again["shards"] == first["shards"]
+
+
+def test_other_plan_into_an_existing_output_needs_overwrite(small, tmp_path):
+    src, directions, _ = small
+    out = tmp_path / "out"
+    run(src, directions, out, layers="1")
+    with pytest.raises(AbliterateError, match="different plan.*--overwrite"):
+        run(src, directions, out, layers="2")
+    manifest = ablate_checkpoint(src, directions, out, default_plan(load_inputs(src, directions), layers="2"),
+                                 overwrite=True, progress=False, log=lambda _: None)  # fmt: skip
+    assert {e["layer"] for e in manifest["edited"]} == {2}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(AbliterateError, match="not empty.*notes.txt"):
+        run(src, directions, foreign)
+
+
+def test_output_inside_or_around_the_input_is_refused(small, tmp_path):
+    src, directions, _ = small
+    before = file_hashes(src)
+    for out in (src, src / "ablated", src.parent):
+        with pytest.raises(AbliterateError, match="input checkpoint"):
+            run(src, directions, out)
+    assert file_hashes(src) == before and not (src / "ablated").exists()
+
+
+def test_dry_run_lists_matches_and_writes_nothing(small, tmp_path, capsys):
+    src, directions, _ = small
+    out = tmp_path / "never"
+    code = main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--dry-run", "--layers", "1-2"])
+    assert code == 0 and not out.exists()
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.experts.15.down_proj.weight\texpert_down\t1" in text
+    assert "1\tattn_out=1 expert_down=16 router=1 shared_expert_down=1" in text
+    assert "expert_down\t32" in text and "layers.3." not in text
+
+
+def test_cli_writes_and_reports(small, tmp_path, capsys):
+    src, directions, reference = small
+    out = tmp_path / "out"
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]) == 0
+    assert "expert_down 128" in capsys.readouterr().out  # (7 MoE layers + the MTP layer) x 16 experts
+    assert shard_hashes(out) == shard_hashes(reference)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(default_plan(load_inputs(src, directions), layers="3", scale="0.5").to_yaml())
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(tmp_path / "p"), "--quiet",
+                 "--plan", str(plan_file)]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "p" / MANIFEST_FILE).read_text())
+    assert {(e["layer"], e["scale"]) for e in manifest["edited"]} == {(3, 0.5)}
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--layers", "8"]) == 2
+    assert "layer 8 is out of range" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- directions files
+
+
+def test_hand_written_directions(small, tmp_path, capsys):
+    src, _, _ = small
+    hidden = SMALL.hidden_size
+    one = tmp_path / "one.safetensors"
+    save_directions(one, torch.randn(hidden), {})
+    manifest = run(src, one, tmp_path / "o1")
+    assert manifest["directions"]["single"] and {e["direction_position"] for e in manifest["edited"]} == {0}
+    assert any("carries no model fingerprint" in w for w in load_inputs(src, one).warnings)
+    rows = write_directions(src, tmp_path / "rows.safetensors", means=False, recorded=False)
+    with pytest.raises(AbliterateError, match="records no selected position"):
+        run(src, rows, tmp_path / "o2")
+    manifest = run(src, rows, tmp_path / "o2", direction_position="5")
+    assert {e["direction_position"] for e in manifest["edited"]} == {5}
+    with pytest.raises(AbliterateError, match="projected method needs the harmless means"):
+        run(src, rows, tmp_path / "o3", direction_position="5", method="projected")
+    with pytest.raises(AbliterateError, match="one direction for every layer"):
+        run(src, one, tmp_path / "o4", direction_position="own")
+
+
+@pytest.mark.parametrize(
+    "tensor, metadata, fragment",
+    [(torch.randn(9, 16), {}, "hidden size is 32"),
+     (torch.full((9, 32), float("nan")), {}, "NaN or Inf"),
+     (torch.zeros(9, 32), {"selected_position": 4}, "zero vector"),
+     (torch.randn(9, 32), {"selected_position": 9}, "out of range"),
+     (torch.randn(5, 32), {"selected_position": 1}, "holds 5 residual positions"),
+     (torch.randn(9, 32), {"selected_position": 1, "fingerprint": "0" * 32}, "measured on a checkpoint with fingerprint")],
+)  # fmt: skip
+def test_bad_directions_fail(small, tmp_path, tensor, metadata, fragment):
+    src, _, _ = small
+    path = save_directions(tmp_path / "bad.safetensors", tensor, metadata)
+    with pytest.raises(AbliterateError, match=fragment):
+        run(src, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fingerprint_mismatch_is_accepted_with_force(small, tmp_path):
+    src, _, _ = small
+    path = save_directions(tmp_path / "d.safetensors", torch.randn(9, 32), {"selected_position": 1, "fingerprint": "x"})
+    inputs = load_inputs(src, path, force=True)
+    assert any("--force" in w for w in inputs.warnings)
+
+
+def test_quantized_checkpoint_is_refused(tmp_path):
+    specs = [("model.embed_tokens.weight", (32, 8), torch.bfloat16),
+             ("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float8_e4m3fn),
+             ("model.layers.0.self_attn.o_proj.weight_scale_inv", (1, 1), torch.float32)]  # fmt: skip
+    src = write_checkpoint(tmp_path / "fp8", specs, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8})
+    d = save_directions(tmp_path / "d.safetensors", torch.randn(8), {})
+    with pytest.raises(AbliterateError, match=r"quantized \(FP8.*o_proj"):
+        load_inputs(src, d)
+
+
+def test_plan_matches_without_structure_equals_with(small):
+    src, directions, _ = small
+    inputs = load_inputs(src, directions)
+    plan = default_plan(inputs)
+    assert plan_matches(plan, inputs.inventory) == plan_matches(plan, inputs.inventory, inputs.structure)
