@@ -195,7 +195,7 @@ def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
     for shard in zero["shards"]:
         assert (src / shard).read_bytes() == (tmp_path / "zero" / shard).read_bytes()
     full = run(src, directions, tmp_path / "full", layers="3,7", method="norm_preserving")
-    half = run(src, directions, tmp_path / "half", layers="3,7", method="norm_preserving", scale="0.5")
+    run(src, directions, tmp_path / "half", layers="3,7", method="norm_preserving", scale="0.5")
     inputs = load_inputs(src, directions)
     r = direction_for(default_plan(inputs), inputs.directions, 3)
     writers = [e for e in full["edited"] if e["side"] == "writer"]

@@ -5,7 +5,14 @@ import math
 import pytest
 
 from abliterate.errors import AbliterateError
-from abliterate.plan import DEFAULT_TARGETS, AblationPlan, build_plan, parse_layers, parse_scale, parse_targets
+from abliterate.plan import (
+    DEFAULT_TARGETS,
+    AblationPlan,
+    build_plan,
+    parse_layers,
+    parse_scale,
+    parse_targets,
+)
 
 
 def test_layer_specs_are_exact_indices():
