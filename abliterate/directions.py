@@ -1,8 +1,12 @@
 """Refusal directions from measured means, their quality statistics, and the directions file.
 
 `mean_diff`: r_i = normalize(mean_harmful_i - mean_harmless_i).
-`projected`: the same difference with its component along normalize(mean_harmless_i) removed
-first, so ablating r_i leaves the harmless mean's own direction untouched.
+`projected` (the default): the same difference with its component along
+normalize(mean_harmless_i) removed first, so ablating r_i leaves the harmless mean's own
+direction untouched. On the demo model this matters: ablating a `mean_diff` direction at
+any position changes harmless first-token distributions by KL 0.19-1.0 and makes the model
+refuse harmless requests, while the `projected` ones stay under KL 0.08 and remove the
+refusals (see the measure tests and README figures).
 
 Statistics per residual position i:
 - `mean_diff_norm`: |mean_harmful_i - mean_harmless_i| (how far apart the two sets are);
@@ -30,6 +34,7 @@ from abliterate.errors import AbliterateError
 from abliterate.measure import Measurement
 
 METHODS = ("mean_diff", "projected")
+DEFAULT_METHOD = "projected"
 DIRECTIONS_JSON = "directions.json"
 # Differences below this (relative to the means' size) are float noise, not a direction.
 _ZERO_RELATIVE = 1e-9
@@ -76,7 +81,7 @@ class DirectionSet:
         return out
 
 
-def compute_directions(measurement: Measurement, method: str = "mean_diff") -> DirectionSet:
+def compute_directions(measurement: Measurement, method: str = DEFAULT_METHOD) -> DirectionSet:
     if method not in METHODS:
         raise AbliterateError(f"unknown direction method {method!r}; choose one of {', '.join(METHODS)}")
     harmful = measurement.harmful.mean.to(torch.float64)

@@ -48,7 +48,7 @@ def test_accumulator_matches_plain_statistics():
 
 def test_planted_direction_is_recovered():
     harmful, harmless, r = planted()
-    d = compute_directions(measurement_from(harmful, harmless))
+    d = compute_directions(measurement_from(harmful, harmless), "mean_diff")
     cos = (d.direction * r).sum(-1)
     assert cos.min() > 0.999
     # Unit rows; the mean difference is the planted strength; both sets have unit variance per
@@ -63,6 +63,10 @@ def test_projected_direction_is_orthogonal_to_harmless_mean():
     d = compute_directions(measurement_from(harmful, harmless), "projected")
     unit_harmless = d.harmless_mean / d.harmless_mean.norm(dim=-1, keepdim=True)
     assert (d.direction * unit_harmless).sum(-1).abs().max() < 1e-12
+    # It is the planted direction without its component along the harmless mean.
+    expected = r - (r * unit_harmless).sum(-1, keepdim=True) * unit_harmless
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    assert (d.direction * expected).sum(-1).min() > 0.999
     assert d.method == "projected"
 
 
@@ -83,7 +87,7 @@ def test_neighbour_cosines():
     harmful = harmless.clone()
     harmful[:, :, 0] += 1.0
     harmful[:, 2, 1] += 1.0  # position 2 turns 45 degrees away
-    d = compute_directions(measurement_from(harmful, harmless))
+    d = compute_directions(measurement_from(harmful, harmless), "mean_diff")
     cos_prev, cos_next = d.neighbour_cosines()
     assert cos_prev[1] == pytest.approx(1.0)
     assert cos_next[1] == pytest.approx(math.sqrt(0.5))
@@ -111,7 +115,7 @@ def test_written_file_reads_back_with_the_shared_reader(tmp_path):
     torch.testing.assert_close(loaded.harmful_mean, d.harmful_mean.float())
     torch.testing.assert_close(loaded.vector(), d.direction[2].float())
     meta = loaded.metadata
-    assert meta["fingerprint"] == "fp123" and meta["method"] == "mean_diff"
+    assert meta["fingerprint"] == "fp123" and meta["method"] == "projected"
     assert meta["n_harmful"] == 2000 and meta["n_harmless"] == 2000
     assert meta["position"] == -2 and meta["num_layers"] == 3 and meta["hidden_size"] == H
     assert meta["template"] == {

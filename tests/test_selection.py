@@ -228,6 +228,6 @@ def test_demo_auto_selected_direction_removes_refusals():
     print(
         f"selected {selection.position}: refusals {sum(before)}/{len(before)} -> {sum(after)}/{len(after)}, KL {kl:.4f}"
     )
-    assert sum(before) / len(before) > 0.9
+    assert sum(before) / len(before) > 0.8
     assert sum(after) / len(after) < 0.1
     assert kl < 0.05

@@ -62,10 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--method",
-        default="mean_diff",
+        default="projected",
         choices=["mean_diff", "projected"],
         help="mean_diff: normalised mean difference; projected: the same, minus its component along "
-        "the harmless mean (default mean_diff)",
+        "the harmless mean, which disturbs harmless prompts less (default projected)",
     )
     parser.add_argument(
         "--select",
