@@ -1,0 +1,158 @@
+"""Behavioural evaluation: replies, refusal rates, first-token KL, examples, the CLI, the demo figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
+
+from abliterate.ablate import ablate_checkpoint
+from abliterate.chat import render_chat
+from abliterate.cli import main
+from abliterate.direction_file import save_directions
+from abliterate.errors import AbliterateError
+from abliterate.evaluate import (
+    EvalSettings,
+    compare,
+    evaluate_loaded,
+    evaluate_model,
+    measure_behaviour,
+)
+from abliterate.measure import load_model
+from abliterate.refusal import is_refusal
+
+FAST = EvalSettings(max_new_tokens=6, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """(original, ablated) tiny random GLM-4.5-MoE chat models; the ablated one by the engine."""
+    root = tmp_path_factory.mktemp("evaluate")
+    original = build_tiny_chat_model(root / "original")
+    gen = torch.Generator().manual_seed(3)
+    direction = torch.randn(4, 32, generator=gen)
+    directions = save_directions(
+        root / "directions.safetensors", direction / direction.norm(dim=-1, keepdim=True), {"selected_position": 2}
+    )
+    ablated = root / "ablated"
+    ablate_checkpoint(original, directions, ablated, progress=False, log=lambda _: None)
+    return original, ablated
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    return load_model(tiny_dirs[0])
+
+
+def unbatched_logprobs(model, tokenizer, prompts) -> torch.Tensor:
+    """First reply-token log-probabilities, one prompt at a time, without padding."""
+    rows = []
+    for text in render_chat(tokenizer, prompts):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            rows.append(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), dim=-1))
+    return torch.stack(rows)
+
+
+def test_batching_changes_nothing(tiny):
+    model, tokenizer = tiny
+    batched = measure_behaviour(model, tokenizer, HARMFUL, HARMLESS, FAST, progress=False)
+    single = measure_behaviour(
+        model, tokenizer, HARMFUL, HARMLESS, EvalSettings(max_new_tokens=6, batch_size=1), progress=False
+    )
+    assert batched.harmful_replies == single.harmful_replies
+    assert batched.harmless_replies == single.harmless_replies
+    assert all(batched.harmful_replies) and len(batched.harmless_replies) == len(HARMLESS)
+    torch.testing.assert_close(
+        batched.harmless_logprobs, unbatched_logprobs(model, tokenizer, HARMLESS), rtol=0, atol=1e-5
+    )
+
+
+def test_refusal_rates_follow_the_markers(tiny):
+    model, tokenizer = tiny
+    behaviour = measure_behaviour(model, tokenizer, HARMFUL, HARMLESS, FAST, progress=False)
+    # A random model never says a default marker; pick a word some replies hold as the marker.
+    marker = behaviour.harmful_replies[0].split()[0].upper()  # matching ignores case
+    markers = (marker,)
+    settings = EvalSettings(max_new_tokens=6, batch_size=3, markers=markers)
+    result = evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, settings=settings, progress=False)
+    expected_harmful = sum(is_refusal(r, markers) for r in behaviour.harmful_replies) / len(HARMFUL)
+    expected_harmless = sum(is_refusal(r, markers) for r in behaviour.harmless_replies) / len(HARMLESS)
+    assert result.refusal_rate_harmful == expected_harmful >= 1 / len(HARMFUL)
+    assert result.refusal_rate_harmless == expected_harmless
+    default = evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, settings=FAST, progress=False)
+    assert default.refusal_rate_harmful == 0.0 and default.kl_harmless is None
+
+
+def test_kl_against_the_baseline(tiny_dirs):
+    original, ablated = tiny_dirs
+    same = evaluate_model(original, HARMFUL, HARMLESS, baseline_dir=original, max_new_tokens=4, progress=False)
+    assert same.kl_harmless == 0.0
+    result = evaluate_model(ablated, HARMFUL, HARMLESS, baseline_dir=original, max_new_tokens=4, progress=False)
+    before = unbatched_logprobs(*load_model(original), HARMLESS)
+    after = unbatched_logprobs(*load_model(ablated), HARMLESS)
+    # KL(baseline || model), mean over the harmless prompts, in nats.
+    expected = float((before.exp() * (before - after)).sum(-1).mean())
+    assert expected > 1e-6
+    assert result.kl_harmless == pytest.approx(expected, rel=1e-4)
+    assert result.n_harmful == len(HARMFUL) and result.n_harmless == len(HARMLESS)
+
+
+def test_examples_table_and_json(tiny_dirs):
+    original, ablated = tiny_dirs
+    result = evaluate_model(
+        ablated, HARMFUL, HARMLESS, baseline_dir=original, max_new_tokens=4, n_examples=2, progress=False
+    )
+    table = result.examples_table()
+    assert list(table) == ["prompt", "kind", "response_before", "response_after", "refused_before", "refused_after"]
+    assert table["prompt"] == HARMFUL[:2] + HARMLESS[:2]
+    assert table["kind"] == ["harmful", "harmful", "harmless", "harmless"]
+    assert all(isinstance(r, str) for r in table["response_before"] + table["response_after"])
+    data = json.loads(json.dumps(result.to_json()))
+    for key in ("refusal_rate_harmful", "refusal_rate_harmless", "kl_harmless", "n_harmful", "n_harmless"):
+        assert key in data
+    assert data["baseline_refusal_rate_harmful"] == 0.0 and data["model"] == str(ablated)
+    assert set(result.metrics()) >= {"refusal_rate_harmful", "kl_harmless", "baseline_refusal_rate_harmless"}
+    assert "refusal rate before" in result.summary()
+
+
+def test_compare_needs_one_vocabulary(tiny):
+    model, tokenizer = tiny
+    behaviour = measure_behaviour(model, tokenizer, HARMFUL[:1], HARMLESS[:1], FAST, progress=False)
+    other = measure_behaviour(model, tokenizer, HARMFUL[:1], HARMLESS[:1], FAST, progress=False)
+    other.harmless_logprobs = other.harmless_logprobs[:, :-1]
+    with pytest.raises(AbliterateError, match="vocabulary"):
+        compare(HARMFUL[:1], HARMLESS[:1], behaviour, other, FAST)
+
+
+def test_bad_settings_and_prompts(tiny):
+    model, tokenizer = tiny
+    for kwargs, message in (
+        ({"max_new_tokens": 0}, "max new tokens"),
+        ({"batch_size": 0}, "batch size"),
+        ({"markers": ()}, "marker"),
+        ({"markers": ("ok", " ")}, "marker"),
+    ):
+        with pytest.raises(AbliterateError, match=message):
+            EvalSettings(**kwargs)
+    with pytest.raises(AbliterateError, match="harmless test prompt set is empty"):
+        evaluate_loaded(model, tokenizer, HARMFUL, [], settings=FAST, progress=False)
+
+
+def test_cli(tiny_dirs, tmp_path, capsys):
+    original, ablated = tiny_dirs
+    harmful, harmless, markers = tmp_path / "harmful.txt", tmp_path / "harmless.txt", tmp_path / "markers.txt"
+    harmful.write_text("\n".join(HARMFUL) + "\n")
+    harmless.write_text("\n".join(HARMLESS) + "\n")
+    markers.write_text("# one phrase per line\nzebra crossing\n")
+    argv = ["evaluate", str(ablated), "--baseline", str(original), "--harmful", str(harmful)]
+    argv += ["--harmless", str(harmless), "--max-new-tokens", "3", "--markers", str(markers), "--marker", "me"]
+    assert main(argv + ["--json", "--quiet", "--out", str(tmp_path / "eval.json")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == json.loads((tmp_path / "eval.json").read_text())
+    assert data["settings"]["markers"] == ["zebra crossing", "me"]
+    assert data["n_harmful"] == 4 and math.isfinite(data["kl_harmless"])
+    assert main(["evaluate", str(ablated), "--harmful", str(harmful), "--harmless", str(tmp_path / "none.txt")]) == 2
