@@ -118,7 +118,7 @@ class ValidationReport:
             )
         for name, kind in (("warnings", self.warnings), ("failures", self.failures)):
             if kind:
-                lines.append(f"{len(kind)} {name}:")
+                lines.append(f"{name} ({len(kind)}):")
                 lines += [f"  - {line}" for line in kind[:max_failures]]
                 if len(kind) > max_failures:
                     lines.append(f"  ... and {len(kind) - max_failures} more (see --json)")
