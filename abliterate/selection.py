@@ -45,6 +45,12 @@ class SelectionSettings:
     max_candidates: int | None = None  # evenly subsample the candidates of big models
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.skip_last_fraction < 1.0:
+            raise AbliterateError(f"skip-last fraction must lie in [0, 1), got {self.skip_last_fraction}")
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise AbliterateError(f"max candidates must be at least 1, got {self.max_candidates}")
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

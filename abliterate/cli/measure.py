@@ -21,10 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "generation prompt; one forward pass per batch, no generation), take the residual stream "
             "at one token at every residual position (position i = input of decoder layer i; position "
             "L = output of the last layer, before the final norm), and compute per position the "
-            "refusal direction: the normalised difference of the two sets' mean residuals. Then choose "
-            "the direction to ablate: each candidate is removed from the residual stream at inference "
-            "time on validation prompts, and the one that lowers refusals most while keeping harmless "
-            "first-token KL under a threshold wins. Writes OUT/directions.safetensors (read by "
+            "refusal direction from the difference of the two sets' mean residuals. Then choose the "
+            "direction to ablate: each candidate position (all but the last fifth of the layers) has its "
+            "direction removed from the residual stream at inference time on validation prompts; the one "
+            "that most lowers the log-odds of a refusal as first reply token, while the first-token KL on "
+            "harmless prompts stays under a threshold, wins. Writes OUT/directions.safetensors (read by "
             "`abliterate ablate`) and OUT/directions.json (statistics and candidate scores)."
         ),
     )
@@ -91,6 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.1,
         metavar="NATS",
         help="largest mean first-token KL on harmless prompts a selected direction may cause (default 0.1)",
+    )
+    parser.add_argument(
+        "--skip-last-fraction",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="fraction of the last residual positions that are not candidates (default 0.2)",
     )
     parser.add_argument(
         "--max-candidates",
@@ -188,7 +196,12 @@ def run(args: argparse.Namespace) -> int:
             harmful_val,
             harmless_val,
             settings,
-            SelectionSettings(kl_threshold=args.kl_threshold, max_candidates=args.max_candidates),
+            SelectionSettings(
+                kl_threshold=args.kl_threshold,
+                skip_last_fraction=args.skip_last_fraction,
+                max_candidates=args.max_candidates,
+                batch_size=args.batch_size,
+            ),
             position=None if select == "auto" else select,
         )
         selected, extra = selection.position, {"selection": selection.as_dict()}
