@@ -281,3 +281,58 @@ def test_full_glm_air_layout(glm_air_layout, tmp_path):
     assert report.changed_by_role == report.expected_by_role
     for worst in report.worst_residual.values():
         assert worst.enforced and worst.residual < 0.5 * worst.tolerance
+
+
+def test_fused_expert_layout_checks_each_expert(glm_air_layout_fused, tmp_path):
+    directions_path = write_directions(tmp_path / "d.safetensors", 8, 47)
+    out = ablate(Path(glm_air_layout_fused), tmp_path / "ablated", directions_path, layers="40-45", mtp="skip")
+    report = validate_output(glm_air_layout_fused, out, progress=False)
+    assert report.ok, report.failures[:5]
+    assert report.changed_by_role == {"attn_out": 6, "expert_down": 6 * 128, "router": 6, "shared_expert_down": 6}
+    # One expert of a fused [E, H, I] tensor edited with the wrong direction is found and named.
+    name = "model.layers.41.mlp.experts.down_proj"
+    t = tensor_at(out, name)
+    wrong = load_directions(directions_path).vector(3)
+    w = torch.randn(t.shape[1:], generator=torch.Generator().manual_seed(0)) * 0.05  # [H, I]
+    project_out_(w, wrong, 1.0, 0)
+    with open(out / t.shard, "r+b") as handle:
+        handle.seek(t.start + 77 * (t.nbytes // t.shape[0]))
+        handle.write(w.bfloat16().view(torch.uint8).numpy().tobytes())
+    (line,) = validate_output(glm_air_layout_fused, out, progress=False).failures
+    assert line.startswith(f"tensor {name} (expert_down, layer 41, expert 77): projection residual ")
+
+
+def test_scale_zero_layers_stay_unchanged(small, tmp_path):
+    src, directions_path, _ = small
+    out = ablate(src, tmp_path / "zero", directions_path, layers="2-3", scale="1,0")
+    report = validate_output(src, out, progress=False)
+    assert report.ok, report.failures
+    assert set(report.changed_by_layer) == {"2"}
+
+
+def test_manifest_must_list_every_planned_tensor(small, tampered):
+    src, _, _ = small
+    manifest = json.loads((tampered / MANIFEST_FILE).read_text())
+    name = "model.layers.8.self_attn.o_proj.weight"
+    manifest["edited"] = [e for e in manifest["edited"] if e["name"] != name]
+    manifest["counts"]["attn_out"] -= 1
+    (tampered / MANIFEST_FILE).write_text(json.dumps(manifest))
+    report = validate_output(src, tampered, progress=False)
+    assert report.failures == [
+        f"tensor {name} (attn_out, layer 8) changed but the plan does not edit it",
+        f"tensor {name} (attn_out, layer 8) matches the plan but the manifest does not list it as edited",
+    ]
+
+
+def test_other_weight_files_must_not_be_copied(small, tmp_path):
+    src, directions_path, _ = small
+    original = Path(shutil.copytree(src, tmp_path / "original"))
+    (original / "pytorch_model.bin").write_bytes(b"unablated weights")
+    out = ablate(original, tmp_path / "out", directions_path)
+    report = validate_output(original, out, progress=False)
+    assert report.ok and report.files["weights_not_copied"] == ["pytorch_model.bin"]
+    shutil.copy(original / "pytorch_model.bin", out / "pytorch_model.bin")
+    report = validate_output(original, out, progress=False)
+    assert report.failures == [
+        "file pytorch_model.bin holds weights the ablation does not edit, copied unablated: delete it from the output"
+    ]
