@@ -166,7 +166,9 @@ def generate_replies(
     from abliterate.measure import length_sorted_batches, pad_token_id
 
     pad = pad_token_id(tokenizer)
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
     )
@@ -182,7 +184,10 @@ def generate_replies(
             )
             new = out[:, batch.input_ids.shape[1] :].cpu()
             for row, index in enumerate(batch.indices):
-                replies[index] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+                tokens = new[row].tolist()
+                # Cut at the first end token: what follows is padding, whatever the pad token is.
+                end = next((k for k, tok in enumerate(tokens) if tok in stops), len(tokens))
+                replies[index] = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
             bar.update(len(batch.indices))
     bar.close()
     return replies  # type: ignore[return-value]

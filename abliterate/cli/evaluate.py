@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="JSON|KEY=VALUE",
-        help="extra chat-template variables, as a JSON object or KEY=VALUE (repeatable), e.g. enable_thinking=false",
+        help="extra chat-template variables, as a JSON object or KEY=VALUE (repeatable); for GLM-4.5 pass "
+        "enable_thinking=false, so that the bounded reply is the answer and not the start of its reasoning",
     )
     parser.add_argument("--examples", type=int, default=5, metavar="N", help="example rows per prompt kind (default 5)")
     parser.add_argument(
