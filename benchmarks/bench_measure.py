@@ -1,6 +1,6 @@
 """Measurement speed and memory: our hooked forward pass against generate(output_hidden_states=True).
 
-    .venv/bin/python benchmarks/bench_measure.py [--model DIR] [--batch-size 16] [--repeat 4]
+    .venv/bin/python benchmarks/bench_measure.py [--model DIR|wide] [--batch-size 16] [--repeat 4] [--device cuda]
 
 Both methods produce the same per-position means over the demo model's harmful and harmless
 train prompts (repeated `--repeat` times). Ours: one forward pass of the decoder per batch
@@ -8,6 +8,9 @@ train prompts (repeated `--repeat` times). Ours: one forward pass of the decoder
 common way): `generate(max_new_tokens=1, output_hidden_states=True)` on batches in file
 order, keeping every position's full hidden states, then picking the last token. A third row
 runs our forward pass on the baseline's unsorted batches, to separate the two effects.
+
+`--model wide` measures a random GLM-4.5-shaped model of hidden size 1024 (12 layers, 16
+experts) with the demo tokenizer instead, where the per-token work outweighs Python overhead.
 
 Each method runs in its own process. tokens/s counts prompt tokens (no padding). Peak memory
 is the process's peak resident set during measurement above its size after loading the model
@@ -20,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,6 +111,37 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
     }
 
 
+def build_wide_model(out_dir: Path) -> Path:
+    from transformers import AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM
+
+    from abliterate.demo import DEMO_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    config = Glm4MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=4096,
+        moe_intermediate_size=256,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    Glm4MoeForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def main() -> int:
     from abliterate.demo import DEMO_MODEL_DIR
 
@@ -121,6 +156,8 @@ def main() -> int:
         print(json.dumps(worker(args.worker, args.model, args.batch_size, args.repeat, args.device)))
         return 0
 
+    if args.model == "wide":
+        args.model = str(build_wide_model(Path(tempfile.mkdtemp(prefix="bench-measure-"))))
     rows = {}
     for method in METHODS:
         cmd = [
@@ -137,7 +174,10 @@ def main() -> int:
             "--device",
             args.device,
         ]
-        rows[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
+        rows[method] = json.loads(done.stdout)
     print(f"model {args.model}, batch size {args.batch_size}, device {args.device}, torch threads 1")
     print(
         f"{'method':<18} {'prompts':>7} {'tokens':>7} {'padded':>7} {'seconds':>8} {'tokens/s':>9} "
