@@ -4,7 +4,8 @@ Shapes and dtypes never change, so each output shard is the input shard with som
 rewritten: the header is copied verbatim and every tensor stays at its offset. Unedited ranges
 are copied by the kernel (copy_file_range); each matched tensor is read from a memory map in
 chunks of independent vectors, edited in float32, rounded once to its own dtype and written.
-Memory stays at one chunk (or one writer tensor [H, in], whose columns are not contiguous).
+Memory stays at one chunk in float32 (a whole writer [H, in] in float32: its columns, the
+vectors edited, are not contiguous on disk).
 
 Steps, each a plain function so a flow can map the middle one over shards:
 `load_inputs` -> `resolve_plan` -> `prepare_output` -> `ablate_shard` per shard -> `finalize_output`.
@@ -48,6 +49,7 @@ MANIFEST_FILE = "abliteration.json"
 STATE_DIR = ".abliterate"  # done records while a run is incomplete; removed when it finishes
 ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
 CHUNK_BYTES = 64 << 20  # storage bytes edited at once; fixed so results never depend on memory
+PIECE = 1 << 21  # elements widened or rounded at once (elementwise: any size gives the same bytes)
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 # Files in a model directory that hold weights: never copied (they would carry the direction).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -508,19 +510,33 @@ def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor, digest:
         count = min(step, rows - first)
         offset = t.start + first * row_bytes
         shape = (count, *t.shape[1:]) if rows > 1 else t.shape
-        stored = torch.frombuffer(mapped, dtype=dtype, count=count * row_numel, offset=offset).view(shape)
-        work = stored.to(torch.float32, copy=True)
-        del stored
+        work = _read_float32(mapped, offset, count * row_numel, dtype).view(shape)
         edit(work, r, m.scale, axis)
-        data = work.to(dtype).contiguous().view(torch.uint8).numpy()
-        del work
-        view = memoryview(data)
+        _write_rounded(dst, work, dtype, digest)
+
+
+def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Widen stored values to a new float32 tensor a piece at a time, dropping each piece's pages."""
+    work = torch.empty(numel, dtype=torch.float32)
+    size = torch.empty((), dtype=dtype).element_size()
+    for first in range(0, numel, PIECE):
+        count = min(PIECE, numel - first)
+        stored = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset + first * size)
+        work[first : first + count].copy_(stored)
+        del stored
+        _release(mapped, offset + first * size, count * size)
+    return work
+
+
+def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype, digest: Any) -> None:
+    """Round to `dtype` and write, a piece at a time (rounding is per element: pieces change nothing)."""
+    flat = work.view(-1)
+    for first in range(0, flat.numel(), PIECE):
+        view = memoryview(flat[first : first + PIECE].to(dtype).view(torch.uint8).numpy())
         digest.update(view)
         written = 0
         while written < len(view):
             written += os.write(dst, view[written:])
-        del view, data
-        _release(mapped, offset, count * row_bytes)
 
 
 def _close(mapped: mmap.mmap) -> None:

@@ -1,0 +1,140 @@
+"""Ablation throughput and memory at GLM-4.5-Air's real tensor widths, against a plain file copy.
+
+Writes a checkpoint with GLM-4.5-Air's layout and widths (hidden 4096, moe_intermediate 1408,
+96 heads x 128, dense intermediate 10944) but few layers and experts (so it fits in ~2-4 GB)
+and a small vocabulary (the real 151,552-row embeddings alone would take 5 GB), then:
+- copies its shards with a plain file copy (shutil.copyfile + fsync, as the engine syncs);
+- ablates it with the default plan in a child process (so its peak RSS is its own);
+and prints GB/s of both, their ratio, and the child's peak RSS against the largest tensor.
+Aims: ratio >= 0.5; peak RSS < 3 x largest tensor + 500 MB.
+
+    .venv/bin/python benchmarks/bench_ablate.py [--experts 20] [--layers 3] [--fused] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GB = 1e9
+MB = 1 << 20
+
+
+def peak_rss() -> int:
+    """VmHWM: this process's peak resident set (ru_maxrss would carry the parent's over fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def child(model: str, directions: str, out: str, workers: int) -> None:
+    """The measured ablation: its own peak RSS after imports and at the end."""
+    import torch
+
+    torch.set_num_threads(1)
+    from abliterate.ablate import ablate_checkpoint
+
+    after_import = peak_rss()
+    began = time.perf_counter()
+    ablate_checkpoint(model, directions, out, workers=workers, progress=False, log=lambda _: None)
+    seconds = time.perf_counter() - began
+    peak = peak_rss()
+    print(json.dumps({"seconds": seconds, "rss_after_import": after_import, "rss_peak": peak}))
+
+
+def plain_copy(src: Path, dst: Path, shards: list[str]) -> float:
+    dst.mkdir(parents=True)
+    began = time.perf_counter()
+    for shard in shards:
+        shutil.copyfile(src / shard, dst / shard)
+        with open(dst / shard, "rb+") as handle:
+            os.fsync(handle.fileno())
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=20, help="routed experts per MoE layer (default 20)")
+    parser.add_argument("--layers", type=int, default=3, help="decoder layers, layer 0 dense (default 3; +1 MTP)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary rows (default 8192)")
+    parser.add_argument("--shards", type=int, default=4, help="shards (default 4)")
+    parser.add_argument("--fused", action="store_true", help="fused 3-D expert tensors on disk")
+    parser.add_argument("--workers", type=int, default=1, help="shards ablated in parallel (default 1)")
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp, deleted)")
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model, directions, out, workers = args.child
+        child(model, directions, out, int(workers))
+        return
+
+    import torch
+
+    torch.set_num_threads(1)
+    from abliterate.checkpoint import build_inventory
+    from abliterate.direction_file import save_directions
+    from abliterate.synthetic import GlmLayout, write_glm_layout
+
+    layout = GlmLayout(
+        num_layers=args.layers,
+        n_routed_experts=args.experts,
+        hidden_size=4096,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_attention_heads=96,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=args.vocab,
+        fused_experts=args.fused,
+    )
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="bench-ablate-", dir="/tmp"))
+    try:
+        began = time.perf_counter()
+        model = write_glm_layout(scratch / "model", layout, num_shards=args.shards)
+        inventory = build_inventory(model)
+        print(f"wrote {model}: {inventory.total_bytes / GB:.2f} GB in {len(inventory.shards)} shards, "
+              f"{len(inventory.tensors)} tensors ({time.perf_counter() - began:.0f} s)")  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        directions = save_directions(
+            scratch / "directions.safetensors",
+            torch.randn(args.layers + 1, 4096, generator=gen),
+            {"fingerprint": inventory.fingerprint, "selected_position": args.layers // 2},
+        )
+        shard_bytes = sum((model / s).stat().st_size for s in inventory.shards)
+        largest = max(inventory.tensors.values(), key=lambda t: t.nbytes)
+
+        os.sync()  # the generator's writeback must not slow down what is measured next
+        copy_s = plain_copy(model, scratch / "copy", inventory.shards)
+        shutil.rmtree(scratch / "copy")
+        os.sync()
+        cmd = [sys.executable, __file__, "--child", str(model), str(directions), str(scratch / "out"), str(args.workers)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        manifest = json.loads((scratch / "out" / "abliteration.json").read_text())
+
+        ablate_gbs = shard_bytes / GB / measured["seconds"]
+        copy_gbs = shard_bytes / GB / copy_s
+        limit = 3 * largest.nbytes + 500 * MB
+        print(f"edited: {manifest['counts']} ({sum(t.nbytes for e in manifest['edited'] for t in [inventory.tensors[e['name']]]) / GB:.2f} GB rewritten)")  # noqa: E501
+        print(f"ablation:   {ablate_gbs:.2f} GB/s ({shard_bytes / GB:.2f} GB in {measured['seconds']:.1f} s, "
+              f"workers={args.workers})")  # fmt: skip
+        print(f"plain copy: {copy_gbs:.2f} GB/s ({copy_s:.1f} s)")
+        print(f"ratio ablation / copy: {ablate_gbs / copy_gbs:.2f} (aim >= 0.5)")
+        print(f"largest tensor: {largest.name} {list(largest.shape)} {largest.dtype} = {largest.nbytes / MB:.0f} MiB")
+        print(f"peak RSS: {measured['rss_peak'] / MB:.0f} MiB (after imports {measured['rss_after_import'] / MB:.0f} MiB); "
+              f"aim < 3 x largest + 500 MiB = {limit / MB:.0f} MiB: {'OK' if measured['rss_peak'] < limit else 'ABOVE'}")  # fmt: skip
+    finally:
+        if not args.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
