@@ -145,7 +145,10 @@ def _clip(text: str, width: int) -> str:
 # ---------------------------------------------------------------- one model
 
 
-def encode(tokenizer: Any, prompts: Sequence[str], settings: EvalSettings, label: str) -> list[list[int]]:
+def encode(
+    tokenizer: Any, prompts: Sequence[str], settings: EvalSettings, label: str, context: int | None = None
+) -> list[list[int]]:
+    """Chat-rendered token ids; each prompt plus the reply budget must fit in `context` tokens."""
     from abliterate.chat import render_chat
 
     if not prompts:
@@ -154,7 +157,14 @@ def encode(tokenizer: Any, prompts: Sequence[str], settings: EvalSettings, label
         tokenizer, list(prompts), system_prompt=settings.system_prompt, **dict(settings.chat_template_kwargs)
     )
     # The rendered text already holds the template's special tokens.
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    for index, ids in enumerate(encoded):
+        if context is not None and len(ids) + settings.max_new_tokens > context:
+            raise AbliterateError(
+                f"{label} prompt #{index} is {len(ids)} tokens after chat rendering; with {settings.max_new_tokens} "
+                f"new tokens it exceeds the model's context of {context}: shorten it or lower --max-new-tokens"
+            )
+    return encoded
 
 
 def generate_replies(
@@ -206,8 +216,10 @@ def measure_behaviour(
     from abliterate.selection import first_token_logprobs
 
     settings = settings or EvalSettings()
-    harmful_ids = encode(tokenizer, harmful, settings, "harmful")
-    harmless_ids = encode(tokenizer, harmless, settings, "harmless")
+    context = getattr(model.config, "max_position_embeddings", None)
+    context = context if isinstance(context, int) and 0 < context < 10_000_000 else None
+    harmful_ids = encode(tokenizer, harmful, settings, "harmful", context)
+    harmless_ids = encode(tokenizer, harmless, settings, "harmless", context)
     harmful_replies = generate_replies(model, tokenizer, harmful_ids, settings, "harmful", progress)
     harmless_replies = generate_replies(model, tokenizer, harmless_ids, settings, "harmless", progress)
     logprobs = first_token_logprobs(model, harmless_ids, settings.batch_size, pad_token_id(tokenizer))

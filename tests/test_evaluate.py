@@ -144,6 +144,9 @@ def test_bad_settings_and_prompts(tiny):
             EvalSettings(**kwargs)
     with pytest.raises(AbliterateError, match="harmless test prompt set is empty"):
         evaluate_loaded(model, tokenizer, HARMFUL, [], settings=FAST, progress=False)
+    # The tiny model has 64 positions.
+    with pytest.raises(AbliterateError, match="harmful prompt #0 is .* exceeds the model's context of 64"):
+        evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, settings=EvalSettings(max_new_tokens=60), progress=False)
 
 
 def test_cli(tiny_dirs, tmp_path, capsys):
