@@ -43,6 +43,7 @@ def configure(quiet: bool = True) -> None:
     if quiet:
         defaults["PREFECT_LOGGING_LEVEL"] = "WARNING"
         defaults["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+        defaults["DASK_LOGGING__DISTRIBUTED"] = "error"
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     (project_dir() / "mlruns").mkdir(parents=True, exist_ok=True)

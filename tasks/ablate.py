@@ -1,28 +1,46 @@
 """Per-shard ablation as a mapped, cached Prefect task.
 
-One task run per shard; the flow's task runner bounds how many run at once. The cache key is
-the engine's own shard key (plan, directions content, input shard identity, engine version)
-plus the output path, so a rerun with the same settings shows every shard as cached, and a
-killed run resumes: finished shards are cached (and the engine skips them too), the rest run.
+One task run per shard; the task runner of the `ablate` flow bounds how many run at once
+(threads by default, Dask workers when asked). A task receives paths and the plan, never
+tensors: each worker process reads the inventory (headers) and the directions file once and
+keeps them (`_inputs` is cached per process), so the directions and plan are shipped once.
+
+The cache key is the engine's own shard key (plan, directions content, input shard identity,
+engine version) plus the output path: a rerun with the same settings shows every shard as
+cached, and a killed run resumes (finished shards are cached and the engine skips them too).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prefect import task
 
-from abliterate.ablate import AblationInputs, Match, ShardResult, ablate_shard, shard_key
+from abliterate.ablate import AblationInputs, ShardResult, ablate_shard, load_inputs, shard_key
+from abliterate.checkpoint import file_sha256, fingerprint
 from abliterate.plan import AblationPlan
 from tasks.caching import make_key
 
 
+@lru_cache(maxsize=4)
+def _cached_inputs(model_dir: str, directions_path: str, force: bool, _identity: tuple) -> AblationInputs:
+    return load_inputs(model_dir, directions_path, force)
+
+
+def _inputs(model_dir: str, directions_path: str, force: bool) -> AblationInputs:
+    # keyed by content too, so a process never reuses inputs of a rewritten checkpoint or file
+    identity = (fingerprint(model_dir), file_sha256(directions_path))
+    return _cached_inputs(model_dir, directions_path, force, identity)
+
+
 def _shard_key(_context, p) -> str:
-    inputs: AblationInputs = p["inputs"]
+    inputs = _inputs(p["model_dir"], p["directions_path"], p["force"])
     key = shard_key(p["plan"], inputs.directions, inputs.inventory, p["shard"])
     return make_key("ablate", key, p["out_dir"])
 
 
 @task(name="ablate-shard", cache_key_fn=_shard_key, persist_result=True, task_run_name="ablate-{shard}")
 def ablate_shard_task(
-    shard: str, plan: AblationPlan, inputs: AblationInputs, out_dir: str, matches: list[Match]
+    shard: str, model_dir: str, directions_path: str, plan: AblationPlan, out_dir: str, force: bool = False
 ) -> ShardResult:
-    return ablate_shard(plan, inputs, shard, out_dir, matches)
+    return ablate_shard(plan, _inputs(model_dir, directions_path, force), shard, out_dir)

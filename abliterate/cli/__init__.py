@@ -14,7 +14,7 @@ import sys
 from abliterate.errors import AbliterateError
 
 # Order is the order shown in --help.
-COMMANDS = ["inventory", "measure", "validate", "evaluate"]
+COMMANDS = ["inventory", "measure", "ablate", "validate", "evaluate", "run", "sweep"]  # run.py also adds `demo`
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,64 @@
+"""`abliterate sweep MODEL --variants FILE --out DIR`: several ablation variants, one measurement."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from abliterate.cli.run import add_flow_options, flow_parameters
+from abliterate.errors import AbliterateError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "sweep",
+        help="ablate several variants (layers, scales, methods) against one cached measurement",
+        description=(
+            "Run the Prefect flow `abliterate-sweep`: measure MODEL once (cached), then ablate, validate and "
+            "evaluate each variant of FILE into OUT/<name>, each a nested MLflow run under one parent run. "
+            "Prints each variant's refusal rate and harmless KL, and which variants lie on the "
+            "refusal-vs-KL front (no other variant is better on both)."
+        ),
+        epilog="FILE (YAML or JSON): a list of mappings, e.g.\n"
+        "  - {name: late, layers: 20-40}\n  - {name: soft, layers: all, scale: 0.5}\n"
+        "  - {name: np, layers: all, method: norm_preserving}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory")
+    parser.add_argument("--variants", required=True, metavar="FILE", help="YAML or JSON list of variants")
+    parser.add_argument("--out", required=True, help="parent directory of the variants' outputs")
+    parser.add_argument("--prompt-set", choices=["general", "demo"], default="general",
+                        help="the project's prompt sets used when no file is given")  # fmt: skip
+    add_flow_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.variants)
+    if not path.is_file():
+        raise AbliterateError(f"variants file {path} not found")
+    try:
+        variants = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise AbliterateError(f"{path} is not valid YAML/JSON: {exc}") from exc
+    from flows.runtime import configure
+
+    configure()
+    from flows.sweep import sweep_flow
+
+    params = flow_parameters(args, args.prompt_set)
+    params.pop("evaluate")
+    result = sweep_flow(
+        model=args.model, out=args.out, variants=variants if isinstance(variants, list) else [variants], **params
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(f"{'variant':<20} {'refusal':>8} {'KL':>8}  front")
+    for p in result["variants"]:
+        print(f"{p['name']:<20} {p['refusal_rate']:>8.3f} {p['kl']:>8.4f}  {'*' if p['on_front'] else ''}")
+    print(f"parent MLflow run {result['mlflow_run_id']}")
+    return 0

@@ -1,0 +1,55 @@
+"""Serve the flows as Prefect deployments from this process (no work pool needed).
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python deployments/serve.py
+
+registers `abliterate/demo` and `abliterate-sweep/demo-sweep` with default parameters (the demo
+model; point `model` at your checkpoint when you trigger a run) and an example weekly schedule,
+created paused so nothing runs until you switch it on in the UI. Runs execute in subprocesses
+of this one, in the repository root, and log to the MLflow store that MLFLOW_TRACKING_URI names
+(default: ./mlruns/mlflow.db of the repository).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+os.environ.setdefault("ABLITERATE_HOME", str(ROOT))
+
+from flows.runtime import configure  # noqa: E402
+
+configure(quiet=False)
+
+from prefect import serve  # noqa: E402
+from prefect.schedules import Cron  # noqa: E402
+
+from abliterate.demo import DEMO_MODEL_DIR  # noqa: E402
+from flows.abliterate import abliterate_flow  # noqa: E402
+from flows.sweep import EXAMPLE_VARIANTS, sweep_flow  # noqa: E402
+
+WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC: e.g. re-run after a new prompt set lands
+
+
+def deployments() -> list:
+    demo_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "demo"),
+                   "prompt_set": "demo", "overwrite": True}  # fmt: skip
+    sweep_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "sweep"),
+                    "prompt_set": "demo", "variants": EXAMPLE_VARIANTS, "overwrite": True}  # fmt: skip
+    return [
+        abliterate_flow.to_deployment(
+            name="demo", parameters=demo_params, tags=["abliterate"],
+            schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
+        ),
+        sweep_flow.to_deployment(
+            name="demo-sweep", parameters=sweep_params, tags=["abliterate", "sweep"],
+            schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
+        ),
+    ]  # fmt: skip
+
+
+if __name__ == "__main__":
+    serve(*deployments(), pause_on_shutdown=False)

@@ -1,0 +1,108 @@
+"""The product end to end: the real `abliterate` flow on the demo model, MLflow runs, caching, sweep."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from abliterate.demo import DEMO_MODEL_DIR
+from abliterate.direction_file import load_directions
+
+pytestmark = pytest.mark.slow
+TASKS = ("weight-inventory", "structure-detection", "activation-measurement", "direction-computation",
+         "ablate", "output-validation", "baseline-behaviour", "behavioural-evaluation")  # fmt: skip
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task name -> state names of one flow run's task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        name = next((t for t in TASKS if run.name.startswith(t)), run.name)
+        states.setdefault(name, []).append(run.state.name)
+    return states
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_env, tmp_path_factory):
+    from flows.abliterate import abliterate_flow
+
+    out = tmp_path_factory.mktemp("flow") / "demo-abliterated"
+    state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), prompt_set="demo", return_state=True)
+    return state, out
+
+
+def test_demo_flow_removes_refusals_and_tracks_everything(first_run):
+    from flows.runtime import tracking_uri
+
+    state, out = first_run
+    summary = state.result()
+    ev = summary["evaluation"]
+    assert ev["baseline_refusal_rate_harmful"] >= 0.95
+    assert ev["refusal_rate_harmful"] < 0.10
+    assert ev["kl_harmless"] < 0.05
+    assert summary["validation_ok"]
+    assert (out / "abliteration.json").is_file()
+
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert run.data.tags["output_path"] == str(out)
+    params = run.data.params
+    for key in ("model_fingerprint", "prompts.harmful.sha256", "prompts.harmless.n", "plan.layers", "plan.method",
+                "plan.targets", "plan.mtp", "selected_position", "directions_sha256"):  # fmt: skip
+        assert key in params, key
+    metrics = run.data.metrics
+    for key in ("refusal_rate_harmful", "baseline_refusal_rate_harmful", "kl_harmless", "matched.attn_out",
+                "matched.expert_down", "matched.router", "validation.ok", "duration.measurement",
+                "duration.ablation", "selected_position"):  # fmt: skip
+        assert key in metrics, key
+    # per-position series: step = residual position 0..L
+    num_positions = load_directions(summary_directions(client, run)).num_positions
+    history = client.get_metric_history(run.info.run_id, "direction_norm")
+    assert sorted(m.step for m in history) == list(range(num_positions))
+    assert client.get_metric_history(run.info.run_id, "candidate_kl")
+    artifacts = artifact_paths(client, run.info.run_id)
+    for name in ("directions.safetensors", "plan.yaml", "inventory.json", "structure.json", "validation.json",
+                 "abliteration.json", "evaluation.json", "plots/direction_strength.png", "plots/direction_cosine.png",
+                 "plots/candidate_scores.png"):  # fmt: skip
+        assert name in artifacts, name
+
+
+def summary_directions(client: MlflowClient, run) -> str:
+    """The directions file the run logged, downloaded."""
+    return client.download_artifacts(run.info.run_id, "directions.safetensors")
+
+
+def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
+    from flows.abliterate import abliterate_flow
+
+    state, _ = first_run
+    other = abliterate_flow(
+        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), prompt_set="demo", layers="2-4", evaluate=False,
+        return_state=True,
+    )  # fmt: skip
+    states = task_states(other.state_details.flow_run_id)
+    for name in ("weight-inventory", "structure-detection", "activation-measurement", "direction-computation"):
+        assert states[name] == ["Cached"], (name, states)
+    assert all(s == "Completed" for s in states["ablate"]), states
+    assert other.result()["plan"]["layers"][:3] == [2, 3, 4]
+
+    again = abliterate_flow(
+        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), prompt_set="demo", layers="2-4", evaluate=False,
+        return_state=True,
+    )  # fmt: skip
+    states = task_states(again.state_details.flow_run_id)
+    assert all(s == ["Cached"] or set(s) == {"Cached"} for s in states.values()), states
