@@ -1,0 +1,507 @@
+"""Layer-streamed activation measurement, for models larger than memory.
+
+All prompts go through the model one decoder layer at a time. Only one layer's weights are in
+memory at once: they are read from the shards (exact byte ranges from the inventory, in chunks,
+never memory-mapped), converted to the layout transformers' layer module holds in memory
+(per-expert tensors on disk are written into the fused expert tensors, following transformers'
+own conversion mapping), run on the stored hidden states of every prompt, and dropped again.
+Every weight byte of the main decoder is read once; the MTP layer and the LM head never.
+
+The computation is transformers' own: the model is built on the meta device, its decoder's
+forward pass runs once per batch with recording stand-ins for the layers (so the embedding,
+causal mask and rotary embeddings are exactly what the model computes), then each real layer
+module is called with the arguments the model would pass it. Batches and the float64
+accumulation are the ones of the in-memory measurement (abliterate.measure), so both give the
+same `Measurement` to float rounding.
+
+Memory: the largest of {one decoder layer, the input embedding} in the compute dtype, plus the
+activations: the full hidden states of every prompt, kept between layers because attention needs
+every token: sum over batches of batch_size x padded_length x hidden x bytes per element
+(4 in float32), plus one attention mask and rotary table per batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from abliterate.checkpoint import Inventory, TensorInfo, build_inventory, read_config
+from abliterate.errors import AbliterateError
+from abliterate.measure import (
+    DTYPES,
+    Batch,
+    Measurement,
+    MeasureSettings,
+    ResidualAccumulator,
+    SetStats,
+    context_length,
+    describe_position,
+    encode_prompts,
+    length_sorted_batches,
+    load_tokenizer,
+    measure_checkpoint,
+    pad_token_id,
+)
+from abliterate.prompts import prompts_sha256
+
+STREAMING_MODES = ("auto", "always", "never")
+DISK_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+READ_CHUNK_BYTES = 64 << 20  # bounds the transient copy of a large (fused) tensor
+_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+# ---------------------------------------------------------------- memory: when to stream
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes of the main model's weights in the compute dtype (MTP layers excluded)."""
+
+    total: int
+    largest_layer: int
+    embedding: int
+
+    @property
+    def streamed_peak(self) -> int:
+        """Weights held at once by the streamed measurement (activations come on top)."""
+        return max(self.largest_layer, self.embedding)
+
+
+def weight_bytes(model_dir: str | Path, dtype: str = "float32", inventory: Inventory | None = None) -> WeightBytes:
+    """Weight bytes from the safetensors headers alone, at `dtype`'s element size."""
+    inventory = inventory or build_inventory(model_dir)
+    num_layers = int(read_config(model_dir).get("num_hidden_layers", 0)) or None
+    size = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    total, per_layer, embedding = 0, {}, 0
+    for t in inventory.tensors.values():
+        nbytes = _numel(t.shape) * size
+        layer = _layer_of(t.name)
+        if layer is not None and num_layers is not None and layer >= num_layers:
+            continue  # MTP layers: transformers drops them, and so do we
+        total += nbytes
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + nbytes
+        elif t.name.endswith("embed_tokens.weight"):
+            embedding += nbytes
+    return WeightBytes(total, max(per_layer.values(), default=0), embedding)
+
+
+def available_memory_bytes(device: str = "cpu") -> int:
+    """Free memory where the model would be loaded: host RAM (MemAvailable) or the GPU's free memory."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def choose_streaming(
+    model_dir: str | Path, budget_bytes: int | None = None, dtype: str = "float32", device: str = "cpu"
+) -> bool:
+    """True when the model's weights in `dtype` exceed the budget (default: the free memory now)."""
+    budget = available_memory_bytes(device) if budget_bytes is None else budget_bytes
+    return weight_bytes(model_dir, dtype).total > budget
+
+
+def measure_auto(
+    model_dir: str | Path,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    settings: MeasureSettings,
+    memory_budget: int | None = None,
+    streaming: str = "auto",
+    device: str = "cpu",
+    progress: bool = True,
+) -> Measurement:
+    """Measure in memory, or layer-streamed when the model does not fit `memory_budget` bytes.
+
+    streaming: "auto" (compare the weights in the compute dtype with the budget, default: the
+    free memory now), "always" or "never". Both ways give the same `Measurement`.
+    """
+    if streaming not in STREAMING_MODES:
+        raise AbliterateError(f"streaming mode {streaming!r} is unknown: choose one of {', '.join(STREAMING_MODES)}")
+    stream = streaming == "always" or (
+        streaming == "auto" and choose_streaming(model_dir, memory_budget, settings.dtype, device)
+    )
+    if stream:
+        return measure_streamed(model_dir, harmful, harmless, settings, device, progress)
+    return measure_checkpoint(model_dir, harmful, harmless, settings, device, progress)
+
+
+# ---------------------------------------------------------------- the streamed measurement
+
+
+@dataclass
+class _PromptBatch:
+    label: str  # harmful | harmless
+    batch: Batch
+    hidden: torch.Tensor  # [B, T, H] input of the next layer, compute dtype
+    layer_args: list[tuple[tuple, dict]]  # what the model passes each decoder layer, besides the hidden states
+
+
+def measure_streamed(
+    model_dir: str | Path,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    settings: MeasureSettings,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Measurement:
+    """Mean residuals at every position for both prompt sets, one decoder layer in memory at a time."""
+    model_dir = Path(model_dir)
+    inventory = build_inventory(model_dir)
+    model = _skeleton(model_dir, settings.dtype)
+    tokenizer = load_tokenizer(model_dir)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = _decoder_layers(decoder, model.config)
+    num_layers, hidden_size = len(layers), int(model.config.hidden_size)
+    loader = _WeightLoader(model, inventory, device)
+
+    sets = {"harmful": harmful, "harmless": harmless}
+    max_context = context_length(model, tokenizer, settings)
+    encoded = {label: encode_prompts(tokenizer, prompts, settings, max_context, label) for label, prompts in sets.items()}
+    accumulators = {label: [ResidualAccumulator(1, hidden_size) for _ in range(num_layers + 1)] for label in sets}
+
+    batches = _embed_all(model, decoder, loader, encoded, settings.batch_size, pad_token_id(tokenizer), device)
+    bar = tqdm(total=num_layers, desc="measure (layer-streamed)", unit="layer", disable=not progress)
+    for index, layer in enumerate(layers):
+        loader.load_layer(index, layer)
+        with torch.inference_mode():
+            for item in batches:
+                _accumulate(accumulators[item.label][index], item, index, settings.position, num_layers)
+                args, kwargs = item.layer_args[index]
+                output = layer(item.hidden, *args, **kwargs)
+                item.hidden = output[0] if isinstance(output, tuple) else output
+        loader.release(layer)
+        bar.update(1)
+    bar.close()
+    for item in batches:
+        _accumulate(accumulators[item.label][num_layers], item, num_layers, settings.position, num_layers)
+
+    def stats(label: str) -> SetStats:
+        accs = accumulators[label]
+        tokens = sum(int(item.batch.attention_mask.sum()) for item in batches if item.label == label)
+        return SetStats(
+            mean=torch.cat([a.mean for a in accs]),
+            variance=torch.cat([a.variance() for a in accs]),
+            count=accs[0].count,
+            tokens=tokens,
+            sha256=prompts_sha256(list(sets[label])),
+        )
+
+    return Measurement(
+        harmful=stats("harmful"),
+        harmless=stats("harmless"),
+        settings=settings,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+    )
+
+
+def _accumulate(acc: ResidualAccumulator, item: _PromptBatch, position: int, token: int, num_layers: int) -> None:
+    """Add the residual at `token` of every prompt of the batch at one residual position."""
+    residual = item.hidden[:, token, :].detach().float().cpu()
+    finite = torch.isfinite(residual).all(dim=-1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0])
+        raise AbliterateError(
+            f"NaN or Inf activations at {describe_position(position, num_layers)} for {item.label} prompt "
+            f"#{item.batch.indices[row]}: the weights of that layer (or the dtype) are broken; try dtype float32"
+        )
+    acc.add(residual.unsqueeze(0))
+
+
+# ---------------------------------------------------------------- the model without its weights
+
+
+def _skeleton(model_dir: Path, dtype: str) -> Any:
+    """The model with every parameter on the meta device and real buffers (rotary tables)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise AbliterateError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise AbliterateError(f"cannot build the model of {model_dir} from its config.json: {exc}") from exc
+    return model.eval()
+
+
+def _decoder_layers(decoder: Any, config: Any) -> list[torch.nn.Module]:
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise AbliterateError(
+            f"cannot find the decoder layers of {type(decoder).__name__} (expected `layers`): "
+            "this architecture is not supported for layer-streamed measurement"
+        )
+    return list(layers)[: getattr(config, "num_hidden_layers", len(layers))]
+
+
+class _StopForward(Exception):
+    """Raised by the last recording stand-in: nothing after the decoder layers is needed."""
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder layer: records the arguments the model passes it."""
+
+    def __init__(self, sink: list[tuple[tuple, dict]], last: bool):
+        super().__init__()
+        self.sink, self.last = sink, last
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.sink:
+            self.hidden = hidden_states  # the first layer's input: residual position 0
+        self.sink.append((args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _embed_all(
+    model: Any,
+    decoder: Any,
+    loader: _WeightLoader,
+    encoded: dict[str, list[list[int]]],
+    batch_size: int,
+    pad_id: int,
+    device: str,
+) -> list[_PromptBatch]:
+    """Run the model's own forward pass up to the first decoder layer for every batch.
+
+    The decoder layers are swapped for recorders, so the model computes the embeddings, the
+    causal mask and the rotary tables as it always does; the input embedding is in memory only
+    for this pass.
+    """
+    embedding = model.get_input_embeddings()
+    loader.load_module(embedding)
+    real_layers = decoder.layers
+    out: list[_PromptBatch] = []
+    try:
+        for label, ids in encoded.items():
+            for batch in length_sorted_batches(ids, batch_size, pad_id):
+                sink: list[tuple[tuple, dict]] = []
+                stand_ins = [_Recorder(sink, i == len(real_layers) - 1) for i in range(len(real_layers))]
+                decoder.layers = torch.nn.ModuleList(stand_ins)
+                try:
+                    with torch.inference_mode():
+                        decoder(
+                            input_ids=batch.input_ids.to(device),
+                            attention_mask=batch.attention_mask.to(device),
+                            position_ids=batch.position_ids.to(device),
+                            use_cache=False,
+                        )
+                except _StopForward:
+                    pass
+                finally:
+                    decoder.layers = real_layers
+                if stand_ins[0].hidden is None or len(sink) != len(real_layers):
+                    raise AbliterateError(
+                        f"the forward pass of {type(decoder).__name__} reached {len(sink)} of its "
+                        f"{len(real_layers)} decoder layers: this architecture is not supported for "
+                        "layer-streamed measurement"
+                    )
+                out.append(_PromptBatch(label, batch, stand_ins[0].hidden, sink))
+    finally:
+        loader.release(embedding)
+    return out
+
+
+# ---------------------------------------------------------------- reading one layer's weights
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One checkpoint tensor and where it lands in a module's state dict."""
+
+    info: TensorInfo
+    target: str  # state-dict key relative to the module
+    expert: int | None = None  # index along the fused tensor's first axis (per-expert keys)
+    concat_offset: int = 0  # offset along the concatenated axis (gate then up in gate_up_proj)
+    concat_dim: int | None = None  # that axis in the per-expert tensor
+
+
+class _WeightLoader:
+    """Finds, converts and reads the weights of one module (a decoder layer, the embedding)."""
+
+    def __init__(self, model: Any, inventory: Inventory, device: str):
+        self.model_dir = inventory.model_dir
+        self.tensors = inventory.tensors
+        self.device = torch.device(device)
+        self.names = {id(module): name for name, module in model.named_modules()}
+        self.renamings, self.converters, self.concatenating = _conversions(model)
+
+    def load_module(self, module: torch.nn.Module) -> None:
+        """Materialise the module's parameters on the device and fill them from the shards."""
+        prefix = self.names[id(module)] + "."
+        for name, param in list(module.named_parameters()):
+            _set_parameter(module, name, torch.empty(param.shape, dtype=param.dtype, device=self.device))
+        module.to(self.device)  # buffers
+        targets = module.state_dict()
+        pieces = self._pieces(prefix, targets)
+        by_shard: dict[str, list[_Piece]] = {}
+        for piece in pieces:
+            by_shard.setdefault(piece.info.shard, []).append(piece)
+        for shard, shard_pieces in sorted(by_shard.items()):
+            with open(self.model_dir / shard, "rb") as handle:
+                for piece in sorted(shard_pieces, key=lambda p: p.info.start):
+                    _read_into(handle, piece.info, _destination(targets[piece.target], piece))
+
+    def load_layer(self, index: int, layer: torch.nn.Module) -> None:
+        try:
+            self.load_module(layer)
+        except AbliterateError as exc:
+            raise AbliterateError(f"decoder layer {index}: {exc}") from exc
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Send the parameters back to the meta device, so their memory is freed."""
+        for name, param in list(module.named_parameters()):
+            _set_parameter(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+        gc.collect()
+
+    def _pieces(self, prefix: str, targets: dict[str, torch.Tensor]) -> list[_Piece]:
+        """Map every checkpoint tensor under `prefix` to its place; check that all targets are covered."""
+        from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+        names = [n for n in self.tensors if n.startswith(prefix)]
+        if not names:
+            raise AbliterateError(
+                f"the checkpoint in {self.model_dir} holds no tensor named {prefix}*: its names do not match "
+                "the model class transformers builds from config.json"
+            )
+        direct: list[_Piece] = []
+        grouped: dict[tuple[str, str], list[str]] = {}  # (target, source pattern) -> per-expert keys
+        for name in names:
+            renamed, pattern = rename_source_key(name, self.renamings, list(dict.fromkeys(self.converters.values())))
+            target = renamed.removeprefix(prefix)
+            if not renamed.startswith(prefix) or target not in targets:
+                raise AbliterateError(
+                    f"checkpoint tensor {name!r} (in {self.tensors[name].shard}) has no place in the model "
+                    f"transformers builds (looked for {renamed!r}): unsupported checkpoint layout"
+                )
+            if pattern is None:
+                direct.append(_Piece(self.tensors[name], target))
+            else:
+                grouped.setdefault((target, pattern), []).append(name)
+
+        pieces = list(direct)
+        covered = {p.target: _numel(p.info.shape) for p in direct}
+        for (target, pattern), keys in grouped.items():
+            sources = self.converters[pattern].source_patterns
+            dim = 0
+            offset = sum(
+                self.tensors[grouped[(target, s)][0]].shape[dim]
+                for s in sources[: sources.index(pattern)]
+                if (target, s) in grouped
+            )
+            # transformers stacks per-expert keys in natural order of their names
+            for expert, name in enumerate(sorted(keys, key=dot_natural_key)):
+                info = self.tensors[name]
+                concat_dim = dim if pattern in self.concatenating else None
+                pieces.append(_Piece(info, target, expert, offset, concat_dim))
+                covered[target] = covered.get(target, 0) + _numel(info.shape)
+        for target, tensor in targets.items():
+            if covered.get(target, 0) != tensor.numel():
+                raise AbliterateError(
+                    f"the checkpoint fills {covered.get(target, 0)} of the {tensor.numel()} values of "
+                    f"{prefix}{target} {tuple(tensor.shape)}: tensors are missing or have other shapes"
+                )
+        return pieces
+
+
+def _conversions(model: Any) -> tuple[list, dict[str, Any], set[str]]:
+    """transformers' own key renamings and fusing converters for this model class.
+
+    Only the converters that stack per-expert tensors (MergeModulelist on axis 0, then optionally
+    Concatenate) are understood; a checkpoint that needs another one raises on its first key.
+    """
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+
+    renamings, converters, concatenating = [], {}, set()
+    for transform in extract_weight_conversions_for_model(model) or []:
+        if isinstance(transform, WeightRenaming):
+            renamings.append(transform)
+        elif isinstance(transform, WeightConverter):
+            ops = transform.operations
+            stacks = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+            concat_ok = len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)
+            if not (stacks and concat_ok):
+                continue
+            for pattern in transform.source_patterns:
+                converters[pattern] = transform
+                if len(ops) == 2:
+                    concatenating.add(pattern)
+    return renamings, converters, concatenating
+
+
+def _destination(target: torch.Tensor, piece: _Piece) -> torch.Tensor:
+    """The view of `target` that the checkpoint tensor of `piece` fills."""
+    if piece.expert is None:
+        return target
+    view = target[piece.expert]
+    if piece.concat_dim is not None:
+        view = view.narrow(piece.concat_dim, piece.concat_offset, piece.info.shape[piece.concat_dim])
+    return view
+
+
+def _read_into(handle: Any, info: TensorInfo, dest: torch.Tensor) -> None:
+    """Read one tensor's bytes in chunks of rows and copy (casting) them into `dest`."""
+    disk_dtype = DISK_DTYPES.get(info.dtype)
+    if disk_dtype is None:
+        raise AbliterateError(
+            f"tensor {info.name!r} in {info.shard} is stored as {info.dtype}: layer-streamed measurement reads "
+            f"only {', '.join(DISK_DTYPES)} weights (dequantize the checkpoint first)"
+        )
+    if tuple(dest.shape) != info.shape:
+        raise AbliterateError(
+            f"tensor {info.name!r} in {info.shard} has shape {list(info.shape)}, the model expects "
+            f"{list(dest.shape)}: the checkpoint does not match config.json"
+        )
+    if not info.shape:  # a scalar
+        dest.copy_(_read_bytes(handle, info, info.start, info.nbytes).view(disk_dtype).view(()))
+        return
+    rows = info.shape[0]
+    row_bytes = info.nbytes // max(rows, 1)
+    step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+    for first in range(0, rows, step):
+        count = min(step, rows - first)
+        chunk = _read_bytes(handle, info, info.start + first * row_bytes, count * row_bytes)
+        dest[first : first + count].copy_(chunk.view(disk_dtype).view(count, *info.shape[1:]))
+
+
+def _read_bytes(handle: Any, info: TensorInfo, start: int, size: int) -> torch.Tensor:
+    buffer = torch.empty(size, dtype=torch.uint8)
+    handle.seek(start)
+    if size and handle.readinto(memoryview(buffer.numpy())) != size:
+        raise AbliterateError(f"{info.shard} ends inside tensor {info.name!r}: the shard is truncated")
+    return buffer
+
+
+def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    setattr(owner, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _layer_of(name: str) -> int | None:
+    match = _LAYER_KEY.search("." + name)
+    return int(match.group(1)) if match else None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
