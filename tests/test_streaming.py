@@ -1,0 +1,168 @@
+"""Layer-streamed measurement equals the in-memory one, on every on-disk expert layout."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model
+
+from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.demo.train import build_tokenizer
+from abliterate.errors import AbliterateError
+from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
+from abliterate.prompts import load_prompts
+from abliterate.streaming import choose_streaming, measure_auto, measure_streamed, weight_bytes
+from abliterate.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
+
+DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
+SETTINGS = MeasureSettings(batch_size=3, system_prompt="Be concise.")
+
+
+def glm_layout(fused: bool, vocab_size: int) -> GlmLayout:
+    """GLM-4.5-Air's names and structure (dense layer 0, routers with bias, shared expert, MTP layer)."""
+    return GlmLayout(
+        num_layers=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        num_nextn_predict_layers=1,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=vocab_size,
+        fused_experts=fused,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A transformers-saved tiny GLM-4.5-MoE model: per-expert keys on disk (the default)."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("stream") / "per-expert")
+
+
+@pytest.fixture(scope="module")
+def tiny_fused(tiny, tmp_path_factory):
+    """The same model saved by transformers with fused expert tensors (save_original_format=False)."""
+    out = tmp_path_factory.mktemp("stream") / "fused"
+    model, tokenizer = load_model(tiny)
+    model.save_pretrained(out, save_original_format=False)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per-expert", "fused"])
+def glm_air(request, tmp_path_factory):
+    """GLM-4.5-Air's exact tensor names at small widths, sharded, with a chat tokenizer."""
+    tokenizer = build_tokenizer([WORDS])
+    out = write_glm_layout(
+        tmp_path_factory.mktemp("stream") / "glm-air", glm_layout(request.param, len(tokenizer)), num_shards=3
+    )
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def max_relative_error(a: Measurement, b: Measurement) -> float:
+    worst = 0.0
+    for label in ("harmful", "harmless"):
+        x, y = getattr(a, label).mean, getattr(b, label).mean
+        worst = max(worst, float(((x - y).norm(dim=-1) / x.norm(dim=-1)).max()))
+    return worst
+
+
+def assert_same_measurement(streamed: Measurement, in_memory: Measurement) -> None:
+    assert max_relative_error(streamed, in_memory) < 1e-5
+    assert (streamed.num_layers, streamed.hidden_size, streamed.settings) == (
+        in_memory.num_layers,
+        in_memory.hidden_size,
+        in_memory.settings,
+    )
+    for label in ("harmful", "harmless"):
+        s, m = getattr(streamed, label), getattr(in_memory, label)
+        assert (s.count, s.tokens, s.sha256) == (m.count, m.tokens, m.sha256)
+        assert s.mean.dtype == torch.float64 and s.mean.shape == m.mean.shape
+        torch.testing.assert_close(s.variance, m.variance, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_equals_in_memory_per_expert_keys(tiny, dtype):
+    settings = MeasureSettings(batch_size=3, system_prompt="Be concise.", dtype=dtype)
+    streamed = measure_streamed(tiny, HARMFUL, HARMLESS, settings, progress=False)
+    in_memory = measure_checkpoint(tiny, HARMFUL, HARMLESS, settings, progress=False)
+    assert_same_measurement(streamed, in_memory)
+
+
+def test_streamed_equals_in_memory_fused_keys(tiny, tiny_fused):
+    streamed = measure_streamed(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False)
+    assert_same_measurement(streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False))
+    # both on-disk layouts hold the same model
+    assert_same_measurement(streamed, measure_streamed(tiny, HARMFUL, HARMLESS, SETTINGS, progress=False))
+
+
+def test_streamed_equals_in_memory_on_glm_air_layout(glm_air):
+    """Dense layer 0, MoE layers with fp32 routers and correction bias, q/k/v biases, 3 shards;
+    the MTP layer (index num_hidden_layers) is ignored as transformers ignores it."""
+    settings = MeasureSettings(batch_size=2, position=-2)
+    streamed = measure_streamed(glm_air, HARMFUL, HARMLESS, settings, progress=False)
+    assert_same_measurement(streamed, measure_checkpoint(glm_air, HARMFUL, HARMLESS, settings, progress=False))
+    assert streamed.num_layers == 4 and streamed.harmful.mean.shape == (5, 16)
+
+
+@pytest.mark.skipif(not DEMO_READY, reason="the demo model is not built yet")
+def test_streamed_equals_in_memory_on_demo_model():
+    harmful = load_prompts(prompt_file("demo", "harmful", "train"))[:24]
+    harmless = load_prompts(prompt_file("demo", "harmless", "train"))[:24]
+    settings = MeasureSettings(batch_size=8)
+    streamed = measure_streamed(DEMO_MODEL_DIR, harmful, harmless, settings, progress=False)
+    in_memory = measure_checkpoint(DEMO_MODEL_DIR, harmful, harmless, settings, progress=False)
+    assert_same_measurement(streamed, in_memory)
+
+
+def test_weight_bytes_count_the_main_model_without_mtp(glm_air):
+    layout = glm_layout(False, len(build_tokenizer([WORDS])))
+    numel: dict[int | None, int] = {}  # decoder layer (None: outside the layers) -> elements
+    for name, shape, _dtype in glm_tensor_specs(layout):
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if layer is None or layer < layout.num_layers:  # the MTP layer is not part of the main model
+            numel[layer] = numel.get(layer, 0) + torch.Size(shape).numel()
+    got = weight_bytes(glm_air, "float32")
+    assert got.total == 4 * sum(numel.values())
+    assert got.largest_layer == 4 * numel[1] > 4 * numel[0]  # a MoE layer, not the dense layer 0
+    assert got.embedding == 4 * layout.vocab_size * layout.hidden_size
+    assert weight_bytes(glm_air, "bfloat16").total == 2 * sum(numel.values())
+
+
+def test_auto_mode_streams_only_over_budget(tiny):
+    total = weight_bytes(tiny, "float32").total
+    assert choose_streaming(tiny, total - 1)
+    assert not choose_streaming(tiny, total)
+    assert not choose_streaming(tiny, total, dtype="bfloat16") and choose_streaming(tiny, total // 2 - 1, "bfloat16")
+    streamed = measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, memory_budget=total - 1, progress=False)
+    in_memory = measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, memory_budget=total, progress=False)
+    assert_same_measurement(streamed, in_memory)
+    with pytest.raises(AbliterateError, match="streaming mode 'sometimes'"):
+        measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, streaming="sometimes")
+
+
+def test_missing_expert_tensor_names_the_layer(tiny, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AbliterateError, match=r"decoder layer 2: .*model\.layers\.2\.mlp\.experts\.gate_up_proj"):
+        measure_streamed(broken, HARMFUL, HARMLESS, SETTINGS, progress=False)
+
+
+def test_unknown_tensor_in_a_layer_is_an_error(tiny, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny, odd)
+    tensors = load_file(odd / "model.safetensors")
+    tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AbliterateError, match=r"decoder layer 1: .*'model\.layers\.1\.mlp\.extra\.weight'.*no place"):
+        measure_streamed(odd, HARMFUL, HARMLESS, SETTINGS, progress=False)
