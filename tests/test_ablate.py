@@ -83,6 +83,10 @@ def load(folder: Path, name: str, shard: str) -> torch.Tensor:
 def residual(entry: dict, src: Path, out: Path, r: torch.Tensor) -> float:
     """|r^T W'| / |W| for writers (worst expert of a fused tensor), |W' r| / |W| for routers and embeddings."""
     w, w2 = load(src, entry["name"], entry["shard"]), load(out, entry["name"], entry["shard"])
+    return residual_of(entry, w, w2, r)
+
+
+def residual_of(entry: dict, w: torch.Tensor, w2: torch.Tensor, r: torch.Tensor) -> float:
     if entry["side"] != "writer":
         return float((w2 @ r).norm() / w.norm())
     if entry["fused_experts"]:
@@ -143,9 +147,12 @@ def test_plain_edits_leave_residuals_at_rounding_level(default_run):
     plan = default_plan(inputs)
     r = direction_for(plan, inputs.directions, 20)
     worst = {}
-    for e in manifest["edited"][::7] + [e for e in manifest["edited"] if e["role"] in ("router", "mlp_down")]:
-        assert e["direction_position"] == 20 and e["scale"] == 1.0 and e["method"] == "plain"
-        worst[e["role"]] = max(worst.get(e["role"], 0.0), residual(e, src, out, r))
+    for shard in manifest["shards"]:  # every edited tensor, each shard opened once
+        with safe_open(str(src / shard), "pt") as before, safe_open(str(out / shard), "pt") as after:
+            for e in (e for e in manifest["edited"] if e["shard"] == shard):
+                assert e["direction_position"] == 20 and e["scale"] == 1.0 and e["method"] == "plain"
+                w, w2 = before.get_tensor(e["name"]).float(), after.get_tensor(e["name"]).float()
+                worst[e["role"]] = max(worst.get(e["role"], 0.0), residual_of(e, w, w2, r))
     assert set(worst) == set(DEFAULT_COUNTS)
     for role, value in worst.items():
         assert value < (FP32_LEVEL if role == "router" else BF16_LEVEL), role
@@ -234,6 +241,76 @@ def test_embed_target_and_dense_llama(tmp_path):
     embed = next(e for e in manifest["edited"] if e["role"] == "embed")
     assert embed["side"] == "embed" and embed["layer"] is None
     assert residual(embed, src, tmp_path / "out", r) < BF16_LEVEL
+
+
+def test_output_side_biases(tmp_path):
+    hidden, specs = 16, []
+    for i in range(2):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (hidden,), torch.bfloat16),
+                  (p + "self_attn.q_proj.weight", (hidden, hidden), torch.bfloat16),
+                  (p + "self_attn.k_proj.weight", (hidden, hidden), torch.bfloat16),
+                  (p + "self_attn.v_proj.weight", (hidden, hidden), torch.bfloat16),
+                  (p + "self_attn.o_proj.weight", (hidden, hidden), torch.bfloat16),
+                  (p + "self_attn.o_proj.bias", (hidden,), torch.bfloat16),
+                  (p + "post_attention_layernorm.weight", (hidden,), torch.bfloat16),
+                  (p + "mlp.gate_proj.weight", (32, hidden), torch.bfloat16),
+                  (p + "mlp.up_proj.weight", (32, hidden), torch.bfloat16),
+                  (p + "mlp.down_proj.weight", (hidden, 32), torch.bfloat16),
+                  (p + "mlp.down_proj.bias", (hidden,), torch.bfloat16)]  # fmt: skip
+    specs = [("model.embed_tokens.weight", (32, hidden), torch.bfloat16), *specs,
+             ("model.norm.weight", (hidden,), torch.bfloat16), ("lm_head.weight", (32, hidden), torch.bfloat16)]  # fmt: skip
+    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": hidden, "tie_word_embeddings": False}
+    src = write_checkpoint(tmp_path / "biased", specs, config, num_shards=2)
+    directions = write_directions(src, tmp_path / "d.safetensors", selected=1)
+    assert "attn_out_bias" not in run(src, directions, tmp_path / "plain")["counts"]
+    manifest = run(src, directions, tmp_path / "out", biases=True)
+    assert manifest["counts"] == {"attn_out": 2, "attn_out_bias": 2, "mlp_down": 2, "mlp_down_bias": 2}
+    inputs = load_inputs(src, directions)
+    r = direction_for(default_plan(inputs), inputs.directions, 0)
+    for e in manifest["edited"]:
+        if e["role"].endswith("_bias"):
+            b, b2 = load(src, e["name"], e["shard"]), load(tmp_path / "out", e["name"], e["shard"])
+            assert abs(float(r @ b2)) / float(b.norm()) < BF16_LEVEL
+
+
+def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(tmp_path):
+    """The edited checkpoint, loaded in transformers, computes exactly what the original computes when
+    every write into the residual stream (embedding, attention output, MLP/MoE output) has r projected
+    out at run time. Routers are left out: they read the RMS-normed stream, whose per-channel gain
+    brings an r component back, so editing them changes more than the writes."""
+    from tiny_chat_model import HARMFUL, build_tiny_chat_model
+
+    from abliterate.chat import render_chat
+    from abliterate.measure import load_model
+
+    src = build_tiny_chat_model(tmp_path / "tiny")
+    directions = write_directions(src, tmp_path / "d.safetensors", selected=2, means=False, recorded=False)
+    writers = "attn_out,mlp_down,expert_down,shared_expert_down,embed"
+    run(src, directions, tmp_path / "out", targets=writers, direction_position="2")
+    original, tokenizer = load_model(src)
+    ablated, _ = load_model(tmp_path / "out")
+    batch = tokenizer(render_chat(tokenizer, HARMFUL), return_tensors="pt", padding=True, add_special_tokens=False)
+    r = load_inputs(src, directions).directions.vector(2)
+
+    def project(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (project(None, None, output[0]), *output[1:])
+        return output - (output @ r).unsqueeze(-1) * r
+
+    with torch.inference_mode():
+        plain = original(**batch).logits
+        base = original.model
+        modules = [base.embed_tokens] + [m for layer in base.layers for m in (layer.self_attn, layer.mlp)]
+        handles = [m.register_forward_hook(project) for m in modules]
+        try:
+            hooked = original(**batch).logits
+        finally:
+            for h in handles:
+                h.remove()
+        edited = ablated(**batch).logits
+    assert (plain - hooked).abs().max() > 1e-2  # the direction matters
+    torch.testing.assert_close(edited, hooked, rtol=0, atol=1e-5)
 
 
 def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
