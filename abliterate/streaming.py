@@ -74,7 +74,9 @@ class WeightBytes:
         return max(self.largest_layer, self.embedding)
 
 
-def weight_bytes(model_dir: str | Path, dtype: str = "float32", inventory: Inventory | None = None) -> WeightBytes:
+def weight_bytes(
+    model_dir: str | Path, dtype: str = "float32", inventory: Inventory | None = None
+) -> WeightBytes:
     """Weight bytes from the safetensors headers alone, at `dtype`'s element size."""
     inventory = inventory or build_inventory(model_dir)
     num_layers = int(read_config(model_dir).get("num_hidden_layers", 0)) or None
@@ -127,7 +129,9 @@ def measure_auto(
     free memory now), "always" or "never". Both ways give the same `Measurement`.
     """
     if streaming not in STREAMING_MODES:
-        raise AbliterateError(f"streaming mode {streaming!r} is unknown: choose one of {', '.join(STREAMING_MODES)}")
+        raise AbliterateError(
+            f"streaming mode {streaming!r} is unknown: choose one of {', '.join(STREAMING_MODES)}"
+        )
     stream = streaming == "always" or (
         streaming == "auto" and choose_streaming(model_dir, memory_budget, settings.dtype, device)
     )
@@ -144,7 +148,8 @@ class _PromptBatch:
     label: str  # harmful | harmless
     batch: Batch
     hidden: torch.Tensor  # [B, T, H] input of the next layer, compute dtype
-    layer_args: list[tuple[tuple, dict]]  # what the model passes each decoder layer, besides the hidden states
+    # what the model passes each decoder layer besides the hidden states: (args, kwargs) per layer
+    layer_args: list[tuple[tuple, dict]]
 
 
 def measure_streamed(
@@ -167,10 +172,17 @@ def measure_streamed(
 
     sets = {"harmful": harmful, "harmless": harmless}
     max_context = context_length(model, tokenizer, settings)
-    encoded = {label: encode_prompts(tokenizer, prompts, settings, max_context, label) for label, prompts in sets.items()}
-    accumulators = {label: [ResidualAccumulator(1, hidden_size) for _ in range(num_layers + 1)] for label in sets}
+    encoded = {
+        label: encode_prompts(tokenizer, prompts, settings, max_context, label)
+        for label, prompts in sets.items()
+    }
+    accumulators = {
+        label: [ResidualAccumulator(1, hidden_size) for _ in range(num_layers + 1)] for label in sets
+    }
 
-    batches = _embed_all(model, decoder, loader, encoded, settings.batch_size, pad_token_id(tokenizer), device)
+    batches = _embed_all(
+        model, decoder, loader, encoded, settings.batch_size, pad_token_id(tokenizer), device
+    )
     bar = tqdm(total=num_layers, desc="measure (layer-streamed)", unit="layer", disable=not progress)
     for index, layer in enumerate(layers):
         loader.load_layer(index, layer)
@@ -206,7 +218,9 @@ def measure_streamed(
     )
 
 
-def _accumulate(acc: ResidualAccumulator, item: _PromptBatch, position: int, token: int, num_layers: int) -> None:
+def _accumulate(
+    acc: ResidualAccumulator, item: _PromptBatch, position: int, token: int, num_layers: int
+) -> None:
     """Add the residual at `token` of every prompt of the batch at one residual position."""
     residual = item.hidden[:, token, :].detach().float().cpu()
     finite = torch.isfinite(residual).all(dim=-1)
@@ -383,7 +397,9 @@ class _WeightLoader:
         direct: list[_Piece] = []
         grouped: dict[tuple[str, str], list[str]] = {}  # (target, source pattern) -> per-expert keys
         for name in names:
-            renamed, pattern = rename_source_key(name, self.renamings, list(dict.fromkeys(self.converters.values())))
+            renamed, pattern = rename_source_key(
+                name, self.renamings, list(dict.fromkeys(self.converters.values()))
+            )
             target = renamed.removeprefix(prefix)
             if not renamed.startswith(prefix) or target not in targets:
                 raise AbliterateError(
@@ -436,7 +452,9 @@ def _conversions(model: Any) -> tuple[list, dict[str, Any], set[str]]:
         elif isinstance(transform, WeightConverter):
             ops = transform.operations
             stacks = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
-            concat_ok = len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)
+            concat_ok = len(ops) == 1 or (
+                len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1
+            )
             if not (stacks and concat_ok):
                 continue
             for pattern in transform.source_patterns:

@@ -98,7 +98,9 @@ def test_streamed_equals_in_memory_per_expert_keys(tiny, dtype):
 
 def test_streamed_equals_in_memory_fused_keys(tiny, tiny_fused):
     streamed = measure_streamed(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False)
-    assert_same_measurement(streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False))
+    assert_same_measurement(
+        streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False)
+    )
     # both on-disk layouts hold the same model
     assert_same_measurement(streamed, measure_streamed(tiny, HARMFUL, HARMLESS, SETTINGS, progress=False))
 
@@ -108,7 +110,9 @@ def test_streamed_equals_in_memory_on_glm_air_layout(glm_air):
     the MTP layer (index num_hidden_layers) is ignored as transformers ignores it."""
     settings = MeasureSettings(batch_size=2, position=-2)
     streamed = measure_streamed(glm_air, HARMFUL, HARMLESS, settings, progress=False)
-    assert_same_measurement(streamed, measure_checkpoint(glm_air, HARMFUL, HARMLESS, settings, progress=False))
+    assert_same_measurement(
+        streamed, measure_checkpoint(glm_air, HARMFUL, HARMLESS, settings, progress=False)
+    )
     assert streamed.num_layers == 4 and streamed.harmful.mean.shape == (5, 16)
 
 
@@ -140,7 +144,9 @@ def test_auto_mode_streams_only_over_budget(tiny):
     total = weight_bytes(tiny, "float32").total
     assert choose_streaming(tiny, total - 1)
     assert not choose_streaming(tiny, total)
-    assert not choose_streaming(tiny, total, dtype="bfloat16") and choose_streaming(tiny, total // 2 - 1, "bfloat16")
+    assert not choose_streaming(tiny, total, dtype="bfloat16") and choose_streaming(
+        tiny, total // 2 - 1, "bfloat16"
+    )
     streamed = measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, memory_budget=total - 1, progress=False)
     in_memory = measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, memory_budget=total, progress=False)
     assert_same_measurement(streamed, in_memory)
@@ -154,7 +160,9 @@ def test_missing_expert_tensor_names_the_layer(tiny, tmp_path):
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(AbliterateError, match=r"decoder layer 2: .*model\.layers\.2\.mlp\.experts\.gate_up_proj"):
+    with pytest.raises(
+        AbliterateError, match=r"decoder layer 2: .*model\.layers\.2\.mlp\.experts\.gate_up_proj"
+    ):
         measure_streamed(broken, HARMFUL, HARMLESS, SETTINGS, progress=False)
 
 
@@ -164,5 +172,7 @@ def test_unknown_tensor_in_a_layer_is_an_error(tiny, tmp_path):
     tensors = load_file(odd / "model.safetensors")
     tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
     save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(AbliterateError, match=r"decoder layer 1: .*'model\.layers\.1\.mlp\.extra\.weight'.*no place"):
+    with pytest.raises(
+        AbliterateError, match=r"decoder layer 1: .*'model\.layers\.1\.mlp\.extra\.weight'.*no place"
+    ):
         measure_streamed(odd, HARMFUL, HARMLESS, SETTINGS, progress=False)
