@@ -9,8 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model
 
+from abliterate.cli import main
+from abliterate.cli.measure import parse_size
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
+from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
 from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
 from abliterate.prompts import load_prompts
@@ -176,3 +179,38 @@ def test_unknown_tensor_in_a_layer_is_an_error(tiny, tmp_path):
         AbliterateError, match=r"decoder layer 1: .*'model\.layers\.1\.mlp\.extra\.weight'.*no place"
     ):
         measure_streamed(odd, HARMFUL, HARMLESS, SETTINGS, progress=False)
+
+
+def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
+    files = {}
+    for name, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(prompts) + "\n")
+    common = ["measure", str(tiny), "--harmful", str(files["harmful"]), "--harmless", str(files["harmless"])]
+    common += ["--batch-size", "3"]
+    assert main([*common, "--out", str(tmp_path / "memory"), "--select", "none", "--stream", "never"]) == 0
+    assert main([*common, "--out", str(tmp_path / "stream"), "--select", "none", "--stream", "always"]) == 0
+    budget = ["--memory-budget", "1KiB", "--select", "none"]
+    assert main([*common, "--out", str(tmp_path / "auto"), *budget]) == 0
+    reference = load_directions(tmp_path / "memory" / "directions.safetensors")
+    for name in ("stream", "auto"):
+        streamed = load_directions(tmp_path / name / "directions.safetensors")
+        torch.testing.assert_close(streamed.harmful_mean, reference.harmful_mean, rtol=1e-5, atol=0)
+        torch.testing.assert_close(streamed.direction, reference.direction, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "1KiB"]) == 2
+    assert "does not fit the memory budget" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "x"), "--stream", "always"]) == 2
+    assert "--select none" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--select", "none"]) == 2
+    assert "--memory-budget 'lots'" in capsys.readouterr().err
+
+
+def test_memory_budget_sizes():
+    assert parse_size("64GiB") == 64 << 30
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("500mb") == 500_000_000
+    assert parse_size("1024") == 1024
+    assert parse_size(None) is None
+    with pytest.raises(AbliterateError, match="--memory-budget '12 parsecs'"):
+        parse_size("12 parsecs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model dtype (default float32)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--stream",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="layer-streamed measurement: read and run one decoder layer at a time, so memory holds one "
+        "layer's weights plus the activations instead of the whole model (same results). `auto` (default) "
+        "streams when the weights in --dtype exceed --memory-budget. Selection needs the whole model: "
+        "with streaming use --select none",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory the model may take for --stream auto, e.g. 64GiB or 500MB (default: the free memory "
+        "of --device now)",
+    )
     parser.add_argument(
         "--method",
         default="projected",
@@ -156,12 +173,30 @@ def parse_select(text: str) -> int | str | None:
     return value
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_size(text: str | None) -> int | None:
+    """A byte count from `64GiB`, `500MB`, `1.5TB` or plain bytes; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS:
+        raise AbliterateError(
+            f"--memory-budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def run(args: argparse.Namespace) -> int:
     from abliterate.checkpoint import fingerprint
     from abliterate.directions import compute_directions, write_directions
     from abliterate.measure import MeasureSettings, load_model, measure
     from abliterate.prompts import load_prompts, split_prompts
     from abliterate.selection import SelectionSettings, select_direction
+    from abliterate.streaming import choose_streaming, measure_streamed
 
     select = parse_select(args.select)
     settings = MeasureSettings.create(
@@ -171,6 +206,16 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
     )
+    stream = args.stream == "always" or (
+        args.stream == "auto"
+        and choose_streaming(args.model, parse_size(args.memory_budget), args.dtype, args.device)
+    )
+    if stream and select is not None:
+        why = "--stream always" if args.stream == "always" else "the model does not fit the memory budget"
+        raise AbliterateError(
+            f"{why}, so it is measured layer-streamed, but direction selection needs the whole model in "
+            "memory: pass --select none to only measure (or --stream never, given the memory)"
+        )
     harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
     harmful_val = harmless_val = None
     if select is not None:
@@ -184,8 +229,11 @@ def run(args: argparse.Namespace) -> int:
             harmful_val, harmful = split_prompts(harmful, args.val_fraction, args.seed)
             harmless_val, harmless = split_prompts(harmless, args.val_fraction, args.seed)
 
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    measurement = measure(model, tokenizer, harmful, harmless, settings)
+    if stream:
+        measurement = measure_streamed(args.model, harmful, harmless, settings, args.device)
+    else:
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        measurement = measure(model, tokenizer, harmful, harmless, settings)
     directions = compute_directions(measurement, args.method)
     selected, extra = None, {}
     if select is not None:
