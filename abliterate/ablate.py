@@ -99,7 +99,6 @@ class ShardResult:
     shard: str
     key: str
     edited: list[dict[str, Any]]  # Match.to_dict() of every rewritten tensor, in file order
-    edited_sha256: str  # digest of the rewritten bytes
     size: int
     skipped: bool = False  # found complete from an earlier run
     seconds: float = 0.0
@@ -424,7 +423,6 @@ def ablate_shard(
     vectors = {m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer) for m in mine}
     src = inputs.inventory.model_dir / shard
     tmp = out / f".{shard}.tmp-{os.getpid()}-{threading.get_ident()}"
-    digest = hashlib.sha256()
     try:
         with open(src, "rb") as fin, open(tmp, "wb", buffering=0) as fout:
             size = os.fstat(fin.fileno()).st_size
@@ -434,7 +432,7 @@ def ablate_shard(
                 position = 0
                 for m in mine:
                     _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
-                    _edit_tensor(mapped, fout.fileno(), m, vectors[m.tensor.layer], digest)
+                    _edit_tensor(mapped, fout.fileno(), m, vectors[m.tensor.layer])
                     position = m.tensor.end
                 _copy_range(fin.fileno(), fout.fileno(), position, size - position)
             finally:
@@ -447,7 +445,6 @@ def ablate_shard(
         shard=shard,
         key=key,
         edited=[m.to_dict() for m in mine],
-        edited_sha256=digest.hexdigest(),
         size=size,
         seconds=time.perf_counter() - began,
     )
@@ -474,7 +471,7 @@ def _completed(out: Path, shard: str, key: str) -> ShardResult | None:
         entry = manifest["shards"][shard]
         if entry["key"] == key and entry["size"] == stat.st_size:
             edited = [e for e in manifest["edited"] if e["shard"] == shard]
-            return ShardResult(shard, key, edited, entry["edited_sha256"], entry["size"])
+            return ShardResult(shard, key, edited, entry["size"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
@@ -493,7 +490,7 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
         count -= n
 
 
-def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor, digest: Any) -> None:
+def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None:
     """Read, edit in float32, round once, write: chunk by chunk of independent vectors."""
     t = m.tensor
     if t.nbytes == 0:
@@ -512,7 +509,7 @@ def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor, digest:
         shape = (count, *t.shape[1:]) if rows > 1 else t.shape
         work = _read_float32(mapped, offset, count * row_numel, dtype).view(shape)
         edit(work, r, m.scale, axis)
-        _write_rounded(dst, work, dtype, digest)
+        _write_rounded(dst, work, dtype)
 
 
 def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -528,12 +525,11 @@ def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype
     return work
 
 
-def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype, digest: Any) -> None:
+def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype) -> None:
     """Round to `dtype` and write, a piece at a time (rounding is per element: pieces change nothing)."""
     flat = work.view(-1)
     for first in range(0, flat.numel(), PIECE):
         view = memoryview(flat[first : first + PIECE].to(dtype).view(torch.uint8).numpy())
-        digest.update(view)
         written = 0
         while written < len(view):
             written += os.write(dst, view[written:])
@@ -585,8 +581,8 @@ def finalize_output(
         "versions": library_versions(),
         "run_key": prepared.run_key,
         "input": {"path": str(inputs.inventory.model_dir.resolve()), "fingerprint": inputs.inventory.fingerprint},
-        # Headers are copied verbatim, so the layout fingerprint equals the input's; the shards'
-        # edited bytes are identified by their `edited_sha256` below.
+        # Headers are copied verbatim, so the layout fingerprint equals the input's; what the bytes
+        # hold is identified by `run_key` (engine version, plan, directions content, input).
         "output": {"path": str(out), "fingerprint": fingerprint(out)},
         "plan": plan.to_dict(),
         "directions": {
@@ -598,7 +594,7 @@ def finalize_output(
         },
         "edited": edited,
         "counts": dict(sorted(counts.items())),
-        "shards": {r.shard: {"key": r.key, "edited_sha256": r.edited_sha256, "size": r.size} for r in ordered},
+        "shards": {r.shard: {"key": r.key, "size": r.size} for r in ordered},
     }
     previous = inputs.inventory.model_dir / MANIFEST_FILE
     if previous.is_file():
@@ -649,5 +645,8 @@ def ablate_checkpoint(
             results = [one(s) for s in inputs.inventory.shards]
     finally:
         bar.close()
+    skipped = sum(r.skipped for r in results)
+    if skipped:
+        log(f"{skipped} of {len(results)} shards were already complete from an earlier run of this plan")
     return finalize_output(inputs, plan, prepared, results)
 

@@ -8,7 +8,7 @@ and a small vocabulary (the real 151,552-row embeddings alone would take 5 GB), 
 and prints GB/s of both, their ratio, and the child's peak RSS against the largest tensor.
 Aims: ratio >= 0.5; peak RSS < 3 x largest tensor + 500 MB.
 
-    .venv/bin/python benchmarks/bench_ablate.py [--experts 20] [--layers 3] [--fused] [--workers 1]
+    .venv/bin/python benchmarks/bench_ablate.py [--experts 20] [--layers 3] [--fused] [--workers 1] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4, help="shards (default 4)")
     parser.add_argument("--fused", action="store_true", help="fused 3-D expert tensors on disk")
     parser.add_argument("--workers", type=int, default=1, help="shards ablated in parallel (default 1)")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating copy/ablation rounds; medians (default 3)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp, deleted)")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,15 +113,27 @@ def main() -> None:
         shard_bytes = sum((model / s).stat().st_size for s in inventory.shards)
         largest = max(inventory.tensors.values(), key=lambda t: t.nbytes)
 
-        os.sync()  # the generator's writeback must not slow down what is measured next
-        copy_s = plain_copy(model, scratch / "copy", inventory.shards)
-        shutil.rmtree(scratch / "copy")
-        os.sync()
-        cmd = [sys.executable, __file__, "--child", str(model), str(directions), str(scratch / "out"), str(args.workers)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        copies, runs = [], []
+        for _ in range(args.repeat):  # alternate, so both see the same (shared, noisy) machine
+            shutil.rmtree(scratch / "out", ignore_errors=True)
+            os.sync()  # earlier writeback must not slow down what is measured next
+            copies.append(plain_copy(model, scratch / "copy", inventory.shards))
+            shutil.rmtree(scratch / "copy")
+            os.sync()
+            cmd = [sys.executable, __file__, "--child", str(model), str(directions), str(scratch / "out"),
+                   str(args.workers)]  # fmt: skip
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         manifest = json.loads((scratch / "out" / "abliteration.json").read_text())
-
+        copy_s = statistics.median(copies)
+        measured = {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "rss_peak": max(r["rss_peak"] for r in runs),
+            "rss_after_import": max(r["rss_after_import"] for r in runs),
+        }
+        copy_list = ", ".join(f"{c:.1f}" for c in copies)
+        ablate_list = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+        print(f"runs (s): copy {copy_list}; ablation {ablate_list} (medians below)")
         ablate_gbs = shard_bytes / GB / measured["seconds"]
         copy_gbs = shard_bytes / GB / copy_s
         limit = 3 * largest.nbytes + 500 * MB
