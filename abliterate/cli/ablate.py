@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         metavar="FILE",
         help="directions.safetensors from `abliterate measure`, or a hand-written safetensors file holding only "
-        "a float32 `direction` tensor [L+1, H] (one per residual position) or [H] (one for every layer)",
+        "a float32 `direction` tensor [L+1, H] (one per residual position; without metadata, name the position "
+        "with --direction-layer) or [H] (one for every layer)",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
     parser.add_argument(
@@ -92,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--biases", action="store_true", help="also edit output-side biases of targeted writers")
     parser.add_argument("--plan", metavar="YAML", help="read the whole plan from a YAML file (overrides the options above)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and every tensor it matches; write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory (an unfinished or finished output of "
+        "this same run is resumed, not replaced)")
     parser.add_argument(
         "--force", action="store_true", help="accept a directions file measured on a checkpoint with another fingerprint"
     )
