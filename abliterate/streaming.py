@@ -16,8 +16,9 @@ same `Measurement` to float rounding.
 
 Memory: the largest of {one decoder layer, the input embedding} in the compute dtype, plus the
 activations: the full hidden states of every prompt, kept between layers because attention needs
-every token: sum over batches of batch_size x padded_length x hidden x bytes per element
-(4 in float32), plus one attention mask and rotary table per batch.
+every token up to the measured one (attention is causal: later tokens are cut off): sum over
+batches of batch_size x padded_length x hidden x bytes per element (4 in float32), plus one
+attention mask and rotary table per batch.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def measure_auto(
 @dataclass
 class _PromptBatch:
     label: str  # harmful | harmless
-    batch: Batch
+    batch: Batch  # cut after the measured token
+    tokens: int  # prompt tokens of the whole rendered prompts (without padding)
     hidden: torch.Tensor  # [B, T, H] input of the next layer, compute dtype
     # what the model passes each decoder layer besides the hidden states: (args, kwargs) per layer
     layer_args: list[tuple[tuple, dict]]
@@ -181,14 +183,21 @@ def measure_streamed(
     }
 
     batches = _embed_all(
-        model, decoder, loader, encoded, settings.batch_size, pad_token_id(tokenizer), device
+        model,
+        decoder,
+        loader,
+        encoded,
+        settings.batch_size,
+        settings.position,
+        pad_token_id(tokenizer),
+        device,
     )
     bar = tqdm(total=num_layers, desc="measure (layer-streamed)", unit="layer", disable=not progress)
     for index, layer in enumerate(layers):
         loader.load_layer(index, layer)
         with torch.inference_mode():
             for item in batches:
-                _accumulate(accumulators[item.label][index], item, index, settings.position, num_layers)
+                _accumulate(accumulators[item.label][index], item, index, num_layers)
                 args, kwargs = item.layer_args[index]
                 output = layer(item.hidden, *args, **kwargs)
                 item.hidden = output[0] if isinstance(output, tuple) else output
@@ -196,11 +205,11 @@ def measure_streamed(
         bar.update(1)
     bar.close()
     for item in batches:
-        _accumulate(accumulators[item.label][num_layers], item, num_layers, settings.position, num_layers)
+        _accumulate(accumulators[item.label][num_layers], item, num_layers, num_layers)
 
     def stats(label: str) -> SetStats:
         accs = accumulators[label]
-        tokens = sum(int(item.batch.attention_mask.sum()) for item in batches if item.label == label)
+        tokens = sum(item.tokens for item in batches if item.label == label)
         return SetStats(
             mean=torch.cat([a.mean for a in accs]),
             variance=torch.cat([a.variance() for a in accs]),
@@ -218,11 +227,9 @@ def measure_streamed(
     )
 
 
-def _accumulate(
-    acc: ResidualAccumulator, item: _PromptBatch, position: int, token: int, num_layers: int
-) -> None:
-    """Add the residual at `token` of every prompt of the batch at one residual position."""
-    residual = item.hidden[:, token, :].detach().float().cpu()
+def _accumulate(acc: ResidualAccumulator, item: _PromptBatch, position: int, num_layers: int) -> None:
+    """Add the residual at the measured (now the last) token of every prompt of the batch at one position."""
+    residual = item.hidden[:, -1, :].detach().float().cpu()
     finite = torch.isfinite(residual).all(dim=-1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
@@ -289,6 +296,7 @@ def _embed_all(
     loader: _WeightLoader,
     encoded: dict[str, list[list[int]]],
     batch_size: int,
+    position: int,
     pad_id: int,
     device: str,
 ) -> list[_PromptBatch]:
@@ -304,7 +312,11 @@ def _embed_all(
     out: list[_PromptBatch] = []
     try:
         for label, ids in encoded.items():
-            for batch in length_sorted_batches(ids, batch_size, pad_id):
+            for whole in length_sorted_batches(ids, batch_size, pad_id):
+                # Left padding: every prompt's measured token sits at the same index; nothing after it
+                # can change it (causal attention), so it is cut off.
+                cut = whole.input_ids.shape[1] + position + 1
+                batch = Batch(whole.input_ids[:, :cut], whole.attention_mask[:, :cut], whole.indices)
                 sink: list[tuple[tuple, dict]] = []
                 stand_ins = [_Recorder(sink, i == len(real_layers) - 1) for i in range(len(real_layers))]
                 decoder.layers = torch.nn.ModuleList(stand_ins)
@@ -326,7 +338,8 @@ def _embed_all(
                         f"{len(real_layers)} decoder layers: this architecture is not supported for "
                         "layer-streamed measurement"
                     )
-                out.append(_PromptBatch(label, batch, stand_ins[0].hidden, sink))
+                tokens = int(whole.attention_mask.sum())
+                out.append(_PromptBatch(label, batch, tokens, stand_ins[0].hidden, sink))
     finally:
         loader.release(embedding)
     return out

@@ -91,9 +91,11 @@ def assert_same_measurement(streamed: Measurement, in_memory: Measurement) -> No
         torch.testing.assert_close(s.variance, m.variance, rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_streamed_equals_in_memory_per_expert_keys(tiny, dtype):
-    settings = MeasureSettings(batch_size=3, system_prompt="Be concise.", dtype=dtype)
+@pytest.mark.parametrize(("dtype", "position"), [("float32", -1), ("float32", -3), ("bfloat16", -1)])
+def test_streamed_equals_in_memory_per_expert_keys(tiny, dtype, position):
+    """Tokens after the measured one are cut off (causal attention): in float32 that changes only
+    rounding (~3e-8). In bfloat16 a shorter sequence rounds differently (~5e-4), so only -1 there."""
+    settings = MeasureSettings(batch_size=3, system_prompt="Be concise.", dtype=dtype, position=position)
     streamed = measure_streamed(tiny, HARMFUL, HARMLESS, settings, progress=False)
     in_memory = measure_checkpoint(tiny, HARMFUL, HARMLESS, settings, progress=False)
     assert_same_measurement(streamed, in_memory)
