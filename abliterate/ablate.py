@@ -50,7 +50,7 @@ STATE_DIR = ".abliterate"  # done records while a run is incomplete; removed whe
 ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
 CHUNK_BYTES = 64 << 20  # storage bytes edited at once; fixed so results never depend on memory
 PIECE = 1 << 21  # elements widened or rounded at once (elementwise: any size gives the same bytes)
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # edited in float32
 # Files in a model directory that hold weights: never copied (they would carry the direction).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -317,6 +317,8 @@ def prepare_output(
 
     Refuses an output equal to, inside, or containing the input; a non-empty directory unless
     it holds a partial or complete output of this very run (resumed) or `overwrite` is set.
+    `overwrite` empties an earlier abliterate output; in any other directory it deletes nothing
+    (and refuses one holding weight files the checkpoint lacks).
     """
     model_dir = inputs.inventory.model_dir.resolve()
     out = Path(out_dir).resolve()
@@ -327,31 +329,37 @@ def prepare_output(
     if out.exists() and not out.is_dir():
         raise AbliterateError(f"output {out} exists and is not a directory")
     key = run_key(plan, inputs.directions, inputs.inventory)
-    resumed = False
+    shards = set(inputs.inventory.shards)
+    resumed, warnings = False, []
     if out.exists() and any(out.iterdir()):
         previous = _recorded_run_key(out)
+        present = sorted(p.name for p in out.iterdir())
         if previous == key:
             resumed = True
-        elif overwrite:
-            _clear(out)
-        else:
-            what = (
-                "an output of a different plan, directions or input"
-                if previous
-                else f"other files ({', '.join(sorted(p.name for p in out.iterdir())[:3])})"
-            )
+        elif not overwrite:
+            what = "an output of a different plan, directions or input" if previous else f"other files ({', '.join(present[:3])})"
             raise AbliterateError(
                 f"output {out} is not empty: it holds {what}; pass --overwrite to replace its contents, "
                 "or choose an empty directory"
             )
+        elif previous:  # an earlier abliterate output: all of it is ours to replace
+            _clear(out)
+        else:  # someone else's files: overwrite ours, delete nothing
+            stray = [n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in shards]
+            if stray:
+                raise AbliterateError(
+                    f"output {out} holds weight files that are not this checkpoint's ({', '.join(stray[:3])}); "
+                    "--overwrite deletes only earlier abliterate outputs: remove them or choose another directory"
+                )
+            kept = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+            warnings.append(f"--overwrite keeps the files of {out} that the checkpoint does not have ({kept})")
     state = out / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob(".*.tmp-*")) + list(state.glob(".*.tmp-*")):
         stale.unlink()  # temporary files of a killed run
     _write_json_atomic(state / "run.json", {"run_key": key, "plan": plan.to_dict()})
 
-    shards = set(inputs.inventory.shards)
-    copied, warnings = [], []
+    copied = []
     for path in sorted(model_dir.iterdir()):
         if path.name in shards or path.name == MANIFEST_FILE:
             continue  # an input that is itself an ablation output: its manifest is recorded, not copied

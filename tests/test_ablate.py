@@ -415,6 +415,17 @@ def test_other_plan_into_an_existing_output_needs_overwrite(small, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(AbliterateError, match="not empty.*notes.txt"):
         run(src, directions, foreign)
+    # --overwrite into someone else's directory deletes nothing of theirs ...
+    plan = default_plan(load_inputs(src, directions))
+    quiet = {"progress": False, "log": lambda _: None}
+    ablate_checkpoint(src, directions, foreign, plan, overwrite=True, **quiet)
+    assert (foreign / "notes.txt").read_text() == "mine" and (foreign / MANIFEST_FILE).is_file()
+    # ... and refuses one holding weights the checkpoint lacks.
+    strays = tmp_path / "strays"
+    strays.mkdir()
+    (strays / "consolidated.safetensors").write_bytes(b"x")
+    with pytest.raises(AbliterateError, match="weight files that are not this checkpoint's.*consolidated"):
+        ablate_checkpoint(src, directions, strays, plan, overwrite=True, **quiet)
 
 
 def test_output_inside_or_around_the_input_is_refused(small, tmp_path):
