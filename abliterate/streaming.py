@@ -165,7 +165,7 @@ def measure_streamed(
     """Mean residuals at every position for both prompt sets, one decoder layer in memory at a time."""
     model_dir = Path(model_dir)
     inventory = build_inventory(model_dir)
-    model = _skeleton(model_dir, settings.dtype)
+    model = _skeleton(model_dir, settings.dtype, device)
     tokenizer = load_tokenizer(model_dir)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = _decoder_layers(decoder, model.config)
@@ -243,8 +243,8 @@ def _accumulate(acc: ResidualAccumulator, item: _PromptBatch, position: int, num
 # ---------------------------------------------------------------- the model without its weights
 
 
-def _skeleton(model_dir: Path, dtype: str) -> Any:
-    """The model with every parameter on the meta device and real buffers (rotary tables)."""
+def _skeleton(model_dir: Path, dtype: str, device: str) -> Any:
+    """The model with every parameter on the meta device and real buffers (rotary tables) on `device`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -256,6 +256,9 @@ def _skeleton(model_dir: Path, dtype: str) -> Any:
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     except (OSError, ValueError) as exc:
         raise AbliterateError(f"cannot build the model of {model_dir} from its config.json: {exc}") from exc
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
     return model.eval()
 
 
@@ -374,7 +377,6 @@ class _WeightLoader:
         prefix = self.names[id(module)] + "."
         for name, param in list(module.named_parameters()):
             _set_parameter(module, name, torch.empty(param.shape, dtype=param.dtype, device=self.device))
-        module.to(self.device)  # buffers
         targets = module.state_dict()
         pieces = self._pieces(prefix, targets)
         by_shard: dict[str, list[_Piece]] = {}
