@@ -216,3 +216,13 @@ def test_memory_budget_sizes():
     assert parse_size(None) is None
     with pytest.raises(AbliterateError, match="--memory-budget '12 parsecs'"):
         parse_size("12 parsecs")
+
+
+def test_nan_weights_name_the_residual_position(tiny, tmp_path):
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AbliterateError, match=r"residual position 2 \(output of decoder layer 1"):
+        measure_streamed(bad, HARMFUL, HARMLESS, SETTINGS, progress=False)
