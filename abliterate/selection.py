@@ -9,6 +9,10 @@ orthogonalising every writer) on held-out validation prompts, and gets two score
   refusals open with (see `refusal_token_ids`). No generation needed; lower means fewer refusals.
 - `kl` on harmless prompts: the mean KL(unmodified || ablated) of the first reply token's
   distribution; how much the ablation changes the model where it should change nothing.
+  Harmless prompts that the unmodified model refuses (its most likely first token is a
+  refusal token) are left out: those replies are meant to change, and on the demo model a
+  few such false refusals turned into answers dominate the mean (KL 3-8 each, against a
+  median of 0.001). `kl_prompts` records how many prompts the KL averages over.
 
 The chosen position is the lowest refusal score among candidates with `kl` <= `kl_threshold`
 (default 0.1 nats: the first reply token of a harmless prompt keeps nearly all of its
@@ -70,6 +74,7 @@ class Selection:
     candidates: list[CandidateScore]
     kl_threshold: float
     refusal_token_ids: list[int]
+    kl_prompts: int  # harmless validation prompts the unmodified model does not refuse
 
     def score(self, position: int) -> CandidateScore:
         return next(c for c in self.candidates if c.position == position)
@@ -190,6 +195,14 @@ def select_direction(
     token_ids = refusal_token_ids(tokenizer)
 
     base_harmless = first_token_logprobs(model, harmless, settings.batch_size, pad_id)
+    answered = ~torch.isin(base_harmless.argmax(dim=-1), torch.tensor(token_ids))
+    if not bool(answered.any()):
+        raise AbliterateError(
+            "the model refuses every harmless validation prompt (its first reply token is a refusal "
+            "token): check the chat template settings and the prompt files"
+        )
+    base_harmless = base_harmless[answered]
+    harmless = [ids for ids, keep in zip(harmless, answered.tolist(), strict=True) if keep]
     baseline = refusal_score(first_token_logprobs(model, harmful, settings.batch_size, pad_id), token_ids)
     scores = []
     for p in tqdm(candidates, desc="score directions", unit="position", disable=not progress):
@@ -198,7 +211,9 @@ def select_direction(
             ablated_harmful = first_token_logprobs(model, harmful, settings.batch_size, pad_id)
         scores.append(
             CandidateScore(
-                p, refusal_score(ablated_harmful, token_ids), first_token_kl(base_harmless, ablated_harmless)
+                p,
+                refusal_score(ablated_harmful, token_ids),
+                first_token_kl(base_harmless, ablated_harmless),
             )
         )
     if position is None:
@@ -218,4 +233,5 @@ def select_direction(
         candidates=scores,
         kl_threshold=settings.kl_threshold,
         refusal_token_ids=token_ids,
+        kl_prompts=int(answered.sum()),
     )

@@ -92,6 +92,7 @@ def test_scores_match_a_direct_computation(tiny):
         ablated = first_token_logprobs(model, encoded, 1, pad_token_id(tokenizer))
     assert selection.score(2).kl == pytest.approx(first_token_kl(base, ablated), rel=1e-6)
     assert selection.score(2).kl > 0
+    assert selection.kl_prompts == len(HARMLESS)  # the random model refuses none of them
 
 
 def test_auto_picks_lowest_refusal_under_the_kl_threshold(tiny):
