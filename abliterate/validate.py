@@ -17,7 +17,7 @@ products over H terms add at most about H * 2^-24 (the classic gamma_n bound). S
 `tolerance = TOLERANCE_FACTOR * (u + H * 2^-24)`, with TOLERANCE_FACTOR = 2 as headroom for an
 engine that rounds twice. Measured worst residuals (benchmarks/bench_validate.py, the demo
 model) stay far inside: bf16 writers 0.35 u at hidden 8 (few elements per tensor, so little
-averaging), 0.04 u at hidden 512, 0.08 u on the demo model (hidden 64); typical rounding
+averaging), 0.04 u at hidden 512, 0.07 u on the demo model (hidden 64); typical rounding
 errors cancel to about u / sqrt(3H). fp32 routers stay below 2^-24 (1/20 of their tolerance
 at hidden 8). A miss is far above: a wrong direction leaves residuals of order 1/sqrt(H).
 """
