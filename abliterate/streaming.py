@@ -96,6 +96,23 @@ def weight_bytes(
     return WeightBytes(total, max(per_layer.values(), default=0), embedding)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_size(text: str | None) -> int | None:
+    """A byte count from `64GiB`, `500MB`, `1.5TB` or plain bytes; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS:
+        raise AbliterateError(
+            f"memory budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def available_memory_bytes(device: str = "cpu") -> int:
     """Free memory where the model would be loaded: host RAM (MemAvailable) or the GPU's free memory."""
     if device.startswith("cuda"):

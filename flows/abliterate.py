@@ -26,6 +26,7 @@ from abliterate.measure import MeasureSettings
 from abliterate.plan import DEFAULT_TARGETS
 from abliterate.prompts import load_prompts, prompts_sha256, split_prompts
 from abliterate.selection import Selection, SelectionSettings
+from abliterate.streaming import STREAMING_MODES, choose_streaming, parse_size
 from abliterate.structure import Structure
 from abliterate.validate import ValidationReport
 from flows import plots
@@ -115,21 +116,31 @@ def measurement_stage(
     direction_method: str,
     selection: SelectionSettings,
     work_dir: str,
+    stream: bool = False,
+    fixed_position: int | None = None,
 ) -> Measured:
+    """`stream`: the model does not fit in memory, so it is measured layer by layer and the
+    direction cannot be selected by inference-time scoring: `fixed_position` is required."""
     began = time.perf_counter()
     inventory = inventory_task(model)
     structure = structure_task(inventory)
     log_structure(tracker, structure, inventory.to_json())
     watch.stage("inventory", began)
+    if stream and fixed_position is None:
+        raise AbliterateError(
+            f"{model} does not fit the memory budget, so it is measured layer-streamed; automatic direction "
+            "selection needs the whole model in memory: pass an explicit direction position (e.g. "
+            f"direction_position={int(structure.num_layers * 0.6)}), or a larger memory budget"
+        )
 
     began = time.perf_counter()
-    measurement = measure_task(model, inventory.fingerprint, prompts.harmful, prompts.harmless, settings)
+    measurement = measure_task(model, inventory.fingerprint, prompts.harmful, prompts.harmless, settings, stream)
     watch.stage("measurement", began)
 
     began = time.perf_counter()
     directions_path, chosen = directions_task(
         model, inventory.fingerprint, measurement, direction_method,
-        prompts.harmful_val, prompts.harmless_val, selection, work_dir,
+        prompts.harmful_val, prompts.harmless_val, selection, work_dir, fixed_position if stream else None,
     )  # fmt: skip
     watch.stage("directions", began)
     log_directions(tracker, directions_path, chosen)
@@ -162,6 +173,14 @@ def log_directions(tracker: Tracker, directions_path: str, selection: Selection)
         if figure is not None:
             tracker.figure(figure, f"plots/{name}")
             plots.close(figure)
+
+
+def streaming_needed(model: str, memory_budget: str | None, streaming: str) -> bool:
+    if streaming not in STREAMING_MODES:
+        raise AbliterateError(f"streaming {streaming!r} is unknown: choose {', '.join(STREAMING_MODES)}")
+    if streaming != "auto":
+        return streaming == "always"
+    return choose_streaming(model, parse_size(memory_budget))
 
 
 @dataclass
@@ -282,6 +301,8 @@ def abliterate_flow(
     workers: int = 2,
     dask_address: str | None = None,
     dask_workers: int | None = None,
+    memory_budget: str | None = None,
+    streaming: str = "auto",
 ) -> dict[str, Any]:
     """Abliterate MODEL into OUT: measure the refusal direction, project it out of every matched
     weight shard by shard, validate the output and evaluate its behaviour. Tracked in MLflow.
@@ -291,7 +312,9 @@ def abliterate_flow(
     `layers`: all | 10-30 | 5,7,9-12. `direction_position`: auto | own | N. `scale`: 1.0 | list |
     gauss:center=..,width=..,peak=... `method`: plain | norm_preserving | projected. `mtp`: ablate | skip.
     Shards are ablated by `workers` threads, or on Dask: `dask_address` (a scheduler) or `dask_workers`
-    (a local cluster of processes).
+    (a local cluster of processes). A model larger than `memory_budget` (e.g. "64GiB"; default: the free
+    memory) is measured layer-streamed (`streaming`: auto | always | never); it then needs an explicit
+    `direction_position`, and evaluation is skipped (it needs the whole model).
     """
     model = str(Path(model).resolve())
     out = str(Path(out).resolve())
@@ -308,11 +331,18 @@ def abliterate_flow(
     )  # fmt: skip
     spec = AblationSpec(layers, scale, list(targets), str(direction_position), method, mtp, False, workers,
                         dask_address, dask_workers)  # fmt: skip
+    stream = streaming_needed(model, memory_budget, streaming)
+    fixed = int(direction_position) if str(direction_position).isdigit() else None
+    if stream:
+        evaluation = None
     tags = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_name": "abliterate", "model_dir": model,
             "output_path": out}  # fmt: skip
     with tracked_run(experiment_name(model), flow_run.get_name() or "abliterate", tags) as tracker:
         watch = Stopwatch(tracker)
-        measured = measurement_stage(tracker, watch, model, prompts, settings, direction_method, selection, work)
+        tracker.params({"streaming": stream})
+        measured = measurement_stage(
+            tracker, watch, model, prompts, settings, direction_method, selection, work, stream, fixed
+        )
         summary = ablation_stage(tracker, watch, measured, spec, out, evaluation, overwrite, force)
         summary.update(mlflow_run_id=tracker.run_id, durations=watch.durations)
         tracker.json(summary, "summary.json")

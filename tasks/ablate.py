@@ -39,7 +39,7 @@ def _shard_key(_context, p) -> str:
     return make_key("ablate", key, p["out_dir"])
 
 
-@task(name="ablate-shard", cache_key_fn=_shard_key, persist_result=True, task_run_name="ablate-{shard}")
+@task(name="ablate-shard", cache_key_fn=_shard_key, persist_result=True, task_run_name="ablate-shard-{shard}")
 def ablate_shard_task(
     shard: str, model_dir: str, directions_path: str, plan: AblationPlan, out_dir: str, force: bool = False
 ) -> ShardResult:

@@ -19,6 +19,7 @@ from abliterate.directions import compute_directions, write_directions
 from abliterate.measure import Measurement, MeasureSettings, load_model, measure
 from abliterate.prompts import prompts_sha256
 from abliterate.selection import Selection, SelectionSettings, select_direction
+from abliterate.streaming import measure_streamed
 from tasks.caching import code_hash, make_key
 
 
@@ -35,8 +36,16 @@ def _measure_key(_context, p) -> str:
 
 @task(name="activation-measurement", cache_key_fn=_measure_key, persist_result=True)
 def measure_task(
-    model_dir: str, fingerprint: str, harmful: list[str], harmless: list[str], settings: MeasureSettings
+    model_dir: str,
+    fingerprint: str,
+    harmful: list[str],
+    harmless: list[str],
+    settings: MeasureSettings,
+    stream: bool = False,
 ) -> Measurement:
+    """In memory, or layer-streamed (`stream`): equal results, so `stream` is not part of the key."""
+    if stream:
+        return measure_streamed(model_dir, harmful, harmless, settings)
     model, tokenizer = load_model(model_dir, settings.dtype)
     return measure(model, tokenizer, harmful, harmless, settings)
 
@@ -48,6 +57,7 @@ def _directions_id(
     harmful_val: list[str],
     harmless_val: list[str],
     selection: SelectionSettings,
+    fixed_position: int | None = None,
 ) -> str:
     return make_key(
         "directions",
@@ -60,13 +70,15 @@ def _directions_id(
         prompts_sha256(harmful_val),
         prompts_sha256(harmless_val),
         selection.as_dict(),
+        fixed_position,
     )
 
 
 def _directions_key(_context, p) -> str:
     return _directions_id(
-        p["fingerprint"], p["measurement"], p["method"], p["harmful_val"], p["harmless_val"], p["selection"]
-    )
+        p["fingerprint"], p["measurement"], p["method"], p["harmful_val"], p["harmless_val"], p["selection"],
+        p.get("fixed_position"),
+    )  # fmt: skip
 
 
 @task(name="direction-computation", cache_key_fn=_directions_key, persist_result=True)
@@ -79,18 +91,26 @@ def directions_task(
     harmless_val: list[str],
     selection: SelectionSettings,
     work_dir: str,
+    fixed_position: int | None = None,
 ) -> tuple[str, Selection]:
     """Per-position directions, the automatic choice among them, and directions.safetensors.
 
     Returns the file's path (under `work_dir`, keyed like the task) and the selection with
-    every candidate's scores.
+    every candidate's scores. `fixed_position` skips the scoring (which needs the whole model
+    in memory): for models measured layer-streamed.
     """
     directions = compute_directions(measurement, method)
-    model, tokenizer = load_model(model_dir, measurement.settings.dtype)
-    chosen = select_direction(
-        model, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection
-    )
-    key = _directions_id(fingerprint, measurement, method, harmful_val, harmless_val, selection)
+    if fixed_position is None:
+        model, tokenizer = load_model(model_dir, measurement.settings.dtype)
+        chosen = select_direction(
+            model, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection
+        )
+    else:
+        chosen = Selection(
+            position=fixed_position, explicit=True, baseline_refusal_score=float("nan"), candidates=[],
+            kl_threshold=selection.kl_threshold, refusal_token_ids=[], kl_prompts=0,
+        )  # fmt: skip
+    key = _directions_id(fingerprint, measurement, method, harmful_val, harmless_val, selection, fixed_position)
     path = write_directions(
         Path(work_dir) / "directions" / key,
         directions,

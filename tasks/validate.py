@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import task
 
 import abliterate.evaluate
 import abliterate.validate
-from abliterate.checkpoint import file_sha256, shard_stamp
+from abliterate.ablate import MANIFEST_FILE
+from abliterate.checkpoint import shard_stamp
 from abliterate.evaluate import Behaviour, EvalSettings, EvaluationResult, evaluate_loaded, measure_behaviour
 from abliterate.measure import load_model
 from abliterate.prompts import prompts_sha256
@@ -17,9 +19,10 @@ from tasks.caching import code_hash, make_key
 
 
 def _output_identity(out_dir: str) -> list:
-    """The output's shards as written, and its manifest (which names plan and directions)."""
-    manifest = Path(out_dir) / "abliteration.json"
-    return [shard_stamp(out_dir), file_sha256(manifest) if manifest.is_file() else None]
+    """The output's shards as written and the run that wrote them (plan, directions, input)."""
+    manifest = Path(out_dir) / MANIFEST_FILE
+    run_key = json.loads(manifest.read_text()).get("run_key") if manifest.is_file() else None
+    return [shard_stamp(out_dir), run_key]
 
 
 def _validate_key(_context, p) -> str:

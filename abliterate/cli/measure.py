@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -173,30 +172,13 @@ def parse_select(text: str) -> int | str | None:
     return value
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
-
-
-def parse_size(text: str | None) -> int | None:
-    """A byte count from `64GiB`, `500MB`, `1.5TB` or plain bytes; None stays None."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
-    unit = match.group(2).upper() if match else ""
-    if match is None or unit not in _UNITS:
-        raise AbliterateError(
-            f"--memory-budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
 def run(args: argparse.Namespace) -> int:
     from abliterate.checkpoint import fingerprint
     from abliterate.directions import compute_directions, write_directions
     from abliterate.measure import MeasureSettings, load_model, measure
     from abliterate.prompts import load_prompts, split_prompts
     from abliterate.selection import SelectionSettings, select_direction
-    from abliterate.streaming import choose_streaming, measure_streamed
+    from abliterate.streaming import choose_streaming, measure_streamed, parse_size
 
     select = parse_select(args.select)
     settings = MeasureSettings.create(

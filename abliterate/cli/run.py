@@ -49,6 +49,10 @@ def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=2, help="shards ablated at the same time (threads)")
     group.add_argument("--dask-address", help="ablate shards on this Dask scheduler (tcp://host:8786); needs shared storage")
     group.add_argument("--dask-workers", type=int, help="ablate shards on a local Dask cluster of this many processes")
+    group.add_argument("--memory-budget", help="memory the model may take, e.g. 64GiB (default: the free memory); "
+                       "a larger model is measured layer-streamed and needs --direction-position N")
+    group.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
+                       help="layer-streamed measurement: auto (when the model exceeds the budget), always, never")
 
 
 def flow_parameters(args: argparse.Namespace, prompt_set: str = "general") -> dict[str, Any]:
@@ -113,7 +117,7 @@ def run_flow(args: argparse.Namespace, model: str, out: str, prompt_set: str) ->
         "model": model, "out": out, "layers": args.layers, "direction_position": args.direction_position,
         "scale": args.scale, "targets": [t.strip() for t in args.targets.split(",") if t.strip()],
         "method": args.method, "mtp": args.mtp, "workers": args.workers, "dask_address": args.dask_address,
-        "dask_workers": args.dask_workers,
+        "dask_workers": args.dask_workers, "memory_budget": args.memory_budget, "streaming": args.stream,
     }  # fmt: skip
     return abliterate_flow(**params)
 
