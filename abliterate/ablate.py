@@ -520,9 +520,32 @@ def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None
         _write_rounded(dst, work, dtype)
 
 
+class _Scratch(threading.local):
+    """Per-thread buffers reused from tensor to tensor (a fresh allocation faults in every page:
+    a third of the edit time). The float32 one grows to the largest chunk edited, and stays."""
+
+    def __init__(self) -> None:
+        self.work = torch.empty(0, dtype=torch.float32)
+        self.pieces: dict[torch.dtype, torch.Tensor] = {}
+
+    def float32(self, numel: int) -> torch.Tensor:
+        if self.work.numel() < numel:
+            self.work = torch.empty(0, dtype=torch.float32)  # free the old one first
+            self.work = torch.empty(numel, dtype=torch.float32)
+        return self.work[:numel]
+
+    def piece(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if dtype not in self.pieces:
+            self.pieces[dtype] = torch.empty(PIECE, dtype=dtype)
+        return self.pieces[dtype][:numel]
+
+
+_SCRATCH = _Scratch()
+
+
 def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Widen stored values to a new float32 tensor a piece at a time, dropping each piece's pages."""
-    work = torch.empty(numel, dtype=torch.float32)
+    """Widen stored values to float32 a piece at a time, dropping each piece's pages."""
+    work = _SCRATCH.float32(numel)
     size = torch.empty((), dtype=dtype).element_size()
     for first in range(0, numel, PIECE):
         count = min(PIECE, numel - first)
@@ -537,7 +560,10 @@ def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype) -> None:
     """Round to `dtype` and write, a piece at a time (rounding is per element: pieces change nothing)."""
     flat = work.view(-1)
     for first in range(0, flat.numel(), PIECE):
-        view = memoryview(flat[first : first + PIECE].to(dtype).view(torch.uint8).numpy())
+        part = flat[first : first + PIECE]
+        if dtype != torch.float32:
+            part = _SCRATCH.piece(dtype, part.numel()).copy_(part)
+        view = memoryview(part.view(torch.uint8).numpy())
         written = 0
         while written < len(view):
             written += os.write(dst, view[written:])

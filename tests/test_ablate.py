@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -373,21 +371,37 @@ def test_resume_after_a_crash_is_bit_identical(small, tmp_path):
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
 
+KILLER = """
+import os, signal, sys
+import abliterate.ablate as engine
+edits, kill_at = [0], int(sys.argv[1])
+edit = engine._edit_tensor
+def killing_edit(*args):
+    edits[0] += 1
+    if edits[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: as a crash or the OOM killer
+    edit(*args)
+engine._edit_tensor = killing_edit
+from abliterate.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_killed_process_resumes_bit_identical(small, tmp_path):
-    """SIGKILL the CLI once its first shard is done; the rerun finishes the rest."""
+    """SIGKILL the CLI in the middle of a shard (half of the edits done); the rerun finishes the rest."""
     src, directions, reference = small
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", "import sys; from abliterate.cli import main; sys.exit(main())",
-           "ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]  # fmt: skip
-    first_done = out / STATE_DIR / f"{build_inventory(src).shards[0]}.json"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not first_done.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / MANIFEST_FILE).exists(), "the run finished before it could be killed"
-    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]) == 0
+    args = ["ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]
+    edits = len(json.loads((reference / MANIFEST_FILE).read_text())["edited"])
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(edits // 2), *args], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / MANIFEST_FILE).exists()
+    assert list(out.glob(".*.tmp-*")), "the kill should leave a half-written shard"
+    done = {p.stem for p in (out / STATE_DIR).glob("*.safetensors.json")}
+    assert 0 < len(done) < len(build_inventory(src).shards)
+    stamps = {s: (out / s).stat().st_mtime_ns for s in done}
+    assert main(args) == 0
+    assert {s: (out / s).stat().st_mtime_ns for s in done} == stamps  # finished shards are not redone
     assert shard_hashes(out) == shard_hashes(reference)
 
 
