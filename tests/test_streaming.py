@@ -10,14 +10,13 @@ from safetensors.torch import load_file, save_file
 from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model
 
 from abliterate.cli import main
-from abliterate.cli.measure import parse_size
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
 from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
 from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
 from abliterate.prompts import load_prompts
-from abliterate.streaming import choose_streaming, measure_auto, measure_streamed, weight_bytes
+from abliterate.streaming import choose_streaming, measure_auto, measure_streamed, parse_size, weight_bytes
 from abliterate.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
@@ -205,7 +204,7 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "x"), "--stream", "always"]) == 2
     assert "--select none" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--select", "none"]) == 2
-    assert "--memory-budget 'lots'" in capsys.readouterr().err
+    assert "memory budget 'lots'" in capsys.readouterr().err
 
 
 def test_memory_budget_sizes():
@@ -214,7 +213,7 @@ def test_memory_budget_sizes():
     assert parse_size("500mb") == 500_000_000
     assert parse_size("1024") == 1024
     assert parse_size(None) is None
-    with pytest.raises(AbliterateError, match="--memory-budget '12 parsecs'"):
+    with pytest.raises(AbliterateError, match="memory budget '12 parsecs'"):
         parse_size("12 parsecs")
 
 
