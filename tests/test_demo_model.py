@@ -180,3 +180,16 @@ def test_training_regenerates_the_committed_model_bit_identically(tmp_path):
 
     assert main(["--out", str(tmp_path / "model")]) == 0
     assert file_hashes(tmp_path / "model") == file_hashes(DEMO_MODEL_DIR)
+
+
+def test_held_out_prompts_are_new_phrasings_of_new_requests():
+    from abliterate.demo.corpus import TEST_TEMPLATES, TRAIN_TEMPLATES, VAL_TEMPLATES, build_splits
+
+    splits = build_splits()
+    trained = {e.prompt for e in splits.train}
+    assert not set(TRAIN_TEMPLATES) & (set(VAL_TEMPLATES) | set(TEST_TEMPLATES))
+    assert not set(VAL_TEMPLATES) & set(TEST_TEMPLATES)
+    for split in (splits.val, splits.test):
+        assert not {e.prompt for e in split} & trained
+    assert 0.1 < sum(e.harmful for e in splits.train) / len(splits.train) < 0.25  # refusing is the exception
+    assert _prompts("harmful", "test") == [e.prompt for e in splits.test if e.harmful]
