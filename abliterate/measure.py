@@ -242,13 +242,13 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
     def pre_hook(position: int):
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[position] = hidden[:, token_index, :].detach().float().cpu()
+            captured[position] = hidden[:, token_index, :].detach().float()
 
         return hook
 
     def last_hook(_module, _args, _kwargs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        captured[len(layers)] = hidden[:, token_index, :].detach().float().cpu()
+        captured[len(layers)] = hidden[:, token_index, :].detach().float()
 
     handles = [
         layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
@@ -270,7 +270,7 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
     if any(x is None for x in captured):
         missing = [i for i, x in enumerate(captured) if x is None]
         raise AbliterateError(f"the forward pass did not reach residual positions {missing}")
-    return torch.stack(captured)  # type: ignore[arg-type]
+    return torch.stack(captured).cpu()  # type: ignore[arg-type]  # one device sync per batch
 
 
 def check_finite(residuals: torch.Tensor, batch: Batch, label: str) -> None:

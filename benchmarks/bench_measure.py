@@ -66,6 +66,12 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
     # One sorted "batch list" per chunk keeps the file order's padding.
     unsorted = [b for chunk in chunks for b in length_sorted_batches(chunk, batch_size, pad)]
 
+    # Warm-up (untimed, all methods alike): CUDA context, kernels, allocator.
+    first = unsorted[0]
+    capture_residuals(model, first)
+    with torch.inference_mode():
+        model.generate(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device),
+                       max_new_tokens=1, do_sample=False, pad_token_id=pad)  # fmt: skip
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
         base_rss = rss_kib("VmRSS")
