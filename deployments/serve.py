@@ -25,10 +25,11 @@ from flows.runtime import configure  # noqa: E402
 configure(quiet=False)
 
 from prefect import serve  # noqa: E402
+from prefect.deployments.runner import EntrypointType  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from abliterate.demo import DEMO_MODEL_DIR  # noqa: E402
-from flows.abliterate import abliterate_flow  # noqa: E402
+from flows.main import abliterate_flow  # noqa: E402
 from flows.sweep import EXAMPLE_VARIANTS, sweep_flow  # noqa: E402
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC: e.g. re-run after a new prompt set lands
@@ -41,11 +42,12 @@ def deployments() -> list:
                     "prompt_set": "demo", "variants": EXAMPLE_VARIANTS, "overwrite": True}  # fmt: skip
     return [
         abliterate_flow.to_deployment(
-            name="demo", parameters=demo_params, tags=["abliterate"],
+            name="demo", parameters=demo_params, tags=["abliterate"], entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
         ),
         sweep_flow.to_deployment(
             name="demo-sweep", parameters=sweep_params, tags=["abliterate", "sweep"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
         ),
     ]  # fmt: skip

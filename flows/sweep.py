@@ -16,7 +16,7 @@ from abliterate.evaluate import EvalSettings
 from abliterate.measure import MeasureSettings
 from abliterate.selection import SelectionSettings
 from flows import plots
-from flows.abliterate import AblationSpec, PromptSets, Stopwatch, ablation_stage, measurement_stage
+from flows.main import AblationSpec, PromptSets, Stopwatch, ablation_stage, measurement_stage
 from flows.runtime import results_dir
 from flows.tracking import experiment_name, tracked_run
 

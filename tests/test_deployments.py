@@ -79,13 +79,16 @@ def test_served_deployment_runs_with_parameters(tmp_path):
             json={"parameters": {"out": str(out), "layers": "1-4", "evaluate": False}},
             timeout=10,
         ).json()
+        assert "id" in run, run
 
         def finished():
             state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
         state = wait_for(finished, 400, "the flow run", [server, served])
-        assert state["type"] == "COMPLETED", state
+        if state["type"] != "COMPLETED":
+            served.terminate()
+            raise AssertionError(f"flow run ended {state['type']}:\n{served.communicate(timeout=30)[0][-6000:]}")
         assert (out / "abliteration.json").is_file()
 
         client = MlflowClient(f"sqlite:///{tmp_path / 'project' / 'mlruns' / 'mlflow.db'}")

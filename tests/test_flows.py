@@ -44,7 +44,7 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 
 @pytest.fixture(scope="module")
 def first_run(prefect_env, tmp_path_factory):
-    from flows.abliterate import abliterate_flow
+    from flows.main import abliterate_flow
 
     out = tmp_path_factory.mktemp("flow") / "demo-abliterated"
     state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), prompt_set="demo", return_state=True)
@@ -95,7 +95,7 @@ def summary_directions(client: MlflowClient, run) -> str:
 
 
 def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
-    from flows.abliterate import abliterate_flow
+    from flows.main import abliterate_flow
 
     state, _ = first_run
     other = abliterate_flow(
@@ -120,7 +120,7 @@ def test_streamed_measurement_and_dask_ablation_match_the_defaults(first_run, tm
     """A model measured layer by layer gives the same directions; shards ablated on a local Dask
     cluster of two processes are bit-identical to the thread runner's."""
     from flows.ablate import ablate_flow, task_runner
-    from flows.abliterate import abliterate_flow
+    from flows.main import abliterate_flow
 
     state, out = first_run
     summary = state.result()

@@ -111,7 +111,7 @@ def run_flow(args: argparse.Namespace, model: str, out: str, prompt_set: str) ->
     from flows.runtime import configure
 
     configure()
-    from flows.abliterate import abliterate_flow
+    from flows.main import abliterate_flow
 
     params = flow_parameters(args, prompt_set) | {
         "model": model, "out": out, "layers": args.layers, "direction_position": args.direction_position,
