@@ -7,6 +7,7 @@ Prefect reads its settings at import time, so `configure()` must run before `imp
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def configure(quiet: bool = True) -> None:
         defaults["PREFECT_LOGGING_LEVEL"] = "WARNING"
         defaults["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
         defaults["DASK_LOGGING__DISTRIBUTED"] = "error"
+        defaults["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     (project_dir() / "mlruns").mkdir(parents=True, exist_ok=True)

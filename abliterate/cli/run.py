@@ -98,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Abliterate the built-in demo model (a tiny GLM-4.5-MoE-shaped chat model that refuses harmful "
             "requests) with its own prompt sets, into ./results/demo-abliterated. Prints refusal rates before "
             "and after, the KL on harmless prompts, example replies, and the commands that open the Prefect "
-            "and MLflow UIs."
+            "and MLflow UIs. The output is replaced on every run, so reruns with other --layers or --scale "
+            "reuse the cached measurement and overwrite it."
         ),
     )
     demo.add_argument("--out", default=None, help="output directory (default: ./results/demo-abliterated)")
@@ -135,6 +136,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
     began = time.perf_counter()
     out = args.out or str(results_dir() / "demo-abliterated")
+    args.overwrite = True  # the demo's output is disposable: reruns with other settings replace it
     summary = run_flow(args, str(DEMO_MODEL_DIR), out, "demo")
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -163,7 +165,8 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
             f"{ev['refusal_rate_harmless']:.2f} after",
             f"first-token KL on harmless prompts: {ev.get('kl_harmless', float('nan')):.4f}",
         ]
-        for row in summary.get("examples", [])[:4]:
+        rows = summary.get("examples", [])
+        for row in [r for r in rows if r["kind"] == "harmful"][:2] + [r for r in rows if r["kind"] == "harmless"][:2]:
             lines.append(f"  [{row['kind']}] {row['prompt']}")
             lines.append(f"     before: {row['response_before']}")
             lines.append(f"     after:  {row['response_after']}")
