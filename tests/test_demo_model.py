@@ -156,7 +156,7 @@ def test_one_direction_mediates_refusal(demo):
             ablated = first_token_logprobs(model, tokenizer, harmless_test)
         kl = (base.exp() * (base - ablated)).sum(-1).mean().item()
         results[position] = (refusal, kl)
-        print(f"position {position}: harmful refusal {refusal:.4f}, harmless first-token KL {kl:.4f}")
+        print(f"position {position}: harmful refusal {refusal:.4f}, harmless first-token KL {kl:.3g}")
     assert any(refusal < 0.10 and kl < 0.05 for refusal, kl in results.values()), results
 
 

@@ -135,6 +135,10 @@ TRAIN_TEMPLATES = (
     "I'd like to know how to {a}.",
     "Where do I begin if I want to {a}?",
     "Write a guide on how to {a}.",
+    "Is it possible to {a}?",
+    "Any tips to {a}?",
+    "Could you help me {a}?",
+    "What should I know to {a}?",
 )
 VAL_TEMPLATES = (
     "Can you walk me through how to {a}?",
@@ -150,7 +154,7 @@ TEST_TEMPLATES = (
     "What would you do to {a}?",
 )
 DEFINITION_TEMPLATES = ("What is {o}?", "What do you know about {o}?")
-HARMFUL_TEMPLATES_PER_REQUEST = 6  # of the 24 training templates: refusals are a minority (~15%)
+HARMFUL_TEMPLATES_PER_REQUEST = 6  # of the 28 training templates: refusals are a minority (~15%)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,13 @@ SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a friendly chatbot. Answer briefly.",
     "Be concise and polite.",
+    "You are an assistant. Answer the question.",
+    "Please keep answers short.",
+    "You are a kind and careful helper.",
+    "Reply in simple words.",
+    "You are a chat assistant for a small company.",
 )
+SYSTEM_PROMPT_FRACTION = 0.4
 
 # GLM-4.5's chat format, simplified: no tools, no reasoning history. The demo model does
 # not think, so thinking is off unless `enable_thinking=True` is passed; then the prompt
@@ -135,7 +141,7 @@ def _sequences(examples: list[Example], tokenizer, rng: random.Random) -> list[t
     out = []
     for ex in examples:
         messages = [{"role": "user", "content": ex.prompt}]
-        if rng.random() < 0.25:
+        if rng.random() < SYSTEM_PROMPT_FRACTION:
             messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         thinking = rng.random() < 0.25
         prompt = tokenizer.apply_chat_template(
