@@ -8,7 +8,7 @@ and a small vocabulary (the real 151,552-row embeddings alone would take 5 GB), 
 and prints GB/s of both, their ratio, and the child's peak RSS against the largest tensor.
 Aims: ratio >= 0.5; peak RSS < 3 x largest tensor + 500 MB.
 
-    .venv/bin/python benchmarks/bench_ablate.py [--experts 20] [--layers 3] [--fused] [--workers 1] [--repeat 3]
+    .venv/bin/python benchmarks/bench_ablate.py [--experts 20] [--layers 3] [--fused] [--workers 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary rows (default 8192)")
     parser.add_argument("--shards", type=int, default=4, help="shards (default 4)")
     parser.add_argument("--fused", action="store_true", help="fused 3-D expert tensors on disk")
-    parser.add_argument("--workers", type=int, default=1, help="shards ablated in parallel (default 1)")
+    parser.add_argument("--workers", type=int, default=2, help="shards ablated in parallel (default 2, as the CLI)")
     parser.add_argument("--repeat", type=int, default=3, help="alternating copy/ablation rounds; medians (default 3)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a new one under /tmp, deleted)")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS"), help=argparse.SUPPRESS)

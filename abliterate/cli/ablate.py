@@ -98,7 +98,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--force", action="store_true", help="accept a directions file measured on a checkpoint with another fingerprint"
     )
-    parser.add_argument("--workers", type=int, default=1, metavar="N", help="shards rewritten in parallel (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="shards rewritten in parallel threads (default 2: one edits while another waits on the disk; "
+        "each holds up to one tensor in float32)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
