@@ -148,3 +148,32 @@ def test_streamed_measurement_and_dask_ablation_match_the_defaults(first_run, tm
     assert threads["counts"] == dask["counts"]
     for shard in sorted(p.name for p in (tmp_path / "threads").glob("*.safetensors")):
         assert (tmp_path / "threads" / shard).read_bytes() == (tmp_path / "dask" / shard).read_bytes(), shard
+
+
+def test_sweep_runs_variants_as_nested_runs_on_one_measurement(first_run, tmp_path):
+    from flows.runtime import tracking_uri
+    from flows.sweep import sweep_flow
+
+    variants = [{"name": "all", "layers": "all"}, {"name": "half", "layers": "all", "scale": "0.5"}]
+    state = sweep_flow(model=str(DEMO_MODEL_DIR), out=str(tmp_path), variants=variants, prompt_set="demo",
+                       return_state=True)  # fmt: skip
+    result = state.result()
+    states = task_states(state.state_details.flow_run_id)
+    assert states["activation-measurement"] == ["Cached"] and states["direction-computation"] == ["Cached"]
+    by_name = {p["name"]: p for p in result["variants"]}
+    assert set(by_name) == {"all", "half"}
+    # removing the whole direction refuses no more than removing half of it
+    assert by_name["all"]["refusal_rate"] < 0.10
+    assert by_name["all"]["refusal_rate"] <= by_name["half"]["refusal_rate"]
+    assert result["front"] and set(result["front"]) <= {"all", "half"}
+    assert (tmp_path / "all" / "abliteration.json").is_file() and (tmp_path / "half" / "abliteration.json").is_file()
+
+    client = MlflowClient(tracking_uri())
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["variant"] for c in children) == ["all", "half"]
+    for child in children:
+        assert "refusal_rate_harmful" in child.data.metrics and "kl_harmless" in child.data.metrics
+    assert {"variants.json", "plots/refusal_vs_kl.png"} <= artifact_paths(client, parent.info.run_id)
