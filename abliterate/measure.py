@@ -230,6 +230,11 @@ def describe_position(position: int, num_layers: int) -> str:
     return f"residual position {position} (output of decoder layer {position - 1}, input of layer {position})"
 
 
+def _copy_token(hidden: torch.Tensor, token_index: int) -> torch.Tensor:
+    # A copy, not a view: a view would keep the layer's whole [B, T, H] hidden states alive.
+    return hidden[:, token_index, :].to(torch.float32, copy=True)
+
+
 def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.Tensor:
     """One forward pass (no generation, no LM head); returns [L+1, B, H] residuals at one token.
 
@@ -242,13 +247,13 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
     def pre_hook(position: int):
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[position] = hidden[:, token_index, :].detach().float()
+            captured[position] = _copy_token(hidden, token_index)
 
         return hook
 
     def last_hook(_module, _args, _kwargs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        captured[len(layers)] = hidden[:, token_index, :].detach().float()
+        captured[len(layers)] = _copy_token(hidden, token_index)
 
     handles = [
         layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
