@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
-from abliterate.profiles import PROFILES, Profile, profile_for_model_type, quantization_marker
+from abliterate.profiles import PROFILES, Profile, extend_profile, profile_for_model_type, quantization_marker
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -325,6 +325,25 @@ def read_config(model_dir: str | Path, required: bool = True) -> dict:
     if not isinstance(config, dict):
         raise AbliterateError(f"{path} is not a JSON object")
     return config
+
+
+def choose_profile(
+    model_dir: str | Path, family: str | None = None, mappings: list[str] | tuple[str, ...] = ()
+) -> Profile | None:
+    """The role rules for a checkpoint: `family`'s (the user's --family) or those its config's
+    model_type selects, plus the user's REGEX=ROLE `mappings` (--map), which need a base family."""
+    if family is not None and family not in PROFILES:
+        raise AbliterateError(f"unknown family {family!r}: choose from {known_families()}")
+    model_type = read_config(model_dir, required=False).get("model_type")
+    base = PROFILES[family] if family else profile_for_model_type(model_type)
+    if not mappings:
+        return base
+    if base is None:
+        raise AbliterateError(
+            f"--map adds rules to a family's: model_type {model_type!r} is not a known family, so pass "
+            f"--family NAME too (the family whose layers, experts and MTP config keys the model uses: {known_families()})"
+        )
+    return extend_profile(base, mappings)
 
 
 def known_families() -> str:

@@ -11,7 +11,10 @@ layer 1 never matches layers 10-19.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from abliterate.errors import AbliterateError
 
 # Roles that write into the residual stream (edited on the output side) and read from it.
 WRITER_ROLES = ("embed", "attn_out", "mlp_down", "expert_down", "shared_expert_down")
@@ -122,6 +125,51 @@ LLAMA = Profile(
 )
 
 PROFILES: dict[str, Profile] = {p.family: p for p in (GLM4_MOE, QWEN3_MOE, LLAMA)}
+
+
+# The residual axis a user-mapped tensor gets: where its role's tensors keep the hidden size in
+# the families above (writers [H, in], readers [out, H], embed and head [V, H]). None: off the
+# residual stream, or of a shape that varies (q/k norms, MTP extras), so nothing is checked.
+ROLE_AXIS: dict[str, int | None] = {
+    "embed": 1, "lm_head": 1, "attn_out": 0, "mlp_down": 0, "expert_down": 0, "shared_expert_down": 0,
+    "router": 1, "attn_in": 1, "mlp_in": 1, "expert_in": 1, "shared_expert_in": 1,
+    "attn_out_bias": 0, "mlp_down_bias": 0, "expert_down_bias": 0, "shared_expert_down_bias": 0,
+    "attn_in_bias": None, "norm": None, "router_bias": None, "mtp": None,
+}  # fmt: skip
+assert set(ROLE_AXIS) == set(ALL_ROLES)
+UNLAYERED_ROLES = ("embed", "lm_head", "norm")  # may lie outside a decoder layer
+
+
+def parse_mapping(text: str) -> Rule:
+    """`REGEX=ROLE` (the user's --map) -> a Rule; the regex full-matches tensor names and names
+    the layer index `(?P<layer>\\d+)` (and `(?P<expert>\\d+)` for per-expert tensors)."""
+    pattern, sep, role = text.rpartition("=")
+    role = role.strip()
+    if not sep or not pattern:
+        raise AbliterateError(
+            f"--map {text!r}: write REGEX=ROLE, e.g. 'model\\.layers\\.(?P<layer>\\d+)\\.attn\\.out\\.weight=attn_out'"
+        )
+    if role not in ROLE_AXIS:
+        raise AbliterateError(f"--map {text!r}: unknown role {role!r}; roles are {', '.join(ROLE_AXIS)}")
+    try:
+        groups = re.compile(pattern).groupindex
+    except re.error as exc:
+        raise AbliterateError(f"--map {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
+    if "layer" not in groups and role not in UNLAYERED_ROLES:
+        raise AbliterateError(
+            f"--map {text!r}: role {role} belongs to a decoder layer; capture its index with (?P<layer>\\d+)"
+        )
+    if role.startswith("expert_") and "expert" not in groups:
+        raise AbliterateError(
+            f"--map {text!r}: role {role} is one routed expert's tensor; capture its index with (?P<expert>\\d+)"
+        )
+    return Rule(pattern, role, ROLE_AXIS[role])
+
+
+def extend_profile(base: Profile, mappings: Sequence[str]) -> Profile:
+    """`base` with the user's REGEX=ROLE rules tried first (so they also override its own)."""
+    extra = tuple(parse_mapping(m) for m in mappings)
+    return replace(base, rules=extra + base.rules) if extra else base
 
 
 def profile_for_model_type(model_type: str | None) -> Profile | None:

@@ -64,11 +64,11 @@ def _moe_layers(config: dict, family: str, num_layers: int) -> list[int]:
 def detect_structure(inventory: Inventory) -> Structure:
     config = read_config(inventory.model_dir)
     if inventory.family is None:
-        recognised = sorted({t.role for t in inventory.tensors.values() if t.role})
         raise AbliterateError(
             f"unknown architecture {config.get('architectures')} (model_type {config.get('model_type')!r}) in "
-            f"{inventory.model_dir}: supported families are {known_families()}; roles recognised: "
-            f"{recognised or 'none'}. If the model follows one of these layouts, pass --family NAME"
+            f"{inventory.model_dir}: supported families are {known_families()}; {_closest_family(inventory)}. "
+            "If the model follows a family's layout, pass --family NAME, and --map 'REGEX=ROLE' (repeatable) "
+            "for the tensors it names otherwise"
         )
     profile = PROFILES[inventory.family]
     for key in ("num_hidden_layers", "hidden_size"):
@@ -150,6 +150,29 @@ def detect_structure(inventory: Inventory) -> Structure:
         unrecognised=unrecognised,
         warnings=warnings,
     )
+
+
+def _closest_family(inventory: Inventory) -> str:
+    """Which family's rules recognise the most tensors, with the roles found and a tensor left over."""
+    names = list(inventory.tensors)
+    best: tuple[int, str, dict[str, int], list[str]] | None = None
+    for profile in PROFILES.values():
+        roles: dict[str, int] = defaultdict(int)
+        missed = []
+        for name in names:
+            matched = profile.classify(name)
+            if matched:
+                roles[matched[0].role] += 1
+            else:
+                missed.append(name)
+        if best is None or len(names) - len(missed) > best[0]:
+            best = (len(names) - len(missed), profile.family, roles, missed)
+    if best is None or best[0] == 0:
+        return f"no family's rules recognise any of its {len(names)} tensors (e.g. {names[0] if names else 'none'})"
+    found, family, roles, missed = best
+    text = f"closest: {family}, whose rules recognise {found} of {len(names)} tensors (roles: "
+    text += ", ".join(f"{role} {n}" for role, n in sorted(roles.items())) + ")"
+    return text + (f"; unrecognised e.g. {missed[0]}" if missed else "")
 
 
 def _check_hidden(t: TensorInfo, hidden: int) -> None:

@@ -6,7 +6,8 @@ import argparse
 import json
 import time
 
-from abliterate.checkpoint import build_inventory
+from abliterate.checkpoint import build_inventory, choose_profile
+from abliterate.errors import AbliterateError
 from abliterate.profiles import PROFILES
 from abliterate.structure import Structure, detect_structure
 
@@ -31,6 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="use this family's role rules instead of the one config.json's model_type selects",
     )
     parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="REGEX=ROLE",
+        help="classify tensors whose full name matches REGEX as ROLE, before the family's own rules "
+        "(repeatable; for a model that names some tensors its own way). Capture the layer index with "
+        "(?P<layer>\\d+) and a routed expert's with (?P<expert>\\d+), e.g. "
+        "'model\\.layers\\.(?P<layer>\\d+)\\.attention\\.dense\\.weight=attn_out'. The residual axis is the "
+        "role's usual one (writers: rows, readers and embed: columns)",
+    )
+    parser.add_argument(
         "--track",
         action="store_true",
         help="run as the Prefect `inventory` flow (cached tasks) and log the counts to MLflow",
@@ -39,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.track and args.map:
+        raise AbliterateError("--track runs the cached inventory flow, which takes --family but not --map yet")
     if args.track:
         from flows.runtime import configure
 
@@ -47,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
         inventory_flow(args.model_dir, args.family)
     started = time.perf_counter()
-    inventory = build_inventory(args.model_dir, PROFILES[args.family] if args.family else None)
+    inventory = build_inventory(args.model_dir, choose_profile(args.model_dir, args.family, args.map))
     structure = detect_structure(inventory)
     if args.json:
         print(json.dumps(structure.to_json(), indent=2))
