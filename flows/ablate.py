@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from abliterate.ablate import finalize_output, load_inputs, prepare_output
+from abliterate.ablate import finalize_output, load_inputs, prepare_output, resolve_plan
 from abliterate.plan import AblationPlan
 from tasks.ablate import ablate_shard_task
 
@@ -35,7 +35,7 @@ def ablate_flow(
 ) -> dict[str, Any]:
     """Write OUT: MODEL_DIR with `plan` applied shard by shard (one task per shard); returns the manifest."""
     inputs = load_inputs(model_dir, directions_path, force)
-    resolved = AblationPlan.from_dict(plan)
+    resolved = resolve_plan(AblationPlan.from_dict(plan), inputs)  # checks it against this model
     prepared = prepare_output(inputs, resolved, out, overwrite)
     complete = all((prepared.out_dir / s).is_file() for s in inputs.inventory.shards)
     futures = ablate_shard_task.with_options(refresh_cache=not complete).map(

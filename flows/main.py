@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from abliterate.ablate import default_plan, load_inputs, plan_matches, role_counts
 from abliterate.demo import prompt_file
 from abliterate.direction_file import load_directions
+from abliterate.directions import DEFAULT_METHOD
 from abliterate.errors import AbliterateError
 from abliterate.evaluate import EvalSettings, EvaluationResult
 from abliterate.measure import MeasureSettings
@@ -84,6 +85,20 @@ class PromptSets:
             out[f"prompts.{name}.n"] = len(prompts)
             out[f"prompts.{name}.sha256"] = prompts_sha256(prompts)
         return out
+
+
+def run_settings(
+    prompts_args: tuple, position: int, system_prompt: str | None, chat_template_kwargs: dict[str, Any] | None,
+    kl_threshold: float, batch_size: int, max_new_tokens: int,
+) -> tuple[PromptSets, MeasureSettings, SelectionSettings, EvalSettings]:
+    """The settings objects both flows build from their (flat, UI-friendly) parameters."""
+    measure = MeasureSettings.create(
+        chat_template_kwargs, position=position, system_prompt=system_prompt, batch_size=batch_size
+    )
+    evaluation = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
+                              chat_template_kwargs=measure.chat_template_kwargs)
+    selection = SelectionSettings(kl_threshold=kl_threshold, batch_size=batch_size)
+    return PromptSets.load(*prompts_args), measure, selection, evaluation  # fmt: skip
 
 
 @dataclass
@@ -283,7 +298,7 @@ def abliterate_flow(
     position: int = -1,
     system_prompt: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
-    direction_method: str = "mean_diff",
+    direction_method: str = DEFAULT_METHOD,
     kl_threshold: float = 0.1,
     layers: str = "all",
     direction_position: str = "auto",
@@ -319,21 +334,15 @@ def abliterate_flow(
     model = str(Path(model).resolve())
     out = str(Path(out).resolve())
     work = str(Path(work_dir).resolve() if work_dir else results_dir())
-    prompts = PromptSets.load(harmful, harmless, harmful_test, harmless_test, validation_fraction, seed, prompt_set)
-    settings = MeasureSettings.create(
-        chat_template_kwargs, position=position, system_prompt=system_prompt, batch_size=batch_size
-    )
-    selection = SelectionSettings(kl_threshold=kl_threshold, batch_size=batch_size)
-    evaluation = (
-        EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
-                     chat_template_kwargs=settings.chat_template_kwargs)
-        if evaluate else None
+    prompts, settings, selection, evaluation = run_settings(
+        (harmful, harmless, harmful_test, harmless_test, validation_fraction, seed, prompt_set),
+        position, system_prompt, chat_template_kwargs, kl_threshold, batch_size, max_new_tokens,
     )  # fmt: skip
     spec = AblationSpec(layers, scale, list(targets), str(direction_position), method, mtp, False, workers,
                         dask_address, dask_workers)  # fmt: skip
     stream = streaming_needed(model, memory_budget, streaming)
     fixed = int(direction_position) if str(direction_position).isdigit() else None
-    if stream:
+    if stream or not evaluate:  # evaluation needs the whole model in memory
         evaluation = None
     tags = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_name": "abliterate", "model_dir": model,
             "output_path": out}  # fmt: skip

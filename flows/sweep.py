@@ -11,12 +11,10 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from abliterate.directions import DEFAULT_METHOD
 from abliterate.errors import AbliterateError
-from abliterate.evaluate import EvalSettings
-from abliterate.measure import MeasureSettings
-from abliterate.selection import SelectionSettings
 from flows import plots
-from flows.main import AblationSpec, PromptSets, Stopwatch, ablation_stage, measurement_stage
+from flows.main import AblationSpec, Stopwatch, ablation_stage, measurement_stage, run_settings
 from flows.runtime import results_dir
 from flows.tracking import experiment_name, tracked_run
 
@@ -77,7 +75,7 @@ def sweep_flow(
     position: int = -1,
     system_prompt: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
-    direction_method: str = "mean_diff",
+    direction_method: str = DEFAULT_METHOD,
     kl_threshold: float = 0.1,
     max_new_tokens: int = 48,
     batch_size: int = 16,
@@ -94,13 +92,10 @@ def sweep_flow(
     model = str(Path(model).resolve())
     out_root = Path(out).resolve()
     work = str(Path(work_dir).resolve() if work_dir else results_dir())
-    prompts = PromptSets.load(harmful, harmless, harmful_test, harmless_test, validation_fraction, seed, prompt_set)
-    settings = MeasureSettings.create(
-        chat_template_kwargs, position=position, system_prompt=system_prompt, batch_size=batch_size
-    )
-    selection = SelectionSettings(kl_threshold=kl_threshold, batch_size=batch_size)
-    evaluation = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
-                              chat_template_kwargs=settings.chat_template_kwargs)  # fmt: skip
+    prompts, settings, selection, evaluation = run_settings(
+        (harmful, harmless, harmful_test, harmless_test, validation_fraction, seed, prompt_set),
+        position, system_prompt, chat_template_kwargs, kl_threshold, batch_size, max_new_tokens,
+    )  # fmt: skip
     tags = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_name": "abliterate-sweep", "model_dir": model,
             "output_path": str(out_root)}  # fmt: skip
     with tracked_run(experiment_name(model), f"sweep-{flow_run.get_name()}", tags) as parent:

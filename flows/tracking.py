@@ -8,7 +8,6 @@ and every call names the run. One experiment per model, named after it.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -119,6 +118,3 @@ def tracked_run(
         raise
     tracker.finish()
 
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="abliterate-mlflow-")

@@ -26,7 +26,10 @@ def add_flow_options(parser: argparse.ArgumentParser) -> None:
     measure.add_argument(
         "--chat-template-kwargs", default="{}", help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\''
     )
-    measure.add_argument("--direction-method", choices=["mean_diff", "projected"], default="mean_diff")
+    measure.add_argument(
+        "--direction-method", choices=["mean_diff", "projected"], default="projected",
+        help="projected (default): the mean difference made orthogonal to the harmless mean; mean_diff: as is",
+    )  # fmt: skip
     measure.add_argument("--kl-threshold", type=float, default=0.1, help="largest harmless first-token KL a selected direction may cause")
     measure.add_argument("--batch-size", type=int, default=16)
     other = parser.add_argument_group("run")
