@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except AbliterateError as exc:
         print(f"abliterate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
