@@ -15,6 +15,7 @@ import abliterate.directions
 import abliterate.intervention
 import abliterate.measure
 import abliterate.selection
+from abliterate.checkpoint import shard_stamp
 from abliterate.directions import compute_directions, write_directions
 from abliterate.measure import Measurement, MeasureSettings, load_model, measure
 from abliterate.prompts import prompts_sha256
@@ -27,7 +28,7 @@ def _measure_key(_context, p) -> str:
     return make_key(
         "measure",
         code_hash(abliterate.measure),
-        p["fingerprint"],
+        shard_stamp(p["model_dir"]),  # the fingerprint reads headers only; the stamp sees rewritten shards
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
         p["settings"].as_dict(),
