@@ -66,6 +66,9 @@ def test_demo_flow_removes_refusals_and_tracks_everything(first_run):
     client = MlflowClient(tracking_uri())
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # no stray runs: every run of the experiment belongs to a flow run
+    every = client.search_runs([run.info.experiment_id])
+    assert all("prefect.flow_run_id" in r.data.tags for r in every), [r.info.run_name for r in every]
     assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert run.data.tags["output_path"] == str(out)
     params = run.data.params
