@@ -1,0 +1,612 @@
+"""Reliability catalogue (docs/RELIABILITY.md): every bad input and fault through the surfaces a
+user touches. The CLI exits 2 with one line that says what is wrong, where and what to do; a
+Prefect flow run ends Failed with that message; the input checkpoint is byte-identical before
+and after (tests/checkpoint_guard.py); an output is either complete or recognisably unfinished.
+
+Function-level cases live next to their code (test_inventory, test_ablate, test_plan, ...);
+this file drives the same cases through `abliterate ...` and checks what the user is left with.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_guard import snapshot, unchanged
+
+import abliterate.ablate as engine
+from abliterate.ablate import MANIFEST_FILE, STATE_DIR
+from abliterate.checkpoint import INDEX_FILE, build_inventory, choose_profile
+from abliterate.cli import main
+from abliterate.demo import DEMO_MODEL_DIR
+from abliterate.direction_file import save_directions
+from abliterate.errors import AbliterateError
+from abliterate.structure import detect_structure
+from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout
+
+# Shards of ~90 KB: big enough that a small filesystem fills up in the middle of one.
+LAYOUT = GlmLayout(num_layers=3, n_routed_experts=4, hidden_size=64, intermediate_size=64, moe_intermediate_size=32)
+H, POSITIONS = LAYOUT.hidden_size, LAYOUT.num_layers + 1
+SHARDS = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+CLI = "import sys; from abliterate.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def cli(capsys, *args: str | Path) -> tuple[int | str, list[str]]:
+    """Exit code and stderr lines of `abliterate ARGS`; an exception escaping main is a crash."""
+    try:
+        code: int | str = main([str(a) for a in args])
+    except Exception as exc:  # noqa: BLE001 - the CLI promises one line and exit 2, never a traceback
+        code = f"crash: {type(exc).__name__}: {exc}"
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_error(result: tuple[int | str, list[str]], command: str, *fragments: str) -> str:
+    """Exit 2 and one line `abliterate COMMAND: error: ...` holding every fragment (what, where, what to do)."""
+    code, err = result
+    assert code == 2, f"expected exit 2, got {code}"
+    lines = [line for line in err if line.startswith(f"abliterate {command}: error: ")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {s: (folder / s).read_bytes() for s in SHARDS}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small GLM-4.5-layout checkpoint, its directions file and a reference output (via the CLI)."""
+    root = tmp_path_factory.mktemp("reliability")
+    model = write_glm_layout(root / "model", LAYOUT, num_shards=3)
+    gen = torch.Generator().manual_seed(7)
+    directions = save_directions(root / "directions.safetensors", torch.randn(POSITIONS, H, generator=gen),
+                                 {"fingerprint": build_inventory(model).fingerprint, "selected_position": 2})  # fmt: skip
+    reference = root / "reference"
+    args = ["ablate", str(model), "--directions", str(directions), "--out", str(reference), "--quiet"]
+    assert main(args) == 0
+    return model, directions, reference
+
+
+def ablate_args(model: Path, directions: Path, out: Path, *extra: str) -> list[str]:
+    return ["ablate", str(model), "--directions", str(directions), "--out", str(out), "--quiet", *extra]
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def _rewrite_header(shard: Path, change) -> None:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = change(json.loads(raw[8 : 8 + n]))
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def _set_dtype(name: str, dtype: str):
+    def change(header):
+        header[name]["dtype"] = dtype
+        return header
+
+    return change
+
+
+def _edit_json(path: Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _duplicate_in_header(shard: Path) -> None:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + n].decode().rstrip()
+    first = json.loads(text)
+    name = next(k for k in first if k != "__metadata__")
+    new = (text[:-1] + f',"{name}":' + json.dumps(first[name]) + "}").encode()
+    new += b" " * (-len(new) % 8)
+    shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+DAMAGE = {
+    "missing shard": (lambda m: (m / SHARDS[1]).unlink(),
+                      [SHARDS[1], "is missing", "download the complete checkpoint"]),
+    "truncated shard": (lambda m: _truncate(m / SHARDS[2], (m / SHARDS[2]).stat().st_size - 100),
+                        [SHARDS[2], "truncated", "re-download"]),
+    "shard cut inside its header": (lambda m: _truncate(m / SHARDS[0], 100),
+                                    [SHARDS[0], "corrupt or truncated header", "re-download"]),
+    "corrupt header JSON": (lambda m: (m / SHARDS[0]).write_bytes(
+        (m / SHARDS[0]).read_bytes()[:8] + b"!!!!" + (m / SHARDS[0]).read_bytes()[12:]),
+        [SHARDS[0], "corrupt header (invalid JSON", "re-download"]),
+    "index not JSON": (lambda m: (m / INDEX_FILE).write_text("{"),
+                       [INDEX_FILE, "not valid JSON", "restore it"]),
+    "index lists a tensor the shard lacks": (
+        lambda m: _edit_json(m / INDEX_FILE, lambda i: {**i, "weight_map": {**i["weight_map"], "extra.weight": SHARDS[0]}}),
+        ["'extra.weight'", SHARDS[0], "does not hold it", "re-download"]),
+    "shard holds a tensor the index lacks": (
+        lambda m: _edit_json(m / INDEX_FILE, lambda i: {**i, "weight_map": {k: v for k, v in i["weight_map"].items() if k != O_PROJ}}),
+        [O_PROJ, "does not list it", "index and the shards disagree"]),
+    "duplicate tensor name in a header": (lambda m: _duplicate_in_header(m / SHARDS[0]),
+                                          [SHARDS[0], "twice", "re-download"]),
+    "config hidden_size differs from the weights": (
+        lambda m: _edit_json(m / "config.json", lambda c: {**c, "hidden_size": 32}),
+        ["hidden size 32", "config.json's hidden_size does not match the weights"]),
+    "config expert count differs from the weights": (
+        lambda m: _edit_json(m / "config.json", lambda c: {**c, "n_routed_experts": 8}),
+        ["layer 1: config.json says 8 routed experts", "experts.4.down_proj"]),
+    "config has fewer layers than the weights": (
+        lambda m: _edit_json(m / "config.json", lambda c: {**c, "num_hidden_layers": 2}),
+        ["tensors of layer 3 exist", "num_hidden_layers=2", "does not describe this checkpoint"]),
+    "no config.json": (lambda m: (m / "config.json").unlink(), ["config.json is missing", "copy it"]),
+    "unknown architecture": (
+        lambda m: _edit_json(m / "config.json", lambda c: {**c, "model_type": "mystery", "architectures": ["X"]}),
+        ["unknown architecture ['X']", "closest: glm4_moe", "attn_out 4", "--family NAME", "--map 'REGEX=ROLE'"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_checkpoint_fails_in_one_line_and_stays_as_it_was(base, tmp_path, capsys, case):
+    model, _, _ = base
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    damage, fragments = DAMAGE[case]
+    damage(damaged)
+    # A directions file without fingerprint: the checkpoint's own defect must be the error.
+    directions = save_directions(tmp_path / "d.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+    out = tmp_path / "out"
+    with unchanged(damaged):
+        assert_error(cli(capsys, "inventory", damaged), "inventory", *fragments)
+        assert_error(cli(capsys, *ablate_args(damaged, directions, out)), "ablate", *fragments)
+    assert not out.exists()
+
+
+def test_unsupported_dtype_of_a_target_tensor(base, tmp_path, capsys):
+    model, _, _ = base
+    odd = tmp_path / "odd"
+    shutil.copytree(model, odd)
+    shard = odd / build_inventory(model).tensors[O_PROJ].shard
+    _rewrite_header(shard, _set_dtype(O_PROJ, "I16"))  # same byte size as BF16: only the dtype is wrong
+    directions = save_directions(tmp_path / "d.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+    with unchanged(odd):
+        assert_error(cli(capsys, *ablate_args(odd, directions, tmp_path / "out")), "ablate",
+                     O_PROJ, "stored as I16", "only BF16, F16, F32 can be edited")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_checkpoint_is_refused_with_what_to_do(tmp_path, capsys):
+    specs = [("model.embed_tokens.weight", (32, 8), torch.bfloat16),
+             ("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float8_e4m3fn),
+             ("model.layers.0.self_attn.o_proj.weight_scale_inv", (1, 1), torch.float32)]  # fmt: skip
+    model = write_checkpoint(tmp_path / "fp8", specs, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8})
+    directions = save_directions(tmp_path / "d.safetensors", torch.randn(8), {})
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out")), "ablate",
+                     "quantized (FP8", "o_proj", "ablate the unquantized (bf16/fp16/fp32) checkpoint")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
+    """A model of an unknown type that names its attention output its own way: --family gives the
+    layout, --map the odd tensor; without the mapping the structure check names what is missing."""
+    model, _, _ = base
+    odd = tmp_path / "odd"
+    shutil.copytree(model, odd)
+    _edit_json(odd / "config.json", lambda c: {**c, "model_type": "mystery", "architectures": ["MysteryLM"]})
+    renamed = {f"model.layers.{i}.self_attn.o_proj.weight": f"model.layers.{i}.attn.dense.weight" for i in range(4)}
+    for shard in SHARDS:
+        _rewrite_header(odd / shard, lambda h: {renamed.get(k, k): v for k, v in h.items()})
+    _edit_json(odd / INDEX_FILE, lambda i: {**i, "weight_map": {renamed.get(k, k): v for k, v in i["weight_map"].items()}})
+    rule = r"model\.layers\.(?P<layer>\d+)\.attn\.dense\.weight=attn_out"
+    with unchanged(odd):
+        assert_error(cli(capsys, "inventory", odd), "inventory", "closest: glm4_moe", "unrecognised e.g.",
+                     "attn.dense.weight", "--map")  # fmt: skip
+        assert_error(cli(capsys, "inventory", odd, "--family", "glm4_moe"), "inventory",
+                     "layer 0: expected 1 attention output projection (attn_out), found 0")  # fmt: skip
+        assert_error(cli(capsys, "inventory", odd, "--map", rule), "inventory", "pass --family NAME too")
+        assert cli(capsys, "inventory", odd, "--family", "glm4_moe", "--map", rule)[0] == 0
+        structure = detect_structure(build_inventory(odd, choose_profile(odd, "glm4_moe", [rule])))
+    assert structure.roles["attn_out"] == 3 and structure.mtp_roles["attn_out"] == 1
+    for bad, fragment in [("nothing", "write REGEX=ROLE"), ("x=writer", "unknown role 'writer'"),
+                          ("(=attn_out", "not a valid regular expression"),
+                          (r"model\.layers\.\d+\.attn\.dense\.weight=attn_out", "(?P<layer>"),
+                          (r"model\.layers\.(?P<layer>\d+)\.e\.\d+\.w=expert_down", "(?P<expert>")]:  # fmt: skip
+        assert_error(cli(capsys, "inventory", odd, "--family", "glm4_moe", "--map", bad), "inventory", fragment)
+
+
+# ---------------------------------------------------------------- directions
+
+
+def _directions(tmp_path: Path, tensor: torch.Tensor, **metadata) -> Path:
+    return save_directions(tmp_path / "bad.safetensors", tensor, metadata)
+
+
+def _fingerprint(model: Path) -> str:
+    return build_inventory(model).fingerprint
+
+
+BAD_DIRECTIONS = {
+    "wrong hidden size": (lambda m: torch.randn(POSITIONS, 16), {}, ["hidden size is 64"]),
+    "NaN": (lambda m: torch.full((POSITIONS, H), float("nan")), {"selected_position": 2}, ["NaN or Inf"]),
+    "Inf": (lambda m: torch.full((POSITIONS, H), float("inf")), {"selected_position": 2}, ["NaN or Inf"]),
+    "zero vector": (lambda m: torch.zeros(POSITIONS, H), {"selected_position": 2}, ["zero vector"]),
+    "selected position out of range": (lambda m: torch.randn(POSITIONS, H), {"selected_position": 9}, ["out of range"]),
+    "positions of another depth": (lambda m: torch.randn(9, H), {"selected_position": 1},
+                                   ["holds 9 residual positions", "measured on another model"]),
+    "measured on another model": (lambda m: torch.randn(POSITIONS, H), {"selected_position": 2, "fingerprint": "f" * 32},
+                                  ["fingerprint " + "f" * 32, "measure this model, or pass --force"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DIRECTIONS))
+def test_bad_directions_file_fails_and_writes_nothing(base, tmp_path, capsys, case):
+    model, _, _ = base
+    make, metadata, fragments = BAD_DIRECTIONS[case]
+    path = _directions(tmp_path, make(model), **metadata)
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out")), "ablate", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_direction_position_out_of_range(base, tmp_path, capsys):
+    model, directions, _ = base
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--direction-layer", "9")),
+                     "ablate", "direction position 9 is out of range", "positions 0..3")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_directions_pass_with_force_and_a_warning(base, tmp_path, capsys):
+    model, directions, reference = base
+    foreign = save_directions(tmp_path / "foreign.safetensors", *_load_same(directions, fingerprint="f" * 32))
+    with unchanged(model):
+        code, err = cli(capsys, *ablate_args(model, foreign, tmp_path / "out", "--force"))
+    assert code == 0 and any("warning:" in line and "(--force)" in line for line in err)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(reference)  # same numbers, same output
+
+
+def _load_same(path: Path, **changes) -> tuple[torch.Tensor, dict]:
+    from abliterate.direction_file import load_directions
+
+    d = load_directions(path)
+    return d.direction, {"selected_position": d.selected_position, **changes}
+
+
+# ---------------------------------------------------------------- plan
+
+BAD_PLANS = {
+    "layer out of range": (["--layers", "3"], ["layer 3 is out of range", "decoder layers 0..2"]),
+    "layer range backwards": (["--layers", "2-1"], ["runs backwards", "write it as 1-2"]),
+    "unreadable layer spec": (["--layers", "1..2"], ["cannot read '1..2'", "`5,7,9-12`"]),
+    "unknown role": (["--targets", "attn_out,writer"], ["unknown or unsupported target role 'writer'", "choose from"]),
+    "role that is not a target": (["--targets", "norm"], ["target role 'norm'"]),
+    "empty target set": (["--targets", ""], ["target role ''", "choose from"]),
+    "negative scale": (["--scale", "-1"], ["scale -1.0 for layer 0", "outside [0, 2.0]"]),
+    "absurd scale": (["--scale", "1e9"], ["outside [0, 2.0]", "would damage the model"]),
+    "NaN scale": (["--scale", "nan"], ["'nan' is not finite"]),
+    "one scale per layer, wrong count": (["--scale", "1,1"], ["lists 2 values but the plan targets 3 layers"]),
+    "bad kernel": (["--scale", "gauss:center=1"], ["lacks width"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_bad_plan_fails_and_writes_nothing(base, tmp_path, capsys, case):
+    model, directions, _ = base
+    options, fragments = BAD_PLANS[case]
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", *options)), "ablate", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_plan_file(base, tmp_path, capsys):
+    model, directions, _ = base
+    plan = tmp_path / "plan.yaml"
+    for text, fragment in [("layers: [: 1", "not valid YAML"), ("- 1", "must be a mapping")]:
+        plan.write_text(text)
+        with unchanged(model):
+            assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)),
+                         "ablate", fragment)  # fmt: skip
+    assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", tmp_path / "absent.yaml")),
+                 "ablate", "cannot read plan file")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="reported: a plan that matches no tensor writes an unedited copy labelled "
+                   "as ablated (abliterate/ablate.py plan_matches/ablate_checkpoint); flip when fixed")  # fmt: skip
+def test_plan_matching_no_tensor_is_an_error(base, tmp_path, capsys):
+    model, directions, _ = base
+    # layers 1-2 are MoE: they have no dense mlp_down, so this plan edits nothing at all
+    args = ablate_args(model, directions, tmp_path / "out", "--targets", "mlp_down", "--layers", "1-2", "--mtp", "skip")
+    with unchanged(model):
+        assert_error(cli(capsys, *args), "ablate", "matches no tensor")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def test_output_same_as_inside_or_around_the_input(base, tmp_path, capsys):
+    model, directions, _ = base
+    for out, fragment in [(model, "inside the input checkpoint"), (model / "ablated", "inside the input checkpoint"),
+                          (model.parent, "contains the input checkpoint")]:  # fmt: skip
+        with unchanged(model):
+            assert_error(cli(capsys, *ablate_args(model, directions, out)), "ablate", str(out), fragment)
+    assert not (model / "ablated").exists()
+
+
+def test_output_not_empty_or_a_file(base, tmp_path, capsys):
+    model, directions, _ = base
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    with unchanged(model, busy):
+        assert_error(cli(capsys, *ablate_args(model, directions, busy)), "ablate",
+                     "is not empty", "notes.txt", "--overwrite", "choose an empty directory")  # fmt: skip
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "file")), "ablate",
+                     "exists and is not a directory")  # fmt: skip
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs (covered by the injected-failure test)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def mounts():
+    mounted: list[Path] = []
+    yield lambda where, options: (_mount_tmpfs(where, options), mounted.append(where))
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def _no_partial_shard(out: Path, reference: Path) -> None:
+    """Whatever a failed run left: every shard under its final name is complete; no manifest."""
+    assert not (out / MANIFEST_FILE).exists()
+    for shard in SHARDS:
+        if (out / shard).exists():
+            assert (out / shard).read_bytes() == (reference / shard).read_bytes(), f"partial {shard}"
+    assert not list(out.glob(".*.tmp-*")), "temporary shard left behind"
+
+
+def test_output_on_a_read_only_filesystem(base, tmp_path, capsys, mounts):
+    """Root ignores file modes, so a read-only mount stands for an unwritable output."""
+    model, directions, _ = base
+    mounts(tmp_path / "ro", "ro,size=64k")
+    with unchanged(model):
+        code, err = cli(capsys, *ablate_args(model, directions, tmp_path / "ro" / "out"))
+    assert code != 0 and not (tmp_path / "ro" / "out").exists()
+
+
+def test_disk_full_mid_shard_leaves_no_partial_shard_and_a_rerun_completes(base, tmp_path, capsys, mounts):
+    model, directions, reference = base
+    small = [p for p in model.iterdir() if p.name not in SHARDS]
+    # Room for the copied small files, the run's records, shard 1 and half of shard 2.
+    room = 32 * 1024 + sum(p.stat().st_size for p in small) + (model / SHARDS[0]).stat().st_size
+    room += (model / SHARDS[1]).stat().st_size // 2
+    disk = tmp_path / "disk"
+    mounts(disk, f"size={(room // 4096 + 1) * 4}k")
+    out = disk / "out"
+    args = ablate_args(model, directions, out, "--workers", "1")
+    with unchanged(model):
+        code, _ = cli(capsys, *args)
+        assert code != 0
+        _no_partial_shard(out, reference)
+        assert (out / SHARDS[0]).is_file() and not (out / SHARDS[1]).exists()  # failed inside shard 2
+        kept = (out / SHARDS[0]).stat().st_mtime_ns
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)  # the user frees space
+        assert cli(capsys, *args)[0] == 0
+    assert (out / SHARDS[0]).stat().st_mtime_ns == kept  # the finished shard is not redone
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def _fail_writes_after(monkeypatch, calls: int, error: OSError) -> None:
+    """Make the engine's n-th write of edited bytes fail, as a full or broken disk does."""
+    count = [0]
+    write = engine._write_rounded
+
+    def failing(dst, work, dtype):
+        count[0] += 1
+        if count[0] > calls:
+            raise error
+        write(dst, work, dtype)
+
+    monkeypatch.setattr(engine, "_write_rounded", failing)
+
+
+def test_injected_write_failure_leaves_no_partial_shard_and_a_rerun_completes(base, tmp_path, capsys, monkeypatch):
+    """The same as the small filesystem, anywhere: the write of an edited tensor fails mid-shard."""
+    model, directions, reference = base
+    edited_in_first = sum(1 for e in json.loads((reference / MANIFEST_FILE).read_text())["edited"]
+                          if e["shard"] == SHARDS[0])  # fmt: skip
+    out = tmp_path / "out"
+    args = ablate_args(model, directions, out, "--workers", "1")
+    with unchanged(model):
+        with monkeypatch.context() as patch:
+            _fail_writes_after(patch, edited_in_first + 2, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            code, _ = cli(capsys, *args)
+        assert code != 0
+        _no_partial_shard(out, reference)
+        assert (out / SHARDS[0]).is_file() and not (out / SHARDS[1]).exists()
+        assert cli(capsys, *args)[0] == 0
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not (out / STATE_DIR).exists()
+
+
+@pytest.mark.xfail(strict=True, reason="reported: OSError from writing the output escapes as a traceback "
+                   "(abliterate/ablate.py prepare_output/ablate_shard); flip when fixed")  # fmt: skip
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_write_failures_are_one_line_errors(base, tmp_path, capsys, monkeypatch, err):
+    model, directions, _ = base
+    _fail_writes_after(monkeypatch, 3, OSError(err, os.strerror(err)))
+    result = cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--workers", "1"))
+    assert_error(result, "ablate", os.strerror(err), "model-0000", "rerun")  # what, which shard, what to do
+
+
+# ---------------------------------------------------------------- process
+
+KILLER = """
+import os, signal, sys
+import abliterate.ablate as engine
+calls, kill_at = [0], int(sys.argv[1])
+copy = engine._copy_range
+def killing_copy(*args):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    copy(*args)
+engine._copy_range = killing_copy
+from abliterate.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_with_parallel_workers_then_rerun_is_bit_identical(base, tmp_path):
+    """Killed between byte copies while two shards are being written at once (--workers 2)."""
+    model, directions, reference = base
+    out = tmp_path / "out"
+    args = ablate_args(model, directions, out, "--workers", "2")
+    copies = len(json.loads((reference / MANIFEST_FILE).read_text())["edited"]) + len(SHARDS)  # ranges copied
+    with unchanged(model):
+        killed = subprocess.run([sys.executable, "-c", KILLER, str(copies // 2), *args], capture_output=True)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+        assert not (out / MANIFEST_FILE).exists() and not all((out / s).exists() for s in SHARDS)
+        _no_partial_shard_but_temps(out, reference)
+        rerun = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not list(out.glob(".*")), "temporary files or records left in a finished output"
+
+
+def _no_partial_shard_but_temps(out: Path, reference: Path) -> None:
+    """After a SIGKILL no cleanup ran: temp files may remain, never a partial shard under its name."""
+    for shard in SHARDS:
+        if (out / shard).exists():
+            assert (out / shard).read_bytes() == (reference / shard).read_bytes(), f"partial {shard}"
+
+
+def test_two_runs_to_different_outputs_at_once(base, tmp_path):
+    model, directions, reference = base
+    with unchanged(model):
+        runs = [subprocess.Popen([sys.executable, "-c", CLI, *ablate_args(model, directions, tmp_path / name)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("a", "b")]  # fmt: skip
+        results = [(run.wait(timeout=120), run.stderr.read().decode()) for run in runs]
+    assert [code for code, _ in results] == [0, 0], results
+    assert shard_bytes(tmp_path / "a") == shard_bytes(reference) == shard_bytes(tmp_path / "b")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompts")
+    good = root / "harmless.txt"
+    good.write_text("Write a haiku about spring.\nName three rivers.\nHow do magnets work?\n")
+    files = {
+        "empty": (b"", ["no prompts", "empty"]),
+        "blank lines only": (b"\n   \n\t\n\n", ["no prompts", "blank"]),
+        "not UTF-8": (b"Name a colour.\nCaf\xe9 menu ideas\n", ["not valid UTF-8 at byte offset 18 (line 2)", "re-save"]),
+    }  # fmt: skip
+    for name, (data, _) in files.items():
+        (root / f"{name}.txt").write_bytes(data)
+    huge = root / "huge.txt"
+    huge.write_text("Name a colour.\n" + "word " * 400 + "\nHow do I pick a lock?\n")
+    return root, good, files, huge
+
+
+@pytest.mark.parametrize("case", ["empty", "blank lines only", "not UTF-8"])
+def test_bad_prompt_file_fails_before_any_work(prompts, tmp_path, capsys, case):
+    root, good, files, _ = prompts
+    bad = root / f"{case}.txt"
+    with unchanged(DEMO_MODEL_DIR):
+        result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", bad, "--harmless", good, "--out", tmp_path / "m",
+                     "--select", "none")  # fmt: skip
+    assert_error(result, "measure", str(bad), *files[case][1])
+    assert not (tmp_path / "m").exists()
+
+
+def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
+    root, good, _, huge = prompts
+    with unchanged(DEMO_MODEL_DIR):
+        result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", huge, "--harmless", good, "--out", tmp_path / "m",
+                     "--select", "none")  # fmt: skip
+    assert_error(result, "measure", "harmful prompt #1 is", "more than the model's context of 256 tokens",
+                 "shorten or remove it")  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------- Prefect
+
+
+@pytest.mark.slow
+def test_flow_fails_on_a_damaged_checkpoint_in_the_inventory_task(prefect_env, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.main import abliterate_flow
+
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    _truncate(model / SHARDS[1], (model / SHARDS[1]).stat().st_size - 64)
+    out = tmp_path / "out"
+    with unchanged(model):
+        # streaming="never": nothing reads the checkpoint before the inventory task
+        state = abliterate_flow(model=str(model), out=str(out), prompt_set="demo", evaluate=False, streaming="never",
+                                return_state=True)  # fmt: skip
+    assert state.is_failed()
+    assert SHARDS[1] in state.message and "truncated" in state.message and "re-download" in state.message
+    with pytest.raises(AbliterateError, match="truncated"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=flow_run)
+    inventory = [r for r in runs if r.name.startswith("weight-inventory")]
+    assert [r.state.type.value for r in inventory] == ["FAILED"] and "truncated" in inventory[0].state.message
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_flow_fails_on_a_layer_out_of_range(prefect_env, tmp_path):
+    from flows.main import abliterate_flow
+
+    out = tmp_path / "out"
+    with unchanged(DEMO_MODEL_DIR):
+        state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), prompt_set="demo", layers="99",
+                                evaluate=False, return_state=True)  # fmt: skip
+    assert state.is_failed()
+    assert "layer 99 is out of range" in state.message and "decoder layers 0..4" in state.message
+    assert not out.exists()
+
+
+def test_guard_notices_a_change(tmp_path):
+    """The guard itself: a rewritten byte, an added file and a touched mtime all fail it."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(b"abc")
+    before = snapshot(folder)
+    for change in (lambda: (folder / "a.safetensors").write_bytes(b"abd"),
+                   lambda: (folder / ".a.tmp").write_bytes(b""),
+                   lambda: os.utime(folder / "a.safetensors", ns=(1, 1))):  # fmt: skip
+        with pytest.raises(AssertionError, match="was modified"):
+            with unchanged(folder):
+                change()
+    assert snapshot(folder) != before
