@@ -261,6 +261,25 @@ def test_bad_directions_file_fails_and_writes_nothing(base, tmp_path, capsys, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_unreadable_directions_file(base, tmp_path, capsys):
+    model, directions, _ = base
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(directions.read_bytes()[:50])
+    for path, fragments in [(tmp_path / "absent.safetensors", ["does not exist", "run `abliterate measure` first"]),
+                            (cut, [str(cut), "is not a readable safetensors file"])]:  # fmt: skip
+        with unchanged(model):
+            assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out")), "ablate", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="reported: a non-integer selected_position in a directions file's metadata "
+                   "escapes as ValueError (abliterate/direction_file.py); flip when fixed")  # fmt: skip
+def test_directions_metadata_of_the_wrong_type(base, tmp_path, capsys):
+    model, _, _ = base
+    path = _directions(tmp_path, torch.randn(POSITIONS, H), selected_position="x")
+    assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out")), "ablate", "selected_position")
+
+
 def test_direction_position_out_of_range(base, tmp_path, capsys):
     model, directions, _ = base
     with unchanged(model):
@@ -293,7 +312,7 @@ BAD_PLANS = {
     "unreadable layer spec": (["--layers", "1..2"], ["cannot read '1..2'", "`5,7,9-12`"]),
     "unknown role": (["--targets", "attn_out,writer"], ["unknown or unsupported target role 'writer'", "choose from"]),
     "role that is not a target": (["--targets", "norm"], ["target role 'norm'"]),
-    "empty target set": (["--targets", ""], ["target role ''", "choose from"]),
+    "empty target set": (["--targets", ""], ["''", "choose from"]),  # (reported: should say "empty")
     "negative scale": (["--scale", "-1"], ["scale -1.0 for layer 0", "outside [0, 2.0]"]),
     "absurd scale": (["--scale", "1e9"], ["outside [0, 2.0]", "would damage the model"]),
     "NaN scale": (["--scale", "nan"], ["'nan' is not finite"]),
@@ -552,6 +571,17 @@ def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
     assert_error(result, "measure", "harmful prompt #1 is", "more than the model's context of 256 tokens",
                  "shorten or remove it")  # fmt: skip
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="reported: `abliterate measure` writes directions.safetensors into the "
+                   "input checkpoint when --out is the model directory (abliterate/cli/measure.py run); flip when fixed")  # fmt: skip
+def test_measure_output_inside_the_model_is_refused(prompts, tmp_path, capsys):
+    _, good, _, _ = prompts
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    with unchanged(model):
+        result = cli(capsys, "measure", model, "--harmful", good, "--harmless", good, "--out", model, "--select", "none")
+        assert_error(result, "measure", "inside the input checkpoint")
 
 
 # ---------------------------------------------------------------- Prefect
