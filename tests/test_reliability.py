@@ -244,6 +244,7 @@ BAD_DIRECTIONS = {
     "Inf": (lambda m: torch.full((POSITIONS, H), float("inf")), {"selected_position": 2}, ["NaN or Inf"]),
     "zero vector": (lambda m: torch.zeros(POSITIONS, H), {"selected_position": 2}, ["zero vector"]),
     "selected position out of range": (lambda m: torch.randn(POSITIONS, H), {"selected_position": 9}, ["out of range"]),
+    "direction of another shape": (lambda m: torch.randn(POSITIONS, H, 2), {}, ["expected [positions, hidden] or [hidden]"]),
     "positions of another depth": (lambda m: torch.randn(9, H), {"selected_position": 1},
                                    ["holds 9 residual positions", "measured on another model"]),
     "measured on another model": (lambda m: torch.randn(POSITIONS, H), {"selected_position": 2, "fingerprint": "f" * 32},
