@@ -28,8 +28,9 @@ import shutil
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.checkpoint import Inventory, TensorInfo, build_inventory, fingerprint, read_header
+from abliterate.checkpoint import (
+    Inventory,
+    TensorInfo,
+    build_inventory,
+    check_output_location,
+    fingerprint,
+    read_header,
+)
 from abliterate.direction_file import Directions, load_directions
 from abliterate.directions import library_versions
 from abliterate.errors import AbliterateError
 from abliterate.orthogonalize import norm_preserving_, project_out_, projected_direction
 from abliterate.plan import AblationPlan, build_plan
+from abliterate.profiles import Profile
 from abliterate.structure import Structure, detect_structure
 
 MANIFEST_FILE = "abliteration.json"
@@ -119,9 +128,14 @@ class PreparedOutput:
 # ---------------------------------------------------------------- inputs and plan
 
 
-def load_inputs(model_dir: str | Path, directions_path: str | Path, force: bool = False) -> AblationInputs:
-    """Inventory, structure and directions, cross-checked; refuses quantized checkpoints."""
-    inventory = build_inventory(model_dir)
+def load_inputs(
+    model_dir: str | Path, directions_path: str | Path, force: bool = False, profile: Profile | None = None
+) -> AblationInputs:
+    """Inventory, structure and directions, cross-checked; refuses quantized checkpoints.
+
+    `profile`: role rules for a model whose config.json names no known family (see `choose_profile`).
+    """
+    inventory = build_inventory(model_dir, profile)
     if inventory.quantization:
         name, kind = next(iter(inventory.quantization.items()))
         raise AbliterateError(
@@ -249,6 +263,11 @@ def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure 
         side = "reader" if t.role == "router" else "embed" if t.role == "embed" else "writer"
         method = "plain" if side == "reader" and plan.method == "norm_preserving" else plan.method
         matches.append(Match(t, plan.scale_for(t.layer), plan.position_for(t.layer), side, method))
+    if not matches:
+        raise AbliterateError(
+            f"the plan matches no tensor: roles {', '.join(plan.roles())} do not exist in layers {plan.layer_spec} of "
+            f"{inventory.model_dir}; choose other --targets or --layers (see `abliterate inventory`)"
+        )
     return matches
 
 
@@ -321,11 +340,7 @@ def prepare_output(
     (and refuses one holding weight files the checkpoint lacks).
     """
     model_dir = inputs.inventory.model_dir.resolve()
-    out = Path(out_dir).resolve()
-    if out == model_dir or model_dir in out.parents:
-        raise AbliterateError(f"output {out} is inside the input checkpoint {model_dir}: choose a directory outside it")
-    if out in model_dir.parents:
-        raise AbliterateError(f"output {out} contains the input checkpoint {model_dir}: choose another directory")
+    out = check_output_location(model_dir, out_dir)
     if out.exists() and not out.is_dir():
         raise AbliterateError(f"output {out} exists and is not a directory")
     key = run_key(plan, inputs.directions, inputs.inventory)
@@ -354,9 +369,10 @@ def prepare_output(
             kept = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
             warnings.append(f"--overwrite keeps the files of {out} that the checkpoint does not have ({kept})")
     state = out / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob(".*.tmp-*")) + list(state.glob(".*.tmp-*")):
-        stale.unlink()  # temporary files of a killed run
+    with _writing(out):
+        state.mkdir(parents=True, exist_ok=True)
+        for stale in list(out.glob(".*.tmp-*")) + list(state.glob(".*.tmp-*")):
+            stale.unlink()  # temporary files of a killed run
     _write_json_atomic(state / "run.json", {"run_key": key, "plan": plan.to_dict()})
 
     copied = []
@@ -370,10 +386,23 @@ def prepare_output(
             warnings.append(f"{path.name} holds weights outside the checkpoint's shards: not copied")
             continue
         tmp = out / f".{path.name}.tmp-{os.getpid()}"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, out / path.name)
+        with _writing(out / path.name):
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, out / path.name)
         copied.append(path.name)
     return PreparedOutput(out, key, resumed, copied, warnings)
+
+
+@contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """A failed write to the output (disk full, read-only, permissions) becomes one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        raise AbliterateError(
+            f"cannot write {target}: {exc.strerror or exc}; free space or fix the permissions, then rerun the "
+            "same command (finished shards are kept)"
+        ) from exc
 
 
 def _recorded_run_key(out: Path) -> str | None:
@@ -395,12 +424,16 @@ def _clear(out: Path) -> None:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with _writing(path):
+        try:
+            with open(tmp, "w") as handle:
+                json.dump(data, handle, indent=2)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- one shard
@@ -431,24 +464,25 @@ def ablate_shard(
     vectors = {m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer) for m in mine}
     src = inputs.inventory.model_dir / shard
     tmp = out / f".{shard}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb", buffering=0) as fout:
-            size = os.fstat(fin.fileno()).st_size
-            # Copy-on-write mapping: writable for torch.frombuffer, never written to.
-            mapped = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_COPY)
-            try:
-                position = 0
-                for m in mine:
-                    _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
-                    _edit_tensor(mapped, fout.fileno(), m, vectors[m.tensor.layer])
-                    position = m.tensor.end
-                _copy_range(fin.fileno(), fout.fileno(), position, size - position)
-            finally:
-                _close(mapped)
-            os.fsync(fout.fileno())
-        os.replace(tmp, out / shard)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _writing(out / shard):
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb", buffering=0) as fout:
+                size = os.fstat(fin.fileno()).st_size
+                # Copy-on-write mapping: writable for torch.frombuffer, never written to.
+                mapped = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_COPY)
+                try:
+                    position = 0
+                    for m in mine:
+                        _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
+                        _edit_tensor(mapped, fout.fileno(), m, vectors[m.tensor.layer])
+                        position = m.tensor.end
+                    _copy_range(fin.fileno(), fout.fileno(), position, size - position)
+                finally:
+                    _close(mapped)
+                os.fsync(fout.fileno())
+            os.replace(tmp, out / shard)
+        finally:
+            tmp.unlink(missing_ok=True)
     result = ShardResult(
         shard=shard,
         key=key,

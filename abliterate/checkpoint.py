@@ -358,3 +358,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_location(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """The resolved output path, refused when it is, lies inside, or contains the input checkpoint."""
+    model_dir, out = Path(model_dir).resolve(), Path(out_dir).resolve()
+    if out == model_dir or model_dir in out.parents:
+        raise AbliterateError(f"output {out} is inside the input checkpoint {model_dir}: choose a directory outside it")
+    if out in model_dir.parents:
+        raise AbliterateError(f"output {out} contains the input checkpoint {model_dir}: choose another directory")
+    return out

@@ -45,7 +45,14 @@ class Directions:
     @property
     def selected_position(self) -> int | None:
         value = self.metadata.get("selected_position")
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise AbliterateError(
+                f"{self._where()} records selected_position {value!r}, not a residual position number: "
+                "fix the file's metadata or pass an explicit direction position"
+            )
+        return value
 
     @property
     def fingerprint(self) -> str | None:

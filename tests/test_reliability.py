@@ -202,7 +202,7 @@ def test_quantized_checkpoint_is_refused_with_what_to_do(tmp_path, capsys):
 def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
     """A model of an unknown type that names its attention output its own way: --family gives the
     layout, --map the odd tensor; without the mapping the structure check names what is missing."""
-    model, _, _ = base
+    model, directions, _ = base
     odd = tmp_path / "odd"
     shutil.copytree(model, odd)
     _edit_json(odd / "config.json", lambda c: {**c, "model_type": "mystery", "architectures": ["MysteryLM"]})
@@ -219,7 +219,13 @@ def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
         assert_error(cli(capsys, "inventory", odd, "--map", rule), "inventory", "pass --family NAME too")
         assert cli(capsys, "inventory", odd, "--family", "glm4_moe", "--map", rule)[0] == 0
         structure = detect_structure(build_inventory(odd, choose_profile(odd, "glm4_moe", [rule])))
+        # the same rules carry into the ablation: the renamed attention outputs are edited
+        out = tmp_path / "odd-out"
+        args = ablate_args(odd, directions, out, "--family", "glm4_moe", "--map", rule, "--force")
+        assert cli(capsys, *args)[0] == 0
     assert structure.roles["attn_out"] == 3 and structure.mtp_roles["attn_out"] == 1
+    edited = {e["name"] for e in json.loads((out / MANIFEST_FILE).read_text())["edited"]}
+    assert set(renamed.values()) <= edited
     for bad, fragment in [("nothing", "write REGEX=ROLE"), ("x=writer", "unknown role 'writer'"),
                           ("(=attn_out", "not a valid regular expression"),
                           (r"model\.layers\.\d+\.attn\.dense\.weight=attn_out", "(?P<layer>"),
@@ -273,8 +279,6 @@ def test_unreadable_directions_file(base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a non-integer selected_position in a directions file's metadata "
-                   "escapes as ValueError (abliterate/direction_file.py); flip when fixed")  # fmt: skip
 def test_directions_metadata_of_the_wrong_type(base, tmp_path, capsys):
     model, _, _ = base
     path = _directions(tmp_path, torch.randn(POSITIONS, H), selected_position="x")
@@ -344,8 +348,6 @@ def test_bad_plan_file(base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a plan that matches no tensor writes an unedited copy labelled "
-                   "as ablated (abliterate/ablate.py plan_matches/ablate_checkpoint); flip when fixed")  # fmt: skip
 def test_plan_matching_no_tensor_is_an_error(base, tmp_path, capsys):
     model, directions, _ = base
     # layers 1-2 are MoE: they have no dense mlp_down, so this plan edits nothing at all
@@ -471,8 +473,6 @@ def test_injected_write_failure_leaves_no_partial_shard_and_a_rerun_completes(ba
     assert not (out / STATE_DIR).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: OSError from writing the output escapes as a traceback "
-                   "(abliterate/ablate.py prepare_output/ablate_shard); flip when fixed")  # fmt: skip
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_write_failures_are_one_line_errors(base, tmp_path, capsys, monkeypatch, err):
     model, directions, _ = base
@@ -574,8 +574,6 @@ def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: `abliterate measure` writes directions.safetensors into the "
-                   "input checkpoint when --out is the model directory (abliterate/cli/measure.py run); flip when fixed")  # fmt: skip
 def test_measure_output_inside_the_model_is_refused(prompts, tmp_path, capsys):
     _, good, _, _ = prompts
     model = tmp_path / "demo"

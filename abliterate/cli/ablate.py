@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from abliterate.checkpoint import choose_profile
+from abliterate.cli.inventory import add_profile_options
 from abliterate.errors import AbliterateError
 from abliterate.plan import DEFAULT_TARGETS, MAX_SCALE, TARGET_ROLES, AblationPlan
 
@@ -107,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each holds up to one tensor in float32)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_profile_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise AbliterateError(f"--workers must be at least 1, got {args.workers}")
-    inputs = load_inputs(args.model, args.directions, args.force)
+    profile = choose_profile(args.model, args.family, args.map)
+    inputs = load_inputs(args.model, args.directions, args.force, profile)
     if args.plan:
         plan = resolve_plan(AblationPlan.from_yaml(_read(args.plan)), inputs)
     else:

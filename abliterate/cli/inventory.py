@@ -26,6 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_profile_options(parser)
+    parser.add_argument(
+        "--track",
+        action="store_true",
+        help="run as the Prefect `inventory` flow (cached tasks) and log the counts to MLflow",
+    )
+    parser.set_defaults(func=run)
+
+
+def add_profile_options(parser: argparse.ArgumentParser) -> None:
+    """--family and --map: role rules for checkpoints whose config.json names no known family."""
     parser.add_argument(
         "--family",
         choices=sorted(PROFILES),
@@ -42,12 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'model\\.layers\\.(?P<layer>\\d+)\\.attention\\.dense\\.weight=attn_out'. The residual axis is the "
         "role's usual one (writers: rows, readers and embed: columns)",
     )
-    parser.add_argument(
-        "--track",
-        action="store_true",
-        help="run as the Prefect `inventory` flow (cached tasks) and log the counts to MLflow",
-    )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -173,13 +173,14 @@ def parse_select(text: str) -> int | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.checkpoint import fingerprint
+    from abliterate.checkpoint import check_output_location, fingerprint
     from abliterate.directions import compute_directions, write_directions
     from abliterate.measure import MeasureSettings, load_model, measure
     from abliterate.prompts import load_prompts, split_prompts
     from abliterate.selection import SelectionSettings, select_direction
     from abliterate.streaming import choose_streaming, measure_streamed, parse_size
 
+    check_output_location(args.model, args.out)  # never write into the input checkpoint
     select = parse_select(args.select)
     settings = MeasureSettings.create(
         chat_template_kwargs=parse_template_kwargs(args.chat_template_kwargs),
