@@ -9,24 +9,38 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from checkpoint_guard import unchanged  # noqa: E402
 
+from abliterate.demo import DEMO_MODEL_DIR  # noqa: E402
 from abliterate.synthetic import GlmLayout, write_glm_layout  # noqa: E402
 
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_model_unchanged():
+    """No test may write into the committed demo model: its files are hashed before and after."""
+    with unchanged(DEMO_MODEL_DIR):
+        yield
+
+
 @pytest.fixture(scope="session")
 def glm_air_layout(tmp_path_factory) -> "os.PathLike":
-    """GLM-4.5-Air's full tensor layout (18,329 tensors, 8 shards) at tiny widths. Read-only."""
-    return write_glm_layout(tmp_path_factory.mktemp("glm") / "glm-air-layout", GlmLayout(), num_shards=8)
+    """GLM-4.5-Air's full tensor layout (18,329 tensors, 8 shards) at tiny widths. Read-only:
+    hashed when made and again at the end of the session."""
+    path = write_glm_layout(tmp_path_factory.mktemp("glm") / "glm-air-layout", GlmLayout(), num_shards=8)
+    with unchanged(path):
+        yield path
 
 
 @pytest.fixture(scope="session")
 def glm_air_layout_fused(tmp_path_factory):
     """The same layout saved with fused 3-D expert tensors (transformers' save_original_format=False)."""
-    return write_glm_layout(
+    path = write_glm_layout(
         tmp_path_factory.mktemp("glm") / "glm-air-fused", GlmLayout(fused_experts=True), num_shards=8
     )
+    with unchanged(path):
+        yield path
 
 
 @pytest.fixture(scope="session")
