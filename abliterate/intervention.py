@@ -1,8 +1,13 @@
-"""Inference-time directional ablation: remove one direction from the residual stream.
+"""Inference-time directional ablation: remove one direction from everything that writes
+into the residual stream.
 
-The residual stream is the sum of the embedding output and of every decoder layer's
-writes, so projecting the embedding output and each decoder layer's output removes the
-direction everywhere the model reads it. Used to choose a direction before editing weights.
+The residual stream is the sum of the embedding output and of every attention and MLP output
+(for MoE layers: routed experts plus shared expert), so projecting each of those writes is
+exactly what orthogonalising the embedding, o_proj, down_proj and every expert's down_proj
+does to the weights. Projecting only whole decoder-layer outputs would not be: inside a layer
+the MLP would still read the direction its attention just wrote. Used to score candidate
+directions before editing weights (router edits, which act on the normed stream, are not
+modelled here).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ def directional_ablation(model: torch.nn.Module, direction: torch.Tensor) -> Ite
     """Within the block, `model` runs with the component along `direction` [H] removed.
 
     Works for transformers causal LMs laid out as model.model.embed_tokens and
-    model.model.layers[i] (GLM-4.5, Llama, Qwen, Mistral). Hooks are removed on exit.
+    model.model.layers[i].self_attn / .mlp (GLM-4.5, Llama, Qwen, Mistral). Hooks are removed on exit.
     """
     unit = direction.detach().float().flatten()
     unit = unit / unit.norm()
@@ -36,7 +41,8 @@ def directional_ablation(model: torch.nn.Module, direction: torch.Tensor) -> Ite
     base = model.model
     handles = [base.embed_tokens.register_forward_hook(hook)]
     try:
-        handles += [layer.register_forward_hook(hook) for layer in base.layers]
+        for layer in base.layers:
+            handles += [layer.self_attn.register_forward_hook(hook), layer.mlp.register_forward_hook(hook)]
         yield
     finally:
         for h in handles:

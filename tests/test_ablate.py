@@ -275,11 +275,12 @@ def test_output_side_biases(tmp_path):
 def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(tmp_path):
     """The edited checkpoint, loaded in transformers, computes exactly what the original computes when
     every write into the residual stream (embedding, attention output, MLP/MoE output) has r projected
-    out at run time. Routers are left out: they read the RMS-normed stream, whose per-channel gain
+    out at run time by `abliterate.intervention.directional_ablation`, the ablation selection scores. Routers are left out: they read the RMS-normed stream, whose per-channel gain
     brings an r component back, so editing them changes more than the writes."""
     from tiny_chat_model import HARMFUL, build_tiny_chat_model
 
     from abliterate.chat import render_chat
+    from abliterate.intervention import directional_ablation
     from abliterate.measure import load_model
 
     src = build_tiny_chat_model(tmp_path / "tiny")
@@ -291,21 +292,10 @@ def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(
     batch = tokenizer(render_chat(tokenizer, HARMFUL), return_tensors="pt", padding=True, add_special_tokens=False)
     r = load_inputs(src, directions).directions.vector(2)
 
-    def project(_module, _inputs, output):
-        if isinstance(output, tuple):
-            return (project(None, None, output[0]), *output[1:])
-        return output - (output @ r).unsqueeze(-1) * r
-
     with torch.inference_mode():
         plain = original(**batch).logits
-        base = original.model
-        modules = [base.embed_tokens] + [m for layer in base.layers for m in (layer.self_attn, layer.mlp)]
-        handles = [m.register_forward_hook(project) for m in modules]
-        try:
+        with directional_ablation(original, r):  # the inference-time ablation direction selection scores
             hooked = original(**batch).logits
-        finally:
-            for h in handles:
-                h.remove()
         edited = ablated(**batch).logits
     assert (plain - hooked).abs().max() > 1e-2  # the direction matters
     torch.testing.assert_close(edited, hooked, rtol=0, atol=1e-5)

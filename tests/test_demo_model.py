@@ -162,7 +162,9 @@ def test_one_direction_mediates_refusal(demo):
 
 def test_ablation_hooks_are_removed_even_on_error(demo):
     model, tokenizer = demo
-    modules = [model.model.embed_tokens, *model.model.layers]
+    modules = [model.model.embed_tokens]
+    for layer in model.model.layers:  # every writer into the residual stream: attention and MLP outputs
+        modules += [layer.self_attn, layer.mlp]
     before = [dict(m._forward_hooks) for m in modules]  # transformers keeps its own recording hooks
     direction = torch.ones(model.config.hidden_size)
     with pytest.raises(RuntimeError, match="boom"), directional_ablation(model, direction):
