@@ -261,7 +261,9 @@ def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure 
         if t.dtype not in TORCH_DTYPES:
             raise AbliterateError(f"{t.name} is stored as {t.dtype}; only {', '.join(TORCH_DTYPES)} can be edited")
         side = "reader" if t.role == "router" else "embed" if t.role == "embed" else "writer"
-        method = "plain" if side == "reader" and plan.method == "norm_preserving" else plan.method
+        # norm preservation is defined for matrix columns: routers and biases get the plain edit
+        plain_only = side == "reader" or t.role.endswith("_bias")
+        method = "plain" if plain_only and plan.method == "norm_preserving" else plan.method
         matches.append(Match(t, plan.scale_for(t.layer), plan.position_for(t.layer), side, method))
     if not matches:
         raise AbliterateError(
@@ -375,22 +377,34 @@ def prepare_output(
             stale.unlink()  # temporary files of a killed run
     _write_json_atomic(state / "run.json", {"run_key": key, "plan": plan.to_dict()})
 
+    to_copy, skipped = files_to_copy(model_dir, set(inputs.inventory.shards))
+    warnings += skipped
     copied = []
-    for path in sorted(model_dir.iterdir()):
-        if path.name in shards or path.name == MANIFEST_FILE:
-            continue  # an input that is itself an ablation output: its manifest is recorded, not copied
-        if path.is_dir():
-            warnings.append(f"subdirectory {path.name}/ of the input is not copied")
-            continue
-        if path.name.endswith(WEIGHT_SUFFIXES):
-            warnings.append(f"{path.name} holds weights outside the checkpoint's shards: not copied")
-            continue
+    for path in to_copy:
         tmp = out / f".{path.name}.tmp-{os.getpid()}"
         with _writing(out / path.name):
             shutil.copyfile(path, tmp)
             os.replace(tmp, out / path.name)
         copied.append(path.name)
     return PreparedOutput(out, key, resumed, copied, warnings)
+
+
+def files_to_copy(model_dir: Path, shards: set[str]) -> tuple[list[Path], list[str]]:
+    """The input's non-weight files that an output gets verbatim (config, tokenizer, index, code),
+    and a warning for each thing left out: subfolders, and weight files outside the shards (they
+    would carry the direction). An input that is itself an ablation output keeps its manifest in
+    the new one (`input_manifest`), so the file is not copied."""
+    copy, skipped = [], []
+    for path in sorted(model_dir.iterdir()):
+        if path.name in shards or path.name == MANIFEST_FILE or path.name.startswith("."):
+            continue
+        if path.is_dir():
+            skipped.append(f"subdirectory {path.name}/ of the input is not copied")
+        elif path.name.endswith(WEIGHT_SUFFIXES):
+            skipped.append(f"{path.name} holds weights outside the checkpoint's shards: not copied")
+        else:
+            copy.append(path)
+    return copy, skipped
 
 
 @contextmanager

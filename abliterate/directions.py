@@ -6,7 +6,7 @@ normalize(mean_harmless_i) removed first, so ablating r_i leaves the harmless me
 direction untouched. On the demo model this matters: ablating a `mean_diff` direction at
 any position changes harmless first-token distributions by KL 0.19-1.0 and makes the model
 refuse harmless requests, while the `projected` ones stay under KL 0.08 and remove the
-refusals (see the measure tests and README figures).
+refusals (see tests/test_selection.py).
 
 Statistics per residual position i:
 - `mean_diff_norm`: |mean_harmful_i - mean_harmless_i| (how far apart the two sets are);

@@ -30,8 +30,8 @@ drafts would disagree with the ablated model (fewer accepted tokens, refusals pr
 layer is a target, with that layer's scale; under `own` it uses the direction at its own index
 (position L, the last decoder layer's output, which is what it reads). `skip` leaves it as is.
 
-Embedding rows (`embed` target) use the scale at layer 0 (constant: the constant; list: the
-first entry; kernel: the kernel at 0).
+Embedding rows (`embed` target) use a scale of their own (constant: the constant; list: the
+first value, i.e. the first target layer's; kernel: the kernel at layer 0).
 """
 
 from __future__ import annotations

@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.ablate import MANIFEST_FILE, WEIGHT_SUFFIXES, direction_for, plan_matches
+from abliterate.ablate import MANIFEST_FILE, WEIGHT_SUFFIXES, direction_for, files_to_copy, plan_matches
 from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
 from abliterate.errors import AbliterateError
 from abliterate.plan import AblationPlan
+from abliterate.profiles import Profile
 
 UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
 FLOAT32_UNIT = 2.0**-24
@@ -162,8 +163,11 @@ def validate_output(
     ablated_dir: str | Path,
     directions_path: str | Path | None = None,
     progress: bool = True,
+    profile: Profile | None = None,
 ) -> ValidationReport:
     """Compare an ablated checkpoint with its input; see the module docstring for the checks.
+
+    `profile`: the role rules the ablation used for a model of an unknown type (--family/--map).
 
     `directions_path` overrides the directions file named in the manifest (for an output moved
     from another machine). Raises AbliterateError only for bad input (an unreadable original,
@@ -175,7 +179,7 @@ def validate_output(
         raise AbliterateError(f"ablated model directory {ablated_dir} does not exist")
     if original_dir.resolve() == ablated_dir.resolve():
         raise AbliterateError(f"{ablated_dir} is the original itself: give the ablation's output directory")
-    inventory = build_inventory(original_dir)
+    inventory = build_inventory(original_dir, profile)
     checks = _Checks()
 
     manifest = _read_manifest(ablated_dir, checks)
@@ -345,8 +349,14 @@ def _compare_with_plan(
     for name, entry in edited.items():
         if name in changed_set or name in uncompared:
             continue
-        if float(entry.get("scale", 1.0)) != 0.0:  # scale 0 leaves the bytes as they are
-            checks.fail(f"tensor {name} ({_where(inventory.tensors[name])}) is planned for editing but its bytes are unchanged")
+        if float(entry.get("scale", 1.0)) == 0.0:  # scale 0 leaves the bytes as they are
+            continue
+        message = f"tensor {name} ({_where(inventory.tensors[name])}) is planned for editing but its bytes are unchanged"
+        if (inventory.model_dir / MANIFEST_FILE).is_file():
+            # the input is itself an ablation output: the direction may be gone from it already
+            checks.warn(message + " (the input was already ablated)")
+        else:
+            checks.fail(message)
     if plan is None:
         return
     roles, layers = set(plan.roles()), set(plan.layers)
@@ -716,26 +726,24 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def _plain_files(root: Path) -> set[str]:
-    """Relative paths of regular files, hidden files and folders (caches, temporaries) excluded."""
-    return {
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    }
+def _top_files(root: Path) -> set[str]:
+    """Names of the regular files directly in `root`, hidden ones (temporaries, state) excluded."""
+    return {p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
 def _compare_files(original_dir: Path, ablated_dir: Path, inventory: Inventory, checks: _Checks) -> dict[str, list[str]]:
-    """Non-weight files must be copied verbatim; weight files outside the shards must not be copied."""
-    shards = set(inventory.shards) | {INDEX_FILE}
-    src = _plain_files(original_dir) - shards
-    dst = _plain_files(ablated_dir) - shards - {MANIFEST_FILE}
+    """The files the engine copies (`files_to_copy`) must be there verbatim; nothing else may be."""
+    to_copy, skipped = files_to_copy(original_dir, set(inventory.shards))
+    for note in skipped:
+        checks.warn(note)
+    shards = set(inventory.shards) | {INDEX_FILE}  # the index is compared on its own
+    src = {p.name for p in to_copy} - shards
+    dst = _top_files(ablated_dir) - shards - {MANIFEST_FILE}
     # Other weight files (pytorch_model.bin, consolidated.safetensors, ...) would carry the direction.
-    weights = sorted(f for f in src if f.endswith(WEIGHT_SUFFIXES))
+    weights = sorted(f for f in _top_files(original_dir) - shards if f.endswith(WEIGHT_SUFFIXES))
     for f in weights:
         if f in dst:
             checks.fail(f"file {f} holds weights the ablation does not edit, copied unablated: delete it from the output")
-    src -= set(weights)
     dst -= set(weights)
     missing = sorted(src - dst)
     changed = sorted(

@@ -29,7 +29,7 @@ def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers:
     return ThreadPoolTaskRunner(max_workers=max(1, workers))
 
 
-@flow(name="ablate", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ablate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def ablate_flow(
     model_dir: str, directions_path: str, out: str, plan: dict[str, Any], overwrite: bool = False, force: bool = False
 ) -> dict[str, Any]:
@@ -37,6 +37,8 @@ def ablate_flow(
     inputs = load_inputs(model_dir, directions_path, force)
     resolved = resolve_plan(AblationPlan.from_dict(plan), inputs)  # checks it against this model
     prepared = prepare_output(inputs, resolved, out, overwrite)
+    for warning in prepared.warnings:  # e.g. input subfolders that are not copied
+        print(f"warning: {warning}")
     complete = all((prepared.out_dir / s).is_file() for s in inputs.inventory.shards)
     futures = ablate_shard_task.with_options(refresh_cache=not complete).map(
         inputs.inventory.shards,

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from abliterate.ablate import default_plan, load_inputs, plan_matches, role_counts
+from abliterate.checkpoint import check_output_location
 from abliterate.demo import prompt_file
 from abliterate.direction_file import load_directions
 from abliterate.directions import DEFAULT_METHOD
@@ -33,7 +34,7 @@ from abliterate.validate import ValidationReport
 from flows import plots
 from flows.ablate import ablate_flow, task_runner
 from flows.inventory import log_structure
-from flows.runtime import results_dir
+from flows.runtime import project_dir, results_dir
 from flows.tracking import Tracker, experiment_name, tracked_run
 from tasks.inventory import inventory_task, structure_task
 from tasks.measure import directions_task, measure_task
@@ -153,10 +154,11 @@ def measurement_stage(
     watch.stage("measurement", began)
 
     began = time.perf_counter()
-    directions_path, chosen = directions_task(
-        model, inventory.fingerprint, measurement, direction_method,
-        prompts.harmful_val, prompts.harmless_val, selection, work_dir, fixed_position if stream else None,
-    )  # fmt: skip
+    args = (model, inventory.fingerprint, measurement, direction_method, prompts.harmful_val,
+            prompts.harmless_val, selection, work_dir, fixed_position if stream else None)  # fmt: skip
+    directions_path, chosen = directions_task(*args)
+    if not Path(directions_path).is_file():  # the cached result names a file someone deleted: make it again
+        directions_path, chosen = directions_task.with_options(refresh_cache=True)(*args)
     watch.stage("directions", began)
     log_directions(tracker, directions_path, chosen)
     tracker.params(
@@ -227,6 +229,7 @@ def ablation_stage(
     """Plan -> per-shard ablation -> validation -> evaluation, all logged to `tracker`'s run."""
     began = time.perf_counter()
     inputs = load_inputs(measured.model, measured.directions_path, force)
+    report_warnings(tracker, inputs.warnings, "inputs")
     position = "selected" if spec.direction_position == "auto" else spec.direction_position
     plan = default_plan(
         inputs, layers=spec.layers, scale=spec.scale, targets=spec.targets, direction_position=position,
@@ -277,8 +280,17 @@ def ablation_stage(
     return summary
 
 
+def report_warnings(tracker: Tracker, warnings: list[str], stage: str) -> None:
+    """Show warnings in the Prefect log (log_prints) and keep them with the MLflow run."""
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if warnings:
+        tracker.text("\n".join(warnings) + "\n", f"warnings/{stage}.txt")
+
+
 def log_validation(tracker: Tracker, report: ValidationReport) -> None:
     tracker.json(report.to_json(), "validation.json")
+    report_warnings(tracker, report.warnings, "validation")
     tracker.metrics({"validation.ok": float(report.ok), "validation.changed": report.changed,
                      "validation.failures": len(report.failures)})  # fmt: skip
     tracker.metrics({f"validation.changed.{role}": n for role, n in report.changed_by_role.items()})
@@ -300,9 +312,9 @@ def abliterate_flow(
     chat_template_kwargs: dict[str, Any] | None = None,
     direction_method: str = DEFAULT_METHOD,
     kl_threshold: float = 0.1,
-    layers: str = "all",
-    direction_position: str = "auto",
-    scale: str = "1.0",
+    layers: str | int = "all",
+    direction_position: str | int = "auto",
+    scale: str | float = "1.0",
     targets: list[str] = list(DEFAULT_TARGETS),  # noqa: B006 - Prefect shows it in the UI form
     method: str = "plain",
     mtp: str = "ablate",
@@ -333,13 +345,15 @@ def abliterate_flow(
     """
     model = str(Path(model).resolve())
     out = str(Path(out).resolve())
-    work = str(Path(work_dir).resolve() if work_dir else results_dir())
+    work = str(check_output_location(model, work_dir or results_dir()))  # never write into the input
+    check_output_location(model, project_dir() / "mlruns")
     prompts, settings, selection, evaluation = run_settings(
         (harmful, harmless, harmful_test, harmless_test, validation_fraction, seed, prompt_set),
         position, system_prompt, chat_template_kwargs, kl_threshold, batch_size, max_new_tokens,
     )  # fmt: skip
-    spec = AblationSpec(layers, scale, list(targets), str(direction_position), method, mtp, False, workers,
-                        dask_address, dask_workers)  # fmt: skip
+    # `prefect deployment run -p scale=0.8` sends numbers: the specs are text
+    spec = AblationSpec(str(layers), str(scale), list(targets), str(direction_position), method, mtp, False,
+                        workers, dask_address, dask_workers)  # fmt: skip
     stream = streaming_needed(model, memory_budget, streaming)
     fixed = int(direction_position) if str(direction_position).isdigit() else None
     if stream or not evaluate:  # evaluation needs the whole model in memory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 import abliterate.checkpoint
@@ -12,10 +14,19 @@ from abliterate.structure import Structure, detect_structure
 from tasks.caching import code_hash, make_key
 
 
+def _config_hash(model_dir: Path) -> str | None:
+    config = model_dir / "config.json"
+    return file_sha256(config) if config.is_file() else None  # the task reports the missing file
+
+
 def _inventory_key(_context, parameters) -> str:
-    # Headers only: cheap, and changes whenever any shard is rewritten.
+    # Headers only: cheap, and changes whenever any shard is rewritten. The path and the config
+    # count too: the inventory records where it lives, and model_type picks the role rules.
+    model_dir = Path(parameters["model_dir"]).resolve()
     code = code_hash(abliterate.checkpoint, abliterate.profiles)
-    return make_key("inventory", code, shard_stamp(parameters["model_dir"]), parameters.get("family"))
+    return make_key(
+        "inventory", code, str(model_dir), shard_stamp(model_dir), _config_hash(model_dir), parameters.get("family")
+    )
 
 
 @task(name="weight-inventory", cache_key_fn=_inventory_key, persist_result=True)
@@ -26,9 +37,10 @@ def inventory_task(model_dir: str, family: str | None = None) -> Inventory:
 
 def _structure_key(_context, parameters) -> str:
     inventory: Inventory = parameters["inventory"]
-    config = inventory.model_dir / "config.json"
-    config_hash = file_sha256(config) if config.is_file() else None  # the task reports the missing file
-    return make_key("structure", code_hash(abliterate.structure), inventory.fingerprint, config_hash)
+    return make_key(
+        "structure", code_hash(abliterate.structure), str(inventory.model_dir), inventory.fingerprint,
+        inventory.family, _config_hash(inventory.model_dir),
+    )  # fmt: skip
 
 
 @task(name="structure-detection", cache_key_fn=_structure_key, persist_result=True)

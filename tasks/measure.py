@@ -59,11 +59,15 @@ def _directions_id(
     harmless_val: list[str],
     selection: SelectionSettings,
     fixed_position: int | None = None,
+    model_dir: str | None = None,
+    work_dir: str | None = None,
 ) -> str:
     return make_key(
         "directions",
         code_hash(abliterate.directions, abliterate.selection, abliterate.intervention),
         fingerprint,
+        shard_stamp(model_dir) if model_dir else None,  # selection scores these very weights
+        str(Path(work_dir).resolve()) if work_dir else None,  # the result is a file there
         measurement.harmful.sha256,
         measurement.harmless.sha256,
         measurement.settings.as_dict(),
@@ -78,7 +82,7 @@ def _directions_id(
 def _directions_key(_context, p) -> str:
     return _directions_id(
         p["fingerprint"], p["measurement"], p["method"], p["harmful_val"], p["harmless_val"], p["selection"],
-        p.get("fixed_position"),
+        p.get("fixed_position"), p["model_dir"], p["work_dir"],
     )  # fmt: skip
 
 
@@ -111,7 +115,9 @@ def directions_task(
             position=fixed_position, explicit=True, baseline_refusal_score=float("nan"), candidates=[],
             kl_threshold=selection.kl_threshold, refusal_token_ids=[], kl_prompts=0,
         )  # fmt: skip
-    key = _directions_id(fingerprint, measurement, method, harmful_val, harmless_val, selection, fixed_position)
+    key = _directions_id(
+        fingerprint, measurement, method, harmful_val, harmless_val, selection, fixed_position, model_dir, work_dir
+    )
     path = write_directions(
         Path(work_dir) / "directions" / key,
         directions,

@@ -180,3 +180,23 @@ def test_sweep_runs_variants_as_nested_runs_on_one_measurement(first_run, tmp_pa
     for child in children:
         assert "refusal_rate_harmful" in child.data.metrics and "kl_harmless" in child.data.metrics
     assert {"variants.json", "plots/refusal_vs_kl.png"} <= artifact_paths(client, parent.info.run_id)
+
+
+def test_project_folder_may_hold_the_model_but_results_never_go_into_it(first_run, tmp_path, monkeypatch):
+    """Like `abliterate demo` from a checkout, whose folder holds the demo model: fine. A project
+    folder inside the model would put results/ and mlruns/ into the input: refused."""
+    import shutil
+
+    from flows.main import abliterate_flow
+
+    model = tmp_path / "home" / "models" / "demo"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path / "home"))
+    state = abliterate_flow(model=str(model), out=str(tmp_path / "home" / "out"), prompt_set="demo",
+                            evaluate=False, scale=1.0, return_state=True)  # fmt: skip
+    assert state.result()["validation_ok"]
+    monkeypatch.setenv("ABLITERATE_HOME", str(model / "inside"))
+    state = abliterate_flow(model=str(model), out=str(tmp_path / "out2"), prompt_set="demo", evaluate=False,
+                            return_state=True)  # fmt: skip
+    assert state.is_failed() and "inside the input checkpoint" in str(state.message)
+    assert not (model / "inside").exists()

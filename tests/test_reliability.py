@@ -226,6 +226,8 @@ def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
     assert structure.roles["attn_out"] == 3 and structure.mtp_roles["attn_out"] == 1
     edited = {e["name"] for e in json.loads((out / MANIFEST_FILE).read_text())["edited"]}
     assert set(renamed.values()) <= edited
+    # and validation reads the output with the same rules
+    assert cli(capsys, "validate", odd, out, "--family", "glm4_moe", "--map", rule, "--quiet")[0] == 0
     for bad, fragment in [("nothing", "write REGEX=ROLE"), ("x=writer", "unknown role 'writer'"),
                           ("(=attn_out", "not a valid regular expression"),
                           (r"model\.layers\.\d+\.attn\.dense\.weight=attn_out", "(?P<layer>"),

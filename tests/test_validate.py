@@ -339,3 +339,19 @@ def test_other_weight_files_must_not_be_copied(small, tmp_path):
     assert report.failures == [
         "file pytorch_model.bin holds weights the ablation does not edit, copied unablated: delete it from the output"
     ]
+
+
+def test_what_the_engine_leaves_out_is_not_a_failure(small, tmp_path):
+    """Input subfolders (e.g. Llama's original/) are not copied, and an ablated model can be ablated
+    again: validation follows the engine's rules for both instead of failing the output."""
+    src, directions, _ = small
+    model = Path(shutil.copytree(src, tmp_path / "with-subfolder"))
+    (model / "original").mkdir()
+    (model / "original" / "params.json").write_text("{}\n")
+    once = ablate(model, tmp_path / "once", directions)
+    report = validate_output(model, once, directions, progress=False)
+    assert report.ok, report.failures
+    assert any("original/" in w for w in report.warnings)
+    twice = ablate(once, tmp_path / "twice", directions)
+    report = validate_output(once, twice, directions, progress=False)
+    assert report.ok, report.failures

@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Write DIR: MODEL with the refusal direction r removed from every targeted weight, shard by shard.\n"
-            "Writers (attn_out, mlp_down, expert_down, shared_expert_down; embed rows) become\n"
-            "W - s r (r^T W); routers (which read the residual stream) become W - s (W r) r^T. Each edit runs\n"
+            "Writers (attn_out, mlp_down, expert_down, shared_expert_down) become W - s r (r^T W); routers\n"
+            "(which read the residual stream) and embedding rows become W - s (W r) r^T. Each edit runs\n"
             "in float32 and is rounded once to the tensor's own dtype; every other tensor, the shard headers,\n"
             "the index and every non-weight file (config, tokenizer, chat template, remote code) are copied\n"
             "verbatim. Memory stays at about one tensor. DIR/abliteration.json, written last, records the\n"

@@ -11,7 +11,7 @@ from typing import Any
 from abliterate.plan import DEFAULT_TARGETS
 
 
-def add_flow_options(parser: argparse.ArgumentParser) -> None:
+def add_flow_options(parser: argparse.ArgumentParser, evaluate_option: bool = True) -> None:
     """Options shared by `run` and `sweep`: prompts, measurement and selection settings."""
     prompts = parser.add_argument_group("prompts (each set is split, seeded, into measurement and validation parts)")
     prompts.add_argument("--harmful", help="harmful prompts (.txt/.jsonl/.json/.csv/.parquet); default: the project's")
@@ -33,11 +33,14 @@ def add_flow_options(parser: argparse.ArgumentParser) -> None:
     measure.add_argument("--kl-threshold", type=float, default=0.1, help="largest harmless first-token KL a selected direction may cause")
     measure.add_argument("--batch-size", type=int, default=16)
     other = parser.add_argument_group("run")
-    other.add_argument("--no-evaluate", action="store_true", help="skip the behavioural evaluation (for models that do not fit in memory)")
+    if evaluate_option:  # a sweep always evaluates: its variants are compared on refusal and KL
+        other.add_argument("--no-evaluate", action="store_true",
+                           help="skip the behavioural evaluation (for models that do not fit in memory)")  # fmt: skip
     other.add_argument("--max-new-tokens", type=int, default=48, help="reply length in the evaluation")
     other.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     other.add_argument("--force", action="store_true", help="accept a directions file measured on another checkpoint")
-    other.add_argument("--work-dir", help="where measurements and task results persist (default: ./results)")
+    other.add_argument("--work-dir", help="where directions files are written (default: ./results; task results "
+                       "persist under $ABLITERATE_RESULTS/prefect-storage)")  # fmt: skip
     other.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
 
@@ -70,7 +73,7 @@ def flow_parameters(args: argparse.Namespace, prompt_set: str = "general") -> di
         "harmless_test": args.harmless_test, "validation_fraction": args.validation_fraction, "seed": args.seed,
         "position": args.position, "system_prompt": args.system_prompt, "chat_template_kwargs": template_kwargs,
         "direction_method": args.direction_method, "kl_threshold": args.kl_threshold,
-        "evaluate": not args.no_evaluate, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "evaluate": not getattr(args, "no_evaluate", False), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "overwrite": args.overwrite, "force": args.force, "work_dir": args.work_dir, "prompt_set": prompt_set,
     }  # fmt: skip
 
@@ -139,7 +142,8 @@ def demo_command(args: argparse.Namespace) -> int:
 
     began = time.perf_counter()
     out = args.out or str(results_dir() / "demo-abliterated")
-    args.overwrite = True  # the demo's output is disposable: reruns with other settings replace it
+    if args.out is None:
+        args.overwrite = True  # the default output is disposable: reruns with other settings replace it
     summary = run_flow(args, str(DEMO_MODEL_DIR), out, "demo")
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

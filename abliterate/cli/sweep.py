@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="parent directory of the variants' outputs")
     parser.add_argument("--prompt-set", choices=["general", "demo"], default="general",
                         help="the project's prompt sets used when no file is given")  # fmt: skip
-    add_flow_options(parser)
+    add_flow_options(parser, evaluate_option=False)
     parser.set_defaults(func=run)
 
 

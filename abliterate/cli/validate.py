@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from abliterate.checkpoint import choose_profile
+from abliterate.cli.inventory import add_profile_options
+
 HELP = "check an ablated checkpoint against its original: structure, bytes, plan, NaN/Inf, projection residuals"
 
 
@@ -34,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="directions file used by the ablation (default: the path recorded in the manifest)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_profile_options(parser)  # the rules `abliterate ablate` was given for a model of an unknown type
     parser.add_argument("--out", metavar="FILE", default=None, help="also write the JSON report to FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -42,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from abliterate.validate import validate_output
 
-    report = validate_output(args.original, args.ablated, args.directions, progress=not args.quiet)
+    profile = choose_profile(args.original, args.family, args.map)
+    report = validate_output(args.original, args.ablated, args.directions, progress=not args.quiet, profile=profile)
     data = report.to_json()
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
