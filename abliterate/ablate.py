@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -555,7 +556,7 @@ def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None
     axis = t.residual_axis
     # Slices along axis 0 hold independent vectors unless axis 0 is the residual axis itself.
     rows = t.shape[0] if axis != 0 and len(t.shape) > 1 else 1
-    row_numel = _numel(t.shape) // rows
+    row_numel = math.prod(t.shape) // rows
     row_bytes = t.nbytes // rows
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
     edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
@@ -630,12 +631,6 @@ def _release(mapped: mmap.mmap, offset: int, length: int) -> None:
         start = offset - offset % mmap.PAGESIZE
         mapped.madvise(mmap.MADV_DONTNEED, start, min(length + offset - start, len(mapped) - start))
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---------------------------------------------------------------- manifest

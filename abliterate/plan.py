@@ -287,6 +287,17 @@ def _number(text: str, spec: str) -> float:
     return value
 
 
+def format_layers(layers) -> str:
+    """The inverse of a layer spec, for people: {1, 2, 3, 7} -> '1-3, 7'."""
+    out: list[str] = []
+    for i in sorted(layers):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out) or "none"
+
+
 def _short(layers: tuple[int, ...]) -> str:
     return ",".join(map(str, layers[:8])) + (",..." if len(layers) > 8 else "")
 

@@ -41,10 +41,15 @@ class Profile:
     family: str
     model_types: tuple[str, ...]
     rules: tuple[Rule, ...]
-    # config.json key for routed experts per MoE layer (None: dense family)
-    experts_key: str | None = None
+    # config.json keys for routed experts per MoE layer, first present wins (empty: dense family)
+    experts_keys: tuple[str, ...] = ()
     # config.json key for the number of MTP layers stored after the decoder layers
     mtp_key: str | None = None
+    # config.json key for shared experts per MoE layer
+    shared_experts_key: str | None = None
+    # how config.json says which layers are MoE: "first_k_dense" (layers >= first_k_dense_replace),
+    # "sparse_step" (every decoder_sparse_step-th layer not in mlp_only_layers), or "dense"
+    moe_layout: str = "dense"
     compiled: tuple[tuple[re.Pattern, Rule], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,8 +100,10 @@ _EXPERTS = (
 GLM4_MOE = Profile(
     family="glm4_moe",
     model_types=("glm4_moe",),
-    experts_key="n_routed_experts",
+    experts_keys=("n_routed_experts",),
     mtp_key="num_nextn_predict_layers",
+    shared_experts_key="n_shared_experts",
+    moe_layout="first_k_dense",
     rules=_COMMON
     + _EXPERTS
     + (
@@ -114,7 +121,8 @@ GLM4_MOE = Profile(
 QWEN3_MOE = Profile(
     family="qwen3_moe",
     model_types=("qwen3_moe",),
-    experts_key="num_experts",
+    experts_keys=("num_experts", "num_local_experts"),  # Hub checkpoints; transformers 5 saves the latter
+    moe_layout="sparse_step",
     rules=_COMMON + _EXPERTS,
 )
 

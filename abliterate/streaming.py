@@ -24,6 +24,7 @@ attention mask and rotary table per batch.
 from __future__ import annotations
 
 import gc
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def weight_bytes(
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
     total, per_layer, embedding = 0, {}, 0
     for t in inventory.tensors.values():
-        nbytes = _numel(t.shape) * size
+        nbytes = math.prod(t.shape) * size
         layer = _layer_of(t.name)
         if layer is not None and num_layers is not None and layer >= num_layers:
             continue  # MTP layers: transformers drops them, and so do we
@@ -444,7 +445,7 @@ class _WeightLoader:
                 grouped.setdefault((target, pattern), []).append(name)
 
         pieces = list(direct)
-        covered = {p.target: _numel(p.info.shape) for p in direct}
+        covered = {p.target: math.prod(p.info.shape) for p in direct}
         for (target, pattern), keys in grouped.items():
             sources = self.converters[pattern].source_patterns
             dim = 0
@@ -458,7 +459,7 @@ class _WeightLoader:
                 info = self.tensors[name]
                 concat_dim = dim if pattern in self.concatenating else None
                 pieces.append(_Piece(info, target, expert, offset, concat_dim))
-                covered[target] = covered.get(target, 0) + _numel(info.shape)
+                covered[target] = covered.get(target, 0) + math.prod(info.shape)
         for target, tensor in targets.items():
             if covered.get(target, 0) != tensor.numel():
                 raise AbliterateError(
@@ -549,9 +550,3 @@ def _layer_of(name: str) -> int | None:
     match = _LAYER_KEY.search("." + name)
     return int(match.group(1)) if match else None
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

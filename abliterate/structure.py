@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from abliterate.checkpoint import Inventory, TensorInfo, known_families, read_config
 from abliterate.errors import AbliterateError
-from abliterate.profiles import PROFILES
+from abliterate.profiles import PROFILES, Profile
 
 
 @dataclass
@@ -49,12 +49,12 @@ class Structure:
         return layer in self.moe_layers or (layer in self.mtp_layers and self.experts_per_layer > 0)
 
 
-def _moe_layers(config: dict, family: str, num_layers: int) -> list[int]:
-    """Which main decoder layers are MoE, by each family's config convention."""
-    if family == "glm4_moe":
+def _moe_layers(config: dict, profile: Profile, num_layers: int) -> list[int]:
+    """Which main decoder layers are MoE, by the family's config convention (`Profile.moe_layout`)."""
+    if profile.moe_layout == "first_k_dense":
         first_dense = int(config.get("first_k_dense_replace", 0))
         return list(range(first_dense, num_layers))
-    if family == "qwen3_moe":
+    if profile.moe_layout == "sparse_step":
         step = int(config.get("decoder_sparse_step", 1)) or 1
         only_mlp = set(config.get("mlp_only_layers") or [])
         return [i for i in range(num_layers) if i not in only_mlp and (i + 1) % step == 0]
@@ -76,10 +76,10 @@ def detect_structure(inventory: Inventory) -> Structure:
             raise AbliterateError(f"{inventory.model_dir / 'config.json'} lacks `{key}`")
     num_layers = int(config["num_hidden_layers"])
     hidden = int(config["hidden_size"])
-    experts = int(config.get(profile.experts_key) or 0) if profile.experts_key else 0
+    experts = int(next((config[k] for k in profile.experts_keys if config.get(k) is not None), 0))
     n_mtp = int(config.get(profile.mtp_key) or 0) if profile.mtp_key else 0
-    n_shared = int(config.get("n_shared_experts") or 0) if inventory.family == "glm4_moe" else 0
-    moe_layers = _moe_layers(config, inventory.family, num_layers) if experts else []
+    n_shared = int(config.get(profile.shared_experts_key) or 0) if profile.shared_experts_key else 0
+    moe_layers = _moe_layers(config, profile, num_layers) if experts else []
     dense_layers = [i for i in range(num_layers) if i not in set(moe_layers)]
 
     per_layer: dict[int, list[TensorInfo]] = defaultdict(list)

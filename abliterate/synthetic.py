@@ -10,6 +10,7 @@ checkpoint. Widths are parameters: tiny for tests, real (hidden 4096, moe_interm
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def write_checkpoint(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    sizes = [_numel(shape) * torch.empty((), dtype=dt).element_size() for _, shape, dt in specs]
+    sizes = [math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, shape, dt in specs]
     total = sum(sizes)
     num_shards = 1 if single_file else max(1, min(num_shards, len(specs)))
     bounds, acc, shard = [], 0, 0
@@ -211,10 +212,4 @@ def write_llama_layout(
     }
     return write_checkpoint(out_dir, specs, config, num_shards)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from abliterate.ablate import MANIFEST_FILE, WEIGHT_SUFFIXES, direction_for, files_to_copy, plan_matches
 from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
 from abliterate.errors import AbliterateError
-from abliterate.plan import AblationPlan
+from abliterate.plan import AblationPlan, format_layers
 from abliterate.profiles import Profile
 
 UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
@@ -365,23 +365,13 @@ def _compare_with_plan(
         if t.role not in roles:
             checks.fail(f"tensor {name} was edited as {t.role}, a role outside the plan's {sorted(roles)}")
         elif t.layer is not None and t.layer not in layers:
-            checks.fail(f"tensor {name} of layer {t.layer} was edited but the plan's layers are {_ranges(layers)}")
+            checks.fail(f"tensor {name} of layer {t.layer} was edited but the plan's layers are {format_layers(layers)}")
     for m in plan_matches(plan, inventory):
         if m.tensor.name not in edited:
             checks.fail(
                 f"tensor {m.tensor.name} ({_where(m.tensor)}) matches the plan but the manifest does not list it as edited"
             )
 
-
-def _ranges(layers: set[int]) -> str:
-    """{1, 2, 3, 7} -> '1-3, 7'."""
-    out: list[str] = []
-    for i in sorted(layers):
-        if out and out[-1].split("-")[-1] == str(i - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{i}"
-        else:
-            out.append(str(i))
-    return ", ".join(out) or "none"
 
 
 # ---------------------------------------------------------------- structure: index, headers, shards

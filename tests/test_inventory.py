@@ -303,3 +303,23 @@ def test_cli_table_and_error_exit(glm_air_layout, tmp_path, capsys):
     assert main(["inventory", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_qwen3_moe_checkpoint_transformers_saved(tmp_path):
+    """qwen3_moe: routed experts without a shared expert, MoE layers from decoder_sparse_step/mlp_only_layers."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        mlp_only_layers=[0], decoder_sparse_step=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "qwen3moe", max_shard_size="20KB")
+    inv = build_inventory(tmp_path / "qwen3moe")
+    structure = detect_structure(inv)
+    assert structure.family == "qwen3_moe" and inv.unclassified() == []
+    assert structure.dense_layers == [0] and structure.moe_layers == [1, 2, 3]
+    assert structure.roles["expert_down"] == 12 and structure.roles["router"] == 3
+    assert structure.roles["mlp_down"] == 1 and structure.shared_experts == 0
+    assert structure.roles["norm"] == 4 * 4 + 1  # input/post-attention norms, q_norm/k_norm, final norm

@@ -8,6 +8,7 @@ import time
 
 from abliterate.checkpoint import build_inventory, choose_profile
 from abliterate.errors import AbliterateError
+from abliterate.plan import format_layers
 from abliterate.profiles import PROFILES
 from abliterate.structure import Structure, detect_structure
 
@@ -75,16 +76,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ranges(layers: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    parts: list[str] = []
-    for i in layers:
-        if parts and i == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
-        else:
-            parts.append(str(i))
-    return ", ".join(parts) or "none"
-
 
 def format_summary(s: Structure, seconds: float) -> str:
     lines = [
@@ -92,11 +83,11 @@ def format_summary(s: Structure, seconds: float) -> str:
         f"{s.bytes / 1e9:.3f} GB, read in {seconds:.2f} s",
         f"fingerprint      {s.fingerprint}",
         f"hidden size      {s.hidden_size}",
-        f"decoder layers   {s.num_layers}: dense {_ranges(s.dense_layers)}; MoE {_ranges(s.moe_layers)}",
+        f"decoder layers   {s.num_layers}: dense {format_layers(s.dense_layers)}; MoE {format_layers(s.moe_layers)}",
         f"experts          {s.experts_per_layer} routed + {s.shared_experts} shared per MoE layer"
         + (" (fused 3-D tensors on disk)" if s.fused_experts else ""),
         f"router           {s.router_dtype or 'none'}" + (", with e_score_correction_bias" if s.router_bias else ""),
-        f"MTP layers       {_ranges(s.mtp_layers)}",
+        f"MTP layers       {format_layers(s.mtp_layers)}",
         f"embeddings       {'tied' if s.tied_embeddings else 'separate lm_head'}",
         f"dtypes           {', '.join(f'{k} {v:,}' for k, v in s.dtypes.items())}",
         "",
