@@ -70,11 +70,6 @@ class WeightBytes:
     largest_layer: int
     embedding: int
 
-    @property
-    def streamed_peak(self) -> int:
-        """Weights held at once by the streamed measurement (activations come on top)."""
-        return max(self.largest_layer, self.embedding)
-
 
 def weight_bytes(
     model_dir: str | Path, dtype: str = "float32", inventory: Inventory | None = None

@@ -45,8 +45,6 @@ class Structure:
     def to_json(self) -> dict:
         return asdict(self)
 
-    def is_moe(self, layer: int) -> bool:
-        return layer in self.moe_layers or (layer in self.mtp_layers and self.experts_per_layer > 0)
 
 
 def _moe_layers(config: dict, profile: Profile, num_layers: int) -> list[int]:

@@ -150,7 +150,7 @@ def measurement_stage(
         )
 
     began = time.perf_counter()
-    measurement = measure_task(model, inventory.fingerprint, prompts.harmful, prompts.harmless, settings, stream)
+    measurement = measure_task(model, prompts.harmful, prompts.harmless, settings, stream)
     watch.stage("measurement", began)
 
     began = time.perf_counter()

@@ -38,7 +38,6 @@ def _measure_key(_context, p) -> str:
 @task(name="activation-measurement", cache_key_fn=_measure_key, persist_result=True)
 def measure_task(
     model_dir: str,
-    fingerprint: str,
     harmful: list[str],
     harmless: list[str],
     settings: MeasureSettings,

@@ -24,8 +24,9 @@ def add_flow_options(parser: argparse.ArgumentParser, evaluate_option: bool = Tr
     measure.add_argument("--position", type=int, default=-1, help="token measured, from the prompt's end (-1: last)")
     measure.add_argument("--system-prompt", help="system message rendered before every prompt")
     measure.add_argument(
-        "--chat-template-kwargs", default="{}", help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\''
-    )
+        "--chat-template-kwargs", action="append", default=[], metavar="JSON|KEY=VALUE",
+        help="extra chat-template variables, as in `abliterate measure` (repeatable; e.g. enable_thinking=false)",
+    )  # fmt: skip
     measure.add_argument(
         "--direction-method", choices=["mean_diff", "projected"], default="projected",
         help="projected (default): the mean difference made orthogonal to the harmless mean; mean_diff: as is",
@@ -47,7 +48,8 @@ def add_flow_options(parser: argparse.ArgumentParser, evaluate_option: bool = Tr
 def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ablation")
     group.add_argument("--layers", default="all", help="target layers: all | 10-30 | 5,7,9-12 (exact indices)")
-    group.add_argument("--direction-position", default="auto", help="auto (selected by evidence) | own | a residual position")
+    group.add_argument("--direction-position", "--direction-layer", dest="direction_position", default="auto",
+                       help="auto (selected by evidence) | own | a residual position")  # fmt: skip
     group.add_argument("--scale", default="1.0", help="1.0 | one value per target layer | gauss:center=20,width=5,peak=1")
     group.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="weight roles to edit (comma list; add embed)")
     group.add_argument("--method", choices=["plain", "norm_preserving", "projected"], default="plain")
@@ -62,12 +64,9 @@ def add_ablation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def flow_parameters(args: argparse.Namespace, prompt_set: str = "general") -> dict[str, Any]:
-    from abliterate.errors import AbliterateError
+    from abliterate.cli.measure import parse_template_kwargs
 
-    try:
-        template_kwargs = json.loads(args.chat_template_kwargs)
-    except json.JSONDecodeError as exc:
-        raise AbliterateError(f"--chat-template-kwargs is not JSON: {exc}") from exc
+    template_kwargs = parse_template_kwargs(args.chat_template_kwargs)
     return {
         "harmful": args.harmful, "harmless": args.harmless, "harmful_test": args.harmful_test,
         "harmless_test": args.harmless_test, "validation_fraction": args.validation_fraction, "seed": args.seed,
