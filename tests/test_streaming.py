@@ -205,6 +205,9 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
     assert "--select none" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--select", "none"]) == 2
     assert "memory budget 'lots'" in capsys.readouterr().err
+    # an explicit position is recorded unscored: streaming needs no whole model for it
+    assert main([*common, "--out", str(tmp_path / "fixed"), "--stream", "always", "--select", "2"]) == 0
+    assert load_directions(tmp_path / "fixed" / "directions.safetensors").selected_position == 2
 
 
 def test_memory_budget_sizes():

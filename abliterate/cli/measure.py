@@ -67,8 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["auto", "always", "never"],
         help="layer-streamed measurement: read and run one decoder layer at a time, so memory holds one "
         "layer's weights plus the activations instead of the whole model (same results). `auto` (default) "
-        "streams when the weights in --dtype exceed --memory-budget. Selection needs the whole model: "
-        "with streaming use --select none",
+        "streams when the weights in --dtype exceed --memory-budget. Automatic selection needs the whole "
+        "model: with streaming use --select N (recorded unscored) or --select none",
     )
     parser.add_argument(
         "--memory-budget",
@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         metavar="auto|N|none",
         help="direction to ablate: `auto` (score candidates by inference-time ablation, default), a "
-        "residual position N (scored too, for the record), or `none` (only measure)",
+        "residual position N (scored too, for the record; unscored when streaming), or `none` (only measure)",
     )
     parser.add_argument("--harmful-val", metavar="FILE", help="harmful validation prompts for selection")
     parser.add_argument("--harmless-val", metavar="FILE", help="harmless validation prompts for selection")
@@ -193,15 +193,17 @@ def run(args: argparse.Namespace) -> int:
         args.stream == "auto"
         and choose_streaming(args.model, parse_size(args.memory_budget), args.dtype, args.device)
     )
-    if stream and select is not None:
+    if stream and select == "auto":
         why = "--stream always" if args.stream == "always" else "the model does not fit the memory budget"
         raise AbliterateError(
-            f"{why}, so it is measured layer-streamed, but direction selection needs the whole model in "
-            "memory: pass --select none to only measure (or --stream never, given the memory)"
+            f"{why}, so it is measured layer-streamed, but automatic selection scores directions with the "
+            "whole model in memory: pass --select N to record position N unscored, --select none to only "
+            "measure (or --stream never, given the memory)"
         )
+    fixed = stream and isinstance(select, int)  # recorded as chosen, without inference-time scores
     harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
     harmful_val = harmless_val = None
-    if select is not None:
+    if select is not None and not fixed:
         if (args.harmful_val is None) != (args.harmless_val is None):
             raise AbliterateError(
                 "give both --harmful-val and --harmless-val, or neither (to split them off)"
@@ -219,7 +221,13 @@ def run(args: argparse.Namespace) -> int:
         measurement = measure(model, tokenizer, harmful, harmless, settings)
     directions = compute_directions(measurement, args.method)
     selected, extra = None, {}
-    if select is not None:
+    if fixed:
+        if not 0 <= select < directions.num_positions or select not in directions.defined:
+            raise AbliterateError(
+                f"--select {select}: residual positions with a direction are {directions.defined}"
+            )
+        selected = select
+    elif select is not None:
         selection = select_direction(
             model,
             tokenizer,
