@@ -169,7 +169,7 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
             f"{ev['refusal_rate_harmful']:.2f} after",
             f"refusal rate on harmless prompts: {ev.get('baseline_refusal_rate_harmless', float('nan')):.2f} before, "
             f"{ev['refusal_rate_harmless']:.2f} after",
-            f"first-token KL on harmless prompts: {ev.get('kl_harmless', float('nan')):.4f}",
+            f"first-token KL on harmless prompts: {ev.get('kl_harmless', float('nan')):.2g} nats",
         ]
         rows = summary.get("examples", [])
         for row in [r for r in rows if r["kind"] == "harmful"][:2] + [r for r in rows if r["kind"] == "harmless"][:2]:
