@@ -78,7 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of --device now)",
     )
     parser.add_argument(
+        "--direction-method",
         "--method",
+        dest="method",
         default="projected",
         choices=["mean_diff", "projected"],
         help="mean_diff: normalised mean difference; projected: the same, minus its component along "
@@ -94,12 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--harmful-val", metavar="FILE", help="harmful validation prompts for selection")
     parser.add_argument("--harmless-val", metavar="FILE", help="harmless validation prompts for selection")
     parser.add_argument(
+        "--validation-fraction",
         "--val-fraction",
+        dest="val_fraction",
         type=float,
-        default=0.2,
+        default=0.25,
         metavar="F",
         help="without --harmful-val/--harmless-val, this seeded fraction of each set is held out for "
-        "selection and not measured (default 0.2)",
+        "selection and not measured (default 0.25, as in `abliterate run`)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
     parser.add_argument(
