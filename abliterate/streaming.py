@@ -120,9 +120,18 @@ def available_memory_bytes(device: str = "cpu") -> int:
 
 
 def choose_streaming(
-    model_dir: str | Path, budget_bytes: int | None = None, dtype: str = "float32", device: str = "cpu"
+    model_dir: str | Path,
+    budget_bytes: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    mode: str = "auto",
 ) -> bool:
-    """True when the model's weights in `dtype` exceed the budget (default: the free memory now)."""
+    """Whether to measure layer-streamed. mode "always"/"never" decide alone; "auto" streams when
+    the model's weights in `dtype` exceed the budget (default: the free memory now)."""
+    if mode not in STREAMING_MODES:
+        raise AbliterateError(f"streaming mode {mode!r} is unknown: choose one of {', '.join(STREAMING_MODES)}")
+    if mode != "auto":
+        return mode == "always"
     budget = available_memory_bytes(device) if budget_bytes is None else budget_bytes
     return weight_bytes(model_dir, dtype).total > budget
 
@@ -142,14 +151,7 @@ def measure_auto(
     streaming: "auto" (compare the weights in the compute dtype with the budget, default: the
     free memory now), "always" or "never". Both ways give the same `Measurement`.
     """
-    if streaming not in STREAMING_MODES:
-        raise AbliterateError(
-            f"streaming mode {streaming!r} is unknown: choose one of {', '.join(STREAMING_MODES)}"
-        )
-    stream = streaming == "always" or (
-        streaming == "auto" and choose_streaming(model_dir, memory_budget, settings.dtype, device)
-    )
-    if stream:
+    if choose_streaming(model_dir, memory_budget, settings.dtype, device, streaming):
         return measure_streamed(model_dir, harmful, harmless, settings, device, progress)
     return measure_checkpoint(model_dir, harmful, harmless, settings, device, progress)
 

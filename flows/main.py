@@ -28,7 +28,7 @@ from abliterate.measure import MeasureSettings
 from abliterate.plan import DEFAULT_TARGETS
 from abliterate.prompts import load_prompts, prompts_sha256, split_prompts
 from abliterate.selection import Selection, SelectionSettings
-from abliterate.streaming import STREAMING_MODES, choose_streaming, parse_size
+from abliterate.streaming import choose_streaming, parse_size
 from abliterate.structure import Structure
 from abliterate.validate import ValidationReport
 from flows import plots
@@ -192,14 +192,6 @@ def log_directions(tracker: Tracker, directions_path: str, selection: Selection)
             plots.close(figure)
 
 
-def streaming_needed(model: str, memory_budget: str | None, streaming: str) -> bool:
-    if streaming not in STREAMING_MODES:
-        raise AbliterateError(f"streaming {streaming!r} is unknown: choose {', '.join(STREAMING_MODES)}")
-    if streaming != "auto":
-        return streaming == "always"
-    return choose_streaming(model, parse_size(memory_budget))
-
-
 @dataclass
 class AblationSpec:
     """The ablation settings a user varies between runs."""
@@ -354,7 +346,7 @@ def abliterate_flow(
     # `prefect deployment run -p scale=0.8` sends numbers: the specs are text
     spec = AblationSpec(str(layers), str(scale), list(targets), str(direction_position), method, mtp, False,
                         workers, dask_address, dask_workers)  # fmt: skip
-    stream = streaming_needed(model, memory_budget, streaming)
+    stream = choose_streaming(model, parse_size(memory_budget), mode=streaming)
     fixed = int(direction_position) if str(direction_position).isdigit() else None
     if stream or not evaluate:  # evaluation needs the whole model in memory
         evaluation = None

@@ -13,13 +13,13 @@ cached, and a killed run resumes (finished shards are cached and the engine skip
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from prefect import task
 
 import abliterate.ablate
 import abliterate.orthogonalize
 from abliterate.ablate import AblationInputs, ShardResult, ablate_shard, load_inputs, shard_key
-from abliterate.checkpoint import file_sha256, fingerprint
 from abliterate.plan import AblationPlan
 from tasks.caching import code_hash, make_key
 
@@ -30,8 +30,10 @@ def _cached_inputs(model_dir: str, directions_path: str, force: bool, _identity:
 
 
 def _inputs(model_dir: str, directions_path: str, force: bool) -> AblationInputs:
-    # keyed by content too, so a process never reuses inputs of a rewritten checkpoint or file
-    identity = (fingerprint(model_dir), file_sha256(directions_path))
+    # Keyed by the files' sizes and modification times too, so a process never reuses inputs of
+    # a rewritten checkpoint or directions file; stat calls only, since this runs twice per shard.
+    files = sorted(Path(model_dir).iterdir()) + [Path(directions_path)]
+    identity = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
     return _cached_inputs(model_dir, directions_path, force, identity)
 
 

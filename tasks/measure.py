@@ -17,7 +17,7 @@ import abliterate.measure
 import abliterate.selection
 from abliterate.checkpoint import shard_stamp
 from abliterate.directions import compute_directions, write_directions
-from abliterate.measure import Measurement, MeasureSettings, load_model, measure
+from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
 from abliterate.prompts import prompts_sha256
 from abliterate.selection import Selection, SelectionSettings, select_direction
 from abliterate.streaming import measure_streamed
@@ -46,8 +46,7 @@ def measure_task(
     """In memory, or layer-streamed (`stream`): equal results, so `stream` is not part of the key."""
     if stream:
         return measure_streamed(model_dir, harmful, harmless, settings)
-    model, tokenizer = load_model(model_dir, settings.dtype)
-    return measure(model, tokenizer, harmful, harmless, settings)
+    return measure_checkpoint(model_dir, harmful, harmless, settings)
 
 
 def _directions_id(

@@ -193,10 +193,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
     )
-    stream = args.stream == "always" or (
-        args.stream == "auto"
-        and choose_streaming(args.model, parse_size(args.memory_budget), args.dtype, args.device)
-    )
+    stream = choose_streaming(args.model, parse_size(args.memory_budget), args.dtype, args.device, args.stream)
     if stream and select == "auto":
         why = "--stream always" if args.stream == "always" else "the model does not fit the memory budget"
         raise AbliterateError(
