@@ -17,8 +17,6 @@ from pathlib import Path
 
 from prefect import task
 
-import abliterate.ablate
-import abliterate.orthogonalize
 from abliterate.ablate import AblationInputs, ShardResult, ablate_shard, load_inputs, shard_key
 from abliterate.plan import AblationPlan
 from tasks.caching import code_hash, make_key
@@ -40,7 +38,7 @@ def _inputs(model_dir: str, directions_path: str, force: bool) -> AblationInputs
 def _shard_key(_context, p) -> str:
     inputs = _inputs(p["model_dir"], p["directions_path"], p["force"])
     key = shard_key(p["plan"], inputs.directions, inputs.inventory, p["shard"])
-    return make_key("ablate", code_hash(abliterate.ablate, abliterate.orthogonalize), key, p["out_dir"])
+    return make_key("ablate", code_hash(), key, p["out_dir"])
 
 
 @task(name="ablate-shard", cache_key_fn=_shard_key, persist_result=True, task_run_name="ablate-shard-{shard}")

@@ -6,9 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-import abliterate.checkpoint
 import abliterate.profiles
-import abliterate.structure
 from abliterate.checkpoint import Inventory, build_inventory, file_sha256, shard_stamp
 from abliterate.structure import Structure, detect_structure
 from tasks.caching import code_hash, make_key
@@ -23,7 +21,7 @@ def _inventory_key(_context, parameters) -> str:
     # Headers only: cheap, and changes whenever any shard is rewritten. The path and the config
     # count too: the inventory records where it lives, and model_type picks the role rules.
     model_dir = Path(parameters["model_dir"]).resolve()
-    code = code_hash(abliterate.checkpoint, abliterate.profiles)
+    code = code_hash()
     return make_key(
         "inventory", code, str(model_dir), shard_stamp(model_dir), _config_hash(model_dir), parameters.get("family")
     )
@@ -38,7 +36,7 @@ def inventory_task(model_dir: str, family: str | None = None) -> Inventory:
 def _structure_key(_context, parameters) -> str:
     inventory: Inventory = parameters["inventory"]
     return make_key(
-        "structure", code_hash(abliterate.structure), str(inventory.model_dir), inventory.fingerprint,
+        "structure", code_hash(), str(inventory.model_dir), inventory.fingerprint,
         inventory.family, _config_hash(inventory.model_dir),
     )  # fmt: skip
 

@@ -11,10 +11,6 @@ from pathlib import Path
 
 from prefect import task
 
-import abliterate.directions
-import abliterate.intervention
-import abliterate.measure
-import abliterate.selection
 from abliterate.checkpoint import shard_stamp
 from abliterate.directions import compute_directions, write_directions
 from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
@@ -27,7 +23,7 @@ from tasks.caching import code_hash, make_key
 def _measure_key(_context, p) -> str:
     return make_key(
         "measure",
-        code_hash(abliterate.measure),
+        code_hash(),
         shard_stamp(p["model_dir"]),  # the fingerprint reads headers only; the stamp sees rewritten shards
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
@@ -62,7 +58,7 @@ def _directions_id(
 ) -> str:
     return make_key(
         "directions",
-        code_hash(abliterate.directions, abliterate.selection, abliterate.intervention),
+        code_hash(),
         fingerprint,
         shard_stamp(model_dir) if model_dir else None,  # selection scores these very weights
         str(Path(work_dir).resolve()) if work_dir else None,  # the result is a file there

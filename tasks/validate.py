@@ -7,8 +7,6 @@ from pathlib import Path
 
 from prefect import task
 
-import abliterate.evaluate
-import abliterate.validate
 from abliterate.ablate import MANIFEST_FILE
 from abliterate.checkpoint import shard_stamp
 from abliterate.evaluate import Behaviour, EvalSettings, EvaluationResult, evaluate_loaded, measure_behaviour
@@ -27,7 +25,7 @@ def _output_identity(out_dir: str) -> list:
 
 def _validate_key(_context, p) -> str:
     return make_key(
-        "validate", code_hash(abliterate.validate), shard_stamp(p["original_dir"]), _output_identity(p["ablated_dir"])
+        "validate", code_hash(), shard_stamp(p["original_dir"]), _output_identity(p["ablated_dir"])
     )
 
 
@@ -39,7 +37,7 @@ def validate_task(original_dir: str, ablated_dir: str) -> ValidationReport:
 def _behaviour_key(_context, p) -> str:
     return make_key(
         "behaviour",
-        code_hash(abliterate.evaluate),
+        code_hash(),
         shard_stamp(p["model_dir"]),
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
@@ -59,7 +57,7 @@ def baseline_behaviour_task(
 def _evaluate_key(_context, p) -> str:
     return make_key(
         "evaluate",
-        code_hash(abliterate.evaluate),
+        code_hash(),
         _output_identity(p["model_dir"]),
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
