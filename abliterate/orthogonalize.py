@@ -1,4 +1,4 @@
-"""The weight edits of DESIGN.md, on float32 tensors, in place.
+"""The weight edits of docs/DESIGN.md ("2.4 Weight edits"), on float32 tensors, in place.
 
 Every edited tensor is a stack of vectors in residual space: the vectors lie along its
 residual axis (the profile's `residual_axis`, the axis of length hidden). Removing the

@@ -1,4 +1,4 @@
-"""Model families as data: which tensor name plays which weight role (DESIGN.md vocabulary).
+"""Model families as data: which tensor name plays which weight role (docs/DESIGN.md, "Weight roles").
 
 A profile is a list of rules. Each rule is a regular expression over the tensor name with
 optional named groups `layer` and `expert`, the role it assigns, and the tensor's

@@ -1,4 +1,4 @@
-"""The edit math against float64 references of DESIGN.md's formulas."""
+"""The edit math against float64 references of the formulas in docs/DESIGN.md ("2.4 Weight edits")."""
 
 import pytest
 import torch
