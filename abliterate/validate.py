@@ -37,9 +37,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.ablate import MANIFEST_FILE, WEIGHT_SUFFIXES, direction_for, files_to_copy, plan_matches
 from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
+from abliterate.engine import TORCH_DTYPES
 from abliterate.errors import AbliterateError
+from abliterate.matching import direction_for, plan_matches
+from abliterate.output import MANIFEST_FILE, WEIGHT_SUFFIXES, files_to_copy
 from abliterate.plan import AblationPlan, format_layers
 from abliterate.profiles import Profile
 
@@ -49,10 +51,6 @@ TOLERANCE_FACTOR = 2.0
 # Methods and scale whose edits zero the projection exactly (up to rounding); the others are
 # reported, never failed (a norm-preserving edit or a scale < 1 leaves a residual by design).
 EXACT_METHODS = ("plain", "projected")
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 HASH_CHUNK = 1 << 24  # bytes read per call when hashing
 CHUNK_ELEMENTS = 1 << 22  # elements of one tensor held at a time for NaN/residual checks
 MAX_NAMED = 5  # names quoted in one failure line that stands for many tensors

@@ -13,7 +13,9 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from abliterate.ablate import finalize_output, load_inputs, prepare_output, resolve_plan
+from abliterate.ablate import load_inputs
+from abliterate.matching import resolve_plan
+from abliterate.output import finalize_output, prepare_output
 from abliterate.plan import AblationPlan
 from tasks.ablate import ablate_shard_task
 

@@ -17,13 +17,14 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from abliterate.ablate import default_plan, load_inputs, plan_matches, role_counts
+from abliterate.ablate import load_inputs
 from abliterate.checkpoint import check_output_location
 from abliterate.demo import prompt_file
 from abliterate.direction_file import load_directions
 from abliterate.directions import DEFAULT_METHOD
 from abliterate.errors import AbliterateError
 from abliterate.evaluate import EvalSettings, EvaluationResult
+from abliterate.matching import default_plan, plan_matches, role_counts
 from abliterate.measure import MeasureSettings
 from abliterate.plan import DEFAULT_TARGETS
 from abliterate.prompts import load_prompts, prompts_sha256, split_prompts

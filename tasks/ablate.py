@@ -17,7 +17,9 @@ from pathlib import Path
 
 from prefect import task
 
-from abliterate.ablate import AblationInputs, ShardResult, ablate_shard, load_inputs, shard_key
+from abliterate.ablate import ablate_shard, load_inputs
+from abliterate.matching import AblationInputs
+from abliterate.output import ShardResult, shard_key
 from abliterate.plan import AblationPlan
 from tasks.caching import code_hash, make_key
 

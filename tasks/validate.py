@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prefect import task
 
-from abliterate.ablate import MANIFEST_FILE
 from abliterate.checkpoint import shard_stamp
 from abliterate.evaluate import Behaviour, EvalSettings, EvaluationResult, evaluate_loaded, measure_behaviour
 from abliterate.measure import load_model
+from abliterate.output import MANIFEST_FILE
 from abliterate.prompts import prompts_sha256
 from abliterate.validate import ValidationReport, validate_output
 from tasks.caching import code_hash, make_key

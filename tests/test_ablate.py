@@ -13,21 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from abliterate.ablate import (
-    MANIFEST_FILE,
-    STATE_DIR,
-    ablate_checkpoint,
-    ablate_shard,
-    default_plan,
-    direction_for,
-    load_inputs,
-    plan_matches,
-    prepare_output,
-)
+from abliterate.ablate import ablate_checkpoint, ablate_shard, load_inputs
 from abliterate.checkpoint import INDEX_FILE, build_inventory, fingerprint
 from abliterate.cli import main
 from abliterate.direction_file import save_directions
 from abliterate.errors import AbliterateError
+from abliterate.matching import default_plan, direction_for, plan_matches
+from abliterate.output import MANIFEST_FILE, STATE_DIR, prepare_output
 from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout, write_llama_layout
 
 MAIN_COUNTS = {"attn_out": 46, "mlp_down": 1, "expert_down": 5760, "shared_expert_down": 45, "router": 45}
@@ -363,7 +355,7 @@ def test_resume_after_a_crash_is_bit_identical(small, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import abliterate.ablate as engine
+import abliterate.engine as engine
 edits, kill_at = [0], int(sys.argv[1])
 edit = engine._edit_tensor
 def killing_edit(*args):

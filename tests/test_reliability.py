@@ -23,13 +23,13 @@ import pytest
 import torch
 from checkpoint_guard import snapshot, unchanged
 
-import abliterate.ablate as engine
-from abliterate.ablate import MANIFEST_FILE, STATE_DIR
+import abliterate.engine as engine
 from abliterate.checkpoint import INDEX_FILE, build_inventory, choose_profile
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.direction_file import save_directions
 from abliterate.errors import AbliterateError
+from abliterate.output import MANIFEST_FILE, STATE_DIR
 from abliterate.structure import detect_structure
 from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout
 
@@ -487,7 +487,7 @@ def test_write_failures_are_one_line_errors(base, tmp_path, capsys, monkeypatch,
 
 KILLER = """
 import os, signal, sys
-import abliterate.ablate as engine
+import abliterate.engine as engine
 calls, kill_at = [0], int(sys.argv[1])
 copy = engine._copy_range
 def killing_copy(*args):

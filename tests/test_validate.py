@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.ablate import MANIFEST_FILE, ablate_checkpoint, default_plan, load_inputs
+from abliterate.ablate import ablate_checkpoint, load_inputs
 from abliterate.checkpoint import build_inventory
 from abliterate.cli import main
 from abliterate.direction_file import load_directions, save_directions
 from abliterate.errors import AbliterateError
+from abliterate.matching import default_plan
 from abliterate.orthogonalize import project_out_
+from abliterate.output import MANIFEST_FILE
 from abliterate.synthetic import GlmLayout, write_glm_layout
 from abliterate.validate import residual_tolerance, validate_output
 

@@ -114,14 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.ablate import (
-        ablate_checkpoint,
-        default_plan,
-        describe_matches,
-        load_inputs,
-        plan_matches,
-        resolve_plan,
-    )
+    from abliterate.ablate import ablate_checkpoint, load_inputs
+    from abliterate.matching import default_plan, describe_matches, plan_matches, resolve_plan
 
     if args.workers < 1:
         raise AbliterateError(f"--workers must be at least 1, got {args.workers}")

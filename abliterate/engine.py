@@ -1,0 +1,158 @@
+"""The shard byte engine: one input shard rewritten with its matched tensors edited.
+
+Shapes and dtypes never change, so an output shard is the input shard with some byte ranges
+rewritten: the header is copied verbatim and every tensor stays at its offset. Unedited ranges
+are copied by the kernel (copy_file_range); each matched tensor is read from a memory map in
+chunks of independent vectors, edited in float32, rounded once to its own dtype and written.
+Memory stays at one chunk in float32 (a whole writer [H, in] in float32: its columns, the
+vectors edited, are not contiguous on disk).
+
+The bytes depend only on the input shard, the matches and their vectors: never on chunk sizes,
+threads or timing. `ENGINE_VERSION` is part of every shard key; bump it when they change.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from abliterate.errors import AbliterateError
+from abliterate.orthogonalize import norm_preserving_, project_out_
+
+if TYPE_CHECKING:
+    from abliterate.matching import Match
+
+ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
+CHUNK_BYTES = 64 << 20  # storage bytes edited at once; fixed so results never depend on memory
+PIECE = 1 << 21  # elements widened or rounded at once (elementwise: any size gives the same bytes)
+# safetensors float dtypes as torch reads them; the engine edits the first three in float32.
+TORCH_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+EDITABLE_DTYPES = ("BF16", "F16", "F32")
+
+
+def write_shard(src: Path, dst: Path, edits: Sequence[tuple[Match, torch.Tensor]]) -> int:
+    """Write `dst`: the shard `src` with each matched tensor edited along its unit vector; returns
+    the size. `edits` in file order (by offset), each with the float32 vector [H] that edits it."""
+    with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
+        size = os.fstat(fin.fileno()).st_size
+        # Copy-on-write mapping: writable for torch.frombuffer, never written to.
+        mapped = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            position = 0
+            for m, r in edits:
+                _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
+                _edit_tensor(mapped, fout.fileno(), m, r)
+                position = m.tensor.end
+            _copy_range(fin.fileno(), fout.fileno(), position, size - position)
+        finally:
+            _close(mapped)
+        os.fsync(fout.fileno())
+    return size
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Copy src[offset:offset+count] to dst's current position: in the kernel where it can."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+        except (OSError, AttributeError):  # another filesystem, old kernel, other OS
+            n = os.write(dst, os.pread(src, min(count, 1 << 26), offset))
+        if n == 0:
+            raise AbliterateError(f"unexpected end of input while copying at byte {offset}")
+        offset += n
+        count -= n
+
+
+def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None:
+    """Read, edit in float32, round once, write: chunk by chunk of independent vectors."""
+    t = m.tensor
+    if t.nbytes == 0:
+        return
+    dtype = TORCH_DTYPES[t.dtype]
+    axis = t.residual_axis
+    # Slices along axis 0 hold independent vectors unless axis 0 is the residual axis itself.
+    rows = t.shape[0] if axis != 0 and len(t.shape) > 1 else 1
+    row_numel = math.prod(t.shape) // rows
+    row_bytes = t.nbytes // rows
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
+    for first in range(0, rows, step):
+        count = min(step, rows - first)
+        offset = t.start + first * row_bytes
+        shape = (count, *t.shape[1:]) if rows > 1 else t.shape
+        work = _read_float32(mapped, offset, count * row_numel, dtype).view(shape)
+        edit(work, r, m.scale, axis)
+        _write_rounded(dst, work, dtype)
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers reused from tensor to tensor (a fresh allocation faults in every page:
+    a third of the edit time). The float32 one grows to the largest chunk edited, and stays."""
+
+    def __init__(self) -> None:
+        self.work = torch.empty(0, dtype=torch.float32)
+        self.pieces: dict[torch.dtype, torch.Tensor] = {}
+
+    def float32(self, numel: int) -> torch.Tensor:
+        if self.work.numel() < numel:
+            self.work = torch.empty(0, dtype=torch.float32)  # free the old one first
+            self.work = torch.empty(numel, dtype=torch.float32)
+        return self.work[:numel]
+
+    def piece(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if dtype not in self.pieces:
+            self.pieces[dtype] = torch.empty(PIECE, dtype=dtype)
+        return self.pieces[dtype][:numel]
+
+
+_SCRATCH = _Scratch()
+
+
+def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Widen stored values to float32 a piece at a time, dropping each piece's pages."""
+    work = _SCRATCH.float32(numel)
+    size = torch.empty((), dtype=dtype).element_size()
+    for first in range(0, numel, PIECE):
+        count = min(PIECE, numel - first)
+        stored = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset + first * size)
+        work[first : first + count].copy_(stored)
+        del stored
+        _release(mapped, offset + first * size, count * size)
+    return work
+
+
+def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype) -> None:
+    """Round to `dtype` and write, a piece at a time (rounding is per element: pieces change nothing)."""
+    flat = work.view(-1)
+    for first in range(0, flat.numel(), PIECE):
+        part = flat[first : first + PIECE]
+        if dtype != torch.float32:
+            part = _SCRATCH.piece(dtype, part.numel()).copy_(part)
+        view = memoryview(part.view(torch.uint8).numpy())
+        written = 0
+        while written < len(view):
+            written += os.write(dst, view[written:])
+
+
+def _close(mapped: mmap.mmap) -> None:
+    try:
+        mapped.close()
+    except BufferError:  # a tensor of an interrupted edit still views it: the GC unmaps it later
+        pass
+
+
+def _release(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Drop the mapped pages just read, so resident memory stays at one chunk, not the shard."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        start = offset - offset % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, start, min(length + offset - start, len(mapped) - start))
