@@ -99,14 +99,6 @@ class ValidationReport:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def metrics(self) -> dict[str, float]:
-        """Flat figures for mlflow.log_metrics: ok, counts, failures, changed and worst residual per role."""
-        out = {"ok": float(self.ok), "failures": float(len(self.failures)), "changed": float(self.changed),
-               "compared": float(self.compared), "nan_inf": float(len(self.nan_inf)), "seconds": self.seconds}  # fmt: skip
-        out.update({f"changed_{role}": float(n) for role, n in self.changed_by_role.items()})
-        out.update({f"residual_{role}": w.residual for role, w in self.worst_residual.items()})
-        return out
-
     def summary(self, max_failures: int = 20) -> str:
         lines = [
             f"{'OK' if self.ok else 'FAILED'}: {self.ablated} against {self.original}",

@@ -110,9 +110,6 @@ def test_clean_ablation_passes_with_counts_and_residuals(small):
     assert report.worst_residual["router"].tolerance == residual_tolerance("F32", SMALL.hidden_size)
     assert report.nan_inf == [] and report.files == {"missing": [], "changed": [], "extra": [], "weights_not_copied": []}
     json.dumps(report.to_json())  # JSON-able as it is
-    metrics = report.metrics()
-    assert metrics["ok"] == 1.0 and metrics["changed_expert_down"] == 48.0
-    assert metrics["residual_router"] == report.worst_residual["router"].residual
 
 
 def test_missing_manifest_means_incomplete(small, tampered):
