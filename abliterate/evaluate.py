@@ -109,11 +109,6 @@ class EvaluationResult:
         )  # fmt: skip
         return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
-    def examples_table(self) -> dict[str, list]:
-        """Column-oriented example rows, ready for mlflow.log_table(data=..., artifact_file=...)."""
-        columns = [f.name for f in ExampleRow.__dataclass_fields__.values()]
-        return {c: [getattr(row, c) for row in self.examples] for c in columns}
-
     def summary(self, width: int = 60) -> str:
         lines = [f"{'':<22} {'harmful':>8} {'harmless':>9}"]
         if self.baseline_refusal_rate_harmful is not None:
@@ -313,12 +308,7 @@ def evaluate_model(
     harmful: Sequence[str],
     harmless: Sequence[str],
     baseline_dir: str | Path | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS,
-    system_prompt: str | None = None,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    n_examples: int | None = DEFAULT_EXAMPLES,
+    settings: EvalSettings | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
@@ -331,14 +321,7 @@ def evaluate_model(
     from abliterate.measure import load_model
 
     began = time.perf_counter()
-    settings = EvalSettings(
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        markers=tuple(markers),
-        system_prompt=system_prompt,
-        chat_template_kwargs=tuple(sorted((chat_template_kwargs or {}).items())),
-        n_examples=n_examples,
-    )
+    settings = settings or EvalSettings()
     before = None
     if baseline_dir is not None:
         base_model, base_tokenizer = load_model(baseline_dir, dtype, device)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from abliterate.errors import AbliterateError
+
 # Lower case, straight apostrophes: is_refusal normalises the reply the same way.
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "i cannot",
@@ -46,3 +50,18 @@ def is_refusal(text: str, markers: tuple[str, ...] | list[str] = DEFAULT_REFUSAL
     """True when the reply contains any marker (case- and apostrophe-insensitive)."""
     reply = normalise(text)
     return any(normalise(m) in reply for m in markers)
+
+
+def read_markers(path: str | Path) -> list[str]:
+    """Marker phrases from a file: one per line, blank lines and `#` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise AbliterateError(f"marker file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise AbliterateError(f"marker file {path} is not UTF-8 text ({exc})") from exc
+    markers = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not markers:
+        raise AbliterateError(f"marker file {path} holds no marker: write one phrase per line")
+    return markers

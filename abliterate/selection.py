@@ -70,14 +70,20 @@ class CandidateScore:
 class Selection:
     position: int
     explicit: bool  # the user chose the position; the scores are for information only
-    baseline_refusal_score: float  # unmodified model on the harmful validation prompts
+    baseline_refusal_score: float | None  # unmodified model on the harmful validation prompts; None: unscored
     candidates: list[CandidateScore]
     kl_threshold: float
     refusal_token_ids: list[int]
     kl_prompts: int  # harmless validation prompts the unmodified model does not refuse
 
-    def score(self, position: int) -> CandidateScore:
-        return next(c for c in self.candidates if c.position == position)
+    @classmethod
+    def unscored(cls, position: int, kl_threshold: float) -> Selection:
+        """A position chosen by the user without inference-time scores (the model was streamed)."""
+        return cls(position, True, None, [], kl_threshold, [], 0)
+
+    @property
+    def scored(self) -> bool:
+        return self.baseline_refusal_score is not None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,7 +48,6 @@ from abliterate.measure import (
     encode_prompts,
     length_sorted_batches,
     load_tokenizer,
-    measure_checkpoint,
     pad_token_id,
 )
 from abliterate.prompts import prompts_sha256
@@ -134,26 +133,6 @@ def choose_streaming(
         return mode == "always"
     budget = available_memory_bytes(device) if budget_bytes is None else budget_bytes
     return weight_bytes(model_dir, dtype).total > budget
-
-
-def measure_auto(
-    model_dir: str | Path,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    settings: MeasureSettings,
-    memory_budget: int | None = None,
-    streaming: str = "auto",
-    device: str = "cpu",
-    progress: bool = True,
-) -> Measurement:
-    """Measure in memory, or layer-streamed when the model does not fit `memory_budget` bytes.
-
-    streaming: "auto" (compare the weights in the compute dtype with the budget, default: the
-    free memory now), "always" or "never". Both ways give the same `Measurement`.
-    """
-    if choose_streaming(model_dir, memory_budget, settings.dtype, device, streaming):
-        return measure_streamed(model_dir, harmful, harmless, settings, device, progress)
-    return measure_checkpoint(model_dir, harmful, harmless, settings, device, progress)
 
 
 # ---------------------------------------------------------------- the streamed measurement

@@ -36,10 +36,9 @@ WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC: e.g. re-run after a new prompt set la
 
 
 def deployments() -> list:
-    demo_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "demo"),
-                   "prompt_set": "demo", "overwrite": True}  # fmt: skip
+    demo_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "demo"), "overwrite": True}
     sweep_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "sweep"),
-                    "prompt_set": "demo", "variants": EXAMPLE_VARIANTS, "overwrite": True}  # fmt: skip
+                    "variants": EXAMPLE_VARIANTS, "overwrite": True}  # fmt: skip
     return [
         abliterate_flow.to_deployment(
             name="demo", parameters=demo_params, tags=["abliterate"], entrypoint_type=EntrypointType.MODULE_PATH,

@@ -1,8 +1,9 @@
 """Activation measurement and direction computation + selection as cached Prefect tasks.
 
-Keys: the model fingerprint, the prompt hashes and the measurement settings (template, token
-position, dtype). Nothing about ablation (layers, scales, roles, method) enters them, so
-reruns with other ablation settings reuse the measurement and the directions.
+Both run the same stage functions as `abliterate measure` (abliterate/stages.py). Keys: the
+code hash, the weights' shard stamp, the prompt hashes and the measurement settings (template,
+token position, dtype); nothing about ablation (layers, scales, roles, ablation method) enters
+them, so reruns with other ablation settings reuse the measurement and the directions.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from pathlib import Path
 from prefect import task
 
 from abliterate.checkpoint import shard_stamp
-from abliterate.directions import compute_directions, write_directions
-from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
+from abliterate.directions import write_directions
+from abliterate.measure import Measurement, MeasureSettings
 from abliterate.prompts import prompts_sha256
-from abliterate.selection import Selection, SelectionSettings, select_direction
-from abliterate.streaming import measure_streamed
+from abliterate.selection import Selection, SelectionSettings
+from abliterate.stages import direction_stage, measure_stage
 from tasks.caching import code_hash, make_key
 
 
@@ -33,51 +34,31 @@ def _measure_key(_context, p) -> str:
 
 @task(name="activation-measurement", cache_key_fn=_measure_key, persist_result=True)
 def measure_task(
-    model_dir: str,
-    harmful: list[str],
-    harmless: list[str],
-    settings: MeasureSettings,
-    stream: bool = False,
+    model_dir: str, harmful: list[str], harmless: list[str], settings: MeasureSettings, device: str, stream: bool
 ) -> Measurement:
-    """In memory, or layer-streamed (`stream`): equal results, so `stream` is not part of the key."""
-    if stream:
-        return measure_streamed(model_dir, harmful, harmless, settings)
-    return measure_checkpoint(model_dir, harmful, harmless, settings)
-
-
-def _directions_id(
-    fingerprint: str,
-    measurement: Measurement,
-    method: str,
-    harmful_val: list[str],
-    harmless_val: list[str],
-    selection: SelectionSettings,
-    fixed_position: int | None = None,
-    model_dir: str | None = None,
-    work_dir: str | None = None,
-) -> str:
-    return make_key(
-        "directions",
-        code_hash(),
-        fingerprint,
-        shard_stamp(model_dir) if model_dir else None,  # selection scores these very weights
-        str(Path(work_dir).resolve()) if work_dir else None,  # the result is a file there
-        measurement.harmful.sha256,
-        measurement.harmless.sha256,
-        measurement.settings.as_dict(),
-        method,
-        prompts_sha256(harmful_val),
-        prompts_sha256(harmless_val),
-        selection.as_dict(),
-        fixed_position,
-    )
+    """In memory, or layer-streamed (`stream`): equal results, so neither `stream` nor the device is keyed."""
+    return measure_stage(model_dir, harmful, harmless, settings, device, stream)
 
 
 def _directions_key(_context, p) -> str:
-    return _directions_id(
-        p["fingerprint"], p["measurement"], p["method"], p["harmful_val"], p["harmless_val"], p["selection"],
-        p.get("fixed_position"), p["model_dir"], p["work_dir"],
-    )  # fmt: skip
+    """Also names the folder of the directions file, so a file is never shared by two results."""
+    measurement: Measurement = p["measurement"]
+    return make_key(
+        "directions",
+        code_hash(),
+        p["fingerprint"],
+        shard_stamp(p["model_dir"]),  # selection scores these very weights
+        str(Path(p["work_dir"]).resolve()),  # the result is a file there
+        measurement.harmful.sha256,
+        measurement.harmless.sha256,
+        measurement.settings.as_dict(),
+        p["direction_method"],
+        p["direction_position"],
+        prompts_sha256(p["harmful_val"]),
+        prompts_sha256(p["harmless_val"]),
+        p["selection"].as_dict(),
+        p["stream"],  # a streamed run records an unscored choice
+    )
 
 
 @task(name="direction-computation", cache_key_fn=_directions_key, persist_result=True)
@@ -85,39 +66,32 @@ def directions_task(
     model_dir: str,
     fingerprint: str,
     measurement: Measurement,
-    method: str,
+    direction_method: str,
+    direction_position: str,
     harmful_val: list[str],
     harmless_val: list[str],
     selection: SelectionSettings,
     work_dir: str,
-    fixed_position: int | None = None,
-) -> tuple[str, Selection]:
-    """Per-position directions, the automatic choice among them, and directions.safetensors.
+    device: str,
+    stream: bool,
+) -> tuple[str, Selection | None]:
+    """Per-position directions, the direction to ablate, and directions.safetensors.
 
-    Returns the file's path (under `work_dir`, keyed like the task) and the selection with
-    every candidate's scores. `fixed_position` skips the scoring (which needs the whole model
-    in memory): for models measured layer-streamed.
+    Returns the file's path (under `work_dir`, in a folder named by the content of its inputs)
+    and the selection with every candidate's scores (None for `own`).
     """
-    directions = compute_directions(measurement, method)
-    if fixed_position is None:
-        model, tokenizer = load_model(model_dir, measurement.settings.dtype)
-        chosen = select_direction(
-            model, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection
-        )
-    else:
-        chosen = Selection(
-            position=fixed_position, explicit=True, baseline_refusal_score=float("nan"), candidates=[],
-            kl_threshold=selection.kl_threshold, refusal_token_ids=[], kl_prompts=0,
-        )  # fmt: skip
-    key = _directions_id(
-        fingerprint, measurement, method, harmful_val, harmless_val, selection, fixed_position, model_dir, work_dir
-    )
+    directions, chosen = direction_stage(
+        model_dir, measurement, direction_method, direction_position, harmful_val, harmless_val, selection,
+        device, stream,
+    )  # fmt: skip
+    folder = _directions_key(None, {
+        "model_dir": model_dir, "fingerprint": fingerprint, "measurement": measurement, "work_dir": work_dir,
+        "direction_method": direction_method, "direction_position": direction_position, "harmful_val": harmful_val,
+        "harmless_val": harmless_val, "selection": selection, "stream": stream,
+    })  # fmt: skip
+    extra = {"selection": chosen.as_dict()} if chosen else None
     path = write_directions(
-        Path(work_dir) / "directions" / key,
-        directions,
-        measurement,
-        fingerprint,
-        chosen.position,
-        extra={"selection": chosen.as_dict()},
-    )
+        Path(work_dir) / "directions" / folder, directions, measurement, fingerprint,
+        chosen.position if chosen else None, extra,
+    )  # fmt: skip
     return str(path), chosen

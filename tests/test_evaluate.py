@@ -93,9 +93,9 @@ def test_refusal_rates_follow_the_markers(tiny):
 
 def test_kl_against_the_baseline(tiny_dirs):
     original, ablated = tiny_dirs
-    same = evaluate_model(original, HARMFUL, HARMLESS, baseline_dir=original, max_new_tokens=4, progress=False)
+    same = evaluate_model(original, HARMFUL, HARMLESS, baseline_dir=original, settings=EvalSettings(max_new_tokens=4), progress=False)
     assert same.kl_harmless == 0.0
-    result = evaluate_model(ablated, HARMFUL, HARMLESS, baseline_dir=original, max_new_tokens=4, progress=False)
+    result = evaluate_model(ablated, HARMFUL, HARMLESS, baseline_dir=original, settings=EvalSettings(max_new_tokens=4), progress=False)
     before = unbatched_logprobs(*load_model(original), HARMLESS)
     after = unbatched_logprobs(*load_model(ablated), HARMLESS)
     # KL(baseline || model), mean over the harmless prompts, in nats.
@@ -108,13 +108,14 @@ def test_kl_against_the_baseline(tiny_dirs):
 def test_examples_table_and_json(tiny_dirs):
     original, ablated = tiny_dirs
     result = evaluate_model(
-        ablated, HARMFUL, HARMLESS, baseline_dir=original, max_new_tokens=4, n_examples=2, progress=False
+        ablated, HARMFUL, HARMLESS, baseline_dir=original, settings=EvalSettings(max_new_tokens=4, n_examples=2),
+        progress=False,
     )
-    table = result.examples_table()
-    assert list(table) == ["prompt", "kind", "response_before", "response_after", "refused_before", "refused_after"]
-    assert table["prompt"] == HARMFUL[:2] + HARMLESS[:2]
-    assert table["kind"] == ["harmful", "harmful", "harmless", "harmless"]
-    assert all(isinstance(r, str) for r in table["response_before"] + table["response_after"])
+    rows = [vars(row) for row in result.examples]
+    assert list(rows[0]) == ["prompt", "kind", "response_before", "response_after", "refused_before", "refused_after"]
+    assert [r["prompt"] for r in rows] == HARMFUL[:2] + HARMLESS[:2]
+    assert [r["kind"] for r in rows] == ["harmful", "harmful", "harmless", "harmless"]
+    assert all(isinstance(r["response_before"], str) and isinstance(r["response_after"], str) for r in rows)
     data = json.loads(json.dumps(result.to_json()))
     for key in ("refusal_rate_harmful", "refusal_rate_harmless", "kl_harmless", "n_harmful", "n_harmless"):
         assert key in data

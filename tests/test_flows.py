@@ -8,10 +8,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from abliterate.config import Ablation, Evaluation, Prompts, Runtime, Selection
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.direction_file import load_directions
 
 pytestmark = pytest.mark.slow
+DEMO_PROMPTS = Prompts(prompt_set="demo")  # a copy of the demo model is not the demo model: name its prompts
+NO_EVALUATION = Evaluation(evaluate=False)
 TASKS = ("weight-inventory", "structure-detection", "activation-measurement", "direction-computation",
          "ablate-shard", "output-validation", "baseline-behaviour", "behavioural-evaluation")  # fmt: skip
 
@@ -47,7 +50,7 @@ def first_run(prefect_env, tmp_path_factory):
     from flows.main import abliterate_flow
 
     out = tmp_path_factory.mktemp("flow") / "demo-abliterated"
-    state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), prompt_set="demo", return_state=True)
+    state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), return_state=True)  # the demo prompt set: auto
     return state, out
 
 
@@ -102,8 +105,8 @@ def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
 
     state, _ = first_run
     other = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), prompt_set="demo", layers="2-4", evaluate=False,
-        return_state=True,
+        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), ablation=Ablation(layers="2-4"),
+        evaluation=Evaluation(evaluate=False), return_state=True,
     )  # fmt: skip
     states = task_states(other.state_details.flow_run_id)
     for name in ("weight-inventory", "structure-detection", "activation-measurement", "direction-computation"):
@@ -112,9 +115,9 @@ def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
     assert other.result()["plan"]["layers"][:3] == [2, 3, 4]
 
     again = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), prompt_set="demo", layers="2-4", evaluate=False,
-        return_state=True,
-    )  # fmt: skip
+        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), ablation={"layers": "2-4"},
+        evaluation={"evaluate": False}, return_state=True,
+    )  # fmt: skip  (plain mappings, as the Prefect UI sends them)
     states = task_states(again.state_details.flow_run_id)
     assert all(s == ["Cached"] or set(s) == {"Cached"} for s in states.values()), states
 
@@ -129,8 +132,8 @@ def test_streamed_measurement_and_dask_ablation_match_the_defaults(first_run, tm
     summary = state.result()
     position = summary["selected_position"]
     streamed = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "streamed"), prompt_set="demo", streaming="always",
-        direction_position=str(position), return_state=True,
+        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "streamed"), runtime=Runtime(streaming="always"),
+        selection=Selection(direction_position=str(position)), return_state=True,
     ).result()  # fmt: skip
     assert "evaluation" not in streamed and streamed["validation_ok"]
     manifest = json.loads((out / "abliteration.json").read_text())
@@ -158,8 +161,7 @@ def test_sweep_runs_variants_as_nested_runs_on_one_measurement(first_run, tmp_pa
     from flows.sweep import sweep_flow
 
     variants = [{"name": "all", "layers": "all"}, {"name": "half", "layers": "all", "scale": "0.5"}]
-    state = sweep_flow(model=str(DEMO_MODEL_DIR), out=str(tmp_path), variants=variants, prompt_set="demo",
-                       return_state=True)  # fmt: skip
+    state = sweep_flow(model=str(DEMO_MODEL_DIR), out=str(tmp_path), variants=variants, return_state=True)
     result = state.result()
     states = task_states(state.state_details.flow_run_id)
     assert states["activation-measurement"] == ["Cached"] and states["direction-computation"] == ["Cached"]
@@ -192,11 +194,11 @@ def test_project_folder_may_hold_the_model_but_results_never_go_into_it(first_ru
     model = tmp_path / "home" / "models" / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
     monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path / "home"))
-    state = abliterate_flow(model=str(model), out=str(tmp_path / "home" / "out"), prompt_set="demo",
-                            evaluate=False, scale=1.0, return_state=True)  # fmt: skip
+    state = abliterate_flow(model=str(model), out=str(tmp_path / "home" / "out"), prompts=DEMO_PROMPTS,
+                            evaluation=NO_EVALUATION, ablation={"scale": 1.0}, return_state=True)  # fmt: skip
     assert state.result()["validation_ok"]
     monkeypatch.setenv("ABLITERATE_HOME", str(model / "inside"))
-    state = abliterate_flow(model=str(model), out=str(tmp_path / "out2"), prompt_set="demo", evaluate=False,
-                            return_state=True)  # fmt: skip
+    state = abliterate_flow(model=str(model), out=str(tmp_path / "out2"), prompts=DEMO_PROMPTS,
+                            evaluation=NO_EVALUATION, return_state=True)  # fmt: skip
     assert state.is_failed() and "inside the input checkpoint" in str(state.message)
     assert not (model / "inside").exists()

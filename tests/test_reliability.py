@@ -319,7 +319,7 @@ BAD_PLANS = {
     "unreadable layer spec": (["--layers", "1..2"], ["cannot read '1..2'", "`5,7,9-12`"]),
     "unknown role": (["--targets", "attn_out,writer"], ["unknown or unsupported target role 'writer'", "choose from"]),
     "role that is not a target": (["--targets", "norm"], ["target role 'norm'"]),
-    "empty target set": (["--targets", ""], ["''", "choose from"]),  # (reported: should say "empty")
+    "empty target set": (["--targets", ""], ["--targets", "is empty", "choose from"]),
     "negative scale": (["--scale", "-1"], ["scale -1.0 for layer 0", "outside [0, 2.0]"]),
     "absurd scale": (["--scale", "1e9"], ["outside [0, 2.0]", "would damage the model"]),
     "NaN scale": (["--scale", "nan"], ["'nan' is not finite"]),
@@ -561,7 +561,7 @@ def test_bad_prompt_file_fails_before_any_work(prompts, tmp_path, capsys, case):
     bad = root / f"{case}.txt"
     with unchanged(DEMO_MODEL_DIR):
         result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", bad, "--harmless", good, "--out", tmp_path / "m",
-                     "--select", "none")  # fmt: skip
+                     "--direction-position", "none")  # fmt: skip
     assert_error(result, "measure", str(bad), *files[case][1])
     assert not (tmp_path / "m").exists()
 
@@ -570,7 +570,7 @@ def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
     root, good, _, huge = prompts
     with unchanged(DEMO_MODEL_DIR):
         result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", huge, "--harmless", good, "--out", tmp_path / "m",
-                     "--select", "none")  # fmt: skip
+                     "--direction-position", "none")  # fmt: skip
     assert_error(result, "measure", "harmful prompt #1 is", "more than the model's context of 256 tokens",
                  "shorten or remove it")  # fmt: skip
     assert not (tmp_path / "m").exists()
@@ -581,7 +581,7 @@ def test_measure_output_inside_the_model_is_refused(prompts, tmp_path, capsys):
     model = tmp_path / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
     with unchanged(model):
-        result = cli(capsys, "measure", model, "--harmful", good, "--harmless", good, "--out", model, "--select", "none")
+        result = cli(capsys, "measure", model, "--harmful", good, "--harmless", good, "--out", model, "--direction-position", "none")
         assert_error(result, "measure", "inside the input checkpoint")
 
 
@@ -601,8 +601,8 @@ def test_flow_fails_on_a_damaged_checkpoint_in_the_inventory_task(prefect_env, t
     out = tmp_path / "out"
     with unchanged(model):
         # streaming="never": nothing reads the checkpoint before the inventory task
-        state = abliterate_flow(model=str(model), out=str(out), prompt_set="demo", evaluate=False, streaming="never",
-                                return_state=True)  # fmt: skip
+        state = abliterate_flow(model=str(model), out=str(out), prompts={"prompt_set": "demo"},
+                                evaluation={"evaluate": False}, runtime={"streaming": "never"}, return_state=True)
     assert state.is_failed()
     assert SHARDS[1] in state.message and "truncated" in state.message and "re-download" in state.message
     with pytest.raises(AbliterateError, match="truncated"):
@@ -621,8 +621,8 @@ def test_flow_fails_on_a_layer_out_of_range(prefect_env, tmp_path):
 
     out = tmp_path / "out"
     with unchanged(DEMO_MODEL_DIR):
-        state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), prompt_set="demo", layers="99",
-                                evaluate=False, return_state=True)  # fmt: skip
+        state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), ablation={"layers": "99"},
+                                evaluation={"evaluate": False}, return_state=True)
     assert state.is_failed()
     assert "layer 99 is out of range" in state.message and "decoder layers 0..4" in state.message
     assert not out.exists()

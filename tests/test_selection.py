@@ -90,8 +90,9 @@ def test_scores_match_a_direct_computation(tiny):
     base = first_token_logprobs(model, encoded, 1, pad_token_id(tokenizer))
     with directional_ablation(model, directions.direction[2].float()):
         ablated = first_token_logprobs(model, encoded, 1, pad_token_id(tokenizer))
-    assert selection.score(2).kl == pytest.approx(first_token_kl(base, ablated), rel=1e-6)
-    assert selection.score(2).kl > 0
+    (score,) = selection.candidates
+    assert score.kl == pytest.approx(first_token_kl(base, ablated), rel=1e-6)
+    assert score.kl > 0
     assert selection.kl_prompts == len(HARMLESS)  # the random model refuses none of them
 
 
@@ -160,7 +161,7 @@ def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
             [
                 *common,
                 *args,
-                "--select",
+                "--direction-position",
                 "auto",
                 "--kl-threshold",
                 "1e9",
@@ -178,15 +179,17 @@ def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
     assert len(loaded.metadata["selection"]["candidates"]) == 2
     assert (out / "directions.json").is_file()
     assert "<- selected" in capsys.readouterr().out
-    assert main([*common, "--out", str(tmp_path / "none"), "--select", "none", "--position", "-2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "none"), "--direction-position", "none", "--token-position", "-2"]) == 0
     loaded = load_directions(tmp_path / "none" / "directions.safetensors")
     assert loaded.selected_position is None and loaded.metadata["position"] == -2
     # Without validation files, a seeded fifth of each set is held out for selection.
     assert main([*common, "--out", str(tmp_path / "split"), "--kl-threshold", "1e9"]) == 0
     meta = load_directions(tmp_path / "split" / "directions.safetensors").metadata
     assert (meta["n_harmful"], meta["n_harmless"]) == (3, 3)
-    assert main([*common, "--out", str(out), "--position", "3"]) == 2
-    assert "--position '3'" in capsys.readouterr().err
+    assert main([*common, "--out", str(out), "--token-position", "3"]) == 2
+    assert "--token-position" in capsys.readouterr().err
+    assert main([*common, "--out", str(out), "--position", "3"]) == 2  # the older name still works
+    assert "less than 0 (got 3)" in capsys.readouterr().err
 
 
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:

@@ -10,13 +10,15 @@ from safetensors.torch import load_file, save_file
 from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model
 
 from abliterate.cli import main
+from abliterate.config import Runtime
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
 from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
 from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
 from abliterate.prompts import load_prompts
-from abliterate.streaming import choose_streaming, measure_auto, measure_streamed, parse_size, weight_bytes
+from abliterate.stages import decide_streaming, measure_stage
+from abliterate.streaming import choose_streaming, measure_streamed, parse_size, weight_bytes
 from abliterate.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
@@ -151,11 +153,13 @@ def test_auto_mode_streams_only_over_budget(tiny):
     assert not choose_streaming(tiny, total, dtype="bfloat16") and choose_streaming(
         tiny, total // 2 - 1, "bfloat16"
     )
-    streamed = measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, memory_budget=total - 1, progress=False)
-    in_memory = measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, memory_budget=total, progress=False)
+    over, fits = Runtime(memory_budget=str(total - 1)), Runtime(memory_budget=str(total))
+    assert decide_streaming(tiny, over) and not decide_streaming(tiny, fits)
+    streamed = measure_stage(tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, over), progress=False)
+    in_memory = measure_stage(tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, fits), progress=False)
     assert_same_measurement(streamed, in_memory)
-    with pytest.raises(AbliterateError, match="streaming mode 'sometimes'"):
-        measure_auto(tiny, HARMFUL, HARMLESS, SETTINGS, streaming="sometimes")
+    with pytest.raises(AbliterateError, match="streaming.*sometimes"):
+        Runtime(streaming="sometimes")
 
 
 def test_missing_expert_tensor_names_the_layer(tiny, tmp_path):
@@ -189,9 +193,9 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
         files[name].write_text("\n".join(prompts) + "\n")
     common = ["measure", str(tiny), "--harmful", str(files["harmful"]), "--harmless", str(files["harmless"])]
     common += ["--batch-size", "3"]
-    assert main([*common, "--out", str(tmp_path / "memory"), "--select", "none", "--stream", "never"]) == 0
-    assert main([*common, "--out", str(tmp_path / "stream"), "--select", "none", "--stream", "always"]) == 0
-    budget = ["--memory-budget", "1KiB", "--select", "none"]
+    assert main([*common, "--out", str(tmp_path / "memory"), "--direction-position", "none", "--streaming", "never"]) == 0
+    assert main([*common, "--out", str(tmp_path / "stream"), "--direction-position", "none", "--streaming", "always"]) == 0
+    budget = ["--memory-budget", "1KiB", "--direction-position", "none"]
     assert main([*common, "--out", str(tmp_path / "auto"), *budget]) == 0
     reference = load_directions(tmp_path / "memory" / "directions.safetensors")
     for name in ("stream", "auto"):
@@ -200,13 +204,13 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
         torch.testing.assert_close(streamed.direction, reference.direction, rtol=1e-5, atol=1e-6)
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "1KiB"]) == 2
-    assert "does not fit the memory budget" in capsys.readouterr().err
-    assert main([*common, "--out", str(tmp_path / "x"), "--stream", "always"]) == 2
-    assert "--select none" in capsys.readouterr().err
-    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--select", "none"]) == 2
+    assert "exceeds the memory budget" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "x"), "--streaming", "always"]) == 2
+    assert "--direction-position N" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--direction-position", "none"]) == 2
     assert "memory budget 'lots'" in capsys.readouterr().err
     # an explicit position is recorded unscored: streaming needs no whole model for it
-    assert main([*common, "--out", str(tmp_path / "fixed"), "--stream", "always", "--select", "2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "fixed"), "--stream", "always", "--select", "2"]) == 0  # older names
     assert load_directions(tmp_path / "fixed" / "directions.safetensors").selected_position == 2
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from abliterate.checkpoint import choose_profile
 from abliterate.cli.inventory import add_profile_options
+from abliterate.config import Ablation, Runtime, Selection, add_options, from_args
 from abliterate.errors import AbliterateError
-from abliterate.plan import DEFAULT_TARGETS, MAX_SCALE, TARGET_ROLES, AblationPlan
+from abliterate.plan import AblationPlan
 
 HELP = "write a copy of a checkpoint with the refusal direction projected out of its weights"
 
@@ -41,72 +42,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="directions.safetensors from `abliterate measure`, or a hand-written safetensors file holding only "
         "a float32 `direction` tensor [L+1, H] (one per residual position; without metadata, name the position "
-        "with --direction-layer) or [H] (one for every layer)",
+        "with --direction-position) or [H] (one for every layer)",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
-    parser.add_argument(
-        "--layers",
-        default="all",
-        metavar="SPEC",
-        help="decoder layers to edit: `all` (default), `10-30`, `5,7,9-12`; exact indices, out of range is an error",
-    )
-    parser.add_argument(
-        "--direction-layer",
-        default="selected",
-        metavar="selected|own|N",
-        help="which direction: `selected` (default; the position the directions file selected, for every layer), "
-        "`own` (layer i uses the direction at residual position i) or a residual position N",
-    )
-    parser.add_argument(
-        "--scale",
-        default="1.0",
-        metavar="SPEC",
-        help=f"strength, 0..{MAX_SCALE:g}: a constant (default 1.0 removes the direction), one value per target "
-        "layer (`1,1,0.5`), or a Gaussian over layer indices `gauss:center=20,width=5,peak=1.0,floor=0`",
-    )
-    parser.add_argument(
-        "--targets",
-        default=",".join(DEFAULT_TARGETS),
-        metavar="ROLES",
-        help=f"comma list of roles to edit, from {', '.join(TARGET_ROLES)}; `default` stands for the default set "
-        f"({', '.join(DEFAULT_TARGETS)}), e.g. `default,embed`",
-    )
-    method = parser.add_mutually_exclusive_group()
-    method.add_argument(
-        "--norm-preserving",
-        action="store_const",
-        dest="method",
-        const="norm_preserving",
-        help="keep each writer column's norm (the projected column is rescaled to its original length); "
-        "routers are edited plainly",
-    )
-    method.add_argument(
-        "--projected",
-        action="store_const",
-        dest="method",
-        const="projected",
-        help="first make the direction orthogonal to the harmless mean of each tensor's layer "
-        "(needs a directions file with means)",
-    )
-    parser.set_defaults(method="plain")
-    parser.add_argument(
-        "--mtp", choices=["ablate", "skip"], default="ablate", help="MTP layers: ablate like the last layer (default) or skip"
-    )
-    parser.add_argument("--biases", action="store_true", help="also edit output-side biases of targeted writers")
+    add_options(parser, Ablation)
+    add_options(parser, Selection, only=("direction_position",))
+    # the ablation method's older switches
+    parser.add_argument("--norm-preserving", action="store_const", dest="ablation_method", const="norm_preserving",
+                        default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--projected", action="store_const", dest="ablation_method", const="projected",
+                        default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # fmt: skip
+    add_options(parser, Runtime, only=("workers",))
     parser.add_argument("--plan", metavar="YAML", help="read the whole plan from a YAML file (overrides the options above)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and every tensor it matches; write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory (an unfinished or finished output of "
         "this same run is resumed, not replaced)")
     parser.add_argument(
         "--force", action="store_true", help="accept a directions file measured on a checkpoint with another fingerprint"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        metavar="N",
-        help="shards rewritten in parallel threads (default 2: one edits while another waits on the disk; "
-        "each holds up to one tensor in float32)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_profile_options(parser)
@@ -117,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from abliterate.ablate import ablate_checkpoint, load_inputs
     from abliterate.matching import default_plan, describe_matches, plan_matches, resolve_plan
 
-    if args.workers < 1:
-        raise AbliterateError(f"--workers must be at least 1, got {args.workers}")
+    ablation, runtime = from_args(Ablation, args), from_args(Runtime, args)
+    position = from_args(Selection, args).direction_position
+    if position == "none":
+        raise AbliterateError("--direction-position none: give auto (the file's selected position), own or N")
     profile = choose_profile(args.model, args.family, args.map)
     inputs = load_inputs(args.model, args.directions, args.force, profile)
     if args.plan:
@@ -126,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         plan = default_plan(
             inputs,
-            layers=args.layers,
-            scale=args.scale,
-            targets=args.targets,
-            direction_position=args.direction_layer,
-            method=args.method,
-            mtp=args.mtp,
-            biases=args.biases,
+            layers=ablation.layers,
+            scale=ablation.scale,
+            targets=ablation.targets,
+            direction_position="selected" if position == "auto" else position,
+            method=ablation.ablation_method,
+            mtp=ablation.mtp,
+            biases=ablation.biases,
         )
     if args.dry_run:
         for warning in inputs.warnings:
@@ -149,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         plan,
         overwrite=args.overwrite,
         force=args.force,
-        workers=args.workers,
+        workers=runtime.workers,
         progress=not args.quiet,
         log=lambda line: print(line, file=sys.stderr),
         inputs=inputs,

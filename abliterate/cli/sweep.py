@@ -8,8 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from abliterate.cli.run import add_flow_options, flow_parameters
+from abliterate.cli.run import FLOW_SECTIONS, add_flow_options, console, flow_sections
 from abliterate.errors import AbliterateError
+
+SWEEP_SECTIONS = tuple(cls for cls in FLOW_SECTIONS if cls.section != "ablation")  # the variants hold those
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,15 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         epilog="FILE (YAML or JSON): a list of mappings, e.g.\n"
         "  - {name: late, layers: 20-40}\n  - {name: soft, layers: all, scale: 0.5}\n"
-        "  - {name: np, layers: all, method: norm_preserving}",
+        "  - {name: np, layers: all, ablation_method: norm_preserving}\n"
+        "Keys: name, direction_position and the ablation options (layers, scale, targets, ablation_method, mtp, biases).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory")
     parser.add_argument("--variants", required=True, metavar="FILE", help="YAML or JSON list of variants")
     parser.add_argument("--out", required=True, help="parent directory of the variants' outputs")
-    parser.add_argument("--prompt-set", choices=["general", "demo"], default="general",
-                        help="the project's prompt sets used when no file is given")  # fmt: skip
-    add_flow_options(parser, evaluate_option=False)
+    add_flow_options(parser, SWEEP_SECTIONS)
     parser.set_defaults(func=run)
 
 
@@ -44,16 +45,17 @@ def run(args: argparse.Namespace) -> int:
         variants = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
         raise AbliterateError(f"{path} is not valid YAML/JSON: {exc}") from exc
+    sections = flow_sections(args, SWEEP_SECTIONS)
     from flows.runtime import configure
 
     configure()
+    console(args.quiet)
     from flows.sweep import sweep_flow
 
-    params = flow_parameters(args, args.prompt_set)
-    params.pop("evaluate")
     result = sweep_flow(
-        model=args.model, out=args.out, variants=variants if isinstance(variants, list) else [variants], **params
-    )
+        model=args.model, out=args.out, variants=variants if isinstance(variants, list) else [variants],
+        overwrite=args.overwrite, force=args.force, work_dir=args.work_dir, **sections,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0

@@ -1,0 +1,89 @@
+"""The measurement stages as plain functions: `abliterate measure` runs them alone, the flow's
+cached tasks run the very same functions, so both give the same results and records.
+
+- `decide_streaming`: the one place that decides between in-memory and layer-streamed work.
+- `measure_stage`: mean residuals of both prompt sets at every residual position.
+- `direction_stage`: the directions and the direction to ablate (`choose_direction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from abliterate.config import Runtime
+from abliterate.directions import DirectionSet, compute_directions
+from abliterate.errors import AbliterateError
+from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
+from abliterate.selection import Selection, SelectionSettings, select_direction
+from abliterate.streaming import choose_streaming, measure_streamed, parse_size
+
+
+def decide_streaming(model_dir: str | Path, runtime: Runtime) -> bool:
+    """Layer-streamed when the runtime says so, or (auto) when the weights exceed the memory budget."""
+    return choose_streaming(model_dir, parse_size(runtime.memory_budget), runtime.dtype, runtime.device, runtime.streaming)
+
+
+def scores_directions(model_dir: str | Path, direction_position: str, stream: bool) -> bool:
+    """Whether the direction stage scores candidates (and so needs validation prompts). Checked
+    before any measurement: automatic selection needs the whole model in memory."""
+    if direction_position in ("own", "none"):
+        return False
+    if stream and direction_position == "auto":
+        raise AbliterateError(
+            f"{model_dir} is measured layer-streamed (it exceeds the memory budget, or streaming is "
+            "`always`), and automatic selection scores directions with the whole model in memory: give "
+            "a residual position (--direction-position N, recorded unscored), or a larger --memory-budget"
+        )
+    return not stream
+
+
+def measure_stage(
+    model_dir: str,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    settings: MeasureSettings,
+    device: str = "cpu",
+    stream: bool = False,
+    progress: bool = True,
+) -> Measurement:
+    """In memory, or one decoder layer at a time (`stream`): equal results either way."""
+    if stream:
+        return measure_streamed(model_dir, harmful, harmless, settings, device, progress)
+    return measure_checkpoint(model_dir, harmful, harmless, settings, device, progress)
+
+
+def direction_stage(
+    model_dir: str,
+    measurement: Measurement,
+    direction_method: str,
+    direction_position: str,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    selection: SelectionSettings,
+    device: str = "cpu",
+    stream: bool = False,
+    progress: bool = True,
+) -> tuple[DirectionSet, Selection | None]:
+    """Directions at every residual position, and the one to ablate.
+
+    `direction_position`: `auto` scores every candidate by inference-time ablation and picks the
+    best; a number N is scored alone (for the record) and kept whatever its scores; `own` and
+    `none` choose nothing (each layer uses its own position's direction, or measurement only).
+    Scoring needs the whole model in memory: a streamed model takes a number, recorded unscored.
+    """
+    directions = compute_directions(measurement, direction_method)
+    if direction_position in ("own", "none"):
+        return directions, None
+    fixed = int(direction_position) if direction_position.isdigit() else None
+    if fixed is not None and (fixed >= directions.num_positions or fixed not in directions.defined):
+        raise AbliterateError(
+            f"direction position {fixed}: residual positions with a non-zero direction are {directions.defined}"
+        )
+    if not scores_directions(model_dir, direction_position, stream):
+        return directions, Selection.unscored(fixed, selection.kl_threshold)
+    model, tokenizer = load_model(model_dir, measurement.settings.dtype, device)
+    chosen = select_direction(
+        model, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection, fixed, progress
+    )
+    return directions, chosen

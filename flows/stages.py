@@ -1,0 +1,300 @@
+"""The flows' stages, each beside what it logs: measurement (inventory, structure, activations,
+directions and selection) and ablation (plan, per-shard ablation, validation, evaluation).
+
+The main flow runs both once; the sweep flow runs the measurement once and the ablation once
+per variant. Every task is cached by content (tasks/), so a rerun with other ablation settings
+shows the measurement stages as `cached`. Each stage prints one line to the console (logger
+`abliterate.console`) and its duration to MLflow; tracebacks stay in the Prefect logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abliterate.ablate import load_inputs
+from abliterate.config import (
+    Ablation,
+    Evaluation,
+    Measurement,
+    Prompts,
+    Runtime,
+    Selection,
+    Template,
+    eval_settings,
+    flat_params,
+    measure_settings,
+    selection_settings,
+)
+from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.direction_file import load_directions
+from abliterate.errors import AbliterateError
+from abliterate.matching import default_plan, plan_matches, role_counts
+from abliterate.prompts import load_prompts, prompts_sha256, split_prompts
+from abliterate.selection import Selection as Chosen
+from abliterate.stages import decide_streaming, scores_directions
+from abliterate.structure import Structure
+from abliterate.validate import ValidationReport
+from flows import plots
+from flows.ablate import ablate_flow, task_runner
+from flows.inventory import log_structure
+from flows.tracking import Tracker
+from tasks.inventory import inventory_task, structure_task
+from tasks.measure import directions_task, measure_task
+from tasks.validate import baseline_behaviour_task, evaluate_task, validate_task
+
+console = logging.getLogger("abliterate.console")
+
+
+# ------------------------------------------------------------------ console and timing
+
+
+class Stages:
+    """Times each stage into MLflow (`duration.<stage>`) and tells the console: name, `cached` or seconds."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.durations: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[_Stage]:
+        record, began = _Stage(), time.perf_counter()
+        yield record
+        seconds = round(time.perf_counter() - began, 3)
+        self.durations[name] = seconds
+        self.tracker.metrics({f"duration.{name}": seconds})
+        cached = bool(record.states) and all(s == "Cached" for s in record.states)
+        console.info(f"  {name:<12} {'cached' if cached else f'{seconds:.1f} s'}")
+
+
+@dataclass
+class _Stage:
+    states: list[str] = field(default_factory=list)
+
+    def run(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a task in the flow and remember whether its result came from the cache."""
+        state = task(*args, return_state=True, **kwargs)
+        self.states.append(state.name)
+        return state.result()
+
+
+def report_warnings(tracker: Tracker, warnings: list[str], stage: str) -> None:
+    """Show warnings on the console and keep them with the MLflow run."""
+    for warning in warnings:
+        console.warning(f"warning: {warning}")
+    if warnings:
+        tracker.text("\n".join(warnings) + "\n", f"warnings/{stage}.txt")
+
+
+# ------------------------------------------------------------------ prompts
+
+
+@dataclass
+class PromptSets:
+    """Measurement and validation parts of each set (split here, seeded), and the test sets."""
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_val: list[str]
+    harmless_val: list[str]
+    harmful_test: list[str]
+    harmless_test: list[str]
+    files: dict[str, str]
+
+    @classmethod
+    def load(cls, model: str, prompts: Prompts) -> PromptSets:
+        default_set = prompts.prompt_set
+        if default_set == "auto":  # the demo model knows only its own vocabulary
+            default_set = "demo" if Path(model).resolve() == DEMO_MODEL_DIR.resolve() else "general"
+        files = {
+            "harmful": prompts.harmful or str(prompt_file(default_set, "harmful", "train")),
+            "harmless": prompts.harmless or str(prompt_file(default_set, "harmless", "train")),
+            "harmful_test": prompts.harmful_test or str(prompt_file(default_set, "harmful", "test")),
+            "harmless_test": prompts.harmless_test or str(prompt_file(default_set, "harmless", "test")),
+        }
+        fraction, seed = prompts.validation_fraction, prompts.seed
+        harmful_val, harmful = split_prompts(load_prompts(files["harmful"]), fraction, seed)
+        harmless_val, harmless = split_prompts(load_prompts(files["harmless"]), fraction, seed)
+        return cls(
+            harmful, harmless, harmful_val, harmless_val,
+            load_prompts(files["harmful_test"]), load_prompts(files["harmless_test"]), files,
+        )  # fmt: skip
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"prompts.{k}.file": v for k, v in self.files.items()}
+        for name in ("harmful", "harmless", "harmful_val", "harmless_val", "harmful_test", "harmless_test"):
+            prompts = getattr(self, name)
+            out[f"prompts.{name}.n"] = len(prompts)
+            out[f"prompts.{name}.sha256"] = prompts_sha256(prompts)
+        return out
+
+
+# ------------------------------------------------------------------ measurement
+
+
+@dataclass
+class Measured:
+    """What the measurement stages hand to every ablation: reused by all variants of a sweep."""
+
+    model: str
+    structure: Structure
+    directions_path: str
+    selection: Chosen | None  # None: no single direction (`own`)
+    prompts: PromptSets
+    stream: bool
+
+
+def measurement_stages(
+    stages: Stages,
+    model: str,
+    prompts: Prompts,
+    template: Template,
+    measurement: Measurement,
+    selection: Selection,
+    runtime: Runtime,
+    work_dir: str,
+) -> Measured:
+    tracker = stages.tracker
+    sets = PromptSets.load(model, prompts)
+    with stages.stage("inventory") as s:
+        inventory = s.run(inventory_task, model)
+        structure = s.run(structure_task, inventory)
+    log_structure(tracker, structure, inventory.to_json())
+    stream = decide_streaming(model, runtime)
+    scores_directions(model, selection.direction_position, stream)  # fails before the measurement if it must
+    settings = measure_settings(measurement, template, runtime)
+    tracker.params({**sets.params(), **flat_params(prompts, template, measurement, selection, runtime),
+                    "streaming": stream})  # fmt: skip
+    with stages.stage("measurement") as s:
+        measured = s.run(measure_task, model, sets.harmful, sets.harmless, settings, runtime.device, stream)
+    with stages.stage("directions") as s:
+        args = (model, inventory.fingerprint, measured, measurement.direction_method, selection.direction_position,
+                sets.harmful_val, sets.harmless_val, selection_settings(selection, runtime), work_dir,
+                runtime.device, stream)  # fmt: skip
+        directions_path, chosen = s.run(directions_task, *args)
+        if not Path(directions_path).is_file():  # the cached result names a file someone deleted
+            directions_path, chosen = s.run(directions_task.with_options(refresh_cache=True), *args)
+    log_directions(tracker, directions_path, chosen)
+    return Measured(model, structure, directions_path, chosen, sets, stream)
+
+
+def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None) -> None:
+    directions = load_directions(directions_path)
+    stats = directions.metadata.get("stats", {})
+    tracker.series("direction_norm", dict(enumerate(stats.get("mean_diff_norm", []))))
+    tracker.series("direction_snr", dict(enumerate(stats.get("snr", []))))
+    tracker.series("direction_cos_selected", dict(enumerate(stats.get("cos_selected", []))))
+    tracker.params({"directions_sha256": directions.sha256()})
+    tracker.file(directions_path)
+    tracker.json(directions.metadata, "directions.json")
+    figures = {"direction_cosine.png": plots.cosine_heatmap(directions.direction)}
+    if chosen is not None:
+        tracker.params({"selected_position": chosen.position})
+        tracker.metrics({"selected_position": chosen.position})
+        if stats:
+            figures["direction_strength.png"] = plots.direction_strength(stats, chosen.position)
+    if chosen is not None and chosen.scored:
+        tracker.series("candidate_refusal_score", {c.position: c.refusal_score for c in chosen.candidates})
+        tracker.series("candidate_kl", {c.position: c.kl for c in chosen.candidates})
+        tracker.metrics({"baseline_refusal_score": chosen.baseline_refusal_score})
+        figures["candidate_scores.png"] = plots.candidate_scores(
+            [{"position": c.position, "refusal_score": c.refusal_score, "kl": c.kl} for c in chosen.candidates],
+            chosen.position, chosen.kl_threshold,
+        )  # fmt: skip
+    for name, figure in figures.items():
+        tracker.figure(figure, f"plots/{name}")
+        plots.close(figure)
+
+
+# ------------------------------------------------------------------ ablation, validation, evaluation
+
+
+def ablation_stages(
+    stages: Stages,
+    measured: Measured,
+    ablation: Ablation,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    out: str,
+    overwrite: bool = False,
+    force: bool = False,
+    direction_position: str = "auto",
+) -> dict[str, Any]:
+    """Plan -> per-shard ablation -> validation -> evaluation, all logged to the stages' run.
+
+    `direction_position` (a sweep variant's): auto (the measured choice), own, or a residual position."""
+    tracker = stages.tracker
+    with stages.stage("ablation"):
+        inputs = load_inputs(measured.model, measured.directions_path, force)
+        report_warnings(tracker, inputs.warnings, "inputs")
+        plan = default_plan(
+            inputs, layers=ablation.layers, scale=ablation.scale, targets=ablation.targets,
+            direction_position=_plan_position(measured, direction_position), method=ablation.ablation_method, mtp=ablation.mtp,
+            biases=ablation.biases,
+        )  # fmt: skip
+        matches = plan_matches(plan, inputs.inventory, inputs.structure)
+        tracker.params({**flat_params(ablation), "plan": plan.to_dict()})
+        tracker.text(plan.to_yaml(), "plan.yaml")
+        tracker.metrics({f"matched.{role}": n for role, n in role_counts(matches).items()})
+        runner = task_runner(runtime.workers, runtime.dask_address, runtime.dask_workers)
+        manifest = ablate_flow.with_options(task_runner=runner)(
+            measured.model, measured.directions_path, out, plan.to_dict(), overwrite, force
+        )
+        output = manifest["output"]["path"]
+        tracker.json(manifest, "abliteration.json")
+        tracker.tags({"output_path": output})
+
+    with stages.stage("validation") as s:
+        report: ValidationReport = s.run(validate_task, measured.model, output)
+    log_validation(tracker, report)
+    summary: dict[str, Any] = {
+        "output": output,
+        "selected_position": measured.selection.position if measured.selection else None,
+        "plan": plan.to_dict(),
+        "matched": role_counts(matches),
+        "validation_ok": report.ok,
+    }
+    if not report.ok:
+        raise AbliterateError(
+            f"validation of {output} failed ({len(report.failures)} failures), e.g. {report.failures[0]}; "
+            "see validation.json in the MLflow run"
+        )
+    if evaluation.evaluate and not measured.stream:  # evaluation needs the whole model in memory
+        settings = eval_settings(evaluation, template, runtime)
+        tracker.params(flat_params(evaluation))
+        p = measured.prompts
+        with stages.stage("evaluation") as s:
+            before = s.run(baseline_behaviour_task, measured.model, p.harmful_test, p.harmless_test, settings)
+            result = s.run(evaluate_task, output, p.harmful_test, p.harmless_test, settings, before, measured.model)
+        tracker.metrics(result.metrics())
+        tracker.json(result.to_json(), "evaluation.json")
+        tracker.table([vars(row) for row in result.examples], "examples.json")
+        summary["evaluation"] = result.metrics()
+        summary["examples"] = [vars(row) for row in result.examples]
+    elif evaluation.evaluate:
+        console.info("  evaluation   skipped: the model is measured layer-streamed (over the memory budget)")
+    return summary
+
+
+def _plan_position(measured: Measured, direction_position: str) -> str | int:
+    """The plan's word for it: the selected position (from the directions file), each layer's own, or N."""
+    if direction_position.isdigit():
+        return int(direction_position)
+    if direction_position == "own" or measured.selection is None:
+        return "own"
+    return "selected"
+
+
+def log_validation(tracker: Tracker, report: ValidationReport) -> None:
+    tracker.json(report.to_json(), "validation.json")
+    report_warnings(tracker, report.warnings, "validation")
+    tracker.metrics({"validation.ok": float(report.ok), "validation.changed": report.changed,
+                     "validation.failures": len(report.failures)})  # fmt: skip
+    tracker.metrics({f"validation.changed.{role}": n for role, n in report.changed_by_role.items()})
+    tracker.metrics({f"residual.{role}": w.residual for role, w in report.worst_residual.items()})
