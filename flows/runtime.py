@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 from pathlib import Path
+
+from abliterate.errors import AbliterateError
+
+# Prefect waits PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default 20, prefect/settings/models/
+# server/ephemeral.py) for its temporary server. A first start runs the database migrations: on a busy
+# 2-core machine that takes minutes, so the default here is generous; a user's own setting wins.
+SERVER_STARTUP_TIMEOUT_S = 300
+RUNNING_SERVER_HELP = (
+    "start one in another terminal with `prefect server start` and "
+    "`export PREFECT_API_URL=http://127.0.0.1:4200/api` in this one, then rerun"
+)
 
 
 def project_dir() -> Path:
@@ -40,6 +53,7 @@ def configure(quiet: bool = True) -> None:
         # Task results (the cache) persist under the project, next to the outputs they describe.
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(results_dir() / "prefect-storage"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_STARTUP_TIMEOUT_S),
     }
     if quiet:
         defaults["PREFECT_LOGGING_LEVEL"] = "WARNING"
@@ -51,3 +65,94 @@ def configure(quiet: bool = True) -> None:
         os.environ.setdefault(key, value)
     (project_dir() / "mlruns").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+
+
+def uses_temporary_server() -> bool:
+    """True when a flow run in this process will start Prefect's temporary (ephemeral) server: no
+    PREFECT_API_URL in the environment or the active Prefect profile."""
+    try:
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        return not settings.api.url and bool(settings.server.ephemeral.enabled)
+    except Exception:  # settings unreadable: decide by the environment alone
+        return not os.environ.get("PREFECT_API_URL")
+
+
+_announced = False
+
+
+def announce_prefect_server(stream=None) -> bool:
+    """Before the first flow run: one line on stderr when Prefect is about to start its temporary
+    server, which is silent (logging at WARNING) and slow on a first start. Once per process;
+    returns whether it printed."""
+    global _announced
+    if _announced or not uses_temporary_server():
+        return False
+    _announced = True
+    print(
+        "starting a temporary Prefect server (first start can take a minute; "
+        "set PREFECT_API_URL to use a running server)",
+        file=stream or sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def _chain(exc: BaseException):
+    """exc, its causes and contexts, and the members of exception groups, each once."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def _raised_in_temporary_server_start(exc: BaseException) -> bool:
+    """Raised inside prefect.server.api.server.SubprocessASGIServer (start, its port search, ...)."""
+    for frame, _line in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename.replace("\\", "/").endswith("prefect/server/api/server.py"):
+            if type(frame.f_locals.get("self")).__name__ == "SubprocessASGIServer":
+                return True
+    return False
+
+
+def _startup_timeout() -> str:
+    try:
+        from prefect.settings import get_current_settings
+
+        return str(get_current_settings().server.ephemeral.startup_timeout_seconds)
+    except Exception:
+        return os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+
+
+def server_start_error(exc: BaseException) -> AbliterateError | None:
+    """Prefect's failure to start or reach its API server as a one-line AbliterateError that says what
+    to do; None for any other exception (re-raise it).
+
+    Recognised: the temporary server's start-up timeout and port search (RuntimeError "Timed out while
+    attempting to connect to ephemeral Prefect API server." / "Unable to find an available port", or any
+    error raised inside SubprocessASGIServer.start, prefect/server/api/server.py), and an unreachable
+    PREFECT_API_URL (RuntimeError "Failed to reach API at ...", prefect/client/orchestration).
+    """
+    for e in _chain(exc):
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if isinstance(e, AbliterateError):
+            return None
+        if "ephemeral Prefect API server" in text or _raised_in_temporary_server_start(e):
+            limit = _startup_timeout()
+            return AbliterateError(
+                f"Prefect's temporary server did not start ({first[:200].rstrip('.')}; start-up bound "
+                f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={limit} s): {RUNNING_SERVER_HELP}"
+            )
+        if isinstance(e, RuntimeError) and first.startswith("Failed to reach API at"):
+            url = os.environ.get("PREFECT_API_URL") or first.removeprefix("Failed to reach API at").strip(" .")
+            return AbliterateError(
+                f"the Prefect server at PREFECT_API_URL={url} does not answer: start it with "
+                "`prefect server start` (or `unset PREFECT_API_URL` to let each command start a temporary one)"
+            )
+    return None

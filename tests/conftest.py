@@ -57,5 +57,9 @@ def prefect_env(tmp_path_factory):
     configure()
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # The bound configure() sets for a cold, busy machine (a fresh database migrates on every session;
+    # 300 s unless the caller set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS), read from the
+    # environment: Prefect's own settings object may have been built before configure() ran.
+    startup = int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    with prefect_test_harness(server_startup_timeout=startup):
         yield home

@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Bounds for a cold, busy machine: a first `prefect server start` runs every database migration, and
+# on 2 shared cores that alone can take minutes. Generous on purpose: they bound a hang, they do not
+# measure speed.
+SERVER_START_S = 300
+SERVE_REGISTER_S = 300
+FLOW_RUN_S = 900
+HTTP_TIMEOUT_S = 30  # one request; a loaded server answers slowly, not never
+RETRY_STATUS = {502, 503, 504}  # "Service Unavailable" and the like while the server is busy or starting
+
+
 def wait_for(check, timeout: float, what: str, procs=()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -34,10 +44,35 @@ def wait_for(check, timeout: float, what: str, procs=()):
             value = check()
             if value:
                 return value
-        except httpx.HTTPError:
+        except httpx.HTTPError:  # connection refused, timeouts: not up yet or busy
             pass
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def get_json(url: str):
+    """The JSON body of a 200 answer, None for any other status (not there yet, or busy)."""
+    response = httpx.get(url, timeout=HTTP_TIMEOUT_S)
+    return response.json() if response.status_code == 200 else None
+
+
+def post_json(url: str, payload: dict, timeout: float = 120):
+    """POST, retrying transient failures (503 and friends, connection errors) until `timeout`."""
+    last = None
+
+    def attempt():
+        nonlocal last
+        response = httpx.post(url, json=payload, timeout=HTTP_TIMEOUT_S)
+        last = response
+        if response.status_code in RETRY_STATUS:
+            return None
+        return response
+
+    try:
+        return wait_for(attempt, timeout, f"POST {url}")
+    except AssertionError:
+        raise AssertionError(f"POST {url} kept failing: {last.status_code if last else 'no answer'} "
+                             f"{last.text[:500] if last else ''}") from None  # fmt: skip
 
 
 def test_served_deployment_runs_with_parameters(tmp_path):
@@ -62,30 +97,34 @@ def test_served_deployment_runs_with_parameters(tmp_path):
     )  # fmt: skip
     served = None
     try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 120, "the Prefect server", [server])
+        wait_for(lambda: get_json(f"{api}/health"), SERVER_START_S, "the Prefect server", [server])
         served = subprocess.Popen(
             [sys.executable, str(ROOT / "deployments" / "serve.py")],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
         def deployment_id():
-            response = httpx.get(f"{api}/deployments/name/abliterate/demo", timeout=5)
-            return response.json()["id"] if response.status_code == 200 else None
+            found = get_json(f"{api}/deployments/name/abliterate/demo")
+            return found["id"] if found else None
 
-        deployment = wait_for(deployment_id, 120, "the served deployment", [server, served])
+        deployment = wait_for(deployment_id, SERVE_REGISTER_S, "the served deployment", [server, served])
         out = tmp_path / "out"
-        run = httpx.post(
+        # A retried POST (after a timeout) must not start a second run: Prefect returns the run that
+        # carries the same idempotency key.
+        key = f"test-{port}-{time.time_ns()}"
+        response = post_json(
             f"{api}/deployments/{deployment}/create_flow_run",
-            json={"parameters": {"out": str(out), "layers": "1-4", "evaluate": False}},
-            timeout=10,
-        ).json()
+            {"parameters": {"out": str(out), "layers": "1-4", "evaluate": False}, "idempotency_key": key},
+        )
+        run = response.json()
         assert "id" in run, run
 
         def finished():
-            state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
-            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+            found = get_json(f"{api}/flow_runs/{run['id']}")
+            state = (found or {}).get("state") or {}
+            return state if state.get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        state = wait_for(finished, 400, "the flow run", [server, served])
+        state = wait_for(finished, FLOW_RUN_S, "the flow run", [server, served])
         if state["type"] != "COMPLETED":
             served.terminate()
             raise AssertionError(f"flow run ended {state['type']}:\n{served.communicate(timeout=30)[0][-6000:]}")

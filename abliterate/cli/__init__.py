@@ -1,7 +1,8 @@
 """`abliterate` command line: one sub-command per pipeline stage, plus the full run.
 
 Each sub-command lives in its own module with `register(subparsers)`; the module sets
-`func` on its parser. Bad input raises AbliterateError: printed as one line, exit code 2.
+`func` on its parser. Bad input raises AbliterateError: printed as one line, exit code 2; so is a
+Prefect server that cannot be started or reached (flows.runtime.server_start_error).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except Exception as exc:
+        # Prefect's temporary server that did not start in time, or a PREFECT_API_URL that does not
+        # answer: one line that says what to do instead of Prefect's traceback.
+        from flows.runtime import server_start_error
+
+        translated = server_start_error(exc)
+        if translated is None:
+            raise
+        print(f"abliterate {args.command}: error: {translated}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""Process set-up for flows: Prefect's temporary server (start-up bound, notice, failures as one line)
+and the MLflow experiment the runs land in. No flow runs here: the plain functions, quickly."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+
+import pytest
+
+from abliterate import cli
+from abliterate.errors import AbliterateError
+from flows import runtime
+
+
+@pytest.fixture
+def restored_environment():
+    """configure() sets process-wide defaults: put the environment back for the tests after this one."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_configure_bounds_the_server_start_generously_and_the_user_wins(restored_environment, tmp_path):
+    os.environ["ABLITERATE_HOME"] = str(tmp_path)
+    os.environ.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    runtime.configure()
+    assert int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 300
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "42"
+    runtime.configure()
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "42"
+
+
+def test_notice_once_and_only_for_a_temporary_server(monkeypatch):
+    monkeypatch.setattr(runtime, "_announced", False)
+    monkeypatch.setattr(runtime, "uses_temporary_server", lambda: False)
+    out = io.StringIO()
+    assert not runtime.announce_prefect_server(out) and out.getvalue() == ""
+    monkeypatch.setattr(runtime, "uses_temporary_server", lambda: True)
+    assert runtime.announce_prefect_server(out)
+    assert not runtime.announce_prefect_server(out)  # once per process
+    line = out.getvalue()
+    assert line.count("\n") == 1 and "temporary Prefect server" in line and "PREFECT_API_URL" in line
+
+
+def test_uses_temporary_server_follows_prefect_settings():
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert not runtime.uses_temporary_server()
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_ENABLED: True}, restore_defaults={PREFECT_API_URL}):
+        assert runtime.uses_temporary_server()
+
+
+def test_start_up_timeout_of_the_real_temporary_server_becomes_one_line():
+    """Prefect's own SubprocessASGIServer, given no time to come up, raises what users saw."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = SubprocessASGIServer(port=port)  # its own instance: never the session's server
+    try:
+        with pytest.raises(RuntimeError, match="ephemeral Prefect API server") as caught:
+            server.start(timeout=0.05)
+    finally:
+        server.stop()
+    error = runtime.server_start_error(caught.value)
+    assert isinstance(error, AbliterateError)
+    text = str(error)
+    assert "\n" not in text and "did not start" in text
+    assert "prefect server start" in text and "PREFECT_API_URL=http://127.0.0.1:4200/api" in text
+
+
+def test_unreachable_api_url_and_unrelated_errors():
+    try:
+        try:
+            raise ConnectionRefusedError("[Errno 111] Connection refused")
+        except ConnectionRefusedError as inner:
+            raise RuntimeError("Failed to reach API at http://127.0.0.1:4999/api/") from inner
+    except RuntimeError as exc:
+        error = runtime.server_start_error(exc)
+    assert isinstance(error, AbliterateError) and "does not answer" in str(error)
+    assert runtime.server_start_error(RuntimeError("something else")) is None
+    assert runtime.server_start_error(ValueError("bad")) is None
+    assert runtime.server_start_error(AbliterateError("already one line")) is None
+
+
+def test_cli_prints_a_server_failure_as_one_line(monkeypatch, capsys):
+    def fail(_args):
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    class Parser:
+        def parse_args(self, _argv):
+            return argparse.Namespace(command="demo", func=fail)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("abliterate demo: error: Prefect's temporary server did not start")
+    assert err.count("\n") == 1
+    monkeypatch.setattr(Parser, "parse_args", lambda _self, _argv: argparse.Namespace(command="x", func=bad))
+    with pytest.raises(KeyError):  # anything else keeps its traceback
+        cli.main(["x"])
+
+
+def bad(_args):
+    raise KeyError("unrelated")
