@@ -21,6 +21,11 @@ from flows.runtime import artifact_root, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 BATCH = 900  # log_batch accepts at most 1000 metrics per call
+# MLflow 3's UI shows an experiment as "GenAI apps & agents" (traces, evaluations) or "Machine learning"
+# (runs, metrics, charts). Its kind selector stores the choice in this experiment tag (values in the UI's
+# ExperimentKind enum: custom_model_development, genai_development, ...). These are training-style runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def experiment_name(model_dir: str | Path) -> str:
@@ -91,13 +96,24 @@ def client() -> MlflowClient:
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
+    """The experiment `name`, created if missing, marked as a machine-learning experiment (an existing
+    one gets the kind tag only if it has none: a kind the user chose in the UI stays)."""
     found = c.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     uri = tracking_uri()
     # A local store keeps artifacts under ./mlruns; a real server decides for itself.
     location = artifact_root() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def experiment_ui_path(experiment: str) -> str:
+    """The MLflow UI route of an experiment's runs table, in "Machine learning" mode. MLflow 3.17's UI
+    picks GenAI or ML mode from a global toggle (browser local storage, default GenAI) unless the URL
+    carries `workflowType`; append this to the UI's base URL (e.g. http://127.0.0.1:5000/)."""
+    return f"#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 @contextmanager

@@ -9,10 +9,11 @@ import os
 import socket
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from abliterate import cli
 from abliterate.errors import AbliterateError
-from flows import runtime
+from flows import runtime, tracking
 
 
 @pytest.fixture
@@ -109,3 +110,33 @@ def test_cli_prints_a_server_failure_as_one_line(monkeypatch, capsys):
 
 def bad(_args):
     raise KeyError("unrelated")
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return MlflowClient(runtime.tracking_uri())
+
+
+def test_experiment_is_a_machine_learning_experiment(store):
+    """MLflow 3's UI kind: custom_model_development ("Machine learning": runs, metrics, charts), not
+    GenAI (traces, evaluations)."""
+    with tracking.tracked_run("abliterate/model", "run-1") as tracker:
+        tracker.metrics({"x": 1.0})
+    experiment = store.get_experiment_by_name("abliterate/model")
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracking.EXPERIMENT_KIND_TAG == "mlflow.experimentKind"
+
+
+def test_existing_experiment_gets_the_kind_unless_the_user_chose_one(store):
+    old = store.create_experiment("abliterate/old")  # made before the tag existed
+    chosen = store.create_experiment("abliterate/chosen", tags={"mlflow.experimentKind": "genai_development"})
+    assert tracking.experiment_id(store, "abliterate/old") == old
+    assert tracking.experiment_id(store, "abliterate/chosen") == chosen
+    assert store.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert store.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_experiment_ui_path_asks_for_machine_learning_mode():
+    assert tracking.experiment_ui_path("7") == "#/experiments/7/runs?workflowType=machine_learning"
