@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ class Directions:
     def sha256(self) -> str:
         if self.path is None:
             raise ValueError("directions not read from a file have no file hash")
-        return file_sha256(self.path)
+        stat = self.path.stat()
+        return _file_sha256(self.path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
     def _where(self) -> str:
         return str(self.path) if self.path else "the directions"
@@ -114,9 +116,28 @@ def save_directions(
 
 
 def load_directions(path: str | Path, hidden_size: int | None = None) -> Directions:
+    """The checked contents of a directions file, read once per process (a rewritten file is read again)."""
     path = Path(path)
     if not path.is_file():
         raise AbliterateError(f"directions file {path} does not exist: run `abliterate measure` first")
+    stat = path.stat()
+    directions = _read_directions(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if hidden_size is not None and directions.hidden_size != hidden_size:
+        raise AbliterateError(
+            f"{path} has directions of size {directions.hidden_size} but the model's hidden size is {hidden_size}: "
+            "this directions file was measured on another model"
+        )
+    return directions
+
+
+@lru_cache(maxsize=8)
+def _file_sha256(path: Path, _size: int, _mtime_ns: int, _inode: int) -> str:
+    return file_sha256(path)
+
+
+@lru_cache(maxsize=8)
+def _read_directions(path: Path, _size: int, _mtime_ns: int, _inode: int) -> Directions:
+    """Keyed by the file's identity, so callers along one run share one read; never mutate the result."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = set(handle.keys())
@@ -143,11 +164,6 @@ def load_directions(path: str | Path, hidden_size: int | None = None) -> Directi
     if not torch.isfinite(direction).all():
         bad = sorted({int(i) for i in (~torch.isfinite(direction)).nonzero()[:, 0]})
         raise AbliterateError(f"`direction` in {path} holds NaN or Inf at positions {bad}: re-measure")
-    if hidden_size is not None and direction.shape[1] != hidden_size:
-        raise AbliterateError(
-            f"{path} has directions of size {direction.shape[1]} but the model's hidden size is {hidden_size}: "
-            "this directions file was measured on another model"
-        )
     metadata = {key: _decode(value) for key, value in raw_meta.items()}
     means = {}
     for name in ("harmful_mean", "harmless_mean"):

@@ -14,7 +14,6 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from abliterate.ablate import load_inputs
-from abliterate.matching import resolve_plan
 from abliterate.output import finalize_output, prepare_output
 from abliterate.plan import AblationPlan
 from tasks.ablate import ablate_shard_task
@@ -33,11 +32,13 @@ def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers:
 
 @flow(name="ablate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def ablate_flow(
-    model_dir: str, directions_path: str, out: str, plan: dict[str, Any], overwrite: bool = False, force: bool = False
+    model_dir: str, directions_path: str, out: str, plan: AblationPlan, overwrite: bool = False, force: bool = False
 ) -> dict[str, Any]:
-    """Write OUT: MODEL_DIR with `plan` applied shard by shard (one task per shard); returns the manifest."""
+    """Write OUT: MODEL_DIR with `plan` (resolved against this model and directions file by
+    `matching.default_plan` or `matching.resolve_plan`) applied shard by shard, one task per
+    shard; returns the manifest."""
     inputs = load_inputs(model_dir, directions_path, force)
-    resolved = resolve_plan(AblationPlan.from_dict(plan), inputs)  # checks it against this model
+    resolved = plan
     prepared = prepare_output(inputs, resolved, out, overwrite)
     for warning in prepared.warnings:  # e.g. input subfolders that are not copied
         print(f"warning: {warning}")

@@ -244,7 +244,7 @@ def ablation_stages(
         tracker.metrics({f"matched.{role}": n for role, n in role_counts(matches).items()})
         runner = task_runner(runtime.workers, runtime.dask_address, runtime.dask_workers)
         manifest = ablate_flow.with_options(task_runner=runner)(
-            measured.model, measured.directions_path, out, plan.to_dict(), overwrite, force
+            measured.model, measured.directions_path, out, plan, overwrite, force
         )
         output = manifest["output"]["path"]
         tracker.json(manifest, "abliteration.json")

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from abliterate.config import Ablation, Evaluation, Prompts, Runtime, Selection
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.direction_file import load_directions
+from abliterate.plan import AblationPlan
 
 pytestmark = pytest.mark.slow
 DEMO_PROMPTS = Prompts(prompt_set="demo")  # a copy of the demo model is not the demo model: name its prompts
@@ -143,7 +144,7 @@ def test_streamed_measurement_and_dask_ablation_match_the_defaults(first_run, tm
     assert torch.allclose(a.harmful_mean, b.harmful_mean, rtol=1e-5, atol=1e-6)
     assert torch.allclose(a.direction, b.direction, rtol=1e-4, atol=1e-5)
 
-    plan = manifest["plan"]
+    plan = AblationPlan.from_dict(manifest["plan"])
     directions_path = manifest["directions"]["path"]
     threads = ablate_flow.with_options(task_runner=task_runner(workers=2))(
         str(DEMO_MODEL_DIR), directions_path, str(tmp_path / "threads"), plan
