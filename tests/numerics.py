@@ -1,0 +1,102 @@
+"""Rounding-error bounds for tests that compare two float32 evaluations of the same model.
+
+Two evaluations of one decoder stack that differ only in kernels (batch shapes, padding, fused or
+per-expert expert weights, a layer at a time or the whole model) differ only by rounding. The bounds
+here follow the arithmetic instead of one machine's results:
+
+- u = 2^-24, float32's unit roundoff. A sum of n products computed in any order is off by at most
+  n u sum|a_i b_i| (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1), and by
+  sqrt(n) u sum|a_i b_i| with high probability (Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019).
+  For the random weights of the test models sum|a_i b_i| is about sqrt(n) |sum a_i b_i|, so a stage
+  that sums n products is off by about n u relative to its result.
+- A GLM-4.5 decoder layer chains STAGES_PER_LAYER such stages between its input and its output
+  (attention: norm, q/k/v projection, scores, softmax sum, weighted values, output projection; MLP:
+  norm, router and gate/up projections, down projection, the weighted sum of the experts), each of at
+  most n terms: n = the longest of hidden size, attention width, MLP and expert widths, prompt length.
+  Errors of consecutive layers add: after i layers (residual position i), i * STAGES_PER_LAYER * n u.
+- Both evaluations err, in different directions: twice that.
+
+Real defects sit far above these bounds: a dropped routed expert moves the tiny test model's means
+by about 1e-3 relative, a swapped layer by 0.2; the bounds are 1.5e-4 and 2.3e-4 at the last
+position of the two tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+U32 = 2.0**-24  # float32 unit roundoff
+U64 = 2.0**-53  # float64 unit roundoff (the measured means and variances accumulate in float64)
+STAGES_PER_LAYER = 10
+
+
+def accumulation_length(model_dir: str | Path, longest_prompt: int) -> int:
+    """n: the most terms any sum of a decoder layer has, from config.json and the longest prompt."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden = config["hidden_size"]
+    widths = [
+        hidden,
+        config.get("intermediate_size", 0),
+        config.get("moe_intermediate_size", 0),
+        config.get("num_attention_heads", 0) * config.get("head_dim", hidden // max(config.get("num_attention_heads", 1), 1)),
+        config.get("num_experts_per_tok", 0) + config.get("n_shared_experts", 0),
+    ]
+    return max(*widths, longest_prompt)
+
+
+def longest_prompt(model_dir: str | Path, prompts: list[str], settings) -> int:
+    """Tokens of the longest prompt as measurement renders it (chat template, system prompt)."""
+    from transformers import AutoTokenizer
+
+    from abliterate.chat import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = render_chat(tokenizer, prompts, system_prompt=settings.system_prompt, **settings.template_kwargs)
+    return max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def position_rtol(num_positions: int, n: int, count: int) -> torch.Tensor:
+    """[positions]: relative bound on the difference of two evaluations at each residual position
+    (position i has passed i decoder layers), plus the float64 accumulation over `count` prompts."""
+    layers = torch.arange(num_positions, dtype=torch.float64)
+    return 2 * layers * STAGES_PER_LAYER * n * U32 + count * U64
+
+
+def sample_rms(stats) -> torch.Tensor:
+    """[positions]: root mean square of the residual norms |x_k| over the prompts, from the stored mean
+    and variance: |x_k| errs by at most rtol |x_k|, so mean and spread err by at most rtol times this."""
+    n = stats.count
+    return (stats.mean.pow(2).sum(-1) + (n - 1) / n * stats.variance.sum(-1)).sqrt()
+
+
+def assert_stats_close(got, reference, rtol: torch.Tensor, what: str = "") -> None:
+    """Means and standard deviations of one prompt set from two evaluations agree within the rounding
+    bound `rtol` [positions] of each prompt's residual:
+    |mean_a - mean_b| <= mean_k |dx_k| <= rtol * rms_k |x_k|, and, the standard deviation being a
+    norm over the centred prompts, |std_a - std_b| <= |dX|_F / sqrt(N - 1) <= rtol * rms |x| sqrt(N / (N - 1))."""
+    scale = sample_rms(reference)
+    mean_error = (got.mean - reference.mean).norm(dim=-1)
+    assert bool((mean_error <= rtol * scale).all()), (what, (mean_error / scale).tolist(), rtol.tolist())
+    n = reference.count
+    std_error = (got.variance.clamp_min(0).sqrt() - reference.variance.clamp_min(0).sqrt()).norm(dim=-1)
+    bound = rtol * scale * (n / max(n - 1, 1)) ** 0.5
+    assert bool((std_error <= bound).all()), (what, (std_error / scale).tolist(), rtol.tolist())
+
+
+def direction_bound(harmful: torch.Tensor, harmless: torch.Tensor, harmful_error, harmless_error, projected: bool):
+    """[positions]: bound on how far the unit direction moves when the means move by at most the given
+    norms. The difference d moves by at most e = e_harmful + e_harmless; the projected method also
+    turns the harmless unit vector m by at most 2 e_harmless / |harmless|, moving P d by 2 |d| that
+    much; a unit vector v / |v| moves by at most 2 |dv| / |v|; float32 storage adds u."""
+    diff = (harmful - harmless).double()
+    moved = harmful_error + harmless_error
+    if projected:
+        unit = harmless.double() / harmless.double().norm(dim=-1, keepdim=True)
+        kept = diff - (diff * unit).sum(-1, keepdim=True) * unit
+        moved = moved + 2 * diff.norm(dim=-1) * 2 * harmless_error / harmless.double().norm(dim=-1)
+    else:
+        kept = diff
+    return 2 * moved / kept.norm(dim=-1) + U32
