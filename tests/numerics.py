@@ -33,9 +33,10 @@ U64 = 2.0**-53  # float64 unit roundoff (the measured means and variances accumu
 STAGES_PER_LAYER = 10
 
 
-def accumulation_length(model_dir: str | Path, longest_prompt: int) -> int:
-    """n: the most terms any sum of a decoder layer has, from config.json and the longest prompt."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+def accumulation_length(model: str | Path | dict, longest_prompt: int) -> int:
+    """n: the most terms any sum of a decoder layer has, from the config (a model folder's config.json
+    or the dict) and the longest prompt."""
+    config = model if isinstance(model, dict) else json.loads((Path(model) / "config.json").read_text())
     hidden = config["hidden_size"]
     widths = [
         hidden,
@@ -63,6 +64,15 @@ def position_rtol(num_positions: int, n: int, count: int) -> torch.Tensor:
     (position i has passed i decoder layers), plus the float64 accumulation over `count` prompts."""
     layers = torch.arange(num_positions, dtype=torch.float64)
     return 2 * layers * STAGES_PER_LAYER * n * U32 + count * U64
+
+
+def logits_rtol(layers: int, n: int, projections_per_layer: int = 0) -> float:
+    """Relative bound (per token, on the vector of logits) on the difference of two evaluations of a
+    whole model: `layers` decoder layers, the final norm and the head (2 stages); an ablation that
+    projects r out of every write adds one stage per write (`projections_per_layer` per layer and one
+    for the embedding)."""
+    stages = layers * (STAGES_PER_LAYER + projections_per_layer) + 2 + (1 if projections_per_layer else 0)
+    return 2 * stages * n * U32
 
 
 def sample_rms(stats) -> torch.Tensor:
@@ -100,3 +110,27 @@ def direction_bound(harmful: torch.Tensor, harmless: torch.Tensor, harmful_error
     else:
         kept = diff
     return 2 * moved / kept.norm(dim=-1) + U32
+
+
+def assert_directions_agree(got, reference, rtol: torch.Tensor) -> None:
+    """Two directions files (load_directions) measured by two float32 evaluations of the same model:
+    means within `rtol` [positions] of each prompt's residual, directions within direction_bound.
+    The file holds no variances: the residuals' rms is bounded from its stats instead,
+    rms_k |x_k|^2 <= |mean|^2 + (sum var_harmful + sum var_harmless) = |mean|^2 + 2 spread^2 with
+    spread = mean_diff_norm / snr (where the direction is defined; elsewhere |mean|)."""
+    stats = reference.metadata["stats"]
+    mdn, snr = torch.tensor(stats["mean_diff_norm"], dtype=torch.float64), torch.tensor(stats["snr"], dtype=torch.float64)
+    spread = torch.where(snr > 0, mdn / snr.clamp_min(1e-300), torch.zeros_like(mdn))
+    moved = {}
+    for label in ("harmful", "harmless"):
+        mean = getattr(reference, f"{label}_mean").double()
+        moved[label] = rtol * (mean.pow(2).sum(-1) + 2 * spread**2).sqrt()
+        error = (getattr(got, f"{label}_mean").double() - mean).norm(dim=-1)
+        # both files round the float64 means to float32 once: u |mean| each
+        assert bool((error <= moved[label] + 2 * U32 * mean.norm(dim=-1)).all()), (label, error, moved[label])
+    projected = reference.metadata["method"] == "projected"
+    turned = direction_bound(
+        reference.harmful_mean, reference.harmless_mean, moved["harmful"], moved["harmless"], projected
+    ).nan_to_num(0.0)  # undefined positions (zero direction): equal
+    error = (got.direction.double() - reference.direction.double()).norm(dim=-1)
+    assert bool((error <= turned).all()), (error, turned)

@@ -281,8 +281,13 @@ def test_full_glm_air_layout(glm_air_layout, tmp_path):
         "attn_out": 47, "expert_down": 46 * 128, "mlp_down": 1, "router": 46, "shared_expert_down": 46,
     }  # fmt: skip
     assert report.changed_by_role == report.expected_by_role
-    for worst in report.worst_residual.values():
-        assert worst.enforced and worst.residual < 0.5 * worst.tolerance
+    # Well inside: the derived bound (test_ablate) is the storage rounding (bfloat16 2^-8; the fp32
+    # routers none) plus the float32 edit, (H + 4) 2^-24, and r's rounding, 2 * 2^-24 (the validator
+    # sums in float64); the tolerance adds headroom on top.
+    hidden = GlmLayout().hidden_size
+    for role, worst in report.worst_residual.items():
+        storage = 0.0 if role == "router" else 2.0**-8
+        assert worst.enforced and worst.residual <= storage + (hidden + 6) * 2.0**-24 < worst.tolerance, role
 
 
 def test_fused_expert_layout_checks_each_expert(glm_air_layout_fused, tmp_path):
