@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
+from abliterate.paths import describe_special, output_outside, plain_name
 from abliterate.profiles import PROFILES, Profile, extend_profile, profile_for_model_type, quantization_marker
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+# Every dtype safetensors 0.8 reads, with its size in bits (F4 and F6 pack several values per byte).
+DTYPE_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+    "U16": 16, "U32": 32, "U64": 64, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "C64": 64,
 }  # fmt: skip
 
 
@@ -106,7 +110,11 @@ def _expert_count(t: TensorInfo) -> int:
 
 
 def read_header(path: Path) -> ShardHeader:
-    """Parse one safetensors header and check it against the file's size."""
+    """Parse one safetensors header and check it exactly as safetensors does before loading: JSON
+    types (a dtype safetensors knows, a shape of whole numbers, two whole-number offsets, string
+    metadata), each tensor's byte count against its dtype and shape, and the data area covered
+    completely: sorted by offset, each tensor starts where the previous one ends and the last one
+    ends at the end of the file (no gap, no overlap, no trailing bytes)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -123,43 +131,110 @@ def read_header(path: Path) -> ShardHeader:
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        header = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        header = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, AbliterateError):
+            raise
         raise AbliterateError(f"{path} has a corrupt header (invalid JSON: {exc}); re-download this shard") from exc
     if not isinstance(header, dict):
         raise AbliterateError(f"{path} has a corrupt header (not a JSON object); re-download this shard")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AbliterateError(
+            f"{path}: header `__metadata__` must map names to strings, got {_short_json(metadata)}; "
+            "the header is corrupt: re-download this shard"
+        )
     data_size = size - 8 - header_size
-    ends = []
+    spans = []
     for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], entry["shape"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AbliterateError(f"{path}: header entry for {name!r} is malformed ({entry!r})") from exc
-        expected = DTYPE_BYTES.get(dtype)
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if expected is not None and end - begin != numel * expected:
+        begin, end, dtype, shape = _header_entry(path, name, entry)
+        bits = DTYPE_BITS[dtype]
+        numel = math.prod(shape)
+        if numel * bits % 8 or end - begin != numel * bits // 8:
             raise AbliterateError(
-                f"{path}: tensor {name!r} ({dtype} {shape}) spans {end - begin} bytes, expected {numel * expected}; "
-                "the header is corrupt"
+                f"{path}: tensor {name!r} ({dtype} {shape}) spans {end - begin} bytes, expected "
+                f"{numel * bits / 8:g}; the header is corrupt: re-download this shard"
             )
-        if not 0 <= begin <= end <= data_size:
+        if end > data_size:
             raise AbliterateError(
                 f"{path}: tensor {name!r} lies at bytes {begin}..{end} of the data but the file holds only "
                 f"{data_size} data bytes: the shard is truncated; re-download it"
             )
-        ends.append(end)
+        spans.append((begin, end, name))
+    _check_coverage(path, sorted(spans), data_size)
     return ShardHeader(
         name=path.name,
         size=size,
         header_size=header_size,
         header_sha256=hashlib.sha256(raw).hexdigest(),
         metadata=metadata,
-        tensors=dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])),
+        tensors=dict(sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"]))),
     )
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short_json(value: object) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, str, list[int]]:
+    """(begin, end, dtype, shape) of one header entry, each of the type safetensors requires."""
+    fix = "the header is corrupt: re-download this shard"
+    if not isinstance(entry, dict):
+        raise AbliterateError(f"{path}: header entry for {name!r} is {_short_json(entry)}, not an object; {fix}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise AbliterateError(f"{path}: header entry for {name!r} lacks `{key}`; {fix}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise AbliterateError(
+            f"{path}: tensor {name!r} has `dtype` {_short_json(dtype)}, not one of safetensors' dtypes "
+            f"({', '.join(DTYPE_BITS)}); {fix}"
+        )
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise AbliterateError(
+            f"{path}: tensor {name!r} has `shape` {_short_json(shape)}, not a list of whole numbers; {fix}"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+        raise AbliterateError(
+            f"{path}: tensor {name!r} has `data_offsets` {_short_json(offsets)}, not two whole numbers "
+            f"[begin, end]; {fix}"
+        )
+    begin, end = offsets
+    if end < begin:
+        raise AbliterateError(f"{path}: tensor {name!r} has `data_offsets` [{begin}, {end}] that run backwards; {fix}")
+    return begin, end, dtype, shape
+
+
+def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors sorted by offset must tile the data area exactly, as safetensors requires."""
+    position, previous = 0, None
+    for begin, end, name in spans:
+        if begin != position:
+            if begin < position:
+                what = f"overlaps {previous!r} (which ends at byte {position})"
+            else:
+                what = f"leaves bytes {position}..{begin} unused" + (f" after {previous!r}" if previous else "")
+            raise AbliterateError(
+                f"{path}: tensor {name!r} starts at data byte {begin} and {what}: the header is corrupt and "
+                "safetensors refuses to load it; re-download this shard"
+            )
+        position, previous = end, name
+    if position != data_size:
+        raise AbliterateError(
+            f"{path}: the file holds {data_size - position} bytes after its last tensor (data ends at byte "
+            f"{position} of {data_size}): safetensors refuses such a file; re-download this shard"
+        )
 
 
 def _object_pairs_no_duplicates(path: Path):
@@ -175,28 +250,63 @@ def _object_pairs_no_duplicates(path: Path):
 
 
 def read_index(model_dir: Path) -> tuple[dict[str, str], bytes] | None:
-    """weight_map (tensor -> shard file) of a sharded checkpoint, or None for a single file."""
+    """weight_map (tensor -> shard file) of a sharded checkpoint, or None for a single file.
+
+    Types are checked: `weight_map` maps tensor names to plain `.safetensors` file names of this
+    folder (a name with a folder part could read or write outside it), `metadata` is an object."""
     path = model_dir / INDEX_FILE
     if not path.is_file():
+        special = describe_special(path)
+        if special not in (None, "missing"):
+            raise AbliterateError(f"{path} is {special}, not a file: restore the index from the model's source")
         return None
-    raw = path.read_bytes()
     try:
-        index = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path))
-    except json.JSONDecodeError as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        index = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, AbliterateError):
+            raise
         raise AbliterateError(f"{path} is not valid JSON ({exc}); restore it from the model's source") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise AbliterateError(f"{path} has no `weight_map`; restore it from the model's source")
+    if not isinstance(index.get("metadata", {}), dict | None):
+        raise AbliterateError(
+            f"{path}: `metadata` is {_short_json(index['metadata'])}, not an object; restore the index from the "
+            "model's source"
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise AbliterateError(
+                f"{path}: `weight_map` gives tensor {name!r} the shard {_short_json(shard)}, not a file name; "
+                "restore the index from the model's source"
+            )
+        plain_name(shard, "the shard file name", f"{path} (`weight_map`, tensor {name!r})")
+        if not shard.endswith(".safetensors"):
+            raise AbliterateError(
+                f"{path}: `weight_map` places tensor {name!r} in {shard!r}, not a .safetensors file; "
+                "restore the index from the model's source"
+            )
     return weight_map, raw
 
 
 def shard_names(model_dir: Path) -> tuple[list[str], dict[str, str] | None, bytes]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise AbliterateError(f"model directory {model_dir} does not exist")
+        special = describe_special(model_dir)
+        what = "does not exist" if special in (None, "missing") else f"is {special}, not a directory"
+        raise AbliterateError(f"model directory {model_dir} {what}")
     indexed = read_index(model_dir)
     if indexed is None:
         if not (model_dir / SINGLE_FILE).is_file():
+            special = describe_special(model_dir / SINGLE_FILE)
+            if special not in (None, "missing"):
+                raise AbliterateError(
+                    f"{model_dir / SINGLE_FILE} is {special}, not a file: restore the weights from the model's source"
+                )
             found = sorted(p.name for p in model_dir.glob("*.safetensors"))
             hint = f" (found {', '.join(found[:5])} without {INDEX_FILE})" if found else ""
             raise AbliterateError(
@@ -206,6 +316,13 @@ def shard_names(model_dir: Path) -> tuple[list[str], dict[str, str] | None, byte
         return [SINGLE_FILE], None, b""
     weight_map, raw = indexed
     shards = list(dict.fromkeys(weight_map.values()))
+    for shard in shards:
+        special = describe_special(model_dir / shard)
+        if special not in (None, "missing"):
+            raise AbliterateError(
+                f"shard {shard} named in {model_dir / INDEX_FILE} is {special}, not a file: "
+                "restore it (re-download the checkpoint)"
+            )
     missing = [s for s in shards if not (model_dir / s).is_file()]
     if missing:
         raise AbliterateError(
@@ -310,21 +427,67 @@ def shard_stamp(model_dir: str | Path) -> str:
     return hashlib.sha256(f"{fingerprint(model_dir)}|{stamp}".encode()).hexdigest()[:32]
 
 
+# config.json keys this tool (or transformers, when it loads the model) reads as counts: whole
+# numbers in a sane range; null means "absent". Layer counts are bounded so that a typo cannot
+# make the tool loop over 10^18 layers.
+CONFIG_COUNTS = {
+    "num_hidden_layers": (1, 100_000), "hidden_size": (1, 1 << 24), "n_routed_experts": (0, 1 << 20),
+    "num_experts": (0, 1 << 20), "num_local_experts": (0, 1 << 20), "n_shared_experts": (0, 1 << 20),
+    "first_k_dense_replace": (0, 100_000), "num_nextn_predict_layers": (0, 1_000), "decoder_sparse_step": (0, 100_000),
+    "num_experts_per_tok": (0, 1 << 20), "intermediate_size": (0, 1 << 30), "moe_intermediate_size": (0, 1 << 30),
+    "num_attention_heads": (0, 1 << 20), "num_key_value_heads": (0, 1 << 20), "head_dim": (0, 1 << 24),
+    "vocab_size": (0, 1 << 31), "max_position_embeddings": (0, 1 << 40),
+}  # fmt: skip
+CONFIG_BOOLS = ("tie_word_embeddings",)
+
+
 def read_config(model_dir: str | Path, required: bool = True) -> dict:
+    """config.json as a dict, its keys this tool reads checked for type and range (one line per
+    problem: the file, the key, what it holds and what to do)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
+        special = describe_special(path)
+        if special not in (None, "missing"):
+            raise AbliterateError(f"{path} is {special}, not a file: copy config.json from the model's source")
         if required:
             raise AbliterateError(
                 f"{path} is missing: a Hugging Face checkpoint needs its config.json (copy it from the model's source)"
             )
         return {}
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AbliterateError(f"{path} is not valid JSON ({exc})") from exc
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise AbliterateError(f"{path} is not valid JSON ({exc}): copy config.json from the model's source") from exc
+    except OSError as exc:
+        raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(config, dict):
-        raise AbliterateError(f"{path} is not a JSON object")
+        raise AbliterateError(f"{path} is not a JSON object: copy config.json from the model's source")
+    check_config_types(config, path)
     return config
+
+
+def check_config_types(config: dict, path: Path | str) -> None:
+    fix = "fix it in config.json (or copy the file from the model's source)"
+    for key, (low, high) in CONFIG_COUNTS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise AbliterateError(f"{path}: `{key}` is {_short_json(value)}; it must be a whole number in [{low}, {high}]: {fix}")
+    for key in CONFIG_BOOLS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise AbliterateError(f"{path}: `{key}` is {_short_json(value)}; it must be true or false: {fix}")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise AbliterateError(f"{path}: `model_type` is {_short_json(config['model_type'])}; it must be a string: {fix}")
+    architectures = config.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise AbliterateError(f"{path}: `architectures` is {_short_json(architectures)}; it must be a list of names: {fix}")
+    only = config.get("mlp_only_layers")
+    if only is not None and (not isinstance(only, list) or not all(_whole(i) for i in only)):
+        raise AbliterateError(f"{path}: `mlp_only_layers` is {_short_json(only)}; it must be a list of layer numbers: {fix}")
 
 
 def choose_profile(
@@ -362,9 +525,4 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 
 def check_output_location(model_dir: str | Path, out_dir: str | Path) -> Path:
     """The resolved output path, refused when it is, lies inside, or contains the input checkpoint."""
-    model_dir, out = Path(model_dir).resolve(), Path(out_dir).resolve()
-    if out == model_dir or model_dir in out.parents:
-        raise AbliterateError(f"output {out} is inside the input checkpoint {model_dir}: choose a directory outside it")
-    if out in model_dir.parents:
-        raise AbliterateError(f"output {out} contains the input checkpoint {model_dir}: choose another directory")
-    return out
+    return output_outside(out_dir, [model_dir])

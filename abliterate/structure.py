@@ -50,10 +50,10 @@ class Structure:
 def _moe_layers(config: dict, profile: Profile, num_layers: int) -> list[int]:
     """Which main decoder layers are MoE, by the family's config convention (`Profile.moe_layout`)."""
     if profile.moe_layout == "first_k_dense":
-        first_dense = int(config.get("first_k_dense_replace", 0))
+        first_dense = int(config.get("first_k_dense_replace") or 0)
         return list(range(first_dense, num_layers))
     if profile.moe_layout == "sparse_step":
-        step = int(config.get("decoder_sparse_step", 1)) or 1
+        step = int(config.get("decoder_sparse_step") or 1)
         only_mlp = set(config.get("mlp_only_layers") or [])
         return [i for i in range(num_layers) if i not in only_mlp and (i + 1) % step == 0]
     return []
@@ -70,7 +70,7 @@ def detect_structure(inventory: Inventory) -> Structure:
         )
     profile = PROFILES[inventory.family]
     for key in ("num_hidden_layers", "hidden_size"):
-        if key not in config:
+        if config.get(key) is None:
             raise AbliterateError(f"{inventory.model_dir / 'config.json'} lacks `{key}`")
     num_layers = int(config["num_hidden_layers"])
     hidden = int(config["hidden_size"])

@@ -34,6 +34,21 @@ def rewrite_header(path: Path, edit) -> None:
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
+def drop_tensor(path: Path, name: str) -> None:
+    """Remove one tensor from a shard, header entry and bytes, so the file stays a valid safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    begin, end = header.pop(name)["data_offsets"]
+    data = raw[8 + n :]
+    for key, entry in header.items():
+        if key != "__metadata__" and entry["data_offsets"][0] >= end:
+            entry["data_offsets"] = [o - (end - begin) for o in entry["data_offsets"]]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[:begin] + data[end:])
+
+
 def test_glm_air_layout_counts(glm_air_layout):
     structure = detect_structure(build_inventory(glm_air_layout))
     assert structure.tensors == 18329
@@ -229,11 +244,7 @@ def test_config_expert_count_mismatch_names_layer_and_tensor(tmp_path):
     victim = "model.layers.2.mlp.experts.3.down_proj.weight"
     shard = model / inv_before.tensors[victim].shard
 
-    def drop(h):
-        del h[victim]
-        return h
-
-    rewrite_header(shard, drop)
+    drop_tensor(shard, victim)
     index = json.loads((model / INDEX_FILE).read_text())
     del index["weight_map"][victim]
     (model / INDEX_FILE).write_text(json.dumps(index))

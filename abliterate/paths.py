@@ -1,0 +1,181 @@
+"""The path guard: every path the tool writes, deletes or locks goes through here.
+
+Rules, the same for every command and flow:
+- an output (directory or file) is never equal to, inside, or around an input (the checkpoint,
+  the directions file, an ablated model being validated): `output_outside`;
+- a name taken from data (a shard named in an index, a sweep variant's name) is a plain file
+  name that stays inside its folder: `plain_name`, `child`;
+- only files the tool wrote itself are ever deleted: the output's records list them
+  (`abliterate/output.py`), `ours_to_delete` drops every input from such a list, and temporary
+  files are recognised only by the exact names `replacing` gives them (`is_temporary_of`);
+- one run writes an output directory at a time: `locked` holds an exclusive lock on it; and
+  shared stores (MLflow's SQLite file) are first initialised under a lock file (`file_lock`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from abliterate.errors import AbliterateError
+
+# `.<name>.tmp-<pid>` or `.<name>.tmp-<pid>-<thread id>`: the names `output.replacing` writes.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+(?:-\d+)?")
+
+
+def output_outside(
+    out: str | Path, inputs: Iterable[str | Path], what: str = "output", place: str = "directory"
+) -> Path:
+    """The resolved `out`, refused when it equals, lies inside, or contains any of `inputs`.
+
+    An input directory (a checkpoint) must not hold the output; an input file (a directions
+    file) must not be the output; an output directory must not hold an input checkpoint.
+    Inputs that are files may lie inside an output directory: they are never deleted (see
+    `ours_to_delete`)."""
+    resolved = Path(out).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if resolved == source or source in resolved.parents:
+            kind = "the input checkpoint" if source.is_dir() else "the input"
+            raise AbliterateError(f"{what} {resolved} is inside {kind} {source}: choose a {place} outside it")
+        if resolved in source.parents and source.is_dir():
+            raise AbliterateError(f"{what} {resolved} contains the input checkpoint {source}: choose another {place}")
+    return resolved
+
+
+def output_file(path: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> Path:
+    """A report file the command writes (`validate --out`, `evaluate --out`): not a directory, not
+    inside any input, its folder existing; checked before any work."""
+    resolved = output_outside(path, inputs, f"{flag} file", "file")
+    if resolved.is_dir():
+        raise AbliterateError(f"{flag} {path} is a directory: give a file name for the JSON report")
+    if not resolved.parent.is_dir():
+        raise AbliterateError(f"{flag} {path}: folder {resolved.parent} does not exist; create it or choose another")
+    return resolved
+
+
+def plain_name(name: object, what: str, where: str | Path) -> str:
+    """`name` if it is a plain file name (no folder part, not `.`/`..`, no NUL): a name read from
+    data may never lead outside its folder."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or Path(name).is_absolute()
+    ):
+        raise AbliterateError(
+            f"{where}: {what} {name!r} is not a plain file name (it must not name a folder or lead outside "
+            "its own folder): fix it"
+        )
+    return name
+
+
+def child(folder: str | Path, name: str, what: str) -> Path:
+    """`folder/name`, checked to stay inside `folder` (after resolving links)."""
+    plain_name(name, what, folder)
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise AbliterateError(f"{what} {name!r} resolves to {path}, outside {root}: choose another name")
+    return root / name
+
+
+def describe_special(path: Path) -> str | None:
+    """What a directory entry is when it is not a regular file: a directory, a dangling symbolic
+    link, a FIFO, a socket, a device; "missing" when nothing is there; None for a regular file (or
+    a link to one)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(mode) and not path.exists():
+        return f"a dangling symbolic link (to {os.readlink(path)})"
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):  # fmt: skip
+        if test(mode):
+            return kind
+    return None
+
+
+def is_temporary_of(entry: str, names: Iterable[str]) -> bool:
+    """Whether `entry` is a temporary file `replacing` writes for one of `names`."""
+    match = _TEMPORARY.fullmatch(entry)
+    return bool(match) and match.group("name") in set(names)
+
+
+def ours_to_delete(folder: Path, names: Iterable[object], protected: Iterable[str | Path]) -> list[Path]:
+    """The entries of `folder` named in `names` (files the tool recorded as written by itself) that
+    may be deleted: plain names only, regular files or links (never a folder), never a protected
+    input (the directions file, the checkpoint's files)."""
+    keep = {Path(p).absolute() for p in protected} | {Path(p).resolve() for p in protected}
+    out = []
+    for name in dict.fromkeys(names):
+        try:
+            plain_name(name, "a recorded output file", folder)
+        except AbliterateError:
+            continue  # a damaged record names nothing we may delete
+        path = Path(folder).absolute() / str(name)
+        if not path.is_symlink() and not path.is_file():
+            continue  # gone already, or a folder: never ours to remove
+        if path in keep or path.resolve() in keep:
+            continue
+        out.append(path)
+    return out
+
+
+@contextmanager
+def locked(directory: str | Path, what: str = "output") -> Iterator[Path]:
+    """Hold an exclusive lock on an existing directory for the block; another run (thread or
+    process) asking for it gets a one-line error at once. The kernel drops the lock when the
+    holder ends, even by SIGKILL, so a killed run never leaves a stale lock. On filesystems
+    without directory locks (some network filesystems) the block runs unlocked."""
+    path = Path(directory)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AbliterateError(
+                f"{what} {path} is being written by another abliterate run right now: wait for it to finish, "
+                "or choose another directory"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EBADF, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def is_locked(directory: str | Path) -> bool:
+    """Whether another run holds `locked` on this directory now (False when it does not exist)."""
+    try:
+        with locked(directory):
+            return False
+    except AbliterateError:
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Block until an exclusive lock on the file `path` (created if missing) is ours."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
