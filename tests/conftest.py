@@ -17,6 +17,13 @@ from abliterate.synthetic import GlmLayout, write_glm_layout  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the Prefect test harness (a server started for the session) is slow."""
+    for item in items:
+        if "prefect_env" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def demo_model_unchanged():
     """No test may write into the committed demo model: its files are hashed before and after."""

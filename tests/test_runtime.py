@@ -56,6 +56,7 @@ def test_uses_temporary_server_follows_prefect_settings():
         assert runtime.uses_temporary_server()
 
 
+@pytest.mark.slow  # imports Prefect's server and starts (then stops) its process
 def test_start_up_timeout_of_the_real_temporary_server_becomes_one_line():
     """Prefect's own SubprocessASGIServer, given no time to come up, raises what users saw."""
     from prefect.server.api.server import SubprocessASGIServer
@@ -112,11 +113,14 @@ def bad(_args):
     raise KeyError("unrelated")
 
 
-@pytest.fixture
-def store(monkeypatch, tmp_path):
-    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return MlflowClient(runtime.tracking_uri())
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One temporary SQLite store for the module (creating one runs every MLflow migration)."""
+    home = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ABLITERATE_HOME", str(home))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        yield MlflowClient(runtime.tracking_uri())
 
 
 def test_experiment_is_a_machine_learning_experiment(store):
