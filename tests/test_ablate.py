@@ -183,6 +183,7 @@ def test_fused_experts_are_edited_per_expert(glm_air_layout_fused, tmp_path):
     assert {n for n in old if old[n] != new[n]} == {e["name"] for e in manifest["edited"]}
 
 
+@pytest.mark.slow
 def test_layer_one_never_touches_layers_ten_to_nineteen(glm_air_layout, tmp_path):
     src = Path(glm_air_layout)
     directions = write_directions(src, tmp_path / "d.safetensors")
@@ -195,6 +196,7 @@ def test_layer_one_never_touches_layers_ten_to_nineteen(glm_air_layout, tmp_path
             assert old[name] == new[name], name
 
 
+@pytest.mark.slow
 def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
     src = Path(glm_air_layout)
     directions = write_directions(src, tmp_path / "d.safetensors")
@@ -220,6 +222,7 @@ def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
         assert along[2] <= U_BF16 + FP32_LEVEL * stretch < along[1] < along[0]
 
 
+@pytest.mark.slow
 def test_projected_method_and_own_directions(glm_air_layout, tmp_path):
     src = Path(glm_air_layout)
     directions = write_directions(src, tmp_path / "d.safetensors")

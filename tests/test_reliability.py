@@ -501,6 +501,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_with_parallel_workers_then_rerun_is_bit_identical(base, tmp_path):
     """Killed between byte copies while two shards are being written at once (--workers 2)."""
     model, directions, reference = base
@@ -525,6 +526,7 @@ def _no_partial_shard_but_temps(out: Path, reference: Path) -> None:
             assert (out / shard).read_bytes() == (reference / shard).read_bytes(), f"partial {shard}"
 
 
+@pytest.mark.slow
 def test_two_runs_to_different_outputs_at_once(base, tmp_path):
     model, directions, reference = base
     with unchanged(model):

@@ -208,6 +208,7 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 8
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEMO_READY, reason="the demo model is not built")
 def test_demo_auto_selected_direction_removes_refusals():
     model, tokenizer = load_model(DEMO_MODEL_DIR)

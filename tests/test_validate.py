@@ -269,6 +269,7 @@ def test_cli_exit_codes(small, tampered, capsys):
 # ---------------------------------------------------------------- the full GLM-4.5-Air layout
 
 
+@pytest.mark.slow
 def test_full_glm_air_layout(glm_air_layout, tmp_path):
     """18,329 tensors: every role's count, and residuals well inside the tolerance."""
     directions = write_directions(tmp_path / "d.safetensors", 8, 47)
