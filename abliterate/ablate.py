@@ -28,6 +28,7 @@ from abliterate.output import (
     ShardResult,
     completed_shard,
     finalize_output,
+    output_directory,
     prepare_output,
     record_shard,
     replacing,
@@ -126,26 +127,27 @@ def ablate_checkpoint(
     inputs = inputs or load_inputs(model_dir, directions_path, force)
     plan = default_plan(inputs) if plan is None else resolve_plan(plan, inputs)
     matches = plan_matches(plan, inputs.inventory, inputs.structure)
-    prepared = prepare_output(inputs, plan, out_dir, overwrite)
-    for warning in inputs.warnings + prepared.warnings:
-        log(f"warning: {warning}")
-    sizes = {s: (inputs.inventory.model_dir / s).stat().st_size for s in inputs.inventory.shards}
-    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="ablate", disable=not progress)
+    with output_directory(inputs, out_dir) as out:  # locked: no other run writes it meanwhile
+        prepared = prepare_output(inputs, plan, out, overwrite)
+        for warning in inputs.warnings + prepared.warnings:
+            log(f"warning: {warning}")
+        sizes = {s: (inputs.inventory.model_dir / s).stat().st_size for s in inputs.inventory.shards}
+        bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="ablate", disable=not progress)
 
-    def one(shard: str) -> ShardResult:
-        result = ablate_shard(plan, inputs, shard, prepared.out_dir, matches)
-        bar.update(sizes[shard])
-        return result
+        def one(shard: str) -> ShardResult:
+            result = ablate_shard(plan, inputs, shard, prepared.out_dir, matches)
+            bar.update(sizes[shard])
+            return result
 
-    try:
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(one, inputs.inventory.shards))
-        else:
-            results = [one(s) for s in inputs.inventory.shards]
-    finally:
-        bar.close()
-    skipped = sum(r.skipped for r in results)
-    if skipped:
-        log(f"{skipped} of {len(results)} shards were already complete from an earlier run of this plan")
-    return finalize_output(inputs, plan, prepared, results)
+        try:
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    results = list(pool.map(one, inputs.inventory.shards))
+            else:
+                results = [one(s) for s in inputs.inventory.shards]
+        finally:
+            bar.close()
+        skipped = sum(r.skipped for r in results)
+        if skipped:
+            log(f"{skipped} of {len(results)} shards were already complete from an earlier run of this plan")
+        return finalize_output(inputs, plan, prepared, results)

@@ -22,17 +22,25 @@ import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from abliterate.checkpoint import Inventory, check_output_location, fingerprint, read_header
+from abliterate.checkpoint import Inventory, fingerprint, read_header
 from abliterate.direction_file import Directions
 from abliterate.directions import library_versions
 from abliterate.engine import ENGINE_VERSION
 from abliterate.errors import AbliterateError
 from abliterate.matching import AblationInputs
+from abliterate.paths import (
+    describe_special,
+    is_locked,
+    is_temporary_of,
+    locked,
+    ours_to_delete,
+    output_outside,
+)
 from abliterate.plan import AblationPlan
 
 MANIFEST_FILE = "abliteration.json"
@@ -94,6 +102,79 @@ def shard_key(plan: AblationPlan, directions: Directions, inventory: Inventory, 
 # ---------------------------------------------------------------- output directory
 
 
+def output_names(inputs: AblationInputs, copied: list[Path] | list[str]) -> list[str]:
+    """Every name an ablation writes directly in its output directory (besides its records)."""
+    return [*inputs.inventory.shards, *(Path(c).name for c in copied), MANIFEST_FILE]
+
+
+def _protected(inputs: AblationInputs) -> list[Path]:
+    """Inputs that may lie inside an output directory and must never be replaced or deleted."""
+    return [Path(inputs.directions.path)] if inputs.directions.path else []
+
+
+def check_output(inputs: AblationInputs, out_dir: str | Path) -> tuple[Path, list[Path], list[str]]:
+    """Everything about an output directory that can be checked before writing: its place (never
+    equal to, inside or around the input), that it is no file, that the input's files can all be
+    copied (no dangling link, no FIFO), and that no input lies where the output writes.
+    Returns (resolved path, files to copy, warnings)."""
+    model_dir = inputs.inventory.model_dir.resolve()
+    out = output_outside(out_dir, [model_dir])
+    if out.exists() and not out.is_dir():
+        raise AbliterateError(f"output {out} exists and is not a directory")
+    to_copy, skipped = files_to_copy(model_dir, set(inputs.inventory.shards))
+    for source in _protected(inputs):
+        for name in [*output_names(inputs, to_copy), STATE_DIR]:
+            target = out / name
+            if target.absolute() == source.absolute() or target.resolve() == source.resolve():
+                raise AbliterateError(
+                    f"the directions file {source} lies at {target}, which the ablation writes: move it out of "
+                    "the output directory or choose another output"
+                )
+    return out, to_copy, skipped
+
+
+@contextmanager
+def output_directory(inputs: AblationInputs, out_dir: str | Path) -> Iterator[Path]:
+    """The checked output directory, created if missing and locked for the block: a second run
+    into the same directory stops at once with a one-line error. A directory this call created
+    is removed again when the block fails before writing anything into it."""
+    out, _, _ = check_output(inputs, out_dir)
+    created = not out.exists()
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        with locked(out, "output"):
+            yield out
+    except BaseException:
+        if created:
+            with suppress(OSError):
+                out.rmdir()  # only when still empty
+        raise
+
+
+def precheck_output(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The checks on an output directory that need neither the plan nor the directions, for a
+    flow to run before it measures anything: not a file, not being written by another run, and
+    (without `overwrite`) empty or holding an earlier abliterate output."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise AbliterateError(f"output {out} exists and is not a directory")
+    if not out.is_dir():
+        return out
+    if is_locked(out):
+        raise AbliterateError(
+            f"output {out} is being written by another abliterate run right now: wait for it to finish, or choose "
+            "another directory"
+        )
+    present = sorted(p.name for p in out.iterdir())
+    if present and not overwrite and not _recorded_run(out):
+        raise AbliterateError(
+            f"output {out} is not empty: it holds other files ({', '.join(present[:3])}); pass --overwrite to "
+            "replace its contents, or choose an empty directory"
+        )
+    return out
+
+
 def prepare_output(
     inputs: AblationInputs, plan: AblationPlan, out_dir: str | Path, overwrite: bool = False
 ) -> PreparedOutput:
@@ -101,47 +182,59 @@ def prepare_output(
 
     Refuses an output equal to, inside, or containing the input; a non-empty directory unless
     it holds a partial or complete output of this very run (resumed) or `overwrite` is set.
-    `overwrite` empties an earlier abliterate output; in any other directory it deletes nothing
-    (and refuses one holding weight files the checkpoint lacks).
+    `overwrite` deletes only files an earlier abliterate run recorded as its own (its shards,
+    copied files and manifest) and never an input (the directions file): the user's own files
+    stay, with a warning; a directory holding weight files the checkpoint lacks is refused.
+    Run it inside `output_directory` so that no other run writes the same directory.
     """
-    model_dir = inputs.inventory.model_dir.resolve()
-    out = check_output_location(model_dir, out_dir)
-    if out.exists() and not out.is_dir():
-        raise AbliterateError(f"output {out} exists and is not a directory")
+    out, to_copy, warnings = check_output(inputs, out_dir)
     key = run_key(plan, inputs.directions, inputs.inventory)
     shards = set(inputs.inventory.shards)
-    resumed, warnings = False, []
-    if out.exists() and any(out.iterdir()):
-        previous = _recorded_run_key(out)
-        present = sorted(p.name for p in out.iterdir())
-        if previous == key:
+    names = output_names(inputs, to_copy)
+    resumed = False
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present:
+        previous = _recorded_run(out)
+        if previous.get("run_key") == key:
             resumed = True
         elif not overwrite:
-            what = "an output of a different plan, directions or input" if previous else f"other files ({', '.join(present[:3])})"
+            what = (
+                "an output of a different plan, directions or input" if previous.get("run_key")
+                else f"other files ({', '.join(present[:3])})"
+            )  # fmt: skip
             raise AbliterateError(
                 f"output {out} is not empty: it holds {what}; pass --overwrite to replace its contents, "
                 "or choose an empty directory"
             )
-        elif previous:  # an earlier abliterate output: all of it is ours to replace
-            _clear(out)
-        else:  # someone else's files: overwrite ours, delete nothing
-            stray = [n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in shards]
+        else:
+            recorded = set(previous.get("files") or [])
+            stray = [n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in shards and n not in recorded
+                     and not _is_protected(out / n, inputs)]  # fmt: skip
             if stray:
                 raise AbliterateError(
                     f"output {out} holds weight files that are not this checkpoint's ({', '.join(stray[:3])}); "
-                    "--overwrite deletes only earlier abliterate outputs: remove them or choose another directory"
+                    "--overwrite deletes only what an earlier abliterate run wrote: remove them or choose another "
+                    "directory"
                 )
-            kept = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
-            warnings.append(f"--overwrite keeps the files of {out} that the checkpoint does not have ({kept})")
+            # An earlier run's files this run does not write again: ours to delete (inputs never are).
+            for path in ours_to_delete(out, sorted(recorded - set(names)), _protected(inputs)):
+                with writing(path):
+                    path.unlink()
+            if (out / STATE_DIR).is_dir():
+                _clear_records(out)
+            kept = [n for n in present if n not in recorded and n not in names and n != STATE_DIR
+                    and not is_temporary_of(n, names)]  # fmt: skip
+            if kept:
+                shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+                warnings.append(f"--overwrite keeps the files of {out} that no abliterate run wrote ({shown})")
     state = out / STATE_DIR
     with writing(out):
         state.mkdir(parents=True, exist_ok=True)
-        for stale in list(out.glob(".*.tmp-*")) + list(state.glob(".*.tmp-*")):
+        for stale in [p for p in out.iterdir() if is_temporary_of(p.name, names)]:
             stale.unlink()  # temporary files of a killed run
-    write_json_atomic(state / "run.json", {"run_key": key, "plan": plan.to_dict()})
+        _clear_temporaries(state)
+    write_json_atomic(state / "run.json", {"run_key": key, "plan": plan.to_dict(), "files": names})
 
-    to_copy, skipped = files_to_copy(model_dir, set(inputs.inventory.shards))
-    warnings += skipped
     copied = []
     for path in to_copy:
         with replacing(out / path.name) as tmp:
@@ -150,15 +243,26 @@ def prepare_output(
     return PreparedOutput(out, key, resumed, copied, warnings)
 
 
+def _is_protected(path: Path, inputs: AblationInputs) -> bool:
+    return any(path.absolute() == p.absolute() or path.resolve() == p.resolve() for p in _protected(inputs))
+
+
 def files_to_copy(model_dir: Path, shards: set[str]) -> tuple[list[Path], list[str]]:
     """The input's non-weight files that an output gets verbatim (config, tokenizer, index, code),
     and a warning for each thing left out: subfolders, and weight files outside the shards (they
     would carry the direction). An input that is itself an ablation output keeps its manifest in
-    the new one (`input_manifest`), so the file is not copied."""
+    the new one (`input_manifest`), so the file is not copied. A dangling link, a FIFO or another
+    special file among them is an error that names it."""
     copy, skipped = [], []
     for path in sorted(model_dir.iterdir()):
         if path.name in shards or path.name == MANIFEST_FILE or path.name.startswith("."):
             continue
+        special = describe_special(path)
+        if special not in (None, "a directory"):
+            raise AbliterateError(
+                f"{path} in the input checkpoint is {special}, not a regular file: restore it or remove it from "
+                f"{model_dir}"
+            )
         if path.is_dir():
             skipped.append(f"subdirectory {path.name}/ of the input is not copied")
         elif path.name.endswith(WEIGHT_SUFFIXES):
@@ -194,26 +298,52 @@ def replacing(target: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
-def _recorded_run_key(out: Path) -> str | None:
-    for path, read in ((out / STATE_DIR / "run.json", "run_key"), (out / MANIFEST_FILE, "run_key")):
+def _recorded_run(out: Path) -> dict[str, Any]:
+    """What an earlier run recorded about itself in `out`: its run key and the files it wrote
+    (empty when nothing readable is there). The manifest of a finished run, or the record of an
+    unfinished one."""
+    for path in (out / STATE_DIR / "run.json", out / MANIFEST_FILE):
         try:
-            return json.loads(path.read_text())[read]
-        except (OSError, ValueError, KeyError, TypeError):
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
             continue
-    return None
+        if not isinstance(record, dict) or not isinstance(record.get("run_key"), str):
+            continue
+        files = record.get("files")
+        if not isinstance(files, list):  # an output of an older version: its shards and manifest
+            shards = record.get("shards") if isinstance(record.get("shards"), dict) else {}
+            files = [*shards, MANIFEST_FILE] if path.name == MANIFEST_FILE else []
+        return {"run_key": record["run_key"], "files": [f for f in files if isinstance(f, str)]}
+    return {}
 
 
-def _clear(out: Path) -> None:
-    for path in out.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
+def _recorded_run_key(out: Path) -> str | None:
+    return _recorded_run(out).get("run_key")
+
+
+def _clear_temporaries(state: Path) -> None:
+    for stale in state.glob(".*.tmp-*"):
+        if is_temporary_of(stale.name, [stale.name.split(".tmp-")[0][1:]]):
+            stale.unlink()
+
+
+def _clear_records(out: Path) -> None:
+    """Delete the records a run keeps in `<out>/.abliterate/` (its own names only), then the folder
+    if nothing else is in it."""
+    state = out / STATE_DIR
+    if not state.is_dir() or state.is_symlink():
+        return
+    for path in state.iterdir():
+        if path.is_file() and (path.name == "run.json" or path.name.endswith(".safetensors.json")):
             path.unlink()
+    _clear_temporaries(state)
+    with suppress(OSError):
+        state.rmdir()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = False) -> None:
     with replacing(path) as tmp, open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
+        json.dump(data, handle, indent=2, sort_keys=sort_keys)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -286,15 +416,32 @@ def finalize_output(
             "sha256": directions.sha256() if directions.path else None,
             "content_sha256": directions_digest(directions),
             "single": directions.single,
-            "metadata": directions.metadata,
+            "metadata": sorted_json(directions.metadata),
         },
         "edited": edited,
         "counts": dict(sorted(counts.items())),
         "shards": {r.shard: {"key": r.key, "size": r.size} for r in ordered},
+        "files": output_names(inputs, prepared.copied),
     }
     previous = inputs.inventory.model_dir / MANIFEST_FILE
     if previous.is_file():
-        manifest["input_manifest"] = json.loads(previous.read_text())
+        try:
+            manifest["input_manifest"] = json.loads(previous.read_text())
+        except (OSError, ValueError) as exc:
+            raise AbliterateError(
+                f"{previous} (the input's own manifest: the input is an earlier ablation's output) is unreadable "
+                f"({exc}): restore it or delete it from the input"
+            ) from exc
     write_json_atomic(out / MANIFEST_FILE, manifest)
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    _clear_records(out)
     return manifest
+
+
+def sorted_json(value: Any) -> Any:
+    """`value` with every mapping's keys in sorted order, so that its JSON text never depends on the
+    order a reader happened to return them in (safetensors returns file metadata in hash order)."""
+    if isinstance(value, dict):
+        return {k: sorted_json(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [sorted_json(v) for v in value]
+    return value

@@ -193,7 +193,7 @@ def validate_output(
     directions = _load_directions(manifest, directions_path, inventory, checks) if edited else None
     worst, nan_inf = _check_numbers(original_dir, ablated_dir, inventory, output, changed, edited, directions,
                                     plan, checks, progress)  # fmt: skip
-    files = _compare_files(original_dir, ablated_dir, inventory, checks)
+    files = _compare_files(original_dir, ablated_dir, inventory, checks, manifest)
 
     by_role: Counter[str] = Counter()
     by_layer: dict[str, Counter[str]] = defaultdict(Counter)
@@ -711,8 +711,11 @@ def _top_files(root: Path) -> set[str]:
     return {p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
-def _compare_files(original_dir: Path, ablated_dir: Path, inventory: Inventory, checks: _Checks) -> dict[str, list[str]]:
-    """The files the engine copies (`files_to_copy`) must be there verbatim; nothing else may be."""
+def _compare_files(
+    original_dir: Path, ablated_dir: Path, inventory: Inventory, checks: _Checks, manifest: dict | None = None
+) -> dict[str, list[str]]:
+    """The files the engine copies (`files_to_copy`) must be there verbatim; nothing else may be,
+    except the directions file the ablation read (it may lie in the output: a warning)."""
     to_copy, skipped = files_to_copy(original_dir, set(inventory.shards))
     for note in skipped:
         checks.warn(note)
@@ -736,6 +739,11 @@ def _compare_files(original_dir: Path, ablated_dir: Path, inventory: Inventory, 
         checks.fail(f"file {f} is missing from the output: copy it from {original_dir}")
     for f in changed:
         checks.fail(f"file {f} differs from the original's: non-weight files must be copied verbatim")
+    recorded = ((manifest or {}).get("directions") or {}).get("path")
+    directions = Path(recorded).resolve() if isinstance(recorded, str) and recorded else None
     for f in extra:
+        if directions is not None and (ablated_dir / f).resolve() == directions:
+            checks.warn(f"file {f} in the output is the directions file the ablation read (an input, kept)")
+            continue
         (checks.fail if f.endswith(WEIGHT_SUFFIXES) else checks.warn)(f"file {f} is in the output but not in the original")
     return {"missing": missing, "changed": changed, "extra": extra, "weights_not_copied": [f for f in weights if f not in dst]}

@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from abliterate.ablate import load_inputs
-from abliterate.output import finalize_output, prepare_output
+from abliterate.output import finalize_output, output_directory, prepare_output
 from abliterate.plan import AblationPlan
 from tasks.ablate import ablate_shard_task
 
@@ -39,16 +39,17 @@ def ablate_flow(
     shard; returns the manifest."""
     inputs = load_inputs(model_dir, directions_path, force)
     resolved = plan
-    prepared = prepare_output(inputs, resolved, out, overwrite)
-    for warning in prepared.warnings:  # e.g. input subfolders that are not copied
-        print(f"warning: {warning}")
-    complete = all((prepared.out_dir / s).is_file() for s in inputs.inventory.shards)
-    futures = ablate_shard_task.with_options(refresh_cache=not complete).map(
-        inputs.inventory.shards,
-        unmapped(str(Path(model_dir).resolve())),
-        unmapped(str(Path(directions_path).resolve())),
-        unmapped(resolved),
-        unmapped(str(prepared.out_dir)),
-        unmapped(force),
-    )
-    return finalize_output(inputs, resolved, prepared, [f.result() for f in futures])
+    with output_directory(inputs, out) as locked_out:  # no other run writes it while the shards are mapped
+        prepared = prepare_output(inputs, resolved, locked_out, overwrite)
+        for warning in prepared.warnings:  # e.g. input subfolders that are not copied
+            print(f"warning: {warning}")
+        complete = all((prepared.out_dir / s).is_file() for s in inputs.inventory.shards)
+        futures = ablate_shard_task.with_options(refresh_cache=not complete).map(
+            inputs.inventory.shards,
+            unmapped(str(Path(model_dir).resolve())),
+            unmapped(str(Path(directions_path).resolve())),
+            unmapped(resolved),
+            unmapped(str(prepared.out_dir)),
+            unmapped(force),
+        )
+        return finalize_output(inputs, resolved, prepared, [f.result() for f in futures])

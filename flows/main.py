@@ -15,9 +15,13 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from abliterate.checkpoint import check_output_location
+from abliterate.checkpoint import build_inventory, check_output_location
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
 from abliterate.errors import AbliterateError
+from abliterate.matching import plan_matches
+from abliterate.output import precheck_output
+from abliterate.plan import build_plan
+from abliterate.structure import detect_structure
 from flows.runtime import project_dir, results_dir
 from flows.stages import Stages, ablation_stages, measurement_stages
 from flows.tracking import experiment_name, tracked_run
@@ -28,7 +32,36 @@ def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, s
     model = str(Path(model).resolve())
     work = str(check_output_location(model, work_dir or results_dir()))
     check_output_location(model, project_dir() / "mlruns")
+    check_output_location(model, results_dir() / "prefect-storage")  # where Prefect persists task results
     return model, str(check_output_location(model, out)) if out else None, work
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """The output's cheap checks (not a file, not in use, empty or an earlier output), before any work."""
+    precheck_output(out, overwrite)
+
+
+def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:
+    """Each ablation's layers, scales, targets and direction position against the model's headers,
+    before the measurement: a plan that cannot run fails in seconds, not after an hour. A checkpoint
+    whose headers cannot be read is left to the inventory task, which reports it."""
+    try:
+        inventory = build_inventory(model)
+        structure = detect_structure(inventory)
+    except AbliterateError:
+        return
+    for ablation, position in specs:
+        if position.isdigit() and int(position) > structure.num_layers:
+            raise AbliterateError(
+                f"direction position {position} is out of range: the model has residual positions "
+                f"0..{structure.num_layers}"
+            )
+        plan = build_plan(
+            structure.num_layers, structure.mtp_layers, layers=ablation.layers, scale=ablation.scale,
+            targets=ablation.targets, direction_position=position if position.isdigit() else "own",
+            method=ablation.ablation_method, mtp=ablation.mtp, biases=ablation.biases,
+        )  # fmt: skip
+        plan_matches(plan, inventory, structure)
 
 
 @flow(name="abliterate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -52,6 +85,8 @@ def abliterate_flow(
     if selection.direction_position == "none":
         raise AbliterateError("direction position `none` only measures: use `abliterate measure` for that")
     model, out, work = run_paths(model, out, work_dir)
+    check_out(out, overwrite)
+    check_plans(model, [(ablation, selection.direction_position)])
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {**run, "prefect.flow_name": "abliterate", "model_dir": model, "output_path": out}
     with tracked_run(experiment_name(model), flow_run.get_name() or "abliterate", tags) as tracker:

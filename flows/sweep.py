@@ -5,7 +5,6 @@ refusal-vs-KL front."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -14,8 +13,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
 from abliterate.errors import AbliterateError
+from abliterate.paths import child as child_path
 from flows import plots
-from flows.main import run_paths
+from flows.main import check_out, check_plans, run_paths
 from flows.stages import Stages, ablation_stages, measurement_stages
 from flows.tracking import experiment_name, tracked_run
 
@@ -41,9 +41,12 @@ def parse_variants(variants: list[dict[str, Any]]) -> list[tuple[str, Ablation, 
         if unknown:
             known = ", ".join(["name", "direction_position", *Ablation.model_fields])
             raise AbliterateError(f"variant #{i} has unknown keys {sorted(unknown)}; known: {known}")
-        name = str(raw.get("name") or f"variant-{i}")
-        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) or name in names or set(name) == {"."}:
-            raise AbliterateError(f"variant name {name!r} must be unique and use letters, digits, '.', '_' or '-'")
+        name = raw.get("name") or f"variant-{i}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) or name in names:
+            raise AbliterateError(
+                f"variant #{i}: name {name!r} must be unique and use letters, digits, '.', '_' or '-' (it names "
+                "the variant's folder under --out)"
+            )
         names.add(name)
         position = Selection(direction_position=raw.get("direction_position", "auto")).direction_position
         out.append((name, Ablation(**fields), position))
@@ -86,6 +89,10 @@ def sweep_flow(
     if selection.direction_position == "none":
         raise AbliterateError("direction position `none` only measures: use `abliterate measure` for that")
     model, out, work = run_paths(model, out, work_dir)
+    targets = {name: child_path(out, name, "variant name") for name, _, _ in specs}  # never outside OUT
+    for target in targets.values():
+        check_out(str(target), overwrite)
+    check_plans(model, [(ablation, position) for _, ablation, position in specs])
     evaluation = evaluation.model_copy(update={"evaluate": True})  # variants are compared by their evaluation
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {**run, "prefect.flow_name": "abliterate-sweep", "model_dir": model, "output_path": out}
@@ -93,7 +100,7 @@ def sweep_flow(
         measured = measurement_stages(Stages(parent), model, prompts, template, measurement, selection, runtime, work)
         points = []
         for name, ablation, position in specs:
-            target = str(Path(out) / name)
+            target = str(targets[name])
             with tracked_run(experiment_name(model), name, {**tags, "variant": name, "output_path": target},
                              parent=parent) as child:  # fmt: skip
                 child.params({"variant": name})
