@@ -149,42 +149,118 @@ class AblationPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AblationPlan:
+    def from_dict(cls, data: dict[str, Any], source: str = "the ablation plan") -> AblationPlan:
+        """The plan a mapping describes (a plan file, a manifest), every value checked for its type:
+        a string where a list or a boolean belongs is an error, never read as something else
+        (`biases: "false"` is not true). Errors name `source`, the key and the fix."""
         if not isinstance(data, dict):
-            raise AbliterateError(f"an ablation plan must be a mapping, got {type(data).__name__}")
+            raise AbliterateError(f"{source} must be a mapping of plan keys, got {_kind(data)}")
         known = ({f.name for f in fields(cls)} - {"scales"}) | {"scale"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise AbliterateError(f"unknown ablation plan keys {unknown}; known: {sorted(known)}")
+            raise AbliterateError(f"{source}: unknown ablation plan keys {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("layers", "scale", "num_layers") if k not in data]
+        if missing:
+            raise AbliterateError(f"{source} lacks `{missing[0]}`: an ablation plan needs layers, scale and num_layers")
+
+        def bad(key: str, value: Any, want: str, example: str) -> AbliterateError:
+            return AbliterateError(f"{source}: `{key}` is {value!r} ({_kind(value)}); it must be {want}: write e.g. {example}")
+
+        layers = data["layers"]
+        if not isinstance(layers, list) or not all(_count(i) for i in layers):
+            raise bad("layers", layers, "a list of layer numbers", "layers: [1, 2, 3]")
+        scale = data["scale"]
+        if not isinstance(scale, dict) or not all(_layer_key(k) is not None and _number_value(v) for k, v in scale.items()):
+            raise bad("scale", scale, "a mapping of layer number to scale", "scale: {'1': 1.0, '2': 0.5}")
+        scales = {_layer_key(k): float(v) for k, v in scale.items()}
+        if len(scales) != len(scale):
+            raise AbliterateError(f"{source}: `scale` names a layer twice: {scale!r}")
+        if sorted(scales) != sorted(layers):
+            raise AbliterateError(f"{source}: `scale` keys {sorted(scales)} differ from `layers` {list(layers)}")
+        num_layers = data["num_layers"]
+        if not _count(num_layers) or num_layers < 1:
+            raise bad("num_layers", num_layers, "the model's number of decoder layers (a whole number >= 1)", "num_layers: 46")
+        rest: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("layers", "scale", "num_layers"):
+                continue
+            if key == "targets":
+                if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                    raise bad(key, value, "a list of weight roles", "targets: [attn_out, expert_down]")
+                value = tuple(value)
+            elif key in ("biases",):
+                if not isinstance(value, bool):
+                    raise bad(key, value, "true or false", f"{key}: false")
+            elif key in ("method", "mtp"):
+                if not isinstance(value, str):
+                    raise bad(key, value, "a string", f"{key}: {'plain' if key == 'method' else 'ablate'}")
+            elif key == "embed_scale":
+                if not _number_value(value):
+                    raise bad(key, value, "a number in [0, 2]", "embed_scale: 1.0")
+                value = float(value)
+            elif key == "selected_position":
+                if value is not None and not _count(value):
+                    raise bad(key, value, "a residual position number or null", "selected_position: 12")
+            elif key == "direction_position":
+                if not (value in ("selected", "own") or _count(value)):
+                    raise bad(key, value, "a direction position: selected, own or a residual position number",
+                              "direction_position: selected")
+            elif key in ("layer_spec", "scale_spec"):
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    value = str(value)
+                if not isinstance(value, str):
+                    raise bad(key, value, "text (the spec as typed)", f"{key}: '1.0'")
+            elif key == "format":
+                if not _count(value):
+                    raise bad(key, value, f"the plan format number ({PLAN_FORMAT})", f"format: {PLAN_FORMAT}")
+            rest[key] = value
         try:
-            layers = tuple(int(i) for i in data["layers"])
-            scale = {int(k): float(v) for k, v in data["scale"].items()}
-            num_layers = int(data["num_layers"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise AbliterateError(f"ablation plan lacks or mangles `layers`, `scale` or `num_layers` ({exc})") from exc
-        if sorted(scale) != sorted(layers):
-            raise AbliterateError(f"plan `scale` keys {sorted(scale)} differ from `layers` {list(layers)}")
-        rest = {k: v for k, v in data.items() if k not in ("layers", "scale", "num_layers")}
-        if "targets" in rest:
-            rest["targets"] = tuple(rest["targets"])
-        return cls(layers=layers, scales=tuple(scale[i] for i in layers), num_layers=num_layers, **rest)
+            return cls(layers=tuple(layers), scales=tuple(scales[i] for i in layers), num_layers=num_layers, **rest)
+        except AbliterateError as exc:
+            raise AbliterateError(f"{source}: {exc}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
     @classmethod
-    def from_yaml(cls, text: str) -> AblationPlan:
+    def from_yaml(cls, text: str, source: str = "the ablation plan") -> AblationPlan:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise AbliterateError(f"the ablation plan is not valid YAML: {exc}") from exc
-        return cls.from_dict(data)
+            detail = " ".join(str(exc).split())
+            raise AbliterateError(f"{source} is not valid YAML: {detail}") from exc
+        except RecursionError:
+            raise AbliterateError(f"{source} nests too deeply to be a plan") from None
+        return cls.from_dict(data, source)
 
     def sha256(self) -> str:
         """Identity of what the plan does (the specs as typed are left out: only their result counts)."""
         data = self.to_dict()
         del data["layer_spec"], data["scale_spec"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", int: "a number", float: "a number", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def _count(value: Any) -> bool:
+    """A whole number >= 0 (YAML's `true` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number_value(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _layer_key(key: Any) -> int | None:
+    """A `scale` key: a layer number, written as a number or as digits."""
+    if _count(key):
+        return key
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    return None
 
 
 def _check_role(role: str) -> None:
@@ -239,7 +315,8 @@ def parse_scale(spec: str | float, layers: tuple[int, ...]) -> tuple[tuple[float
             raise AbliterateError(f"scale spec {text!r}: width must be positive")
 
         def kernel(i: float) -> float:
-            return floor + (peak - floor) * math.exp(-0.5 * ((i - params["center"]) / params["width"]) ** 2)
+            z = (i - params["center"]) / params["width"]  # may be inf for a tiny width: exp(-inf) is 0
+            return floor + (peak - floor) * math.exp(-0.5 * z * z)
 
         values, embed = tuple(kernel(i) for i in layers), kernel(0)
     elif "," in text:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     profile = choose_profile(args.model, args.family, args.map)
     inputs = load_inputs(args.model, args.directions, args.force, profile)
     if args.plan:
-        plan = resolve_plan(AblationPlan.from_yaml(_read(args.plan)), inputs)
+        plan = resolve_plan(AblationPlan.from_yaml(_read(args.plan), f"plan file {args.plan}"), inputs)
     else:
         plan = default_plan(
             inputs,
@@ -117,6 +117,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _read(path: str) -> str:
     try:
-        return Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise AbliterateError(f"cannot read plan file {path}: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise AbliterateError(
+            f"plan file {path} is not valid UTF-8 at byte offset {exc.start} (line {line}); re-save it as UTF-8"
+        ) from None
