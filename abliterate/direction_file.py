@@ -10,7 +10,9 @@ checked against a model).
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from abliterate.checkpoint import file_sha256
 from abliterate.errors import AbliterateError
@@ -74,14 +75,20 @@ class Directions:
                 f"direction position {position} is out of range: {self._where()} holds positions "
                 f"0..{self.num_positions - 1}"
             )
-        row = self.direction[position].float()
+        # In float64: a float32 norm of large entries overflows to inf, and row / inf would be a zero
+        # vector that edits nothing while the run reports success.
+        row = self.direction[position].double()
         norm = float(row.norm())
         if norm == 0.0:
             raise AbliterateError(
                 f"the direction at position {position} in {self._where()} is a zero vector: "
                 "choose another position or re-measure"
             )
-        return row / norm
+        if not math.isfinite(norm):
+            raise AbliterateError(
+                f"the direction at position {position} in {self._where()} has norm {norm}: re-measure"
+            )
+        return (row / norm).float()
 
     def sha256(self) -> str:
         if self.path is None:
@@ -110,9 +117,31 @@ def save_directions(
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in metadata.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=encoded)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(_serialize(tensors, encoded))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend only on its contents: metadata and tensors in sorted
+    order (safetensors' own writer emits the metadata in hash order, different on every run)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    data, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        raw = tensor.numpy().astype("<f4", copy=False).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        data.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(data)
 
 
 def load_directions(path: str | Path, hidden_size: int | None = None) -> Directions:
@@ -164,15 +193,20 @@ def _read_directions(path: Path, _size: int, _mtime_ns: int, _inode: int) -> Dir
     if not torch.isfinite(direction).all():
         bad = sorted({int(i) for i in (~torch.isfinite(direction)).nonzero()[:, 0]})
         raise AbliterateError(f"`direction` in {path} holds NaN or Inf at positions {bad}: re-measure")
-    metadata = {key: _decode(value) for key, value in raw_meta.items()}
+    metadata = {key: _decode(raw_meta[key]) for key in sorted(raw_meta)}  # safetensors returns hash order
     means = {}
     for name in ("harmful_mean", "harmless_mean"):
         if name in tensors:
+            if not tensors[name].is_floating_point():
+                raise AbliterateError(f"`{name}` in {path} has dtype {tensors[name].dtype}; it must be floating point")
             means[name] = tensors[name].float()
             if means[name].shape != direction.shape:
                 raise AbliterateError(
                     f"`{name}` in {path} has shape {list(means[name].shape)}, `direction` {list(direction.shape)}: they must match"
                 )
+            if not torch.isfinite(means[name]).all():
+                bad = sorted({int(i) for i in (~torch.isfinite(means[name])).nonzero()[:, 0]})
+                raise AbliterateError(f"`{name}` in {path} holds NaN or Inf at positions {bad}: re-measure")
     return Directions(direction=direction, metadata=metadata, path=path, single=single, **means)
 
 

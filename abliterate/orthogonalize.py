@@ -12,6 +12,8 @@ The norm-preserving variant rescales each vector back to its original length.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from abliterate.errors import AbliterateError
@@ -56,6 +58,8 @@ def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor, where: str
     """Unit r made orthogonal to normalize(harmless_mean), so ablation leaves the harmless mean alone."""
     r64, m64 = r.double().flatten(), harmless_mean.double().flatten()
     m_norm = float(m64.norm())
+    if not math.isfinite(m_norm):  # never a silent fallback to the plain edit
+        raise AbliterateError(f"the harmless mean{where} holds NaN or Inf: re-measure")
     if m_norm > 0:
         m64 = m64 / m_norm
         r64 = r64 - (r64 @ m64) * m64

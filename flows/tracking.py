@@ -8,15 +8,18 @@ and every call names the run. One experiment per model, named after it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from abliterate.paths import file_lock
 from flows.runtime import artifact_root, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -91,22 +94,54 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
+_initialised: set[str] = set()  # tracking URIs whose store this process has opened once
+_first_open = threading.Lock()
+
+
+def _store_lock(uri: str):
+    """A lock file beside a local SQLite store (`mlflow.db.lock`): MLflow creates and migrates the
+    schema the first time a process opens the store, and two processes doing that at once crash one
+    of them (alembic: "ALTER TABLE ... duplicate column"). Other stores need no lock here."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(uri.removeprefix("sqlite:///"))
+    return file_lock(db.with_name(db.name + ".lock"))
+
+
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    """A client of the tracking store; the first one in a process opens (and, on a fresh machine,
+    creates) the store under the store's lock, so concurrent runs never migrate it together."""
+    uri = tracking_uri()
+    if uri in _initialised:
+        return MlflowClient(tracking_uri=uri)
+    with _first_open, _store_lock(uri):
+        c = MlflowClient(tracking_uri=uri)  # opens the store: creates or upgrades its schema
+        c.search_experiments(max_results=1)
+        _initialised.add(uri)
+    return c
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
     """The experiment `name`, created if missing, marked as a machine-learning experiment (an existing
-    one gets the kind tag only if it has none: a kind the user chose in the UI stays)."""
-    found = c.get_experiment_by_name(name)
-    if found is not None:
-        if EXPERIMENT_KIND_TAG not in found.tags:
-            c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return found.experiment_id
+    one gets the kind tag only if it has none: a kind the user chose in the UI stays). Two runs that
+    create the same experiment at once both get it."""
     uri = tracking_uri()
-    # A local store keeps artifacts under ./mlruns; a real server decides for itself.
-    location = artifact_root() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
-    return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    with _store_lock(uri):
+        found = c.get_experiment_by_name(name)
+        if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:
+                c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return found.experiment_id
+        # A local store keeps artifacts under ./mlruns; a real server decides for itself.
+        location = artifact_root() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+        try:
+            return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as exc:  # a run on another machine created it first
+            found = c.get_experiment_by_name(name)
+            if found is None:
+                raise
+            del exc
+            return found.experiment_id
 
 
 def experiment_ui_path(experiment: str) -> str:
