@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.errors import AbliterateError
+from abliterate.prompts import describe_prompt
 from abliterate.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -156,7 +157,8 @@ def encode(
     for index, ids in enumerate(encoded):
         if context is not None and len(ids) + settings.max_new_tokens > context:
             raise AbliterateError(
-                f"{label} prompt #{index} is {len(ids)} tokens after chat rendering; with {settings.max_new_tokens} "
+                f"{label} prompt {describe_prompt(prompts[index], f'#{index}')} is {len(ids)} tokens after chat "
+                f"rendering; with {settings.max_new_tokens} "
                 f"new tokens it exceeds the model's context of {context}: shorten it or lower --max-new-tokens"
             )
     return encoded

@@ -157,6 +157,7 @@ def encode_prompts(
     The rendered text already holds the template's special tokens, so none are added again.
     """
     from abliterate.chat import render_chat
+    from abliterate.prompts import describe_prompt
 
     if len(prompts) == 0:
         raise AbliterateError(f"the {label} prompt set is empty: give at least one prompt")
@@ -166,14 +167,15 @@ def encode_prompts(
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     need = -settings.position
     for index, ids in enumerate(encoded):
+        where = describe_prompt(prompts[index], f"#{index}")  # its file and line when read from a file
         if max_context is not None and len(ids) > max_context:
             raise AbliterateError(
-                f"{label} prompt #{index} is {len(ids)} tokens long after chat rendering, more than the "
+                f"{label} prompt {where} is {len(ids)} tokens long after chat rendering, more than the "
                 f"model's context of {max_context} tokens: shorten or remove it"
             )
         if len(ids) < need:
             raise AbliterateError(
-                f"{label} prompt #{index} has only {len(ids)} tokens; token position {settings.position} "
+                f"{label} prompt {where} has only {len(ids)} tokens; token position {settings.position} "
                 "does not exist in it"
             )
     return encoded

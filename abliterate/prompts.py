@@ -21,25 +21,51 @@ import warnings
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
+from abliterate.paths import describe_special
 
 DEFAULT_COLUMNS = ("prompt", "text")
 FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+CSV_FIELD_LIMIT = 1 << 30  # characters in one CSV field: any prompt a model could read
+
+
+class Prompt(str):
+    """A prompt's text that remembers where it was read (`where`: file and line, item or row), so
+    that an error about one prompt names it there, even after the set was shuffled and split. It is
+    a `str` in every other way: equal, hashed, serialised and tokenised as its text."""
+
+    where: str | None
+
+    def __new__(cls, text: str, where: str | None = None) -> Prompt:
+        prompt = super().__new__(cls, text)
+        prompt.where = where
+        return prompt
+
+    def __reduce__(self):
+        return (Prompt, (str(self), self.where))
+
+
+def describe_prompt(prompt: str, fallback: str) -> str:
+    """`where` a prompt was read (`FILE line N`), or `fallback` for a prompt from elsewhere."""
+    return getattr(prompt, "where", None) or fallback
 
 
 def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
-    """The file's prompts, stripped, blanks and duplicates dropped, in file order."""
+    """The file's prompts, stripped, blanks and duplicates dropped, in file order; each a `Prompt`
+    that knows its file and line."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise AbliterateError(f"{path}: unsupported prompt file type {suffix!r}; use one of {', '.join(FORMATS)}")
     if not path.is_file():
-        raise AbliterateError(f"{path}: prompt file not found")
+        special = describe_special(path)
+        what = "prompt file not found" if special in (None, "missing") else f"is {special}, not a prompt file"
+        raise AbliterateError(f"{path}: {what}")
     if suffix == ".parquet":
         raw = _read_parquet(path, column)
     else:
         text = _read_text(path)
         if suffix == ".txt":
-            raw = text.splitlines()
+            raw = [(line, f"line {n}") for n, line in enumerate(text.splitlines(), start=1)]
         elif suffix == ".jsonl":
             raw = _read_jsonl(path, text, column)
         elif suffix == ".json":
@@ -50,7 +76,10 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AbliterateError(f"{path}: cannot read ({exc.strerror})") from exc
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -70,44 +99,57 @@ def _pick_column(path: Path, present: list[str], column: str | None) -> str:
     raise AbliterateError(f"{path}: no {ask}; columns present: {shown}. Pass the right column name.")
 
 
-def _field(path: Path, item: object, column: str | None, where: str) -> object:
+def _field(path: Path, item: object, column: str | None, where: str) -> tuple[object, str]:
     if isinstance(item, str):
-        return item
+        return item, where
     if isinstance(item, dict):
-        return item[_pick_column(path, list(item), column)]
+        return item[_pick_column(path, list(item), column)], where
     raise AbliterateError(f"{path}: {where} is a {type(item).__name__}; expected a string or an object")
 
 
-def _read_jsonl(path: Path, text: str, column: str | None) -> list[object]:
+def _read_jsonl(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AbliterateError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise AbliterateError(f"{path}: line {n} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
         out.append(_field(path, item, column, f"line {n}"))
     return out
 
 
-def _read_json(path: Path, text: str, column: str | None) -> list[object]:
+def _read_json(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AbliterateError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError:
+        raise AbliterateError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise AbliterateError(f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}")
     return [_field(path, item, column, f"item {i}") for i, item in enumerate(data)]
 
 
-def _read_csv(path: Path, text: str, column: str | None) -> list[object]:
+def _read_csv(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
+    # A prompt may be longer than the csv module's default field limit (128 KiB); it is then
+    # named with its line by the length check, not refused here as unreadable CSV.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     reader = csv.DictReader(io.StringIO(text))
-    name = _pick_column(path, list(reader.fieldnames or []), column)
-    return [row[name] for row in reader]
+    out = []
+    try:
+        name = _pick_column(path, list(reader.fieldnames or []), column)
+        first = reader.line_num + 1
+        for row in reader:
+            out.append((row[name], f"line {first}"))
+            first = reader.line_num + 1
+    except csv.Error as exc:
+        raise AbliterateError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
+    return out
 
 
-def _read_parquet(path: Path, column: str | None) -> list[object]:
+def _read_parquet(path: Path, column: str | None) -> list[tuple[object, str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -115,18 +157,18 @@ def _read_parquet(path: Path, column: str | None) -> list[object]:
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise AbliterateError(f"{path}: cannot read as parquet ({exc})") from exc
     name = _pick_column(path, table.column_names, column)
-    return table.column(name).to_pylist()
+    return [(value, f"row {i}") for i, value in enumerate(table.column(name).to_pylist())]
 
 
-def _clean(path: Path, raw: list[object]) -> list[str]:
+def _clean(path: Path, raw: list[tuple[object, str]]) -> list[str]:
     prompts: list[str] = []
     seen: set[str] = set()
     duplicates = 0
-    for value in raw:
+    for value, where in raw:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise AbliterateError(f"{path}: prompt {value!r} is a {type(value).__name__}, not text")
+            raise AbliterateError(f"{path}: {where}: prompt {value!r} is a {type(value).__name__}, not text")
         prompt = value.strip()
         if not prompt:
             continue
@@ -134,7 +176,7 @@ def _clean(path: Path, raw: list[object]) -> list[str]:
             duplicates += 1
             continue
         seen.add(prompt)
-        prompts.append(prompt)
+        prompts.append(Prompt(prompt, f"{path} {where}"))
     if not prompts:
         raise AbliterateError(f"{path}: no prompts (the file is empty or holds only blank entries)")
     if duplicates:

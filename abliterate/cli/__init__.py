@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module with `register(subparsers)`; the module sets
 `func` on its parser. Bad input raises AbliterateError: printed as one line, exit code 2; so is a
-Prefect server that cannot be started or reached (flows.runtime.server_start_error).
+Prefect server that cannot be started or reached (flows.runtime.server_start_error). Ctrl-C is
+one line too, exit code 130.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except AbliterateError as exc:
         print(f"abliterate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the conventional exit code 128 + SIGINT
+        print(
+            f"abliterate {args.command}: interrupted; files already finished are kept and nothing partial carries a "
+            "final name: rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

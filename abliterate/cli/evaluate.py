@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from abliterate.config import Evaluation, Runtime, Template, add_options, eval_settings, from_args
-from abliterate.errors import AbliterateError
 
 HELP = "measure refusal rates (greedy replies) and first-token KL against the original model"
 
@@ -42,11 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from abliterate.evaluate import evaluate_model
+    from abliterate.paths import output_file
     from abliterate.prompts import load_prompts
 
     template, evaluation, runtime = from_args(Template, args), from_args(Evaluation, args), from_args(Runtime, args)
-    if args.out and Path(args.out).is_dir():
-        raise AbliterateError(f"--out {args.out} is a directory: give a file name for the JSON result")
+    if args.out:  # checked before the work, so the result is never lost at the end
+        output_file(args.out, [args.model] + ([args.baseline] if args.baseline else []))
     result = evaluate_model(
         args.model,
         load_prompts(args.harmful),

@@ -44,8 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from abliterate.paths import output_file
     from abliterate.validate import validate_output
 
+    if args.out:  # checked before the work, so the report is never lost at the end
+        output_file(args.out, [args.original, args.ablated])
     profile = choose_profile(args.original, args.family, args.map)
     report = validate_output(args.original, args.ablated, args.directions, progress=not args.quiet, profile=profile)
     data = report.to_json()
