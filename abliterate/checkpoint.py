@@ -524,5 +524,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def check_output_location(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """The resolved output path, refused when it is, lies inside, or contains the input checkpoint."""
-    return output_outside(out_dir, [model_dir])
+    """The resolved output path, refused when it is, lies inside, or contains the input checkpoint;
+    and the checkpoint's own entries checked readable (`check_input_entries`), before any work."""
+    out = output_outside(out_dir, [model_dir])
+    check_input_entries(model_dir)
+    return out
+
+
+def check_input_entries(model_dir: str | Path) -> None:
+    """Every entry directly in the checkpoint folder is a file, a folder or a link to one: a dangling
+    link (an incomplete download into the Hugging Face cache) or a FIFO is named as what it is,
+    before a loader reports it as something else (or blocks reading a FIFO)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        special = describe_special(path)
+        if special not in (None, "a directory", "missing"):
+            raise AbliterateError(
+                f"{path} in the input checkpoint is {special}, not a regular file: restore it or remove it from "
+                f"{folder}"
+            )

@@ -100,7 +100,10 @@ class EvaluationResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field but the wall time, so that identical inputs give an identical report file."""
+        data = asdict(self)
+        del data["seconds"]
+        return data
 
     def metrics(self) -> dict[str, float]:
         """The numeric figures, for mlflow.log_metrics (absent baseline figures are left out)."""

@@ -97,7 +97,10 @@ class ValidationReport:
     changed_unclassified: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field but the wall time, so that identical inputs give an identical report file."""
+        data = asdict(self)
+        del data["seconds"]
+        return data
 
     def summary(self, max_failures: int = 20) -> str:
         lines = [
