@@ -19,10 +19,12 @@ import argparse
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from abliterate.devices import DTYPE_CHOICES
 from abliterate.errors import AbliterateError
 from abliterate.plan import DEFAULT_TARGETS, METHODS, MTP_MODES, TARGET_ROLES
 from abliterate.streaming import STREAMING_MODES
@@ -173,26 +175,57 @@ class Ablation(Section):
 class Evaluation(Section):
     section: typing.ClassVar[str] = "evaluation"
 
-    evaluate: bool = Field(True, description="evaluate refusal rates and KL before and after on the test prompts")
+    evaluate: bool = Field(True, description="evaluate the model before and after on the test prompts: first-token "
+                           "refusal score, refusal rate and KL, and refusal rates of full greedy replies")  # fmt: skip
+    full_replies: Literal["auto", "always", "never"] = Field(
+        "auto", description="full greedy replies (--max-new-tokens tokens, marker-checked) in the evaluation: auto "
+        "(when the model fits the memory budget), always (a larger model runs offloaded by accelerate: every new "
+        "token reads the offloaded weights from disk once per batch), never (first-token figures only)",
+    )  # fmt: skip
     max_new_tokens: int = Field(48, ge=1, description="reply length in the evaluation (tokens)")
     examples: int = Field(5, ge=0, description="example replies kept per prompt kind")
     markers: str | None = Field(None, description="file of refusal marker phrases, one per line, # starts a "
-                                "comment (default: the built-in English list)")  # fmt: skip
+                                "comment (default: the built-in English list); matched ignoring case")  # fmt: skip
     marker: list[str] = Field(default_factory=list, description="a refusal marker phrase (repeatable; adds to "
                               "--markers)")  # fmt: skip
+    refusal_probe_tokens: int = Field(
+        6, ge=0, description="reply tokens generated greedily per harmful prompt to find the tokens the model's "
+        "own refusals start with (a layer-streamed model reads its weights once per token); 0: the first tokens "
+        "of the marker phrases",
+    )  # fmt: skip
+
+    def marker_list(self) -> tuple[str, ...]:
+        """The marker phrases: the file's, then each --marker; the built-in list when neither is given."""
+        from abliterate.refusal import DEFAULT_REFUSAL_MARKERS, read_markers
+
+        markers = tuple(read_markers(self.markers)) if self.markers else ()
+        return markers + tuple(self.marker) or DEFAULT_REFUSAL_MARKERS
+
+    def replies(self, stream: bool) -> bool:
+        """Whether full greedy replies are generated: `auto` does so for a model held in memory."""
+        return self.full_replies == "always" or (self.full_replies == "auto" and not stream)
 
 
 class Runtime(Section):
     section: typing.ClassVar[str] = "runtime"
 
-    device: str = Field("cpu", description="torch device: cpu | cuda | cuda:N")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype of the model")
+    device: str = Field(
+        "auto", description="where the model runs: cpu | cuda | cuda:N | auto (every GPU, then the CPU, then disk, "
+        "with accelerate's device map; cpu without a GPU)",
+    )  # fmt: skip
+    dtype: Literal[DTYPE_CHOICES] = Field(  # type: ignore[valid-type]
+        "auto", description="compute dtype: auto (the checkpoint's dtype on a GPU, float32 on the CPU), bfloat16, "
+        "float16 or float32; sums stay float64",
+    )  # fmt: skip
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
     memory_budget: str | None = Field(None, description="memory the model may take, e.g. 64GiB (default: the "
-                                      "free memory); a larger model is measured layer-streamed")  # fmt: skip
+                                      "free memory of the device: host RAM, the GPU's, or every GPU's for auto); "
+                                      "a larger model is measured, scored and evaluated one decoder layer at a "
+                                      "time")  # fmt: skip
     streaming: Literal[STREAMING_MODES] = Field(  # type: ignore[valid-type]
-        "auto", description="layer-streamed measurement: auto (when the model exceeds the budget), always, never"
-    )
+        "auto", description="layer-streamed measurement, selection and evaluation: auto (when the model exceeds "
+        "the budget), always, never",
+    )  # fmt: skip
     workers: int = Field(2, ge=1, description="shards ablated at the same time (threads)")
     dask_address: str | None = Field(None, description="ablate shards on this Dask scheduler (tcp://host:8786); "
                                      "needs shared storage")  # fmt: skip
@@ -215,15 +248,22 @@ class Runtime(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        import torch
+        from abliterate.devices import check_device
 
-        try:
-            device = torch.device(value)
-        except (RuntimeError, ValueError):
-            raise ValueError("use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("this torch build sees no CUDA device; use cpu, or install torch with CUDA")
-        return value
+        return check_device(value)
+
+    def resolved(self, model_dir: str | Path) -> Runtime:
+        """The same settings with `auto` device and dtype made concrete for this machine and model
+        (`abliterate.devices`): what the stages compute with, and what their cache keys hold."""
+        from abliterate.devices import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        return self.model_copy(update={"device": device, "dtype": resolve_dtype(self.dtype, device, model_dir)})
+
+    def compute_params(self, model_dir: str | Path) -> dict[str, str]:
+        """MLflow params of the concrete device and dtype (`compute.device`, `compute.dtype`)."""
+        resolved = self.resolved(model_dir)
+        return {"compute.device": resolved.device, "compute.dtype": resolved.dtype}
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -242,7 +282,11 @@ def flat_params(*sections: Section) -> dict[str, Any]:
 
 
 def measure_settings(measurement: Measurement, template: Template, runtime: Runtime):
+    """From a runtime resolved for the model (`Runtime.resolved`): the settings hold the concrete dtype."""
     from abliterate.measure import MeasureSettings
+
+    if runtime.dtype == "auto":
+        raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
 
     return MeasureSettings.create(
         template.chat_template_kwargs, position=measurement.token_position, system_prompt=template.system_prompt,
@@ -250,25 +294,29 @@ def measure_settings(measurement: Measurement, template: Template, runtime: Runt
     )  # fmt: skip
 
 
-def selection_settings(selection: Selection, runtime: Runtime):
+def selection_settings(selection: Selection, runtime: Runtime, evaluation: Evaluation | None = None):
+    """`evaluation` gives the marker phrases and the probe length that find the refusal tokens."""
     from abliterate.selection import SelectionSettings
 
+    evaluation = evaluation or Evaluation()
     return SelectionSettings(
         kl_threshold=selection.kl_threshold, skip_last_fraction=selection.skip_last_fraction,
-        max_candidates=selection.max_candidates, batch_size=runtime.batch_size,
+        max_candidates=selection.max_candidates, batch_size=runtime.batch_size, markers=evaluation.marker_list(),
+        refusal_probe_tokens=evaluation.refusal_probe_tokens,
     )  # fmt: skip
 
 
-def eval_settings(evaluation: Evaluation, template: Template, runtime: Runtime):
+def eval_settings(evaluation: Evaluation, template: Template, runtime: Runtime, stream: bool = False):
+    """From a runtime resolved for the model; `stream`: the model is evaluated layer-streamed."""
     from abliterate.evaluate import EvalSettings
-    from abliterate.refusal import DEFAULT_REFUSAL_MARKERS, read_markers
 
-    markers = tuple(read_markers(evaluation.markers)) if evaluation.markers else ()
-    markers = markers + tuple(evaluation.marker) or DEFAULT_REFUSAL_MARKERS
+    if runtime.dtype == "auto":
+        raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
     return EvalSettings(
-        max_new_tokens=evaluation.max_new_tokens, batch_size=runtime.batch_size, markers=markers,
+        max_new_tokens=evaluation.max_new_tokens, batch_size=runtime.batch_size, markers=evaluation.marker_list(),
         system_prompt=template.system_prompt, chat_template_kwargs=tuple(sorted(template.chat_template_kwargs.items())),
-        n_examples=evaluation.examples,
+        n_examples=evaluation.examples, full_replies=evaluation.replies(stream),
+        refusal_probe_tokens=evaluation.refusal_probe_tokens, dtype=runtime.dtype,
     )  # fmt: skip
 
 

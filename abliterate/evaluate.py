@@ -1,30 +1,38 @@
 """Behavioural evaluation: does the model still refuse, and how far did it move on harmless prompts?
 
-For one model (and optionally its baseline, the original before ablation):
-- greedy replies (at most `max_new_tokens` new tokens) to harmful and harmless test prompts,
-  rendered with the model's chat template; a reply that contains a refusal marker
-  (`abliterate.refusal`, case- and apostrophe-insensitive) counts as a refusal;
-- the refusal rate on each set;
-- with a baseline: the mean over harmless prompts of KL(baseline || model) of the first reply
-  token's distribution, in nats: how much information the ablated model loses about what the
-  original would say first (the direction used by most abliteration reports, and the one
-  direction selection uses, so the figures compare);
-- a table of example prompts with the replies before (baseline) and after (model).
+For one model (and optionally its baseline, the original before ablation), on harmful and harmless
+test prompts rendered with the model's chat template:
 
-`measure_behaviour` runs one in-memory model; `compare` turns two behaviours into the result;
+- first-token figures, from one forward pass per prompt (one read of the weights when the model
+  is layer-streamed, `abliterate.forward`):
+  - `refusal_score_harmful`: the mean log-odds that the reply to a harmful prompt starts with a
+    refusal token (the tokens the baseline's own refusals start with, `abliterate.selection`);
+  - `first_token_refusal_rate_*`: the share of prompts whose greedy first reply token is a
+    refusal token;
+  - with a baseline: `kl_harmless`, the mean over harmless prompts of KL(baseline || model) of the
+    first reply token's distribution, in nats: how much the ablated model loses about what the
+    original would say first (the figure selection uses, so they compare);
+- with full replies (`EvalSettings.full_replies`; greedy, at most `max_new_tokens` new tokens):
+  `refusal_rate_*`, the share of replies that contain a refusal marker (`abliterate.refusal`,
+  case- and apostrophe-insensitive), and a table of example prompts with the replies before
+  (baseline) and after (model). A model over the memory budget makes them only when asked, run
+  offloaded by accelerate, which reads the offloaded weights once per new token and batch
+  (`replies_cost` states it).
+
+`measure_behaviour` runs one model; `compare` turns two behaviours into the result;
 `evaluate_loaded` and `evaluate_model` chain them for loaded models and model folders.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from abliterate.errors import AbliterateError
 from abliterate.prompts import describe_prompt
@@ -43,6 +51,9 @@ class EvalSettings:
     system_prompt: str | None = None
     chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs
     n_examples: int | None = DEFAULT_EXAMPLES  # per kind; None: every prompt
+    full_replies: bool = True  # greedy replies of max_new_tokens tokens (refusal rates, examples)
+    refusal_probe_tokens: int = 6  # reply tokens that find the refusal tokens when none are given
+    dtype: str = "float32"  # the compute dtype
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,25 +64,53 @@ class EvalSettings:
             raise AbliterateError("the refusal marker list is empty or holds blank markers: give at least one phrase")
         if self.n_examples is not None and self.n_examples < 0:
             raise AbliterateError(f"the number of examples must be >= 0, got {self.n_examples}")
+        if self.refusal_probe_tokens < 0:
+            raise AbliterateError(f"refusal probe tokens must be >= 0, got {self.refusal_probe_tokens}")
 
 
 @dataclass
 class Behaviour:
-    """One model's replies to the test prompts, and its first-token log-probabilities on harmless ones."""
+    """One model on the test prompts: first-token figures, and its full replies when made."""
 
-    harmful_replies: list[str]
-    harmless_replies: list[str]
-    harmful_refused: list[bool]
-    harmless_refused: list[bool]
-    harmless_logprobs: torch.Tensor  # [N_harmless, V] float64
+    harmful_replies: list[str] | None  # None: no full replies (an over-budget model, not asked for)
+    harmless_replies: list[str] | None
+    harmful_refused: list[bool] | None
+    harmless_refused: list[bool] | None
+    harmless_logprobs: torch.Tensor  # [N_harmless, V] float64, first reply token
+    harmful_refusal_logodds: list[float] = field(default_factory=list)  # per prompt, first reply token
+    harmful_first_tokens: list[int] = field(default_factory=list)  # greedy first reply token per prompt
+    harmless_first_tokens: list[int] = field(default_factory=list)
+    refusal_token_ids: list[int] = field(default_factory=list)
+    refusal_tokens: list[str] = field(default_factory=list)
+    refusal_tokens_source: str = "markers"  # given | replies | markers | none (no refusal token found)
+    streamed: bool = False
 
     @property
-    def refusal_rate_harmful(self) -> float:
-        return _rate(self.harmful_refused)
+    def refusal_rate_harmful(self) -> float | None:
+        return None if self.harmful_refused is None else _rate(self.harmful_refused)
 
     @property
-    def refusal_rate_harmless(self) -> float:
-        return _rate(self.harmless_refused)
+    def refusal_rate_harmless(self) -> float | None:
+        return None if self.harmless_refused is None else _rate(self.harmless_refused)
+
+    @property
+    def refusal_score_harmful(self) -> float | None:
+        """Mean log-odds of a refusal token as the first reply token, on harmful prompts (None without
+        refusal tokens)."""
+        values = self.harmful_refusal_logodds
+        return float(torch.tensor(values, dtype=torch.float64).mean()) if values else None
+
+    @property
+    def first_token_refusal_rate_harmful(self) -> float | None:
+        if not self.refusal_token_ids:
+            return None
+        return _rate([t in self.refusal_token_ids for t in self.harmful_first_tokens])
+
+    @property
+    def first_token_refusal_rate_harmless(self) -> float | None:
+        if not self.refusal_token_ids:
+            return None
+        return _rate([t in self.refusal_token_ids for t in self.harmless_first_tokens])
 
 
 @dataclass
@@ -88,8 +127,8 @@ class ExampleRow:
 class EvaluationResult:
     n_harmful: int
     n_harmless: int
-    refusal_rate_harmful: float
-    refusal_rate_harmless: float
+    refusal_rate_harmful: float | None  # full replies, marker check; None without full replies
+    refusal_rate_harmless: float | None
     kl_harmless: float | None  # mean KL(baseline || model) of the first reply token, nats
     baseline_refusal_rate_harmful: float | None
     baseline_refusal_rate_harmless: float | None
@@ -98,6 +137,18 @@ class EvaluationResult:
     model: str | None = None
     baseline: str | None = None
     seconds: float = 0.0
+    refusal_score_harmful: float | None = None  # first-token figures (see the module docstring)
+    first_token_refusal_rate_harmful: float | None = None
+    first_token_refusal_rate_harmless: float | None = None
+    baseline_refusal_score_harmful: float | None = None
+    baseline_first_token_refusal_rate_harmful: float | None = None
+    baseline_first_token_refusal_rate_harmless: float | None = None
+    refusal_token_ids: list[int] = field(default_factory=list)
+    refusal_tokens: list[str] = field(default_factory=list)
+    refusal_tokens_source: str = "markers"
+    full_replies: bool = True
+    streamed: bool = False
+    replies_cost: str | None = None  # what the full replies of an offloaded model cost
 
     def to_json(self) -> dict[str, Any]:
         """Every field but the wall time, so that identical inputs give an identical report file."""
@@ -106,30 +157,49 @@ class EvaluationResult:
         return data
 
     def metrics(self) -> dict[str, float]:
-        """The numeric figures, for mlflow.log_metrics (absent baseline figures are left out)."""
-        names = (
-            "refusal_rate_harmful", "refusal_rate_harmless", "kl_harmless",
-            "baseline_refusal_rate_harmful", "baseline_refusal_rate_harmless", "n_harmful", "n_harmless",
-        )  # fmt: skip
-        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+        """The numeric figures, for mlflow.log_metrics (absent figures are left out)."""
+        return {n: float(getattr(self, n)) for n in METRICS if getattr(self, n) is not None}
 
     def summary(self, width: int = 60) -> str:
-        lines = [f"{'':<22} {'harmful':>8} {'harmless':>9}"]
-        if self.baseline_refusal_rate_harmful is not None:
-            lines.append(
-                f"{'refusal rate before':<22} {self.baseline_refusal_rate_harmful:>8.3f} "
-                f"{self.baseline_refusal_rate_harmless:>9.3f}"
-            )
-        lines.append(f"{'refusal rate':<22} {self.refusal_rate_harmful:>8.3f} {self.refusal_rate_harmless:>9.3f}")
-        lines.append(f"{'prompts':<22} {self.n_harmful:>8} {self.n_harmless:>9}")
+        lines = [f"{'':<34} {'harmful':>8} {'harmless':>9}"]
+        rows = [
+            ("first-token refusal rate before", "baseline_first_token_refusal_rate"),
+            ("first-token refusal rate", "first_token_refusal_rate"),
+            ("refusal rate before (replies)", "baseline_refusal_rate"),
+            ("refusal rate (replies)", "refusal_rate"),
+        ]
+        for title, name in rows:
+            harmful, harmless = getattr(self, f"{name}_harmful"), getattr(self, f"{name}_harmless")
+            if harmful is not None:
+                lines.append(f"{title:<34} {harmful:>8.3f} {harmless:>9.3f}")
+        lines.append(f"{'prompts':<34} {self.n_harmful:>8} {self.n_harmless:>9}")
+        if self.refusal_score_harmful is not None:
+            before = self.baseline_refusal_score_harmful
+            shown = f"{before:.3f} before, " if before is not None else ""
+            lines.append(f"first-token refusal score (log-odds) on harmful prompts: {shown}{self.refusal_score_harmful:.3f}")
+        if self.refusal_tokens:
+            lines.append(f"refusal tokens ({self.refusal_tokens_source}): {self.refusal_tokens}")
         if self.kl_harmless is not None:
             lines.append(f"first-token KL(baseline || model) on harmless prompts: {self.kl_harmless:.4f} nats")
+        if not self.full_replies:
+            lines.append("full replies: not made (layer-streamed model; --full-replies always makes them offloaded)")
+        if self.replies_cost:
+            lines.append(self.replies_cost)
         for row in self.examples:
             lines.append(f"\n[{row.kind}] {_clip(row.prompt, width)}")
             if row.response_before is not None:
                 lines.append(f"  before{' (refused)' if row.refused_before else ''}: {_clip(row.response_before, width)}")
             lines.append(f"  after{' (refused)' if row.refused_after else ''}:  {_clip(row.response_after, width)}")
         return "\n".join(lines)
+
+
+METRICS = (
+    "refusal_rate_harmful", "refusal_rate_harmless", "kl_harmless",
+    "baseline_refusal_rate_harmful", "baseline_refusal_rate_harmless", "n_harmful", "n_harmless",
+    "refusal_score_harmful", "first_token_refusal_rate_harmful", "first_token_refusal_rate_harmless",
+    "baseline_refusal_score_harmful", "baseline_first_token_refusal_rate_harmful",
+    "baseline_first_token_refusal_rate_harmless",
+)  # fmt: skip
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -170,37 +240,28 @@ def encode(
 def generate_replies(
     model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], settings: EvalSettings, label: str, progress: bool
 ) -> list[str]:
-    """Greedy replies in prompt order; batches of similar length, left padded."""
-    from transformers import GenerationConfig
+    """Greedy replies in prompt order (text, cut at the first end token); batches of similar length."""
+    from abliterate.forward import as_forward
 
-    from abliterate.measure import length_sorted_batches, pad_token_id
+    return _texts(tokenizer, _reply_ids(as_forward(model), tokenizer, encoded, settings, label, progress))
 
-    pad = pad_token_id(tokenizer)
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
-    )
-    device = next(model.parameters()).device
-    replies: list[str | None] = [None] * len(encoded)
-    bar = tqdm(total=len(encoded), desc=f"evaluate: {label}", unit="prompt", disable=not progress)
-    with torch.inference_mode():
-        for batch in length_sorted_batches(encoded, settings.batch_size, pad):
-            out = model.generate(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                generation_config=config,
-            )
-            new = out[:, batch.input_ids.shape[1] :].cpu()
-            for row, index in enumerate(batch.indices):
-                tokens = new[row].tolist()
-                # Cut at the first end token: what follows is padding, whatever the pad token is.
-                end = next((k for k, tok in enumerate(tokens) if tok in stops), len(tokens))
-                replies[index] = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
-            bar.update(len(batch.indices))
-    bar.close()
-    return replies  # type: ignore[return-value]
+
+def _reply_ids(forward: Any, tokenizer: Any, encoded: Any, settings: EvalSettings, label: str, progress: bool):
+    from abliterate.forward import stop_ids
+    from abliterate.measure import pad_token_id
+
+    stops = stop_ids(forward.generation_eos, tokenizer)
+    return forward.greedy(encoded, settings.max_new_tokens, settings.batch_size, pad_token_id(tokenizer), stops,
+                          progress, f"evaluate: {label}")  # fmt: skip
+
+
+def _texts(tokenizer: Any, replies: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
+
+
+def _context(forward: Any) -> int | None:
+    context = getattr(forward.config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and 0 < context < 10_000_000 else None
 
 
 def measure_behaviour(
@@ -210,25 +271,64 @@ def measure_behaviour(
     harmless: Sequence[str],
     settings: EvalSettings | None = None,
     progress: bool = True,
+    refusal_ids: Sequence[int] | None = None,
+    replier: Any = None,
 ) -> Behaviour:
-    """Replies, refusals and harmless first-token log-probabilities of one in-memory model."""
+    """One model's first-token figures (one forward pass per prompt: one read of the weights when
+    layer-streamed), and its full greedy replies when `settings.full_replies`.
+
+    `model`: a loaded model or a forward (`abliterate.forward`). `replier`: what generates the full
+    replies (default: `model`; for a layer-streamed model, the offloaded model of `load_model`).
+    `refusal_ids`: the refusal tokens (the baseline's, so before and after count the same tokens);
+    None: this model's own, from its replies (`abliterate.selection.refusal_tokens_from_replies`)."""
+    from abliterate.forward import as_forward
     from abliterate.measure import pad_token_id
-    from abliterate.selection import first_token_logprobs
+    from abliterate.selection import find_refusal_tokens, refusal_logodds, refusal_tokens_from_replies
 
     settings = settings or EvalSettings()
-    context = getattr(model.config, "max_position_embeddings", None)
-    context = context if isinstance(context, int) and 0 < context < 10_000_000 else None
+    forward = as_forward(model)
+    context = _context(forward)
     harmful_ids = encode(tokenizer, harmful, settings, "harmful", context)
     harmless_ids = encode(tokenizer, harmless, settings, "harmless", context)
-    harmful_replies = generate_replies(model, tokenizer, harmful_ids, settings, "harmful", progress)
-    harmless_replies = generate_replies(model, tokenizer, harmless_ids, settings, "harmless", progress)
-    logprobs = first_token_logprobs(model, harmless_ids, settings.batch_size, pad_token_id(tokenizer))
+    harmful_replies = harmless_replies = None
+    reply_ids = None
+    if settings.full_replies:
+        replier = as_forward(replier) if replier is not None else forward
+        reply_ids = _reply_ids(replier, tokenizer, harmful_ids, settings, "harmful", progress)
+        harmful_replies = _texts(tokenizer, reply_ids)
+        harmless_replies = _texts(tokenizer, _reply_ids(replier, tokenizer, harmless_ids, settings, "harmless", progress))
+    if refusal_ids is not None:
+        ids, source = sorted(int(i) for i in refusal_ids), "given"
+    else:
+        probe = settings.refusal_probe_tokens
+        try:
+            if reply_ids is not None and probe > 0:
+                found = refusal_tokens_from_replies(tokenizer, reply_ids, settings.markers, probe)
+            else:
+                found = find_refusal_tokens(forward, tokenizer, harmful_ids, settings.markers, probe,
+                                            settings.batch_size, progress)  # fmt: skip
+            ids, source = found.ids, found.source
+        except AbliterateError:  # no refusal token to be found: the first-token refusal figures are left out
+            ids, source = [], "none"
+    first = dict(
+        ((label, logprobs) for _, label, logprobs in forward.first_token_logprobs(
+            {"harmful": harmful_ids, "harmless": harmless_ids}, [None], settings.batch_size,
+            pad_token_id(tokenizer), progress,
+        ))
+    )  # fmt: skip
     return Behaviour(
         harmful_replies=harmful_replies,
         harmless_replies=harmless_replies,
-        harmful_refused=[is_refusal(r, settings.markers) for r in harmful_replies],
-        harmless_refused=[is_refusal(r, settings.markers) for r in harmless_replies],
-        harmless_logprobs=logprobs,
+        harmful_refused=None if harmful_replies is None else [is_refusal(r, settings.markers) for r in harmful_replies],
+        harmless_refused=None if harmless_replies is None else [is_refusal(r, settings.markers) for r in harmless_replies],
+        harmless_logprobs=first["harmless"],
+        harmful_refusal_logodds=refusal_logodds(first["harmful"], ids).tolist() if ids else [],
+        harmful_first_tokens=first["harmful"].argmax(dim=-1).tolist(),
+        harmless_first_tokens=first["harmless"].argmax(dim=-1).tolist(),
+        refusal_token_ids=list(ids),
+        refusal_tokens=[tokenizer.decode([i]) for i in ids],
+        refusal_tokens_source=source,
+        streamed=forward.streamed,
     )
 
 
@@ -256,6 +356,8 @@ def compare(
         ("harmful", harmful, after.harmful_replies, after.harmful_refused),
         ("harmless", harmless, after.harmless_replies, after.harmless_refused),
     ):
+        if replies is None or refused is None:
+            continue
         limit = len(prompts) if settings.n_examples is None else min(settings.n_examples, len(prompts))
         old_replies = getattr(before, f"{kind}_replies", None)
         old_refused = getattr(before, f"{kind}_refused", None)
@@ -280,6 +382,17 @@ def compare(
         baseline_refusal_rate_harmless=before.refusal_rate_harmless if before else None,
         examples=rows,
         settings=_settings_dict(settings),
+        refusal_score_harmful=after.refusal_score_harmful,
+        first_token_refusal_rate_harmful=after.first_token_refusal_rate_harmful,
+        first_token_refusal_rate_harmless=after.first_token_refusal_rate_harmless,
+        baseline_refusal_score_harmful=before.refusal_score_harmful if before else None,
+        baseline_first_token_refusal_rate_harmful=before.first_token_refusal_rate_harmful if before else None,
+        baseline_first_token_refusal_rate_harmless=before.first_token_refusal_rate_harmless if before else None,
+        refusal_token_ids=list(after.refusal_token_ids),
+        refusal_tokens=list(after.refusal_tokens),
+        refusal_tokens_source=(before or after).refusal_tokens_source,
+        full_replies=after.harmful_replies is not None,
+        streamed=after.streamed,
     )
 
 
@@ -299,13 +412,55 @@ def evaluate_loaded(
     settings: EvalSettings | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Evaluate an in-memory model, against a baseline behaviour measured earlier (e.g. before an edit)."""
+    """Evaluate a model (loaded, or a forward), against a baseline behaviour measured earlier (e.g.
+    before an edit), counting the baseline's refusal tokens."""
     began = time.perf_counter()
     settings = settings or EvalSettings()
-    after = measure_behaviour(model, tokenizer, harmful, harmless, settings, progress)
+    ids = baseline.refusal_token_ids if baseline is not None and baseline.refusal_token_ids else None
+    after = measure_behaviour(model, tokenizer, harmful, harmless, settings, progress, ids)
     result = compare(harmful, harmless, after, baseline, settings)
     result.seconds = round(time.perf_counter() - began, 3)
     return result
+
+
+def replies_cost(model_dir: str | Path, dtype: str, budget: int, n_prompts: int, settings: EvalSettings) -> str:
+    """What full greedy replies cost on a model offloaded beyond `budget` bytes: accelerate reads every
+    offloaded weight from disk once per new token of every batch (and first writes the weights it
+    must convert, such as per-expert tensors fused in memory, to its offload folder)."""
+    from abliterate.streaming import weight_bytes
+
+    total = weight_bytes(model_dir, dtype).total
+    offloaded = max(0, total - budget)
+    batches = math.ceil(n_prompts / settings.batch_size)
+    reads = batches * settings.max_new_tokens
+    gib = 1 << 30
+    return (
+        f"full replies on an offloaded model: {offloaded / gib:.3g} GiB of its {total / gib:.3g} GiB of weights "
+        f"({dtype}) lie beyond the {budget / gib:.3g} GiB budget and are read from disk for each of "
+        f"{settings.max_new_tokens} new tokens of each of {batches} batches: {reads} reads, about "
+        f"{reads * offloaded / gib:.3g} GiB per model"
+    )
+
+
+def load_behaviour_model(
+    model_dir: str | Path,
+    settings: EvalSettings,
+    device: str = "cpu",
+    stream: bool = False,
+    budget: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """(forward, replier, tokenizer) of one model: loaded, or layer-streamed with (when full replies are
+    asked for) an offloaded copy holding at most `budget` bytes of host memory for the replies."""
+    from abliterate.devices import available_memory
+    from abliterate.measure import load_model
+    from abliterate.stages import model_forward
+
+    forward, tokenizer = model_forward(model_dir, settings.dtype, device, stream)
+    replier = None
+    if stream and settings.full_replies:
+        budget = available_memory("cpu") if budget is None else budget
+        replier, _ = load_model(model_dir, settings.dtype, device, budget=budget)
+    return forward, replier, tokenizer
 
 
 def evaluate_model(
@@ -314,26 +469,31 @@ def evaluate_model(
     harmless: Sequence[str],
     baseline_dir: str | Path | None = None,
     settings: EvalSettings | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    stream: bool = False,
+    budget: int | None = None,
 ) -> EvaluationResult:
-    """Evaluate the model in `model_dir`; with `baseline_dir`, compare it with that model.
+    """Evaluate the model in `model_dir`; with `baseline_dir`, compare it with that model, counting the
+    refusal tokens the baseline's own refusals start with for both.
 
     The two models are loaded one after the other (the baseline first, then freed), so memory
-    holds one model at a time.
+    holds one model at a time; `stream`: each is read one decoder layer at a time instead.
     """
-    from abliterate.measure import load_model
-
     began = time.perf_counter()
     settings = settings or EvalSettings()
+    if dtype is not None and dtype != settings.dtype:
+        settings = replace(settings, dtype=dtype)
     before = None
     if baseline_dir is not None:
-        base_model, base_tokenizer = load_model(baseline_dir, dtype, device)
-        before = measure_behaviour(base_model, base_tokenizer, harmful, harmless, settings, progress)
-        del base_model, base_tokenizer
-    model, tokenizer = load_model(model_dir, dtype, device)
-    result = evaluate_loaded(model, tokenizer, harmful, harmless, before, settings, progress)
+        forward, replier, tokenizer = load_behaviour_model(baseline_dir, settings, device, stream, budget)
+        before = measure_behaviour(forward, tokenizer, harmful, harmless, settings, progress, replier=replier)
+        del forward, replier, tokenizer
+    forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
+    ids = before.refusal_token_ids if before is not None else None
+    after = measure_behaviour(forward, tokenizer, harmful, harmless, settings, progress, ids, replier)
+    result = compare(harmful, harmless, after, before, settings)
     result.model = str(model_dir)
     result.baseline = str(baseline_dir) if baseline_dir is not None else None
     result.seconds = round(time.perf_counter() - began, 3)

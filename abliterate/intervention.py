@@ -8,6 +8,9 @@ does to the weights. Projecting only whole decoder-layer outputs would not be: i
 the MLP would still read the direction its attention just wrote. Used to score candidate
 directions before editing weights (router edits, which act on the normed stream, are not
 modelled here).
+
+The layer-streamed scoring (`abliterate.forward.StreamedForward`) puts the same `project_out` on
+the same outputs (the embedding's, then each layer's `self_attn` and `mlp`), one layer at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from contextlib import contextmanager
 import torch
 
 
-def _project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """`hidden - (hidden . r) r` for a unit vector r, in the hidden states' dtype and device."""
     r = unit.to(device=hidden.device, dtype=hidden.dtype)
     return hidden - (hidden @ r).unsqueeze(-1) * r
 
@@ -35,8 +39,8 @@ def directional_ablation(model: torch.nn.Module, direction: torch.Tensor) -> Ite
 
     def hook(_module, _inputs, output):
         if isinstance(output, tuple):
-            return (_project_out(output[0], unit), *output[1:])
-        return _project_out(output, unit)
+            return (project_out(output[0], unit), *output[1:])
+        return project_out(output, unit)
 
     base = model.model
     handles = [base.embed_tokens.register_forward_hook(hook)]

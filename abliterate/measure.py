@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from abliterate.devices import DTYPES, input_device
 from abliterate.errors import AbliterateError
 from abliterate.prompts import prompts_sha256
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # tokenizer.model_max_length is a huge sentinel (1e30) when the tokenizer does not know its limit.
 _SANE_CONTEXT = 10_000_000
 
@@ -261,7 +261,7 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
         layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
     handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         with torch.inference_mode():
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -371,18 +371,47 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """Model (eval mode, `dtype` on `device`) and tokenizer from a local directory."""
+def load_model(
+    model_dir: str | Path, dtype: str = "float32", device: str = "cpu", budget: int | None = None
+) -> tuple[Any, Any]:
+    """Model (eval mode, in `dtype`) and tokenizer from a local directory.
+
+    On `cpu` or `cuda:N` the whole model is moved there. With `device` `auto` (GPUs present) or a
+    host-memory `budget` (offloading: a model over the budget), accelerate places one decoder layer
+    at a time on every GPU, then `budget` bytes of host memory, then disk
+    (`abliterate.devices.device_map`); disk-offloaded weights go to a temporary folder that is
+    deleted with the model.
+    """
+    import shutil
+    import tempfile
+    import weakref
+
     from transformers import AutoModelForCausalLM
+
+    from abliterate.devices import describe_map, device_map, resolve_device
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AbliterateError(f"{model_dir} is not a model directory (no config.json)")
     if dtype not in DTYPES:
         raise AbliterateError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    device = resolve_device(device)
+    mapping = device_map(model_dir, dtype, device, budget) if device == "auto" or budget is not None else None
+    offload = tempfile.mkdtemp(prefix="abliterate-offload-") if mapping and "disk" in mapping.values() else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+        if mapping is None:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+            model.to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=DTYPES[dtype], device_map=mapping, offload_folder=offload
+            )
+            model.abliterate_placement = describe_map(mapping)
     except (OSError, ValueError) as exc:
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         raise AbliterateError(f"cannot load the model in {model_dir}: {exc}") from exc
-    model.to(device).eval()
+    if offload:
+        weakref.finalize(model, shutil.rmtree, offload, True)
+    model.eval()
     return model, load_tokenizer(model_dir)

@@ -32,6 +32,7 @@ from abliterate.direction_file import Directions
 from abliterate.directions import library_versions
 from abliterate.engine import ENGINE_VERSION
 from abliterate.errors import AbliterateError
+from abliterate.hub import hub_origin
 from abliterate.matching import AblationInputs
 from abliterate.paths import (
     describe_special,
@@ -406,7 +407,8 @@ def finalize_output(
         "tool": {"name": "abliterate", "version": library_versions().get("abliterate")},
         "versions": library_versions(),
         "run_key": prepared.run_key,
-        "input": {"path": str(inputs.inventory.model_dir.resolve()), "fingerprint": inputs.inventory.fingerprint},
+        "input": {"path": str(inputs.inventory.model_dir.resolve()), "fingerprint": inputs.inventory.fingerprint,
+                  "hub": hub_origin(inputs.inventory.model_dir)},  # repository and commit of a Hub snapshot
         # Headers are copied verbatim, so the layout fingerprint equals the input's; what the bytes
         # hold is identified by `run_key` (engine version, plan, directions content, input).
         "output": {"path": str(out), "fingerprint": fingerprint(out)},

@@ -3,7 +3,9 @@ cached tasks run the very same functions, so both give the same results and reco
 
 - `decide_streaming`: the one place that decides between in-memory and layer-streamed work.
 - `measure_stage`: mean residuals of both prompt sets at every residual position.
-- `direction_stage`: the directions and the direction to ablate (`choose_direction`).
+- `direction_stage`: the directions and the direction to ablate, scored in memory or layer-streamed
+  (every candidate in one pass over the weights).
+- `model_forward`: the model as selection and evaluation run it, in memory or layer-streamed.
 """
 
 from __future__ import annotations
@@ -24,18 +26,22 @@ def decide_streaming(model_dir: str | Path, runtime: Runtime) -> bool:
     return choose_streaming(model_dir, parse_size(runtime.memory_budget), runtime.dtype, runtime.device, runtime.streaming)
 
 
-def scores_directions(model_dir: str | Path, direction_position: str, stream: bool) -> bool:
-    """Whether the direction stage scores candidates (and so needs validation prompts). Checked
-    before any measurement: automatic selection needs the whole model in memory."""
-    if direction_position in ("own", "none"):
-        return False
-    if stream and direction_position == "auto":
-        raise AbliterateError(
-            f"{model_dir} is measured layer-streamed (it exceeds the memory budget, or streaming is "
-            "`always`), and automatic selection scores directions with the whole model in memory: give "
-            "a residual position (--direction-position N, recorded unscored), or a larger --memory-budget"
-        )
-    return not stream
+def scores_directions(model_dir: str | Path, direction_position: str, stream: bool = False) -> bool:
+    """Whether the direction stage scores candidates (and so needs validation prompts): in memory or
+    layer-streamed alike, every position but `own` and `none`."""
+    return direction_position not in ("own", "none")
+
+
+def model_forward(model_dir: str | Path, dtype: str, device: str, stream: bool, progress: bool = True):
+    """(forward, tokenizer): the model loaded (`device` cpu, cuda:N, or auto's device map) or read one
+    decoder layer at a time (`stream`), for `abliterate.selection` and `abliterate.evaluate`."""
+    from abliterate.forward import InMemoryForward, StreamedForward
+    from abliterate.measure import load_tokenizer
+
+    if stream:
+        return StreamedForward(model_dir, dtype, device), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir, dtype, device)
+    return InMemoryForward(model), tokenizer
 
 
 def measure_stage(
@@ -47,7 +53,8 @@ def measure_stage(
     stream: bool = False,
     progress: bool = True,
 ) -> Measurement:
-    """In memory, or one decoder layer at a time (`stream`): equal results either way."""
+    """In memory, or one decoder layer at a time (`stream`, on `abliterate.devices.stream_device`):
+    equal results either way."""
     if stream:
         return measure_streamed(model_dir, harmful, harmless, settings, device, progress)
     return measure_checkpoint(model_dir, harmful, harmless, settings, device, progress)
@@ -70,7 +77,8 @@ def direction_stage(
     `direction_position`: `auto` scores every candidate by inference-time ablation and picks the
     best; a number N is scored alone (for the record) and kept whatever its scores; `own` and
     `none` choose nothing (each layer uses its own position's direction, or measurement only).
-    Scoring needs the whole model in memory: a streamed model takes a number, recorded unscored.
+    A streamed model (`stream`) is scored layer-streamed: the unmodified model and every candidate
+    in one pass over the weights, after one pass per probe token to find its refusal tokens.
     """
     directions = compute_directions(measurement, direction_method)
     if direction_position in ("own", "none"):
@@ -80,10 +88,8 @@ def direction_stage(
         raise AbliterateError(
             f"direction position {fixed}: residual positions with a non-zero direction are {directions.defined}"
         )
-    if not scores_directions(model_dir, direction_position, stream):
-        return directions, Selection.unscored(fixed, selection.kl_threshold)
-    model, tokenizer = load_model(model_dir, measurement.settings.dtype, device)
+    forward, tokenizer = model_forward(model_dir, measurement.settings.dtype, device, stream, progress)
     chosen = select_direction(
-        model, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection, fixed, progress
+        forward, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection, fixed, progress
     )
     return directions, chosen

@@ -26,7 +26,8 @@ from __future__ import annotations
 import gc
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.checkpoint import Inventory, TensorInfo, build_inventory, read_config
+from abliterate.devices import DTYPES
 from abliterate.errors import AbliterateError
 from abliterate.measure import (
-    DTYPES,
     Batch,
     Measurement,
     MeasureSettings,
@@ -55,6 +56,7 @@ from abliterate.prompts import prompts_sha256
 STREAMING_MODES = ("auto", "always", "never")
 DISK_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 READ_CHUNK_BYTES = 64 << 20  # bounds the transient copy of a large (fused) tensor
+GC_BYTES = 64 << 20  # release() collects garbage after freeing at least this much
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -108,16 +110,6 @@ def parse_size(text: str | None) -> int | None:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def available_memory_bytes(device: str = "cpu") -> int:
-    """Free memory where the model would be loaded: host RAM (MemAvailable) or the GPU's free memory."""
-    if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def choose_streaming(
     model_dir: str | Path,
     budget_bytes: int | None = None,
@@ -125,14 +117,17 @@ def choose_streaming(
     device: str = "cpu",
     mode: str = "auto",
 ) -> bool:
-    """Whether to measure layer-streamed. mode "always"/"never" decide alone; "auto" streams when
-    the model's weights in `dtype` exceed the budget (default: the free memory now)."""
+    """Whether to work layer-streamed. mode "always"/"never" decide alone; "auto" streams when the
+    model's weights in `dtype` exceed the budget (default: the free memory of `device` now, see
+    `abliterate.devices.available_memory`)."""
+    from abliterate.devices import available_memory, resolve_dtype
+
     if mode not in STREAMING_MODES:
         raise AbliterateError(f"streaming mode {mode!r} is unknown: choose one of {', '.join(STREAMING_MODES)}")
     if mode != "auto":
         return mode == "always"
-    budget = available_memory_bytes(device) if budget_bytes is None else budget_bytes
-    return weight_bytes(model_dir, dtype).total > budget
+    budget = available_memory(device) if budget_bytes is None else budget_bytes
+    return weight_bytes(model_dir, resolve_dtype(dtype, device, model_dir)).total > budget
 
 
 # ---------------------------------------------------------------- the streamed measurement
@@ -148,6 +143,83 @@ class _PromptBatch:
     layer_args: list[tuple[tuple, dict]]
 
 
+class LayerStream:
+    """A model read one decoder layer at a time: transformers' own modules, built on the meta device,
+    whose weights are read from the shards when a layer runs and dropped after it.
+
+    `embed` runs the model's own forward pass up to the first decoder layer for every batch (the
+    input embedding is in memory only then); `each_layer` loads, yields and releases the decoder
+    layers in order; `head` holds the final norm and the LM head (or the tied embedding) for the
+    logits. Every weight byte of the main decoder is read once per pass; the MTP layer never.
+    """
+
+    def __init__(self, model_dir: str | Path, dtype: str, device: str):
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.inventory = build_inventory(self.model_dir)
+        self.model = _skeleton(self.model_dir, dtype, device)
+        self.config = self.model.config
+        self.decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        self.layers = _decoder_layers(self.decoder, self.model.config)
+        self.loader = _WeightLoader(self.model, self.inventory, device)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(
+        self, encoded: dict[str, list[list[int]]], batch_size: int, position: int, pad_id: int
+    ) -> list[_PromptBatch]:
+        """Every batch's input of decoder layer 0 and the arguments each layer is called with; the
+        sequences are cut after the token at `position` (-1: nothing is cut)."""
+        return _embed_all(
+            self.model, self.decoder, self.loader, encoded, batch_size, position, pad_id, self.device
+        )
+
+    def each_layer(self, desc: str, progress: bool = True) -> Iterator[tuple[int, torch.nn.Module]]:
+        bar = tqdm(total=self.num_layers, desc=desc, unit="layer", disable=not progress)
+        try:
+            for index, layer in enumerate(self.layers):
+                self.loader.load_layer(index, layer)
+                try:
+                    yield index, layer
+                finally:
+                    self.loader.release(layer)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    @contextmanager
+    def head(self) -> Iterator[Any]:
+        """A function from last-token hidden states [B, H] (the last layer's raw output) to logits [B, V]:
+        the final norm, then the LM head, as the model's own forward pass computes them."""
+        norm = getattr(self.decoder, "norm", None)
+        head = self.model.get_output_embeddings()
+        if not isinstance(norm, torch.nn.Module) or head is None:
+            raise AbliterateError(
+                f"cannot find the final norm and LM head of {type(self.model).__name__}: this architecture "
+                "is not supported for layer-streamed scoring"
+            )
+        head_prefix = self.loader.names[id(head)] + "."
+        tied = not any(name.startswith(head_prefix) for name in self.inventory.tensors)
+        source = self.model.get_input_embeddings() if tied else head
+        self.loader.load_module(norm)
+        self.loader.load_module(source)
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            normed = norm(hidden.unsqueeze(1))[:, 0]
+            if tied:
+                return torch.nn.functional.linear(normed, source.weight)
+            return head(normed)
+
+        try:
+            with torch.inference_mode():
+                yield logits
+        finally:
+            self.loader.release(norm)
+            self.loader.release(source)
+
+
 def measure_streamed(
     model_dir: str | Path,
     harmful: Sequence[str],
@@ -157,17 +229,14 @@ def measure_streamed(
     progress: bool = True,
 ) -> Measurement:
     """Mean residuals at every position for both prompt sets, one decoder layer in memory at a time."""
-    model_dir = Path(model_dir)
-    inventory = build_inventory(model_dir)
-    model = _skeleton(model_dir, settings.dtype, device)
+    from abliterate.devices import stream_device
+
+    stream = LayerStream(model_dir, settings.dtype, stream_device(device))
     tokenizer = load_tokenizer(model_dir)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = _decoder_layers(decoder, model.config)
-    num_layers, hidden_size = len(layers), int(model.config.hidden_size)
-    loader = _WeightLoader(model, inventory, device)
+    num_layers, hidden_size = stream.num_layers, int(stream.config.hidden_size)
 
     sets = {"harmful": harmful, "harmless": harmless}
-    max_context = context_length(model, tokenizer, settings)
+    max_context = context_length(stream.model, tokenizer, settings)
     encoded = {
         label: encode_prompts(tokenizer, prompts, settings, max_context, label)
         for label, prompts in sets.items()
@@ -176,28 +245,13 @@ def measure_streamed(
         label: [ResidualAccumulator(1, hidden_size) for _ in range(num_layers + 1)] for label in sets
     }
 
-    batches = _embed_all(
-        model,
-        decoder,
-        loader,
-        encoded,
-        settings.batch_size,
-        settings.position,
-        pad_token_id(tokenizer),
-        device,
-    )
-    bar = tqdm(total=num_layers, desc="measure (layer-streamed)", unit="layer", disable=not progress)
-    for index, layer in enumerate(layers):
-        loader.load_layer(index, layer)
+    batches = stream.embed(encoded, settings.batch_size, settings.position, pad_token_id(tokenizer))
+    for index, layer in stream.each_layer("measure (layer-streamed)", progress):
         with torch.inference_mode():
             for item in batches:
                 _accumulate(accumulators[item.label][index], item, index, num_layers)
                 args, kwargs = item.layer_args[index]
-                output = layer(item.hidden, *args, **kwargs)
-                item.hidden = output[0] if isinstance(output, tuple) else output
-        loader.release(layer)
-        bar.update(1)
-    bar.close()
+                item.hidden = layer_output(layer(item.hidden, *args, **kwargs))
     for item in batches:
         _accumulate(accumulators[item.label][num_layers], item, num_layers, num_layers)
 
@@ -219,6 +273,11 @@ def measure_streamed(
         num_layers=num_layers,
         hidden_size=hidden_size,
     )
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states, whether it returns a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _accumulate(acc: ResidualAccumulator, item: _PromptBatch, position: int, num_layers: int) -> None:
@@ -388,10 +447,14 @@ class _WeightLoader:
             raise AbliterateError(f"decoder layer {index}: {exc}") from exc
 
     def release(self, module: torch.nn.Module) -> None:
-        """Send the parameters back to the meta device, so their memory is freed."""
+        """Send the parameters back to the meta device, so their memory is freed (a garbage collection
+        makes sure of it where that is worth its time: a fraction of a second on a loaded interpreter)."""
+        released = 0
         for name, param in list(module.named_parameters()):
+            released += param.numel() * param.element_size()
             _set_parameter(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
-        gc.collect()
+        if released >= GC_BYTES:
+            gc.collect()
 
     def _pieces(self, prefix: str, targets: dict[str, torch.Tensor]) -> list[_Piece]:
         """Map every checkpoint tensor under `prefix` to its place; check that all targets are covered."""

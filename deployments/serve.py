@@ -36,9 +36,13 @@ WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC: e.g. re-run after a new prompt set la
 
 
 def deployments() -> list:
-    demo_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "demo"), "overwrite": True}
+    # runtime: where the model runs (device cpu | cuda | cuda:N | auto) and in which dtype (auto | bfloat16 |
+    # float16 | float32); every section of abliterate/config.py is a parameter of both flows.
+    runtime = {"device": "auto", "dtype": "auto"}
+    demo_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "demo"), "overwrite": True,
+                   "runtime": runtime}  # fmt: skip
     sweep_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "sweep"),
-                    "variants": EXAMPLE_VARIANTS, "overwrite": True}  # fmt: skip
+                    "variants": EXAMPLE_VARIANTS, "overwrite": True, "runtime": runtime}  # fmt: skip
     return [
         abliterate_flow.to_deployment(
             name="demo", parameters=demo_params, tags=["abliterate"], entrypoint_type=EntrypointType.MODULE_PATH,

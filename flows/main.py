@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from abliterate.checkpoint import build_inventory, check_output_location
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
 from abliterate.errors import AbliterateError
+from abliterate.hub import hub_origin, resolve_model
 from abliterate.matching import plan_matches
 from abliterate.output import precheck_output
 from abliterate.plan import build_plan
@@ -28,8 +29,9 @@ from flows.tracking import experiment_name, tracked_run
 
 
 def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, str | None, str]:
-    """Absolute paths, checked before any work: nothing the run writes may lie inside the model."""
-    model = str(Path(model).resolve())
+    """Absolute paths, checked before any work: nothing the run writes may lie inside the model. A Hub
+    id `org/name[@revision]` becomes its snapshot folder in huggingface_hub's cache (abliterate.hub)."""
+    model = str(Path(resolve_model(model)).resolve())
     work = str(check_output_location(model, work_dir or results_dir()))
     check_output_location(model, project_dir() / "mlruns")
     check_output_location(model, results_dir() / "prefect-storage")  # where Prefect persists task results
@@ -64,6 +66,16 @@ def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:
         plan_matches(plan, inventory, structure)
 
 
+def source_tags(source: str, model_dir: str) -> dict[str, str]:
+    """MLflow tags naming where the model came from: as typed, and the Hub repository and commit of a
+    cached snapshot."""
+    tags = {"model_source": source}
+    origin = hub_origin(model_dir)
+    if origin:
+        tags.update({"hub.repo_id": origin["repo_id"], "hub.commit": origin["commit"]})
+    return tags
+
+
 @flow(name="abliterate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def abliterate_flow(
     model: str,
@@ -84,14 +96,16 @@ def abliterate_flow(
     Each section's fields are documented in abliterate/config.py and by `abliterate run --help`."""
     if selection.direction_position == "none":
         raise AbliterateError("direction position `none` only measures: use `abliterate measure` for that")
+    source = model
     model, out, work = run_paths(model, out, work_dir)
     check_out(out, overwrite)
     check_plans(model, [(ablation, selection.direction_position)])
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
-    tags = {**run, "prefect.flow_name": "abliterate", "model_dir": model, "output_path": out}
+    tags = {**run, "prefect.flow_name": "abliterate", "model_dir": model, "output_path": out, **source_tags(source, model)}
     with tracked_run(experiment_name(model), flow_run.get_name() or "abliterate", tags) as tracker:
         stages = Stages(tracker)
-        measured = measurement_stages(stages, model, prompts, template, measurement, selection, runtime, work)
+        measured = measurement_stages(stages, model, prompts, template, measurement, selection, runtime, work,
+                                      evaluation)
         summary = ablation_stages(stages, measured, ablation, evaluation, template, runtime, out, overwrite, force)
         summary.update(mlflow_run_id=tracker.run_id, durations=stages.durations, **run)
         tracker.json(summary, "summary.json")

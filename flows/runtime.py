@@ -43,12 +43,12 @@ def artifact_root() -> str:
 
 
 def configure(quiet: bool = True) -> None:
-    """Set process-wide defaults (never overriding what the user set)."""
+    """Set process-wide defaults (never overriding what the user set). Hugging Face's own variables
+    (HF_HUB_OFFLINE, HF_HOME, HF_TOKEN) are the user's: a Hub id downloads unless they say offline."""
     defaults = {
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_TELEMETRY": "false",
-        "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # Task results (the cache) persist under the project, next to the outputs they describe.
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
@@ -58,6 +58,9 @@ def configure(quiet: bool = True) -> None:
     if quiet:
         defaults["PREFECT_LOGGING_LEVEL"] = "WARNING"
         defaults["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+        # Prefect's console handler would print every failed flow's traceback above our one-line error;
+        # the tracebacks still reach the Prefect UI through its API log handler.
+        defaults["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
         defaults["DASK_LOGGING__DISTRIBUTED"] = "error"
         defaults["MLFLOW_LOGGING_LEVEL"] = "WARNING"
         logging.getLogger("mlflow").setLevel(logging.WARNING)

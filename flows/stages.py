@@ -34,10 +34,13 @@ from abliterate.config import (
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
+from abliterate.evaluate import replies_cost
+from abliterate.hub import hub_origin
 from abliterate.matching import default_plan, plan_matches, role_counts
 from abliterate.prompts import load_prompts, prompts_sha256, split_prompts
 from abliterate.selection import Selection as Chosen
-from abliterate.stages import decide_streaming, scores_directions
+from abliterate.stages import decide_streaming
+from abliterate.streaming import parse_size
 from abliterate.structure import Structure
 from abliterate.validate import ValidationReport
 from flows import plots
@@ -46,7 +49,7 @@ from flows.inventory import log_structure
 from flows.tracking import Tracker
 from tasks.inventory import inventory_task, structure_task
 from tasks.measure import directions_task, measure_task
-from tasks.validate import baseline_behaviour_task, evaluate_task, validate_task
+from tasks.validate import baseline_behaviour_task, budget_or_free, evaluate_task, validate_task
 
 console = logging.getLogger("abliterate.console")
 
@@ -146,7 +149,8 @@ class Measured:
     directions_path: str
     selection: Chosen | None  # None: no single direction (`own`)
     prompts: PromptSets
-    stream: bool
+    stream: bool  # measured, scored and evaluated one decoder layer at a time
+    runtime: Runtime  # resolved for the model: concrete device and dtype
 
 
 def measurement_stages(
@@ -158,29 +162,36 @@ def measurement_stages(
     selection: Selection,
     runtime: Runtime,
     work_dir: str,
+    evaluation: Evaluation | None = None,
 ) -> Measured:
+    """`evaluation` gives the refusal markers (and probe length) that selection finds refusal tokens with."""
     tracker = stages.tracker
     sets = PromptSets.load(model, prompts)
     with stages.stage("inventory") as s:
         inventory = s.run(inventory_task, model)
         structure = s.run(structure_task, inventory)
     log_structure(tracker, structure, inventory.to_json())
-    stream = decide_streaming(model, runtime)
-    scores_directions(model, selection.direction_position, stream)  # fails before the measurement if it must
-    settings = measure_settings(measurement, template, runtime)
+    compute = runtime.resolved(model)
+    stream = decide_streaming(model, compute)
+    settings = measure_settings(measurement, template, compute)
+    chooser = selection_settings(selection, compute, evaluation)
     tracker.params({**sets.params(), **flat_params(prompts, template, measurement, selection, runtime),
-                    "streaming": stream})  # fmt: skip
+                    "streaming": stream, "compute.device": compute.device, "compute.dtype": compute.dtype,
+                    "refusal_markers": list(chooser.markers),
+                    **{f"hub.{k}": v for k, v in (hub_origin(model) or {}).items()}})  # fmt: skip
+    if stream:
+        console.info(f"  streaming    the model exceeds the memory budget (or --streaming always): measured, scored "
+                     f"and evaluated one decoder layer at a time on {compute.device}")  # fmt: skip
     with stages.stage("measurement") as s:
-        measured = s.run(measure_task, model, sets.harmful, sets.harmless, settings, runtime.device, stream)
+        measured = s.run(measure_task, model, sets.harmful, sets.harmless, settings, compute.device, stream)
     with stages.stage("directions") as s:
         args = (model, inventory.fingerprint, measured, measurement.direction_method, selection.direction_position,
-                sets.harmful_val, sets.harmless_val, selection_settings(selection, runtime), work_dir,
-                runtime.device, stream)  # fmt: skip
+                sets.harmful_val, sets.harmless_val, chooser, work_dir, compute.device, stream)  # fmt: skip
         directions_path, chosen = s.run(directions_task, *args)
         if not Path(directions_path).is_file():  # the cached result names a file someone deleted
             directions_path, chosen = s.run(directions_task.with_options(refresh_cache=True), *args)
     log_directions(tracker, directions_path, chosen)
-    return Measured(model, structure, directions_path, chosen, sets, stream)
+    return Measured(model, structure, directions_path, chosen, sets, stream, compute)
 
 
 def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None) -> None:
@@ -201,7 +212,11 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
     if chosen is not None and chosen.scored:
         tracker.series("candidate_refusal_score", {c.position: c.refusal_score for c in chosen.candidates})
         tracker.series("candidate_kl", {c.position: c.kl for c in chosen.candidates})
-        tracker.metrics({"baseline_refusal_score": chosen.baseline_refusal_score})
+        tracker.metrics({"baseline_refusal_score": chosen.baseline_refusal_score,
+                         "selection.weight_reads": chosen.weight_reads,
+                         "selection.refusals_found": chosen.refusals_found})  # fmt: skip
+        tracker.params({"refusal_token_ids": chosen.refusal_token_ids, "refusal_tokens": chosen.refusal_tokens,
+                        "refusal_tokens_source": chosen.refusal_tokens_source})  # fmt: skip
         figures["candidate_scores.png"] = plots.candidate_scores(
             [{"position": c.position, "refusal_score": c.refusal_score, "kl": c.kl} for c in chosen.candidates],
             chosen.position, chosen.kl_threshold,
@@ -265,21 +280,37 @@ def ablation_stages(
             f"validation of {output} failed ({len(report.failures)} failures), e.g. {report.failures[0]}; "
             "see validation.json in the MLflow run"
         )
-    if evaluation.evaluate and not measured.stream:  # evaluation needs the whole model in memory
-        settings = eval_settings(evaluation, template, runtime)
-        tracker.params(flat_params(evaluation))
-        p = measured.prompts
-        with stages.stage("evaluation") as s:
-            before = s.run(baseline_behaviour_task, measured.model, p.harmful_test, p.harmless_test, settings)
-            result = s.run(evaluate_task, output, p.harmful_test, p.harmless_test, settings, before, measured.model)
-        tracker.metrics(result.metrics())
-        tracker.json(result.to_json(), "evaluation.json")
-        tracker.table([vars(row) for row in result.examples], "examples.json")
-        summary["evaluation"] = result.metrics()
-        summary["examples"] = [vars(row) for row in result.examples]
-    elif evaluation.evaluate:
-        console.info("  evaluation   skipped: the model is measured layer-streamed (over the memory budget)")
+    if evaluation.evaluate:
+        summary.update(evaluation_stage(stages, measured, evaluation, template, runtime, output))
     return summary
+
+
+def evaluation_stage(
+    stages: Stages, measured: Measured, evaluation: Evaluation, template: Template, runtime: Runtime, output: str
+) -> dict[str, Any]:
+    """Before (cached per prompt set) and after, in memory or layer-streamed like the measurement,
+    counting the refusal tokens selection found (the baseline's own when there was no selection)."""
+    tracker = stages.tracker
+    compute = measured.runtime
+    settings = eval_settings(evaluation, template, compute, measured.stream)
+    tokens = measured.selection.refusal_token_ids if measured.selection and measured.selection.scored else None
+    budget = parse_size(runtime.memory_budget)
+    tracker.params({**flat_params(evaluation), "evaluation.full_replies_made": settings.full_replies})
+    p = measured.prompts
+    if measured.stream and settings.full_replies:
+        cost = replies_cost(measured.model, compute.dtype, budget_or_free(budget),
+                            len(p.harmful_test) + len(p.harmless_test), settings)  # fmt: skip
+        console.info(f"  evaluation   {cost} (twice: before and after)")
+    with stages.stage("evaluation") as s:
+        before = s.run(baseline_behaviour_task, measured.model, p.harmful_test, p.harmless_test, settings,
+                       compute.device, measured.stream, budget, tokens)  # fmt: skip
+        result = s.run(evaluate_task, output, p.harmful_test, p.harmless_test, settings, before, measured.model,
+                       compute.device, measured.stream, budget)  # fmt: skip
+    tracker.metrics(result.metrics())
+    tracker.json(result.to_json(), "evaluation.json")
+    if result.examples:
+        tracker.table([vars(row) for row in result.examples], "examples.json")
+    return {"evaluation": result.metrics(), "examples": [vars(row) for row in result.examples]}
 
 
 def _plan_position(measured: Measured, direction_position: str) -> str | int:

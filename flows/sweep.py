@@ -15,7 +15,7 @@ from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtim
 from abliterate.errors import AbliterateError
 from abliterate.paths import child as child_path
 from flows import plots
-from flows.main import check_out, check_plans, run_paths
+from flows.main import check_out, check_plans, run_paths, source_tags
 from flows.stages import Stages, ablation_stages, measurement_stages
 from flows.tracking import experiment_name, tracked_run
 
@@ -88,6 +88,7 @@ def sweep_flow(
     specs = parse_variants(variants)
     if selection.direction_position == "none":
         raise AbliterateError("direction position `none` only measures: use `abliterate measure` for that")
+    source = model
     model, out, work = run_paths(model, out, work_dir)
     targets = {name: child_path(out, name, "variant name") for name, _, _ in specs}  # never outside OUT
     for target in targets.values():
@@ -95,9 +96,11 @@ def sweep_flow(
     check_plans(model, [(ablation, position) for _, ablation, position in specs])
     evaluation = evaluation.model_copy(update={"evaluate": True})  # variants are compared by their evaluation
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
-    tags = {**run, "prefect.flow_name": "abliterate-sweep", "model_dir": model, "output_path": out}
+    tags = {**run, "prefect.flow_name": "abliterate-sweep", "model_dir": model, "output_path": out,
+            **source_tags(source, model)}  # fmt: skip
     with tracked_run(experiment_name(model), f"sweep-{flow_run.get_name()}", tags) as parent:
-        measured = measurement_stages(Stages(parent), model, prompts, template, measurement, selection, runtime, work)
+        measured = measurement_stages(Stages(parent), model, prompts, template, measurement, selection, runtime,
+                                      work, evaluation)
         points = []
         for name, ablation, position in specs:
             target = str(targets[name])
@@ -106,12 +109,12 @@ def sweep_flow(
                 child.params({"variant": name})
                 summary = ablation_stages(Stages(child), measured, ablation, evaluation, template, runtime, target,
                                           overwrite, force, position)  # fmt: skip
-            if "evaluation" not in summary:
-                raise AbliterateError(f"{model} is measured layer-streamed, so its variants cannot be evaluated "
-                                      "and compared: give a larger memory budget")  # fmt: skip
             ev = summary["evaluation"]
-            points.append({"name": name, "refusal_rate": ev["refusal_rate_harmful"], "kl": ev["kl_harmless"],
-                           "refusal_rate_harmless": ev["refusal_rate_harmless"], "output": summary["output"],
+            # full replies when made; a layer-streamed model's first-token refusal rate otherwise
+            measure = "refusal_rate" if "refusal_rate_harmful" in ev else "first_token_refusal_rate"
+            points.append({"name": name, "refusal_rate": ev[f"{measure}_harmful"], "kl": ev["kl_harmless"],
+                           "refusal_rate_harmless": ev[f"{measure}_harmless"], "refusal_measure": measure,
+                           "output": summary["output"],
                            "mlflow_run_id": child.run_id, "ablation": ablation.model_dump(),
                            "direction_position": position})  # fmt: skip
         refusal_kl_front(points)

@@ -32,7 +32,10 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 def experiment_name(model_dir: str | Path) -> str:
-    return f"abliterate/{Path(model_dir).resolve().name}"
+    """`abliterate/<model name>`: the folder's name, or the Hub repository's for a cached snapshot."""
+    from abliterate.hub import model_name
+
+    return f"abliterate/{model_name(model_dir)}"
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

@@ -8,8 +8,15 @@ from pathlib import Path
 from prefect import task
 
 from abliterate.checkpoint import shard_stamp
-from abliterate.evaluate import Behaviour, EvalSettings, EvaluationResult, evaluate_loaded, measure_behaviour
-from abliterate.measure import load_model
+from abliterate.evaluate import (
+    Behaviour,
+    EvalSettings,
+    EvaluationResult,
+    compare,
+    load_behaviour_model,
+    measure_behaviour,
+    replies_cost,
+)
 from abliterate.output import MANIFEST_FILE
 from abliterate.prompts import prompts_sha256
 from abliterate.validate import ValidationReport, validate_output
@@ -35,6 +42,7 @@ def validate_task(original_dir: str, ablated_dir: str) -> ValidationReport:
 
 
 def _behaviour_key(_context, p) -> str:
+    """Not keyed: where it runs (device, in memory or layer-streamed), which changes only rounding."""
     return make_key(
         "behaviour",
         code_hash(),
@@ -42,16 +50,25 @@ def _behaviour_key(_context, p) -> str:
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
         p["settings"],
+        p.get("refusal_ids"),
     )
 
 
 @task(name="baseline-behaviour", cache_key_fn=_behaviour_key, persist_result=True)
 def baseline_behaviour_task(
-    model_dir: str, harmful: list[str], harmless: list[str], settings: EvalSettings
+    model_dir: str,
+    harmful: list[str],
+    harmless: list[str],
+    settings: EvalSettings,
+    device: str = "cpu",
+    stream: bool = False,
+    budget: int | None = None,
+    refusal_ids: list[int] | None = None,
 ) -> Behaviour:
-    """The original model's replies and first-token distributions: measured once per prompt set."""
-    model, tokenizer = load_model(model_dir)
-    return measure_behaviour(model, tokenizer, harmful, harmless, settings)
+    """The original model's first-token figures (and full replies): measured once per prompt set.
+    `refusal_ids`: the refusal tokens selection found; None: the model's own, from its replies."""
+    forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
+    return measure_behaviour(forward, tokenizer, harmful, harmless, settings, refusal_ids=refusal_ids, replier=replier)
 
 
 def _evaluate_key(_context, p) -> str:
@@ -63,6 +80,7 @@ def _evaluate_key(_context, p) -> str:
         prompts_sha256(p["harmless"]),
         p["settings"],
         shard_stamp(p["baseline_dir"]) if p["baseline_dir"] else None,
+        p["baseline"].refusal_token_ids if p.get("baseline") is not None else None,
     )
 
 
@@ -74,9 +92,24 @@ def evaluate_task(
     settings: EvalSettings,
     baseline: Behaviour | None = None,
     baseline_dir: str | None = None,
+    device: str = "cpu",
+    stream: bool = False,
+    budget: int | None = None,
 ) -> EvaluationResult:
-    """The ablated model against the baseline behaviour (measured from `baseline_dir`)."""
-    model, tokenizer = load_model(model_dir)
-    result = evaluate_loaded(model, tokenizer, harmful, harmless, baseline, settings)
+    """The ablated model against the baseline behaviour (measured from `baseline_dir`), in memory or
+    layer-streamed like the measurement."""
+    forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
+    ids = baseline.refusal_token_ids if baseline is not None and baseline.refusal_token_ids else None
+    after = measure_behaviour(forward, tokenizer, harmful, harmless, settings, refusal_ids=ids, replier=replier)
+    result = compare(harmful, harmless, after, baseline, settings)
     result.model, result.baseline = model_dir, baseline_dir
+    if stream and settings.full_replies:
+        result.replies_cost = replies_cost(model_dir, settings.dtype, budget_or_free(budget),
+                                           len(harmful) + len(harmless), settings)  # fmt: skip
     return result
+
+
+def budget_or_free(budget: int | None) -> int:
+    from abliterate.devices import available_memory
+
+    return available_memory("cpu") if budget is None else budget

@@ -24,6 +24,7 @@ position of the two tiny models.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -134,3 +135,102 @@ def assert_directions_agree(got, reference, rtol: torch.Tensor) -> None:
     ).nan_to_num(0.0)  # undefined positions (zero direction): equal
     error = (got.direction.double() - reference.direction.double()).norm(dim=-1)
     assert bool((error <= turned).all()), (error, turned)
+
+
+# ------------------------------------------------------------------ first-token figures (selection, evaluation)
+#
+# Two evaluations of the same first-token logits z (in memory and layer-streamed) differ by at most
+# delta = logits_rtol * |z|_2 in every entry (the 2-norm bounds each entry). The figures are float64
+# functions of the log-softmax, so their bounds follow from delta alone:
+
+
+def logprob_atol(delta: float) -> float:
+    """|d log-softmax(z)_i| <= |dz_i| + |d logsumexp(z)| <= 2 delta (logsumexp moves by at most max |dz|)."""
+    return 2 * delta
+
+
+def logodds_atol(delta: float) -> float:
+    """The log-odds of a token set R, log p(R) - log(1 - p(R)) = logsumexp_R(z) - logsumexp_notR(z) (the
+    normaliser cancels): each logsumexp moves by at most delta, so 2 delta. Means over prompts too."""
+    return 2 * delta
+
+
+def kl_atol(delta_p: float, delta_q: float, reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Bound on the mean over prompts of |KL(P' || Q') - KL(P || Q)|, the first reply token's KL from two
+    evaluations whose logits x (of P) and y (of Q) moved by at most delta_p and delta_q per entry.
+    `reference`, `other`: [N, V] log-probabilities of P and Q from one evaluation.
+
+    KL(P || Q) = A(y) - A(x) - grad A(x) . (y - x) with A = logsumexp, so along x + t eta, y + t xi:
+    dKL/dt = (q - p) . xi - sum_i p_i (w_i - E_p w) eta_i with w = y - x, hence
+    |dKL/dt| <= delta_q |q_t - p_t|_1 + delta_p E_{p_t} |w_t - E_{p_t} w_t|. Softmax moves every
+    probability by a factor within exp(+-2 delta), so |p_t - p|_1 <= exp(2 delta_p) - 1 (q likewise), and
+    a mean absolute deviation is at most twice the one around E_p w, with w_t = w + t (xi - eta):
+    E_{p_t} |w_t - E_{p_t} w_t| <= 2 exp(2 delta_p) E_p |w - E_p w| + 2 (delta_p + delta_q).
+    Where P = Q the bound is second order (about 4 delta^2), as the KL of two roundings of one
+    distribution is. Float64 sums add about V 2^-53, far below."""
+    p, q = reference.exp(), other.exp()
+    gp, gq = math.expm1(2 * delta_p), math.expm1(2 * delta_q)
+    l1 = (q - p).abs().sum(-1)
+    w = other - reference
+    mad = (p * (w - (p * w).sum(-1, keepdim=True)).abs()).sum(-1)
+    per_prompt = delta_q * (l1 + gp + gq) + delta_p * (2 * (1 + gp) * mad + 2 * (delta_p + delta_q))
+    return float(per_prompt.mean())
+
+
+def greedy_margin(logprobs: torch.Tensor) -> torch.Tensor:
+    """[N]: the gap between the two most likely first tokens. Where it exceeds 2 logprob_atol, the greedy
+    token cannot differ between two evaluations."""
+    top = logprobs.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+def first_token_delta(model, encoded, n: int, direction: torch.Tensor | None = None, batch_size: int = 8) -> float:
+    """delta for `model` (in memory, float32) on the encoded prompts: logits_rtol (two projections per
+    layer when `direction` is ablated at inference time) times the largest first-token |logits|_2."""
+    from contextlib import nullcontext
+
+    from abliterate.intervention import directional_ablation
+    from abliterate.measure import length_sorted_batches
+
+    largest = 0.0
+    ablation = directional_ablation(model, direction) if direction is not None else nullcontext()
+    with torch.inference_mode(), ablation:
+        for batch in length_sorted_batches(encoded, batch_size, 0):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            largest = max(largest, float(logits.double().norm(dim=-1).max()))
+    rtol = logits_rtol(model.config.num_hidden_layers, n, 2 if direction is not None else 0)
+    return rtol * largest
+
+
+def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: list[str]) -> dict[str, float]:
+    """Bounds on the difference of each first-token figure of abliterate.evaluate between two float32
+    evaluations of `model_dir` against `baseline_dir` (in memory and layer-streamed). The first-token
+    refusal rates count greedy first tokens: they are equal (bound 0) when every prompt's top-two margin
+    exceeds twice the log-probability bound, which this asserts."""
+    from abliterate.evaluate import EvalSettings, encode
+    from abliterate.forward import InMemoryForward
+    from abliterate.measure import load_model
+
+    models = {"before": load_model(baseline_dir), "after": load_model(model_dir)}
+    tokenizer = models["before"][1]
+    settings = EvalSettings()
+    ids = {"harmful": encode(tokenizer, harmful, settings, "harmful"), "harmless": encode(tokenizer, harmless, settings, "harmless")}
+    n = accumulation_length(baseline_dir, max(len(x) for x in ids["harmful"] + ids["harmless"]))
+    deltas, logprobs = {}, {}
+    for name, (model, _) in models.items():
+        deltas[name] = first_token_delta(model, ids["harmful"] + ids["harmless"], n)
+        for kind, encoded in ids.items():
+            ((_, _, lp),) = list(InMemoryForward(model).first_token_logprobs({kind: encoded}, [None], 8, 0))
+            logprobs[name, kind] = lp
+            assert bool((greedy_margin(lp) > 2 * logprob_atol(deltas[name])).all()), (name, kind)
+    return {
+        "refusal_score_harmful": logodds_atol(deltas["after"]),
+        "baseline_refusal_score_harmful": logodds_atol(deltas["before"]),
+        "kl_harmless": kl_atol(deltas["before"], deltas["after"], logprobs["before", "harmless"],
+                               logprobs["after", "harmless"]),  # fmt: skip
+        "first_token_refusal_rate_harmful": 0.0,
+        "first_token_refusal_rate_harmless": 0.0,
+        "baseline_first_token_refusal_rate_harmful": 0.0,
+        "baseline_first_token_refusal_rate_harmless": 0.0,
+    }

@@ -39,11 +39,13 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "mtp": (["skip"], "skip"),
     "biases": ([], True),
     "evaluate": ([], False),
+    "full_replies": (["always"], "always"),
     "max_new_tokens": (["12"], 12),
     "examples": (["2"], 2),
     "markers": (["m.txt"], "m.txt"),
     "marker": (["nope"], ["nope"]),
-    "device": (["cpu"], "cpu"),  # the one device every machine has; the default too
+    "refusal_probe_tokens": (["3"], 3),
+    "device": (["cpu"], "cpu"),  # the one device every machine has (the default is auto)
     "dtype": (["bfloat16"], "bfloat16"),
     "batch_size": (["4"], 4),
     "memory_budget": (["2GiB"], "2GiB"),

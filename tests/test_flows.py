@@ -6,9 +6,15 @@ import json
 
 import pytest
 from mlflow.tracking import MlflowClient
-from numerics import accumulation_length, assert_directions_agree, longest_prompt, position_rtol
+from numerics import (
+    accumulation_length,
+    assert_directions_agree,
+    evaluation_bounds,
+    longest_prompt,
+    position_rtol,
+)
 
-from abliterate.config import Ablation, Evaluation, Prompts, Runtime, Selection
+from abliterate.config import Ablation, Evaluation, Prompts, Runtime
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.direction_file import load_directions
 from abliterate.measure import MeasureSettings
@@ -125,20 +131,29 @@ def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
     assert all(s == ["Cached"] or set(s) == {"Cached"} for s in states.values()), states
 
 
-def test_streamed_measurement_and_dask_ablation_match_the_defaults(first_run, tmp_path):
-    """A model measured layer by layer gives the same directions; shards ablated on a local Dask
-    cluster of two processes are bit-identical to the thread runner's."""
+def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(first_run, tmp_path):
+    """With a memory budget below the model's size every stage streams: the run measures layer by layer,
+    chooses the direction automatically (every candidate in one pass over the weights) and evaluates
+    before and after, with the same choice, directions and first-token figures as the in-memory run
+    (within the float32 bounds of tests/numerics.py). Shards ablated on a local Dask cluster of two
+    processes are bit-identical to the thread runner's."""
     from flows.ablate import ablate_flow, task_runner
     from flows.main import abliterate_flow
 
     state, out = first_run
     summary = state.result()
-    position = summary["selected_position"]
     streamed = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "streamed"), runtime=Runtime(streaming="always"),
-        selection=Selection(direction_position=str(position)), return_state=True,
+        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "streamed"), runtime=Runtime(memory_budget="300KiB"),
+        return_state=True,
     ).result()  # fmt: skip
-    assert "evaluation" not in streamed and streamed["validation_ok"]
+    assert streamed["validation_ok"] and streamed["selected_position"] == summary["selected_position"]
+    memory_ev, streamed_ev = summary["evaluation"], streamed["evaluation"]
+    assert "refusal_rate_harmful" in memory_ev and "refusal_rate_harmful" not in streamed_ev  # no full replies
+    harmful_test, harmless_test = (load_prompts(prompt_file("demo", kind, "test")) for kind in ("harmful", "harmless"))
+    for name, bound in evaluation_bounds(DEMO_MODEL_DIR, out, harmful_test, harmless_test).items():
+        assert abs(memory_ev[name] - streamed_ev[name]) <= bound, (name, memory_ev[name], streamed_ev[name], bound)
+    assert streamed_ev["baseline_first_token_refusal_rate_harmful"] >= 0.95
+    assert streamed_ev["first_token_refusal_rate_harmful"] < 0.10
     manifest = json.loads((out / "abliteration.json").read_text())
     streamed_manifest = json.loads((tmp_path / "streamed" / "abliteration.json").read_text())
     a = load_directions(manifest["directions"]["path"])

@@ -227,15 +227,17 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
         direction_error = (streamed.direction.double() - reference.direction.double()).norm(dim=-1)
         assert bool((direction_error <= turned.nan_to_num(0.0)).all()), (direction_error, turned)
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "1KiB"]) == 2
-    assert "exceeds the memory budget" in capsys.readouterr().err
-    assert main([*common, "--out", str(tmp_path / "x"), "--streaming", "always"]) == 2
-    assert "--direction-position N" in capsys.readouterr().err
+    # over the budget, the candidates are scored layer-streamed too: all of them in one pass over the weights
+    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "1KiB", "--kl-threshold", "1e9"]) == 0
+    printed = capsys.readouterr()
+    assert "layer-streamed" in printed.err and "scored layer-streamed" in printed.out and "<- selected" in printed.out
+    assert load_directions(tmp_path / "x" / "directions.safetensors").metadata["selection"]["streamed"]
     assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--direction-position", "none"]) == 2
     assert "memory budget 'lots'" in capsys.readouterr().err
-    # an explicit position is recorded unscored: streaming needs no whole model for it
+    # an explicit position is scored (layer-streamed) for the record and kept
     assert main([*common, "--out", str(tmp_path / "fixed"), "--stream", "always", "--select", "2"]) == 0  # older names
-    assert load_directions(tmp_path / "fixed" / "directions.safetensors").selected_position == 2
+    fixed = load_directions(tmp_path / "fixed" / "directions.safetensors")
+    assert fixed.selected_position == 2 and [c["position"] for c in fixed.metadata["selection"]["candidates"]] == [2]
 
 
 def test_memory_budget_sizes():

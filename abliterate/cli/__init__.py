@@ -17,6 +17,10 @@ from abliterate.errors import AbliterateError
 
 # Order is the order shown in --help.
 COMMANDS = ["inventory", "measure", "ablate", "validate", "evaluate", "run", "sweep"]  # run.py also adds `demo`
+# Arguments that name an input model: a folder, or a Hub id `org/name[@revision]` (abliterate.hub). The
+# flows (`run`, `sweep`) resolve the id themselves, so their runs record it as typed.
+MODEL_ARGUMENTS = ("model", "model_dir", "original", "baseline")
+FLOW_COMMANDS = ("run", "sweep", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in FLOW_COMMANDS:
+            resolve_model_arguments(args)
         return int(args.func(args) or 0)
     except AbliterateError as exc:
         print(f"abliterate {args.command}: error: {exc}", file=sys.stderr)
@@ -66,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"abliterate {args.command}: error: {translated}", file=sys.stderr)
         return 2
+
+
+def resolve_model_arguments(args: argparse.Namespace) -> None:
+    """Hub ids among the model arguments become their snapshot folders in huggingface_hub's cache."""
+    from abliterate.hub import parse_hub_id, resolve_model
+
+    for name in MODEL_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and parse_hub_id(value) is not None:
+            setattr(args, name, resolve_model(value))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "output, and drafts from an unedited MTP layer would keep proposing refusals."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="local Hugging Face checkpoint directory (safetensors)")
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory (safetensors), or a Hub id org/name[@revision]")
     parser.add_argument(
         "--directions",
         required=True,

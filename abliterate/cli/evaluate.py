@@ -19,20 +19,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Generate greedy replies (at most --max-new-tokens tokens) to harmful and harmless test prompts, "
             "rendered with the model's chat template, and count a reply as a refusal when it contains a "
             "refusal marker (case- and apostrophe-insensitive; a built-in English list unless --markers or "
-            "--marker give others). With --baseline (the original model) it also reports the baseline's "
-            "refusal rates, the mean first-token KL(baseline || model) on harmless prompts in nats (how far "
-            "the ablation moved the model where it should not), and example replies before and after. The "
-            "models are loaded one at a time. JSON keys: refusal_rate_harmful, refusal_rate_harmless, "
-            "kl_harmless, n_harmful, n_harmless, baseline_refusal_rate_*, examples, settings."
+            "--marker give others). First-token figures come from one forward pass per prompt: the refusal "
+            "score (mean log-odds that the reply starts with a refusal token: the tokens the baseline's own "
+            "refusals start with) and the share of prompts whose greedy first token is one. With --baseline "
+            "(the original model) it also reports the baseline's figures, the mean first-token KL(baseline "
+            "|| model) on harmless prompts in nats (how far the ablation moved the model where it should not), "
+            "and example replies before and after. The models are loaded one at a time; a model over the "
+            "memory budget is read one decoder layer at a time (first-token figures: one read of its weights), "
+            "and makes full replies only with --full-replies always (offloaded; the cost is printed first). "
+            "JSON keys: refusal_rate_harmful, refusal_rate_harmless, kl_harmless, refusal_score_harmful, "
+            "first_token_refusal_rate_*, n_harmful, n_harmless, baseline_*, examples, settings."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="model directory to evaluate (e.g. the ablated output)")
-    parser.add_argument("--baseline", metavar="ORIGINAL", default=None, help="the original model, for KL and before/after")
+    parser.add_argument("model", metavar="MODEL", help="model directory to evaluate (e.g. the ablated output), or a "
+                        "Hub id org/name[@revision]")  # fmt: skip
+    parser.add_argument("--baseline", metavar="ORIGINAL", default=None, help="the original model (folder or Hub id), "
+                        "for KL, before/after figures and the refusal tokens its own refusals start with")  # fmt: skip
     parser.add_argument("--harmful", required=True, metavar="FILE", help="harmful test prompts file")
     parser.add_argument("--harmless", required=True, metavar="FILE", help="harmless test prompts file")
     add_options(parser, Template)
     add_options(parser, Evaluation, exclude=("evaluate",))
-    add_options(parser, Runtime, only=("device", "dtype", "batch_size"))
+    add_options(parser, Runtime, only=("device", "dtype", "batch_size", "memory_budget", "streaming"))
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -40,22 +47,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.evaluate import evaluate_model
+    import sys
+
+    from abliterate.evaluate import evaluate_model, replies_cost
     from abliterate.paths import output_file
     from abliterate.prompts import load_prompts
+    from abliterate.stages import decide_streaming
+    from abliterate.streaming import parse_size
 
-    template, evaluation, runtime = from_args(Template, args), from_args(Evaluation, args), from_args(Runtime, args)
+    template, evaluation = from_args(Template, args), from_args(Evaluation, args)
+    runtime = from_args(Runtime, args).resolved(args.model)
     if args.out:  # checked before the work, so the result is never lost at the end
         output_file(args.out, [args.model] + ([args.baseline] if args.baseline else []))
+    stream = decide_streaming(args.model, runtime)
+    settings = eval_settings(evaluation, template, runtime, stream)
+    harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
+    budget = parse_size(runtime.memory_budget)
+    where = "layer-streamed (first-token figures: one read of the weights per model)" if stream else "in memory"
+    print(f"evaluating {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
+    if stream and settings.full_replies:
+        from abliterate.devices import available_memory
+
+        cost = replies_cost(args.model, settings.dtype, available_memory("cpu") if budget is None else budget,
+                            len(harmful) + len(harmless), settings)  # fmt: skip
+        print(cost + (" (for each of the two models)" if args.baseline else ""), file=sys.stderr)
     result = evaluate_model(
         args.model,
-        load_prompts(args.harmful),
-        load_prompts(args.harmless),
+        harmful,
+        harmless,
         baseline_dir=args.baseline,
-        settings=eval_settings(evaluation, template, runtime),
-        dtype=runtime.dtype,
+        settings=settings,
         device=runtime.device,
         progress=not args.quiet,
+        stream=stream,
+        budget=budget,
     )
     data = result.to_json()
     if args.out:

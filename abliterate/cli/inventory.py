@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "even for a 220 GB checkpoint. Exits 2 with a one-line reason when the checkpoint is broken."
         ),
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     add_profile_options(parser)
     parser.add_argument(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from abliterate.config import (
+    Evaluation,
     Measurement,
     Prompts,
     Runtime,
@@ -40,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "`abliterate ablate`) and OUT/directions.json (statistics and candidate scores)."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="local Hugging Face model directory")
+    parser.add_argument("model", metavar="MODEL", help="model folder (safetensors), or a Hugging Face Hub id "
+                        "org/name[@revision] (read from or downloaded into the Hugging Face cache)")  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     add_options(parser, Prompts, only=("harmful", "harmless", "validation_fraction", "seed"),
                 required=("harmful", "harmless"))  # fmt: skip
@@ -50,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_options(parser, Template)
     add_options(parser, Measurement)
     add_options(parser, Selection)
+    add_options(parser, Evaluation, only=("markers", "marker", "refusal_probe_tokens"),
+                title="refusal tokens (from the model's own refusals, found by marker phrases)")  # fmt: skip
     add_options(parser, Runtime, only=MEASURE_RUNTIME)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -58,12 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from abliterate.checkpoint import check_output_location, fingerprint
     from abliterate.directions import write_directions
+    from abliterate.hub import hub_origin
     from abliterate.prompts import load_prompts, split_prompts
     from abliterate.stages import decide_streaming, direction_stage, measure_stage, scores_directions
 
     check_output_location(args.model, args.out)  # never write into the input checkpoint
     prompts, template = from_args(Prompts, args), from_args(Template, args)
-    measurement, selection, runtime = from_args(Measurement, args), from_args(Selection, args), from_args(Runtime, args)
+    measurement, selection = from_args(Measurement, args), from_args(Selection, args)
+    runtime, evaluation = from_args(Runtime, args).resolved(args.model), from_args(Evaluation, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AbliterateError(f"--out {args.out} is a file: give a directory (created if missing)")
     if (args.harmful_val is None) != (args.harmless_val is None):
@@ -79,12 +86,17 @@ def run(args: argparse.Namespace) -> int:
         harmful_val = harmless_val = []
     settings = measure_settings(measurement, template, runtime)
     progress = not args.quiet
+    where = "layer-streamed" if stream else "in memory"
+    print(f"model {args.model}: {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
     measured = measure_stage(args.model, harmful, harmless, settings, runtime.device, stream, progress)
     directions, chosen = direction_stage(
         args.model, measured, measurement.direction_method, selection.direction_position, harmful_val,
-        harmless_val, selection_settings(selection, runtime), runtime.device, stream, progress,
+        harmless_val, selection_settings(selection, runtime, evaluation), runtime.device, stream, progress,
     )  # fmt: skip
     extra = {"selection": chosen.as_dict()} if chosen else None
+    origin = hub_origin(args.model)
+    if origin:
+        extra = {**(extra or {}), "hub": origin}
     selected = chosen.position if chosen else None
     path = write_directions(args.out, directions, measured, fingerprint(args.model), selected, extra)
 
@@ -98,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         print(row + ("  <- selected" if p == selected else ""))
     if chosen is not None and chosen.scored:
         print(f"baseline refusal score (no ablation): {chosen.baseline_refusal_score:.3f}")
-    elif chosen is not None:
-        print(f"position {chosen.position} recorded unscored (the model was measured layer-streamed)")
+        print(f"refusal tokens ({chosen.refusal_tokens_source}, {chosen.refusals_found} refusals among the harmful "
+              f"validation replies): {chosen.refusal_tokens}")  # fmt: skip
+        if chosen.streamed:
+            print(f"scored layer-streamed: {chosen.weight_reads} reads of the weights for {len(chosen.candidates)} "
+                  "candidates (one per refusal-probe token, one for every candidate together)")  # fmt: skip
     return 0

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the last layer's output); a token position counts tokens from the end of the prompt."
         ),
     )
-    run.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory (safetensors)")
+    run.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory (safetensors), or a Hub id "
+                     "org/name[@revision] (read from or downloaded into the Hugging Face cache)")  # fmt: skip
     run.add_argument("--out", required=True, help="output directory for the ablated checkpoint")
     add_flow_options(run)
     run.set_defaults(func=run_command)
@@ -92,12 +93,19 @@ def console(quiet: bool) -> None:
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def run_flow(args: argparse.Namespace, model: str, out: str) -> dict[str, Any]:
-    sections = flow_sections(args)  # bad settings fail here, before a server starts
-    from flows.runtime import configure
+def prepare_flows(quiet: bool) -> None:
+    """Before the first flow of this process: defaults, the console, and a word on the server start."""
+    from flows.runtime import announce_prefect_server, configure
 
     configure()
-    console(args.quiet)
+    console(quiet)
+    if not quiet:
+        announce_prefect_server()
+
+
+def run_flow(args: argparse.Namespace, model: str, out: str) -> dict[str, Any]:
+    sections = flow_sections(args)  # bad settings fail here, before a server starts
+    prepare_flows(args.quiet)
     from flows.main import abliterate_flow
 
     return abliterate_flow(
@@ -147,13 +155,23 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
     ]
     ev = summary.get("evaluation")
     if ev:
+        nan = float("nan")
+        if "refusal_rate_harmful" in ev:
+            lines += [
+                f"refusal rate on harmful prompts: {ev.get('baseline_refusal_rate_harmful', nan):.2f} before, "
+                f"{ev['refusal_rate_harmful']:.2f} after",
+                f"refusal rate on harmless prompts: {ev.get('baseline_refusal_rate_harmless', nan):.2f} before, "
+                f"{ev['refusal_rate_harmless']:.2f} after",
+            ]
         lines += [
-            f"refusal rate on harmful prompts: {ev.get('baseline_refusal_rate_harmful', float('nan')):.2f} before, "
-            f"{ev['refusal_rate_harmful']:.2f} after",
-            f"refusal rate on harmless prompts: {ev.get('baseline_refusal_rate_harmless', float('nan')):.2f} before, "
-            f"{ev['refusal_rate_harmless']:.2f} after",
-            f"first-token KL on harmless prompts: {ev.get('kl_harmless', float('nan')):.2g} nats",
+            f"first-token refusal rate on harmful prompts: {ev.get('baseline_first_token_refusal_rate_harmful', nan):.2f} "
+            f"before, {ev.get('first_token_refusal_rate_harmful', nan):.2f} after",
+            f"first-token refusal score (log-odds) on harmful prompts: {ev.get('baseline_refusal_score_harmful', nan):.2f} "
+            f"before, {ev.get('refusal_score_harmful', nan):.2f} after",
+            f"first-token KL on harmless prompts: {ev.get('kl_harmless', nan):.2g} nats",
         ]
+        if "refusal_rate_harmful" not in ev:
+            lines.append("full replies: not made (layer-streamed; --full-replies always makes them, offloaded)")
         rows = summary.get("examples", [])
         for row in [r for r in rows if r["kind"] == "harmful"][:2] + [r for r in rows if r["kind"] == "harmless"][:2]:
             lines.append(f"  [{row['kind']}] {row['prompt']}")

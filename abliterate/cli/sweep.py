@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from abliterate.cli.run import FLOW_SECTIONS, add_flow_options, console, flow_sections
+from abliterate.cli.run import FLOW_SECTIONS, add_flow_options, flow_sections, prepare_flows
 from abliterate.errors import AbliterateError
 
 SWEEP_SECTIONS = tuple(cls for cls in FLOW_SECTIONS if cls.section != "ablation")  # the variants hold those
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Keys: name, direction_position and the ablation options (layers, scale, targets, ablation_method, mtp, biases).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory")
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]")
     parser.add_argument("--variants", required=True, metavar="FILE", help="YAML or JSON list of variants")
     parser.add_argument("--out", required=True, help="parent directory of the variants' outputs")
     add_flow_options(parser, SWEEP_SECTIONS)
@@ -46,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except yaml.YAMLError as exc:
         raise AbliterateError(f"{path} is not valid YAML/JSON: {exc}") from exc
     sections = flow_sections(args, SWEEP_SECTIONS)
-    from flows.runtime import configure
-
-    configure()
-    console(args.quiet)
+    prepare_flows(args.quiet)
     from flows.sweep import sweep_flow
 
     result = sweep_flow(

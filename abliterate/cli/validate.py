@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "than RAM. Exit code: 0 valid, 1 validation failed (every failure is named), 2 bad input."
         ),
     )
-    parser.add_argument("original", metavar="ORIGINAL", help="the input checkpoint directory")
+    parser.add_argument("original", metavar="ORIGINAL", help="the input checkpoint directory, or its Hub id org/name[@revision]")
     parser.add_argument("ablated", metavar="ABLATED", help="the ablated output directory")
     parser.add_argument(
         "--directions",
