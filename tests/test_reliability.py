@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from checkpoint_guard import snapshot, unchanged
 
 import abliterate.engine as engine
@@ -199,6 +200,178 @@ def test_quantized_checkpoint_is_refused_with_what_to_do(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def _entry(name: str, key: str, value):
+    def change(header):
+        header[name][key] = value
+        return header
+
+    return change
+
+
+def _shift(name: str, delta: int):
+    """Move one tensor's data offsets by `delta` bytes (its size unchanged)."""
+
+    def change(header):
+        begin, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [begin + delta, end + delta]
+        return header
+
+    return change
+
+
+def _first_tensor(shard: Path) -> str:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _last_tensor(shard: Path) -> str:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+
+
+def _second_tensor(shard: Path) -> str:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[1]
+
+
+# Headers that safetensors itself refuses: wrong JSON types, and byte ranges that do not tile the data.
+BAD_HEADERS = {
+    "offsets as strings": (lambda s: _rewrite_header(s, _entry(O_PROJ, "data_offsets", ["0", "8"])),
+                           ["`data_offsets`", "not two whole numbers", "re-download"]),
+    "shape a number": (lambda s: _rewrite_header(s, _entry(O_PROJ, "shape", 64)),
+                       ["`shape` 64", "not a list of whole numbers", "re-download"]),
+    "dtype a list": (lambda s: _rewrite_header(s, _entry(O_PROJ, "dtype", ["BF16"])),
+                     ["`dtype` [\"BF16\"]", "not one of safetensors' dtypes", "re-download"]),
+    "unknown dtype": (lambda s: _rewrite_header(s, _entry(O_PROJ, "dtype", "Q4")), ["`dtype` \"Q4\""]),
+    "negative shape": (lambda s: _rewrite_header(s, _entry(O_PROJ, "shape", [-64, 64])), ["`shape` [-64, 64]"]),
+    "entry not an object": (lambda s: _rewrite_header(s, lambda h: {**h, O_PROJ: [1, 2]}),
+                            ["header entry for", "not an object"]),
+    "entry without offsets": (lambda s: _rewrite_header(s, lambda h: {**h, O_PROJ: {"dtype": "BF16", "shape": [64, 64]}}),
+                              ["lacks `data_offsets`"]),
+    "metadata not an object": (lambda s: _rewrite_header(s, lambda h: {**h, "__metadata__": ["pt"]}),
+                               ["`__metadata__` must map names to strings"]),
+    "metadata value not a string": (lambda s: _rewrite_header(s, lambda h: {**h, "__metadata__": {"format": 1}}),
+                                    ["`__metadata__` must map names to strings"]),
+    "overlapping offsets": (lambda s: _rewrite_header(s, _shift(_second_tensor(s), -2)),
+                            ["overlaps", "safetensors refuses to load it", "re-download"]),
+    "gap between tensors": (lambda s: (_rewrite_header(s, _shift(_last_tensor(s), 2)), s.write_bytes(s.read_bytes() + b"\0\0")),
+                            ["leaves bytes", "unused", "re-download"]),
+    "bytes after the last tensor": (lambda s: s.write_bytes(s.read_bytes() + b"\0" * 16),
+                                    ["16 bytes after its last tensor", "safetensors refuses such a file"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_header_of_the_wrong_type_or_coverage_fails_in_one_line(base, tmp_path, capsys, case):
+    """C18-C21: a header safetensors would refuse is refused by every command, in one line, before any
+    write; in particular overlapping offsets never let the ablation rewrite a tensor the plan never named."""
+    model, directions, _ = base
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    shard = damaged / build_inventory(model).tensors[O_PROJ].shard
+    damage, fragments = BAD_HEADERS[case]
+    damage(shard)
+    out = tmp_path / "out"
+    with unchanged(damaged):
+        assert_error(cli(capsys, "inventory", damaged), "inventory", shard.name, *fragments)
+        assert_error(cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", shard.name, *fragments)
+    assert not out.exists()
+
+
+BAD_INDEXES = {
+    "shard name with a folder part": (lambda w: {**w, O_PROJ: "../" + w[O_PROJ]},
+                                      ["not a plain file name", "outside its own folder"]),
+    "absolute shard name": (lambda w: {**w, O_PROJ: "/tmp/" + w[O_PROJ]}, ["not a plain file name"]),
+    "shard name a number": (lambda w: {**w, O_PROJ: 3}, ["the shard 3, not a file name"]),
+    "shard not a .safetensors file": (lambda w: {**w, O_PROJ: "config.json"}, ["not a .safetensors file"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INDEXES))
+def test_index_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case):
+    """C22: weight_map names plain shard files of the folder; a name leading elsewhere could read (and
+    make the output write) outside it."""
+    model, directions, _ = base
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    change, fragments = BAD_INDEXES[case]
+    _edit_json(damaged / INDEX_FILE, lambda i: {**i, "weight_map": change(i["weight_map"])})
+    out = tmp_path / "out"
+    with unchanged(damaged):
+        assert_error(cli(capsys, "inventory", damaged), "inventory", INDEX_FILE, O_PROJ, *fragments)
+        assert_error(cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", *fragments)
+    _edit_json(damaged / INDEX_FILE, lambda i: {**i, "metadata": "big"})
+    assert_error(cli(capsys, "inventory", damaged), "inventory", "`metadata` is \"big\", not an object")
+    assert not out.exists()
+
+
+BAD_CONFIGS = {
+    "hidden_size null": ({"hidden_size": None}, ["config.json lacks `hidden_size`"]),
+    "hidden_size a string": ({"hidden_size": "64"}, ["`hidden_size` is \"64\"", "whole number in [1,"]),
+    "layers NaN": ({"num_hidden_layers": float("nan")}, ["`num_hidden_layers` is nan", "whole number"]),
+    "layers a boolean": ({"num_hidden_layers": True}, ["`num_hidden_layers` is true"]),
+    "layers absurd": ({"num_hidden_layers": 10**18}, ["`num_hidden_layers` is 1000000000000000000", "[1, 100000]"]),
+    "experts negative": ({"n_routed_experts": -4}, ["`n_routed_experts` is -4"]),
+    "experts a float": ({"n_routed_experts": 4.0}, ["`n_routed_experts` is 4.0"]),
+    "tied embeddings a string": ({"tie_word_embeddings": "false"}, ["`tie_word_embeddings` is \"false\"", "true or false"]),
+    "model_type a list": ({"model_type": ["glm4_moe"]}, ["`model_type` is [\"glm4_moe\"]", "must be a string"]),
+    "dense layers null": ({"first_k_dense_replace": None}, ["layer 0 is MoE by config.json"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case):
+    """C23: config.json values of the wrong type or range name the file, the key and the fix (null where
+    the tool needs a number, strings, NaN, booleans, absurd counts) instead of a traceback."""
+    model, directions, _ = base
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    change, fragments = BAD_CONFIGS[case]
+    _edit_json(damaged / "config.json", lambda c: {**c, **change})
+    out = tmp_path / "out"
+    with unchanged(damaged):
+        assert_error(cli(capsys, "inventory", damaged), "inventory", *fragments)
+        assert_error(cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", *fragments)
+    assert not out.exists()
+
+
+SPECIAL_ENTRIES = {
+    "dangling symbolic link": (lambda p: p.symlink_to(p.parent / "gone.json"), "a dangling symbolic link"),
+    "FIFO": (lambda p: os.mkfifo(p), "a FIFO"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SPECIAL_ENTRIES))
+def test_dangling_link_or_fifo_in_the_input_is_named(base, prompts, tmp_path, capsys, case):
+    """C24: a dangling link (an incomplete Hugging Face cache download) or a FIFO among the input's files
+    is named as what it is, by ablate (which would copy it) and by measure (whose loader would read
+    it), instead of "cannot write the output; free space"; a shard that is one is named too."""
+    model, directions, _ = base
+    odd = tmp_path / "odd"
+    shutil.copytree(model, odd)
+    make, what = SPECIAL_ENTRIES[case]
+    make(odd / "tokenizer.json")
+    _, good, _, _ = prompts
+    with unchanged(odd):
+        assert_error(cli(capsys, *ablate_args(odd, directions, tmp_path / "out")), "ablate", "tokenizer.json", what,
+                     "not a regular file")  # fmt: skip
+        assert_error(cli(capsys, "measure", odd, "--harmful", good, "--harmless", good, "--out", tmp_path / "m",
+                         "--direction-position", "none"), "measure", "tokenizer.json", what)  # fmt: skip
+        (odd / "tokenizer.json").unlink()
+        (odd / SHARDS[1]).rename(tmp_path / "moved")
+        make(odd / SHARDS[1])
+        assert_error(cli(capsys, "inventory", odd), "inventory", SHARDS[1], what)
+        (odd / SHARDS[1]).unlink()
+        (tmp_path / "moved").rename(odd / SHARDS[1])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
 def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
     """A model of an unknown type that names its attention output its own way: --family gives the
     layout, --map the odd tensor; without the mapping the structure check names what is missing."""
@@ -311,6 +484,57 @@ def _load_same(path: Path, **changes) -> tuple[torch.Tensor, dict]:
     return d.direction, {"selected_position": d.selected_position, **changes}
 
 
+def _with_means(tmp_path: Path, direction: torch.Tensor, harmless: torch.Tensor, harmful: torch.Tensor | None = None,
+                **metadata) -> Path:
+    harmful = torch.randn(POSITIONS, H) if harmful is None else harmful
+    return save_directions(tmp_path / "means.safetensors", direction, {"selected_position": 2, **metadata},
+                           harmful_mean=harmful, harmless_mean=harmless)  # fmt: skip
+
+
+def test_non_finite_means_are_refused_never_a_silent_fallback(base, tmp_path, capsys):
+    """D15: a NaN in `harmless_mean` once made --projected fall back to the plain edit for that layer
+    while the manifest said `projected`; every tensor of the file is now checked finite."""
+    model, _, _ = base
+    harmless = torch.randn(POSITIONS, H)
+    harmless[1, 3] = float("nan")
+    path = _with_means(tmp_path, torch.randn(POSITIONS, H), harmless)
+    with unchanged(model):
+        for method in ("projected", "plain"):
+            assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out", "--method", method, "--force")),
+                         "ablate", "`harmless_mean`", "NaN or Inf at positions [1]", "re-measure")  # fmt: skip
+        harmful = torch.randn(POSITIONS, H)
+        harmful[0, 0] = float("inf")
+        path = _with_means(tmp_path, torch.randn(POSITIONS, H), torch.randn(POSITIONS, H), harmful)
+        assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out", "--force")), "ablate",
+                     "`harmful_mean`", "positions [0]")  # fmt: skip
+        save_directions(tmp_path / "int.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+        from safetensors.torch import save_file
+
+        save_file({"direction": torch.randn(POSITIONS, H), "harmless_mean": torch.ones(POSITIONS, H, dtype=torch.int32)},
+                  str(tmp_path / "int.safetensors"), metadata={"selected_position": "2"})  # fmt: skip
+        assert_error(cli(capsys, *ablate_args(model, tmp_path / "int.safetensors", tmp_path / "out", "--force")),
+                     "ablate", "`harmless_mean`", "must be floating point")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_direction_whose_float32_norm_overflows_still_edits(base, tmp_path, capsys):
+    """D16: entries of 1e30 square to inf in float32, so the float32 norm was inf and the unit vector
+    zero: the output was the input, reported as a success. Normalised in float64, the run edits."""
+    model, _, reference = base
+    from abliterate.direction_file import load_directions
+
+    huge = save_directions(tmp_path / "huge.safetensors", torch.randn(POSITIONS, H, generator=torch.Generator().manual_seed(7)) * 1e30,
+                           {"selected_position": 2})  # fmt: skip
+    assert torch.isinf(load_directions(huge).direction[2].norm())  # the float32 norm does overflow
+    out = tmp_path / "out"
+    with unchanged(model):
+        assert cli(capsys, *ablate_args(model, huge, out, "--force"))[0] == 0
+        assert all((out / s).read_bytes() != (model / s).read_bytes() for s in SHARDS)
+        assert cli(capsys, "validate", model, out, "--quiet")[0] == 0
+    # the same direction as the reference's up to the float32 rounding of the scaled entries
+    assert sum((out / s).read_bytes() != (reference / s).read_bytes() for s in SHARDS) <= len(SHARDS)
+
+
 # ---------------------------------------------------------------- plan
 
 BAD_PLANS = {
@@ -350,6 +574,62 @@ def test_bad_plan_file(base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+PLAN_TYPES = {
+    "biases a string": ({"biases": "false"}, ["`biases` is 'false' (a string)", "true or false", "biases: false"]),
+    "targets a string": ({"targets": "attn_out"}, ["`targets` is 'attn_out' (a string)", "a list of weight roles"]),
+    "layers a string": ({"layers": "0-2"}, ["`layers` is '0-2' (a string)", "a list of layer numbers"]),
+    "scale a number": ({"scale": 1.0}, ["`scale` is 1.0 (a number)", "a mapping of layer number to scale"]),
+    "num_layers a boolean": ({"num_layers": True}, ["`num_layers` is True (a boolean)"]),
+    "direction position a fraction": ({"direction_position": 1.5}, ["`direction_position` is 1.5"]),
+    "method a list": ({"method": ["plain"]}, ["`method` is ['plain'] (a list)"]),
+    "embed_scale a string": ({"embed_scale": "1"}, ["`embed_scale` is '1' (a string)"]),
+    "format a string": ({"format": "1"}, ["`format` is '1' (a string)"]),
+    "scale of a boolean": ({"scale": {"0": True, "1": 1.0, "2": 1.0, "3": 1.0}}, ["`scale`"]),
+    "selected position a string": ({"selected_position": "2"}, ["`selected_position` is '2' (a string)"]),
+}  # fmt: skip
+
+
+def _plan_file(model: Path, directions: Path, path: Path, **changes) -> Path:
+    from abliterate.ablate import load_inputs
+    from abliterate.matching import default_plan
+
+    data = {**default_plan(load_inputs(model, directions)).to_dict(), **changes}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_TYPES))
+def test_plan_file_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case):
+    """P14: a string where a list or a boolean belongs is an error naming the file and the key, never
+    misread (`biases: "false"` turned biases on; `targets: attn_out` split into letters)."""
+    model, directions, _ = base
+    change, fragments = PLAN_TYPES[case]
+    plan = _plan_file(model, directions, tmp_path / "plan.yaml", **change)
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)), "ablate",
+                     f"plan file {plan}", *fragments)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_file_not_utf8_and_kernels_that_overflow(base, tmp_path, capsys):
+    """P15, P16: a plan file in another encoding is one line with its byte offset; a Gaussian kernel
+    whose width is tiny or whose peak is huge is computed without overflow and checked like any scale."""
+    model, directions, _ = base
+    plan = tmp_path / "plan.yaml"
+    plan.write_bytes(b"# r\xe9glages\nlayers: [1]\n")
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)), "ablate",
+                     f"plan file {plan} is not valid UTF-8 at byte offset 3 (line 1)", "re-save it as UTF-8")  # fmt: skip
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--scale",
+                                              "gauss:center=1,width=1,peak=1e308,floor=-1e308")),
+                     "ablate", "outside [0, 2.0]")  # fmt: skip
+        out = tmp_path / "narrow"
+        assert cli(capsys, *ablate_args(model, directions, out, "--scale", "gauss:center=1,width=1e-300"))[0] == 0
+    scales = {e["layer"]: e["scale"] for e in json.loads((out / MANIFEST_FILE).read_text())["edited"]}
+    assert scales == {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0}  # only the centre layer is edited (3 is the MTP layer)
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_matching_no_tensor_is_an_error(base, tmp_path, capsys):
     model, directions, _ = base
     # layers 1-2 are MoE: they have no dense mlp_down, so this plan edits nothing at all
@@ -382,6 +662,74 @@ def test_output_not_empty_or_a_file(base, tmp_path, capsys):
                      "is not empty", "notes.txt", "--overwrite", "choose an empty directory")  # fmt: skip
         assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "file")), "ablate",
                      "exists and is not a directory")  # fmt: skip
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under `folder` (the small outputs of these tests)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_deletes_only_what_an_earlier_run_wrote(base, tmp_path, capsys):
+    """O11: --overwrite into an earlier output keeps the files the user added there (notes, an
+    evaluation folder) and the --directions file lying inside it; it deletes only files an earlier
+    abliterate run recorded as its own (here: shards of another checkpoint that this run does not write)."""
+    model, directions, reference = base
+    out = tmp_path / "out"
+    other = write_glm_layout(tmp_path / "other", LAYOUT, num_shards=2)  # other shard names
+    other_dirs = save_directions(tmp_path / "o.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+    assert cli(capsys, *ablate_args(other, other_dirs, out))[0] == 0
+    old_shards = sorted(p.name for p in out.glob("*.safetensors"))
+    (out / "notes.txt").write_text("mine")
+    (out / "evaluation").mkdir()
+    (out / "evaluation" / "replies.json").write_text("[]")
+    inside = out / "directions.safetensors"
+    shutil.copyfile(directions, inside)
+    mine = {k: v for k, v in _tree(out).items() if k.startswith(("notes", "evaluation", "directions"))}
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, inside, out)), "ablate", "is not empty", "--overwrite")
+        code, err = cli(capsys, *ablate_args(model, inside, out, "--overwrite"))
+    assert code == 0, err
+    assert any("--overwrite keeps" in line and "notes.txt" in line for line in err)
+    after = _tree(out)
+    assert {k: after.get(k) for k in mine} == mine  # the user's files and the input, byte for byte
+    assert not set(old_shards) - set(SHARDS) & set(after)  # the earlier run's own shards are gone
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert sorted(json.loads((out / MANIFEST_FILE).read_text())["files"]) == sorted(
+        [*SHARDS, *(p.name for p in model.iterdir() if p.name not in SHARDS), MANIFEST_FILE])
+    code, lines = cli(capsys, "validate", model, out, "--quiet")
+    assert code == 0
+
+
+def test_directions_file_where_the_output_writes_is_refused(base, tmp_path, capsys):
+    """O12: an input lying where the ablation writes (the directions file saved as OUT/config.json)
+    is refused before anything is written, never overwritten."""
+    model, directions, _ = base
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copyfile(directions, out / "config.json")
+    with unchanged(model, out):
+        assert_error(cli(capsys, *ablate_args(model, out / "config.json", out, "--overwrite", "--force")), "ablate",
+                     "the directions file", "config.json, which the ablation writes", "move it")  # fmt: skip
+
+
+def test_report_and_output_paths_checked_before_the_work(base, prompts, tmp_path, capsys):
+    """O13, O14: `measure --out` an existing file, `validate/evaluate --out` a directory or a file inside
+    the models, each refused in one line before any work (the report was lost at the end)."""
+    model, directions, reference = base
+    _, good, _, _ = prompts
+    (tmp_path / "file").write_text("mine")
+    with unchanged(model, reference):
+        assert_error(cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good,
+                         "--out", tmp_path / "file", "--direction-position", "none"), "measure", "is a file")  # fmt: skip
+        assert_error(cli(capsys, "validate", model, reference, "--out", tmp_path), "validate",
+                     "is a directory", "give a file name")  # fmt: skip
+        assert_error(cli(capsys, "validate", model, reference, "--out", reference / "report.json"), "validate",
+                     "inside the input", "choose a file outside it")  # fmt: skip
+        assert_error(cli(capsys, "validate", model, reference, "--out", tmp_path / "absent" / "r.json"), "validate",
+                     "does not exist")  # fmt: skip
+        assert_error(cli(capsys, "evaluate", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good,
+                         "--out", tmp_path), "evaluate", "is a directory")  # fmt: skip
     assert (tmp_path / "file").read_text() == "mine"
 
 
@@ -519,6 +867,139 @@ def test_sigkill_with_parallel_workers_then_rerun_is_bit_identical(base, tmp_pat
     assert not list(out.glob(".*")), "temporary files or records left in a finished output"
 
 
+# A run that waits, before copying its first byte range, until GATE exists; it says so in GATE.waiting.
+# Meanwhile it holds its output directory's lock, as a long run does.
+PAUSED = """
+import sys, time
+from pathlib import Path
+import abliterate.engine as engine
+gate = Path(sys.argv[1])
+copy = engine._copy_range
+def waiting_copy(*args, **kwargs):
+    stop = args[4] if len(args) > 4 else kwargs.get("stop")
+    Path(str(gate) + ".waiting").touch()
+    while not gate.exists() and not (stop is not None and stop.is_set()):
+        time.sleep(0.02)
+    return copy(*args, **kwargs)
+engine._copy_range = waiting_copy
+from abliterate.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _start_paused(gate: Path, args: list[str]) -> subprocess.Popen:
+    run = subprocess.Popen([sys.executable, "-c", PAUSED, str(gate), *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)  # fmt: skip
+    waiting = Path(str(gate) + ".waiting")
+    for _ in range(3000):
+        if waiting.exists() or run.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert waiting.exists(), run.communicate(timeout=60)
+    return run
+
+
+def test_two_runs_into_one_output_the_second_stops_at_once(base, tmp_path, capsys):
+    """R5: while one run writes an output, a second run into the same directory exits 2 at once with one
+    line; the first finishes undisturbed, bit-identical to the reference."""
+    model, directions, reference = base
+    out = tmp_path / "out"
+    with unchanged(model):
+        first = _start_paused(tmp_path / "gate", ablate_args(model, directions, out, "--workers", "1"))
+        try:
+            assert_error(cli(capsys, *ablate_args(model, directions, out)), "ablate",
+                         "is being written by another abliterate run", "wait for it to finish")  # fmt: skip
+            assert_error(cli(capsys, *ablate_args(model, directions, out, "--overwrite")), "ablate",
+                         "is being written by another abliterate run")  # fmt: skip
+        finally:
+            (tmp_path / "gate").touch()
+            code = first.wait(timeout=300)
+        assert code == 0, first.stderr.read().decode()[-2000:]
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_finishes(base, tmp_path):
+    """R6: Ctrl-C (SIGINT) in the middle of an ablation prints one line, no traceback, exit code 130;
+    rerunning the same command finishes bit-identical to an uninterrupted run."""
+    model, directions, reference = base
+    out = tmp_path / "out"
+    args = ablate_args(model, directions, out, "--workers", "1")
+    with unchanged(model):
+        run = _start_paused(tmp_path / "gate", args)
+        run.send_signal(signal.SIGINT)
+        code = run.wait(timeout=120)
+        err = run.stderr.read().decode().strip().splitlines()
+        assert code == 130, err
+        assert not any("Traceback" in line for line in err), err  # (the plan it printed first comes before)
+        assert err[-1] == ("abliterate ablate: interrupted; files already finished are kept and nothing partial "
+                           "carries a final name: rerun the same command to continue")  # fmt: skip
+        _no_partial_shard(out, reference)
+        rerun = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+STORE_RUN = """
+import os, sys, time
+from pathlib import Path
+os.environ["ABLITERATE_HOME"] = sys.argv[1]
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+from flows.runtime import configure
+configure()
+from flows.tracking import tracked_run
+gate = Path(sys.argv[2])
+Path(sys.argv[3]).touch()
+while not gate.exists():
+    time.sleep(0.005)
+with tracked_run("abliterate/model", sys.argv[3]) as run:
+    run.params({"a": 1})
+    run.metrics({"m": 1.0})
+"""
+
+
+def test_two_runs_on_a_fresh_store_both_succeed(tmp_path):
+    """R7: two runs that open a fresh MLflow store at the same moment (a new machine, two terminals):
+    MLflow's schema migration crashed one of them (`duplicate column name: step`); the first opening of
+    the store now happens under a lock file beside mlflow.db, and both runs are recorded."""
+    home, gate = tmp_path / "home", tmp_path / "gate"
+    ready = [tmp_path / "a", tmp_path / "b"]
+    runs = [subprocess.Popen([sys.executable, "-c", STORE_RUN, str(home), str(gate), str(r)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1]) for r in ready]  # fmt: skip
+    for _ in range(1200):
+        if all(r.exists() for r in ready) or any(run.poll() is not None for run in runs):
+            break
+        subprocess.run(["sleep", "0.05"])
+    gate.touch()  # both start together
+    results = [(run.wait(timeout=300), run.stderr.read().decode()[-1500:]) for run in runs]
+    assert [code for code, _ in results] == [0, 0], results
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("abliterate/model")
+    assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def test_identical_runs_write_identical_files(base, prompts, tmp_path, capsys):
+    """X1-X3: every file an identical run writes is byte-identical: the output directory (abliteration.json
+    held the directions metadata in safetensors' hash order), the directions files of `measure`, and
+    the validation report."""
+    model, directions, _ = base
+    _, good, _, _ = prompts
+    trees = []
+    for _ in range(2):
+        out = tmp_path / "out"
+        assert cli(capsys, *ablate_args(model, directions, out))[0] == 0
+        assert cli(capsys, "validate", model, out, "--quiet", "--out", tmp_path / "report.json")[0] == 0
+        measured = tmp_path / "measured"
+        assert cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--out", measured,
+                   "--direction-position", "none", "--quiet")[0] == 0  # fmt: skip
+        trees.append({**_tree(out), "report.json": (tmp_path / "report.json").read_bytes(),
+                      **{f"measured/{k}": v for k, v in _tree(measured).items()}})  # fmt: skip
+        shutil.rmtree(out), shutil.rmtree(measured)
+    assert trees[0].keys() == trees[1].keys()
+    assert [k for k in trees[0] if trees[0][k] != trees[1][k]] == []
+
+
 def _no_partial_shard_but_temps(out: Path, reference: Path) -> None:
     """After a SIGKILL no cleanup ran: temp files may remain, never a partial shard under its name."""
     for shard in SHARDS:
@@ -573,8 +1054,39 @@ def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
     with unchanged(DEMO_MODEL_DIR):
         result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", huge, "--harmless", good, "--out", tmp_path / "m",
                      "--direction-position", "none")  # fmt: skip
-    assert_error(result, "measure", "harmful prompt #1 is", "more than the model's context of 256 tokens",
+    # named by its file and line (line 2), not by its index in the shuffled measurement split
+    assert_error(result, "measure", f"harmful prompt {huge} line 2 is", "more than the model's context of 256 tokens",
                  "shorten or remove it")  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
+def test_csv_prompt_over_the_csv_field_limit_is_named_by_line(prompts, tmp_path, capsys):
+    """Q9: a CSV prompt longer than the csv module's 128 KiB field limit was a traceback (`field larger
+    than field limit`); it is read, and then named by its file and line as longer than the context."""
+    _, good, _, _ = prompts
+    big = tmp_path / "big.csv"
+    big.write_text('prompt\n"Name a colour."\n"' + "word " * 40_000 + '"\n')
+    with unchanged(DEMO_MODEL_DIR):
+        result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", big, "--harmless", good, "--out", tmp_path / "m",
+                     "--direction-position", "none")  # fmt: skip
+    assert_error(result, "measure", f"harmful prompt {big} line 3 is", "more than the model's context")
+    assert not (tmp_path / "m").exists()
+
+
+def test_reserved_template_kwargs_and_odd_prompt_files_fail_before_loading(prompts, tmp_path, capsys):
+    """Q10, Q11: chat-template variables the tool sets itself (`messages`, `add_generation_prompt`, ...)
+    and a prompt file that is a FIFO or a dangling link are one line, before the model is loaded."""
+    _, good, _, _ = prompts
+    base = ["measure", DEMO_MODEL_DIR, "--harmless", good, "--out", tmp_path / "m", "--direction-position", "none"]
+    with unchanged(DEMO_MODEL_DIR):
+        for kwargs in ('{"add_generation_prompt": false}', "messages=[]"):
+            assert_error(cli(capsys, *base, "--harmful", good, "--chat-template-kwargs", kwargs), "measure",
+                         "--chat-template-kwargs", "set by the tool itself; remove them")  # fmt: skip
+        fifo, dangling = tmp_path / "fifo.txt", tmp_path / "dangling.txt"
+        os.mkfifo(fifo)
+        dangling.symlink_to(tmp_path / "gone.txt")
+        assert_error(cli(capsys, *base, "--harmful", fifo), "measure", str(fifo), "a FIFO")
+        assert_error(cli(capsys, *base, "--harmful", dangling), "measure", str(dangling), "a dangling symbolic link")
     assert not (tmp_path / "m").exists()
 
 
