@@ -7,6 +7,7 @@ import argparse
 import io
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -123,6 +124,7 @@ def store(tmp_path_factory):
         yield MlflowClient(runtime.tracking_uri())
 
 
+@pytest.mark.slow  # a new SQLite store runs every MLflow migration: 2 s quiet, 15-30 s on a busy machine
 def test_experiment_is_a_machine_learning_experiment(store):
     """MLflow 3's UI kind: custom_model_development ("Machine learning": runs, metrics, charts), not
     GenAI (traces, evaluations)."""
@@ -131,15 +133,42 @@ def test_experiment_is_a_machine_learning_experiment(store):
     experiment = store.get_experiment_by_name("abliterate/model")
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert tracking.EXPERIMENT_KIND_TAG == "mlflow.experimentKind"
-
-
-def test_existing_experiment_gets_the_kind_unless_the_user_chose_one(store):
     old = store.create_experiment("abliterate/old")  # made before the tag existed
-    chosen = store.create_experiment("abliterate/chosen", tags={"mlflow.experimentKind": "genai_development"})
     assert tracking.experiment_id(store, "abliterate/old") == old
-    assert tracking.experiment_id(store, "abliterate/chosen") == chosen
     assert store.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
-    assert store.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+class Experiments:
+    """The MlflowClient calls experiment_id() makes, in memory."""
+
+    def __init__(self):
+        self.by_name: dict[str, SimpleNamespace] = {}
+
+    def get_experiment_by_name(self, name):
+        return self.by_name.get(name)
+
+    def create_experiment(self, name, artifact_location=None, tags=None):
+        self.by_name[name] = SimpleNamespace(experiment_id=str(len(self.by_name)), tags=dict(tags or {}))
+        return self.by_name[name].experiment_id
+
+    def set_experiment_tag(self, experiment_id, key, value):
+        next(e for e in self.by_name.values() if e.experiment_id == experiment_id).tags[key] = value
+
+
+def test_experiment_kind_on_new_and_old_experiments_unless_the_user_chose_one():
+    client = Experiments()
+    new = tracking.experiment_id(client, "abliterate/new")
+    old = client.create_experiment("abliterate/old")  # made before the tag existed
+    chosen = client.create_experiment("abliterate/chosen", tags={"mlflow.experimentKind": "genai_development"})
+    assert [tracking.experiment_id(client, n) for n in ("abliterate/new", "abliterate/old", "abliterate/chosen")] == [
+        new, old, chosen,
+    ]  # fmt: skip
+    kinds = {name: e.tags.get("mlflow.experimentKind") for name, e in client.by_name.items()}
+    assert kinds == {
+        "abliterate/new": "custom_model_development",
+        "abliterate/old": "custom_model_development",
+        "abliterate/chosen": "genai_development",
+    }
 
 
 def test_experiment_ui_path_asks_for_machine_learning_mode():
