@@ -23,7 +23,15 @@ from abliterate.checkpoint import build_inventory
 from abliterate.direction_file import load_directions
 from abliterate.engine import write_shard
 from abliterate.errors import AbliterateError
-from abliterate.matching import AblationInputs, Match, default_plan, direction_for, plan_matches, resolve_plan
+from abliterate.matching import (
+    AblationInputs,
+    Match,
+    default_plan,
+    direction_for,
+    plan_matches,
+    resolve_plan,
+    vector_for,
+)
 from abliterate.output import (
     ShardResult,
     completed_shard,
@@ -100,9 +108,10 @@ def ablate_shard(
     if matches is None:
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
     mine = sorted((m for m in matches if m.tensor.shard == shard), key=lambda m: m.tensor.start)
-    vectors = {m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer) for m in mine}
+    vectors = {m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer) for m in mine if m.side != "shift"}
+    edits = [(m, vector_for(plan, inputs.directions, m) if m.side == "shift" else vectors[m.tensor.layer]) for m in mine]
     with replacing(out / shard) as tmp:
-        size = write_shard(inputs.inventory.model_dir / shard, tmp, [(m, vectors[m.tensor.layer]) for m in mine])
+        size = write_shard(inputs.inventory.model_dir / shard, tmp, edits)
     result = ShardResult(shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began)
     record_shard(out, result)
     return result

@@ -61,7 +61,8 @@ class Directions:
         return self.metadata.get("fingerprint")
 
     def vector(self, position: int | None = None) -> torch.Tensor:
-        """Unit direction (float32, [H]) at a residual position; the only row of a single-direction file."""
+        """Unit direction (float32, [H]) at a residual position (a fraction: between two, `_between`); the
+        only row of a single-direction file."""
         if self.single:
             position = 0
         elif position is None:
@@ -70,11 +71,14 @@ class Directions:
                 raise AbliterateError(
                     f"{self._where()} records no selected position: pass an explicit direction position"
                 )
-        if not 0 <= position < self.num_positions:
+        if not 0 <= position <= self.num_positions - 1:
             raise AbliterateError(
                 f"direction position {position} is out of range: {self._where()} holds positions "
                 f"0..{self.num_positions - 1}"
             )
+        if not float(position).is_integer():
+            return self._between(float(position))
+        position = int(position)
         # In float64: a float32 norm of large entries overflows to inf, and row / inf would be a zero
         # vector that edits nothing while the run reports success.
         row = self.direction[position].double()
@@ -89,6 +93,28 @@ class Directions:
                 f"the direction at position {position} in {self._where()} has norm {norm}: re-measure"
             )
         return (row / norm).float()
+
+    def _between(self, position: float) -> torch.Tensor:
+        """The unit direction at a fraction between two positions p < position < p + 1: the unit rows
+        mixed, normalize((p + 1 - position) r_p + (position - p) r_{p+1}), in float64. A zero row
+        contributes nothing (the other one is used)."""
+        low = math.floor(position)
+        weight = position - low
+        mixed = torch.zeros(self.hidden_size, dtype=torch.float64)
+        for row, share in ((low, 1.0 - weight), (low + 1, weight)):
+            vector = self.direction[row].double()
+            norm = float(vector.norm())
+            if not math.isfinite(norm):
+                raise AbliterateError(f"the direction at position {row} in {self._where()} has norm {norm}: re-measure")
+            if norm > 0:
+                mixed += share * vector / norm
+        norm = float(mixed.norm())
+        if not norm > 1e-6:
+            raise AbliterateError(
+                f"there is no direction at position {position} in {self._where()}: positions {low} and {low + 1} "
+                "are zero or opposite: choose another position"
+            )
+        return (mixed / norm).float()
 
     def sha256(self) -> str:
         if self.path is None:

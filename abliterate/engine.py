@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.orthogonalize import norm_preserving_, project_out_
+from abliterate.orthogonalize import norm_preserving_, project_out_, shift_
 
 if TYPE_CHECKING:
     from abliterate.matching import Match
@@ -86,6 +86,8 @@ def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None
     row_bytes = t.nbytes // rows
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
     edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
+    if m.side == "shift":  # a router correction bias: values added, nothing projected
+        edit = shift_
     for first in range(0, rows, step):
         count = min(step, rows - first)
         offset = t.start + first * row_bytes

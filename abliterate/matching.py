@@ -20,6 +20,7 @@ from abliterate.direction_file import Directions
 from abliterate.engine import EDITABLE_DTYPES
 from abliterate.errors import AbliterateError
 from abliterate.orthogonalize import projected_direction
+from abliterate.plan import WEIGHT_OF as BIAS_WEIGHT
 from abliterate.plan import AblationPlan, build_plan
 from abliterate.structure import Structure
 
@@ -40,9 +41,10 @@ class Match:
 
     tensor: TensorInfo
     scale: float
-    direction_position: int
-    side: str  # "writer" | "reader" | "embed"
-    method: str  # the method applied: routers are always edited plainly
+    direction_position: int | float | None  # None: a router bias shift (no direction)
+    side: str  # "writer" | "reader" | "embed" | "shift" (a value added: the router correction bias)
+    method: str  # the method applied: routers are always edited plainly; "shift" for a bias shift
+    shift: tuple[tuple[int, float], ...] = ()  # side "shift": (expert, value added) pairs
 
     @property
     def experts(self) -> int:
@@ -50,6 +52,7 @@ class Match:
 
     def to_dict(self) -> dict[str, Any]:
         t = self.tensor
+        extra = {"shift": {str(e): v for e, v in self.shift}} if self.side == "shift" else {}
         return {
             "name": t.name,
             "shard": t.shard,
@@ -62,6 +65,7 @@ class Match:
             "side": self.side,
             "residual_axis": t.residual_axis,
             "method": self.method,
+            **extra,
         }
 
 
@@ -118,15 +122,31 @@ def _drop_zero_directions(plan: AblationPlan, inputs: AblationInputs) -> Ablatio
         return plan
     inputs.warnings.append(f"layers {zero} have a zero direction at their own position: they stay unedited")
     keep = [(i, s) for i, s in zip(plan.layers, plan.scales, strict=True) if i not in zero]
-    return _replace(plan, layers=[i for i, _ in keep], scale={str(i): s for i, s in keep})
+    changes: dict[str, Any] = {"layers": [i for i, _ in keep], "scale": {str(i): s for i, s in keep}}
+    if plan.role_scales:
+        changes["role_scales"] = {role: {k: v for k, v in values.items() if int(k) not in zero}
+                                  for role, values in plan.to_dict()["role_scales"].items()}  # fmt: skip
+    return _replace(plan, **changes)
 
 
 def _replace(plan: AblationPlan, **changes: Any) -> AblationPlan:
     return AblationPlan.from_dict({**plan.to_dict(), **changes})
 
 
+def vector_for(plan: AblationPlan, directions: Directions, match: Match) -> torch.Tensor:
+    """What the engine edits a matched tensor with: the unit direction of its layer, or, for a router
+    bias shift, the float32 values added to the bias (zero for every expert the plan leaves alone)."""
+    if match.side != "shift":
+        return direction_for(plan, directions, match.tensor.layer)
+    values = torch.zeros(match.tensor.shape, dtype=torch.float32)
+    for expert, value in match.shift:
+        values[expert] = value
+    return values
+
+
 def direction_for(plan: AblationPlan, directions: Directions, layer: int | None) -> torch.Tensor:
-    """The unit float32 vector [H] that edits tensors of `layer` (None: the embedding)."""
+    """The unit float32 vector [H] that edits tensors of `layer` (None: the embedding); at a fractional
+    direction position, the direction between its two neighbours (`Directions.vector`)."""
     position = 0 if directions.single else plan.position_for(layer)
     r = directions.vector(position)
     if plan.method == "projected":
@@ -138,12 +158,19 @@ def direction_for(plan: AblationPlan, directions: Directions, layer: int | None)
 
 
 def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure | None = None) -> list[Match]:
-    """Every tensor the plan edits, in inventory order (shard, then offset). Layers match exactly."""
+    """Every tensor the plan edits, in inventory order (shard, then offset). Layers match exactly.
+    A role's own scale of 0 leaves its tensor out; a router bias the plan shifts is a `shift` match."""
     roles = set(plan.roles())
     layers = set(plan.layers)
+    own_scales = {role for role, _ in plan.role_scales}
+    shifted = {layer for layer, _ in plan.router_bias}
     matches = []
     for t in inventory.tensors.values():
         if t.role not in roles:
+            continue
+        if t.role == "router_bias":
+            if t.layer in shifted:
+                matches.append(_shift_match(plan, t))
             continue
         # The embedding is the one edited tensor outside a layer. The MTP layer's own embedding is
         # not: it reaches the MTP residual stream only through enorm and eh_proj.
@@ -162,13 +189,34 @@ def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure 
         # norm preservation is defined for matrix columns: routers and biases get the plain edit
         plain_only = side == "reader" or t.role.endswith("_bias")
         method = "plain" if plain_only and plan.method == "norm_preserving" else plan.method
-        matches.append(Match(t, plan.scale_for(t.layer), plan.position_for(t.layer), side, method))
+        scale = plan.scale_for(t.layer, t.role)
+        if scale == 0.0 and t.layer is not None and BIAS_WEIGHT.get(t.role, t.role) in own_scales:
+            continue
+        matches.append(Match(t, scale, plan.position_for(t.layer), side, method))
+    missing = shifted - {m.tensor.layer for m in matches if m.side == "shift"}
+    if missing:
+        raise AbliterateError(
+            f"the plan shifts the router correction bias of layers {sorted(missing)}, which have no "
+            f"e_score_correction_bias tensor in {inventory.model_dir}"
+        )
     if not matches:
         raise AbliterateError(
             f"the plan matches no tensor: roles {', '.join(plan.roles())} do not exist in layers {plan.layer_spec} of "
             f"{inventory.model_dir}; choose other --targets or --layers (see `abliterate inventory`)"
         )
     return matches
+
+
+def _shift_match(plan: AblationPlan, t: TensorInfo) -> Match:
+    shifts = plan.router_shifts(t.layer)
+    if len(t.shape) != 1 or any(e >= t.shape[0] for e in shifts):
+        raise AbliterateError(
+            f"the plan shifts experts {sorted(shifts)} of {t.name}, which has shape {list(t.shape)}: "
+            "no such expert"
+        )
+    if t.dtype not in EDITABLE_DTYPES:
+        raise AbliterateError(f"{t.name} is stored as {t.dtype}; only {', '.join(EDITABLE_DTYPES)} can be edited")
+    return Match(t, 1.0, None, "shift", "shift", tuple(sorted(shifts.items())))
 
 
 def role_counts(matches: list[Match]) -> dict[str, int]:

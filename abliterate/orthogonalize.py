@@ -7,7 +7,8 @@ direction r (unit) with scale s from each such vector v, v' = v - s r (r^T v), i
 - the reader rule W' = W - s (W r) r^T for a router W [E, H] (residual axis 1: rows),
 - the embedding rule on rows of [V, H], and the bias rule for a writer's bias [H];
 - for a fused expert tensor [E, H, I] (axis 1) the writer rule on each expert's [H, I].
-The norm-preserving variant rescales each vector back to its original length.
+The norm-preserving variant rescales each vector back to its original length. One edit is no
+projection: `shift_` adds values to a router's correction bias (which experts are chosen).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def norm_preserving_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_ax
     after = torch.linalg.vector_norm(w, dim=residual_axis, keepdim=True)
     w.mul_(torch.where(after > NOISE * before, before / after.clamp_min(torch.finfo(w.dtype).tiny), 0.0))
     return w
+
+
+def shift_(w: torch.Tensor, values: torch.Tensor, scale: float = 1.0, residual_axis: int | None = None) -> torch.Tensor:
+    """In place: w <- w + scale * values (a router correction bias [E] and the values the plan adds;
+    `residual_axis` is unused: the bias lives off the residual stream)."""
+    if w.dtype != torch.float32 or values.dtype != torch.float32 or w.shape != values.shape:
+        raise ValueError(f"a shift adds float32 values of the tensor's shape {list(w.shape)}, got {list(values.shape)}")
+    return w.add_(values, alpha=scale)
 
 
 def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor, where: str = "") -> torch.Tensor:

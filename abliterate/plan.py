@@ -32,6 +32,19 @@ layer is a target, with that layer's scale; under `own` it uses the direction at
 
 Embedding rows (`embed` target) use a scale of their own (constant: the constant; list: the
 first value, i.e. the first target layer's; kernel: the kernel at layer 0).
+
+Per-role scales (`role_scales`, what `abliterate search` writes): a role may carry its own scale
+per layer (e.g. a kernel for attention outputs and another for routed experts); `scale` then
+holds the scale of every role without its own (a search sets every target's, and `scale` holds
+each layer's largest, for people). A role's own scale of 0 leaves that role's tensors of that
+layer out of the plan: they are not edited. A direction position may be a fraction: position
+2.25 is the direction between positions 2 and 3, `normalize(0.75 r_2 + 0.25 r_3)`.
+
+Router correction bias (`router_bias`): per layer and expert, a value added to the router's
+`e_score_correction_bias` (GLM-4.5: the bias that decides which experts are chosen, not their
+gate weights). Lowering it keeps an expert from being chosen; nothing is projected. `origin`
+records where the plan came from (a search trial's study, number, parameters and objectives);
+like the specs as typed, it is not part of the plan's identity.
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ BIAS_OF = {
     "expert_down": "expert_down_bias",
     "shared_expert_down": "shared_expert_down_bias",
 }
+WEIGHT_OF = {bias: weight for weight, bias in BIAS_OF.items()}
 METHODS = ("plain", "norm_preserving", "projected")
 MTP_MODES = ("ablate", "skip")
 MAX_SCALE = 2.0
@@ -69,7 +83,7 @@ class AblationPlan:
     scales: tuple[float, ...]  # one per entry of `layers`
     num_layers: int  # decoder layers of the model (MTP layers have indices >= this)
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    direction_position: str | int = "selected"  # "selected" | "own" | position number
+    direction_position: str | int | float = "selected"  # "selected" | "own" | position number (or a fraction)
     selected_position: int | None = None  # resolved from the directions file
     method: str = "plain"
     mtp: str = "ablate"
@@ -78,11 +92,16 @@ class AblationPlan:
     layer_spec: str = "all"  # as the user wrote them, for the record
     scale_spec: str = "1.0"
     format: int = field(default=PLAN_FORMAT)
+    # per role, one scale per entry of `layers` (overrides `scales` for that role; 0: not edited)
+    role_scales: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # per layer, (expert, value added to the router's e_score_correction_bias) pairs
+    router_bias: tuple[tuple[int, tuple[tuple[int, float], ...]], ...] = ()
+    origin: dict[str, Any] | None = field(default=None, compare=False, hash=False)  # for the record only
 
     def __post_init__(self) -> None:
         if list(self.layers) != sorted(set(self.layers)) or any(i < 0 for i in self.layers):
             raise AbliterateError(f"plan layers must be distinct, sorted, non-negative: {list(self.layers)}")
-        if not self.layers and "embed" not in self.targets:
+        if not self.layers and "embed" not in self.targets and not self.router_bias:
             raise AbliterateError("the plan targets no layer: give at least one layer (e.g. --layers all)")
         if len(self.scales) != len(self.layers):
             raise AbliterateError(f"plan has {len(self.layers)} layers but {len(self.scales)} scales")
@@ -100,20 +119,64 @@ class AblationPlan:
         if self.mtp not in MTP_MODES:
             raise AbliterateError(f"unknown MTP mode {self.mtp!r}: choose {', '.join(MTP_MODES)}")
         pos = self.direction_position
-        if isinstance(pos, bool) or not (pos in ("selected", "own") or (isinstance(pos, int) and pos >= 0)):
+        if isinstance(pos, float) and math.isfinite(pos) and pos.is_integer():
+            object.__setattr__(self, "direction_position", int(pos))  # 3.0 is position 3
+            pos = self.direction_position
+        number = isinstance(pos, int | float) and not isinstance(pos, bool) and math.isfinite(pos) and pos >= 0
+        if not (pos in ("selected", "own") or number):
             raise AbliterateError(
                 f"direction position {pos!r} is invalid: use `selected`, `own` or a position number >= 0"
             )
+        self._check_role_scales()
+        self._check_router_bias()
         if self.format != PLAN_FORMAT:
             raise AbliterateError(f"plan format {self.format} is not supported (this version reads {PLAN_FORMAT})")
 
-    def scale_for(self, layer: int | None) -> float:
-        """Scale of a tensor of `layer` (None: the embedding, which is not in a layer)."""
+    def _check_role_scales(self) -> None:
+        seen = set()
+        for role, values in self.role_scales:
+            if role not in self.targets or role == "embed":
+                raise AbliterateError(
+                    f"the plan gives role {role!r} its own scales but does not target it: its targets are "
+                    f"{list(self.targets)} (the embedding has embed_scale)"
+                )
+            if role in seen:
+                raise AbliterateError(f"the plan gives role {role!r} its own scales twice")
+            seen.add(role)
+            if len(values) != len(self.layers):
+                raise AbliterateError(f"role {role!r} has {len(values)} scales for the plan's {len(self.layers)} layers")
+            for layer, value in zip(self.layers, values, strict=True):
+                _check_scale(value, f"role {role} of layer {layer}")
+
+    def _check_router_bias(self) -> None:
+        layers = [layer for layer, _ in self.router_bias]
+        if layers != sorted(set(layers)) or any(not _count(i) for i in layers):
+            raise AbliterateError(f"router_bias layers must be distinct, sorted layer numbers: {layers}")
+        for layer, shifts in self.router_bias:
+            experts = [e for e, _ in shifts]
+            if not shifts or experts != sorted(set(experts)) or any(not _count(e) for e in experts):
+                raise AbliterateError(f"router_bias of layer {layer}: experts must be distinct, sorted numbers: {experts}")
+            for expert, value in shifts:
+                if not _number_value(value) or not math.isfinite(value):
+                    raise AbliterateError(f"router_bias of layer {layer}, expert {expert}: {value!r} is not a finite number")
+
+    def scale_for(self, layer: int | None, role: str | None = None) -> float:
+        """Scale of a tensor of `layer` (None: the embedding, which is not in a layer) and `role` (its
+        own scales when the plan gives it some; an output-side bias follows its weight)."""
         if layer is None:
             return self.embed_scale
-        return self.scales[self.layers.index(layer)]
+        own = dict(self.role_scales).get(WEIGHT_OF.get(role, role)) if role else None
+        return (own if own is not None else self.scales)[self.layers.index(layer)]
 
-    def position_for(self, layer: int | None) -> int:
+    def router_shifts(self, layer: int | None) -> dict[int, float]:
+        """expert -> value added to `layer`'s router correction bias (empty: not edited)."""
+        return dict(dict(self.router_bias).get(layer, ()))
+
+    def edited_layers(self) -> tuple[int, ...]:
+        """Every layer with an edited tensor: the plan's layers and those whose router bias it shifts."""
+        return tuple(sorted(set(self.layers) | {layer for layer, _ in self.router_bias}))
+
+    def position_for(self, layer: int | None) -> int | float:
         """Residual position whose direction edits tensors of `layer` (None: the embedding)."""
         if self.direction_position == "own":
             return 0 if layer is None else layer
@@ -124,15 +187,16 @@ class AblationPlan:
                     "build it with the directions file, or pass an explicit direction position"
                 )
             return self.selected_position
-        return int(self.direction_position)
+        return self.direction_position  # a number: a position, or a fraction between two
 
     def roles(self) -> tuple[str, ...]:
-        """Every role the plan edits: the targets, plus their output-side biases when `biases` is on."""
+        """Every role the plan edits: the targets, plus their output-side biases when `biases` is on,
+        plus `router_bias` when it shifts a router's correction bias."""
         extra = tuple(BIAS_OF[r] for r in self.targets if self.biases and r in BIAS_OF)
-        return self.targets + extra
+        return self.targets + extra + (("router_bias",) if self.router_bias else ())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": self.format,
             "layers": list(self.layers),
             "scale": {str(layer): value for layer, value in zip(self.layers, self.scales, strict=True)},
@@ -147,6 +211,17 @@ class AblationPlan:
             "layer_spec": self.layer_spec,
             "scale_spec": self.scale_spec,
         }
+        # Written only when used, so that a plan without them keeps its identity (sha256).
+        if self.role_scales:
+            data["role_scales"] = {
+                role: {str(layer): v for layer, v in zip(self.layers, values, strict=True)}
+                for role, values in self.role_scales
+            }
+        if self.router_bias:
+            data["router_bias"] = {str(layer): {str(e): v for e, v in shifts} for layer, shifts in self.router_bias}
+        if self.origin is not None:
+            data["origin"] = self.origin
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the ablation plan") -> AblationPlan:
@@ -202,9 +277,16 @@ class AblationPlan:
                 if value is not None and not _count(value):
                     raise bad(key, value, "a residual position number or null", "selected_position: 12")
             elif key == "direction_position":
-                if not (value in ("selected", "own") or _count(value)):
+                if not (value in ("selected", "own") or _count(value) or (_number_value(value) and value >= 0)):
                     raise bad(key, value, "a direction position: selected, own or a residual position number",
                               "direction_position: selected")
+            elif key == "role_scales":
+                value = _read_role_scales(value, list(layers), bad)
+            elif key == "router_bias":
+                value = _read_router_bias(value, bad)
+            elif key == "origin":
+                if value is not None and not isinstance(value, dict):
+                    raise bad(key, value, "a mapping (where the plan came from)", "origin: {search: ...}")
             elif key in ("layer_spec", "scale_spec"):
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     value = str(value)
@@ -237,7 +319,35 @@ class AblationPlan:
         """Identity of what the plan does (the specs as typed are left out: only their result counts)."""
         data = self.to_dict()
         del data["layer_spec"], data["scale_spec"]
+        data.pop("origin", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _read_role_scales(value: Any, layers: list, bad) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    example = "role_scales: {attn_out: {'1': 1.0, '2': 0.5}}"
+    if not isinstance(value, dict) or not all(isinstance(role, str) and isinstance(v, dict) for role, v in value.items()):
+        raise bad("role_scales", value, "a mapping of role to a mapping of layer number to scale", example)
+    out = []
+    for role, per_layer in value.items():
+        scales = {_layer_key(k): v for k, v in per_layer.items()}
+        if None in scales or not all(_number_value(v) for v in scales.values()) or sorted(scales) != sorted(layers):
+            raise bad(f"role_scales.{role}", per_layer, f"a scale for each of the plan's layers {layers}", example)
+        out.append((role, tuple(float(scales[i]) for i in layers)))
+    return tuple(out)
+
+
+def _read_router_bias(value: Any, bad) -> tuple[tuple[int, tuple[tuple[int, float], ...]], ...]:
+    example = "router_bias: {'3': {'5': -1.0}}"
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise bad("router_bias", value, "a mapping of layer number to a mapping of expert number to a value", example)
+    out = []
+    for layer_key, shifts in value.items():
+        layer = _layer_key(layer_key)
+        experts = {_layer_key(e): v for e, v in shifts.items()}
+        if layer is None or None in experts or not all(_number_value(v) for v in experts.values()):
+            raise bad(f"router_bias.{layer_key}", shifts, "a mapping of expert number to a value", example)
+        out.append((layer, tuple((e, float(experts[e])) for e in sorted(experts))))
+    return tuple(sorted(out))
 
 
 def _kind(value: Any) -> str:
@@ -393,13 +503,20 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(roles)
 
 
-def parse_position(spec: str | int) -> str | int:
+def parse_position(spec: str | int | float) -> str | int | float:
+    """`selected`, `own`, a position number, or a fraction between two positions (2.25)."""
     text = str(spec).strip().lower()
     if text in ("selected", "own"):
         return text
-    if not text.isdigit():
+    if text.isdigit():
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
         raise AbliterateError(f"direction position {spec!r}: use `selected`, `own` or a position number")
-    return int(text)
+    return int(value) if value.is_integer() else value
 
 
 def build_plan(
@@ -408,22 +525,36 @@ def build_plan(
     layers: str = "all",
     scale: str | float = "1.0",
     targets: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
-    direction_position: str | int = "selected",
+    direction_position: str | int | float = "selected",
     method: str = "plain",
     mtp: str = "ablate",
     biases: bool = False,
     selected_position: int | None = None,
+    role_scales: dict[str, str] | None = None,
+    router_bias: dict[int, dict[int, float]] | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> AblationPlan:
-    """Parse the specs against a model with `num_layers` decoder layers and the given MTP layer indices."""
+    """Parse the specs against a model with `num_layers` decoder layers and the given MTP layer indices.
+
+    `role_scales`: role -> scale spec, each role's own scales (see the module docstring); `router_bias`:
+    layer -> expert -> value added to that router's correction bias; `origin`: the plan's record."""
     decoder = parse_layers(layers, num_layers)
     values, embed_scale = parse_scale(scale, decoder)
+    own = {role: parse_scale(spec, decoder)[0] for role, spec in (role_scales or {}).items()}
     if mtp not in MTP_MODES:
         raise AbliterateError(f"unknown MTP mode {mtp!r}: choose {', '.join(MTP_MODES)}")
     all_layers, all_scales = list(decoder), list(values)
+    own_scales = {role: list(v) for role, v in own.items()}
     if mtp == "ablate" and decoder and decoder[-1] == num_layers - 1:
         for m in sorted(mtp_layers):
             all_layers.append(m)
             all_scales.append(values[-1])
+            for role, v in own.items():
+                own_scales[role].append(v[-1])
+    shifts = tuple(
+        (int(layer), tuple((int(e), float(v)) for e, v in sorted(experts.items())))
+        for layer, experts in sorted((router_bias or {}).items()) if experts
+    )  # fmt: skip
     return AblationPlan(
         layers=tuple(all_layers),
         scales=tuple(all_scales),
@@ -437,4 +568,7 @@ def build_plan(
         embed_scale=embed_scale,
         layer_spec=str(layers),
         scale_spec=str(scale),
+        role_scales=tuple((role, tuple(v)) for role, v in own_scales.items()),
+        router_bias=shifts,
+        origin=origin,
     )

@@ -8,7 +8,9 @@ Checks, all in bounded memory (a few chunks of one tensor at a time):
   tensors (an unplanned change and a planned tensor left unchanged both fail);
 - numbers: every changed tensor is scanned for NaN/Inf, and every edited tensor's projection
   residual along its residual axis is computed (`|r^T W'| / |W|` for writers, `|W' r| / |W|`
-  for routers and the embedding; per expert for fused expert tensors, worst expert reported).
+  for routers and the embedding; per expert for fused expert tensors, worst expert reported);
+  a router correction bias the plan shifts (role `router_bias`) must hold exactly the input plus
+  the planned values, added in float32 and rounded once, as the engine computes them.
 
 Residual tolerance. Storing W' in a dtype with unit roundoff u moves each element by at most
 u|W'_ij|, so |r^T dW'| <= |dW'|_F <= u |W'|_F <= u |W|_F (a projection never grows W): the
@@ -352,7 +354,7 @@ def _compare_with_plan(
             checks.fail(message)
     if plan is None:
         return
-    roles, layers = set(plan.roles()), set(plan.layers)
+    roles, layers = set(plan.roles()), set(plan.edited_layers())
     for name in edited:
         t = inventory.tensors[name]
         if t.role not in roles:
@@ -601,6 +603,9 @@ def _check_numbers(
                 where = f"{name} ({_where(t, expert)})"
                 nan_inf.append(where)
                 checks.fail(f"tensor {where} holds {count} NaN/Inf values after ablation")
+            if entry is not None and entry.get("side") == "shift":
+                _check_shift(src, dst, t, output[name].start, entry, plan, checks)
+                continue
             if result.residual is None or entry is None:
                 continue
             enforced = entry.get("method") in EXACT_METHODS and float(entry.get("scale", 1.0)) == 1.0
@@ -621,6 +626,28 @@ def _check_numbers(
         for handle in handles.values():
             handle.close()
     return worst, nan_inf
+
+
+def _check_shift(src: Any, dst: Any, t: TensorInfo, out_start: int, entry: dict, plan: AblationPlan | None,
+                 checks: _Checks) -> None:  # fmt: skip
+    """A router correction bias the plan shifts: the output must be exactly the input plus the planned
+    values, added in float32 and rounded once to the stored dtype (what the engine computes)."""
+    shifts = plan.router_shifts(t.layer) if plan is not None else {int(e): v for e, v in (entry.get("shift") or {}).items()}
+    values = torch.zeros(t.shape, dtype=torch.float32)
+    for expert, value in shifts.items():
+        if not 0 <= expert < values.numel():
+            checks.fail(f"tensor {t.name} ({_where(t)}): the plan shifts expert {expert}, which it lacks")
+            return
+        values[expert] = value
+    old = _read_rows(src, t.start, t, 0, t.shape[0])
+    new = _read_rows(dst, out_start, t, 0, t.shape[0])
+    expected = (old.float() + values).to(old.dtype)
+    wrong = (new != expected).nonzero().flatten().tolist()
+    if wrong:
+        checks.fail(
+            f"tensor {t.name} ({_where(t)}): the correction bias of experts {wrong[:MAX_NAMED]} is not the input plus "
+            f"the planned shift {dict(sorted(shifts.items()))}"
+        )
 
 
 def _handle(handles: dict, path: Path) -> Any:

@@ -1,0 +1,241 @@
+"""A whole ablation plan applied at inference time: what the edited checkpoint computes, without
+rewriting it. `abliterate search` scores every trial this way.
+
+`abliterate.intervention` removes one direction from every write into the residual stream; a
+plan does more: each role of each layer has its own scale (per-role layer kernels), each layer
+its own vector (`matching.direction_for`: the selected, interpolated or per-layer projected
+direction), routers are edited on their input side, and a router's correction bias may be
+shifted. For every tensor the plan edits, the loaded module is changed so that it computes what
+the edited tensor computes (docs/DESIGN.md 2.4):
+
+| edit (plan) | at inference time | why it is the same |
+|---|---|---|
+| writer W [H, in], plain or projected, scale s | forward hook on the module that owns W: `y - s r (r . (y - b))` (b: an unedited bias of that module, else 0) | `W' x = W x - s r (r^T W x)`; a fused expert tensor's module returns the routed sum of its experts' writes, linear in each |
+| writer, norm-preserving | the module's weight replaced by its edited copy while the plan is applied | column rescaling is not a projection of the output |
+| router W [E, H], scale s | forward pre-hook on the router: `x - s (x . r) r` | `W' x = W (x - s r r^T x)` |
+| embedding rows, scale s | forward hook on the embedding: `e - s (e . r) r` | every row is edited alike |
+| router correction bias | the buffer replaced by `bias + values` while the plan is applied | the same values the engine adds |
+
+Replaced tensors are computed as the engine computes them (float32 from the loaded values, one
+rounding to the checkpoint's storage dtype, then the compute dtype), so they equal the edited
+checkpoint's loaded tensors; the hooks are exact in exact arithmetic and differ from the edited
+checkpoint by rounding only (float32 arithmetic, and the storage rounding of the edited weights:
+2^-8 relative per element in bfloat16). tests/test_search.py checks hooked inference against a
+checkpoint edited by the engine. MTP layers, which transformers does not load, are left out.
+
+The modules are found by the family profile's role rules over the loaded parameter and buffer
+names (`model.layers.<i>.<path>`), the same rules that classify the checkpoint's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from abliterate.direction_file import Directions
+from abliterate.engine import TORCH_DTYPES
+from abliterate.errors import AbliterateError
+from abliterate.intervention import project_out
+from abliterate.matching import direction_for
+from abliterate.orthogonalize import norm_preserving_, project_out_
+from abliterate.plan import BIAS_OF, AblationPlan
+from abliterate.profiles import Profile
+
+WRITERS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One loaded parameter or buffer of a decoder layer that a plan may edit."""
+
+    path: str  # inside the layer: `mlp.experts.down_proj`, `self_attn.o_proj.weight`
+    role: str
+    residual_axis: int | None
+
+
+def layer_slots(layer: torch.nn.Module, index: int, profile: Profile) -> list[Slot]:
+    """The parameters and buffers of decoder layer `index` with an editable role, classified by the
+    profile's rules over their full names `model.layers.<index>.<path>`."""
+    slots = []
+    named = list(layer.named_parameters(recurse=True)) + list(layer.named_buffers(recurse=True))
+    for path, _ in named:
+        found = profile.classify(f"model.layers.{index}.{path}")
+        if found is None:
+            continue
+        rule, layer_index, _expert = found
+        if layer_index == index and (rule.role in WRITERS or rule.role in ("router", "router_bias") or
+                                     rule.role in BIAS_OF.values()):  # fmt: skip
+            slots.append(Slot(path, rule.role, rule.residual_axis))
+    return slots
+
+
+def _owner(layer: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return (layer.get_submodule(parent) if parent else layer), attr
+
+
+class PlanEdit:
+    """A resolved plan and its directions file, ready to be applied to loaded modules.
+
+    `storage`: (role, layer) -> the checkpoint's dtype of those tensors (safetensors names: BF16,
+    F32, ...), to round replaced tensors as the engine does; `profile`: the family's role rules."""
+
+    def __init__(self, plan: AblationPlan, directions: Directions, profile: Profile,
+                 storage: dict[tuple[str, int], str] | None = None):  # fmt: skip
+        self.plan = plan
+        self.directions = directions
+        self.profile = profile
+        self.storage = storage or {}
+        self._vectors: dict[int | None, torch.Tensor] = {}
+        self._roles = set(plan.roles())
+        self._slots: dict[int, list[Slot]] = {}
+
+    def vector(self, layer: int | None) -> torch.Tensor:
+        if layer not in self._vectors:
+            self._vectors[layer] = direction_for(self.plan, self.directions, layer)
+        return self._vectors[layer]
+
+    def scale(self, layer: int, role: str) -> float:
+        if role not in self._roles or layer not in self.plan.layers:
+            return 0.0
+        return self.plan.scale_for(layer, role)
+
+    # ---------------------------------------------------------------- the embedding
+
+    def embed_scale(self) -> float:
+        return self.plan.embed_scale if "embed" in self.plan.targets else 0.0
+
+    def embedded(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The embedding output as the edited embedding gives it (rows edited alike)."""
+        s = self.embed_scale()
+        return hidden if s == 0.0 else _project(hidden, self.vector(None), s)
+
+    # ---------------------------------------------------------------- one decoder layer
+
+    @contextmanager
+    def on_layer(self, index: int, layer: torch.nn.Module) -> Iterator[None]:
+        """Within the block, decoder layer `index` (loaded) computes what its edited tensors compute."""
+        if index not in self._slots:
+            self._slots[index] = layer_slots(layer, index, self.profile)
+        slots = self._slots[index]
+        handles: list[Any] = []
+        replaced: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+        try:
+            bias_edited = {s.path.rpartition(".")[0]: s for s in slots if s.role in BIAS_OF.values()
+                           and self.scale(index, s.role) > 0 and self.plan.biases}  # fmt: skip
+            for slot in slots:
+                if slot.role in WRITERS:
+                    self._writer(layer, index, slot, bias_edited, handles, replaced)
+                elif slot.role == "router":
+                    s = self.scale(index, "router")
+                    if s > 0:
+                        owner, _ = _owner(layer, slot.path)
+                        handles.append(owner.register_forward_pre_hook(_input_hook(self.vector(index), s)))
+                elif slot.role == "router_bias":
+                    shifts = self.plan.router_shifts(index)
+                    if shifts:
+                        self._replace(layer, index, slot, replaced, lambda w, shifts=shifts: _shifted(w, shifts))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for owner, attr, original in reversed(replaced):
+                getattr(owner, attr).data = original
+
+    def _writer(self, layer, index: int, slot: Slot, bias_edited: dict, handles: list, replaced: list) -> None:
+        s = self.scale(index, slot.role)
+        if s == 0.0:
+            return
+        r = self.vector(index)
+        owner, _ = _owner(layer, slot.path)
+        module_path = slot.path.rpartition(".")[0]
+        if self.plan.method == "norm_preserving":
+            axis = slot.residual_axis
+            self._replace(layer, index, slot, replaced, lambda w: norm_preserving_(w, r, s, axis))
+            if module_path in bias_edited:  # biases get the plain edit
+                self._replace(layer, index, bias_edited[module_path], replaced, lambda w: project_out_(w, r, s, 0))
+            return
+        bias = getattr(owner, "bias", None) if isinstance(getattr(owner, "bias", None), torch.Tensor) else None
+        if module_path in bias_edited:
+            bias = None  # edited with the same scale: the whole output is projected
+        handles.append(owner.register_forward_hook(_output_hook(r, s, bias)))
+
+    def _replace(self, layer, index: int, slot: Slot, replaced: list, edit) -> None:
+        """Replace a parameter or buffer by its edited copy: float32, edited, rounded once to the
+        checkpoint's storage dtype, then back to the loaded dtype."""
+        owner, attr = _owner(layer, slot.path)
+        tensor = getattr(owner, attr)
+        original = tensor.data
+        work = original.detach().to(torch.float32).clone().contiguous()
+        edit(work)
+        stored = TORCH_DTYPES.get(self.storage.get((slot.role, index), ""), original.dtype)
+        tensor.data = work.to(stored).to(original.dtype)
+        replaced.append((owner, attr, original))
+
+    # ---------------------------------------------------------------- a whole loaded model
+
+    @contextmanager
+    def applied(self, model: Any) -> Iterator[None]:
+        """Within the block, a loaded transformers causal LM (model.model.embed_tokens and
+        model.model.layers) computes what the edited checkpoint computes."""
+        from abliterate.measure import decoder_layers
+
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        with ExitStack() as stack:
+            if self.embed_scale() > 0:
+                handle = base.embed_tokens.register_forward_hook(_output_hook(self.vector(None), self.embed_scale(), None))
+                stack.callback(handle.remove)
+            for index, layer in enumerate(decoder_layers(model)):
+                stack.enter_context(self.on_layer(index, layer))
+            yield
+
+
+def storage_dtypes(inventory: Any) -> dict[tuple[str, int], str]:
+    """(role, layer) -> the dtype the checkpoint stores those tensors in (the first one found)."""
+    out: dict[tuple[str, int], str] = {}
+    for t in inventory.tensors.values():
+        if t.role is not None and t.layer is not None:
+            out.setdefault((t.role, t.layer), t.dtype)
+    return out
+
+
+def _project(hidden: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
+    if s == 1.0:
+        return project_out(hidden, r)
+    unit = r.to(device=hidden.device, dtype=hidden.dtype)
+    return hidden - s * (hidden @ unit).unsqueeze(-1) * unit
+
+
+def _output_hook(r: torch.Tensor, s: float, bias: torch.Tensor | None):
+    """y -> y - s r (r . (y - b)): the output of W' x + b with W' = W - s r r^T W."""
+
+    def hook(_module, _inputs, output):
+        y = output[0] if isinstance(output, tuple) else output
+        unit = r.to(device=y.device, dtype=y.dtype)
+        written = y if bias is None else y - bias.to(y.dtype)
+        edited = y - s * (written @ unit).unsqueeze(-1) * unit
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    return hook
+
+
+def _input_hook(r: torch.Tensor, s: float):
+    """x -> x - s (x . r) r: what a reader with W' = W - s (W r) r^T reads."""
+
+    def hook(_module, args, kwargs=None):
+        if not args:
+            raise AbliterateError("a router was called without positional input: cannot apply its edit")
+        return (_project(args[0], r, s), *args[1:])
+
+    return hook
+
+
+def _shifted(w: torch.Tensor, shifts: dict[int, float]) -> torch.Tensor:
+    values = torch.zeros_like(w)
+    for expert, value in shifts.items():
+        values[expert] = value
+    return w.add_(values)
