@@ -94,6 +94,7 @@ def residual_of(entry: dict, w: torch.Tensor, w2: torch.Tensor, r: torch.Tensor)
     return float((r @ w2.reshape(w2.shape[0], -1)).norm() / w.norm())
 
 
+# The tests on it are slow: ablating all 18,329 tensors of the layout takes about 4 s, each check 1-4 s.
 @pytest.fixture(scope="module")
 def default_run(glm_air_layout, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate")
@@ -105,6 +106,7 @@ def default_run(glm_air_layout, tmp_path_factory):
     return src, directions, out, manifest, before
 
 
+@pytest.mark.slow
 def test_default_plan_edits_exactly_the_expected_tensors(default_run):
     src, _, out, manifest, before = default_run
     assert manifest["counts"] == DEFAULT_COUNTS
@@ -122,6 +124,7 @@ def test_default_plan_edits_exactly_the_expected_tensors(default_run):
     assert file_hashes(src) == before  # the input is never modified
 
 
+@pytest.mark.slow
 def test_output_layout_is_identical(default_run):
     src, _, out, manifest, _ = default_run
     inventory = build_inventory(src)
@@ -141,6 +144,7 @@ def test_output_layout_is_identical(default_run):
     assert {"torch", "safetensors", "transformers"} <= set(manifest["versions"])
 
 
+@pytest.mark.slow
 def test_plain_edits_leave_residuals_at_rounding_level(default_run):
     src, directions_path, out, manifest, _ = default_run
     inputs = load_inputs(src, directions_path)
@@ -158,6 +162,7 @@ def test_plain_edits_leave_residuals_at_rounding_level(default_run):
         assert value < (FP32_LEVEL if role == "router" else BF16_LEVEL), role
 
 
+@pytest.mark.slow
 def test_router_stays_fp32_and_experts_bf16(default_run):
     src, _, out, manifest, _ = default_run
     router = next(e for e in manifest["edited"] if e["role"] == "router")
