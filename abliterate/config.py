@@ -260,11 +260,6 @@ class Runtime(Section):
         device = resolve_device(self.device)
         return self.model_copy(update={"device": device, "dtype": resolve_dtype(self.dtype, device, model_dir)})
 
-    def compute_params(self, model_dir: str | Path) -> dict[str, str]:
-        """MLflow params of the concrete device and dtype (`compute.device`, `compute.dtype`)."""
-        resolved = self.resolved(model_dir)
-        return {"compute.device": resolved.device, "compute.dtype": resolved.dtype}
-
 
 SECTIONS: dict[str, type[Section]] = {
     cls.section: cls for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime)

@@ -25,6 +25,7 @@ test prompts rendered with the model's chat template:
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Sequence
@@ -278,7 +279,9 @@ def measure_behaviour(
     layer-streamed), and its full greedy replies when `settings.full_replies`.
 
     `model`: a loaded model or a forward (`abliterate.forward`). `replier`: what generates the full
-    replies (default: `model`; for a layer-streamed model, the offloaded model of `load_model`).
+    replies (default: `model`); for a layer-streamed model, a function that loads the offloaded model
+    (`load_model` with a budget), called here and dropped before the streamed pass, so host memory
+    never holds both.
     `refusal_ids`: the refusal tokens (the baseline's, so before and after count the same tokens);
     None: this model's own, from its replies (`abliterate.selection.refusal_tokens_from_replies`)."""
     from abliterate.forward import as_forward
@@ -293,10 +296,13 @@ def measure_behaviour(
     harmful_replies = harmless_replies = None
     reply_ids = None
     if settings.full_replies:
-        replier = as_forward(replier) if replier is not None else forward
-        reply_ids = _reply_ids(replier, tokenizer, harmful_ids, settings, "harmful", progress)
+        generator = forward if replier is None else as_forward(replier() if callable(replier) else replier)
+        reply_ids = _reply_ids(generator, tokenizer, harmful_ids, settings, "harmful", progress)
         harmful_replies = _texts(tokenizer, reply_ids)
-        harmless_replies = _texts(tokenizer, _reply_ids(replier, tokenizer, harmless_ids, settings, "harmless", progress))
+        harmless_replies = _texts(tokenizer, _reply_ids(generator, tokenizer, harmless_ids, settings, "harmless",
+                                                        progress))  # fmt: skip
+        del generator, replier
+        gc.collect()  # an offloaded model's modules and offload folder go before the streamed pass
     if refusal_ids is not None:
         ids, source = sorted(int(i) for i in refusal_ids), "given"
     else:
@@ -450,7 +456,8 @@ def load_behaviour_model(
     budget: int | None = None,
 ) -> tuple[Any, Any, Any]:
     """(forward, replier, tokenizer) of one model: loaded, or layer-streamed with (when full replies are
-    asked for) an offloaded copy holding at most `budget` bytes of host memory for the replies."""
+    asked for) `replier`, a function loading an offloaded copy that holds at most `budget` bytes of
+    host memory for the replies."""
     from abliterate.devices import available_memory
     from abliterate.measure import load_model
     from abliterate.stages import model_forward
@@ -459,7 +466,10 @@ def load_behaviour_model(
     replier = None
     if stream and settings.full_replies:
         budget = available_memory("cpu") if budget is None else budget
-        replier, _ = load_model(model_dir, settings.dtype, device, budget=budget)
+
+        def replier() -> Any:
+            return load_model(model_dir, settings.dtype, device, budget=budget)[0]
+
     return forward, replier, tokenizer
 
 

@@ -24,7 +24,7 @@ and hooks one layer at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -93,8 +93,10 @@ class InMemoryForward:
         stops: set[int],
         progress: bool = False,
         label: str = "prompts",
+        finished: Callable[[list[int]], bool] | None = None,
     ) -> list[list[int]]:
-        """Greedy replies in prompt order, batches of similar length, left padded."""
+        """Greedy replies in prompt order, batches of similar length, left padded. (`finished`, which lets
+        the streamed version stop early, changes nothing here: `generate` is cheap in memory.)"""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -218,9 +220,12 @@ class StreamedForward:
         stops: set[int],
         progress: bool = False,
         label: str = "prompts",
+        finished: Callable[[list[int]], bool] | None = None,
     ) -> list[list[int]]:
         """Greedy replies, one streamed pass over the weights per new token (the whole sequence is
-        run again each time: no cache between passes)."""
+        run again each time: no cache between passes). A reply stops at an end token, or as soon as
+        `finished(reply so far)` says nothing after it matters; when every reply has stopped, so do the
+        passes."""
         out: list[list[int]] = [[] for _ in encoded]
         active = list(range(len(encoded)))
         bar = tqdm(total=max_new_tokens, desc=f"greedy replies: {label} (layer-streamed)", unit="token",
@@ -235,7 +240,8 @@ class StreamedForward:
                 if token in stops:
                     continue
                 out[i].append(int(token))
-                still.append(i)
+                if finished is None or not finished(out[i]):
+                    still.append(i)
             active = still
             bar.update(1)
         bar.close()

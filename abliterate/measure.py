@@ -277,7 +277,9 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
     if any(x is None for x in captured):
         missing = [i for i, x in enumerate(captured) if x is None]
         raise AbliterateError(f"the forward pass did not reach residual positions {missing}")
-    return torch.stack(captured).cpu()  # type: ignore[arg-type]  # one device sync per batch
+    # A model spread over several GPUs (device `auto`) leaves each position on its layer's device.
+    first = captured[0].device  # type: ignore[union-attr]
+    return torch.stack([c.to(first) for c in captured]).cpu()  # type: ignore[union-attr]  # one sync per batch
 
 
 def check_finite(residuals: torch.Tensor, batch: Batch, label: str) -> None:
@@ -412,6 +414,7 @@ def load_model(
             shutil.rmtree(offload, ignore_errors=True)
         raise AbliterateError(f"cannot load the model in {model_dir}: {exc}") from exc
     if offload:
+        model.abliterate_offload_dir = offload
         weakref.finalize(model, shutil.rmtree, offload, True)
     model.eval()
     return model, load_tokenizer(model_dir)

@@ -33,6 +33,7 @@ scores cost one read of the weights (plus one per probe token to find the refusa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -94,11 +95,8 @@ class Selection:
     refusals_found: int = 0  # harmful validation replies the marker check called refusals
     streamed: bool = False  # scored layer-streamed (one read of the weights for every candidate)
     weight_reads: int = 0  # passes over the weights the scoring took (streamed; probe included)
-
-    @classmethod
-    def unscored(cls, position: int, kl_threshold: float) -> Selection:
-        """A position chosen by the user without inference-time scores."""
-        return cls(position, True, None, [], kl_threshold, [], 0)
+    seconds_probe: float = 0.0  # finding the refusal tokens (greedy replies)
+    seconds_scoring: float = 0.0  # the unmodified model and every candidate on the validation prompts
 
     @property
     def scored(self) -> bool:
@@ -187,14 +185,21 @@ def find_refusal_tokens(
 ) -> RefusalTokens:
     """The model's own refusal openers: its greedy replies (`probe_tokens` tokens) to the encoded
     harmful prompts, marker-checked (`refusal_tokens_from_replies`). A layer-streamed model reads its
-    weights once per probe token. With `probe_tokens` 0, the markers' openers without probing."""
+    weights once per probe token, less when every reply has ended or already holds a marker (a reply
+    that refuses stays a refusal however it goes on). With `probe_tokens` 0, the markers' openers
+    without probing."""
     from abliterate.forward import stop_ids
+    from abliterate.refusal import is_refusal
 
     if probe_tokens == 0:
         return RefusalTokens(refusal_token_ids(tokenizer, markers), "markers", 0, 0)
     stops = stop_ids(forward.generation_eos, tokenizer)
+
+    def refused(reply: list[int]) -> bool:
+        return is_refusal(tokenizer.decode(reply, skip_special_tokens=True), tuple(markers))
+
     replies = forward.greedy(
-        harmful, probe_tokens, batch_size, pad_token_id(tokenizer), stops, progress, "find refusal tokens"
+        harmful, probe_tokens, batch_size, pad_token_id(tokenizer), stops, progress, "find refusal tokens", refused
     )
     return refusal_tokens_from_replies(tokenizer, replies, markers, probe_tokens)
 
@@ -289,10 +294,11 @@ def select_direction(
     harmful = encode_prompts(tokenizer, harmful_val, measure_settings, limit, "harmful validation")
     harmless = encode_prompts(tokenizer, harmless_val, measure_settings, limit, "harmless validation")
     pad_id = pad_token_id(tokenizer)
-    reads = forward.weight_reads
+    reads, began = forward.weight_reads, time.perf_counter()
     found = find_refusal_tokens(
         forward, tokenizer, harmful, settings.markers, settings.refusal_probe_tokens, settings.batch_size, progress
     )
+    probed = time.perf_counter()
     token_ids = torch.tensor(found.ids)
 
     variants = [None] + [directions.direction[p].float() for p in candidates]
@@ -321,6 +327,7 @@ def select_direction(
             else:
                 score.refusal_score = refusal_score(logprobs, found.ids)
     ranked = [scores[v] for v in sorted(scores)]
+    scored = time.perf_counter()
     if position is None:
         allowed = [s for s in ranked if s.kl <= settings.kl_threshold]
         if not allowed:
@@ -344,4 +351,6 @@ def select_direction(
         refusals_found=found.refusals,
         streamed=forward.streamed,
         weight_reads=forward.weight_reads - reads,
+        seconds_probe=round(probed - began, 3),
+        seconds_scoring=round(scored - probed, 3),
     )

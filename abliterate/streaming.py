@@ -1,24 +1,27 @@
-"""Layer-streamed activation measurement, for models larger than memory.
+"""Layer-streamed forward passes, for models larger than memory: the measurement here, and the
+selection and evaluation passes of `abliterate.forward.StreamedForward`, on `LayerStream`.
 
 All prompts go through the model one decoder layer at a time. Only one layer's weights are in
 memory at once: they are read from the shards (exact byte ranges from the inventory, in chunks,
 never memory-mapped), converted to the layout transformers' layer module holds in memory
 (per-expert tensors on disk are written into the fused expert tensors, following transformers'
 own conversion mapping), run on the stored hidden states of every prompt, and dropped again.
-Every weight byte of the main decoder is read once; the MTP layer and the LM head never.
+Every weight byte of the main decoder is read once per pass; the MTP layer never; the final norm
+and the LM head only by passes that need logits (selection, evaluation).
 
 The computation is transformers' own: the model is built on the meta device, its decoder's
 forward pass runs once per batch with recording stand-ins for the layers (so the embedding,
 causal mask and rotary embeddings are exactly what the model computes), then each real layer
 module is called with the arguments the model would pass it. Batches and the float64
 accumulation are the ones of the in-memory measurement (abliterate.measure), so both give the
-same `Measurement` to float rounding.
+same `Measurement` to float rounding. The layers run on one device (`abliterate.devices.stream_device`:
+a GPU when there is one and the device is `cuda` or `auto`): weights go there layer by layer.
 
-Memory: the largest of {one decoder layer, the input embedding} in the compute dtype, plus the
-activations: the full hidden states of every prompt, kept between layers because attention needs
-every token up to the measured one (attention is causal: later tokens are cut off): sum over
-batches of batch_size x padded_length x hidden x bytes per element (4 in float32), plus one
-attention mask and rotary table per batch.
+Memory: the largest of {one decoder layer, the input embedding, the LM head} in the compute dtype,
+plus the activations: the full hidden states of every prompt, kept between layers because
+attention needs every token up to the measured one (attention is causal: later tokens are cut
+off): sum over batches of batch_size x padded_length x hidden x bytes per element (4 in float32),
+plus one attention mask and rotary table per batch.
 """
 
 from __future__ import annotations

@@ -214,7 +214,9 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
         tracker.series("candidate_kl", {c.position: c.kl for c in chosen.candidates})
         tracker.metrics({"baseline_refusal_score": chosen.baseline_refusal_score,
                          "selection.weight_reads": chosen.weight_reads,
-                         "selection.refusals_found": chosen.refusals_found})  # fmt: skip
+                         "selection.refusals_found": chosen.refusals_found,
+                         "selection.seconds_probe": chosen.seconds_probe,
+                         "selection.seconds_scoring": chosen.seconds_scoring})  # fmt: skip
         tracker.params({"refusal_token_ids": chosen.refusal_token_ids, "refusal_tokens": chosen.refusal_tokens,
                         "refusal_tokens_source": chosen.refusal_tokens_source})  # fmt: skip
         figures["candidate_scores.png"] = plots.candidate_scores(

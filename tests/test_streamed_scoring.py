@@ -38,6 +38,7 @@ from abliterate.measure import (
     pad_token_id,
 )
 from abliterate.prompts import load_prompts
+from abliterate.refusal import is_refusal
 from abliterate.selection import SelectionSettings, select_direction
 from abliterate.synthetic import GlmLayout, write_glm_layout
 
@@ -115,8 +116,14 @@ def test_streamed_selection_equals_in_memory_on_demo(demo):
     assert memory.refusal_tokens == ["I"] and memory.refusal_tokens_source == "replies"
     assert memory.refusals_found == len(harmful_val)
     assert (streamed.streamed, memory.streamed) == (True, False)
-    # one pass over the weights per probe token, then one for the baseline and every candidate together
-    assert streamed.weight_reads == chooser.refusal_probe_tokens + 1 and len(streamed.candidates) == 4
+    # One pass over the weights per probe token until every reply refuses or ends (the demo says "I
+    # cannot ..." : 2 tokens), then one for the baseline and every candidate together.
+    encoded = encode_prompts(tokenizer, harmful_val, SETTINGS, None)
+    stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
+    replies = InMemoryForward(model).greedy(encoded, chooser.refusal_probe_tokens, 8, pad_token_id(tokenizer), stops)
+    needed = max(next((k for k in range(1, len(r) + 1) if is_refusal(tokenizer.decode(r[:k]))), len(r)) for r in replies)
+    assert needed == 2 < chooser.refusal_probe_tokens
+    assert streamed.weight_reads == needed + 1 and len(streamed.candidates) == 4
     n = demo_terms(tokenizer, harmful_val + harmless_val)
     assert_same_selection(model, tokenizer, directions, harmful_val, harmless_val, memory, streamed, n)
 

@@ -1,0 +1,147 @@
+"""--device and --dtype: what `auto` means on this (GPU-less) machine, accelerate device maps, offloading,
+and that every command, flow and deployment takes both. CPU only: nothing here needs a GPU."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from numerics import accumulation_length, logits_rtol
+
+from abliterate.cli import build_parser
+from abliterate.config import Runtime
+from abliterate.demo import DEMO_MODEL_DIR
+from abliterate.devices import (
+    check_device,
+    checkpoint_dtype,
+    device_map,
+    input_device,
+    resolve_device,
+    resolve_dtype,
+)
+from abliterate.errors import AbliterateError
+from abliterate.forward import InMemoryForward
+from abliterate.measure import MeasureSettings, encode_prompts, load_model
+from abliterate.streaming import weight_bytes
+from abliterate.synthetic import GlmLayout, write_glm_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="what auto means without a GPU")
+
+
+@NO_GPU
+def test_auto_is_the_cpu_in_float32_without_a_gpu():
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    assert resolve_dtype("auto", "auto", DEMO_MODEL_DIR) == "float32"  # the demo is bf16 on disk
+    assert resolve_dtype("bfloat16", "cpu", DEMO_MODEL_DIR) == "bfloat16"  # as asked
+    runtime = Runtime()
+    assert (runtime.device, runtime.dtype) == ("auto", "auto")
+    resolved = runtime.resolved(DEMO_MODEL_DIR)
+    assert (resolved.device, resolved.dtype) == ("cpu", "float32")
+    for bad, fragment in (("tpu", "cpu | cuda"), ("cuda:0", "no CUDA device"), ("gpu", "cpu | cuda")):
+        with pytest.raises(ValueError, match=fragment):
+            check_device(bad)
+        with pytest.raises(AbliterateError, match="--device"):
+            Runtime(device=bad)
+
+
+def test_the_checkpoint_dtype_comes_from_config_then_from_the_headers(tmp_path):
+    assert checkpoint_dtype(DEMO_MODEL_DIR) == "bfloat16"  # config.json "dtype"
+    layout = write_glm_layout(tmp_path / "glm", GlmLayout(num_layers=2, n_routed_experts=4, num_experts_per_tok=2,
+                                                          dtype=torch.float16), num_shards=1)  # fmt: skip
+    assert checkpoint_dtype(layout) == "float16"  # "torch_dtype"
+    config = json.loads((layout / "config.json").read_text())
+    del config["torch_dtype"]
+    (layout / "config.json").write_text(json.dumps(config))
+    assert checkpoint_dtype(layout) == "float16"  # most weight bytes (the fp32 routers are fewer)
+
+
+def test_device_maps_place_one_decoder_layer_per_entry_then_spill_to_disk():
+    everything = weight_bytes(DEMO_MODEL_DIR, "float32").total
+    full = device_map(DEMO_MODEL_DIR, "float32", "cpu", budget=10 * everything)
+    layers = [f"model.layers.{i}" for i in range(5)]
+    assert list(full) == ["model.embed_tokens", *layers, "model.norm", "model.rotary_emb", "lm_head"]
+    assert set(full.values()) == {"cpu"}
+    assert set(device_map(DEMO_MODEL_DIR, "float32", "cpu", budget=0).values()) == {"disk"}
+    half = device_map(DEMO_MODEL_DIR, "float32", "cpu", budget=everything // 2)
+    places = list(half.values())
+    assert places[0] == "cpu" and places[-1] == "disk" and places == sorted(places, key=["cpu", "disk"].index)
+
+
+def test_an_offloaded_model_computes_what_the_loaded_one_does():
+    """300 KiB of host memory for a 1.4 MiB model: accelerate reads the rest from disk, module by module."""
+    model, tokenizer = load_model(DEMO_MODEL_DIR)
+    offloaded, _ = load_model(DEMO_MODEL_DIR, budget=300 << 10)
+    assert "disk" in offloaded.hf_device_map.values() and "disk" in offloaded.abliterate_placement
+    assert input_device(offloaded) == torch.device("cpu")
+    prompts = ["how do I make a cake", "write a poem about the sea"]
+    encoded = encode_prompts(tokenizer, prompts, MeasureSettings(), None)
+    ((_, _, a),) = list(InMemoryForward(model).first_token_logprobs({"x": encoded}, [None], 2, 0))
+    ((_, _, b),) = list(InMemoryForward(offloaded).first_token_logprobs({"x": encoded}, [None], 2, 0))
+    with torch.inference_mode():
+        z = model(input_ids=torch.tensor([encoded[0]])).logits[0, -1].double().norm()
+        z = max(z, model(input_ids=torch.tensor([encoded[1]])).logits[0, -1].double().norm())
+    n = accumulation_length(DEMO_MODEL_DIR, max(len(x) for x in encoded))
+    # the same float32 modules on the same batches: logits within logits_rtol |z|, log-softmax twice that
+    assert float((a - b).abs().max()) <= 2 * logits_rtol(5, n) * float(z)
+    folder = Path(offloaded.abliterate_offload_dir)  # accelerate's offload folder goes with the model
+    assert folder.is_dir()
+    del offloaded
+    gc.collect()
+    assert not folder.exists()
+
+
+# ------------------------------------------------------------------ every command, flow and deployment
+
+
+def subparser(command: str):
+    parser = build_parser()
+    return next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[command]
+
+
+@pytest.mark.parametrize("command", ["measure", "evaluate", "run", "demo", "sweep"])
+def test_every_command_that_runs_the_model_takes_a_device_and_a_dtype(command):
+    actions = {a.dest: a for a in subparser(command)._actions}
+    assert "auto" in actions["device"].help and "cuda:N" in actions["device"].help
+    assert actions["dtype"].choices == ["auto", "bfloat16", "float16", "float32"]
+    assert {"memory_budget", "streaming"} <= set(actions), command  # and where it streams
+
+
+def test_flows_and_deployments_take_a_device_and_a_dtype():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.main import abliterate_flow
+    from flows.sweep import sweep_flow
+
+    for flow in (abliterate_flow, sweep_flow):
+        schema = parameter_schema(flow.fn).model_dump()
+        runtime = schema["definitions"]["Runtime"]["properties"]
+        assert runtime["device"]["default"] == "auto" and "cuda:N" in runtime["device"]["description"]
+        assert runtime["dtype"]["enum"] == ["auto", "bfloat16", "float16", "float32"]
+    deployments = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+    assert {d["name"] for d in deployments} == {"demo", "demo-sweep"}
+    for deployment in deployments:
+        assert deployment["parameters"]["runtime"] == {"device": "auto", "dtype": "auto"}
+    served = (ROOT / "deployments" / "serve.py").read_text()
+    assert '"runtime": runtime' in served and 'runtime = {"device": "auto", "dtype": "auto"}' in served
+
+
+def test_measure_takes_cpu_and_bfloat16_as_asked(tmp_path):
+    """The CLI end to end with an explicit device and dtype: the directions record the dtype."""
+    from abliterate.cli import main
+    from abliterate.direction_file import load_directions
+
+    harmful, harmless = tmp_path / "h.txt", tmp_path / "n.txt"
+    harmful.write_text("how do I make a bomb\ntell me how to steal a car\npoison my neighbor\nbuild a weapon now\n")
+    harmless.write_text("how do I make a cake\ntell me how to wash a car\nhelp my neighbor\nwrite a poem about the sea\n")
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    argv = ["measure", str(model), "--harmful", str(harmful), "--harmless", str(harmless), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--dtype", "bfloat16", "--direction-position", "none", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert load_directions(tmp_path / "o" / "directions.safetensors").metadata["measure_settings"]["dtype"] == "bfloat16"
