@@ -1,0 +1,171 @@
+"""FP8 (float8_e4m3fn) weights with scales: formats, block dequantization and requantization.
+
+The one place that knows how an FP8 checkpoint stores a matrix. Two families, both read from
+config.json's `quantization_config`:
+
+| family | `quant_method` | weight | scale tensor | scale grid |
+|---|---|---|---|---|
+| transformers fine-grained FP8 (GLM-4.5-Air-FP8, DeepSeek) | `fp8` | `<m>.weight` F8_E4M3 [out, in] | `<m>.weight_scale_inv` F32 | [ceil(out/bm), ceil(in/bn)], `weight_block_size` [bm, bn] |
+| compressed-tensors float8 (llm-compressor) | `compressed-tensors`, weights `type: float`, `num_bits: 8` | `<m>.weight` F8_E4M3 | `<m>.weight_scale` F32 | strategy `channel` [out, 1], `block` (`block_structure`), `tensor` [1] |
+
+In both the stored scale multiplies: `W[i, j] = float(q[i, j]) * scale[i // bm, j // bn]`
+(transformers' `Fp8Dequantize`; compressed-tensors' `dequantize`). One routine covers them all:
+a channel scale is a block of (1, in), a tensor scale one block of (out, in). A weight with
+leading dimensions (fused experts [E, out, in]) has scales [E, gm, gn].
+
+Which tensors are quantized: exactly the F8_E4M3 tensors with a sibling scale in the checkpoint
+(the shards say it, whatever `modules_to_not_convert` / `ignore` list): in GLM-4.5-Air-FP8 every
+linear projection of the decoder (attention q/k/v/o, dense MLP, routed and shared experts); the
+embedding, the LM head, the norms, the routers (`mlp.gate`, float32) and their correction biases
+stay unquantized. Activation scales (`input_scale`, a static activation scheme) are left as they
+are. Zero points (asymmetric schemes) and other formats are refused by the caller.
+
+Requantization (the inverse, as transformers' `Fp8Quantize` computes it): per block,
+`scale = amax / 448` (1 for an all-zero block), `q = clamp(W / scale, -448, 448)` rounded to
+nearest even in float8_e4m3fn. Deterministic: the same float32 W gives the same bytes.
+
+Rounding bound. e4m3 has 3 mantissa bits: unit roundoff `u = 2^-4` for normal values; below
+2^-6 (scaled) the spacing is 2^-9, so an element moves by at most `max(u |x|, 2^-10 * scale)`.
+Hence `|W_q - W|_F <= u |W|_F + 2^-10 |S|_F`, with S the scale broadcast over its block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from abliterate.errors import AbliterateError
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
+UNIT_ROUNDOFF = 2.0**-4  # e4m3: 3 mantissa bits
+SUBNORMAL_HALF_SPACING = 2.0**-10  # half the spacing below the smallest normal 2^-6
+STORED_DTYPE = "F8_E4M3"
+SCALE_DTYPE = "F32"
+
+
+@dataclass(frozen=True)
+class Fp8Format:
+    """How a checkpoint stores its FP8 weights."""
+
+    method: str  # "fp8" (transformers fine-grained) | "compressed-tensors"
+    scale_suffix: str  # "weight_scale_inv" | "weight_scale": the scale's name replaces "weight"
+    block: tuple[int, int] | None  # None: from the scale's shape (channel / tensor strategies)
+
+    def scale_name(self, weight_name: str) -> str:
+        return weight_name.removesuffix("weight") + self.scale_suffix
+
+
+def format_from_config(config: dict) -> Fp8Format | None:
+    """The FP8 format `config.json` declares; None without a `quantization_config`.
+
+    Raises `AbliterateError` for any other quantization (MXFP4, NVFP4, bitsandbytes, GPTQ, AWQ, ...).
+    """
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "fp8":
+        if qc.get("scale_fmt") not in (None, "float32", "fp32"):
+            raise unsupported(f"fp8 with scale_fmt {qc.get('scale_fmt')}")
+        block = qc.get("weight_block_size")
+        return Fp8Format("fp8", "weight_scale_inv", tuple(block) if block else None)
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        block = None
+        for group in groups.values():
+            weights = (group or {}).get("weights") or {}
+            if weights.get("type") != "float" or weights.get("num_bits") != 8:
+                raise unsupported(f"compressed-tensors {weights.get('type')} {weights.get('num_bits')}-bit weights")
+            if weights.get("symmetric") is False:
+                raise unsupported("compressed-tensors asymmetric float8 (zero points)")
+            if weights.get("strategy") == "block":
+                block = tuple(weights.get("block_structure") or ())
+            elif weights.get("strategy") not in ("channel", "tensor"):
+                raise unsupported(f"compressed-tensors float8 with strategy {weights.get('strategy')}")
+        return Fp8Format("compressed-tensors", "weight_scale", block or None)
+    raise unsupported(method or "an unnamed quant_method")
+
+
+def unsupported(kind: str) -> AbliterateError:
+    return AbliterateError(
+        f"quantization {kind} is not supported: only FP8 e4m3 with scales (transformers' fp8, "
+        "compressed-tensors float8) is edited; ablate the unquantized (bf16/fp16/fp32) checkpoint and quantize after"
+    )
+
+
+def grid(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, int]:
+    """The block (bm, bn) of a weight of `shape` whose scales have `scale_shape`; errors if they disagree."""
+    if len(shape) < 2:
+        raise AbliterateError(f"an FP8 weight of shape {list(shape)} is not a matrix")
+    out, inp = shape[-2:]
+    lead = math.prod(shape[:-2])
+    numel = math.prod(scale_shape)
+    if block is None:  # channel ([out, 1]) or tensor ([1] / []) scales, from the scale's size
+        if numel == lead * out:
+            block = (1, inp)
+        elif numel == lead:
+            block = (out, inp)
+        else:
+            raise AbliterateError(f"FP8 scales {list(scale_shape)} fit no channel or tensor grid of {list(shape)}")
+    bm, bn = block
+    if numel != lead * math.ceil(out / bm) * math.ceil(inp / bn):
+        raise AbliterateError(f"FP8 scales {list(scale_shape)} do not match weight {list(shape)} in blocks {list(block)}")
+    return bm, bn
+
+
+def _blocks(x: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x [..., out, in] zero-padded to whole blocks, viewed [lead, gm, bm, gn, bn]."""
+    out, inp = x.shape[-2:]
+    gm, gn = math.ceil(out / bm), math.ceil(inp / bn)
+    x = x.reshape(-1, out, inp)
+    if gm * bm != out or gn * bn != inp:
+        x = torch.nn.functional.pad(x, (0, gn * bn - inp, 0, gm * bm - out))
+    return x.reshape(x.shape[0], gm, bm, gn, bn), (x.shape[0], gm, gn)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 W = q * scale per block; q float8 [..., out, in], scale of the grid's size."""
+    shape = q.shape
+    x, grid_shape = _blocks(q.to(torch.float32), *block)
+    x = x * scale.to(torch.float32).reshape(grid_shape)[:, :, None, :, None]
+    return _unblock(x, shape)
+
+
+def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn shaped like w, scale float32 [lead, gm, gn]): fresh per-block scales amax / 448."""
+    shape = w.shape
+    x, _ = _blocks(w.to(torch.float32), *block)
+    amax = x.abs().amax(dim=(2, 4))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (x / scale[:, :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return _unblock(q, shape), scale
+
+
+def _unblock(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    lead, gm, bm, gn, bn = x.shape
+    x = x.reshape(lead, gm * bm, gn * bn)[:, : shape[-2], : shape[-1]]
+    return x.reshape(shape).contiguous()
+
+
+def broadcast_scale_norm(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int]) -> float:
+    """|S|_F: the scales broadcast over the elements of their (possibly partial) blocks, in float64."""
+    out, inp = shape[-2:]
+    bm, bn = block
+    rows = torch.tensor([min(bm, out - i * bm) for i in range(math.ceil(out / bm))], dtype=torch.float64)
+    cols = torch.tensor([min(bn, inp - j * bn) for j in range(math.ceil(inp / bn))], dtype=torch.float64)
+    s = scale.to(torch.float64).reshape(-1, len(rows), len(cols))
+    return float(((s * s) * rows[:, None] * cols[None, :]).sum().sqrt())
+
+
+def rounding_bound(w_norm: float, scale_norm: float) -> float:
+    """Largest |W_q - W|_F of a requantized W: u |W|_F + 2^-10 |S|_F (module docstring), plus the
+    float32 division by the scale and the multiplication back (2^-24 each, 2^-22 with headroom)."""
+    return (UNIT_ROUNDOFF + 2.0**-22) * w_norm + SUBNORMAL_HALF_SPACING * scale_norm
+
+
+def describe(fmt: Fp8Format | None) -> dict[str, Any] | None:
+    return None if fmt is None else {"method": fmt.method, "scale_suffix": fmt.scale_suffix, "block": fmt.block}
