@@ -205,9 +205,9 @@ def first_token_delta(model, encoded, n: int, direction: torch.Tensor | None = N
 
 def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: list[str]) -> dict[str, float]:
     """Bounds on the difference of each first-token figure of abliterate.evaluate between two float32
-    evaluations of `model_dir` against `baseline_dir` (in memory and layer-streamed). The first-token
-    refusal rates count greedy first tokens: they are equal (bound 0) when every prompt's top-two margin
-    exceeds twice the log-probability bound, which this asserts."""
+    evaluations of `model_dir` against `baseline_dir` (in memory and layer-streamed). A first-token
+    refusal rate counts greedy first tokens: only a prompt whose top-two margin is within twice the
+    log-probability bound can change its token, so the rate moves by at most their share."""
     from abliterate.evaluate import EvalSettings, encode
     from abliterate.forward import InMemoryForward
     from abliterate.measure import load_model
@@ -217,20 +217,18 @@ def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: lis
     settings = EvalSettings()
     ids = {"harmful": encode(tokenizer, harmful, settings, "harmful"), "harmless": encode(tokenizer, harmless, settings, "harmless")}
     n = accumulation_length(baseline_dir, max(len(x) for x in ids["harmful"] + ids["harmless"]))
-    deltas, logprobs = {}, {}
+    deltas, logprobs, bounds = {}, {}, {}
     for name, (model, _) in models.items():
         deltas[name] = first_token_delta(model, ids["harmful"] + ids["harmless"], n)
         for kind, encoded in ids.items():
             ((_, _, lp),) = list(InMemoryForward(model).first_token_logprobs({kind: encoded}, [None], 8, 0))
             logprobs[name, kind] = lp
-            assert bool((greedy_margin(lp) > 2 * logprob_atol(deltas[name])).all()), (name, kind)
+            close = float((greedy_margin(lp) <= 2 * logprob_atol(deltas[name])).double().mean())
+            bounds[f"{'baseline_' if name == 'before' else ''}first_token_refusal_rate_{kind}"] = close
     return {
+        **bounds,
         "refusal_score_harmful": logodds_atol(deltas["after"]),
         "baseline_refusal_score_harmful": logodds_atol(deltas["before"]),
         "kl_harmless": kl_atol(deltas["before"], deltas["after"], logprobs["before", "harmless"],
                                logprobs["after", "harmless"]),  # fmt: skip
-        "first_token_refusal_rate_harmful": 0.0,
-        "first_token_refusal_rate_harmless": 0.0,
-        "baseline_first_token_refusal_rate_harmful": 0.0,
-        "baseline_first_token_refusal_rate_harmless": 0.0,
     }

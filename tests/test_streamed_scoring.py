@@ -176,8 +176,11 @@ def test_streamed_evaluation_equals_in_memory_on_demo(demo, demo_ablated):
     assert streamed.refusal_rate_harmful is None and not streamed.examples
     assert memory.refusal_tokens == streamed.refusal_tokens == ["I"]
     assert memory.refusal_tokens_source == streamed.refusal_tokens_source == "replies"
-    for name, bound in evaluation_bounds(DEMO_MODEL_DIR, demo_ablated, harmful, harmless).items():
+    bounds = evaluation_bounds(DEMO_MODEL_DIR, demo_ablated, harmful, harmless)
+    for name, bound in bounds.items():
         assert abs(getattr(memory, name) - getattr(streamed, name)) <= bound, (name, bound)
+    # the trained model's greedy first tokens are never close calls: its rates must agree exactly
+    assert all(bounds[name] == 0 for name in bounds if "rate" in name)
     assert memory.baseline_first_token_refusal_rate_harmful == 1.0 and memory.first_token_refusal_rate_harmful == 0.0
 
 
@@ -228,3 +231,21 @@ def test_streamed_selection_equals_in_memory_on_glm_air_layout(glm_air):
     assert len(memory.candidates) == 4  # positions 1-4 (position 0: every prompt ends in the same token)
     n = accumulation_length(glm_air, max(len(x) for x in encode_prompts(tokenizer, HARMFUL + HARMLESS, SETTINGS, None)))
     assert_same_selection(model, tokenizer, directions, HARMFUL, HARMLESS, memory, streamed, n)
+
+
+def test_streamed_evaluation_equals_in_memory_on_glm_air_layout(glm_air, tmp_path):
+    """Before (the layout) and after (the engine's output for a random direction), streamed and in memory:
+    every first-token figure within its bound; the random model refuses nothing, so the refusal tokens
+    are the markers' openers for both."""
+    direction = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    path = save_directions(tmp_path / "directions.safetensors", direction, {"selected_position": 2})
+    ablate_checkpoint(glm_air, path, tmp_path / "out", progress=False, log=lambda _: None, force=True)
+    settings = EvalSettings(max_new_tokens=4, batch_size=3)
+    memory = evaluate_model(tmp_path / "out", HARMFUL, HARMLESS, glm_air, settings, progress=False)
+    streamed = evaluate_model(tmp_path / "out", HARMFUL, HARMLESS, glm_air,
+                              EvalSettings(max_new_tokens=4, batch_size=3, full_replies=False), stream=True,
+                              progress=False)  # fmt: skip
+    assert memory.refusal_tokens == streamed.refusal_tokens == ["I"] and streamed.refusal_tokens_source == "markers"
+    assert memory.kl_harmless > 0
+    for name, bound in evaluation_bounds(glm_air, tmp_path / "out", HARMFUL, HARMLESS).items():
+        assert abs(getattr(memory, name) - getattr(streamed, name)) <= bound, (name, bound)
