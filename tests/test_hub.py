@@ -107,6 +107,7 @@ def test_configure_leaves_the_users_hugging_face_settings_alone(monkeypatch, tmp
     assert "HF_HUB_OFFLINE" not in os.environ  # downloads stay possible unless the user says offline
 
 
+@pytest.mark.slow
 def test_measure_a_hub_id_from_the_cache_that_hf_home_names(hub_cache, tmp_path):
     """The CLI in a fresh process, as a user runs it: HF_HOME points at the cache, offline."""
     files = {}

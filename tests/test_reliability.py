@@ -973,6 +973,7 @@ def _start_paused(gate: Path, args: list[str]) -> subprocess.Popen:
     return run
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_output_the_second_stops_at_once(base, tmp_path, capsys):
     """R5: while one run writes an output, a second run into the same directory exits 2 at once with one
     line; the first finishes undisturbed, bit-identical to the reference."""
@@ -992,6 +993,7 @@ def test_two_runs_into_one_output_the_second_stops_at_once(base, tmp_path, capsy
     assert shard_bytes(out) == shard_bytes(reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_the_rerun_finishes(base, tmp_path):
     """R6: Ctrl-C (SIGINT) in the middle of an ablation prints one line, no traceback, exit code 130;
     rerunning the same command finishes bit-identical to an uninterrupted run."""
@@ -1031,6 +1033,7 @@ with tracked_run("abliterate/model", sys.argv[3]) as run:
 """
 
 
+@pytest.mark.slow
 def test_two_runs_on_a_fresh_store_both_succeed(tmp_path):
     """R7: two runs that open a fresh MLflow store at the same moment (a new machine, two terminals):
     MLflow's schema migration crashed one of them (`duplicate column name: step`); the first opening of
@@ -1251,6 +1254,7 @@ def _mutate_header(header: dict, which: str, kind: str, value, delta: int) -> di
     return header
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(mutation=header_mutations())
 def test_any_header_mutation_is_one_line_or_a_correct_run(base, mutation):
@@ -1274,6 +1278,7 @@ CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "n_routed_experts", "n_shared
 @PROPERTY
 @given(key=st.sampled_from(CONFIG_KEYS) | st.text(max_size=5), value=JSON_VALUES | st.integers(0, 12),
        delete=st.booleans())  # fmt: skip
+@pytest.mark.slow
 def test_any_config_mutation_is_one_line_or_a_correct_run(base, key, value, delete):
     """C27 (property): config.json with any key set to any JSON value (null, NaN, strings, lists,
     absurd numbers) or removed: exit 2 with one line, or a run whose output validates."""
@@ -1300,6 +1305,7 @@ PLAN_VALUES = (JSON_VALUES | st.sampled_from(["plain", "norm_preserving", "proje
                                  min_size=4, max_size=4))  # fmt: skip
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(key=st.sampled_from(PLAN_KEYS) | st.text(max_size=5), value=PLAN_VALUES, delete=st.booleans())
 def test_any_plan_mutation_is_one_line_or_a_correct_run(base, key, value, delete):
@@ -1329,6 +1335,7 @@ def test_any_plan_mutation_is_one_line_or_a_correct_run(base, key, value, delete
        method=st.sampled_from(["plain", "norm_preserving", "projected"]),
        targets=st.lists(st.sampled_from(["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router",
                                          "embed"]), min_size=1, max_size=6, unique=True))  # fmt: skip
+@pytest.mark.slow
 def test_any_valid_plan_runs_and_validates(base, tmp_path_factory, scales, method, targets):
     """P19 (property): every valid plan, including scales so small that the edit rounds away, runs to an
     output that validates, or is refused in one line (a plan matching no tensor; one that would leave

@@ -184,6 +184,7 @@ def test_streamed_evaluation_equals_in_memory_on_demo(demo, demo_ablated):
     assert memory.baseline_first_token_refusal_rate_harmful == 1.0 and memory.first_token_refusal_rate_harmful == 0.0
 
 
+@pytest.mark.slow
 def test_full_replies_of_an_over_budget_model_run_offloaded(demo, demo_ablated, tmp_path):
     """Asked for, full replies of a streamed model come from accelerate's offloaded model (every decoder
     layer on disk here): the same replies and refusal rates as in memory, and the cost stated."""
