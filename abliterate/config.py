@@ -261,8 +261,58 @@ class Runtime(Section):
         return self.model_copy(update={"device": device, "dtype": resolve_dtype(self.dtype, device, model_dir)})
 
 
+class Search(Section):
+    """`abliterate search`: the Optuna study over layer kernels, weight roles, routers (abliterate/search.py)."""
+
+    section: typing.ClassVar[str] = "search"
+
+    trials: int = Field(50, ge=1, description="complete trials the study holds when the search ends (a rerun of the "
+                        "same search resumes the study; with more trials it continues)")  # fmt: skip
+    kl_max: float = Field(0.01, ge=0, description="the written trial is the front's one with the fewest refusals "
+                          "among those with a first-token KL (nats) at most this")  # fmt: skip
+    trial: int | None = Field(None, ge=0, description="write this trial of the study instead of the automatic choice")
+    search_seed: int = Field(0, description="seed of the study's sampler (another seed: another study)")
+    components: list[str] = Field(
+        ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"],
+        description="component groups searched, each with its own layer kernel (peak position, width, peak and "
+        "floor weight): attn_out, mlp_down, expert_down, shared_expert_down, router; router_bias (MoE: lower the "
+        "router correction bias of the most refusal-specific experts) is optional; `default` = the five groups",
+    )  # fmt: skip
+    methods: list[str] = Field(list(METHODS), description="ablation methods searched (comma list of "
+                               f"{', '.join(METHODS)})")  # fmt: skip
+    reply_tokens: int = Field(24, ge=1, description="greedy reply tokens per held-out harmful prompt in each "
+                              "trial (the refusal check reads them)")  # fmt: skip
+    max_prompts: int | None = Field(None, ge=1, description="score each trial on at most this many prompts of each "
+                                    "held-out (validation) set")  # fmt: skip
+    router_experts: int = Field(16, ge=1, description="router_bias: lower the bias of at most this many of the most "
+                                "refusal-specific experts")  # fmt: skip
+    startup_trials: int = Field(10, ge=1, description="random trials before the sampler models the front")
+    parallel_trials: int = Field(1, ge=1, description="trials asked and scored together (a layer-streamed model "
+                                 "scores them in the same passes over its weights)")  # fmt: skip
+    study: str | None = Field(None, description="study name (default: derived from the model, directions, prompts, "
+                              "scoring and search space, so the same search resumes)")  # fmt: skip
+
+    @field_validator("components", "methods", mode="before")
+    @classmethod
+    def _names(cls, value: Any, info: Any) -> list[str]:
+        from abliterate.search import COMPONENTS, GROUPS
+
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
+            raise ValueError("give a comma list of names")
+        names = [t.strip() for item in value for t in item.split(",") if t.strip()]
+        known = COMPONENTS if info.field_name == "components" else METHODS
+        if info.field_name == "components":
+            names = [n for name in names for n in (GROUPS if name == "default" else (name,))]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ValueError(f"choose one or more of {', '.join(known)}" + (f" (not {unknown})" if unknown else ""))
+        return list(dict.fromkeys(names))
+
+
 SECTIONS: dict[str, type[Section]] = {
-    cls.section: cls for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime)
+    cls.section: cls for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime, Search)
 }
 
 

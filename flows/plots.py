@@ -84,5 +84,66 @@ def refusal_vs_kl(points: list[dict]) -> Figure:
     return fig
 
 
+def search_front(trials: list[dict], front: list[dict], reference: dict | None, chosen: dict | None,
+                 kl_max: float) -> Figure:  # fmt: skip
+    """A search's trials on the refusal-rate vs KL plane with the front, `run`'s automatic choice and the
+    chosen trial; beside it, the refusal rate and the KL of those two side by side."""
+    fig, (plane, refusal, kl) = plt.subplots(1, 3, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    tiny = min([t["kl"] for t in trials if t["kl"] > 0] or [1e-8])
+    x = [max(t["kl"], tiny / 2) for t in trials]  # a zero KL still shows on the log axis
+    plane.scatter(x, [t["refusal_rate"] for t in trials], color="tab:gray", alpha=0.5, s=18, label="trials")
+    ordered = sorted(front, key=lambda t: t["kl"])
+    plane.plot([max(t["kl"], tiny / 2) for t in ordered], [t["refusal_rate"] for t in ordered], color="tab:red",
+               marker="o", label="front")  # fmt: skip
+    marks = [(reference, "*", "tab:blue", "run's automatic choice"), (chosen, "o", "tab:green", "chosen")]
+    for item, marker, color, label in marks:
+        if item is not None:
+            plane.scatter([max(item["kl"], tiny / 2)], [item["refusal_rate"]], marker=marker, s=220, facecolors="none"
+                          if marker == "o" else color, edgecolors=color, linewidths=2, label=f"{label} (trial {item['trial']})")  # fmt: skip
+    plane.axvline(kl_max, color="grey", linestyle="--", label=f"KL bound {kl_max:g}")
+    plane.set_xscale("log")
+    plane.set_xlabel("first-token KL on held-out harmless prompts (nats)")
+    plane.set_ylabel("refusal rate on held-out harmful prompts")
+    plane.set_title(f"Search: {len(trials)} trials, {len(front)} on the front")
+    plane.legend(fontsize=8)
+    names, refusals, kls, colors = [], [], [], []
+    for item, _, color, label in marks:
+        if item is not None:
+            names.append(f"{label.split()[0]}\ntrial {item['trial']}")
+            refusals.append(item["refusal_rate"])
+            kls.append(item["kl"])
+            colors.append(color)
+    refusal.bar(names, refusals, color=colors)
+    refusal.set_ylim(0, 1)
+    refusal.set_title("refusal rate")
+    kl.bar(names, kls, color=colors)
+    kl.set_title("first-token KL (nats)")
+    for ax, values, fmt in ((refusal, refusals, "{:.3f}"), (kl, kls, "{:.2g}")):
+        for i, v in enumerate(values):
+            ax.annotate(fmt.format(v), (i, v), ha="center", va="bottom", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def expert_routing(layers: list[int], harmful: list[list[float]], harmless: list[list[float]]) -> Figure:
+    """Per MoE layer and routed expert: share of tokens routed to it on harmful and harmless prompts, and
+    the difference (refusal-specific experts are red)."""
+    a, b = torch.tensor(harmful), torch.tensor(harmless)
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.25 * len(layers) + 2)))
+    top = float(max(a.max(), b.max()))
+    spread = float((a - b).abs().max()) or 1.0
+    panels = ((a, "harmful prompts", "viridis", 0, top), (b, "harmless prompts", "viridis", 0, top),
+              (a - b, "harmful - harmless", "RdBu_r", -spread, spread))  # fmt: skip
+    for ax, (data, title, cmap, low, high) in zip(axes, panels, strict=True):
+        image = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=low, vmax=high, origin="lower")
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers] if len(layers) <= 50 else None)
+        ax.set_xlabel("routed expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"share of tokens routed: {title}")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: Figure) -> None:
     plt.close(fig)

@@ -36,7 +36,8 @@ from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
 from abliterate.evaluate import replies_cost
 from abliterate.hub import hub_origin
-from abliterate.matching import default_plan, plan_matches, role_counts
+from abliterate.matching import default_plan, plan_matches, resolve_plan, role_counts
+from abliterate.plan import AblationPlan
 from abliterate.prompts import load_prompts, prompts_sha256, split_prompts
 from abliterate.selection import Selection as Chosen
 from abliterate.stages import decide_streaming
@@ -242,21 +243,27 @@ def ablation_stages(
     overwrite: bool = False,
     force: bool = False,
     direction_position: str = "auto",
+    plan: AblationPlan | None = None,
 ) -> dict[str, Any]:
     """Plan -> per-shard ablation -> validation -> evaluation, all logged to the stages' run.
 
-    `direction_position` (a sweep variant's): auto (the measured choice), own, or a residual position."""
+    `direction_position` (a sweep variant's): auto (the measured choice), own, or a residual position.
+    `plan`: a plan made elsewhere (a search trial's) instead of the one `ablation` describes."""
     tracker = stages.tracker
     with stages.stage("ablation"):
         inputs = load_inputs(measured.model, measured.directions_path, force)
         report_warnings(tracker, inputs.warnings, "inputs")
-        plan = default_plan(
-            inputs, layers=ablation.layers, scale=ablation.scale, targets=ablation.targets,
-            direction_position=_plan_position(measured, direction_position), method=ablation.ablation_method, mtp=ablation.mtp,
-            biases=ablation.biases,
-        )  # fmt: skip
+        if plan is None:
+            plan = default_plan(
+                inputs, layers=ablation.layers, scale=ablation.scale, targets=ablation.targets,
+                direction_position=_plan_position(measured, direction_position), method=ablation.ablation_method,
+                mtp=ablation.mtp, biases=ablation.biases,
+            )  # fmt: skip
+            tracker.params(flat_params(ablation))
+        else:
+            plan = resolve_plan(plan, inputs)
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
-        tracker.params({**flat_params(ablation), "plan": plan.to_dict()})
+        tracker.params({"plan": {k: v for k, v in plan.to_dict().items() if k != "origin"}})
         tracker.text(plan.to_yaml(), "plan.yaml")
         tracker.metrics({f"matched.{role}": n for role, n in role_counts(matches).items()})
         runner = task_runner(runtime.workers, runtime.dask_address, runtime.dask_workers)

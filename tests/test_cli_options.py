@@ -10,6 +10,7 @@ import pytest
 
 from abliterate.cli import build_parser, main
 from abliterate.cli.run import FLOW_SECTIONS, flow_sections
+from abliterate.cli.search import SEARCH_SECTIONS
 from abliterate.config import SECTIONS, Ablation, Prompts, Runtime, Section, Selection
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.errors import AbliterateError
@@ -53,7 +54,20 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "workers": (["3"], 3),
     "dask_address": (["tcp://127.0.0.1:8786"], "tcp://127.0.0.1:8786"),
     "dask_workers": (["2"], 2),
+    "trials": (["7"], 7),
+    "kl_max": (["0.05"], 0.05),
+    "trial": (["3"], 3),
+    "search_seed": (["5"], 5),
+    "components": (["attn_out,router_bias"], ["attn_out", "router_bias"]),
+    "methods": (["plain,projected"], ["plain", "projected"]),
+    "reply_tokens": (["8"], 8),
+    "max_prompts": (["16"], 16),
+    "router_experts": (["4"], 4),
+    "startup_trials": (["3"], 3),
+    "parallel_trials": (["2"], 2),
+    "study": (["my-study"], "my-study"),
 }
+FLOW_FIELDS = sorted(f for cls in FLOW_SECTIONS for f in cls.model_fields)
 NEGATED = {"evaluate": "--no-evaluate"}  # booleans that default to true are switched off
 
 
@@ -72,7 +86,7 @@ def test_every_setting_has_a_sample():
 
 
 @pytest.mark.parametrize("command", ["run", "demo"])
-@pytest.mark.parametrize("field", sorted(SAMPLES))
+@pytest.mark.parametrize("field", FLOW_FIELDS)
 def test_run_and_demo_take_every_setting(command, field):
     typed, expected = SAMPLES[field]
     argv = [command, *(["MODEL", "--out", "OUT"] if command == "run" else []), flag(field), *typed]
@@ -93,11 +107,21 @@ def test_sweep_takes_every_setting_but_the_ablation_ones():
             assert (field in dests) == (cls is not Ablation), field  # variants carry the ablation settings
 
 
+@pytest.mark.parametrize("field", sorted(f for cls in SEARCH_SECTIONS for f in cls.model_fields))
+def test_search_takes_every_setting_but_the_ablation_ones(field):
+    typed, expected = SAMPLES[field]
+    sections = flow_sections(build_parser().parse_args(["search", "MODEL", flag(field), *typed]), SEARCH_SECTIONS)
+    owner = next(cls.section for cls in SEARCH_SECTIONS if field in cls.model_fields)
+    assert getattr(sections[owner], field) == expected
+    dests = {a.dest for a in subparser("search")._actions}
+    assert not dests & set(Ablation.model_fields)  # the search decides those
+
+
 def test_one_name_and_default_per_concept_across_commands():
     """A setting that several sub-commands take has the same flag and help (with its default) in each.
     (`evaluate --harmful/--harmless` name its test files; `measure` requires its prompt files.)"""
     seen: dict[str, tuple] = {}
-    for command in ("measure", "ablate", "evaluate", "run", "demo", "sweep"):
+    for command in ("measure", "ablate", "evaluate", "run", "demo", "sweep", "search"):
         for action in subparser(command)._actions:
             if action.dest not in SAMPLES or action.help == argparse.SUPPRESS or action.dest in ("harmful", "harmless"):
                 continue

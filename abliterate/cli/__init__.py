@@ -16,11 +16,11 @@ import sys
 from abliterate.errors import AbliterateError
 
 # Order is the order shown in --help.
-COMMANDS = ["inventory", "measure", "ablate", "validate", "evaluate", "run", "sweep"]  # run.py also adds `demo`
+COMMANDS = ["inventory", "measure", "ablate", "validate", "evaluate", "run", "sweep", "search"]  # run.py also adds `demo`
 # Arguments that name an input model: a folder, or a Hub id `org/name[@revision]` (abliterate.hub). The
 # flows (`run`, `sweep`) resolve the id themselves, so their runs record it as typed.
 MODEL_ARGUMENTS = ("model", "model_dir", "original", "baseline")
-FLOW_COMMANDS = ("run", "sweep", "demo")
+FLOW_COMMANDS = ("run", "sweep", "search", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
             "harmful and harmless prompts, refusal directions), ablate (project the direction "
             "out of every matched weight, shard by shard), validate (structural diff and "
             "projection residuals), evaluate (refusal rate and KL). `run` chains them as a "
-            "Prefect flow tracked in MLflow; `demo` runs it on the built-in demo model."
+            "Prefect flow tracked in MLflow; `demo` runs it on the built-in demo model; `search` finds the "
+            "refusal-vs-KL front of the ablation's parameters."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
