@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from abliterate.checkpoint import build_inventory
+from abliterate import fp8
+from abliterate.checkpoint import build_inventory, read_config
 from abliterate.direction_file import load_directions
 from abliterate.engine import write_shard
 from abliterate.errors import AbliterateError
@@ -55,11 +56,14 @@ def load_inputs(
     `profile`: role rules for a model whose config.json names no known family (see `choose_profile`).
     """
     inventory = build_inventory(model_dir, profile)
-    if inventory.quantization:
-        name, kind = next(iter(inventory.quantization.items()))
+    refused = fp8.uncovered(inventory.quantization, inventory.fp8)
+    if refused:  # FP8 weights with their scales are edited (fp8.py); every other quantization is refused
+        fp8.format_from_config(read_config(inventory.model_dir, required=False))  # names an unsupported method
+        name, kind = next(iter(refused.items()))
         raise AbliterateError(
             f"{inventory.model_dir} is quantized ({kind}, e.g. tensor {name}): its weights are not plain matrices, "
-            "so projecting them would be wrong; ablate the unquantized (bf16/fp16/fp32) checkpoint and quantize after"
+            "so projecting them would be wrong; ablate the unquantized (bf16/fp16/fp32) checkpoint and quantize after "
+            "(FP8 e4m3 with scales is edited when config.json's quantization_config declares it)"
         )
     structure = detect_structure(inventory)
     directions = load_directions(directions_path, structure.hidden_size)
@@ -108,10 +112,20 @@ def ablate_shard(
     if matches is None:
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
     mine = sorted((m for m in matches if m.tensor.shard == shard), key=lambda m: m.tensor.start)
-    vectors = {m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer) for m in mine if m.side != "shift"}
-    edits = [(m, vector_for(plan, inputs.directions, m) if m.side == "shift" else vectors[m.tensor.layer]) for m in mine]
+    # FP8 weights (and the scales this shard holds of weights stored elsewhere) are requantized by fp8.py
+    quantized = [m for m in matches if m.scales is not None and shard in (m.tensor.shard, m.scales[0].shard)]
+    vectors = {
+        m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer)
+        for m in mine + quantized if m.side != "shift"
+    }  # fmt: skip
+    edits = [
+        (m, vector_for(plan, inputs.directions, m) if m.side == "shift" else vectors[m.tensor.layer])
+        for m in mine if m.scales is None
+    ]  # fmt: skip
     with replacing(out / shard) as tmp:
         size = write_shard(inputs.inventory.model_dir / shard, tmp, edits)
+        if quantized:
+            fp8.rewrite_shard(inputs.inventory.model_dir, shard, tmp, [(m, vectors[m.tensor.layer]) for m in quantized])
     result = ShardResult(shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began)
     record_shard(out, result)
     return result

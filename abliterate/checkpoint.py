@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
+from abliterate.fp8 import pair_scales
 from abliterate.paths import describe_special, output_outside, plain_name
 from abliterate.profiles import PROFILES, Profile, extend_profile, profile_for_model_type, quantization_marker
 
@@ -70,6 +71,8 @@ class Inventory:
     family: str | None
     quantization: dict[str, str] = field(default_factory=dict)  # tensor name -> kind, first few
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    # FP8 weight -> (its scale tensor, block), when config.json declares a supported FP8 format (fp8.py)
+    fp8: dict[str, tuple[str, tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -100,6 +103,7 @@ class Inventory:
             "family": self.family,
             "shards": self.shards,
             "quantization": self.quantization,
+            "fp8": {w: {"scale": s, "block": list(b)} for w, (s, b) in self.fp8.items()},
             "tensors": [dict(asdict(t), shape=list(t.shape)) for t in self.tensors.values()],
         }
 
@@ -396,6 +400,7 @@ def build_inventory(model_dir: str | Path, profile: Profile | None = None) -> In
         family=profile.family if profile else None,
         quantization=quantization,
         shard_metadata={h.name: h.metadata for h in headers},
+        fp8=pair_scales(read_config(model_dir, required=False), tensors) if quantization else {},
     )
 
 

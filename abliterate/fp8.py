@@ -32,7 +32,9 @@ Hence `|W_q - W|_F <= u |W|_F + 2^-10 |S|_F`, with S the scale broadcast over it
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +69,8 @@ def format_from_config(config: dict) -> Fp8Format | None:
     qc = config.get("quantization_config")
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise unsupported(f"a quantization_config that is no mapping ({type(qc).__name__})")
     method = str(qc.get("quant_method", "")).lower()
     if method == "fp8":
         if qc.get("scale_fmt") not in (None, "float32", "fp32"):
@@ -135,12 +139,15 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> 
     return _unblock(x, shape)
 
 
-def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q float8_e4m3fn shaped like w, scale float32 [lead, gm, gn]): fresh per-block scales amax / 448."""
+def quantize(
+    w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn shaped like w, scale float32 [lead, gm, gn]): fresh per-block scales amax / 448,
+    rounded to the stored scale dtype first (bf16 scales: q is computed with the scale as stored)."""
     shape = w.shape
     x, _ = _blocks(w.to(torch.float32), *block)
     amax = x.abs().amax(dim=(2, 4))
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
     q = (x / scale[:, :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return _unblock(q, shape), scale
 
@@ -169,3 +176,96 @@ def rounding_bound(w_norm: float, scale_norm: float) -> float:
 
 def describe(fmt: Fp8Format | None) -> dict[str, Any] | None:
     return None if fmt is None else {"method": fmt.method, "scale_suffix": fmt.scale_suffix, "block": fmt.block}
+
+
+def pair_scales(config: dict, tensors: dict[str, Any]) -> dict[str, tuple[str, tuple[int, int]]]:
+    """FP8 weight name -> (its scale tensor's name, block), for a checkpoint whose config declares a
+    supported FP8 format; {} for any other (the caller refuses what stays quantized)."""
+    try:
+        fmt = format_from_config(config)
+    except (AbliterateError, AttributeError, TypeError, ValueError):  # malformed: refused by the caller
+        return {}
+    if fmt is None:
+        return {}
+    pairs = {}
+    for name, t in tensors.items():
+        if t.dtype != STORED_DTYPE or not name.endswith("weight"):
+            continue
+        scale = tensors.get(fmt.scale_name(name))
+        if scale is None or scale.dtype not in ("F32", "BF16", "F16"):
+            continue
+        try:
+            pairs[name] = (scale.name, grid(t.shape, scale.shape, fmt.block))
+        except (AbliterateError, TypeError, ValueError):
+            continue
+    return pairs
+
+
+ACTIVATION_SCALES = ("input_scale", "output_scale", "k_scale", "v_scale")
+
+
+def uncovered(quantization: dict[str, str], pairs: dict[str, tuple[str, tuple[int, int]]]) -> dict[str, str]:
+    """The quantization markers that are neither an FP8 weight with its scale nor an activation scale:
+    what the tool cannot edit."""
+    known = set(pairs) | {scale for scale, _ in pairs.values()}
+    return {
+        name: kind for name, kind in quantization.items()
+        if name not in known and not name.endswith(ACTIVATION_SCALES)
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- one shard's FP8 tensors
+
+
+def rewrite_shard(model_dir: Path, shard: str, dst: Path, edits: list[tuple[Any, torch.Tensor]]) -> None:
+    """Overwrite, in the already written shard `dst`, the FP8 weights and scales of `shard` that
+    `edits` change: each edit a matching.Match with `scales` and its vector [H].
+
+    A weight and its scale may sit in different shards, and shards are written independently: the
+    task of each shard reads the weight and its scale from the input, wherever they are, and
+    computes the same deterministic requantization (dequantize in float32, edit as the engine does,
+    fresh per-block scales); it then writes the part its shard holds. Memory: one tensor in float32.
+    """
+    from abliterate.orthogonalize import norm_preserving_, project_out_
+
+    with open(dst, "r+b", buffering=0) as out:
+        for m, r in edits:
+            weight, (scale_info, block) = m.tensor, m.scales
+            q = read_tensor(model_dir / weight.shard, weight)
+            scale = read_tensor(model_dir / scale_info.shard, scale_info)
+            work = dequantize(q, scale, block)
+            edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
+            edit(work, r, m.scale, weight.residual_axis)
+            new_q, new_scale = quantize(work, block, scale.dtype)
+            if weight.shard == shard:
+                _write_at(out.fileno(), new_q.view(torch.uint8), weight.start, weight.nbytes)
+            if scale_info.shard == shard:
+                _write_at(out.fileno(), new_scale.to(scale.dtype).reshape(scale.shape), scale_info.start, scale_info.nbytes)
+        os.fsync(out.fileno())
+
+
+STORAGE = {"F8_E4M3": E4M3, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def read_tensor(path: Path, t: Any) -> torch.Tensor:
+    """One tensor of a shard, in its stored dtype (`t`: a TensorInfo)."""
+    buffer = bytearray(t.nbytes)
+    with open(path, "rb", buffering=0) as f:
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            n = os.preadv(f.fileno(), [view[done:]], t.start + done)
+            if n == 0:
+                raise AbliterateError(f"{path} ended inside tensor {t.name}: the file changed while being read")
+            done += n
+    if not buffer:
+        return torch.empty(t.shape, dtype=STORAGE[t.dtype])
+    return torch.frombuffer(buffer, dtype=STORAGE[t.dtype]).reshape(t.shape)
+
+
+def _write_at(fd: int, x: torch.Tensor, offset: int, nbytes: int) -> None:
+    view = memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
+    if len(view) != nbytes:
+        raise AbliterateError(f"an FP8 tensor of {len(view)} bytes does not fill its {nbytes}-byte range")
+    done = 0
+    while done < nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)

@@ -45,6 +45,7 @@ class Match:
     side: str  # "writer" | "reader" | "embed" | "shift" (a value added: the router correction bias)
     method: str  # the method applied: routers are always edited plainly; "shift" for a bias shift
     shift: tuple[tuple[int, float], ...] = ()  # side "shift": (expert, value added) pairs
+    scales: tuple[TensorInfo, tuple[int, int]] | None = None  # an FP8 weight: its scale tensor and block
 
     @property
     def experts(self) -> int:
@@ -53,6 +54,8 @@ class Match:
     def to_dict(self) -> dict[str, Any]:
         t = self.tensor
         extra = {"shift": {str(e): v for e, v in self.shift}} if self.side == "shift" else {}
+        if self.scales is not None:  # FP8: requantized with fresh scales in this tensor
+            extra.update(scale_tensor=self.scales[0].name, scale_shard=self.scales[0].shard, block=list(self.scales[1]))
         return {
             "name": t.name,
             "shard": t.shard,
@@ -183,7 +186,8 @@ def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure 
                 f"{t.name} has shape {list(t.shape)}: axis {t.residual_axis} should be the hidden size "
                 f"{structure.hidden_size}"
             )
-        if t.dtype not in EDITABLE_DTYPES:
+        fp8 = inventory.fp8.get(t.name)
+        if t.dtype not in EDITABLE_DTYPES and fp8 is None:
             raise AbliterateError(f"{t.name} is stored as {t.dtype}; only {', '.join(EDITABLE_DTYPES)} can be edited")
         side = "reader" if t.role == "router" else "embed" if t.role == "embed" else "writer"
         # norm preservation is defined for matrix columns: routers and biases get the plain edit
@@ -192,7 +196,8 @@ def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure 
         scale = plan.scale_for(t.layer, t.role)
         if scale == 0.0 and t.layer is not None and BIAS_WEIGHT.get(t.role, t.role) in own_scales:
             continue
-        matches.append(Match(t, scale, plan.position_for(t.layer), side, method))
+        scales = None if fp8 is None else (inventory.tensors[fp8[0]], fp8[1])
+        matches.append(Match(t, scale, plan.position_for(t.layer), side, method, scales=scales))
     missing = shifted - {m.tensor.layer for m in matches if m.side == "shift"}
     if missing:
         raise AbliterateError(

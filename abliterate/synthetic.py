@@ -213,3 +213,64 @@ def write_llama_layout(
     return write_checkpoint(out_dir, specs, config, num_shards)
 
 
+
+
+def fp8_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """Which tensors an FP8 release of a GLM / llama-style model stores in FP8: the linear projections
+    of the decoder layers (attention, dense MLP, routed and shared experts, MTP `eh_proj`); not the
+    routers (`mlp.gate`), norms, embeddings, LM heads or biases (as in GLM-4.5-Air-FP8)."""
+    return (
+        name.startswith("model.layers.") and name.endswith("_proj.weight") and len(shape) == 2
+    )
+
+
+def convert_to_fp8(
+    src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128), scales_apart: bool = True
+) -> Path:
+    """Write `dst`: checkpoint `src` in transformers' fine-grained FP8 format (`weight_block_size`
+    `block`, `<m>.weight` F8_E4M3 + `<m>.weight_scale_inv` F32), shard by shard, every other file
+    copied. `scales_apart`: every second quantized weight has its scale in the next shard (a weight
+    and its scale may sit in different shards in real checkpoints)."""
+    from safetensors import safe_open
+
+    from abliterate import fp8
+    from abliterate.checkpoint import shard_names
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    shards, _, _ = shard_names(src)
+    outputs: list[dict[str, torch.Tensor]] = [{} for _ in shards]
+    count = 0
+    for s, shard in enumerate(shards):
+        with safe_open(str(src / shard), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no iterator
+                w = f.get_tensor(name)
+                if not fp8_quantized(name, tuple(w.shape)):
+                    outputs[s][name] = w
+                    continue
+                q, scale = fp8.quantize(w, block)
+                outputs[s][name] = q
+                target = (s + 1) % len(shards) if scales_apart and count % 2 else s
+                outputs[target][name.removesuffix("weight") + "weight_scale_inv"] = scale.reshape(
+                    -1, *scale.shape[1:]
+                ).squeeze(0)
+                count += 1
+    weight_map = {}
+    for shard, tensors in zip(shards, outputs, strict=True):
+        save_file(tensors, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX_FILE, "config.json"):
+            shutil.copy2(p, dst / p.name)
+    if (src / INDEX_FILE).is_file():
+        total = sum(t.numel() * t.element_size() for tensors in outputs for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (dst / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
+    }  # fmt: skip
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst

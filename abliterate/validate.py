@@ -32,13 +32,14 @@ import math
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from abliterate import fp8
 from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
 from abliterate.engine import TORCH_DTYPES
 from abliterate.errors import AbliterateError
@@ -203,8 +204,11 @@ def validate_output(
     by_role: Counter[str] = Counter()
     by_layer: dict[str, Counter[str]] = defaultdict(Counter)
     unclassified = []
+    scales = _fp8_scales(inventory, edited)
     for name in changed:
         t = inventory.tensors[name]
+        if name in scales:  # an edited FP8 weight's fresh scales
+            continue
         if t.role is None:
             unclassified.append(name)
             continue
@@ -313,6 +317,12 @@ def _planned_edits(manifest: dict | None, inventory: Inventory, checks: _Checks)
     return edited
 
 
+def _fp8_scales(inventory: Inventory, edited: dict[str, dict]) -> set[str]:
+    """The scale tensors of edited FP8 weights (from the input's own pairing): requantization gives
+    them fresh values, so they change with their weight."""
+    return {inventory.fp8[name][0] for name in edited if name in inventory.fp8}
+
+
 def _read_plan(manifest: dict | None, checks: _Checks) -> AblationPlan | None:
     if manifest is None:
         return None
@@ -337,8 +347,9 @@ def _compare_with_plan(
     how the engine matched names, and then the engine's matcher to find planned tensors the
     manifest leaves out.
     """
+    scales = _fp8_scales(inventory, edited)
     for name in changed:
-        if name not in edited:
+        if name not in edited and name not in scales:
             checks.fail(f"tensor {name} ({_where(inventory.tensors[name])}) changed but the plan does not edit it")
     changed_set = set(changed)
     for name, entry in edited.items():
@@ -598,7 +609,11 @@ def _check_numbers(
                 hidden = int(r.numel())
             src = _handle(handles, original_dir / t.shard)
             dst = _handle(handles, ablated_dir / t.shard)
-            result = _tensor_numbers(src, dst, t, output[name].start, r)
+            fp8_tolerance = None
+            if name in inventory.fp8 and entry is not None:  # in dequantized space, against the FP8 bound
+                result, fp8_tolerance = _fp8_numbers(original_dir, ablated_dir, inventory, output, t, r)
+            else:
+                result = _tensor_numbers(src, dst, t, output[name].start, r)
             for expert, count in result.nonfinite:
                 where = f"{name} ({_where(t, expert)})"
                 nan_inf.append(where)
@@ -609,7 +624,7 @@ def _check_numbers(
             if result.residual is None or entry is None:
                 continue
             enforced = entry.get("method") in EXACT_METHODS and float(entry.get("scale", 1.0)) == 1.0
-            tolerance = residual_tolerance(t.dtype, hidden or 0)
+            tolerance = residual_tolerance(t.dtype, hidden or 0) if fp8_tolerance is None else fp8_tolerance
             role = t.role or "unclassified"
             best = worst.get(role)
             checked = (best.checked if best else 0) + 1
@@ -719,6 +734,41 @@ def _tensor_numbers(src: Any, dst: Any, t: TensorInfo, out_start: int, r: torch.
     if acc is not None:
         num_sq = float(acc.pow(2).sum())
     return _TensorNumbers(nonfinite, math.sqrt(num_sq) / max(math.sqrt(den_sq), 1e-300), None)
+
+
+def _fp8_numbers(
+    original_dir: Path, ablated_dir: Path, inventory: Inventory, output: dict[str, _OutputTensor], t: TensorInfo,
+    r: torch.Tensor | None,
+) -> tuple[_TensorNumbers, float | None]:
+    """An FP8 weight, dequantized (input and output, each with its own scales) in float64: NaN/Inf and
+    the projection residual as for any tensor, and its tolerance: 2 (|W'_q - W'|_F / |W|_F + H 2^-24),
+    where |W'_q - W'|_F <= u_e4m3 |W'_q|_F + 2^-10 |S'|_F is what requantizing the exact edit W' with
+    fresh block scales S' may move it (fp8.py), the float32 edit adds H 2^-24 as for any dtype, and
+    the factor 2 is the usual headroom. Memory: the tensor, twice, in float64."""
+    scale_name, block = inventory.fp8[t.name]
+    s = inventory.tensors[scale_name]
+    old = fp8.dequantize(fp8.read_tensor(original_dir / t.shard, t), fp8.read_tensor(original_dir / s.shard, s), block)
+    out_t = replace(t, start=output[t.name].start, end=output[t.name].start + t.nbytes)
+    out_s = replace(s, start=output[scale_name].start, end=output[scale_name].start + s.nbytes)
+    new_scale = fp8.read_tensor(ablated_dir / s.shard, out_s)
+    new = fp8.dequantize(fp8.read_tensor(ablated_dir / t.shard, out_t), new_scale, block).double()
+    bad = int((~torch.isfinite(new)).sum()) + int((~torch.isfinite(new_scale)).sum())
+    if bad:
+        return _TensorNumbers([(None, bad)], None, None), None
+    if r is None or t.residual_axis is None:
+        return _TensorNumbers([], None, None), None
+    old = old.double()
+    axis = t.residual_axis
+    experts = [(e, old[e], new[e], new_scale[e]) for e in range(t.shape[0])] if t.fused_experts else [(None, old, new, new_scale)]
+    worst, worst_expert, tolerance = -1.0, None, 0.0
+    for expert, w, w_new, sc in experts:
+        a = axis - 1 if t.fused_experts else axis
+        residual = _norm(torch.tensordot(w_new, r, dims=([a], [0]))) / max(_norm(w), 1e-300)
+        bound = fp8.rounding_bound(_norm(w_new), fp8.broadcast_scale_norm(sc, tuple(w_new.shape), block))
+        tol = TOLERANCE_FACTOR * (bound / max(_norm(w), 1e-300) + r.numel() * FLOAT32_UNIT)
+        if residual - tol > worst - tolerance:
+            worst, worst_expert, tolerance = residual, expert, tol
+    return _TensorNumbers([], worst, worst_expert), tolerance
 
 
 def _norm(x: torch.Tensor) -> float:

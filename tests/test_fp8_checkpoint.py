@@ -1,0 +1,131 @@
+"""A GLM-4.5-Air-layout FP8 checkpoint (transformers' fine-grained block FP8, real tensor names,
+several blocks per matrix, scales partly in other shards than their weights) ablated and validated
+through the CLI; the requantized edit against the exact one; loading with transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from abliterate import fp8
+from abliterate.ablate import load_inputs
+from abliterate.checkpoint import build_inventory
+from abliterate.cli import main
+from abliterate.direction_file import load_directions
+from abliterate.errors import AbliterateError
+from abliterate.matching import direction_for
+from abliterate.output import MANIFEST_FILE
+from abliterate.plan import AblationPlan
+from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
+from tests.test_ablate import write_directions
+
+# hidden 32 and attention width 32 in blocks of 16: 2 x 2 blocks; moe_intermediate 24: a partial block
+LAYOUT = GlmLayout(num_layers=3, n_routed_experts=4, num_experts_per_tok=2, hidden_size=32,
+                   moe_intermediate_size=24, intermediate_size=48, num_attention_heads=4, head_dim=8)  # fmt: skip
+BLOCK = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def fp8_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    bf16 = write_glm_layout(root / "bf16", LAYOUT, num_shards=4)
+    src = convert_to_fp8(bf16, root / "fp8", BLOCK)
+    directions = write_directions(src, root / "d.safetensors", selected=2)
+    out = root / "out"
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]) == 0
+    return src, directions, out
+
+
+def _tensor(folder: Path, name: str) -> torch.Tensor:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(folder / index[name]), "pt") as f:
+        return f.get_tensor(name)
+
+
+def test_inventory_pairs_every_fp8_weight_with_its_scale(fp8_run):
+    src, _, _ = fp8_run
+    inv = build_inventory(src)
+    fp8_weights = {n for n, t in inv.tensors.items() if t.dtype == "F8_E4M3"}
+    assert fp8_weights and set(inv.fp8) == fp8_weights
+    apart = [w for w, (s, _) in inv.fp8.items() if inv.tensors[s].shard != inv.tensors[w].shard]
+    assert apart  # the fixture has scales in other shards than their weights
+    assert inv.fp8["model.layers.1.mlp.experts.0.down_proj.weight"] == (
+        "model.layers.1.mlp.experts.0.down_proj.weight_scale_inv", BLOCK)
+    assert inv.tensors["model.layers.1.mlp.gate.weight"].dtype == "F32"  # routers stay unquantized
+    assert inv.tensors["model.embed_tokens.weight"].dtype == "BF16"
+
+
+def test_cli_ablates_and_validates(fp8_run, capsys):
+    src, _, out = fp8_run
+    capsys.readouterr()
+    assert main(["validate", str(src), str(out), "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"], report["failures"]
+    assert report["worst_residual"]["expert_down"]["enforced"]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    quantized = [e for e in manifest["edited"] if "scale_tensor" in e]
+    assert quantized and all(e["block"] == list(BLOCK) for e in quantized)
+    # every FP8 weight keeps its dtype and shape, and so does its scale
+    inv_in, inv_out = build_inventory(src), build_inventory(out)
+    for name, t in inv_in.tensors.items():
+        assert (inv_out.tensors[name].dtype, inv_out.tensors[name].shape) == (t.dtype, t.shape)
+
+
+def test_requantized_edit_is_within_the_fp8_bound_of_the_exact_edit(fp8_run):
+    """The reference: the exact edit of the dequantized input in float64, before any rounding. The
+    output, dequantized, must lie within what requantizing that edit may move it (fp8.rounding_bound)
+    plus the float32 edit's own error (H + 4) u |W| (tests/test_orthogonalize's bound)."""
+    src, directions_path, out = fp8_run
+    inputs = load_inputs(src, directions_path)
+    plan = AblationPlan.from_dict(json.loads((out / MANIFEST_FILE).read_text())["plan"])
+    directions = load_directions(directions_path, LAYOUT.hidden_size)
+    checked = 0
+    for entry in json.loads((out / MANIFEST_FILE).read_text())["edited"]:
+        if "scale_tensor" not in entry:
+            continue
+        name, scale_name = entry["name"], entry["scale_tensor"]
+        w = fp8.dequantize(_tensor(src, name), _tensor(src, scale_name), BLOCK).double()
+        new_scale = _tensor(out, scale_name)
+        new = fp8.dequantize(_tensor(out, name), new_scale, BLOCK).double()
+        r = direction_for(plan, directions, entry["layer"]).double()
+        exact = w - torch.outer(r, r @ w) if entry["residual_axis"] == 0 else w - torch.outer(w @ r, r)
+        bound = fp8.rounding_bound(float(new.norm()), fp8.broadcast_scale_norm(new_scale, tuple(w.shape), BLOCK))
+        float32_edit = (LAYOUT.hidden_size + 4) * 2.0**-24 * float(w.norm())
+        assert float((new - exact).norm()) <= bound + float32_edit, name
+        checked += 1
+    assert checked >= 10
+    assert inputs.inventory.fp8
+
+
+def test_unsupported_quantization_is_refused_with_what_to_do(fp8_run, tmp_path):
+    src, directions, _ = fp8_run
+    other = tmp_path / "mxfp4"
+    other.mkdir()
+    for p in src.iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AbliterateError, match="mxfp4 is not supported.*unquantized"):
+        load_inputs(other, directions, force=True)
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_ablated_fp8_checkpoint_on_cpu(fp8_run):
+    """Without a GPU transformers dequantizes a pre-quantized FP8 checkpoint on load (its quantizer
+    sets dequantize=True itself); the loaded weights are the dequantized output's."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, out = fp8_run
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    expected = fp8.dequantize(_tensor(out, name), _tensor(out, name + "_scale_inv"), BLOCK)
+    loaded = model.get_parameter(name).detach().float()
+    # transformers dequantizes in float32 then casts to the parameter's dtype: equal in float32
+    assert torch.equal(loaded, expected)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
