@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from abliterate import fp8
 from abliterate.checkpoint import Inventory, TensorInfo, build_inventory, read_config
 from abliterate.devices import DTYPES
 from abliterate.errors import AbliterateError
@@ -424,6 +425,8 @@ class _WeightLoader:
     def __init__(self, model: Any, inventory: Inventory, device: str):
         self.model_dir = inventory.model_dir
         self.tensors = inventory.tensors
+        self.fp8 = inventory.fp8  # FP8 weights: dequantized on load (fp8.py), their scales read with them
+        self.fp8_scales = {scale for scale, _ in inventory.fp8.values()}
         self.device = torch.device(device)
         self.names = {id(module): name for name, module in model.named_modules()}
         self.renamings, self.converters, self.concatenating = _conversions(model)
@@ -441,7 +444,23 @@ class _WeightLoader:
         for shard, shard_pieces in sorted(by_shard.items()):
             with open(self.model_dir / shard, "rb") as handle:
                 for piece in sorted(shard_pieces, key=lambda p: p.info.start):
-                    _read_into(handle, piece.info, _destination(targets[piece.target], piece))
+                    dest = _destination(targets[piece.target], piece)
+                    if piece.info.name in self.fp8:
+                        dest.copy_(self._dequantized(piece.info, tuple(dest.shape)))
+                    else:
+                        _read_into(handle, piece.info, dest)
+
+    def _dequantized(self, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
+        """An FP8 weight and its scales (wherever they are stored), dequantized in float32."""
+        if shape != info.shape:
+            raise AbliterateError(
+                f"tensor {info.name!r} in {info.shard} has shape {list(info.shape)}, the model expects "
+                f"{list(shape)}: the checkpoint does not match config.json"
+            )
+        scale_name, block = self.fp8[info.name]
+        scale = self.tensors[scale_name]
+        q = fp8.read_tensor(self.model_dir / info.shard, info)
+        return fp8.dequantize(q, fp8.read_tensor(self.model_dir / scale.shard, scale), block)
 
     def load_layer(self, index: int, layer: torch.nn.Module) -> None:
         try:
@@ -463,7 +482,7 @@ class _WeightLoader:
         """Map every checkpoint tensor under `prefix` to its place; check that all targets are covered."""
         from transformers.core_model_loading import dot_natural_key, rename_source_key
 
-        names = [n for n in self.tensors if n.startswith(prefix)]
+        names = [n for n in self.tensors if n.startswith(prefix) and n not in self.fp8_scales]
         if not names:
             raise AbliterateError(
                 f"the checkpoint in {self.model_dir} holds no tensor named {prefix}*: its names do not match "
