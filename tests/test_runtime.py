@@ -155,7 +155,9 @@ class Experiments:
         next(e for e in self.by_name.values() if e.experiment_id == experiment_id).tags[key] = value
 
 
-def test_experiment_kind_on_new_and_old_experiments_unless_the_user_chose_one():
+def test_experiment_kind_on_new_and_old_experiments_unless_the_user_chose_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))  # the store's lock file goes beside its path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = Experiments()
     new = tracking.experiment_id(client, "abliterate/new")
     old = client.create_experiment("abliterate/old")  # made before the tag existed
