@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,12 @@ def prepare_flows(quiet: bool) -> None:
 
     configure()
     console(quiet)
-    if not quiet:
+    if quiet:  # progress bars too: tqdm reads TQDM_DISABLE, transformers keeps its own switch
+        os.environ["TQDM_DISABLE"] = "1"
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    else:
         announce_prefect_server()
 
 
@@ -133,7 +139,7 @@ def demo_command(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     print(format_summary(summary, began))
-    print(ui_commands())
+    print(ui_commands(summary["mlflow_run_id"]))
     return 0
 
 
@@ -182,17 +188,21 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
     return "\n".join(lines)
 
 
-def ui_commands() -> str:
+def ui_commands(run_id: str) -> str:
+    """How to look at this run: the MLflow experiment in its machine-learning view, and the Prefect UI."""
     from flows.runtime import tracking_uri
+    from flows.tracking import client, experiment_ui_path
 
+    experiment = client().get_run(run_id).info.experiment_id
     venv_bin = Path(__file__).resolve().parents[2] / ".venv" / "bin"
     prefix = f"{venv_bin}/" if venv_bin.is_dir() else ""
     return "\n".join(
         [
             "",
             "Look at the runs:",
-            f"  MLflow UI:  {prefix}mlflow ui --backend-store-uri {tracking_uri()} --port 5000   "
-            "then open http://127.0.0.1:5000",
-            f"  Prefect UI: {prefix}prefect server start   then open http://127.0.0.1:4200 (flow runs, cached tasks)",
+            f"  MLflow UI:  {prefix}mlflow ui --backend-store-uri {tracking_uri()} --port 5000",
+            f"              then open http://127.0.0.1:5000/{experiment_ui_path(experiment)}",
+            f"  Prefect UI: PREFECT_SERVER_ANALYTICS_ENABLED=false {prefix}prefect server start",
+            "              then open http://127.0.0.1:4200 (flow runs, their task runs, which were cached)",
         ]
     )
