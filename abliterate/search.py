@@ -371,6 +371,7 @@ def open_study(root: str | Path, name: str, seed: int, startup_trials: int = 10,
     storage_url = study_storage(root)
     with file_lock(Path(root) / f"{STUDY_FILE}.lock"):  # one process creates or migrates the schema
         storage = optuna.storages.RDBStorage(storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
+        _write_ahead_log(storage.engine)
         study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
                                     load_if_exists=True)  # fmt: skip
     with warnings.catch_warnings():
@@ -380,6 +381,22 @@ def open_study(root: str | Path, name: str, seed: int, startup_trials: int = 10,
             constant_liar=parallel > 1,
         )  # fmt: skip
     return study
+
+
+def _write_ahead_log(engine: Any) -> None:
+    """SQLite in write-ahead-log mode, synced at checkpoints: every suggested parameter is a commit, and
+    with the default rollback journal each one waits for a sync of the disk (about 1 s per trial here
+    against 0.15 s). A killed process loses nothing committed; a power cut at most the last commits."""
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections made from now on get the pragmas
 
 
 def recover_stale(study: Any) -> list[int]:

@@ -222,7 +222,12 @@ def search_flow(
                 raise AbliterateError(f"nothing to write to {out}: {reason}")
             console.info(f"  writing      trial {chosen['trial']} (refusal rate {chosen['refusal_rate']:.3f}, "
                          f"KL {chosen['kl']:.3g}) to {out}")  # fmt: skip
-            plan = AblationPlan.from_dict(chosen["plan"], f"trial {chosen['trial']}'s plan")
+            recorded = dict(chosen["plan"])
+            origin = dict(recorded.get("origin") or {})
+            origin["search"] = {**origin.get("search", {}), "objectives": {
+                k: chosen[k] for k in ("refusal_rate", "kl", "refusals", "prompts")}, "kl_max": search.kl_max,
+                "pareto": [r["trial"] for r in front]}  # fmt: skip
+            plan = AblationPlan.from_dict({**recorded, "origin": origin}, f"trial {chosen['trial']}'s plan")
             written = ablation_stages(stages, measured, Ablation(), evaluation, template, runtime, out, overwrite, force,
                                       plan=plan)  # fmt: skip
             summary.update({k: v for k, v in written.items() if k != "plan"})

@@ -26,7 +26,10 @@ HARMLESS = [
 ]
 
 
-def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max_positions: int = 64) -> Path:
+def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max_positions: int = 64,
+                          router_bias: bool = False, **overrides: int) -> Path:  # fmt: skip
+    """`overrides`: other Glm4MoeConfig values (e.g. n_routed_experts=8, n_group=2); `router_bias`: random
+    router correction biases instead of transformers' zeros."""
     tokenizer = build_tokenizer([WORDS])
     tokenizer.model_max_length = max_positions
     config = Glm4MoeConfig(
@@ -34,7 +37,6 @@ def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max
         hidden_size=32,
         num_hidden_layers=num_layers,
         first_k_dense_replace=1,
-        n_routed_experts=4,
         num_experts_per_tok=2,
         n_shared_experts=1,
         moe_intermediate_size=16,
@@ -43,15 +45,19 @@ def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max
         num_key_value_heads=2,
         head_dim=8,
         attention_bias=True,
-        n_group=1,
-        topk_group=1,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **{"n_routed_experts": 4, "n_group": 1, "topk_group": 1, **overrides},
     )
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(config).eval()
+    if router_bias:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "gate"):
+                    layer.mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
