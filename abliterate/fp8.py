@@ -121,41 +121,59 @@ def grid(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int,
     return bm, bn
 
 
-def _blocks(x: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """x [..., out, in] zero-padded to whole blocks, viewed [lead, gm, bm, gn, bn]."""
-    out, inp = x.shape[-2:]
-    gm, gn = math.ceil(out / bm), math.ceil(inp / bn)
-    x = x.reshape(-1, out, inp)
-    if gm * bm != out or gn * bn != inp:
-        x = torch.nn.functional.pad(x, (0, gn * bn - inp, 0, gm * bm - out))
-    return x.reshape(x.shape[0], gm, bm, gn, bn), (x.shape[0], gm, gn)
+def _slabs(shape: tuple[int, ...], block: tuple[int, int]):
+    """(matrix index, first row, last row, block row) of every row of blocks of a [..., out, in] tensor."""
+    out = shape[-2]
+    lead = math.prod(shape[:-2])
+    bm = block[0]
+    for e in range(lead):
+        for i in range(math.ceil(out / bm)):
+            yield e, i * bm, min(out, (i + 1) * bm), i
+
+
+def _row(scales: torch.Tensor, bn: int, cols: int) -> torch.Tensor:
+    """One row of block scales [gn] spread over the `cols` columns it covers."""
+    return scales.repeat_interleave(bn)[:cols]
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """float32 W = q * scale per block; q float8 [..., out, in], scale of the grid's size."""
-    shape = q.shape
-    x, grid_shape = _blocks(q.to(torch.float32), *block)
-    x = x * scale.to(torch.float32).reshape(grid_shape)[:, :, None, :, None]
-    return _unblock(x, shape)
+    """float32 W = q * scale per block; q float8 [..., out, in], scale of the grid's size. One row of
+    blocks at a time, in place (no padded copy of the tensor)."""
+    out, cols = q.shape[-2:]
+    bn = block[1]
+    w = torch.empty(q.shape, dtype=torch.float32)
+    q3, w3 = q.reshape(-1, out, cols), w.view(-1, out, cols)
+    s3 = scale.to(torch.float32).reshape(q3.shape[0], math.ceil(out / block[0]), math.ceil(cols / bn))
+    for e, r0, r1, i in _slabs(q.shape, block):
+        slab = w3[e, r0:r1]
+        slab.copy_(q3[e, r0:r1])
+        slab.mul_(_row(s3[e, i], bn, cols))
+    return w
 
 
 def quantize(
     w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn shaped like w, scale float32 [lead, gm, gn]): fresh per-block scales amax / 448,
-    rounded to the stored scale dtype first (bf16 scales: q is computed with the scale as stored)."""
-    shape = w.shape
-    x, _ = _blocks(w.to(torch.float32), *block)
-    amax = x.abs().amax(dim=(2, 4))
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
-    q = (x / scale[:, :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return _unblock(q, shape), scale
-
-
-def _unblock(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    lead, gm, bm, gn, bn = x.shape
-    x = x.reshape(lead, gm * bm, gn * bn)[:, : shape[-2], : shape[-1]]
-    return x.reshape(shape).contiguous()
+    rounded to the stored scale dtype first (bf16 scales: q is computed with the scale as stored).
+    One row of blocks at a time: memory is the output plus one row of blocks in float32."""
+    out, cols = w.shape[-2:]
+    bn = block[1]
+    gn, full = math.ceil(cols / bn), (cols // bn) * bn
+    q = torch.empty(w.shape, dtype=E4M3)
+    w3, q3 = w.reshape(-1, out, cols), q.view(-1, out, cols)
+    scale = torch.empty(w3.shape[0], math.ceil(out / block[0]), gn, dtype=torch.float32)
+    for e, r0, r1, i in _slabs(w.shape, block):
+        slab = w3[e, r0:r1].to(torch.float32, copy=True)  # divided in place below: never the caller's
+        amax = torch.empty(gn, dtype=torch.float32)
+        if full:
+            amax[: full // bn] = slab[:, :full].reshape(r1 - r0, full // bn, bn).abs().amax(dim=(0, 2))
+        if full < cols:
+            amax[-1] = slab[:, full:].abs().amax()
+        sc = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
+        scale[e, i] = sc
+        q3[e, r0:r1] = slab.div_(_row(sc, bn, cols)).clamp_(-E4M3_MAX, E4M3_MAX)
+    return q, scale
 
 
 def broadcast_scale_norm(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int]) -> float:

@@ -1,0 +1,150 @@
+"""FP8 ablation: throughput against the bf16 path and a plain copy; residual after requantization
+against the reference (the exact edit, requantized).
+
+Writes a GLM-4.5-Air-layout checkpoint at real widths (hidden 4096, moe_intermediate 1408, 96 heads
+x 128, dense intermediate 10944) with few layers and experts, converts it to transformers'
+fine-grained FP8 (blocks of 128, scales of every second weight in the next shard), then, each
+`--repeat` times: copies the FP8 shards (shutil.copyfile + fsync), ablates the bf16 checkpoint and
+the FP8 one with the default plan (one worker). Prints seconds, GB/s of the checkpoint's bytes and
+edited parameters per second of each, the medians' ratios, and per edited FP8 tensor the projection
+residual |r^T W'| / |W| of the output (dequantized) and of the reference, with the validator's
+tolerance; and the distance |W'_out - W'_ref|_F / |W|_F.
+
+    .venv/bin/python benchmarks/bench_fp8.py [--experts 8] [--layers 3] [--repeat 3] [--dir /tmp/bench-fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GB = 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from abliterate import fp8
+    from abliterate.ablate import ablate_checkpoint, load_inputs
+    from abliterate.direction_file import load_directions, save_directions
+    from abliterate.matching import direction_for
+    from abliterate.output import MANIFEST_FILE
+    from abliterate.plan import AblationPlan
+    from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
+    from abliterate.validate import FLOAT32_UNIT, TOLERANCE_FACTOR
+
+    root = args.dir or Path(tempfile.mkdtemp(prefix="bench-fp8-"))
+    root.mkdir(parents=True, exist_ok=True)
+    layout = GlmLayout(num_layers=args.layers, n_routed_experts=args.experts, num_experts_per_tok=2,
+                       num_nextn_predict_layers=0, hidden_size=4096, intermediate_size=10944,
+                       moe_intermediate_size=1408, num_attention_heads=96, num_key_value_heads=8,
+                       head_dim=128, vocab_size=1024)  # fmt: skip
+    bf16, f8 = root / "bf16", root / "fp8"
+    if not (f8 / MANIFEST_FILE).exists() and not (f8 / "config.json").exists():
+        write_glm_layout(bf16, layout, num_shards=4)
+        convert_to_fp8(bf16, f8, (128, 128))
+    gen = torch.Generator().manual_seed(0)
+    directions = {}
+    for name, model in (("bf16", bf16), ("fp8", f8)):
+        from abliterate.checkpoint import build_inventory
+
+        d = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=gen)
+        meta = {"fingerprint": build_inventory(model).fingerprint, "selected_position": 1}
+        directions[name] = save_directions(root / f"{name}.safetensors", d, meta)
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+    def edited_params(out: Path) -> int:
+        entries = json.loads((out / MANIFEST_FILE).read_text())["edited"]
+        inv = load_inputs(bf16 if "bf16" in out.name else f8, directions["bf16" if "bf16" in out.name else "fp8"])
+        return sum(inv.inventory.tensors[e["name"]].shape[0] * inv.inventory.tensors[e["name"]].shape[1] for e in entries)
+
+    times: dict[str, list[float]] = {"copy_fp8": [], "ablate_bf16": [], "ablate_fp8": []}
+    for _ in range(args.repeat):
+        copy = root / "copy"
+        shutil.rmtree(copy, ignore_errors=True)
+        copy.mkdir()
+        began = time.perf_counter()
+        for p in f8.glob("*.safetensors"):
+            shutil.copyfile(p, copy / p.name)
+            with open(copy / p.name, "rb+") as f:
+                import os
+
+                os.fsync(f.fileno())
+        times["copy_fp8"].append(time.perf_counter() - began)
+        for name, model in (("bf16", bf16), ("fp8", f8)):
+            out = root / f"out-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            began = time.perf_counter()
+            ablate_checkpoint(model, directions[name], out, progress=False, log=lambda _: None)
+            times[f"ablate_{name}"].append(time.perf_counter() - began)
+    sizes = {"copy_fp8": size(f8), "ablate_bf16": size(bf16), "ablate_fp8": size(f8)}
+    params = {"ablate_bf16": edited_params(root / "out-bf16"), "ablate_fp8": edited_params(root / "out-fp8")}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    for k in times:
+        extra = f", {params[k] / median[k] / 1e6:7.1f} M edited parameters/s" if k in params else ""
+        print(f"{k:12s} {sizes[k] / GB:6.3f} GB  median {median[k]:7.2f} s  {sizes[k] / GB / median[k]:6.3f} GB/s{extra}"
+              f"  (runs {', '.join(f'{t:.2f}' for t in times[k])})")  # fmt: skip
+    print(f"fp8 ablation / bf16 ablation, edited parameters per second: "
+          f"{params['ablate_fp8'] / median['ablate_fp8'] / (params['ablate_bf16'] / median['ablate_bf16']):.2f}")
+    print(f"fp8 ablation / plain copy of the fp8 shards, GB/s: {median['copy_fp8'] / median['ablate_fp8']:.2f}")
+
+    # residuals: output vs the reference (the exact float64 edit of the dequantized input, requantized)
+    out = root / "out-fp8"
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    plan = AblationPlan.from_dict(manifest["plan"])
+    dirs = load_directions(directions["fp8"], layout.hidden_size)
+    from safetensors import safe_open
+
+    index = json.loads((f8 / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def tensor(folder: Path, name: str) -> torch.Tensor:
+        with safe_open(str(folder / index[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    rows = []
+    for e in manifest["edited"]:
+        if "scale_tensor" not in e:
+            continue
+        block = tuple(e["block"])
+        w = fp8.dequantize(tensor(f8, e["name"]), tensor(f8, e["scale_tensor"]), block).double()
+        new_scale = tensor(out, e["scale_tensor"])
+        new = fp8.dequantize(tensor(out, e["name"]), new_scale, block).double()
+        r = direction_for(plan, dirs, e["layer"]).double()
+        exact = w - torch.outer(r, r @ w) if e["residual_axis"] == 0 else w - torch.outer(w @ r, r)
+        ref_q, ref_s = fp8.quantize(exact.float(), block)
+        ref = fp8.dequantize(ref_q, ref_s, block).double()
+
+        def res(x: torch.Tensor, r: torch.Tensor = r, e: dict = e, w: torch.Tensor = w) -> float:
+            return float((r @ x if e["residual_axis"] == 0 else x @ r).norm() / w.norm())
+
+        bound = fp8.rounding_bound(float(new.norm()), fp8.broadcast_scale_norm(new_scale, tuple(w.shape), block))
+        tol = TOLERANCE_FACTOR * (bound / float(w.norm()) + layout.hidden_size * FLOAT32_UNIT)
+        rows.append((e["role"], res(new), res(ref), tol, float((new - ref).norm() / w.norm()),
+                     float((new - exact).norm() / w.norm())))  # fmt: skip
+    print(f"{'role':20s} {'n':>3s} {'residual out':>13s} {'residual ref':>13s} {'tolerance':>10s} "
+          f"{'|out-ref|/|W|':>14s} {'|out-exact|/|W|':>16s}  (worst of each role)")
+    for role in sorted({r[0] for r in rows}):
+        sel = [r for r in rows if r[0] == role]
+        print(f"{role:20s} {len(sel):3d} {max(r[1] for r in sel):13.3g} {max(r[2] for r in sel):13.3g} "
+              f"{min(r[3] for r in sel):10.3g} {max(r[4] for r in sel):14.3g} {max(r[5] for r in sel):16.3g}")
+    if args.dir is None:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
