@@ -42,6 +42,7 @@ from abliterate.output import (
     record_shard,
     replacing,
     shard_key,
+    unchanged_tensors,
 )
 from abliterate.plan import AblationPlan
 from abliterate.profiles import Profile
@@ -126,7 +127,9 @@ def ablate_shard(
         size = write_shard(inputs.inventory.model_dir / shard, tmp, edits)
         if quantized:
             fp8.rewrite_shard(inputs.inventory.model_dir, shard, tmp, [(m, vectors[m.tensor.layer]) for m in quantized])
-    result = ShardResult(shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began)
+        same = unchanged_tensors(inputs.inventory.model_dir / shard, tmp, mine)
+    result = ShardResult(shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began,
+                         unchanged=same)  # fmt: skip
     record_shard(out, result)
     return result
 
@@ -173,4 +176,8 @@ def ablate_checkpoint(
         skipped = sum(r.skipped for r in results)
         if skipped:
             log(f"{skipped} of {len(results)} shards were already complete from an earlier run of this plan")
-        return finalize_output(inputs, plan, prepared, results)
+        noted = len(inputs.warnings)
+        manifest = finalize_output(inputs, plan, prepared, results)
+        for warning in inputs.warnings[noted:]:
+            log(f"warning: {warning}")
+        return manifest

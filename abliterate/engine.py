@@ -17,7 +17,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +75,25 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
 
 def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None:
     """Read, edit in float32, round once, write: chunk by chunk of independent vectors."""
+    dtype = TORCH_DTYPES[m.tensor.dtype]
+    for _, work in _edited_chunks(mapped, m, r):
+        _write_rounded(dst, work, dtype)
+
+
+def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """One matched tensor's edit exactly as `write_shard` writes it, chunk by chunk of independent
+    vectors: (the chunk's absolute byte offset in the shard, its edited float32 values shaped as
+    the chunk), before rounding (`rounded_pieces` gives the stored bytes). `src`: the input shard,
+    open for reading. The float32 buffer is reused: use each chunk before asking for the next.
+    Validation recomputes every edit through this very function."""
+    mapped = mmap.mmap(src, 0, access=mmap.ACCESS_COPY)
+    try:
+        yield from _edited_chunks(mapped, m, r)
+    finally:
+        _close(mapped)
+
+
+def _edited_chunks(mapped: mmap.mmap, m: Match, r: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     t = m.tensor
     if t.nbytes == 0:
         return
@@ -94,7 +113,7 @@ def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None
         shape = (count, *t.shape[1:]) if rows > 1 else t.shape
         work = _read_float32(mapped, offset, count * row_numel, dtype).view(shape)
         edit(work, r, m.scale, axis)
-        _write_rounded(dst, work, dtype)
+        yield offset, work
 
 
 class _Scratch(threading.local):
@@ -135,15 +154,20 @@ def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype
 
 def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype) -> None:
     """Round to `dtype` and write, a piece at a time (rounding is per element: pieces change nothing)."""
+    for view in rounded_pieces(work, dtype):
+        written = 0
+        while written < len(view):
+            written += os.write(dst, view[written:])
+
+
+def rounded_pieces(work: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryview]:
+    """`work` rounded once to `dtype`, as the bytes stored, a piece at a time (the buffer is reused)."""
     flat = work.view(-1)
     for first in range(0, flat.numel(), PIECE):
         part = flat[first : first + PIECE]
         if dtype != torch.float32:
             part = _SCRATCH.piece(dtype, part.numel()).copy_(part)
-        view = memoryview(part.view(torch.uint8).numpy())
-        written = 0
-        while written < len(view):
-            written += os.write(dst, view[written:])
+        yield memoryview(part.view(torch.uint8).numpy())
 
 
 def _close(mapped: mmap.mmap) -> None:

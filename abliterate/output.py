@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from abliterate.direction_file import Directions
 from abliterate.directions import library_versions
 from abliterate.engine import ENGINE_VERSION
 from abliterate.errors import AbliterateError
+from abliterate.fp8 import partners as fp8_partners
 from abliterate.hub import hub_origin
 from abliterate.matching import AblationInputs
 from abliterate.paths import (
@@ -58,6 +59,7 @@ class ShardResult:
     size: int
     skipped: bool = False  # found complete from an earlier run
     seconds: float = 0.0
+    unchanged: list[str] = field(default_factory=list)  # edited tensors whose every byte stayed as it was
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +98,10 @@ def shard_key(plan: AblationPlan, directions: Directions, inventory: Inventory, 
     path = inventory.model_dir / shard
     header = read_header(path)
     stamp = f"{shard}|{header.size}|{header.header_sha256}|{path.stat().st_mtime_ns}"
+    # An FP8 weight and its scale in two shards: each shard's bytes depend on the other's (fp8.py)
+    for other in fp8_partners(inventory, shard):
+        info = (inventory.model_dir / other).stat()
+        stamp += f"|{other}|{info.st_size}|{info.st_mtime_ns}"
     text = f"{ENGINE_VERSION}|{plan.sha256()}|{directions_digest(directions)}|{stamp}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -377,13 +383,32 @@ def completed_shard(out: Path, shard: str, key: str) -> ShardResult | None:
         entry = manifest["shards"][shard]
         if entry["key"] == key and entry["size"] == stat.st_size:
             edited = [e for e in manifest["edited"] if e["shard"] == shard]
-            return ShardResult(shard, key, edited, entry["size"])
+            names = {e["name"] for e in edited}
+            same = [n for n in manifest.get("unchanged", []) if n in names]
+            return ShardResult(shard, key, edited, entry["size"], unchanged=same)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
 
 
-# ---------------------------------------------------------------- manifest
+def unchanged_tensors(src: Path, dst: Path, matches: list[Any], first: int = 4096, block: int = 1 << 20) -> list[str]:
+    """Names of the matched tensors whose bytes in `dst` equal those in `src`: an edit that rounded
+    away entirely. Each tensor's first `first` bytes decide almost always (an edit changes most
+    values); only when they agree is the rest compared, a block at a time."""
+    same = []
+    with open(src, "rb", buffering=0) as a, open(dst, "rb", buffering=0) as b:
+        for m in matches:
+            t = m.tensor
+            position, size = t.start, min(first, t.nbytes)
+            while size and os.pread(a.fileno(), size, position) == os.pread(b.fileno(), size, position):
+                position += size
+                size = min(block, t.end - position)
+            if not size:
+                same.append(t.name)
+    return same
+
+
+# ---------------------------------------------------------------- manifest# ---------------------------------------------------------------- manifest
 
 
 def finalize_output(
@@ -397,6 +422,7 @@ def finalize_output(
         raise AbliterateError(f"output {out} lacks shard {missing[0]} ({len(missing)} missing): rerun to finish")
     ordered = [by_shard[s] for s in inputs.inventory.shards]
     edited = [e for r in ordered for e in r.edited]
+    _check_something_changed(inputs, ordered, edited)
     counts: Counter[str] = Counter()
     for e in edited:
         t = inputs.inventory.tensors[e["name"]]
@@ -423,6 +449,7 @@ def finalize_output(
         "edited": edited,
         "counts": dict(sorted(counts.items())),
         "shards": {r.shard: {"key": r.key, "size": r.size} for r in ordered},
+        "unchanged": [name for r in ordered for name in r.unchanged],
         "files": output_names(inputs, prepared.copied),
     }
     previous = inputs.inventory.model_dir / MANIFEST_FILE
@@ -437,6 +464,25 @@ def finalize_output(
     write_json_atomic(out / MANIFEST_FILE, manifest)
     _clear_records(out)
     return manifest
+
+
+def _check_something_changed(inputs: AblationInputs, results: list[ShardResult], edited: list[dict[str, Any]]) -> None:
+    """A plan that asks for a change (a scale above 0) and changed no byte of any tensor it edits is
+    an error, never a success: every edit rounded away (a scale too small for the storage dtype). A
+    plan whose scales are all 0 asked for no change; an input that is itself an ablation output may
+    have no direction left to remove (a warning)."""
+    asked = [e["name"] for e in edited if float(e.get("scale") or 0.0) != 0.0 or e.get("side") == "shift"]
+    same = {name for r in results for name in r.unchanged}
+    if not asked or any(name not in same for name in asked):
+        return
+    message = (
+        f"the plan edits {len(asked)} tensors with a scale above 0 but every byte of them stayed as it was: each "
+        "edit is below the storage dtype's precision"
+    )
+    if (inputs.inventory.model_dir / MANIFEST_FILE).is_file():
+        inputs.warnings.append(message + " (the input is an earlier ablation's output: the direction may be gone)")
+        return
+    raise AbliterateError(message + "; raise --scale (or check the directions file); the output is left unfinished")
 
 
 def sorted_json(value: Any) -> Any:

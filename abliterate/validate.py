@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +42,10 @@ from tqdm.auto import tqdm
 
 from abliterate import fp8
 from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
-from abliterate.engine import TORCH_DTYPES
+from abliterate.engine import TORCH_DTYPES, edited_chunks, rounded_pieces
 from abliterate.errors import AbliterateError
-from abliterate.matching import direction_for, plan_matches
+from abliterate.matching import direction_for, plan_matches, vector_for
+from abliterate.orthogonalize import NOISE
 from abliterate.output import MANIFEST_FILE, WEIGHT_SUFFIXES, files_to_copy
 from abliterate.plan import AblationPlan, format_layers
 from abliterate.profiles import Profile
@@ -98,6 +100,8 @@ class ValidationReport:
     seconds: float
     tolerance_factor: float = TOLERANCE_FACTOR
     changed_unclassified: list[str] = field(default_factory=list)
+    # edited tensors recomputed from the input: identical, within_rounding, differs (empty: not recomputed)
+    recomputed: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """Every field but the wall time, so that identical inputs give an identical report file."""
@@ -111,6 +115,10 @@ class ValidationReport:
             f"tensors: {self.tensors} in the original, {self.compared} compared byte by byte, "
             f"{self.changed} changed ({self.bytes_hashed / 1e9:.2f} GB hashed in {self.seconds:.1f} s)",
         ]
+        if self.recomputed:
+            r = self.recomputed
+            lines.append(f"edited tensors recomputed from the input: {r.get('identical', 0)} identical, "
+                         f"{r.get('within_rounding', 0)} within float32 rounding, {r.get('differs', 0)} differ")  # fmt: skip
         roles = sorted(set(self.changed_by_role) | set(self.expected_by_role))
         if roles:
             lines.append(f"{'role':<22} {'changed':>8} {'planned':>8} {'worst residual':>15} {'tolerance':>10}")
@@ -194,11 +202,16 @@ def validate_output(
 
     edited = _planned_edits(manifest, inventory, checks)
     plan = _read_plan(manifest, checks)
-    _compare_with_plan(inventory, changed, edited, uncompared, plan, checks)
-
     directions = _load_directions(manifest, directions_path, inventory, checks) if edited else None
+    recompute = plan is not None and directions is not None
+    _compare_with_plan(inventory, changed, edited, uncompared, plan, checks, recompute)
     worst, nan_inf = _check_numbers(original_dir, ablated_dir, inventory, output, changed, edited, directions,
                                     plan, checks, progress)  # fmt: skip
+    recomputed = (
+        _recompute_edits(original_dir, ablated_dir, inventory, output, uncompared, edited, plan, directions, checks,
+                         progress)
+        if recompute else {}
+    )  # fmt: skip
     files = _compare_files(original_dir, ablated_dir, inventory, checks, manifest)
 
     by_role: Counter[str] = Counter()
@@ -235,6 +248,7 @@ def validate_output(
         bytes_hashed=2 * sum(t.nbytes for t, _ in pairs),
         seconds=round(time.perf_counter() - began, 3),
         changed_unclassified=unclassified,
+        recomputed=recomputed,
     )
 
 
@@ -340,12 +354,15 @@ def _compare_with_plan(
     uncompared: set[str],
     plan: AblationPlan | None,
     checks: _Checks,
+    recompute: bool = False,
 ) -> None:
     """Changed tensors against the manifest's edited list, and that list against the plan.
 
     The plan check uses the input's own classification (exact layer numbers), independently of
     how the engine matched names, and then the engine's matcher to find planned tensors the
-    manifest leaves out.
+    manifest leaves out. A planned tensor whose bytes are unchanged is left to the recomputation
+    when it runs (`recompute`): an edit can round away entirely (a tiny scale), and only the
+    recomputation knows whether it should have.
     """
     scales = _fp8_scales(inventory, edited)
     for name in changed:
@@ -355,7 +372,7 @@ def _compare_with_plan(
     for name, entry in edited.items():
         if name in changed_set or name in uncompared:
             continue
-        if float(entry.get("scale", 1.0)) == 0.0:  # scale 0 leaves the bytes as they are
+        if float(entry.get("scale", 1.0)) == 0.0 or recompute:  # scale 0 leaves the bytes as they are
             continue
         message = f"tensor {name} ({_where(inventory.tensors[name])}) is planned for editing but its bytes are unchanged"
         if (inventory.model_dir / MANIFEST_FILE).is_file():
@@ -773,6 +790,153 @@ def _fp8_numbers(
 
 def _norm(x: torch.Tensor) -> float:
     return float(x.pow(2).sum().sqrt())
+
+
+# ---------------------------------------------------------------- recomputation of every edit
+
+
+def _recompute_edits(
+    original_dir: Path,
+    ablated_dir: Path,
+    inventory: Inventory,
+    output: dict[str, _OutputTensor],
+    uncompared: set[str],
+    edited: dict[str, dict],
+    plan: AblationPlan,
+    directions: Any,
+    checks: _Checks,
+    progress: bool,
+) -> dict[str, int]:
+    """Recompute every tensor the engine edits from the input, with the engine's own function
+    (`engine.edited_chunks`, chunk by chunk: memory bounded like the ablation), and compare the
+    stored bytes with the output's. The engine is deterministic, so they are identical; where they
+    are not, every value must lie within the float32 rounding bound of the recomputation
+    (`_outside_rounding`: another CPU's kernels may sum in another order), else the tensor fails.
+    A damage that keeps a tensor orthogonal to the direction (zeroed, rescaled, moved along another
+    direction) passes the projection residual; it fails here."""
+    counts: Counter[str] = Counter()
+    vectors: dict[Any, torch.Tensor] = {}
+    fds: dict[Path, int] = {}
+    matches = [m for m in plan_matches(plan, inventory)
+               if getattr(m, "scales", None) is None and m.tensor.name in output and m.tensor.name not in uncompared
+               and m.tensor.dtype in UNIT_ROUNDOFF]  # fmt: skip
+    try:
+        for m in tqdm(matches, desc="validate: recompute", unit="tensor", disable=not progress):
+            t = m.tensor
+            key = ("shift", t.name) if m.side == "shift" else t.layer
+            if key not in vectors:
+                vectors[key] = vector_for(plan, directions, m)
+            src = _fd(fds, original_dir / t.shard)
+            dst = _fd(fds, ablated_dir / t.shard)
+            verdict, outside, total, largest = _compare_recomputed(src, dst, m, vectors[key], output[t.name].start)
+            counts[verdict] += 1
+            if verdict == "within_rounding":
+                checks.warn(
+                    f"tensor {t.name} ({_where(t)}) differs from the edit recomputed from the input only within "
+                    "float32 rounding (another machine's kernels?)"
+                )
+            elif verdict == "differs":
+                unchanged = _same_bytes(src, dst, t, output[t.name].start)
+                if unchanged and t.name in edited and (inventory.model_dir / MANIFEST_FILE).is_file():
+                    checks.warn(f"tensor {t.name} ({_where(t)}) is planned for editing but its bytes are unchanged "
+                                "(the input was already ablated)")  # fmt: skip
+                    continue
+                if unchanged:
+                    checks.fail(
+                        f"tensor {t.name} ({_where(t)}) is planned for editing but its bytes are unchanged: the edit "
+                        f"recomputed from the input changes {outside} of {total} values; rerun the ablation"
+                    )
+                else:
+                    checks.fail(
+                        f"tensor {t.name} ({_where(t)}) differs from the edit recomputed from the input: {outside} of "
+                        f"{total} values outside the float32 rounding bound (largest difference {largest:.3g}): the "
+                        "output is damaged; rerun the ablation"
+                    )
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return {k: counts.get(k, 0) for k in ("identical", "within_rounding", "differs")}
+
+
+def _fd(fds: dict[Path, int], path: Path) -> int:
+    if path not in fds:
+        fds[path] = os.open(path, os.O_RDONLY)
+    return fds[path]
+
+
+def _same_bytes(src: int, dst: int, t: TensorInfo, out_start: int) -> bool:
+    """Whether the output holds the input's very bytes for `t` (read in pieces)."""
+    for first in range(0, t.nbytes, HASH_CHUNK):
+        n = min(HASH_CHUNK, t.nbytes - first)
+        if os.pread(src, n, t.start + first) != os.pread(dst, n, out_start + first):
+            return False
+    return True
+
+
+def _compare_recomputed(src: int, dst: int, m: Any, r: torch.Tensor, out_start: int) -> tuple[str, int, int, float]:
+    """(verdict, values outside the bound, values, largest difference) of one edited tensor."""
+    t = m.tensor
+    dtype = TORCH_DTYPES[t.dtype]
+    identical, outside, largest = True, 0, 0.0
+    for offset, work in edited_chunks(src, m, r):
+        position = out_start + (offset - t.start)
+        same = True
+        for piece in rounded_pieces(work, dtype):
+            stored = os.pread(dst, len(piece), position)
+            same = same and stored == bytes(piece)
+            position += len(piece)
+        if same:
+            continue
+        identical = False
+        n, d = _outside_rounding(src, dst, m, r, work, offset, out_start + (offset - t.start))
+        outside, largest = outside + n, max(largest, d)
+    total = math.prod(t.shape)
+    if identical:
+        return "identical", 0, total, 0.0
+    return ("within_rounding" if outside == 0 else "differs"), outside, total, largest
+
+
+def _outside_rounding(
+    src: int, dst: int, m: Any, r: torch.Tensor, work: torch.Tensor, offset: int, out_offset: int
+) -> tuple[int, float]:
+    """How many values of one chunk lie outside the float32 rounding bound of the recomputation, and
+    the largest difference. Each edited vector v (along the residual axis, length H, unit r, scale s)
+    is x = v - s r (r^T v), computed in float32: the dot product errs by at most gamma |v| with
+    gamma = (H + 4) 2^-24 (the H-term sum and the few roundings after it), so one evaluation of x_i
+    errs by at most eps_i = gamma (|v_i| + s |r_i| |v|), two evaluations differ by at most 2 eps_i,
+    and storing each in a dtype of unit roundoff u adds u |x_i|. The norm-preserving edit rescales x
+    by |v| / |x|, which multiplies errors by that ratio and adds the ratio's own error; a vector the
+    edit leaves at float32 noise (|x| near NOISE |v|) may be zeroed by one evaluation and not by the
+    other. A bias shift adds a value: one float32 rounding. TOLERANCE_FACTOR 2 on top, as for the
+    residuals."""
+    t = m.tensor
+    dtype = TORCH_DTYPES[t.dtype]
+    size = work.numel() * torch.empty((), dtype=dtype).element_size()
+    shape = work.shape
+    v = torch.frombuffer(bytearray(os.pread(src, size, offset)), dtype=dtype).reshape(shape).double()
+    a = torch.frombuffer(bytearray(os.pread(dst, size, out_offset)), dtype=dtype).reshape(shape).double()
+    x = work.double()
+    u, scale = UNIT_ROUNDOFF[t.dtype], abs(float(m.scale))
+    if m.side == "shift":
+        eps = FLOAT32_UNIT * (x.abs() + v.abs())
+    else:
+        axis = t.residual_axis
+        gamma = (r.numel() + 4) * FLOAT32_UNIT
+        along = [1] * x.dim()
+        along[axis] = r.numel()
+        ar = r.double().abs().view(along)
+        vnorm = torch.linalg.vector_norm(v, dim=axis, keepdim=True)
+        eps = gamma * (v.abs() + scale * ar * vnorm)
+        if m.method == "norm_preserving" and m.side != "reader":
+            xnorm = torch.linalg.vector_norm(x, dim=axis, keepdim=True)
+            ratio = vnorm / xnorm.clamp_min(1e-300)
+            eps = ratio * eps + x.abs() * gamma * (1 + scale) * ratio
+            eps = torch.where(xnorm <= 2 * NOISE * vnorm, x.abs() + vnorm, eps)
+    tolerance = TOLERANCE_FACTOR * (2 * eps + u * (a.abs() + x.abs()))
+    difference = (a - x).abs()
+    bad = ~(difference <= tolerance)  # NaN in the output counts as outside
+    finite = difference[torch.isfinite(difference)]
+    return int(bad.sum()), float(finite.max()) if finite.numel() else math.inf
 
 
 # ---------------------------------------------------------------- non-weight files

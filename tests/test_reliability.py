@@ -636,6 +636,20 @@ def test_plan_file_not_utf8_and_kernels_that_overflow(base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_plan_that_changes_nothing_is_an_error(base, tmp_path, capsys):
+    """P17: a plan asking for a change (scales above 0) whose every edit rounds away reported success
+    with an output equal to the input; it is an error now. Scales of exactly 0 still copy the input,
+    as asked, and re-ablating an ablated output is allowed (the direction is gone already)."""
+    model, directions, reference = base
+    with unchanged(model):
+        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "tiny", "--scale", "1e-30")), "ablate",
+                     "every byte of them stayed as it was", "--scale")  # fmt: skip
+        assert not (tmp_path / "tiny" / MANIFEST_FILE).exists()
+        assert cli(capsys, *ablate_args(model, directions, tmp_path / "zero", "--scale", "0"))[0] == 0
+        assert shard_bytes(tmp_path / "zero") == shard_bytes(model)
+        assert cli(capsys, *ablate_args(reference, directions, tmp_path / "again", "--force", "--scale", "1e-30"))[0] == 0
+
+
 def test_plan_matching_no_tensor_is_an_error(base, tmp_path, capsys):
     model, directions, _ = base
     # layers 1-2 are MoE: they have no dense mlp_down, so this plan edits nothing at all
@@ -840,13 +854,15 @@ def test_write_failures_are_one_line_errors(base, tmp_path, capsys, monkeypatch,
 # ---------------------------------------------------------------- validation
 
 
-def _edit_tensor_bytes(folder: Path, name: str, change) -> None:
-    """Apply `change` (a float32 tensor -> tensor) to one tensor of a checkpoint in place, in its own dtype."""
+def _edit_tensor_bytes(folder: Path, name: str, change, source: Path | None = None) -> None:
+    """Store `change(values)` (a float32 tensor -> tensor) as one tensor of a checkpoint, in place, in its
+    own dtype; `values` are the tensor's values in `source` (default: the checkpoint itself)."""
     t = build_inventory(folder).tensors[name]
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[t.dtype]
     path = folder / t.shard
     raw = bytearray(path.read_bytes())
-    values = torch.frombuffer(bytes(raw[t.start : t.end]), dtype=dtype).reshape(t.shape).float()
+    read = bytearray(((source or folder) / t.shard).read_bytes()[t.start : t.end])
+    values = torch.frombuffer(read, dtype=dtype).reshape(t.shape).float()
     raw[t.start : t.end] = change(values).to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
     path.write_bytes(bytes(raw))
 
@@ -869,13 +885,9 @@ CORRUPTIONS = {
     "rescaled": (lambda d: lambda w: w * 0.5, ["differs from the edit recomputed from the input"]),
     "orthogonal noise": (_orthogonal_noise, ["differs from the edit recomputed from the input"]),
     "one value": (lambda d: lambda w: w.index_put_((torch.tensor([0]), torch.tensor([0])), -w[0, 0] - 1),
-                  ["differs from the edit recomputed from the input", "1 of 4096 values"]),
+                  ["differs from the edit recomputed from the input", "1 of 512 values"]),
 }  # fmt: skip
-RECOMPUTE_GAP = pytest.mark.xfail(strict=True, reason="V1: validation does not recompute edited tensors yet")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=RECOMPUTE_GAP) for c in sorted(CORRUPTIONS)]
-                         + ["bytes appended", "overlapping offsets"])  # fmt: skip
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS) + ["bytes appended", "overlapping offsets"])
 def test_validation_recomputes_every_edited_tensor(base, tmp_path, capsys, case):
     """V1-V3: damage to an edited tensor that keeps it orthogonal to the direction (zeroed, rescaled,
     moved along another direction, one value changed) passed the projection-residual check; every
@@ -903,6 +915,39 @@ def test_validation_recomputes_every_edited_tensor(base, tmp_path, capsys, case)
     assert failures, report["failures"]
     if case in CORRUPTIONS:
         assert victim in failures[0]
+
+
+def test_validation_accepts_another_machines_rounding(base, tmp_path, capsys):
+    """V4: an output whose edits were computed another way (here: exactly, in float64, then rounded once,
+    as a machine whose float32 kernels sum in another order would come close to) differs from the
+    recomputation only within the derived float32 rounding bound: validation passes, with a warning per
+    such tensor, while the damage of V1 stays far outside the bound."""
+    from abliterate.ablate import load_inputs
+    from abliterate.matching import default_plan, direction_for, plan_matches
+
+    model, directions, reference = base
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    inputs = load_inputs(model, directions)
+    plan = default_plan(inputs)
+    for m in plan_matches(plan, inputs.inventory, inputs.structure):
+        r = direction_for(plan, inputs.directions, m.tensor.layer).double()
+        axis = m.tensor.residual_axis
+
+        def exact(w: torch.Tensor, r=r, axis=axis) -> torch.Tensor:
+            w = w.double()
+            along = [1] * w.dim()
+            along[axis] = r.numel()
+            projection = torch.tensordot(w, r, dims=([axis], [0])).unsqueeze(axis)
+            return w - r.view(along) * projection
+
+        _edit_tensor_bytes(out, m.tensor.name, exact, source=model)
+    with unchanged(model):
+        code, _ = cli(capsys, "validate", model, out, "--quiet", "--out", tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0, report["failures"]
+    assert report["recomputed"]["within_rounding"] > 0 and report["recomputed"]["differs"] == 0
+    assert any("only within float32 rounding" in w for w in report["warnings"])
 
 
 # ---------------------------------------------------------------- process
@@ -1329,7 +1374,6 @@ def test_any_plan_mutation_is_one_line_or_a_correct_run(base, key, value, delete
             event(_one_line_or_a_correct_run(model, directions, work, "--plan", plan))
 
 
-@pytest.mark.xfail(strict=True, reason="P17/V4: a tiny scale's edit that rounds away fails validation")
 @PROPERTY
 @given(scales=st.lists(st.floats(0, 2) | st.floats(0, 1e-12) | st.just(0.0), min_size=4, max_size=4),
        method=st.sampled_from(["plain", "norm_preserving", "projected"]),
@@ -1503,7 +1547,6 @@ def test_ablate_flow_keeps_what_is_not_its_own_locks_and_reproduces(prefect_env,
 
 
 @pytest.mark.slow
-@RECOMPUTE_GAP
 def test_flow_validation_catches_a_damaged_output(prefect_env, tmp_path):
     """F8: the `abliterate` flow rerun over its own output after an edited tensor was damaged in a way
     that keeps it orthogonal to the direction: the validation task reruns (the output changed) and
