@@ -287,3 +287,14 @@ def _write_at(fd: int, x: torch.Tensor, offset: int, nbytes: int) -> None:
     done = 0
     while done < nbytes:
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def partners(inventory: Any, shard: str) -> list[str]:
+    """The other shards whose bytes the FP8 rewrite of `shard` reads: where the scales of its FP8
+    weights are, and where the weights of its scales are (they enter its cache key)."""
+    others = set()
+    for weight, (scale, _) in inventory.fp8.items():
+        w, s = inventory.tensors[weight].shard, inventory.tensors[scale].shard
+        if shard in (w, s):
+            others.update({w, s} - {shard})
+    return sorted(others)

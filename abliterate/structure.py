@@ -112,7 +112,8 @@ def detect_structure(inventory: Inventory) -> Structure:
             f"{'present' if has_head else 'absent'}: the config does not describe this checkpoint"
         )
     warnings = []
-    unrecognised = inventory.unclassified()
+    scales = {scale for scale, _ in inventory.fp8.values()}  # FP8 scales: rewritten with their weight
+    unrecognised = [name for name in inventory.unclassified() if name not in scales]
     if unrecognised:
         warnings.append(
             f"{len(unrecognised)} tensors match no {inventory.family} rule (e.g. {unrecognised[0]}); "

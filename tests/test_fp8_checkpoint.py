@@ -5,6 +5,8 @@ through the CLI; the requantized edit against the exact one; loading with transf
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ from abliterate.checkpoint import build_inventory
 from abliterate.cli import main
 from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
-from abliterate.matching import direction_for
-from abliterate.output import MANIFEST_FILE
+from abliterate.matching import default_plan, direction_for
+from abliterate.output import MANIFEST_FILE, shard_key
 from abliterate.plan import AblationPlan
 from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 from tests.test_ablate import write_directions
@@ -60,7 +62,8 @@ def test_inventory_pairs_every_fp8_weight_with_its_scale(fp8_run):
 
 
 def test_cli_ablates_and_validates(fp8_run, capsys):
-    src, _, out = fp8_run
+    src, directions, out = fp8_run
+    assert not load_inputs(src, directions).warnings  # scales are no unclassified tensors
     capsys.readouterr()
     assert main(["validate", str(src), str(out), "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -129,3 +132,33 @@ def test_transformers_loads_the_ablated_fp8_checkpoint_on_cpu(fp8_run):
     assert torch.equal(loaded, expected)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_fp8_output_is_deterministic_and_resumes(fp8_run, tmp_path, capsys):
+    """Another run gives the same bytes (each shard's requantization is deterministic, whichever
+    shard computes it); a rerun into the finished output skips every shard."""
+    src, directions, out = fp8_run
+    again = tmp_path / "again"
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(again), "--quiet"]) == 0
+    for p in sorted(out.glob("*.safetensors")):
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+    capsys.readouterr()
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(again), "--quiet"]) == 0
+    assert "4 of 4 shards were already complete" in capsys.readouterr().err
+
+
+def test_shard_key_follows_the_shards_of_its_fp8_partners(fp8_run, tmp_path):
+    """A shard holding the scale of a weight stored elsewhere is rewritten from both: its key sees
+    the other shard change too."""
+    src, directions, _ = fp8_run
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    inputs = load_inputs(copy, directions, force=True)
+    plan = default_plan(inputs)
+    inv = inputs.inventory
+    weight, scale = next((w, s) for w, (s, _) in inv.fp8.items() if inv.tensors[s].shard != inv.tensors[w].shard)
+    weight_shard, scale_shard = inv.tensors[weight].shard, inv.tensors[scale].shard
+    before = shard_key(plan, inputs.directions, inv, scale_shard)
+    stat = (copy / weight_shard).stat()
+    os.utime(copy / weight_shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert shard_key(plan, inputs.directions, inv, scale_shard) != before
