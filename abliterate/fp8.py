@@ -244,22 +244,44 @@ def rewrite_shard(model_dir: Path, shard: str, dst: Path, edits: list[tuple[Any,
     computes the same deterministic requantization (dequantize in float32, edit as the engine does,
     fresh per-block scales); it then writes the part its shard holds. Memory: one tensor in float32.
     """
-    from abliterate.orthogonalize import norm_preserving_, project_out_
-
     with open(dst, "r+b", buffering=0) as out:
         for m, r in edits:
-            weight, (scale_info, block) = m.tensor, m.scales
-            q = read_tensor(model_dir / weight.shard, weight)
-            scale = read_tensor(model_dir / scale_info.shard, scale_info)
-            work = dequantize(q, scale, block)
-            edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
-            edit(work, r, m.scale, weight.residual_axis)
-            new_q, new_scale = quantize(work, block, scale.dtype)
+            weight, (scale_info, _) = m.tensor, m.scales
+            new_q, new_scale = requantized_edit(model_dir, m, r)
             if weight.shard == shard:
                 _write_at(out.fileno(), new_q.view(torch.uint8), weight.start, weight.nbytes)
             if scale_info.shard == shard:
-                _write_at(out.fileno(), new_scale.to(scale.dtype).reshape(scale.shape), scale_info.start, scale_info.nbytes)
+                _write_at(out.fileno(), new_scale, scale_info.start, scale_info.nbytes)
         os.fsync(out.fileno())
+
+
+def requantized_edit(model_dir: Path, m: Any, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, scale in its stored dtype and shape) of the match `m` edited along `r`: what the
+    ablation writes, and what validation recomputes. Deterministic."""
+    from abliterate.orthogonalize import norm_preserving_, project_out_
+
+    weight, (scale_info, block) = m.tensor, m.scales
+    q = read_tensor(model_dir / weight.shard, weight)
+    scale = read_tensor(model_dir / scale_info.shard, scale_info)
+    work = dequantize(q, scale, block)
+    edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
+    edit(work, r, m.scale, weight.residual_axis)
+    new_q, new_scale = quantize(work, block, scale.dtype)
+    return new_q, new_scale.to(scale.dtype).reshape(scale.shape)
+
+
+def one_ulp_apart(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                  block: tuple[int, int]) -> bool:  # fmt: skip
+    """Whether two requantizations of the same edit (dequantized `a`, `b` with their scales) differ
+    by at most one e4m3 step per element: what float32 sums in another order can cause (a value
+    crossing a rounding boundary). The step at |x| is at most 2^-3 |x| (3 mantissa bits) for normal
+    values and 2^-9 x the block scale below them."""
+    out, cols = a.shape[-2:]
+    grid_shape = (math.prod(a.shape[:-2]), math.ceil(out / block[0]), math.ceil(cols / block[1]))
+    largest = torch.maximum(scale_a.to(torch.float64).reshape(grid_shape), scale_b.to(torch.float64).reshape(grid_shape))
+    largest = largest.repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)[:, :out, :cols].reshape(a.shape)
+    step = torch.maximum(2.0**-3 * torch.maximum(a.abs(), b.abs()), 2.0**-9 * largest)
+    return bool(((a - b).abs() <= step * (1 + 2.0**-20)).all())
 
 
 STORAGE = {"F8_E4M3": E4M3, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -852,10 +852,42 @@ def _recompute_edits(
                         f"{total} values outside the float32 rounding bound (largest difference {largest:.3g}): the "
                         "output is damaged; rerun the ablation"
                     )
+        for m in plan_matches(plan, inventory):  # FP8 weights: recomputed with their scales (fp8.py)
+            if m.scales is None or m.tensor.name not in output or m.tensor.name in uncompared:
+                continue
+            if m.tensor.layer not in vectors:
+                vectors[m.tensor.layer] = vector_for(plan, directions, m)
+            verdict = _compare_fp8(original_dir, ablated_dir, output, m, vectors[m.tensor.layer])
+            counts[verdict] += 1
+            t = m.tensor
+            if verdict == "within_rounding":
+                checks.warn(f"tensor {t.name} ({_where(t)}) differs from the edit recomputed from the input by at most "
+                            "one e4m3 step per value (another machine's kernels?)")  # fmt: skip
+            elif verdict == "differs":
+                checks.fail(f"FP8 tensor {t.name} ({_where(t)}) or its scales differ from the edit recomputed from the "
+                            "input by more than one e4m3 step: the output is damaged; rerun the ablation")  # fmt: skip
     finally:
         for fd in fds.values():
             os.close(fd)
     return {k: counts.get(k, 0) for k in ("identical", "within_rounding", "differs")}
+
+
+def _compare_fp8(original_dir: Path, ablated_dir: Path, output: dict[str, _OutputTensor], m: Any,
+                 r: torch.Tensor) -> str:  # fmt: skip
+    """An FP8 weight and its scales against their requantized edit recomputed from the input: the
+    same bytes (the requantization is deterministic), or at most one e4m3 step apart per value."""
+    t, (s, block) = m.tensor, m.scales
+    q, scale = fp8.requantized_edit(original_dir, m, r)
+    out_q = fp8.read_tensor(ablated_dir / t.shard, replace(t, start=output[t.name].start, end=output[t.name].start + t.nbytes))
+    if s.name not in output:
+        return "differs"
+    out_s = fp8.read_tensor(ablated_dir / s.shard, replace(s, start=output[s.name].start, end=output[s.name].start + s.nbytes))
+    if torch.equal(q.view(torch.uint8), out_q.view(torch.uint8)) and torch.equal(scale, out_s):
+        return "identical"
+    new, ref = fp8.dequantize(out_q, out_s, block).double(), fp8.dequantize(q, scale, block).double()
+    if not bool(torch.isfinite(new).all()):
+        return "differs"
+    return "within_rounding" if fp8.one_ulp_apart(new, ref, out_s, scale, block) else "differs"
 
 
 def _fd(fds: dict[Path, int], path: Path) -> int:

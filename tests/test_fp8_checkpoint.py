@@ -23,6 +23,7 @@ from abliterate.matching import default_plan, direction_for
 from abliterate.output import MANIFEST_FILE, shard_key
 from abliterate.plan import AblationPlan
 from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
+from abliterate.validate import validate_output
 from tests.test_ablate import write_directions
 
 # hidden 32 and attention width 32 in blocks of 16: 2 x 2 blocks; moe_intermediate 24: a partial block
@@ -162,3 +163,24 @@ def test_shard_key_follows_the_shards_of_its_fp8_partners(fp8_run, tmp_path):
     stat = (copy / weight_shard).stat()
     os.utime(copy / weight_shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert shard_key(plan, inputs.directions, inv, scale_shard) != before
+
+
+def test_validation_recomputes_fp8_edits_and_catches_rescaled_scales(fp8_run, tmp_path):
+    """Doubling an edited weight's scales keeps it orthogonal to the direction (the residual passes);
+    the recomputation of the requantized edit from the input catches it."""
+    src, _, out = fp8_run
+    report = validate_output(src, out, progress=False)
+    assert report.ok and report.recomputed["differs"] == 0 and report.recomputed["within_rounding"] == 0
+    fp8_edited = sum("scale_tensor" in e for e in json.loads((out / MANIFEST_FILE).read_text())["edited"])
+    assert report.recomputed["identical"] >= fp8_edited
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    name = "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"
+    t = build_inventory(damaged).tensors[name]
+    scale = fp8.read_tensor(damaged / t.shard, t) * 2
+    with open(damaged / t.shard, "r+b") as f:
+        f.seek(t.start)
+        f.write(scale.numpy().tobytes())
+    report = validate_output(src, damaged, progress=False)
+    assert not report.ok and report.recomputed["differs"] == 1
+    assert any("experts.2.down_proj.weight" in f and "recomputed" in f for f in report.failures), report.failures
