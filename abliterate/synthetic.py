@@ -225,12 +225,17 @@ def fp8_quantized(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def convert_to_fp8(
-    src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128), scales_apart: bool = True
+    src: str | Path,
+    dst: str | Path,
+    block: tuple[int, int] | None = (128, 128),
+    scales_apart: bool = True,
+    method: str = "fp8",
 ) -> Path:
     """Write `dst`: checkpoint `src` in transformers' fine-grained FP8 format (`weight_block_size`
     `block`, `<m>.weight` F8_E4M3 + `<m>.weight_scale_inv` F32), shard by shard, every other file
     copied. `scales_apart`: every second quantized weight has its scale in the next shard (a weight
-    and its scale may sit in different shards in real checkpoints)."""
+    and its scale may sit in different shards in real checkpoints). `method="compressed-tensors"`:
+    llm-compressor's float8 layout instead (`<m>.weight_scale`; `block` None: per-channel [out, 1])."""
     from safetensors import safe_open
 
     from abliterate import fp8
@@ -250,12 +255,11 @@ def convert_to_fp8(
                 if not fp8_quantized(name, tuple(w.shape)):
                     outputs[s][name] = w
                     continue
-                q, scale = fp8.quantize(w, block)
+                q, scale = fp8.quantize(w, block or (1, w.shape[-1]))
                 outputs[s][name] = q
                 target = (s + 1) % len(shards) if scales_apart and count % 2 else s
-                outputs[target][name.removesuffix("weight") + "weight_scale_inv"] = scale.reshape(
-                    -1, *scale.shape[1:]
-                ).squeeze(0)
+                suffix = "weight_scale_inv" if method == "fp8" else "weight_scale"
+                outputs[target][name.removesuffix("weight") + suffix] = scale.reshape(-1, *scale.shape[1:]).squeeze(0)
                 count += 1
     weight_map = {}
     for shard, tensors in zip(shards, outputs, strict=True):
@@ -269,8 +273,17 @@ def convert_to_fp8(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (dst / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
-    }  # fmt: skip
+    if method == "fp8":
+        config["quantization_config"] = {
+            "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
+        }  # fmt: skip
+    else:
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+        weights.update({"strategy": "block", "block_structure": list(block)} if block else {"strategy": "channel"})
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+            "ignore": ["lm_head", "re:.*mlp.gate$"],
+        }  # fmt: skip
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst

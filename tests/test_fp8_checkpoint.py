@@ -184,3 +184,22 @@ def test_validation_recomputes_fp8_edits_and_catches_rescaled_scales(fp8_run, tm
     report = validate_output(src, damaged, progress=False)
     assert not report.ok and report.recomputed["differs"] == 1
     assert any("experts.2.down_proj.weight" in f and "recomputed" in f for f in report.failures), report.failures
+
+
+@pytest.mark.parametrize("block", [None, (16, 16)], ids=["channel", "block"])
+def test_compressed_tensors_float8_ablates_and_validates(tmp_path, block):
+    """llm-compressor's float8 layout (`weight_scale`, per-channel [out, 1] or block scales) through
+    the CLI. (Loading it with transformers needs the compressed-tensors package, not installed here.)"""
+    bf16 = write_glm_layout(tmp_path / "bf16", LAYOUT, num_shards=3)
+    src = convert_to_fp8(bf16, tmp_path / "ct", block, method="compressed-tensors")
+    inv = build_inventory(src)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    assert inv.fp8[name] == (name + "_scale", block or (1, LAYOUT.num_attention_heads * LAYOUT.head_dim))
+    if block is None:
+        assert inv.tensors[name + "_scale"].shape == (LAYOUT.hidden_size, 1)
+    directions = write_directions(src, tmp_path / "d.safetensors", selected=2)
+    out = tmp_path / "out"
+    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--quiet"]) == 0
+    report = validate_output(src, out, progress=False)
+    assert report.ok, report.failures
+    assert report.recomputed["identical"] >= len(inv.fp8) // 3
