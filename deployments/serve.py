@@ -2,8 +2,8 @@
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python deployments/serve.py
 
-registers `abliterate/demo` and `abliterate-sweep/demo-sweep` with default parameters (the demo
-model; point `model` at your checkpoint when you trigger a run) and an example weekly schedule,
+registers `abliterate/demo`, `abliterate-sweep/demo-sweep` and `abliterate-search/demo-search` with
+default parameters (the demo model; point `model` at your checkpoint when you trigger a run) and an example weekly schedule,
 created paused so nothing runs until you switch it on in the UI. Runs execute in subprocesses
 of this one, in the repository root, and log to the MLflow store that MLFLOW_TRACKING_URI names
 (default: ./mlruns/mlflow.db of the repository).
@@ -30,6 +30,7 @@ from prefect.schedules import Cron  # noqa: E402
 
 from abliterate.demo import DEMO_MODEL_DIR  # noqa: E402
 from flows.main import abliterate_flow  # noqa: E402
+from flows.search import search_flow  # noqa: E402
 from flows.sweep import EXAMPLE_VARIANTS, sweep_flow  # noqa: E402
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC: e.g. re-run after a new prompt set lands
@@ -43,6 +44,10 @@ def deployments() -> list:
                    "runtime": runtime}  # fmt: skip
     sweep_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "sweep"),
                     "variants": EXAMPLE_VARIANTS, "overwrite": True, "runtime": runtime}  # fmt: skip
+    # the search: `search` holds the study's settings (trials, kl_max, trial, components, methods, ...); a rerun
+    # with the same settings resumes the study, one with more trials continues it
+    search_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "search"),
+                     "overwrite": True, "search": {"trials": 50, "kl_max": 0.01}, "runtime": runtime}  # fmt: skip
     return [
         abliterate_flow.to_deployment(
             name="demo", parameters=demo_params, tags=["abliterate"], entrypoint_type=EntrypointType.MODULE_PATH,
@@ -50,6 +55,11 @@ def deployments() -> list:
         ),
         sweep_flow.to_deployment(
             name="demo-sweep", parameters=sweep_params, tags=["abliterate", "sweep"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
+        ),
+        search_flow.to_deployment(
+            name="demo-search", parameters=search_params, tags=["abliterate", "search"],
             entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
         ),
