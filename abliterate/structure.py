@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from abliterate.checkpoint import Inventory, TensorInfo, known_families, read_config
 from abliterate.errors import AbliterateError
+from abliterate.fp8 import uncovered
 from abliterate.profiles import PROFILES, Profile
 
 
@@ -38,7 +39,8 @@ class Structure:
     roles: dict[str, int]  # main decoder, embeddings and head
     mtp_roles: dict[str, int]
     dtypes: dict[str, int]
-    quantization: str | None = None  # kind of the first quantized tensor found
+    quantization: str | None = None  # kind of the first quantized tensor that cannot be edited
+    fp8_weights: int = 0  # FP8 weights with their scales (fp8.py): ablated FP8 in, FP8 out
     unrecognised: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -145,7 +147,8 @@ def detect_structure(inventory: Inventory) -> Structure:
         roles=inventory.role_counts(main_layers),
         mtp_roles=inventory.role_counts(set(mtp_layers), include_unlayered=False),
         dtypes=dict(sorted(dtypes.items())),
-        quantization=next(iter(inventory.quantization.values()), None),
+        quantization=next(iter(uncovered(inventory.quantization, inventory.fp8).values()), None),
+        fp8_weights=len(inventory.fp8),
         unrecognised=unrecognised,
         warnings=warnings,
     )

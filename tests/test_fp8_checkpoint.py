@@ -203,3 +203,11 @@ def test_compressed_tensors_float8_ablates_and_validates(tmp_path, block):
     report = validate_output(src, out, progress=False)
     assert report.ok, report.failures
     assert report.recomputed["identical"] >= len(inv.fp8) // 3
+
+
+def test_inventory_cli_reports_fp8_weights_as_editable(fp8_run, capsys):
+    src, _, _ = fp8_run
+    capsys.readouterr()
+    assert main(["inventory", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "FP8 weights" in text and "FP8 in, FP8 out" in text and "not supported" not in text

@@ -95,6 +95,8 @@ def format_summary(s: Structure, seconds: float) -> str:
     ]
     for role in sorted(set(s.roles) | set(s.mtp_roles)):
         lines.append(f"{role:<22}{s.roles.get(role, 0):>10,}{s.mtp_roles.get(role, 0):>8,}")
+    if s.fp8_weights:
+        lines += ["", f"FP8 weights      {s.fp8_weights:,} with their scales: ablated FP8 in, FP8 out (docs/FP8.md)"]
     if s.quantization:
         lines += ["", f"quantized ({s.quantization}): not supported for ablation; use the bf16/fp16 checkpoint"]
     lines += [f"warning: {w}" for w in s.warnings]
