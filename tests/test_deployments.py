@@ -114,7 +114,8 @@ def test_served_deployment_runs_with_parameters(tmp_path):
         key = f"test-{port}-{time.time_ns()}"
         response = post_json(
             f"{api}/deployments/{deployment}/create_flow_run",
-            {"parameters": {"out": str(out), "layers": "1-4", "evaluate": False}, "idempotency_key": key},
+            {"parameters": {"out": str(out), "ablation": {"layers": "1-4"}, "evaluation": {"evaluate": False}},
+             "idempotency_key": key},  # the flow's parameters are the configuration's sections
         )
         run = response.json()
         assert "id" in run, run
