@@ -275,7 +275,7 @@ BAD_HEADERS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_HEADERS))
 def test_header_of_the_wrong_type_or_coverage_fails_in_one_line(base, tmp_path, capsys, case):
-    """C18-C21: a header safetensors would refuse is refused by every command, in one line, before any
+    """C18-C22: a header safetensors would refuse is refused by every command, in one line, before any
     write; in particular overlapping offsets never let the ablation rewrite a tensor the plan never named."""
     model, directions, _ = base
     damaged = tmp_path / "damaged"
@@ -301,7 +301,7 @@ BAD_INDEXES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_INDEXES))
 def test_index_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case):
-    """C22: weight_map names plain shard files of the folder; a name leading elsewhere could read (and
+    """C23: weight_map names plain shard files of the folder; a name leading elsewhere could read (and
     make the output write) outside it."""
     model, directions, _ = base
     damaged = tmp_path / "damaged"
@@ -333,7 +333,7 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_config_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case):
-    """C23: config.json values of the wrong type or range name the file, the key and the fix (null where
+    """C24: config.json values of the wrong type or range name the file, the key and the fix (null where
     the tool needs a number, strings, NaN, booleans, absurd counts) instead of a traceback."""
     model, directions, _ = base
     damaged = tmp_path / "damaged"
@@ -355,7 +355,7 @@ SPECIAL_ENTRIES = {
 
 @pytest.mark.parametrize("case", sorted(SPECIAL_ENTRIES))
 def test_dangling_link_or_fifo_in_the_input_is_named(base, prompts, tmp_path, capsys, case):
-    """C24: a dangling link (an incomplete Hugging Face cache download) or a FIFO among the input's files
+    """C25: a dangling link (an incomplete Hugging Face cache download) or a FIFO among the input's files
     is named as what it is, by ablate (which would copy it) and by measure (whose loader would read
     it), instead of "cannot write the output; free space"; a shard that is one is named too."""
     model, directions, _ = base
@@ -1183,7 +1183,7 @@ def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
 
 
 def test_csv_prompt_over_the_csv_field_limit_is_named_by_line(prompts, tmp_path, capsys):
-    """Q9: a CSV prompt longer than the csv module's 128 KiB field limit was a traceback (`field larger
+    """Q8: a CSV prompt longer than the csv module's 128 KiB field limit was a traceback (`field larger
     than field limit`); it is read, and then named by its file and line as longer than the context."""
     _, good, _, _ = prompts
     big = tmp_path / "big.csv"
@@ -1196,7 +1196,7 @@ def test_csv_prompt_over_the_csv_field_limit_is_named_by_line(prompts, tmp_path,
 
 
 def test_reserved_template_kwargs_and_odd_prompt_files_fail_before_loading(prompts, tmp_path, capsys):
-    """Q10, Q11: chat-template variables the tool sets itself (`messages`, `add_generation_prompt`, ...)
+    """Q9, Q10: chat-template variables the tool sets itself (`messages`, `add_generation_prompt`, ...)
     and a prompt file that is a FIFO or a dangling link are one line, before the model is loaded."""
     _, good, _, _ = prompts
     base = ["measure", DEMO_MODEL_DIR, "--harmless", good, "--out", tmp_path / "m", "--direction-position", "none"]
