@@ -1483,7 +1483,10 @@ def test_flows_refuse_bad_paths_and_settings_before_any_work(prefect_env, base, 
              ["exists and is not a directory"]),
             (lambda: abliterate_flow(model=str(model), out=str(out), ablation={"layers": "7"}, **quick,
                                      return_state=True), ["layer 7 is out of range"]),
-        ]:  # fmt: skip
+        ] + ([] if torch.cuda.is_available() else [  # a device this torch lacks: a CPU-only build asked for CUDA
+            (lambda: abliterate_flow(model=str(model), out=str(out), runtime={"device": "cuda:3"}, **quick,
+                                     return_state=True), ["no CUDA device"]),
+        ]):  # fmt: skip
             state = call()
             assert state.is_failed() and all(f in state.message for f in fragments), state.message
             assert "Traceback" not in state.message
