@@ -18,7 +18,6 @@ from abliterate.checkpoint import build_inventory
 from abliterate.direction_file import load_directions, save_directions
 from abliterate.errors import AbliterateError
 from abliterate.matching import default_plan, direction_for, plan_matches
-from abliterate.output import MANIFEST_FILE
 from abliterate.plan import AblationPlan, build_plan
 from abliterate.synthetic import GlmLayout, write_glm_layout
 from abliterate.validate import validate_output
