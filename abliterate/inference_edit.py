@@ -20,8 +20,10 @@ Replaced tensors are computed as the engine computes them (float32 from the load
 rounding to the checkpoint's storage dtype, then the compute dtype), so they equal the edited
 checkpoint's loaded tensors; the hooks are exact in exact arithmetic and differ from the edited
 checkpoint by rounding only (float32 arithmetic, and the storage rounding of the edited weights:
-2^-8 relative per element in bfloat16). tests/test_search.py checks hooked inference against a
+2^-8 relative per element in bfloat16). tests/test_search_plan.py checks hooked inference against a
 checkpoint edited by the engine. MTP layers, which transformers does not load, are left out.
+Memory: while a plan is applied, the edited copy of every replaced tensor (norm-preserving: every
+edited writer of a model in memory, one layer's when layer-streamed; router biases: [E] each).
 
 The modules are found by the family profile's role rules over the loaded parameter and buffer
 names (`model.layers.<i>.<path>`), the same rules that classify the checkpoint's tensors.

@@ -2,7 +2,7 @@
 routers (abliterate/search.py), tracked in MLflow, optionally writing the chosen trial.
 
 inventory -> structure -> measurement -> directions (+ selection: `run`'s automatic choice)
--> expert profile (MoE) -> search trials (the Optuna study in <project>/mlruns/search.db)
+-> expert profile (MoE: cached, one pass) -> search trials (the Optuna study in <project>/mlruns/search.db)
 -> [with `out`: the chosen trial's plan -> per-shard ablation -> validation -> evaluation]
 
 MLflow: one parent run per flow run (experiment `abliterate/<model>`) holding the measurement's
@@ -132,17 +132,18 @@ def search_flow(
         parent.params(flat_params(search))
         sets, compute = measured.prompts, measured.runtime
         experts: list[tuple[int, int]] = []
-        if "router_bias" in search.components and measured.structure.moe_layers:
+        if measured.structure.moe_layers:  # which experts the prompts reach: logged for every MoE model
             with stages.stage("experts") as s:
                 profile = s.run(expert_profile_task, model, sets.harmful, sets.harmless,
                                 measure_settings(measurement, template, compute), compute.device, measured.stream)  # fmt: skip
-            experts = [(layer, e) for layer, e, _ in profile.most_specific(search.router_experts)]
             parent.table(profile.rows(), "experts/routing.json")
             parent.json(profile.to_json(), "experts/profile.json")
             figure = plots.expert_routing(profile.layers, profile.harmful, profile.harmless)
             parent.figure(figure, "plots/expert_routing.png")
             plots.close(figure)
-            parent.params({"search.suppressible_experts": experts})
+            if "router_bias" in search.components:
+                experts = [(layer, e) for layer, e, _ in profile.most_specific(search.router_experts)]
+                parent.params({"search.suppressible_experts": experts})
 
         limit = search.max_prompts
         harmful_val, harmless_val = sets.harmful_val[:limit], sets.harmless_val[:limit]
