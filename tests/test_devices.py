@@ -104,7 +104,7 @@ def subparser(command: str):
     return next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[command]
 
 
-@pytest.mark.parametrize("command", ["measure", "evaluate", "run", "demo", "sweep"])
+@pytest.mark.parametrize("command", ["measure", "evaluate", "run", "demo", "sweep", "search"])
 def test_every_command_that_runs_the_model_takes_a_device_and_a_dtype(command):
     actions = {a.dest: a for a in subparser(command)._actions}
     assert "auto" in actions["device"].help and "cuda:N" in actions["device"].help
@@ -116,15 +116,16 @@ def test_flows_and_deployments_take_a_device_and_a_dtype():
     from prefect.utilities.callables import parameter_schema
 
     from flows.main import abliterate_flow
+    from flows.search import search_flow
     from flows.sweep import sweep_flow
 
-    for flow in (abliterate_flow, sweep_flow):
+    for flow in (abliterate_flow, sweep_flow, search_flow):
         schema = parameter_schema(flow.fn).model_dump()
         runtime = schema["definitions"]["Runtime"]["properties"]
         assert runtime["device"]["default"] == "auto" and "cuda:N" in runtime["device"]["description"]
         assert runtime["dtype"]["enum"] == ["auto", "bfloat16", "float16", "float32"]
     deployments = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
-    assert {d["name"] for d in deployments} == {"demo", "demo-sweep"}
+    assert {d["name"] for d in deployments} == {"demo", "demo-sweep", "demo-search"}
     for deployment in deployments:
         assert deployment["parameters"]["runtime"] == {"device": "auto", "dtype": "auto"}
     served = (ROOT / "deployments" / "serve.py").read_text()
