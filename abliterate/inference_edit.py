@@ -157,9 +157,10 @@ class PlanEdit:
         module_path = slot.path.rpartition(".")[0]
         if self.plan.method == "norm_preserving":
             axis = slot.residual_axis
-            self._replace(layer, index, slot, replaced, lambda w: norm_preserving_(w, r, s, axis))
+            self._replace(layer, index, slot, replaced, lambda w: norm_preserving_(w, r.to(w.device), s, axis))
             if module_path in bias_edited:  # biases get the plain edit
-                self._replace(layer, index, bias_edited[module_path], replaced, lambda w: project_out_(w, r, s, 0))
+                self._replace(layer, index, bias_edited[module_path], replaced,
+                              lambda w: project_out_(w, r.to(w.device), s, 0))  # fmt: skip
             return
         bias = getattr(owner, "bias", None) if isinstance(getattr(owner, "bias", None), torch.Tensor) else None
         if module_path in bias_edited:
