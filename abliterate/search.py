@@ -602,14 +602,25 @@ def run_study(
         raise AbliterateError(f"{model_dir} is of no known family: the search needs its role rules")
     space = search_space(inputs, settings.components, settings.methods, settings.skip_last_fraction,
                          list(experts)[: settings.router_experts])  # fmt: skip
-    name = settings.study or study_name(
-        inputs.inventory.fingerprint, directions_digest(inputs.directions), prompts_sha256(list(harmful)),
-        prompts_sha256(list(harmless)), asdict(scoring), space.to_json(), settings.seed, dtype,
-    )  # fmt: skip
+    signature = json.loads(json.dumps({
+        "model": inputs.inventory.fingerprint, "directions": directions_digest(inputs.directions),
+        "harmful": prompts_sha256(list(harmful)), "harmless": prompts_sha256(list(harmless)),
+        "scoring": asdict(scoring), "space": space.to_json(), "seed": settings.seed, "dtype": dtype,
+    }, default=str))  # fmt: skip
+    name = settings.study or study_name(signature)
     with study_lock(root, name):
         if on_start:
             on_start({"study": name, "storage": study_storage(root), "space": space.to_json()})
         study = open_study(root, name, settings.seed, settings.startup_trials, settings.parallel_trials)
+        stored = study.user_attrs.get("signature")
+        if stored is None:
+            study.set_user_attr("signature", signature)
+        elif stored != signature:
+            changed = sorted(k for k in signature if stored.get(k) != signature[k])
+            raise AbliterateError(
+                f"study {name} in {study_storage(root)} was made by another search ({', '.join(changed)} differ): "
+                "its scores would not compare; name another --study, or leave --study out"
+            )
         before = len(complete_trials(study))
         forward, tokenizer = model_forward(model_dir, dtype, device, stream, progress)
         scorer = TrialScorer(forward, tokenizer, harmful, harmless, scoring, progress)

@@ -298,3 +298,6 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
     more = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, scoring, root)
     assert len(more["new_trials"]) == 2 and len(more["trials"]) == len(finished) + 4
     assert json.dumps(more["trials"][: len(result["trials"])], sort_keys=True) == json.dumps(result["trials"], sort_keys=True)
+    # the same study name for another search (other reply lengths: scores that would not compare) is refused
+    with pytest.raises(AbliterateError, match="made by another search \\(scoring differ\\)"):
+        run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, ScoreSettings(reply_tokens=5, batch_size=8), root)
