@@ -1104,7 +1104,7 @@ def test_two_runs_on_a_fresh_store_both_succeed(tmp_path):
 def test_identical_runs_write_identical_files(base, prompts, tmp_path, capsys):
     """X1-X3: every file an identical run writes is byte-identical: the output directory (abliteration.json
     held the directions metadata in safetensors' hash order), the directions files of `measure`, and
-    the validation report."""
+    the validation and evaluation reports (they held the wall time)."""
     model, directions, _ = base
     _, good, _, _ = prompts
     trees = []
@@ -1115,7 +1115,10 @@ def test_identical_runs_write_identical_files(base, prompts, tmp_path, capsys):
         measured = tmp_path / "measured"
         assert cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--out", measured,
                    "--direction-position", "none", "--quiet")[0] == 0  # fmt: skip
+        assert cli(capsys, "evaluate", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--max-new-tokens", "4",
+                   "--quiet", "--out", tmp_path / "evaluation.json")[0] == 0  # fmt: skip
         trees.append({**_tree(out), "report.json": (tmp_path / "report.json").read_bytes(),
+                      "evaluation.json": (tmp_path / "evaluation.json").read_bytes(),
                       **{f"measured/{k}": v for k, v in _tree(measured).items()}})  # fmt: skip
         shutil.rmtree(out), shutil.rmtree(measured)
     assert trees[0].keys() == trees[1].keys()
