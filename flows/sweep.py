@@ -5,6 +5,7 @@ refusal-vs-KL front."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -90,6 +91,8 @@ def sweep_flow(
         raise AbliterateError("direction position `none` only measures: use `abliterate measure` for that")
     source = model
     model, out, work = run_paths(model, out, work_dir)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise AbliterateError(f"output {out} exists and is not a directory: the sweep writes one folder per variant in it")
     targets = {name: child_path(out, name, "variant name") for name, _, _ in specs}  # never outside OUT
     for target in targets.values():
         check_out(str(target), overwrite)
