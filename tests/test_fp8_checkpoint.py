@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_ablate import write_directions
 
 from abliterate import fp8
 from abliterate.ablate import load_inputs
@@ -24,7 +25,6 @@ from abliterate.output import MANIFEST_FILE, shard_key
 from abliterate.plan import AblationPlan
 from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 from abliterate.validate import validate_output
-from tests.test_ablate import write_directions
 
 # hidden 32 and attention width 32 in blocks of 16: 2 x 2 blocks; moe_intermediate 24: a partial block
 LAYOUT = GlmLayout(num_layers=3, n_routed_experts=4, num_experts_per_tok=2, hidden_size=32,
