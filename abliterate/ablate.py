@@ -59,7 +59,9 @@ def load_inputs(
     inventory = build_inventory(model_dir, profile)
     refused = fp8.uncovered(inventory.quantization, inventory.fp8)
     if refused:  # FP8 weights with their scales are edited (fp8.py); every other quantization is refused
-        fp8.format_from_config(read_config(inventory.model_dir, required=False))  # names an unsupported method
+        fp8.format_from_config(
+            read_config(inventory.model_dir, required=False)
+        )  # names an unsupported method
         name, kind = next(iter(refused.items()))
         raise AbliterateError(
             f"{inventory.model_dir} is quantized ({kind}, e.g. tensor {name}): its weights are not plain matrices, "
@@ -81,7 +83,9 @@ def load_inputs(
             f"has {inventory.fingerprint}"
         )
         if not force:
-            raise AbliterateError(message + ": measure this model, or pass --force if the weights are the same")
+            raise AbliterateError(
+                message + ": measure this model, or pass --force if the weights are the same"
+            )
         warnings.append(message + " (--force)")
     if not directions.single and directions.num_positions != structure.num_layers + 1:
         raise AbliterateError(
@@ -117,19 +121,24 @@ def ablate_shard(
     quantized = [m for m in matches if m.scales is not None and shard in (m.tensor.shard, m.scales[0].shard)]
     vectors = {
         m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer)
-        for m in mine + quantized if m.side != "shift"
-    }  # fmt: skip
+        for m in mine + quantized
+        if m.side != "shift"
+    }
     edits = [
         (m, vector_for(plan, inputs.directions, m) if m.side == "shift" else vectors[m.tensor.layer])
-        for m in mine if m.scales is None
-    ]  # fmt: skip
+        for m in mine
+        if m.scales is None
+    ]
     with replacing(out / shard) as tmp:
         size = write_shard(inputs.inventory.model_dir / shard, tmp, edits)
         if quantized:
-            fp8.rewrite_shard(inputs.inventory.model_dir, shard, tmp, [(m, vectors[m.tensor.layer]) for m in quantized])
+            fp8.rewrite_shard(
+                inputs.inventory.model_dir, shard, tmp, [(m, vectors[m.tensor.layer]) for m in quantized]
+            )
         same = unchanged_tensors(inputs.inventory.model_dir / shard, tmp, mine)
-    result = ShardResult(shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began,
-                         unchanged=same)  # fmt: skip
+    result = ShardResult(
+        shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began, unchanged=same
+    )
     record_shard(out, result)
     return result
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from abliterate.errors import AbliterateError
 
 
-def render_chat(tokenizer, prompts: list[str], system_prompt: str | None = None, **template_kwargs) -> list[str]:
+def render_chat(
+    tokenizer, prompts: list[str], system_prompt: str | None = None, **template_kwargs
+) -> list[str]:
     """Each prompt as one user turn (after an optional system turn), with the generation prompt.
 
     template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5).
@@ -22,6 +24,8 @@ def render_chat(tokenizer, prompts: list[str], system_prompt: str | None = None,
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
         rendered.append(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **template_kwargs
+            )
         )
     return rendered

@@ -27,10 +27,29 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 # Every dtype safetensors 0.8 reads, with its size in bits (F4 and F6 pack several values per byte).
 DTYPE_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
-    "U16": 16, "U32": 32, "U64": 64, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "C64": 64,
-}  # fmt: skip
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U8": 8,
+    "U16": 16,
+    "U32": 32,
+    "U64": 64,
+    "BOOL": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
+    "C64": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +143,9 @@ def read_header(path: Path) -> ShardHeader:
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise AbliterateError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
+                raise AbliterateError(
+                    f"{path} is truncated ({size} bytes): not a safetensors file; re-download it"
+                )
             (header_size,) = struct.unpack("<Q", prefix)
             if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
                 raise AbliterateError(
@@ -135,11 +156,15 @@ def read_header(path: Path) -> ShardHeader:
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        header = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant)
+        header = json.loads(
+            raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, AbliterateError):
             raise
-        raise AbliterateError(f"{path} has a corrupt header (invalid JSON: {exc}); re-download this shard") from exc
+        raise AbliterateError(
+            f"{path} has a corrupt header (invalid JSON: {exc}); re-download this shard"
+        ) from exc
     if not isinstance(header, dict):
         raise AbliterateError(f"{path} has a corrupt header (not a JSON object); re-download this shard")
     metadata = header.pop("__metadata__", None)
@@ -195,7 +220,9 @@ def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, str, 
     """(begin, end, dtype, shape) of one header entry, each of the type safetensors requires."""
     fix = "the header is corrupt: re-download this shard"
     if not isinstance(entry, dict):
-        raise AbliterateError(f"{path}: header entry for {name!r} is {_short_json(entry)}, not an object; {fix}")
+        raise AbliterateError(
+            f"{path}: header entry for {name!r} is {_short_json(entry)}, not an object; {fix}"
+        )
     for key in ("dtype", "shape", "data_offsets"):
         if key not in entry:
             raise AbliterateError(f"{path}: header entry for {name!r} lacks `{key}`; {fix}")
@@ -216,7 +243,9 @@ def _header_entry(path: Path, name: str, entry: object) -> tuple[int, int, str, 
         )
     begin, end = offsets
     if end < begin:
-        raise AbliterateError(f"{path}: tensor {name!r} has `data_offsets` [{begin}, {end}] that run backwards; {fix}")
+        raise AbliterateError(
+            f"{path}: tensor {name!r} has `data_offsets` [{begin}, {end}] that run backwards; {fix}"
+        )
     return begin, end, dtype, shape
 
 
@@ -228,7 +257,9 @@ def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: in
             if begin < position:
                 what = f"overlaps {previous!r} (which ends at byte {position})"
             else:
-                what = f"leaves bytes {position}..{begin} unused" + (f" after {previous!r}" if previous else "")
+                what = f"leaves bytes {position}..{begin} unused" + (
+                    f" after {previous!r}" if previous else ""
+                )
             raise AbliterateError(
                 f"{path}: tensor {name!r} starts at data byte {begin} and {what}: the header is corrupt and "
                 "safetensors refuses to load it; re-download this shard"
@@ -262,18 +293,24 @@ def read_index(model_dir: Path) -> tuple[dict[str, str], bytes] | None:
     if not path.is_file():
         special = describe_special(path)
         if special not in (None, "missing"):
-            raise AbliterateError(f"{path} is {special}, not a file: restore the index from the model's source")
+            raise AbliterateError(
+                f"{path} is {special}, not a file: restore the index from the model's source"
+            )
         return None
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        index = json.loads(raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant)
+        index = json.loads(
+            raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, AbliterateError):
             raise
-        raise AbliterateError(f"{path} is not valid JSON ({exc}); restore it from the model's source") from exc
+        raise AbliterateError(
+            f"{path} is not valid JSON ({exc}); restore it from the model's source"
+        ) from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise AbliterateError(f"{path} has no `weight_map`; restore it from the model's source")
@@ -368,7 +405,9 @@ def build_inventory(model_dir: str | Path, profile: Profile | None = None) -> In
                 )
             base = 8 + header.header_size
             start, end = entry["data_offsets"]
-            info = TensorInfo(name, header.name, entry["dtype"], tuple(entry["shape"]), base + start, base + end)
+            info = TensorInfo(
+                name, header.name, entry["dtype"], tuple(entry["shape"]), base + start, base + end
+            )
             kind = quantization_marker(name, info.dtype)
             if kind:
                 quantization.setdefault(name, kind)
@@ -436,13 +475,24 @@ def shard_stamp(model_dir: str | Path) -> str:
 # numbers in a sane range; null means "absent". Layer counts are bounded so that a typo cannot
 # make the tool loop over 10^18 layers.
 CONFIG_COUNTS = {
-    "num_hidden_layers": (1, 100_000), "hidden_size": (1, 1 << 24), "n_routed_experts": (0, 1 << 20),
-    "num_experts": (0, 1 << 20), "num_local_experts": (0, 1 << 20), "n_shared_experts": (0, 1 << 20),
-    "first_k_dense_replace": (0, 100_000), "num_nextn_predict_layers": (0, 1_000), "decoder_sparse_step": (0, 100_000),
-    "num_experts_per_tok": (0, 1 << 20), "intermediate_size": (0, 1 << 30), "moe_intermediate_size": (0, 1 << 30),
-    "num_attention_heads": (0, 1 << 20), "num_key_value_heads": (0, 1 << 20), "head_dim": (0, 1 << 24),
-    "vocab_size": (0, 1 << 31), "max_position_embeddings": (0, 1 << 40),
-}  # fmt: skip
+    "num_hidden_layers": (1, 100_000),
+    "hidden_size": (1, 1 << 24),
+    "n_routed_experts": (0, 1 << 20),
+    "num_experts": (0, 1 << 20),
+    "num_local_experts": (0, 1 << 20),
+    "n_shared_experts": (0, 1 << 20),
+    "first_k_dense_replace": (0, 100_000),
+    "num_nextn_predict_layers": (0, 1_000),
+    "decoder_sparse_step": (0, 100_000),
+    "num_experts_per_tok": (0, 1 << 20),
+    "intermediate_size": (0, 1 << 30),
+    "moe_intermediate_size": (0, 1 << 30),
+    "num_attention_heads": (0, 1 << 20),
+    "num_key_value_heads": (0, 1 << 20),
+    "head_dim": (0, 1 << 24),
+    "vocab_size": (0, 1 << 31),
+    "max_position_embeddings": (0, 1 << 40),
+}
 CONFIG_BOOLS = ("tie_word_embeddings",)
 
 
@@ -453,7 +503,9 @@ def read_config(model_dir: str | Path, required: bool = True) -> dict:
     if not path.is_file():
         special = describe_special(path)
         if special not in (None, "missing"):
-            raise AbliterateError(f"{path} is {special}, not a file: copy config.json from the model's source")
+            raise AbliterateError(
+                f"{path} is {special}, not a file: copy config.json from the model's source"
+            )
         if required:
             raise AbliterateError(
                 f"{path} is missing: a Hugging Face checkpoint needs its config.json (copy it from the model's source)"
@@ -462,7 +514,9 @@ def read_config(model_dir: str | Path, required: bool = True) -> dict:
     try:
         config = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise AbliterateError(f"{path} is not valid JSON ({exc}): copy config.json from the model's source") from exc
+        raise AbliterateError(
+            f"{path} is not valid JSON ({exc}): copy config.json from the model's source"
+        ) from exc
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(config, dict):
@@ -478,21 +532,29 @@ def check_config_types(config: dict, path: Path | str) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise AbliterateError(f"{path}: `{key}` is {_short_json(value)}; it must be a whole number in [{low}, {high}]: {fix}")
+            raise AbliterateError(
+                f"{path}: `{key}` is {_short_json(value)}; it must be a whole number in [{low}, {high}]: {fix}"
+            )
     for key in CONFIG_BOOLS:
         value = config.get(key)
         if value is not None and not isinstance(value, bool):
             raise AbliterateError(f"{path}: `{key}` is {_short_json(value)}; it must be true or false: {fix}")
     if config.get("model_type") is not None and not isinstance(config["model_type"], str):
-        raise AbliterateError(f"{path}: `model_type` is {_short_json(config['model_type'])}; it must be a string: {fix}")
+        raise AbliterateError(
+            f"{path}: `model_type` is {_short_json(config['model_type'])}; it must be a string: {fix}"
+        )
     architectures = config.get("architectures")
     if architectures is not None and (
         not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
     ):
-        raise AbliterateError(f"{path}: `architectures` is {_short_json(architectures)}; it must be a list of names: {fix}")
+        raise AbliterateError(
+            f"{path}: `architectures` is {_short_json(architectures)}; it must be a list of names: {fix}"
+        )
     only = config.get("mlp_only_layers")
     if only is not None and (not isinstance(only, list) or not all(_whole(i) for i in only)):
-        raise AbliterateError(f"{path}: `mlp_only_layers` is {_short_json(only)}; it must be a list of layer numbers: {fix}")
+        raise AbliterateError(
+            f"{path}: `mlp_only_layers` is {_short_json(only)}; it must be a list of layer numbers: {fix}"
+        )
 
 
 def choose_profile(
@@ -516,7 +578,6 @@ def choose_profile(
 
 def known_families() -> str:
     return ", ".join(f"{p.family} ({'/'.join(p.model_types)})" for p in PROFILES.values())
-
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -61,17 +61,31 @@ def describe(exc: ValidationError, section: str) -> str:
 class Prompts(Section):
     section: typing.ClassVar[str] = "prompts"
 
-    harmful: str | None = Field(None, description="harmful prompts (.txt/.jsonl/.json/.csv/.parquet); "
-                                "default: the prompt set's training split")  # fmt: skip
-    harmless: str | None = Field(None, description="harmless prompts; default: the prompt set's training split")
-    harmful_test: str | None = Field(None, description="harmful prompts of the evaluation; default: the set's test split")
-    harmless_test: str | None = Field(None, description="harmless prompts of the evaluation; default: the set's test split")
+    harmful: str | None = Field(
+        None,
+        description="harmful prompts (.txt/.jsonl/.json/.csv/.parquet); "
+        "default: the prompt set's training split",
+    )
+    harmless: str | None = Field(
+        None, description="harmless prompts; default: the prompt set's training split"
+    )
+    harmful_test: str | None = Field(
+        None, description="harmful prompts of the evaluation; default: the set's test split"
+    )
+    harmless_test: str | None = Field(
+        None, description="harmless prompts of the evaluation; default: the set's test split"
+    )
     prompt_set: Literal["auto", "general", "demo"] = Field(
-        "auto", description="the project's prompt sets used where no file is given: demo (for the demo model), "
+        "auto",
+        description="the project's prompt sets used where no file is given: demo (for the demo model), "
         "general, or auto (demo for the demo model, general otherwise)",
-    )  # fmt: skip
-    validation_fraction: float = Field(0.25, gt=0, lt=1, description="seeded part of each set held out to "
-                                       "select the direction (not measured)")  # fmt: skip
+    )
+    validation_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="seeded part of each set held out to select the direction (not measured)",
+    )
     seed: int = Field(0, description="seed of the measurement/validation split")
 
 
@@ -82,14 +96,17 @@ class Template(Section):
 
     system_prompt: str | None = Field(None, description="system message rendered before every prompt")
     chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra chat-template variables, a JSON object or KEY=VALUE (repeatable; "
+        default_factory=dict,
+        description="extra chat-template variables, a JSON object or KEY=VALUE (repeatable; "
         "VALUE is read as JSON when it parses, e.g. enable_thinking=false)",
-    )  # fmt: skip
+    )
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
-        reserved = sorted(set(value) & {"conversation", "messages", "tokenize", "add_generation_prompt", "return_dict"})
+        reserved = sorted(
+            set(value) & {"conversation", "messages", "tokenize", "add_generation_prompt", "return_dict"}
+        )
         if reserved:
             raise ValueError(f"{reserved} are set by the tool itself; remove them")
         return value
@@ -98,28 +115,40 @@ class Template(Section):
 class Measurement(Section):
     section: typing.ClassVar[str] = "measurement"
 
-    token_position: int = Field(-1, lt=0, description="token whose residual is measured, counted from the end of "
-                                "the rendered prompt (-1: the last, where the reply starts)")  # fmt: skip
+    token_position: int = Field(
+        -1,
+        lt=0,
+        description="token whose residual is measured, counted from the end of "
+        "the rendered prompt (-1: the last, where the reply starts)",
+    )
     direction_method: Literal["projected", "mean_diff"] = Field(
-        "projected", description="projected: the mean difference made orthogonal to the harmless mean at its "
+        "projected",
+        description="projected: the mean difference made orthogonal to the harmless mean at its "
         "residual position (disturbs harmless prompts less); mean_diff: as is",
-    )  # fmt: skip
-    max_length: int | None = Field(None, ge=1, description="longest rendered prompt in tokens (default: the "
-                                   "model's context)")  # fmt: skip
+    )
+    max_length: int | None = Field(
+        None, ge=1, description="longest rendered prompt in tokens (default: the model's context)"
+    )
 
 
 class Selection(Section):
     section: typing.ClassVar[str] = "selection"
 
     direction_position: str = Field(
-        "auto", description="residual position of the direction to ablate: auto (chosen by inference-time "
+        "auto",
+        description="residual position of the direction to ablate: auto (chosen by inference-time "
         "ablation on validation prompts), a number (scored for the record), own (each layer its own position's "
         "direction), none (measure only)",
-    )  # fmt: skip
-    kl_threshold: float = Field(0.1, ge=0, description="largest mean first-token KL (nats) on harmless prompts "
-                                "an automatically selected direction may cause")  # fmt: skip
-    skip_last_fraction: float = Field(0.2, ge=0, lt=1, description="fraction of the last residual positions "
-                                      "that are not candidates")  # fmt: skip
+    )
+    kl_threshold: float = Field(
+        0.1,
+        ge=0,
+        description="largest mean first-token KL (nats) on harmless prompts "
+        "an automatically selected direction may cause",
+    )
+    skip_last_fraction: float = Field(
+        0.2, ge=0, lt=1, description="fraction of the last residual positions that are not candidates"
+    )
     max_candidates: int | None = Field(None, ge=1, description="score at most N evenly spaced positions")
 
     @field_validator("direction_position", mode="before")
@@ -141,15 +170,24 @@ class Ablation(Section):
     section: typing.ClassVar[str] = "ablation"
 
     layers: str = Field("all", description="target layers: all | 10-30 | 5,7,9-12 (exact indices)")
-    scale: str = Field("1.0", description="1.0 | one value per target layer (comma list) | "
-                       "gauss:center=20,width=5,peak=1 (each in [0, 2])")  # fmt: skip
-    targets: list[str] = Field(list(DEFAULT_TARGETS), description="weight roles to edit (comma list; "
-                               f"choose from {', '.join(TARGET_ROLES)}; `default` = the default set)")  # fmt: skip
+    scale: str = Field(
+        "1.0",
+        description="1.0 | one value per target layer (comma list) | "
+        "gauss:center=20,width=5,peak=1 (each in [0, 2])",
+    )
+    targets: list[str] = Field(
+        list(DEFAULT_TARGETS),
+        description="weight roles to edit (comma list; "
+        f"choose from {', '.join(TARGET_ROLES)}; `default` = the default set)",
+    )
     ablation_method: Literal[METHODS] = Field(  # type: ignore[valid-type]
-        "plain", description="plain: W - s r r^T W; norm_preserving: keep each column's norm; projected "
+        "plain",
+        description="plain: W - s r r^T W; norm_preserving: keep each column's norm; projected "
         "(biprojected): remove the harmless mean's component at each edited layer from r first",
-    )  # fmt: skip
-    mtp: Literal[MTP_MODES] = Field("ablate", description="MTP layers: edit like the last layer, or skip them")  # type: ignore[valid-type]
+    )
+    mtp: Literal[MTP_MODES] = Field(
+        "ablate", description="MTP layers: edit like the last layer, or skip them"
+    )  # type: ignore[valid-type]
     biases: bool = Field(False, description="also edit the output-side biases of targeted writers")
 
     @field_validator("layers", "scale", mode="before")
@@ -175,24 +213,34 @@ class Ablation(Section):
 class Evaluation(Section):
     section: typing.ClassVar[str] = "evaluation"
 
-    evaluate: bool = Field(True, description="evaluate the model before and after on the test prompts: first-token "
-                           "refusal score, refusal rate and KL, and refusal rates of full greedy replies")  # fmt: skip
+    evaluate: bool = Field(
+        True,
+        description="evaluate the model before and after on the test prompts: first-token "
+        "refusal score, refusal rate and KL, and refusal rates of full greedy replies",
+    )
     full_replies: Literal["auto", "always", "never"] = Field(
-        "auto", description="full greedy replies (--max-new-tokens tokens, marker-checked) in the evaluation: auto "
+        "auto",
+        description="full greedy replies (--max-new-tokens tokens, marker-checked) in the evaluation: auto "
         "(when the model fits the memory budget), always (a larger model runs offloaded by accelerate: every new "
         "token reads the offloaded weights from disk once per batch), never (first-token figures only)",
-    )  # fmt: skip
+    )
     max_new_tokens: int = Field(48, ge=1, description="reply length in the evaluation (tokens)")
     examples: int = Field(5, ge=0, description="example replies kept per prompt kind")
-    markers: str | None = Field(None, description="file of refusal marker phrases, one per line, # starts a "
-                                "comment (default: the built-in English list); matched ignoring case")  # fmt: skip
-    marker: list[str] = Field(default_factory=list, description="a refusal marker phrase (repeatable; adds to "
-                              "--markers)")  # fmt: skip
+    markers: str | None = Field(
+        None,
+        description="file of refusal marker phrases, one per line, # starts a "
+        "comment (default: the built-in English list); matched ignoring case",
+    )
+    marker: list[str] = Field(
+        default_factory=list, description="a refusal marker phrase (repeatable; adds to --markers)"
+    )
     refusal_probe_tokens: int = Field(
-        6, ge=0, description="reply tokens generated greedily per harmful prompt to find the tokens the model's "
+        6,
+        ge=0,
+        description="reply tokens generated greedily per harmful prompt to find the tokens the model's "
         "own refusals start with (a layer-streamed model reads its weights once per token); 0: the first tokens "
         "of the marker phrases",
-    )  # fmt: skip
+    )
 
     def marker_list(self) -> tuple[str, ...]:
         """The marker phrases: the file's, then each --marker; the built-in list when neither is given."""
@@ -210,27 +258,35 @@ class Runtime(Section):
     section: typing.ClassVar[str] = "runtime"
 
     device: str = Field(
-        "auto", description="where the model runs: cpu | cuda | cuda:N | auto (every GPU, then the CPU, then disk, "
+        "auto",
+        description="where the model runs: cpu | cuda | cuda:N | auto (every GPU, then the CPU, then disk, "
         "with accelerate's device map; cpu without a GPU)",
-    )  # fmt: skip
+    )
     dtype: Literal[DTYPE_CHOICES] = Field(  # type: ignore[valid-type]
-        "auto", description="compute dtype: auto (the checkpoint's dtype on a GPU, float32 on the CPU), bfloat16, "
+        "auto",
+        description="compute dtype: auto (the checkpoint's dtype on a GPU, float32 on the CPU), bfloat16, "
         "float16 or float32; sums stay float64",
-    )  # fmt: skip
+    )
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
-    memory_budget: str | None = Field(None, description="memory the model may take, e.g. 64GiB (default: the "
-                                      "free memory of the device: host RAM, the GPU's, or every GPU's for auto); "
-                                      "a larger model is measured, scored and evaluated one decoder layer at a "
-                                      "time")  # fmt: skip
+    memory_budget: str | None = Field(
+        None,
+        description="memory the model may take, e.g. 64GiB (default: the "
+        "free memory of the device: host RAM, the GPU's, or every GPU's for auto); "
+        "a larger model is measured, scored and evaluated one decoder layer at a "
+        "time",
+    )
     streaming: Literal[STREAMING_MODES] = Field(  # type: ignore[valid-type]
-        "auto", description="layer-streamed measurement, selection and evaluation: auto (when the model exceeds "
+        "auto",
+        description="layer-streamed measurement, selection and evaluation: auto (when the model exceeds "
         "the budget), always, never",
-    )  # fmt: skip
+    )
     workers: int = Field(2, ge=1, description="shards ablated at the same time (threads)")
-    dask_address: str | None = Field(None, description="ablate shards on this Dask scheduler (tcp://host:8786); "
-                                     "needs shared storage")  # fmt: skip
-    dask_workers: int | None = Field(None, ge=1, description="ablate shards on a local Dask cluster of this "
-                                     "many processes")  # fmt: skip
+    dask_address: str | None = Field(
+        None, description="ablate shards on this Dask scheduler (tcp://host:8786); needs shared storage"
+    )
+    dask_workers: int | None = Field(
+        None, ge=1, description="ablate shards on a local Dask cluster of this many processes"
+    )
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -258,7 +314,9 @@ class Runtime(Section):
         from abliterate.devices import resolve_device, resolve_dtype
 
         device = resolve_device(self.device)
-        return self.model_copy(update={"device": device, "dtype": resolve_dtype(self.dtype, device, model_dir)})
+        return self.model_copy(
+            update={"device": device, "dtype": resolve_dtype(self.dtype, device, model_dir)}
+        )
 
 
 class Search(Section):
@@ -266,31 +324,59 @@ class Search(Section):
 
     section: typing.ClassVar[str] = "search"
 
-    trials: int = Field(50, ge=1, description="complete trials the study holds when the search ends (a rerun of the "
-                        "same search resumes the study; with more trials it continues)")  # fmt: skip
-    kl_max: float = Field(0.01, ge=0, description="the written trial is the front's one with the fewest refusals "
-                          "among those with a first-token KL (nats) at most this")  # fmt: skip
-    trial: int | None = Field(None, ge=0, description="write this trial of the study instead of the automatic choice")
+    trials: int = Field(
+        50,
+        ge=1,
+        description="complete trials the study holds when the search ends (a rerun of the "
+        "same search resumes the study; with more trials it continues)",
+    )
+    kl_max: float = Field(
+        0.01,
+        ge=0,
+        description="the written trial is the front's one with the fewest refusals "
+        "among those with a first-token KL (nats) at most this",
+    )
+    trial: int | None = Field(
+        None, ge=0, description="write this trial of the study instead of the automatic choice"
+    )
     search_seed: int = Field(0, description="seed of the study's sampler (another seed: another study)")
     components: list[str] = Field(
         ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"],
         description="component groups searched, each with its own layer kernel (peak position, width, peak and "
         "floor weight): attn_out, mlp_down, expert_down, shared_expert_down, router; router_bias (MoE: lower the "
         "router correction bias of the most refusal-specific experts) is optional; `default` = the five groups",
-    )  # fmt: skip
-    methods: list[str] = Field(list(METHODS), description="ablation methods searched (comma list of "
-                               f"{', '.join(METHODS)})")  # fmt: skip
-    reply_tokens: int = Field(24, ge=1, description="greedy reply tokens per held-out harmful prompt in each "
-                              "trial (the refusal check reads them)")  # fmt: skip
-    max_prompts: int | None = Field(None, ge=1, description="score each trial on at most this many prompts of each "
-                                    "held-out (validation) set")  # fmt: skip
-    router_experts: int = Field(16, ge=1, description="router_bias: lower the bias of at most this many of the most "
-                                "refusal-specific experts")  # fmt: skip
+    )
+    methods: list[str] = Field(
+        list(METHODS), description=f"ablation methods searched (comma list of {', '.join(METHODS)})"
+    )
+    reply_tokens: int = Field(
+        24,
+        ge=1,
+        description="greedy reply tokens per held-out harmful prompt in each "
+        "trial (the refusal check reads them)",
+    )
+    max_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="score each trial on at most this many prompts of each held-out (validation) set",
+    )
+    router_experts: int = Field(
+        16,
+        ge=1,
+        description="router_bias: lower the bias of at most this many of the most refusal-specific experts",
+    )
     startup_trials: int = Field(10, ge=1, description="random trials before the sampler models the front")
-    parallel_trials: int = Field(1, ge=1, description="trials asked and scored together (a layer-streamed model "
-                                 "scores them in the same passes over its weights)")  # fmt: skip
-    study: str | None = Field(None, description="study name (default: derived from the model, directions, prompts, "
-                              "scoring and search space, so the same search resumes)")  # fmt: skip
+    parallel_trials: int = Field(
+        1,
+        ge=1,
+        description="trials asked and scored together (a layer-streamed model "
+        "scores them in the same passes over its weights)",
+    )
+    study: str | None = Field(
+        None,
+        description="study name (default: derived from the model, directions, prompts, "
+        "scoring and search space, so the same search resumes)",
+    )
 
     @field_validator("components", "methods", mode="before")
     @classmethod
@@ -307,12 +393,15 @@ class Search(Section):
             names = [n for name in names for n in (GROUPS if name == "default" else (name,))]
         unknown = [n for n in names if n not in known]
         if unknown or not names:
-            raise ValueError(f"choose one or more of {', '.join(known)}" + (f" (not {unknown})" if unknown else ""))
+            raise ValueError(
+                f"choose one or more of {', '.join(known)}" + (f" (not {unknown})" if unknown else "")
+            )
         return list(dict.fromkeys(names))
 
 
 SECTIONS: dict[str, type[Section]] = {
-    cls.section: cls for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime, Search)
+    cls.section: cls
+    for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime, Search)
 }
 
 
@@ -334,9 +423,13 @@ def measure_settings(measurement: Measurement, template: Template, runtime: Runt
         raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
 
     return MeasureSettings.create(
-        template.chat_template_kwargs, position=measurement.token_position, system_prompt=template.system_prompt,
-        batch_size=runtime.batch_size, dtype=runtime.dtype, max_length=measurement.max_length,
-    )  # fmt: skip
+        template.chat_template_kwargs,
+        position=measurement.token_position,
+        system_prompt=template.system_prompt,
+        batch_size=runtime.batch_size,
+        dtype=runtime.dtype,
+        max_length=measurement.max_length,
+    )
 
 
 def selection_settings(selection: Selection, runtime: Runtime, evaluation: Evaluation | None = None):
@@ -345,10 +438,13 @@ def selection_settings(selection: Selection, runtime: Runtime, evaluation: Evalu
 
     evaluation = evaluation or Evaluation()
     return SelectionSettings(
-        kl_threshold=selection.kl_threshold, skip_last_fraction=selection.skip_last_fraction,
-        max_candidates=selection.max_candidates, batch_size=runtime.batch_size, markers=evaluation.marker_list(),
+        kl_threshold=selection.kl_threshold,
+        skip_last_fraction=selection.skip_last_fraction,
+        max_candidates=selection.max_candidates,
+        batch_size=runtime.batch_size,
+        markers=evaluation.marker_list(),
         refusal_probe_tokens=evaluation.refusal_probe_tokens,
-    )  # fmt: skip
+    )
 
 
 def eval_settings(evaluation: Evaluation, template: Template, runtime: Runtime, stream: bool = False):
@@ -358,11 +454,16 @@ def eval_settings(evaluation: Evaluation, template: Template, runtime: Runtime, 
     if runtime.dtype == "auto":
         raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
     return EvalSettings(
-        max_new_tokens=evaluation.max_new_tokens, batch_size=runtime.batch_size, markers=evaluation.marker_list(),
-        system_prompt=template.system_prompt, chat_template_kwargs=tuple(sorted(template.chat_template_kwargs.items())),
-        n_examples=evaluation.examples, full_replies=evaluation.replies(stream),
-        refusal_probe_tokens=evaluation.refusal_probe_tokens, dtype=runtime.dtype,
-    )  # fmt: skip
+        max_new_tokens=evaluation.max_new_tokens,
+        batch_size=runtime.batch_size,
+        markers=evaluation.marker_list(),
+        system_prompt=template.system_prompt,
+        chat_template_kwargs=tuple(sorted(template.chat_template_kwargs.items())),
+        n_examples=evaluation.examples,
+        full_replies=evaluation.replies(stream),
+        refusal_probe_tokens=evaluation.refusal_probe_tokens,
+        dtype=runtime.dtype,
+    )
 
 
 # ------------------------------------------------------------------ argparse options from the sections
@@ -429,7 +530,9 @@ def add_options(
         kind, _ = _base_type(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = ",".join(default) if isinstance(default, list) else default
-        help_text = (info.description or "") + ("" if default in (None, {}, [], False) else f" (default {shown})")
+        help_text = (info.description or "") + (
+            "" if default in (None, {}, [], False) else f" (default {shown})"
+        )
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name in required:
             kwargs["required"] = True

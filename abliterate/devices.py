@@ -58,7 +58,9 @@ def check_device(value: str) -> str:
         raise ValueError(f"use {DEVICE_CHOICES}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("this torch build sees no CUDA device; use cpu or auto, or install torch with CUDA")
+            raise ValueError(
+                "this torch build sees no CUDA device; use cpu or auto, or install torch with CUDA"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"there are {torch.cuda.device_count()} CUDA devices (cuda:0..)")
     return text
@@ -112,7 +114,9 @@ def resolve_dtype(dtype: str, device: str, model_dir: str | Path) -> str:
     """`auto`: the checkpoint's dtype on a GPU, float32 on the CPU; any other value as given."""
     if dtype != "auto":
         if dtype not in DTYPES:
-            raise AbliterateError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}")
+            raise AbliterateError(
+                f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}"
+            )
         return dtype
     return checkpoint_dtype(model_dir) if on_gpu(device) else "float32"
 

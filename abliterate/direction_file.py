@@ -105,7 +105,9 @@ class Directions:
             vector = self.direction[row].double()
             norm = float(vector.norm())
             if not math.isfinite(norm):
-                raise AbliterateError(f"the direction at position {row} in {self._where()} has norm {norm}: re-measure")
+                raise AbliterateError(
+                    f"the direction at position {row} in {self._where()} has norm {norm}: re-measure"
+                )
             if norm > 0:
                 mixed += share * vector / norm
         norm = float(mixed.norm())
@@ -162,7 +164,11 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> by
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
         raw = tensor.numpy().astype("<f4", copy=False).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         data.append(raw)
         offset += len(raw)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -224,7 +230,9 @@ def _read_directions(path: Path, _size: int, _mtime_ns: int, _inode: int) -> Dir
     for name in ("harmful_mean", "harmless_mean"):
         if name in tensors:
             if not tensors[name].is_floating_point():
-                raise AbliterateError(f"`{name}` in {path} has dtype {tensors[name].dtype}; it must be floating point")
+                raise AbliterateError(
+                    f"`{name}` in {path} has dtype {tensors[name].dtype}; it must be floating point"
+                )
             means[name] = tensors[name].float()
             if means[name].shape != direction.shape:
                 raise AbliterateError(

@@ -62,7 +62,9 @@ class EvalSettings:
         if self.batch_size < 1:
             raise AbliterateError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.markers or not all(isinstance(m, str) and m.strip() for m in self.markers):
-            raise AbliterateError("the refusal marker list is empty or holds blank markers: give at least one phrase")
+            raise AbliterateError(
+                "the refusal marker list is empty or holds blank markers: give at least one phrase"
+            )
         if self.n_examples is not None and self.n_examples < 0:
             raise AbliterateError(f"the number of examples must be >= 0, got {self.n_examples}")
         if self.refusal_probe_tokens < 0:
@@ -177,30 +179,48 @@ class EvaluationResult:
         if self.refusal_score_harmful is not None:
             before = self.baseline_refusal_score_harmful
             shown = f"{before:.3f} before, " if before is not None else ""
-            lines.append(f"first-token refusal score (log-odds) on harmful prompts: {shown}{self.refusal_score_harmful:.3f}")
+            lines.append(
+                f"first-token refusal score (log-odds) on harmful prompts: {shown}{self.refusal_score_harmful:.3f}"
+            )
         if self.refusal_tokens:
             lines.append(f"refusal tokens ({self.refusal_tokens_source}): {self.refusal_tokens}")
         if self.kl_harmless is not None:
-            lines.append(f"first-token KL(baseline || model) on harmless prompts: {self.kl_harmless:.4f} nats")
+            lines.append(
+                f"first-token KL(baseline || model) on harmless prompts: {self.kl_harmless:.4f} nats"
+            )
         if not self.full_replies:
-            lines.append("full replies: not made (layer-streamed model; --full-replies always makes them offloaded)")
+            lines.append(
+                "full replies: not made (layer-streamed model; --full-replies always makes them offloaded)"
+            )
         if self.replies_cost:
             lines.append(self.replies_cost)
         for row in self.examples:
             lines.append(f"\n[{row.kind}] {_clip(row.prompt, width)}")
             if row.response_before is not None:
-                lines.append(f"  before{' (refused)' if row.refused_before else ''}: {_clip(row.response_before, width)}")
-            lines.append(f"  after{' (refused)' if row.refused_after else ''}:  {_clip(row.response_after, width)}")
+                lines.append(
+                    f"  before{' (refused)' if row.refused_before else ''}: {_clip(row.response_before, width)}"
+                )
+            lines.append(
+                f"  after{' (refused)' if row.refused_after else ''}:  {_clip(row.response_after, width)}"
+            )
         return "\n".join(lines)
 
 
 METRICS = (
-    "refusal_rate_harmful", "refusal_rate_harmless", "kl_harmless",
-    "baseline_refusal_rate_harmful", "baseline_refusal_rate_harmless", "n_harmful", "n_harmless",
-    "refusal_score_harmful", "first_token_refusal_rate_harmful", "first_token_refusal_rate_harmless",
-    "baseline_refusal_score_harmful", "baseline_first_token_refusal_rate_harmful",
+    "refusal_rate_harmful",
+    "refusal_rate_harmless",
+    "kl_harmless",
+    "baseline_refusal_rate_harmful",
+    "baseline_refusal_rate_harmless",
+    "n_harmful",
+    "n_harmless",
+    "refusal_score_harmful",
+    "first_token_refusal_rate_harmful",
+    "first_token_refusal_rate_harmless",
+    "baseline_refusal_score_harmful",
+    "baseline_first_token_refusal_rate_harmful",
     "baseline_first_token_refusal_rate_harmless",
-)  # fmt: skip
+)
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -239,7 +259,12 @@ def encode(
 
 
 def generate_replies(
-    model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], settings: EvalSettings, label: str, progress: bool
+    model: Any,
+    tokenizer: Any,
+    encoded: Sequence[Sequence[int]],
+    settings: EvalSettings,
+    label: str,
+    progress: bool,
 ) -> list[str]:
     """Greedy replies in prompt order (text, cut at the first end token); batches of similar length."""
     from abliterate.forward import as_forward
@@ -247,13 +272,22 @@ def generate_replies(
     return _texts(tokenizer, _reply_ids(as_forward(model), tokenizer, encoded, settings, label, progress))
 
 
-def _reply_ids(forward: Any, tokenizer: Any, encoded: Any, settings: EvalSettings, label: str, progress: bool):
+def _reply_ids(
+    forward: Any, tokenizer: Any, encoded: Any, settings: EvalSettings, label: str, progress: bool
+):
     from abliterate.forward import stop_ids
     from abliterate.measure import pad_token_id
 
     stops = stop_ids(forward.generation_eos, tokenizer)
-    return forward.greedy(encoded, settings.max_new_tokens, settings.batch_size, pad_token_id(tokenizer), stops,
-                          progress, f"evaluate: {label}")  # fmt: skip
+    return forward.greedy(
+        encoded,
+        settings.max_new_tokens,
+        settings.batch_size,
+        pad_token_id(tokenizer),
+        stops,
+        progress,
+        f"evaluate: {label}",
+    )
 
 
 def _texts(tokenizer: Any, replies: list[list[int]]) -> list[str]:
@@ -299,8 +333,9 @@ def measure_behaviour(
         generator = forward if replier is None else as_forward(replier() if callable(replier) else replier)
         reply_ids = _reply_ids(generator, tokenizer, harmful_ids, settings, "harmful", progress)
         harmful_replies = _texts(tokenizer, reply_ids)
-        harmless_replies = _texts(tokenizer, _reply_ids(generator, tokenizer, harmless_ids, settings, "harmless",
-                                                        progress))  # fmt: skip
+        harmless_replies = _texts(
+            tokenizer, _reply_ids(generator, tokenizer, harmless_ids, settings, "harmless", progress)
+        )
         del generator, replier
         gc.collect()  # an offloaded model's modules and offload folder go before the streamed pass
     if refusal_ids is not None:
@@ -311,22 +346,33 @@ def measure_behaviour(
             if reply_ids is not None and probe > 0:
                 found = refusal_tokens_from_replies(tokenizer, reply_ids, settings.markers, probe)
             else:
-                found = find_refusal_tokens(forward, tokenizer, harmful_ids, settings.markers, probe,
-                                            settings.batch_size, progress)  # fmt: skip
+                found = find_refusal_tokens(
+                    forward, tokenizer, harmful_ids, settings.markers, probe, settings.batch_size, progress
+                )
             ids, source = found.ids, found.source
         except AbliterateError:  # no refusal token to be found: the first-token refusal figures are left out
             ids, source = [], "none"
     first = dict(
-        ((label, logprobs) for _, label, logprobs in forward.first_token_logprobs(
-            {"harmful": harmful_ids, "harmless": harmless_ids}, [None], settings.batch_size,
-            pad_token_id(tokenizer), progress,
-        ))
-    )  # fmt: skip
+        (
+            (label, logprobs)
+            for _, label, logprobs in forward.first_token_logprobs(
+                {"harmful": harmful_ids, "harmless": harmless_ids},
+                [None],
+                settings.batch_size,
+                pad_token_id(tokenizer),
+                progress,
+            )
+        )
+    )
     return Behaviour(
         harmful_replies=harmful_replies,
         harmless_replies=harmless_replies,
-        harmful_refused=None if harmful_replies is None else [is_refusal(r, settings.markers) for r in harmful_replies],
-        harmless_refused=None if harmless_replies is None else [is_refusal(r, settings.markers) for r in harmless_replies],
+        harmful_refused=None
+        if harmful_replies is None
+        else [is_refusal(r, settings.markers) for r in harmful_replies],
+        harmless_refused=None
+        if harmless_replies is None
+        else [is_refusal(r, settings.markers) for r in harmless_replies],
         harmless_logprobs=first["harmless"],
         harmful_refusal_logodds=refusal_logodds(first["harmful"], ids).tolist() if ids else [],
         harmful_first_tokens=first["harmful"].argmax(dim=-1).tolist(),
@@ -393,7 +439,9 @@ def compare(
         first_token_refusal_rate_harmless=after.first_token_refusal_rate_harmless,
         baseline_refusal_score_harmful=before.refusal_score_harmful if before else None,
         baseline_first_token_refusal_rate_harmful=before.first_token_refusal_rate_harmful if before else None,
-        baseline_first_token_refusal_rate_harmless=before.first_token_refusal_rate_harmless if before else None,
+        baseline_first_token_refusal_rate_harmless=before.first_token_refusal_rate_harmless
+        if before
+        else None,
         refusal_token_ids=list(after.refusal_token_ids),
         refusal_tokens=list(after.refusal_tokens),
         refusal_tokens_source=(before or after).refusal_tokens_source,
@@ -429,7 +477,9 @@ def evaluate_loaded(
     return result
 
 
-def replies_cost(model_dir: str | Path, dtype: str, budget: int, n_prompts: int, settings: EvalSettings) -> str:
+def replies_cost(
+    model_dir: str | Path, dtype: str, budget: int, n_prompts: int, settings: EvalSettings
+) -> str:
     """What full greedy replies cost on a model offloaded beyond `budget` bytes: accelerate reads every
     offloaded weight from disk once per new token of every batch (and first writes the weights it
     must convert, such as per-expert tensors fused in memory, to its offload folder)."""

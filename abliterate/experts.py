@@ -41,14 +41,20 @@ class ExpertProfile:
 
     def specificity(self) -> torch.Tensor:
         """[layers, experts]: harmful share minus harmless share."""
-        return torch.tensor(self.harmful, dtype=torch.float64) - torch.tensor(self.harmless, dtype=torch.float64)
+        return torch.tensor(self.harmful, dtype=torch.float64) - torch.tensor(
+            self.harmless, dtype=torch.float64
+        )
 
     def most_specific(self, n: int | None = None) -> list[tuple[int, int, float]]:
         """(layer, expert, specificity) with the largest specificity first (ties: lower layer, then expert);
         only experts chosen more often on harmful prompts."""
         spec = self.specificity()
         ranked = sorted(
-            ((self.layers[i], e, float(spec[i, e])) for i in range(len(self.layers)) for e in range(self.experts)),
+            (
+                (self.layers[i], e, float(spec[i, e]))
+                for i in range(len(self.layers))
+                for e in range(self.experts)
+            ),
             key=lambda item: (-item[2], item[0], item[1]),
         )
         ranked = [item for item in ranked if item[2] > 0]
@@ -58,10 +64,16 @@ class ExpertProfile:
         """One row per layer and expert, for a table."""
         spec = self.specificity()
         return [
-            {"layer": layer, "expert": e, "harmful": self.harmful[i][e], "harmless": self.harmless[i][e],
-             "specificity": float(spec[i, e])}
-            for i, layer in enumerate(self.layers) for e in range(self.experts)
-        ]  # fmt: skip
+            {
+                "layer": layer,
+                "expert": e,
+                "harmful": self.harmful[i][e],
+                "harmless": self.harmless[i][e],
+                "specificity": float(spec[i, e]),
+            }
+            for i, layer in enumerate(self.layers)
+            for e in range(self.experts)
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +81,9 @@ class ExpertProfile:
 
 def router_paths(layer: torch.nn.Module, index: int, profile: Profile) -> list[str]:
     """The router modules of a decoder layer (`mlp.gate`), found by the profile's role rules."""
-    return [slot.path.rpartition(".")[0] for slot in layer_slots(layer, index, profile) if slot.role == "router"]
+    return [
+        slot.path.rpartition(".")[0] for slot in layer_slots(layer, index, profile) if slot.role == "router"
+    ]
 
 
 class _Counter:
@@ -83,7 +97,11 @@ class _Counter:
 
     def hook(self, index: int):
         def record(_module, _inputs, output):
-            if not isinstance(output, tuple) or len(output) < 3 or output[-1].dtype not in (torch.int64, torch.int32):
+            if (
+                not isinstance(output, tuple)
+                or len(output) < 3
+                or output[-1].dtype not in (torch.int64, torch.int32)
+            ):
                 raise AbliterateError(
                     f"the router of layer {index} ({type(_module).__name__}) does not return the chosen experts "
                     "as its last output: expert profiling supports routers that do (GLM-4.5, Qwen3-MoE)"
@@ -112,8 +130,12 @@ def profile_experts(
     from abliterate.measure import length_sorted_batches, pad_token_id
 
     config = forward.config
-    experts = int(getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None) or
-                  getattr(config, "num_local_experts", 0) or 0)  # fmt: skip
+    experts = int(
+        getattr(config, "n_routed_experts", None)
+        or getattr(config, "num_experts", None)
+        or getattr(config, "num_local_experts", 0)
+        or 0
+    )
     if experts <= 0:
         raise AbliterateError("the model has no routed experts: there is nothing to profile")
     chosen = int(config.num_experts_per_tok)
@@ -137,11 +159,19 @@ def profile_experts(
             with torch.inference_mode():
                 for label, ids in sets.items():
                     counter.label = label
-                    for batch in tqdm(list(length_sorted_batches(ids, batch_size, pad_id)), desc=f"route {label}",
-                                      disable=not progress):  # fmt: skip
+                    for batch in tqdm(
+                        list(length_sorted_batches(ids, batch_size, pad_id)),
+                        desc=f"route {label}",
+                        disable=not progress,
+                    ):
                         counter.mask = batch.attention_mask.reshape(-1).bool()
-                        model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                              position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=1)  # fmt: skip
+                        model(
+                            input_ids=batch.input_ids.to(device),
+                            attention_mask=batch.attention_mask.to(device),
+                            position_ids=batch.position_ids.to(device),
+                            use_cache=False,
+                            logits_to_keep=1,
+                        )
         finally:
             for handle in handles:
                 handle.remove()
@@ -151,8 +181,10 @@ def profile_experts(
         stream = forward.stream()
         batches = stream.embed(sets, batch_size, -1, pad_id)
         for index, layer in stream.each_layer("route experts (layer-streamed)", progress):
-            handles = [layer.get_submodule(p).register_forward_hook(counter.hook(index))
-                       for p in router_paths(layer, index, profile)]  # fmt: skip
+            handles = [
+                layer.get_submodule(p).register_forward_hook(counter.hook(index))
+                for p in router_paths(layer, index, profile)
+            ]
             if handles:
                 moe.append(index)
             try:

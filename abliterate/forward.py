@@ -77,7 +77,9 @@ class InMemoryForward:
 
         bar = tqdm(total=len(directions), desc="score directions", unit="variant", disable=not progress)
         for variant, direction in enumerate(directions):
-            ablation = nullcontext() if direction is None else directional_ablation(self.model, direction.float())
+            ablation = (
+                nullcontext() if direction is None else directional_ablation(self.model, direction.float())
+            )
             with ablation:
                 for label, encoded in sets.items():
                     yield variant, label, first_token_logprobs(self.model, encoded, batch_size, pad_id)
@@ -100,9 +102,12 @@ class InMemoryForward:
         from transformers import GenerationConfig
 
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
             eos_token_id=sorted(stops) or None,
-        )  # fmt: skip
+        )
         device = input_device(self.model)
         out: list[list[int] | None] = [None] * len(encoded)
         bar = tqdm(total=len(encoded), desc=f"greedy replies: {label}", unit="prompt", disable=not progress)
@@ -170,7 +175,9 @@ class StreamedForward:
         units = [None if d is None else (d.detach().float().flatten() / d.float().norm()) for d in directions]
         # hidden[v][b]: variant v's input of the next layer for batch b; the embedding output is a write
         # into the residual stream like any other, so the ablation projects it first.
-        hidden = [[item.hidden if r is None else project_out(item.hidden, r) for item in batches] for r in units]
+        hidden = [
+            [item.hidden if r is None else project_out(item.hidden, r) for item in batches] for r in units
+        ]
         current: list[torch.Tensor | None] = [None]
 
         def hook(_module, _inputs, output):
@@ -228,8 +235,12 @@ class StreamedForward:
         passes."""
         out: list[list[int]] = [[] for _ in encoded]
         active = list(range(len(encoded)))
-        bar = tqdm(total=max_new_tokens, desc=f"greedy replies: {label} (layer-streamed)", unit="token",
-                   disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=max_new_tokens,
+            desc=f"greedy replies: {label} (layer-streamed)",
+            unit="token",
+            disable=not progress,
+        )
         for _step in range(max_new_tokens):
             if not active:
                 break

@@ -83,7 +83,9 @@ def format_from_config(config: dict) -> Fp8Format | None:
         for group in groups.values():
             weights = (group or {}).get("weights") or {}
             if weights.get("type") != "float" or weights.get("num_bits") != 8:
-                raise unsupported(f"compressed-tensors {weights.get('type')} {weights.get('num_bits')}-bit weights")
+                raise unsupported(
+                    f"compressed-tensors {weights.get('type')} {weights.get('num_bits')}-bit weights"
+                )
             if weights.get("symmetric") is False:
                 raise unsupported("compressed-tensors asymmetric float8 (zero points)")
             if weights.get("strategy") == "block":
@@ -101,7 +103,9 @@ def unsupported(kind: str) -> AbliterateError:
     )
 
 
-def grid(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, int]:
+def grid(
+    shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
+) -> tuple[int, int]:
     """The block (bm, bn) of a weight of `shape` whose scales have `scale_shape`; errors if they disagree."""
     if len(shape) < 2:
         raise AbliterateError(f"an FP8 weight of shape {list(shape)} is not a matrix")
@@ -114,10 +118,14 @@ def grid(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int,
         elif numel == lead:
             block = (out, inp)
         else:
-            raise AbliterateError(f"FP8 scales {list(scale_shape)} fit no channel or tensor grid of {list(shape)}")
+            raise AbliterateError(
+                f"FP8 scales {list(scale_shape)} fit no channel or tensor grid of {list(shape)}"
+            )
     bm, bn = block
     if numel != lead * math.ceil(out / bm) * math.ceil(inp / bn):
-        raise AbliterateError(f"FP8 scales {list(scale_shape)} do not match weight {list(shape)} in blocks {list(block)}")
+        raise AbliterateError(
+            f"FP8 scales {list(scale_shape)} do not match weight {list(shape)} in blocks {list(block)}"
+        )
     return bm, bn
 
 
@@ -193,7 +201,9 @@ def rounding_bound(w_norm: float, scale_norm: float) -> float:
 
 
 def describe(fmt: Fp8Format | None) -> dict[str, Any] | None:
-    return None if fmt is None else {"method": fmt.method, "scale_suffix": fmt.scale_suffix, "block": fmt.block}
+    return (
+        None if fmt is None else {"method": fmt.method, "scale_suffix": fmt.scale_suffix, "block": fmt.block}
+    )
 
 
 def pair_scales(config: dict, tensors: dict[str, Any]) -> dict[str, tuple[str, tuple[int, int]]]:
@@ -227,9 +237,10 @@ def uncovered(quantization: dict[str, str], pairs: dict[str, tuple[str, tuple[in
     what the tool cannot edit."""
     known = set(pairs) | {scale for scale, _ in pairs.values()}
     return {
-        name: kind for name, kind in quantization.items()
+        name: kind
+        for name, kind in quantization.items()
         if name not in known and not name.endswith(ACTIVATION_SCALES)
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- one shard's FP8 tensors
@@ -270,16 +281,21 @@ def requantized_edit(model_dir: Path, m: Any, r: torch.Tensor) -> tuple[torch.Te
     return new_q, new_scale.to(scale.dtype).reshape(scale.shape)
 
 
-def one_ulp_apart(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                  block: tuple[int, int]) -> bool:  # fmt: skip
+def one_ulp_apart(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, block: tuple[int, int]
+) -> bool:
     """Whether two requantizations of the same edit (dequantized `a`, `b` with their scales) differ
     by at most one e4m3 step per element: what float32 sums in another order can cause (a value
     crossing a rounding boundary). The step at |x| is at most 2^-3 |x| (3 mantissa bits) for normal
     values and 2^-9 x the block scale below them."""
     out, cols = a.shape[-2:]
     grid_shape = (math.prod(a.shape[:-2]), math.ceil(out / block[0]), math.ceil(cols / block[1]))
-    largest = torch.maximum(scale_a.to(torch.float64).reshape(grid_shape), scale_b.to(torch.float64).reshape(grid_shape))
-    largest = largest.repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)[:, :out, :cols].reshape(a.shape)
+    largest = torch.maximum(
+        scale_a.to(torch.float64).reshape(grid_shape), scale_b.to(torch.float64).reshape(grid_shape)
+    )
+    largest = (
+        largest.repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)[:, :out, :cols].reshape(a.shape)
+    )
     step = torch.maximum(2.0**-3 * torch.maximum(a.abs(), b.abs()), 2.0**-9 * largest)
     return bool(((a - b).abs() <= step * (1 + 2.0**-20)).all())
 
@@ -295,7 +311,9 @@ def read_tensor(path: Path, t: Any) -> torch.Tensor:
         while done < len(buffer):
             n = os.preadv(f.fileno(), [view[done:]], t.start + done)
             if n == 0:
-                raise AbliterateError(f"{path} ended inside tensor {t.name}: the file changed while being read")
+                raise AbliterateError(
+                    f"{path} ended inside tensor {t.name}: the file changed while being read"
+                )
             done += n
     if not buffer:
         return torch.empty(t.shape, dtype=STORAGE[t.dtype])

@@ -28,10 +28,19 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Everything but the weights that loading a chat model reads (transformers' tokenizer and template files).
 METADATA_FILES = [
-    "config.json", "generation_config.json", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "chat_template.jinja", "chat_template.json",
-]  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    INDEX_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 _SNAPSHOT = re.compile(r"(?P<kind>models|datasets|spaces)--(?P<repo>.+)")
 
 
@@ -43,7 +52,12 @@ class HubModel:
     path: Path  # the snapshot folder
 
     def as_dict(self) -> dict[str, str]:
-        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit, "path": str(self.path)}
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "path": str(self.path),
+        }
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
@@ -72,7 +86,9 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
 
     revision = revision or "main"
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_FILES, cache_dir=cache_dir))
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_FILES, cache_dir=cache_dir)
+        )
         shards = _shards(folder, repo_id)
         commit = folder.name
         folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=shards, cache_dir=cache_dir))

@@ -69,8 +69,9 @@ def layer_slots(layer: torch.nn.Module, index: int, profile: Profile) -> list[Sl
         if found is None:
             continue
         rule, layer_index, _expert = found
-        if layer_index == index and (rule.role in WRITERS or rule.role in ("router", "router_bias") or
-                                     rule.role in BIAS_OF.values()):  # fmt: skip
+        if layer_index == index and (
+            rule.role in WRITERS or rule.role in ("router", "router_bias") or rule.role in BIAS_OF.values()
+        ):
             slots.append(Slot(path, rule.role, rule.residual_axis))
     return slots
 
@@ -86,8 +87,13 @@ class PlanEdit:
     `storage`: (role, layer) -> the checkpoint's dtype of those tensors (safetensors names: BF16,
     F32, ...), to round replaced tensors as the engine does; `profile`: the family's role rules."""
 
-    def __init__(self, plan: AblationPlan, directions: Directions, profile: Profile,
-                 storage: dict[tuple[str, int], str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        plan: AblationPlan,
+        directions: Directions,
+        profile: Profile,
+        storage: dict[tuple[str, int], str] | None = None,
+    ):
         self.plan = plan
         self.directions = directions
         self.profile = profile
@@ -127,8 +133,11 @@ class PlanEdit:
         handles: list[Any] = []
         replaced: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
         try:
-            bias_edited = {s.path.rpartition(".")[0]: s for s in slots if s.role in BIAS_OF.values()
-                           and self.scale(index, s.role) > 0 and self.plan.biases}  # fmt: skip
+            bias_edited = {
+                s.path.rpartition(".")[0]: s
+                for s in slots
+                if s.role in BIAS_OF.values() and self.scale(index, s.role) > 0 and self.plan.biases
+            }
             for slot in slots:
                 if slot.role in WRITERS:
                     self._writer(layer, index, slot, bias_edited, handles, replaced)
@@ -140,7 +149,9 @@ class PlanEdit:
                 elif slot.role == "router_bias":
                     shifts = self.plan.router_shifts(index)
                     if shifts:
-                        self._replace(layer, index, slot, replaced, lambda w, shifts=shifts: _shifted(w, shifts))
+                        self._replace(
+                            layer, index, slot, replaced, lambda w, shifts=shifts: _shifted(w, shifts)
+                        )
             yield
         finally:
             for handle in handles:
@@ -148,7 +159,9 @@ class PlanEdit:
             for owner, attr, original in reversed(replaced):
                 getattr(owner, attr).data = original
 
-    def _writer(self, layer, index: int, slot: Slot, bias_edited: dict, handles: list, replaced: list) -> None:
+    def _writer(
+        self, layer, index: int, slot: Slot, bias_edited: dict, handles: list, replaced: list
+    ) -> None:
         s = self.scale(index, slot.role)
         if s == 0.0:
             return
@@ -157,12 +170,21 @@ class PlanEdit:
         module_path = slot.path.rpartition(".")[0]
         if self.plan.method == "norm_preserving":
             axis = slot.residual_axis
-            self._replace(layer, index, slot, replaced, lambda w: norm_preserving_(w, r.to(w.device), s, axis))
+            self._replace(
+                layer, index, slot, replaced, lambda w: norm_preserving_(w, r.to(w.device), s, axis)
+            )
             if module_path in bias_edited:  # biases get the plain edit
-                self._replace(layer, index, bias_edited[module_path], replaced,
-                              lambda w: project_out_(w, r.to(w.device), s, 0))  # fmt: skip
+                self._replace(
+                    layer,
+                    index,
+                    bias_edited[module_path],
+                    replaced,
+                    lambda w: project_out_(w, r.to(w.device), s, 0),
+                )
             return
-        bias = getattr(owner, "bias", None) if isinstance(getattr(owner, "bias", None), torch.Tensor) else None
+        bias = (
+            getattr(owner, "bias", None) if isinstance(getattr(owner, "bias", None), torch.Tensor) else None
+        )
         if module_path in bias_edited:
             bias = None  # edited with the same scale: the whole output is projected
         handles.append(owner.register_forward_hook(_output_hook(r, s, bias)))
@@ -190,7 +212,9 @@ class PlanEdit:
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         with ExitStack() as stack:
             if self.embed_scale() > 0:
-                handle = base.embed_tokens.register_forward_hook(_output_hook(self.vector(None), self.embed_scale(), None))
+                handle = base.embed_tokens.register_forward_hook(
+                    _output_hook(self.vector(None), self.embed_scale(), None)
+                )
                 stack.callback(handle.remove)
             for index, layer in enumerate(decoder_layers(model)):
                 stack.enter_context(self.on_layer(index, layer))

@@ -55,7 +55,9 @@ class Match:
         t = self.tensor
         extra = {"shift": {str(e): v for e, v in self.shift}} if self.side == "shift" else {}
         if self.scales is not None:  # FP8: requantized with fresh scales in this tensor
-            extra.update(scale_tensor=self.scales[0].name, scale_shard=self.scales[0].shard, block=list(self.scales[1]))
+            extra.update(
+                scale_tensor=self.scales[0].name, scale_shard=self.scales[0].shard, block=list(self.scales[1])
+            )
         return {
             "name": t.name,
             "shard": t.shard,
@@ -82,7 +84,9 @@ def resolve_plan(plan: AblationPlan, inputs: AblationInputs) -> AblationPlan:
     """Check `plan` against the model and directions; fill in the selected position."""
     s, directions = inputs.structure, inputs.directions
     if plan.num_layers != s.num_layers:
-        raise AbliterateError(f"the plan was made for {plan.num_layers} decoder layers, the model has {s.num_layers}")
+        raise AbliterateError(
+            f"the plan was made for {plan.num_layers} decoder layers, the model has {s.num_layers}"
+        )
     bad = [i for i in plan.layers if i >= s.num_layers and i not in s.mtp_layers]
     if bad:
         raise AbliterateError(
@@ -127,8 +131,10 @@ def _drop_zero_directions(plan: AblationPlan, inputs: AblationInputs) -> Ablatio
     keep = [(i, s) for i, s in zip(plan.layers, plan.scales, strict=True) if i not in zero]
     changes: dict[str, Any] = {"layers": [i for i, _ in keep], "scale": {str(i): s for i, s in keep}}
     if plan.role_scales:
-        changes["role_scales"] = {role: {k: v for k, v in values.items() if int(k) not in zero}
-                                  for role, values in plan.to_dict()["role_scales"].items()}  # fmt: skip
+        changes["role_scales"] = {
+            role: {k: v for k, v in values.items() if int(k) not in zero}
+            for role, values in plan.to_dict()["role_scales"].items()
+        }
     return _replace(plan, **changes)
 
 
@@ -188,7 +194,9 @@ def plan_matches(plan: AblationPlan, inventory: Inventory, structure: Structure 
             )
         fp8 = inventory.fp8.get(t.name)
         if t.dtype not in EDITABLE_DTYPES and fp8 is None:
-            raise AbliterateError(f"{t.name} is stored as {t.dtype}; only {', '.join(EDITABLE_DTYPES)} can be edited")
+            raise AbliterateError(
+                f"{t.name} is stored as {t.dtype}; only {', '.join(EDITABLE_DTYPES)} can be edited"
+            )
         side = "reader" if t.role == "router" else "embed" if t.role == "embed" else "writer"
         # norm preservation is defined for matrix columns: routers and biases get the plain edit
         plain_only = side == "reader" or t.role.endswith("_bias")
@@ -220,7 +228,9 @@ def _shift_match(plan: AblationPlan, t: TensorInfo) -> Match:
             "no such expert"
         )
     if t.dtype not in EDITABLE_DTYPES:
-        raise AbliterateError(f"{t.name} is stored as {t.dtype}; only {', '.join(EDITABLE_DTYPES)} can be edited")
+        raise AbliterateError(
+            f"{t.name} is stored as {t.dtype}; only {', '.join(EDITABLE_DTYPES)} can be edited"
+        )
     return Match(t, 1.0, None, "shift", "shift", tuple(sorted(shifts.items())))
 
 
@@ -234,7 +244,12 @@ def role_counts(matches: list[Match]) -> dict[str, int]:
 
 def describe_matches(plan: AblationPlan, matches: list[Match]) -> str:
     """The dry-run listing: the plan, every matched tensor, counts per role and per layer."""
-    lines = ["# ablation plan", plan.to_yaml().rstrip(), "", "# matched tensors: shard, name, role, layer, scale, position"]
+    lines = [
+        "# ablation plan",
+        plan.to_yaml().rstrip(),
+        "",
+        "# matched tensors: shard, name, role, layer, scale, position",
+    ]
     for m in matches:
         t = m.tensor
         lines.append(f"{t.shard}\t{t.name}\t{t.role}\t{t.layer}\t{m.scale:g}\t{m.direction_position}")

@@ -399,7 +399,9 @@ def load_model(
         raise AbliterateError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     device = resolve_device(device)
     mapping = device_map(model_dir, dtype, device, budget) if device == "auto" or budget is not None else None
-    offload = tempfile.mkdtemp(prefix="abliterate-offload-") if mapping and "disk" in mapping.values() else None
+    offload = (
+        tempfile.mkdtemp(prefix="abliterate-offload-") if mapping and "disk" in mapping.values() else None
+    )
     try:
         if mapping is None:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])

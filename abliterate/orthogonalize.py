@@ -55,11 +55,15 @@ def norm_preserving_(w: torch.Tensor, r: torch.Tensor, scale: float, residual_ax
     return w
 
 
-def shift_(w: torch.Tensor, values: torch.Tensor, scale: float = 1.0, residual_axis: int | None = None) -> torch.Tensor:
+def shift_(
+    w: torch.Tensor, values: torch.Tensor, scale: float = 1.0, residual_axis: int | None = None
+) -> torch.Tensor:
     """In place: w <- w + scale * values (a router correction bias [E] and the values the plan adds;
     `residual_axis` is unused: the bias lives off the residual stream)."""
     if w.dtype != torch.float32 or values.dtype != torch.float32 or w.shape != values.shape:
-        raise ValueError(f"a shift adds float32 values of the tensor's shape {list(w.shape)}, got {list(values.shape)}")
+        raise ValueError(
+            f"a shift adds float32 values of the tensor's shape {list(w.shape)}, got {list(values.shape)}"
+        )
     return w.add_(values, alpha=scale)
 
 

@@ -206,17 +206,24 @@ def prepare_output(
             resumed = True
         elif not overwrite:
             what = (
-                "an output of a different plan, directions or input" if previous.get("run_key")
+                "an output of a different plan, directions or input"
+                if previous.get("run_key")
                 else f"other files ({', '.join(present[:3])})"
-            )  # fmt: skip
+            )
             raise AbliterateError(
                 f"output {out} is not empty: it holds {what}; pass --overwrite to replace its contents, "
                 "or choose an empty directory"
             )
         else:
             recorded = set(previous.get("files") or [])
-            stray = [n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in shards and n not in recorded
-                     and not _is_protected(out / n, inputs)]  # fmt: skip
+            stray = [
+                n
+                for n in present
+                if n.endswith(WEIGHT_SUFFIXES)
+                and n not in shards
+                and n not in recorded
+                and not _is_protected(out / n, inputs)
+            ]
             if stray:
                 raise AbliterateError(
                     f"output {out} holds weight files that are not this checkpoint's ({', '.join(stray[:3])}); "
@@ -229,11 +236,16 @@ def prepare_output(
                     path.unlink()
             if (out / STATE_DIR).is_dir():
                 _clear_records(out)
-            kept = [n for n in present if n not in recorded and n not in names and n != STATE_DIR
-                    and not is_temporary_of(n, names)]  # fmt: skip
+            kept = [
+                n
+                for n in present
+                if n not in recorded and n not in names and n != STATE_DIR and not is_temporary_of(n, names)
+            ]
             if kept:
                 shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-                warnings.append(f"--overwrite keeps the files of {out} that no abliterate run wrote ({shown})")
+                warnings.append(
+                    f"--overwrite keeps the files of {out} that no abliterate run wrote ({shown})"
+                )
     state = out / STATE_DIR
     with writing(out):
         state.mkdir(parents=True, exist_ok=True)
@@ -362,7 +374,12 @@ def write_json_atomic(path: Path, data: Any, sort_keys: bool = False) -> None:
 def record_shard(out: Path, result: ShardResult) -> None:
     """The done record of a shard just written to `<out>/<shard>`: a rerun of the same key skips it."""
     stat = (out / result.shard).stat()
-    record = {"key": result.key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "result": result.to_dict()}
+    record = {
+        "key": result.key,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "result": result.to_dict(),
+    }
     write_json_atomic(out / STATE_DIR / f"{result.shard}.json", record)
 
 
@@ -391,7 +408,9 @@ def completed_shard(out: Path, shard: str, key: str) -> ShardResult | None:
     return None
 
 
-def unchanged_tensors(src: Path, dst: Path, matches: list[Any], first: int = 4096, block: int = 1 << 20) -> list[str]:
+def unchanged_tensors(
+    src: Path, dst: Path, matches: list[Any], first: int = 4096, block: int = 1 << 20
+) -> list[str]:
     """Names of the matched tensors whose bytes in `dst` equal those in `src`: an edit that rounded
     away entirely. Each tensor's first `first` bytes decide almost always (an edit changes most
     values); only when they agree is the rest compared, a block at a time."""
@@ -419,7 +438,9 @@ def finalize_output(
     by_shard = {r.shard: r for r in results}
     missing = [s for s in inputs.inventory.shards if s not in by_shard or not (out / s).is_file()]
     if missing:
-        raise AbliterateError(f"output {out} lacks shard {missing[0]} ({len(missing)} missing): rerun to finish")
+        raise AbliterateError(
+            f"output {out} lacks shard {missing[0]} ({len(missing)} missing): rerun to finish"
+        )
     ordered = [by_shard[s] for s in inputs.inventory.shards]
     edited = [e for r in ordered for e in r.edited]
     _check_something_changed(inputs, ordered, edited)
@@ -433,8 +454,11 @@ def finalize_output(
         "tool": {"name": "abliterate", "version": library_versions().get("abliterate")},
         "versions": library_versions(),
         "run_key": prepared.run_key,
-        "input": {"path": str(inputs.inventory.model_dir.resolve()), "fingerprint": inputs.inventory.fingerprint,
-                  "hub": hub_origin(inputs.inventory.model_dir)},  # repository and commit of a Hub snapshot
+        "input": {
+            "path": str(inputs.inventory.model_dir.resolve()),
+            "fingerprint": inputs.inventory.fingerprint,
+            "hub": hub_origin(inputs.inventory.model_dir),
+        },  # repository and commit of a Hub snapshot
         # Headers are copied verbatim, so the layout fingerprint equals the input's; what the bytes
         # hold is identified by `run_key` (engine version, plan, directions content, input).
         "output": {"path": str(out), "fingerprint": fingerprint(out)},
@@ -466,7 +490,9 @@ def finalize_output(
     return manifest
 
 
-def _check_something_changed(inputs: AblationInputs, results: list[ShardResult], edited: list[dict[str, Any]]) -> None:
+def _check_something_changed(
+    inputs: AblationInputs, results: list[ShardResult], edited: list[dict[str, Any]]
+) -> None:
     """A plan that asks for a change (a scale above 0) and changed no byte of any tensor it edits is
     an error, never a success: every edit rounded away (a scale too small for the storage dtype). A
     plan whose scales are all 0 asked for no change; an input that is itself an ablation output may
@@ -480,9 +506,13 @@ def _check_something_changed(inputs: AblationInputs, results: list[ShardResult],
         "edit is below the storage dtype's precision"
     )
     if (inputs.inventory.model_dir / MANIFEST_FILE).is_file():
-        inputs.warnings.append(message + " (the input is an earlier ablation's output: the direction may be gone)")
+        inputs.warnings.append(
+            message + " (the input is an earlier ablation's output: the direction may be gone)"
+        )
         return
-    raise AbliterateError(message + "; raise --scale (or check the directions file); the output is left unfinished")
+    raise AbliterateError(
+        message + "; raise --scale (or check the directions file); the output is left unfinished"
+    )
 
 
 def sorted_json(value: Any) -> Any:

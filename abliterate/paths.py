@@ -45,7 +45,9 @@ def output_outside(
             kind = "the input checkpoint" if source.is_dir() else "the input"
             raise AbliterateError(f"{what} {resolved} is inside {kind} {source}: choose a {place} outside it")
         if resolved in source.parents and source.is_dir():
-            raise AbliterateError(f"{what} {resolved} contains the input checkpoint {source}: choose another {place}")
+            raise AbliterateError(
+                f"{what} {resolved} contains the input checkpoint {source}: choose another {place}"
+            )
     return resolved
 
 
@@ -56,7 +58,9 @@ def output_file(path: str | Path, inputs: Iterable[str | Path], flag: str = "--o
     if resolved.is_dir():
         raise AbliterateError(f"{flag} {path} is a directory: give a file name for the JSON report")
     if not resolved.parent.is_dir():
-        raise AbliterateError(f"{flag} {path}: folder {resolved.parent} does not exist; create it or choose another")
+        raise AbliterateError(
+            f"{flag} {path}: folder {resolved.parent} does not exist; create it or choose another"
+        )
     return resolved
 
 
@@ -100,8 +104,13 @@ def describe_special(path: Path) -> str | None:
     if stat.S_ISLNK(mode) and not path.exists():
         return f"a dangling symbolic link (to {os.readlink(path)})"
     mode = path.stat().st_mode
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):  # fmt: skip
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return kind
     return None

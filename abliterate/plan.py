@@ -122,7 +122,9 @@ class AblationPlan:
         if isinstance(pos, float) and math.isfinite(pos) and pos.is_integer():
             object.__setattr__(self, "direction_position", int(pos))  # 3.0 is position 3
             pos = self.direction_position
-        number = isinstance(pos, int | float) and not isinstance(pos, bool) and math.isfinite(pos) and pos >= 0
+        number = (
+            isinstance(pos, int | float) and not isinstance(pos, bool) and math.isfinite(pos) and pos >= 0
+        )
         if not (pos in ("selected", "own") or number):
             raise AbliterateError(
                 f"direction position {pos!r} is invalid: use `selected`, `own` or a position number >= 0"
@@ -130,7 +132,9 @@ class AblationPlan:
         self._check_role_scales()
         self._check_router_bias()
         if self.format != PLAN_FORMAT:
-            raise AbliterateError(f"plan format {self.format} is not supported (this version reads {PLAN_FORMAT})")
+            raise AbliterateError(
+                f"plan format {self.format} is not supported (this version reads {PLAN_FORMAT})"
+            )
 
     def _check_role_scales(self) -> None:
         seen = set()
@@ -144,7 +148,9 @@ class AblationPlan:
                 raise AbliterateError(f"the plan gives role {role!r} its own scales twice")
             seen.add(role)
             if len(values) != len(self.layers):
-                raise AbliterateError(f"role {role!r} has {len(values)} scales for the plan's {len(self.layers)} layers")
+                raise AbliterateError(
+                    f"role {role!r} has {len(values)} scales for the plan's {len(self.layers)} layers"
+                )
             for layer, value in zip(self.layers, values, strict=True):
                 _check_scale(value, f"role {role} of layer {layer}")
 
@@ -155,10 +161,14 @@ class AblationPlan:
         for layer, shifts in self.router_bias:
             experts = [e for e, _ in shifts]
             if not shifts or experts != sorted(set(experts)) or any(not _count(e) for e in experts):
-                raise AbliterateError(f"router_bias of layer {layer}: experts must be distinct, sorted numbers: {experts}")
+                raise AbliterateError(
+                    f"router_bias of layer {layer}: experts must be distinct, sorted numbers: {experts}"
+                )
             for expert, value in shifts:
                 if not _number_value(value) or not math.isfinite(value):
-                    raise AbliterateError(f"router_bias of layer {layer}, expert {expert}: {value!r} is not a finite number")
+                    raise AbliterateError(
+                        f"router_bias of layer {layer}, expert {expert}: {value!r} is not a finite number"
+                    )
 
     def scale_for(self, layer: int | None, role: str | None = None) -> float:
         """Scale of a tensor of `layer` (None: the embedding, which is not in a layer) and `role` (its
@@ -218,7 +228,9 @@ class AblationPlan:
                 for role, values in self.role_scales
             }
         if self.router_bias:
-            data["router_bias"] = {str(layer): {str(e): v for e, v in shifts} for layer, shifts in self.router_bias}
+            data["router_bias"] = {
+                str(layer): {str(e): v for e, v in shifts} for layer, shifts in self.router_bias
+            }
         if self.origin is not None:
             data["origin"] = self.origin
         return data
@@ -236,25 +248,38 @@ class AblationPlan:
             raise AbliterateError(f"{source}: unknown ablation plan keys {unknown}; known: {sorted(known)}")
         missing = [k for k in ("layers", "scale", "num_layers") if k not in data]
         if missing:
-            raise AbliterateError(f"{source} lacks `{missing[0]}`: an ablation plan needs layers, scale and num_layers")
+            raise AbliterateError(
+                f"{source} lacks `{missing[0]}`: an ablation plan needs layers, scale and num_layers"
+            )
 
         def bad(key: str, value: Any, want: str, example: str) -> AbliterateError:
-            return AbliterateError(f"{source}: `{key}` is {value!r} ({_kind(value)}); it must be {want}: write e.g. {example}")
+            return AbliterateError(
+                f"{source}: `{key}` is {value!r} ({_kind(value)}); it must be {want}: write e.g. {example}"
+            )
 
         layers = data["layers"]
         if not isinstance(layers, list) or not all(_count(i) for i in layers):
             raise bad("layers", layers, "a list of layer numbers", "layers: [1, 2, 3]")
         scale = data["scale"]
-        if not isinstance(scale, dict) or not all(_layer_key(k) is not None and _number_value(v) for k, v in scale.items()):
+        if not isinstance(scale, dict) or not all(
+            _layer_key(k) is not None and _number_value(v) for k, v in scale.items()
+        ):
             raise bad("scale", scale, "a mapping of layer number to scale", "scale: {'1': 1.0, '2': 0.5}")
         scales = {_layer_key(k): float(v) for k, v in scale.items()}
         if len(scales) != len(scale):
             raise AbliterateError(f"{source}: `scale` names a layer twice: {scale!r}")
         if sorted(scales) != sorted(layers):
-            raise AbliterateError(f"{source}: `scale` keys {sorted(scales)} differ from `layers` {list(layers)}")
+            raise AbliterateError(
+                f"{source}: `scale` keys {sorted(scales)} differ from `layers` {list(layers)}"
+            )
         num_layers = data["num_layers"]
         if not _count(num_layers) or num_layers < 1:
-            raise bad("num_layers", num_layers, "the model's number of decoder layers (a whole number >= 1)", "num_layers: 46")
+            raise bad(
+                "num_layers",
+                num_layers,
+                "the model's number of decoder layers (a whole number >= 1)",
+                "num_layers: 46",
+            )
         rest: dict[str, Any] = {}
         for key, value in data.items():
             if key in ("layers", "scale", "num_layers"):
@@ -277,9 +302,15 @@ class AblationPlan:
                 if value is not None and not _count(value):
                     raise bad(key, value, "a residual position number or null", "selected_position: 12")
             elif key == "direction_position":
-                if not (value in ("selected", "own") or _count(value) or (_number_value(value) and value >= 0)):
-                    raise bad(key, value, "a direction position: selected, own or a residual position number",
-                              "direction_position: selected")
+                if not (
+                    value in ("selected", "own") or _count(value) or (_number_value(value) and value >= 0)
+                ):
+                    raise bad(
+                        key,
+                        value,
+                        "a direction position: selected, own or a residual position number",
+                        "direction_position: selected",
+                    )
             elif key == "role_scales":
                 value = _read_role_scales(value, list(layers), bad)
             elif key == "router_bias":
@@ -297,7 +328,9 @@ class AblationPlan:
                     raise bad(key, value, f"the plan format number ({PLAN_FORMAT})", f"format: {PLAN_FORMAT}")
             rest[key] = value
         try:
-            return cls(layers=tuple(layers), scales=tuple(scales[i] for i in layers), num_layers=num_layers, **rest)
+            return cls(
+                layers=tuple(layers), scales=tuple(scales[i] for i in layers), num_layers=num_layers, **rest
+            )
         except AbliterateError as exc:
             raise AbliterateError(f"{source}: {exc}") from None
 
@@ -325,13 +358,21 @@ class AblationPlan:
 
 def _read_role_scales(value: Any, layers: list, bad) -> tuple[tuple[str, tuple[float, ...]], ...]:
     example = "role_scales: {attn_out: {'1': 1.0, '2': 0.5}}"
-    if not isinstance(value, dict) or not all(isinstance(role, str) and isinstance(v, dict) for role, v in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(role, str) and isinstance(v, dict) for role, v in value.items()
+    ):
         raise bad("role_scales", value, "a mapping of role to a mapping of layer number to scale", example)
     out = []
     for role, per_layer in value.items():
         scales = {_layer_key(k): v for k, v in per_layer.items()}
-        if None in scales or not all(_number_value(v) for v in scales.values()) or sorted(scales) != sorted(layers):
-            raise bad(f"role_scales.{role}", per_layer, f"a scale for each of the plan's layers {layers}", example)
+        if (
+            None in scales
+            or not all(_number_value(v) for v in scales.values())
+            or sorted(scales) != sorted(layers)
+        ):
+            raise bad(
+                f"role_scales.{role}", per_layer, f"a scale for each of the plan's layers {layers}", example
+            )
         out.append((role, tuple(float(scales[i]) for i in layers)))
     return tuple(out)
 
@@ -339,7 +380,12 @@ def _read_role_scales(value: Any, layers: list, bad) -> tuple[tuple[str, tuple[f
 def _read_router_bias(value: Any, bad) -> tuple[tuple[int, tuple[tuple[int, float], ...]], ...]:
     example = "router_bias: {'3': {'5': -1.0}}"
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise bad("router_bias", value, "a mapping of layer number to a mapping of expert number to a value", example)
+        raise bad(
+            "router_bias",
+            value,
+            "a mapping of layer number to a mapping of expert number to a value",
+            example,
+        )
     out = []
     for layer_key, shifts in value.items():
         layer = _layer_key(layer_key)
@@ -351,8 +397,15 @@ def _read_router_bias(value: Any, bad) -> tuple[tuple[int, tuple[tuple[int, floa
 
 
 def _kind(value: Any) -> str:
-    return {bool: "a boolean", str: "a string", int: "a number", float: "a number", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)  # fmt: skip
+    return {
+        bool: "a boolean",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _count(value: Any) -> bool:
@@ -405,7 +458,9 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
         if high < low:
-            raise AbliterateError(f"layer spec {spec!r}: range {part!r} runs backwards; write it as {high}-{low}")
+            raise AbliterateError(
+                f"layer spec {spec!r}: range {part!r} runs backwards; write it as {high}-{low}"
+            )
         if high >= num_layers:
             raise AbliterateError(
                 f"layer spec {spec!r}: layer {high} is out of range, the model has decoder layers 0..{num_layers - 1} "
@@ -553,8 +608,9 @@ def build_plan(
                 own_scales[role].append(v[-1])
     shifts = tuple(
         (int(layer), tuple((int(e), float(v)) for e, v in sorted(experts.items())))
-        for layer, experts in sorted((router_bias or {}).items()) if experts
-    )  # fmt: skip
+        for layer, experts in sorted((router_bias or {}).items())
+        if experts
+    )
     return AblationPlan(
         layers=tuple(all_layers),
         scales=tuple(all_scales),

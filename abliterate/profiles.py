@@ -139,11 +139,26 @@ PROFILES: dict[str, Profile] = {p.family: p for p in (GLM4_MOE, QWEN3_MOE, LLAMA
 # the families above (writers [H, in], readers [out, H], embed and head [V, H]). None: off the
 # residual stream, or of a shape that varies (q/k norms, MTP extras), so nothing is checked.
 ROLE_AXIS: dict[str, int | None] = {
-    "embed": 1, "lm_head": 1, "attn_out": 0, "mlp_down": 0, "expert_down": 0, "shared_expert_down": 0,
-    "router": 1, "attn_in": 1, "mlp_in": 1, "expert_in": 1, "shared_expert_in": 1,
-    "attn_out_bias": 0, "mlp_down_bias": 0, "expert_down_bias": 0, "shared_expert_down_bias": 0,
-    "attn_in_bias": None, "norm": None, "router_bias": None, "mtp": None,
-}  # fmt: skip
+    "embed": 1,
+    "lm_head": 1,
+    "attn_out": 0,
+    "mlp_down": 0,
+    "expert_down": 0,
+    "shared_expert_down": 0,
+    "router": 1,
+    "attn_in": 1,
+    "mlp_in": 1,
+    "expert_in": 1,
+    "shared_expert_in": 1,
+    "attn_out_bias": 0,
+    "mlp_down_bias": 0,
+    "expert_down_bias": 0,
+    "shared_expert_down_bias": 0,
+    "attn_in_bias": None,
+    "norm": None,
+    "router_bias": None,
+    "mtp": None,
+}
 assert set(ROLE_AXIS) == set(ALL_ROLES)
 UNLAYERED_ROLES = ("embed", "lm_head", "norm")  # may lie outside a decoder layer
 
@@ -162,7 +177,9 @@ def parse_mapping(text: str) -> Rule:
     try:
         groups = re.compile(pattern).groupindex
     except re.error as exc:
-        raise AbliterateError(f"--map {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
+        raise AbliterateError(
+            f"--map {text!r}: {pattern!r} is not a valid regular expression ({exc})"
+        ) from exc
     if "layer" not in groups and role not in UNLAYERED_ROLES:
         raise AbliterateError(
             f"--map {text!r}: role {role} belongs to a decoder layer; capture its index with (?P<layer>\\d+)"

@@ -55,7 +55,9 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise AbliterateError(f"{path}: unsupported prompt file type {suffix!r}; use one of {', '.join(FORMATS)}")
+        raise AbliterateError(
+            f"{path}: unsupported prompt file type {suffix!r}; use one of {', '.join(FORMATS)}"
+        )
     if not path.is_file():
         special = describe_special(path)
         what = "prompt file not found" if special in (None, "missing") else f"is {special}, not a prompt file"
@@ -115,7 +117,9 @@ def _read_jsonl(path: Path, text: str, column: str | None) -> list[tuple[object,
         try:
             item = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise AbliterateError(f"{path}: line {n} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
+            raise AbliterateError(
+                f"{path}: line {n} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})"
+            ) from None
         out.append(_field(path, item, column, f"line {n}"))
     return out
 
@@ -128,7 +132,9 @@ def _read_json(path: Path, text: str, column: str | None) -> list[tuple[object, 
     except RecursionError:
         raise AbliterateError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
-        raise AbliterateError(f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}")
+        raise AbliterateError(
+            f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}"
+        )
     return [_field(path, item, column, f"item {i}") for i, item in enumerate(data)]
 
 
@@ -180,7 +186,9 @@ def _clean(path: Path, raw: list[tuple[object, str]]) -> list[str]:
     if not prompts:
         raise AbliterateError(f"{path}: no prompts (the file is empty or holds only blank entries)")
     if duplicates:
-        warnings.warn(f"{path}: dropped {duplicates} duplicate prompt(s); {len(prompts)} remain", stacklevel=3)
+        warnings.warn(
+            f"{path}: dropped {duplicates} duplicate prompt(s); {len(prompts)} remain", stacklevel=3
+        )
     return prompts
 
 

@@ -110,25 +110,48 @@ def search_space(
         positions = (0.0, 0.0)
     else:
         last = int(L * (1.0 - skip_last_fraction))
-        defined = [p for p in range(directions.num_positions) if p <= last and float(directions.direction[p].norm()) > 0]
+        defined = [
+            p
+            for p in range(directions.num_positions)
+            if p <= last and float(directions.direction[p].norm()) > 0
+        ]
         if not defined:
-            raise AbliterateError("no candidate position has a non-zero direction: the two prompt sets look identical")
+            raise AbliterateError(
+                "no candidate position has a non-zero direction: the two prompt sets look identical"
+            )
         positions = (float(defined[0]), float(defined[-1]))
-    methods = tuple(m for m in METHODS if m in methods and (m != "projected" or directions.harmless_mean is not None))
+    methods = tuple(
+        m for m in METHODS if m in methods and (m != "projected" or directions.harmless_mean is not None)
+    )
     if not methods:
-        raise AbliterateError("the projected method needs the harmless means, which the directions file lacks")
+        raise AbliterateError(
+            "the projected method needs the harmless means, which the directions file lacks"
+        )
     selected = 0 if directions.single else directions.selected_position
-    return SearchSpace(L, tuple(structure.mtp_layers), positions, groups, methods,
-                       tuple(experts) if "router_bias" in components else (), selected)  # fmt: skip
+    return SearchSpace(
+        L,
+        tuple(structure.mtp_layers),
+        positions,
+        groups,
+        methods,
+        tuple(experts) if "router_bias" in components else (),
+        selected,
+    )
 
 
 def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
     """The trial's parameters, drawn by its sampler (names as stored in the study)."""
-    params: dict[str, Any] = {"direction_position": trial.suggest_float("direction_position", *space.positions)}
+    params: dict[str, Any] = {
+        "direction_position": trial.suggest_float("direction_position", *space.positions)
+    }
     params["method"] = trial.suggest_categorical("method", list(space.methods))
     for group, layers in space.groups:
-        params[f"{group}.center"] = trial.suggest_float(f"{group}.center", float(layers[0]), float(layers[-1]))
-        params[f"{group}.width"] = trial.suggest_float(f"{group}.width", MIN_WIDTH, float(max(space.num_layers, 1)))
+        params[f"{group}.center"] = trial.suggest_float(
+            f"{group}.center", float(layers[0]), float(layers[-1])
+        )
+        params[f"{group}.width"] = trial.suggest_float(
+            f"{group}.width", MIN_WIDTH, float(max(space.num_layers, 1))
+        )
         params[f"{group}.peak"] = trial.suggest_float(f"{group}.peak", *PEAK)
         params[f"{group}.floor"] = trial.suggest_float(f"{group}.floor", 0.0, 1.0)
     if space.experts:
@@ -143,12 +166,21 @@ def default_params(space: SearchSpace) -> dict[str, Any] | None:
     if space.selected_position is None or "plain" not in space.methods:
         return None
     low, high = space.positions
-    params: dict[str, Any] = {"direction_position": float(min(max(space.selected_position, low), high)), "method": "plain"}
+    params: dict[str, Any] = {
+        "direction_position": float(min(max(space.selected_position, low), high)),
+        "method": "plain",
+    }
     if params["direction_position"] != space.selected_position:
         return None
     for group, layers in space.groups:
-        params.update({f"{group}.center": float(layers[0] + layers[-1]) / 2, f"{group}.width": float(max(space.num_layers, 1)),
-                       f"{group}.peak": 1.0, f"{group}.floor": 1.0})  # fmt: skip
+        params.update(
+            {
+                f"{group}.center": float(layers[0] + layers[-1]) / 2,
+                f"{group}.width": float(max(space.num_layers, 1)),
+                f"{group}.peak": 1.0,
+                f"{group}.floor": 1.0,
+            }
+        )
     if space.experts:
         params.update({"router_bias.experts": 0, "router_bias.shift": SHIFT[0]})
     return params
@@ -156,11 +188,15 @@ def default_params(space: SearchSpace) -> dict[str, Any] | None:
 
 def kernel_spec(params: dict[str, Any], group: str) -> str:
     peak = params[f"{group}.peak"]
-    return (f"gauss:center={params[f'{group}.center']:.6g},width={params[f'{group}.width']:.6g},"
-            f"peak={peak:.6g},floor={peak * params[f'{group}.floor']:.6g}")  # fmt: skip
+    return (
+        f"gauss:center={params[f'{group}.center']:.6g},width={params[f'{group}.width']:.6g},"
+        f"peak={peak:.6g},floor={peak * params[f'{group}.floor']:.6g}"
+    )
 
 
-def plan_for(params: dict[str, Any], space: SearchSpace, origin: dict[str, Any] | None = None) -> AblationPlan:
+def plan_for(
+    params: dict[str, Any], space: SearchSpace, origin: dict[str, Any] | None = None
+) -> AblationPlan:
     """The ablation plan of a trial's parameters: per-role scales from each group's kernel (0 where the
     group has no tensor or the kernel is under MIN_SCALE), the layers where anything is edited."""
     layers_all = tuple(range(space.num_layers))
@@ -182,11 +218,17 @@ def plan_for(params: dict[str, Any], space: SearchSpace, origin: dict[str, Any] 
         return ",".join(repr(values[i]) for i in layers)
 
     return build_plan(
-        space.num_layers, space.mtp_layers, layers=",".join(map(str, layers)),
-        scale=listed([max(scales[g][i] for g in targets) for i in layers_all]), targets=targets,
-        direction_position=repr(float(params["direction_position"])), method=params["method"],
-        role_scales={g: listed(scales[g]) for g in targets}, router_bias=shifts, origin=origin,
-    )  # fmt: skip
+        space.num_layers,
+        space.mtp_layers,
+        layers=",".join(map(str, layers)),
+        scale=listed([max(scales[g][i] for g in targets) for i in layers_all]),
+        targets=targets,
+        direction_position=repr(float(params["direction_position"])),
+        method=params["method"],
+        role_scales={g: listed(scales[g]) for g in targets},
+        router_bias=shifts,
+        origin=origin,
+    )
 
 
 # ------------------------------------------------------------------ scoring a trial at inference time
@@ -214,8 +256,15 @@ class TrialScorer:
     """Scores plans (`PlanEdit`s; None: the model as it is) on held-out prompts, on a model in memory or
     layer-streamed (`abliterate.forward`)."""
 
-    def __init__(self, forward: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
-                 settings: ScoreSettings, progress: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        forward: Any,
+        tokenizer: Any,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        settings: ScoreSettings,
+        progress: bool = False,
+    ):
         from abliterate.evaluate import EvalSettings, encode
         from abliterate.forward import stop_ids
         from abliterate.measure import pad_token_id
@@ -223,9 +272,13 @@ class TrialScorer:
 
         self.forward, self.tokenizer, self.settings, self.progress = forward, tokenizer, settings, progress
         self.markers = settings.markers or DEFAULT_REFUSAL_MARKERS
-        rendering = EvalSettings(max_new_tokens=settings.reply_tokens, batch_size=settings.batch_size,
-                                 markers=self.markers, system_prompt=settings.system_prompt,
-                                 chat_template_kwargs=settings.chat_template_kwargs)  # fmt: skip
+        rendering = EvalSettings(
+            max_new_tokens=settings.reply_tokens,
+            batch_size=settings.batch_size,
+            markers=self.markers,
+            system_prompt=settings.system_prompt,
+            chat_template_kwargs=settings.chat_template_kwargs,
+        )
         context = getattr(forward.config, "max_position_embeddings", None)
         context = context if isinstance(context, int) and 0 < context < 10_000_000 else None
         self.harmful = encode(tokenizer, harmful, rendering, "held-out harmful", context)
@@ -246,31 +299,62 @@ class TrialScorer:
 
         began = time.perf_counter()
         if self.forward.streamed:
-            replies = streamed_greedy(self.forward, self.harmful, edits, self.settings.reply_tokens,
-                                      self.settings.batch_size, self.pad_id, self.stops, self.refused)  # fmt: skip
-            logprobs = streamed_last_logprobs(self.forward, [self.harmless] * len(edits), edits,
-                                              self.settings.batch_size, self.pad_id)  # fmt: skip
+            replies = streamed_greedy(
+                self.forward,
+                self.harmful,
+                edits,
+                self.settings.reply_tokens,
+                self.settings.batch_size,
+                self.pad_id,
+                self.stops,
+                self.refused,
+            )
+            logprobs = streamed_last_logprobs(
+                self.forward, [self.harmless] * len(edits), edits, self.settings.batch_size, self.pad_id
+            )
         else:
             replies, logprobs = [], []
             for edit in edits:
                 with edit.applied(self.forward.model) if edit is not None else nullcontext():
-                    replies.append(self.forward.greedy(self.harmful, self.settings.reply_tokens, self.settings.batch_size,
-                                                       self.pad_id, self.stops))  # fmt: skip
-                    logprobs.append(first_token_logprobs(self.forward.model, self.harmless, self.settings.batch_size,
-                                                         self.pad_id))  # fmt: skip
+                    replies.append(
+                        self.forward.greedy(
+                            self.harmful,
+                            self.settings.reply_tokens,
+                            self.settings.batch_size,
+                            self.pad_id,
+                            self.stops,
+                        )
+                    )
+                    logprobs.append(
+                        first_token_logprobs(
+                            self.forward.model, self.harmless, self.settings.batch_size, self.pad_id
+                        )
+                    )
         if self.baseline_logprobs is None:
             self.baseline_logprobs = logprobs[0]
         seconds = (time.perf_counter() - began) / max(len(edits), 1)
         out = []
         for reply_set, lp in zip(replies, logprobs, strict=True):
             refusals = sum(self.refused(r) for r in reply_set)
-            out.append(TrialScore(refusals / len(reply_set), first_token_kl(self.baseline_logprobs, lp), refusals,
-                                  len(reply_set), round(seconds, 4)))  # fmt: skip
+            out.append(
+                TrialScore(
+                    refusals / len(reply_set),
+                    first_token_kl(self.baseline_logprobs, lp),
+                    refusals,
+                    len(reply_set),
+                    round(seconds, 4),
+                )
+            )
         return out
 
 
-def streamed_last_logprobs(forward: Any, variant_sets: Sequence[Sequence[Sequence[int]]], edits: Sequence[Any],
-                           batch_size: int, pad_id: int) -> list[torch.Tensor]:  # fmt: skip
+def streamed_last_logprobs(
+    forward: Any,
+    variant_sets: Sequence[Sequence[Sequence[int]]],
+    edits: Sequence[Any],
+    batch_size: int,
+    pad_id: int,
+) -> list[torch.Tensor]:
     """One pass over a layer-streamed model's weights: edit v (a PlanEdit, or None) runs on its own
     encoded prompts `variant_sets[v]` (embedded once where variants share a list); float64
     log-probabilities [N_v, V] of the token after each prompt."""
@@ -283,7 +367,10 @@ def streamed_last_logprobs(forward: Any, variant_sets: Sequence[Sequence[Sequenc
         if id(encoded) not in embedded:
             embedded[id(encoded)] = stream.embed({"x": [list(x) for x in encoded]}, batch_size, -1, pad_id)
         batches.append(embedded[id(encoded)])
-    hidden = [[item.hidden if e is None else e.embedded(item.hidden) for item in batches[v]] for v, e in enumerate(edits)]
+    hidden = [
+        [item.hidden if e is None else e.embedded(item.hidden) for item in batches[v]]
+        for v, e in enumerate(edits)
+    ]
     for index, layer in stream.each_layer(f"score {len(edits)} trials (layer-streamed)", False):
         for v, edit in enumerate(edits):
             with edit.on_layer(index, layer) if edit is not None else nullcontext(), torch.inference_mode():
@@ -304,9 +391,16 @@ def streamed_last_logprobs(forward: Any, variant_sets: Sequence[Sequence[Sequenc
     return out
 
 
-def streamed_greedy(forward: Any, encoded: Sequence[Sequence[int]], edits: Sequence[Any], max_new_tokens: int,
-                    batch_size: int, pad_id: int, stops: set[int],
-                    finished: Callable[[list[int]], bool] | None = None) -> list[list[list[int]]]:  # fmt: skip
+def streamed_greedy(
+    forward: Any,
+    encoded: Sequence[Sequence[int]],
+    edits: Sequence[Any],
+    max_new_tokens: int,
+    batch_size: int,
+    pad_id: int,
+    stops: set[int],
+    finished: Callable[[list[int]], bool] | None = None,
+) -> list[list[list[int]]]:
     """Greedy replies of every edit on a layer-streamed model: one pass over the weights per new token
     for all edits together; a reply stops at an end token or when `finished(reply so far)`."""
     out: list[list[list[int]]] = [[[] for _ in encoded] for _ in edits]
@@ -316,7 +410,9 @@ def streamed_greedy(forward: Any, encoded: Sequence[Sequence[int]], edits: Seque
         if not live:
             break
         sets = [[list(encoded[i]) + out[v][i] for i in active[v]] for v in live]
-        for k, logprobs in enumerate(streamed_last_logprobs(forward, sets, [edits[v] for v in live], batch_size, pad_id)):
+        for k, logprobs in enumerate(
+            streamed_last_logprobs(forward, sets, [edits[v] for v in live], batch_size, pad_id)
+        ):
             v, still = live[k], []
             for i, token in zip(active[v], logprobs.argmax(dim=-1).tolist(), strict=True):
                 if token in stops:
@@ -372,14 +468,17 @@ def open_study(root: str | Path, name: str, seed: int, startup_trials: int = 10,
     with file_lock(Path(root) / f"{STUDY_FILE}.lock"):  # one process creates or migrates the schema
         storage = optuna.storages.RDBStorage(storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
         _write_ahead_log(storage.engine)
-        study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
-                                    load_if_exists=True)  # fmt: skip
+        study = optuna.create_study(
+            study_name=name, storage=storage, directions=["minimize", "minimize"], load_if_exists=True
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.sampler = optuna.samplers.TPESampler(
-            seed=seed + len(study.get_trials(deepcopy=False)), multivariate=True, n_startup_trials=startup_trials,
+            seed=seed + len(study.get_trials(deepcopy=False)),
+            multivariate=True,
+            n_startup_trials=startup_trials,
             constant_liar=parallel > 1,
-        )  # fmt: skip
+        )
     return study
 
 
@@ -435,10 +534,15 @@ def trial_record(t: Any) -> dict[str, Any]:
 def pareto(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records no other record beats on both objectives (lower is better), by refusal rate then KL."""
     front = [
-        p for p in records
-        if not any(q["refusal_rate"] <= p["refusal_rate"] and q["kl"] <= p["kl"]
-                   and (q["refusal_rate"] < p["refusal_rate"] or q["kl"] < p["kl"]) for q in records)
-    ]  # fmt: skip
+        p
+        for p in records
+        if not any(
+            q["refusal_rate"] <= p["refusal_rate"]
+            and q["kl"] <= p["kl"]
+            and (q["refusal_rate"] < p["refusal_rate"] or q["kl"] < p["kl"])
+            for q in records
+        )
+    ]
     return sorted(front, key=lambda p: (p["refusal_rate"], p["kl"], p["trial"]))
 
 
@@ -448,8 +552,10 @@ def choose(records: list[dict[str, Any]], kl_max: float, trial: int | None = Non
     if trial is not None:
         found = [r for r in records if r["trial"] == trial]
         if not found:
-            raise AbliterateError(f"trial {trial} is not a complete trial of this study: "
-                                  f"choose from {sorted(r['trial'] for r in records)}")  # fmt: skip
+            raise AbliterateError(
+                f"trial {trial} is not a complete trial of this study: "
+                f"choose from {sorted(r['trial'] for r in records)}"
+            )
         return found[0]
     front = pareto(records)
     allowed = [r for r in front if r["kl"] <= kl_max]
@@ -508,8 +614,15 @@ def run_search(
         for _ in range(wanted):
             t = study.ask()
             params = suggest(t, space)
-            record = {"search": {"study": study.study_name, "trial": t.number, "parameters": params,
-                                 "kernels": {g: kernel_spec(params, g) for g, _ in space.groups}, **(origin or {})}}  # fmt: skip
+            record = {
+                "search": {
+                    "study": study.study_name,
+                    "trial": t.number,
+                    "parameters": params,
+                    "kernels": {g: kernel_spec(params, g) for g, _ in space.groups},
+                    **(origin or {}),
+                }
+            }
             try:
                 plan = plan_for(params, space, record)
                 edit = make_edit(plan)
@@ -521,7 +634,9 @@ def run_search(
                 if on_trial:
                     on_trial(result)
                 if failures > max(10, trials):
-                    raise AbliterateError(f"{failures} trials failed to build a plan, the last: {exc}") from None
+                    raise AbliterateError(
+                        f"{failures} trials failed to build a plan, the last: {exc}"
+                    ) from None
                 continue
             asked.append((t, params))
             plans.append(plan)
@@ -600,13 +715,28 @@ def run_study(
     profile = choose_profile(model_dir)
     if profile is None:
         raise AbliterateError(f"{model_dir} is of no known family: the search needs its role rules")
-    space = search_space(inputs, settings.components, settings.methods, settings.skip_last_fraction,
-                         list(experts)[: settings.router_experts])  # fmt: skip
-    signature = json.loads(json.dumps({
-        "model": inputs.inventory.fingerprint, "directions": directions_digest(inputs.directions),
-        "harmful": prompts_sha256(list(harmful)), "harmless": prompts_sha256(list(harmless)),
-        "scoring": asdict(scoring), "space": space.to_json(), "seed": settings.seed, "dtype": dtype,
-    }, default=str))  # fmt: skip
+    space = search_space(
+        inputs,
+        settings.components,
+        settings.methods,
+        settings.skip_last_fraction,
+        list(experts)[: settings.router_experts],
+    )
+    signature = json.loads(
+        json.dumps(
+            {
+                "model": inputs.inventory.fingerprint,
+                "directions": directions_digest(inputs.directions),
+                "harmful": prompts_sha256(list(harmful)),
+                "harmless": prompts_sha256(list(harmless)),
+                "scoring": asdict(scoring),
+                "space": space.to_json(),
+                "seed": settings.seed,
+                "dtype": dtype,
+            },
+            default=str,
+        )
+    )
     name = settings.study or study_name(signature)
     with study_lock(root, name):
         if on_start:
@@ -629,7 +759,9 @@ def run_study(
         def make_edit(plan: AblationPlan) -> Any:
             return PlanEdit(resolve_plan(plan, inputs), inputs.directions, profile, storage)
 
-        done = run_search(study, space, scorer, make_edit, settings.trials, settings.parallel_trials, on_trial)
+        done = run_search(
+            study, space, scorer, make_edit, settings.trials, settings.parallel_trials, on_trial
+        )
         records = [trial_record(t) for t in complete_trials(study)]
     return {
         "study": name,

@@ -60,7 +60,9 @@ class SelectionSettings:
     max_candidates: int | None = None  # evenly subsample the candidates of big models
     batch_size: int = 16
     markers: tuple[str, ...] = DEFAULT_REFUSAL_MARKERS  # what the marker check calls a refusal
-    refusal_probe_tokens: int = 6  # greedy reply tokens per harmful prompt to find refusal tokens; 0: markers only
+    refusal_probe_tokens: int = (
+        6  # greedy reply tokens per harmful prompt to find refusal tokens; 0: markers only
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.skip_last_fraction < 1.0:
@@ -199,7 +201,14 @@ def find_refusal_tokens(
         return is_refusal(tokenizer.decode(reply, skip_special_tokens=True), tuple(markers))
 
     replies = forward.greedy(
-        harmful, probe_tokens, batch_size, pad_token_id(tokenizer), stops, progress, "find refusal tokens", refused
+        harmful,
+        probe_tokens,
+        batch_size,
+        pad_token_id(tokenizer),
+        stops,
+        progress,
+        "find refusal tokens",
+        refused,
     )
     return refusal_tokens_from_replies(tokenizer, replies, markers, probe_tokens)
 
@@ -296,7 +305,13 @@ def select_direction(
     pad_id = pad_token_id(tokenizer)
     reads, began = forward.weight_reads, time.perf_counter()
     found = find_refusal_tokens(
-        forward, tokenizer, harmful, settings.markers, settings.refusal_probe_tokens, settings.batch_size, progress
+        forward,
+        tokenizer,
+        harmful,
+        settings.markers,
+        settings.refusal_probe_tokens,
+        settings.batch_size,
+        progress,
     )
     probed = time.perf_counter()
     token_ids = torch.tensor(found.ids)

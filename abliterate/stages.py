@@ -23,7 +23,9 @@ from abliterate.streaming import choose_streaming, measure_streamed, parse_size
 
 def decide_streaming(model_dir: str | Path, runtime: Runtime) -> bool:
     """Layer-streamed when the runtime says so, or (auto) when the weights exceed the memory budget."""
-    return choose_streaming(model_dir, parse_size(runtime.memory_budget), runtime.dtype, runtime.device, runtime.streaming)
+    return choose_streaming(
+        model_dir, parse_size(runtime.memory_budget), runtime.dtype, runtime.device, runtime.streaming
+    )
 
 
 def scores_directions(model_dir: str | Path, direction_position: str, stream: bool = False) -> bool:
@@ -90,6 +92,14 @@ def direction_stage(
         )
     forward, tokenizer = model_forward(model_dir, measurement.settings.dtype, device, stream, progress)
     chosen = select_direction(
-        forward, tokenizer, directions, harmful_val, harmless_val, measurement.settings, selection, fixed, progress
+        forward,
+        tokenizer,
+        directions,
+        harmful_val,
+        harmless_val,
+        measurement.settings,
+        selection,
+        fixed,
+        progress,
     )
     return directions, chosen

@@ -108,9 +108,7 @@ def parse_size(text: str | None) -> int | None:
     match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
     unit = match.group(2).upper() if match else ""
     if match is None or unit not in _UNITS:
-        raise AbliterateError(
-            f"memory budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes"
-        )
+        raise AbliterateError(f"memory budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -127,7 +125,9 @@ def choose_streaming(
     from abliterate.devices import available_memory, resolve_dtype
 
     if mode not in STREAMING_MODES:
-        raise AbliterateError(f"streaming mode {mode!r} is unknown: choose one of {', '.join(STREAMING_MODES)}")
+        raise AbliterateError(
+            f"streaming mode {mode!r} is unknown: choose one of {', '.join(STREAMING_MODES)}"
+        )
     if mode != "auto":
         return mode == "always"
     budget = available_memory(device) if budget_bytes is None else budget_bytes
@@ -610,4 +610,3 @@ def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> N
 def _layer_of(name: str) -> int | None:
     match = _LAYER_KEY.search("." + name)
     return int(match.group(1)) if match else None
-

@@ -48,7 +48,6 @@ class Structure:
         return asdict(self)
 
 
-
 def _moe_layers(config: dict, profile: Profile, num_layers: int) -> list[int]:
     """Which main decoder layers are MoE, by the family's config convention (`Profile.moe_layout`)."""
     if profile.moe_layout == "first_k_dense":
@@ -99,7 +98,9 @@ def detect_structure(inventory: Inventory) -> Structure:
 
     router_dtypes = set()
     for layer in range(num_layers):
-        _check_layer(per_layer.get(layer, []), layer, layer in moe_layers, experts, n_shared, hidden, router_dtypes)
+        _check_layer(
+            per_layer.get(layer, []), layer, layer in moe_layers, experts, n_shared, hidden, router_dtypes
+        )
     for layer in mtp_layers:
         _check_layer(per_layer[layer], layer, experts > 0, experts, n_shared, hidden, router_dtypes)
 
@@ -233,7 +234,9 @@ def _check_layer(
         present = sorted(t.expert for t in downs)
         if present != list(range(experts)):
             missing = sorted(set(range(experts)) - set(present))
-            detail = f"expert {missing[0]} has no down_proj" if missing else f"unexpected expert indices {present}"
+            detail = (
+                f"expert {missing[0]} has no down_proj" if missing else f"unexpected expert indices {present}"
+            )
             raise AbliterateError(
                 f"layer {layer}: config.json says {experts} routed experts but the checkpoint has "
                 f"{len(present)} expert down projections ({detail}, e.g. "

@@ -170,7 +170,11 @@ def write_checkpoint(
 
 
 def write_glm_layout(
-    out_dir: str | Path, layout: GlmLayout | None = None, num_shards: int = 8, seed: int = 0, single_file: bool = False
+    out_dir: str | Path,
+    layout: GlmLayout | None = None,
+    num_shards: int = 8,
+    seed: int = 0,
+    single_file: bool = False,
 ) -> Path:
     layout = layout or GlmLayout()
     return write_checkpoint(
@@ -179,11 +183,18 @@ def write_glm_layout(
 
 
 def write_llama_layout(
-    out_dir: str | Path, num_layers: int = 4, hidden: int = 8, inter: int = 16, vocab: int = 32, num_shards: int = 2
+    out_dir: str | Path,
+    num_layers: int = 4,
+    hidden: int = 8,
+    inter: int = 16,
+    vocab: int = 32,
+    num_shards: int = 2,
 ) -> Path:
     """A dense llama-style checkpoint (tied embeddings off) with the real key names."""
     dt = torch.bfloat16
-    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = [("model.embed_tokens.weight", (vocab, hidden), dt)]
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = [
+        ("model.embed_tokens.weight", (vocab, hidden), dt)
+    ]
     for i in range(num_layers):
         p = f"model.layers.{i}."
         specs += [
@@ -213,15 +224,11 @@ def write_llama_layout(
     return write_checkpoint(out_dir, specs, config, num_shards)
 
 
-
-
 def fp8_quantized(name: str, shape: tuple[int, ...]) -> bool:
     """Which tensors an FP8 release of a GLM / llama-style model stores in FP8: the linear projections
     of the decoder layers (attention, dense MLP, routed and shared experts, MTP `eh_proj`); not the
     routers (`mlp.gate`), norms, embeddings, LM heads or biases (as in GLM-4.5-Air-FP8)."""
-    return (
-        name.startswith("model.layers.") and name.endswith("_proj.weight") and len(shape) == 2
-    )
+    return name.startswith("model.layers.") and name.endswith("_proj.weight") and len(shape) == 2
 
 
 def convert_to_fp8(
@@ -259,7 +266,9 @@ def convert_to_fp8(
                 outputs[s][name] = q
                 target = (s + 1) % len(shards) if scales_apart and count % 2 else s
                 suffix = "weight_scale_inv" if method == "fp8" else "weight_scale"
-                outputs[target][name.removesuffix("weight") + suffix] = scale.reshape(-1, *scale.shape[1:]).squeeze(0)
+                outputs[target][name.removesuffix("weight") + suffix] = scale.reshape(
+                    -1, *scale.shape[1:]
+                ).squeeze(0)
                 count += 1
     weight_map = {}
     for shard, tensors in zip(shards, outputs, strict=True):
@@ -275,15 +284,23 @@ def convert_to_fp8(
     config = json.loads((src / "config.json").read_text())
     if method == "fp8":
         config["quantization_config"] = {
-            "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block),
-        }  # fmt: skip
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(block),
+        }
     else:
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
-        weights.update({"strategy": "block", "block_structure": list(block)} if block else {"strategy": "channel"})
+        weights.update(
+            {"strategy": "block", "block_structure": list(block)} if block else {"strategy": "channel"}
+        )
         config["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}
+            },
             "ignore": ["lm_head", "re:.*mlp.gate$"],
-        }  # fmt: skip
+        }
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst

@@ -117,15 +117,21 @@ class ValidationReport:
         ]
         if self.recomputed:
             r = self.recomputed
-            lines.append(f"edited tensors recomputed from the input: {r.get('identical', 0)} identical, "
-                         f"{r.get('within_rounding', 0)} within float32 rounding, {r.get('differs', 0)} differ")  # fmt: skip
+            lines.append(
+                f"edited tensors recomputed from the input: {r.get('identical', 0)} identical, "
+                f"{r.get('within_rounding', 0)} within float32 rounding, {r.get('differs', 0)} differ"
+            )
         roles = sorted(set(self.changed_by_role) | set(self.expected_by_role))
         if roles:
-            lines.append(f"{'role':<22} {'changed':>8} {'planned':>8} {'worst residual':>15} {'tolerance':>10}")
+            lines.append(
+                f"{'role':<22} {'changed':>8} {'planned':>8} {'worst residual':>15} {'tolerance':>10}"
+            )
         for role in roles:
             worst = self.worst_residual.get(role)
             res = f"{worst.residual:.3g}" if worst else "-"
-            tol = f"{worst.tolerance:.3g}" if worst and worst.tolerance is not None and worst.enforced else "-"
+            tol = (
+                f"{worst.tolerance:.3g}" if worst and worst.tolerance is not None and worst.enforced else "-"
+            )
             lines.append(
                 f"{role:<22} {self.changed_by_role.get(role, 0):>8} {self.expected_by_role.get(role, 0):>8} "
                 f"{res:>15} {tol:>10}"
@@ -194,9 +200,12 @@ def validate_output(
     pairs, uncompared = _compare_headers(inventory, output, absent_shards, checks)
 
     bar = tqdm(
-        total=2 * sum(t.nbytes for t, _ in pairs), desc="validate: hashing", unit="B", unit_scale=True,
+        total=2 * sum(t.nbytes for t, _ in pairs),
+        desc="validate: hashing",
+        unit="B",
+        unit_scale=True,
         disable=not progress,
-    )  # fmt: skip
+    )
     changed = _changed_tensors(original_dir, ablated_dir, pairs, bar)
     bar.close()
 
@@ -205,13 +214,25 @@ def validate_output(
     directions = _load_directions(manifest, directions_path, inventory, checks) if edited else None
     recompute = plan is not None and directions is not None
     _compare_with_plan(inventory, changed, edited, uncompared, plan, checks, recompute)
-    worst, nan_inf = _check_numbers(original_dir, ablated_dir, inventory, output, changed, edited, directions,
-                                    plan, checks, progress)  # fmt: skip
+    worst, nan_inf = _check_numbers(
+        original_dir, ablated_dir, inventory, output, changed, edited, directions, plan, checks, progress
+    )
     recomputed = (
-        _recompute_edits(original_dir, ablated_dir, inventory, output, uncompared, edited, plan, directions, checks,
-                         progress)
-        if recompute else {}
-    )  # fmt: skip
+        _recompute_edits(
+            original_dir,
+            ablated_dir,
+            inventory,
+            output,
+            uncompared,
+            edited,
+            plan,
+            directions,
+            checks,
+            progress,
+        )
+        if recompute
+        else {}
+    )
     files = _compare_files(original_dir, ablated_dir, inventory, checks, manifest)
 
     by_role: Counter[str] = Counter()
@@ -327,7 +348,9 @@ def _planned_edits(manifest: dict | None, inventory: Inventory, checks: _Checks)
         counts[t.role or "unclassified"] += t.shape[0] if t.fused_experts else 1
     recorded = {k: v for k, v in (manifest.get("counts") or {}).items() if v}
     if recorded and recorded != dict(counts):
-        checks.fail(f"the manifest's counts {recorded} disagree with its edited list {dict(sorted(counts.items()))}")
+        checks.fail(
+            f"the manifest's counts {recorded} disagree with its edited list {dict(sorted(counts.items()))}"
+        )
     return edited
 
 
@@ -367,7 +390,9 @@ def _compare_with_plan(
     scales = _fp8_scales(inventory, edited)
     for name in changed:
         if name not in edited and name not in scales:
-            checks.fail(f"tensor {name} ({_where(inventory.tensors[name])}) changed but the plan does not edit it")
+            checks.fail(
+                f"tensor {name} ({_where(inventory.tensors[name])}) changed but the plan does not edit it"
+            )
     changed_set = set(changed)
     for name, entry in edited.items():
         if name in changed_set or name in uncompared:
@@ -388,13 +413,14 @@ def _compare_with_plan(
         if t.role not in roles:
             checks.fail(f"tensor {name} was edited as {t.role}, a role outside the plan's {sorted(roles)}")
         elif t.layer is not None and t.layer not in layers:
-            checks.fail(f"tensor {name} of layer {t.layer} was edited but the plan's layers are {format_layers(layers)}")
+            checks.fail(
+                f"tensor {name} of layer {t.layer} was edited but the plan's layers are {format_layers(layers)}"
+            )
     for m in plan_matches(plan, inventory):
         if m.tensor.name not in edited:
             checks.fail(
                 f"tensor {m.tensor.name} ({_where(m.tensor)}) matches the plan but the manifest does not list it as edited"
             )
-
 
 
 # ---------------------------------------------------------------- structure: index, headers, shards
@@ -422,18 +448,24 @@ def _compare_index(original_dir: Path, ablated_dir: Path, checks: _Checks) -> di
         if name not in map_b:
             differences.append(f"tensor {name} (in {shard}) is missing from the output's {INDEX_FILE}")
         elif map_b[name] != shard:
-            differences.append(f"tensor {name} is in {shard} by the original's index, in {map_b[name]} by the output's")
+            differences.append(
+                f"tensor {name} is in {shard} by the original's index, in {map_b[name]} by the output's"
+            )
     differences += [
         f"tensor {name} is listed in the output's {INDEX_FILE} (in {shard}) but not in the original's"
         for name, shard in map_b.items()
         if name not in map_a
     ]
     if a.get("metadata") != b.get("metadata"):
-        differences.append(f"index metadata differs: {a.get('metadata')} in the original, {b.get('metadata')} in the output")
+        differences.append(
+            f"index metadata differs: {a.get('metadata')} in the original, {b.get('metadata')} in the output"
+        )
     for line in differences:
         checks.fail(line)
     if not differences:
-        checks.warn(f"the output's {INDEX_FILE} holds the same entries as the original's, formatted differently")
+        checks.warn(
+            f"the output's {INDEX_FILE} holds the same entries as the original's, formatted differently"
+        )
     return {"identical": False, "differences": differences}
 
 
@@ -456,16 +488,22 @@ def _read_output_headers(
         try:
             header = read_header(path)
         except AbliterateError as exc:
-            checks.fail(f"output shard {shard} is unreadable, so its tensors ({_named(expected)}) are too: {exc}")
+            checks.fail(
+                f"output shard {shard} is unreadable, so its tensors ({_named(expected)}) are too: {exc}"
+            )
             absent.add(shard)
             continue
         base = 8 + header.header_size
         for name, entry in header.tensors.items():
             begin, end = entry["data_offsets"]
             if name in output:
-                checks.fail(f"tensor {name} is stored twice in the output: in {output[name].shard} and {shard}")
+                checks.fail(
+                    f"tensor {name} is stored twice in the output: in {output[name].shard} and {shard}"
+                )
                 continue
-            output[name] = _OutputTensor(shard, entry["dtype"], tuple(entry["shape"]), base + begin, base + end)
+            output[name] = _OutputTensor(
+                shard, entry["dtype"], tuple(entry["shape"]), base + begin, base + end
+            )
         if header.metadata != inventory.shard_metadata.get(shard, {}):
             checks.fail(
                 f"shard {shard}: header metadata {header.metadata} differs from the original's "
@@ -534,7 +572,9 @@ def _digests(path: Path, ranges: list[tuple[str, int, int]], bar: tqdm) -> dict[
             while left:
                 n = handle.readinto(buffer[: min(left, HASH_CHUNK)])
                 if not n:
-                    raise AbliterateError(f"{path} ended inside tensor {name}: the file changed while being read")
+                    raise AbliterateError(
+                        f"{path} ended inside tensor {name}: the file changed while being read"
+                    )
                 digest.update(buffer[:n])
                 left -= n
                 bar.update(n)
@@ -646,7 +686,9 @@ def _check_numbers(
             best = worst.get(role)
             checked = (best.checked if best else 0) + 1
             if best is None or result.residual > best.residual or (enforced and not best.enforced):
-                worst[role] = WorstResidual(name, result.residual, tolerance, enforced, result.worst_expert, checked)
+                worst[role] = WorstResidual(
+                    name, result.residual, tolerance, enforced, result.worst_expert, checked
+                )
             else:
                 best.checked = checked
             if enforced and tolerance is not None and result.residual > tolerance:
@@ -660,11 +702,16 @@ def _check_numbers(
     return worst, nan_inf
 
 
-def _check_shift(src: Any, dst: Any, t: TensorInfo, out_start: int, entry: dict, plan: AblationPlan | None,
-                 checks: _Checks) -> None:  # fmt: skip
+def _check_shift(
+    src: Any, dst: Any, t: TensorInfo, out_start: int, entry: dict, plan: AblationPlan | None, checks: _Checks
+) -> None:
     """A router correction bias the plan shifts: the output must be exactly the input plus the planned
     values, added in float32 and rounded once to the stored dtype (what the engine computes)."""
-    shifts = plan.router_shifts(t.layer) if plan is not None else {int(e): v for e, v in (entry.get("shift") or {}).items()}
+    shifts = (
+        plan.router_shifts(t.layer)
+        if plan is not None
+        else {int(e): v for e, v in (entry.get("shift") or {}).items()}
+    )
     values = torch.zeros(t.shape, dtype=torch.float32)
     for expert, value in shifts.items():
         if not 0 <= expert < values.numel():
@@ -703,13 +750,17 @@ def _read_rows(handle: Any, start: int, t: TensorInfo, row0: int, row1: int) -> 
     handle.seek(start + row0 * row_bytes)
     buffer = bytearray((row1 - row0) * row_bytes)
     if handle.readinto(buffer) != len(buffer):
-        raise AbliterateError(f"{handle.name} ended inside tensor {t.name}: the file changed while being read")
+        raise AbliterateError(
+            f"{handle.name} ended inside tensor {t.name}: the file changed while being read"
+        )
     if not buffer:
         return torch.empty((0, *shape[1:]), dtype=TORCH_DTYPES[t.dtype])
     return torch.frombuffer(buffer, dtype=TORCH_DTYPES[t.dtype]).reshape((row1 - row0, *shape[1:]))
 
 
-def _tensor_numbers(src: Any, dst: Any, t: TensorInfo, out_start: int, r: torch.Tensor | None) -> _TensorNumbers:
+def _tensor_numbers(
+    src: Any, dst: Any, t: TensorInfo, out_start: int, r: torch.Tensor | None
+) -> _TensorNumbers:
     """Stream one tensor in row chunks (fused experts: whole experts) through the NaN and residual checks."""
     shape = t.shape or (1,)
     row_elements = max(1, math.prod(shape[1:]))
@@ -732,7 +783,9 @@ def _tensor_numbers(src: Any, dst: Any, t: TensorInfo, out_start: int, r: torch.
         old = _read_rows(src, t.start, t, row0, row1).double()
         axis = t.residual_axis
         if t.fused_experts:  # one expert [H, I] or [2I, H]: its own residual, the worst is reported
-            expert_res = _norm(torch.tensordot(new[0], r, dims=([axis - 1], [0]))) / max(_norm(old[0]), 1e-300)
+            expert_res = _norm(torch.tensordot(new[0], r, dims=([axis - 1], [0]))) / max(
+                _norm(old[0]), 1e-300
+            )
             if expert_res > worst:
                 worst, worst_expert = expert_res, row0
         elif axis == 0:
@@ -754,7 +807,11 @@ def _tensor_numbers(src: Any, dst: Any, t: TensorInfo, out_start: int, r: torch.
 
 
 def _fp8_numbers(
-    original_dir: Path, ablated_dir: Path, inventory: Inventory, output: dict[str, _OutputTensor], t: TensorInfo,
+    original_dir: Path,
+    ablated_dir: Path,
+    inventory: Inventory,
+    output: dict[str, _OutputTensor],
+    t: TensorInfo,
     r: torch.Tensor | None,
 ) -> tuple[_TensorNumbers, float | None]:
     """An FP8 weight, dequantized (input and output, each with its own scales) in float64: NaN/Inf and
@@ -764,7 +821,9 @@ def _fp8_numbers(
     the factor 2 is the usual headroom. Memory: the tensor, twice, in float64."""
     scale_name, block = inventory.fp8[t.name]
     s = inventory.tensors[scale_name]
-    old = fp8.dequantize(fp8.read_tensor(original_dir / t.shard, t), fp8.read_tensor(original_dir / s.shard, s), block)
+    old = fp8.dequantize(
+        fp8.read_tensor(original_dir / t.shard, t), fp8.read_tensor(original_dir / s.shard, s), block
+    )
     out_t = replace(t, start=output[t.name].start, end=output[t.name].start + t.nbytes)
     out_s = replace(s, start=output[scale_name].start, end=output[scale_name].start + s.nbytes)
     new_scale = fp8.read_tensor(ablated_dir / s.shard, out_s)
@@ -776,7 +835,11 @@ def _fp8_numbers(
         return _TensorNumbers([], None, None), None
     old = old.double()
     axis = t.residual_axis
-    experts = [(e, old[e], new[e], new_scale[e]) for e in range(t.shape[0])] if t.fused_experts else [(None, old, new, new_scale)]
+    experts = (
+        [(e, old[e], new[e], new_scale[e]) for e in range(t.shape[0])]
+        if t.fused_experts
+        else [(None, old, new, new_scale)]
+    )
     worst, worst_expert, tolerance = -1.0, None, 0.0
     for expert, w, w_new, sc in experts:
         a = axis - 1 if t.fused_experts else axis
@@ -817,9 +880,14 @@ def _recompute_edits(
     counts: Counter[str] = Counter()
     vectors: dict[Any, torch.Tensor] = {}
     fds: dict[Path, int] = {}
-    matches = [m for m in plan_matches(plan, inventory)
-               if getattr(m, "scales", None) is None and m.tensor.name in output and m.tensor.name not in uncompared
-               and m.tensor.dtype in UNIT_ROUNDOFF]  # fmt: skip
+    matches = [
+        m
+        for m in plan_matches(plan, inventory)
+        if getattr(m, "scales", None) is None
+        and m.tensor.name in output
+        and m.tensor.name not in uncompared
+        and m.tensor.dtype in UNIT_ROUNDOFF
+    ]
     try:
         for m in tqdm(matches, desc="validate: recompute", unit="tensor", disable=not progress):
             t = m.tensor
@@ -828,7 +896,9 @@ def _recompute_edits(
                 vectors[key] = vector_for(plan, directions, m)
             src = _fd(fds, original_dir / t.shard)
             dst = _fd(fds, ablated_dir / t.shard)
-            verdict, outside, total, largest = _compare_recomputed(src, dst, m, vectors[key], output[t.name].start)
+            verdict, outside, total, largest = _compare_recomputed(
+                src, dst, m, vectors[key], output[t.name].start
+            )
             counts[verdict] += 1
             if verdict == "within_rounding":
                 checks.warn(
@@ -838,8 +908,10 @@ def _recompute_edits(
             elif verdict == "differs":
                 unchanged = _same_bytes(src, dst, t, output[t.name].start)
                 if unchanged and t.name in edited and (inventory.model_dir / MANIFEST_FILE).is_file():
-                    checks.warn(f"tensor {t.name} ({_where(t)}) is planned for editing but its bytes are unchanged "
-                                "(the input was already ablated)")  # fmt: skip
+                    checks.warn(
+                        f"tensor {t.name} ({_where(t)}) is planned for editing but its bytes are unchanged "
+                        "(the input was already ablated)"
+                    )
                     continue
                 if unchanged:
                     checks.fail(
@@ -861,27 +933,36 @@ def _recompute_edits(
             counts[verdict] += 1
             t = m.tensor
             if verdict == "within_rounding":
-                checks.warn(f"tensor {t.name} ({_where(t)}) differs from the edit recomputed from the input by at most "
-                            "one e4m3 step per value (another machine's kernels?)")  # fmt: skip
+                checks.warn(
+                    f"tensor {t.name} ({_where(t)}) differs from the edit recomputed from the input by at most "
+                    "one e4m3 step per value (another machine's kernels?)"
+                )
             elif verdict == "differs":
-                checks.fail(f"FP8 tensor {t.name} ({_where(t)}) or its scales differ from the edit recomputed from the "
-                            "input by more than one e4m3 step: the output is damaged; rerun the ablation")  # fmt: skip
+                checks.fail(
+                    f"FP8 tensor {t.name} ({_where(t)}) or its scales differ from the edit recomputed from the "
+                    "input by more than one e4m3 step: the output is damaged; rerun the ablation"
+                )
     finally:
         for fd in fds.values():
             os.close(fd)
     return {k: counts.get(k, 0) for k in ("identical", "within_rounding", "differs")}
 
 
-def _compare_fp8(original_dir: Path, ablated_dir: Path, output: dict[str, _OutputTensor], m: Any,
-                 r: torch.Tensor) -> str:  # fmt: skip
+def _compare_fp8(
+    original_dir: Path, ablated_dir: Path, output: dict[str, _OutputTensor], m: Any, r: torch.Tensor
+) -> str:
     """An FP8 weight and its scales against their requantized edit recomputed from the input: the
     same bytes (the requantization is deterministic), or at most one e4m3 step apart per value."""
     t, (s, block) = m.tensor, m.scales
     q, scale = fp8.requantized_edit(original_dir, m, r)
-    out_q = fp8.read_tensor(ablated_dir / t.shard, replace(t, start=output[t.name].start, end=output[t.name].start + t.nbytes))
+    out_q = fp8.read_tensor(
+        ablated_dir / t.shard, replace(t, start=output[t.name].start, end=output[t.name].start + t.nbytes)
+    )
     if s.name not in output:
         return "differs"
-    out_s = fp8.read_tensor(ablated_dir / s.shard, replace(s, start=output[s.name].start, end=output[s.name].start + s.nbytes))
+    out_s = fp8.read_tensor(
+        ablated_dir / s.shard, replace(s, start=output[s.name].start, end=output[s.name].start + s.nbytes)
+    )
     if torch.equal(q.view(torch.uint8), out_q.view(torch.uint8)) and torch.equal(scale, out_s):
         return "identical"
     new, ref = fp8.dequantize(out_q, out_s, block).double(), fp8.dequantize(q, scale, block).double()
@@ -905,7 +986,9 @@ def _same_bytes(src: int, dst: int, t: TensorInfo, out_start: int) -> bool:
     return True
 
 
-def _compare_recomputed(src: int, dst: int, m: Any, r: torch.Tensor, out_start: int) -> tuple[str, int, int, float]:
+def _compare_recomputed(
+    src: int, dst: int, m: Any, r: torch.Tensor, out_start: int
+) -> tuple[str, int, int, float]:
     """(verdict, values outside the bound, values, largest difference) of one edited tensor."""
     t = m.tensor
     dtype = TORCH_DTYPES[t.dtype]
@@ -1002,14 +1085,17 @@ def _compare_files(
     weights = sorted(f for f in _top_files(original_dir) - shards if f.endswith(WEIGHT_SUFFIXES))
     for f in weights:
         if f in dst:
-            checks.fail(f"file {f} holds weights the ablation does not edit, copied unablated: delete it from the output")
+            checks.fail(
+                f"file {f} holds weights the ablation does not edit, copied unablated: delete it from the output"
+            )
     dst -= set(weights)
     missing = sorted(src - dst)
     changed = sorted(
-        f for f in src & dst
+        f
+        for f in src & dst
         if (original_dir / f).stat().st_size != (ablated_dir / f).stat().st_size
         or _file_digest(original_dir / f) != _file_digest(ablated_dir / f)
-    )  # fmt: skip
+    )
     extra = sorted(dst - src)
     for f in missing:
         checks.fail(f"file {f} is missing from the output: copy it from {original_dir}")
@@ -1021,5 +1107,12 @@ def _compare_files(
         if directions is not None and (ablated_dir / f).resolve() == directions:
             checks.warn(f"file {f} in the output is the directions file the ablation read (an input, kept)")
             continue
-        (checks.fail if f.endswith(WEIGHT_SUFFIXES) else checks.warn)(f"file {f} is in the output but not in the original")
-    return {"missing": missing, "changed": changed, "extra": extra, "weights_not_copied": [f for f in weights if f not in dst]}
+        (checks.fail if f.endswith(WEIGHT_SUFFIXES) else checks.warn)(
+            f"file {f} is in the output but not in the original"
+        )
+    return {
+        "missing": missing,
+        "changed": changed,
+        "extra": extra,
+        "weights_not_copied": [f for f in weights if f not in dst],
+    }

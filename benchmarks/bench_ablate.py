@@ -78,18 +78,34 @@ def plain_copy(src: Path, dst: Path, shards: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--experts", type=int, default=20, help="routed experts per MoE layer (default 20)")
-    parser.add_argument("--layers", type=int, default=3, help="decoder layers, layer 0 dense (default 3; +1 MTP)")
+    parser.add_argument(
+        "--layers", type=int, default=3, help="decoder layers, layer 0 dense (default 3; +1 MTP)"
+    )
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary rows (default 8192)")
     parser.add_argument("--shards", type=int, default=4, help="shards (default 4)")
     parser.add_argument("--fused", action="store_true", help="fused 3-D expert tensors on disk")
-    parser.add_argument("--workers", type=int, default=2, help="shards ablated in parallel (default 2, as the CLI)")
-    parser.add_argument("--repeat", type=int, default=3, help="alternating copy/ablation rounds; medians (default 3)")
-    parser.add_argument("--cold", action="store_true", help="read the model from the disk, not the page cache")
-    parser.add_argument("--dir", default=None, help="scratch directory, kept; a model already written there with the "
-                        "same options is reused (default: a new one under /tmp, deleted)")  # fmt: skip
-    parser.add_argument("--child", nargs=4, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="shards ablated in parallel (default 2, as the CLI)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="alternating copy/ablation rounds; medians (default 3)"
+    )
+    parser.add_argument(
+        "--cold", action="store_true", help="read the model from the disk, not the page cache"
+    )
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="scratch directory, kept; a model already written there with the "
+        "same options is reused (default: a new one under /tmp, deleted)",
+    )
+    parser.add_argument(
+        "--child", nargs=4, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         model, directions, out, workers = args.child
@@ -127,8 +143,10 @@ def main() -> None:
             write_glm_layout(model, layout, num_shards=args.shards)
             (scratch / "layout.json").write_text(stamp)
             inventory = build_inventory(model)
-            print(f"wrote {model}: {inventory.total_bytes / GB:.2f} GB in {len(inventory.shards)} shards, "
-                  f"{len(inventory.tensors)} tensors ({time.perf_counter() - began:.0f} s)")  # fmt: skip
+            print(
+                f"wrote {model}: {inventory.total_bytes / GB:.2f} GB in {len(inventory.shards)} shards, "
+                f"{len(inventory.tensors)} tensors ({time.perf_counter() - began:.0f} s)"
+            )
         gen = torch.Generator().manual_seed(0)
         directions = save_directions(
             scratch / "directions.safetensors",
@@ -149,8 +167,15 @@ def main() -> None:
             os.sync()
             if args.cold:
                 evict(model, inventory.shards)
-            cmd = [sys.executable, __file__, "--child", str(model), str(directions), str(scratch / "out"),
-                   str(args.workers)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(model),
+                str(directions),
+                str(scratch / "out"),
+                str(args.workers),
+            ]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         manifest = json.loads((scratch / "out" / "abliteration.json").read_text())
@@ -166,16 +191,26 @@ def main() -> None:
         ablate_gbs = shard_bytes / GB / measured["seconds"]
         copy_gbs = shard_bytes / GB / copy_s
         limit = 3 * largest.nbytes + 500 * MB
-        print(f"edited: {manifest['counts']} ({sum(t.nbytes for e in manifest['edited'] for t in [inventory.tensors[e['name']]]) / GB:.2f} GB rewritten)")  # noqa: E501
-        print(f"ablation:   {ablate_gbs:.2f} GB/s ({shard_bytes / GB:.2f} GB in {measured['seconds']:.1f} s, "
-              f"workers={args.workers})")  # fmt: skip
+        print(
+            f"edited: {manifest['counts']} ({sum(t.nbytes for e in manifest['edited'] for t in [inventory.tensors[e['name']]]) / GB:.2f} GB rewritten)"
+        )  # noqa: E501
+        print(
+            f"ablation:   {ablate_gbs:.2f} GB/s ({shard_bytes / GB:.2f} GB in {measured['seconds']:.1f} s, "
+            f"workers={args.workers})"
+        )
         print(f"plain copy: {copy_gbs:.2f} GB/s ({copy_s:.1f} s)")
         ratios = sorted(c / r["seconds"] for c, r in zip(copies, runs, strict=True))
-        print(f"ratio ablation / copy: {ablate_gbs / copy_gbs:.2f} (aim >= 0.8); per round "
-              f"{ratios[0]:.2f}-{ratios[-1]:.2f}{' (cold reads)' if args.cold else ''}")  # fmt: skip
-        print(f"largest tensor: {largest.name} {list(largest.shape)} {largest.dtype} = {largest.nbytes / MB:.0f} MiB")
-        print(f"peak RSS: {measured['rss_peak'] / MB:.0f} MiB (after imports {measured['rss_after_import'] / MB:.0f} MiB); "
-              f"aim < 3 x largest + 500 MiB = {limit / MB:.0f} MiB: {'OK' if measured['rss_peak'] < limit else 'ABOVE'}")  # fmt: skip
+        print(
+            f"ratio ablation / copy: {ablate_gbs / copy_gbs:.2f} (aim >= 0.8); per round "
+            f"{ratios[0]:.2f}-{ratios[-1]:.2f}{' (cold reads)' if args.cold else ''}"
+        )
+        print(
+            f"largest tensor: {largest.name} {list(largest.shape)} {largest.dtype} = {largest.nbytes / MB:.0f} MiB"
+        )
+        print(
+            f"peak RSS: {measured['rss_peak'] / MB:.0f} MiB (after imports {measured['rss_after_import'] / MB:.0f} MiB); "
+            f"aim < 3 x largest + 500 MiB = {limit / MB:.0f} MiB: {'OK' if measured['rss_peak'] < limit else 'ABOVE'}"
+        )
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -48,10 +48,19 @@ def main() -> None:
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-fp8-"))
     root.mkdir(parents=True, exist_ok=True)
-    layout = GlmLayout(num_layers=args.layers, n_routed_experts=args.experts, num_experts_per_tok=2,
-                       num_nextn_predict_layers=0, hidden_size=4096, intermediate_size=10944,
-                       moe_intermediate_size=1408, num_attention_heads=96, num_key_value_heads=8,
-                       head_dim=128, vocab_size=1024)  # fmt: skip
+    layout = GlmLayout(
+        num_layers=args.layers,
+        n_routed_experts=args.experts,
+        num_experts_per_tok=2,
+        num_nextn_predict_layers=0,
+        hidden_size=4096,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_attention_heads=96,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=1024,
+    )
     bf16, f8 = root / "bf16", root / "fp8"
     if not (f8 / MANIFEST_FILE).exists() and not (f8 / "config.json").exists():
         write_glm_layout(bf16, layout, num_shards=4)
@@ -70,8 +79,13 @@ def main() -> None:
 
     def edited_params(out: Path) -> int:
         entries = json.loads((out / MANIFEST_FILE).read_text())["edited"]
-        inv = load_inputs(bf16 if "bf16" in out.name else f8, directions["bf16" if "bf16" in out.name else "fp8"])
-        return sum(inv.inventory.tensors[e["name"]].shape[0] * inv.inventory.tensors[e["name"]].shape[1] for e in entries)
+        inv = load_inputs(
+            bf16 if "bf16" in out.name else f8, directions["bf16" if "bf16" in out.name else "fp8"]
+        )
+        return sum(
+            inv.inventory.tensors[e["name"]].shape[0] * inv.inventory.tensors[e["name"]].shape[1]
+            for e in entries
+        )
 
     times: dict[str, list[float]] = {"copy_fp8": [], "ablate_bf16": [], "ablate_fp8": []}
     for _ in range(args.repeat):
@@ -97,11 +111,17 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     for k in times:
         extra = f", {params[k] / median[k] / 1e6:7.1f} M edited parameters/s" if k in params else ""
-        print(f"{k:12s} {sizes[k] / GB:6.3f} GB  median {median[k]:7.2f} s  {sizes[k] / GB / median[k]:6.3f} GB/s{extra}"
-              f"  (runs {', '.join(f'{t:.2f}' for t in times[k])})")  # fmt: skip
-    print(f"fp8 ablation / bf16 ablation, edited parameters per second: "
-          f"{params['ablate_fp8'] / median['ablate_fp8'] / (params['ablate_bf16'] / median['ablate_bf16']):.2f}")
-    print(f"fp8 ablation / plain copy of the fp8 shards, GB/s: {median['copy_fp8'] / median['ablate_fp8']:.2f}")
+        print(
+            f"{k:12s} {sizes[k] / GB:6.3f} GB  median {median[k]:7.2f} s  {sizes[k] / GB / median[k]:6.3f} GB/s{extra}"
+            f"  (runs {', '.join(f'{t:.2f}' for t in times[k])})"
+        )
+    print(
+        f"fp8 ablation / bf16 ablation, edited parameters per second: "
+        f"{params['ablate_fp8'] / median['ablate_fp8'] / (params['ablate_bf16'] / median['ablate_bf16']):.2f}"
+    )
+    print(
+        f"fp8 ablation / plain copy of the fp8 shards, GB/s: {median['copy_fp8'] / median['ablate_fp8']:.2f}"
+    )
 
     # residuals: output vs the reference (the exact float64 edit of the dequantized input, requantized)
     out = root / "out-fp8"
@@ -132,16 +152,30 @@ def main() -> None:
         def res(x: torch.Tensor, r: torch.Tensor = r, e: dict = e, w: torch.Tensor = w) -> float:
             return float((r @ x if e["residual_axis"] == 0 else x @ r).norm() / w.norm())
 
-        bound = fp8.rounding_bound(float(new.norm()), fp8.broadcast_scale_norm(new_scale, tuple(w.shape), block))
+        bound = fp8.rounding_bound(
+            float(new.norm()), fp8.broadcast_scale_norm(new_scale, tuple(w.shape), block)
+        )
         tol = TOLERANCE_FACTOR * (bound / float(w.norm()) + layout.hidden_size * FLOAT32_UNIT)
-        rows.append((e["role"], res(new), res(ref), tol, float((new - ref).norm() / w.norm()),
-                     float((new - exact).norm() / w.norm())))  # fmt: skip
-    print(f"{'role':20s} {'n':>3s} {'residual out':>13s} {'residual ref':>13s} {'tolerance':>10s} "
-          f"{'|out-ref|/|W|':>14s} {'|out-exact|/|W|':>16s}  (worst of each role)")
+        rows.append(
+            (
+                e["role"],
+                res(new),
+                res(ref),
+                tol,
+                float((new - ref).norm() / w.norm()),
+                float((new - exact).norm() / w.norm()),
+            )
+        )
+    print(
+        f"{'role':20s} {'n':>3s} {'residual out':>13s} {'residual ref':>13s} {'tolerance':>10s} "
+        f"{'|out-ref|/|W|':>14s} {'|out-exact|/|W|':>16s}  (worst of each role)"
+    )
     for role in sorted({r[0] for r in rows}):
         sel = [r for r in rows if r[0] == role]
-        print(f"{role:20s} {len(sel):3d} {max(r[1] for r in sel):13.3g} {max(r[2] for r in sel):13.3g} "
-              f"{min(r[3] for r in sel):10.3g} {max(r[4] for r in sel):14.3g} {max(r[5] for r in sel):16.3g}")
+        print(
+            f"{role:20s} {len(sel):3d} {max(r[1] for r in sel):13.3g} {max(r[2] for r in sel):13.3g} "
+            f"{min(r[3] for r in sel):10.3g} {max(r[4] for r in sel):14.3g} {max(r[5] for r in sel):16.3g}"
+        )
     if args.dir is None:
         shutil.rmtree(root)
 

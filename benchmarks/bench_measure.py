@@ -80,8 +80,13 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
     first = unsorted[0]
     capture_residuals(model, first)
     with torch.inference_mode():
-        model.generate(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device),
-                       max_new_tokens=1, do_sample=False, pad_token_id=pad)  # fmt: skip
+        model.generate(
+            input_ids=first.input_ids.to(device),
+            attention_mask=first.attention_mask.to(device),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
         base_rss = rss_kib("VmRSS")

@@ -49,8 +49,17 @@ from pathlib import Path
 
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
-AIR = {"layers": 46, "experts": 128, "active": 8, "hidden": 4096, "moe_inter": 1408, "dense_inter": 10944,
-       "q": 96 * 128, "kv": 8 * 128, "vocab": 151552}  # fmt: skip
+AIR = {
+    "layers": 46,
+    "experts": 128,
+    "active": 8,
+    "hidden": 4096,
+    "moe_inter": 1408,
+    "dense_inter": 10944,
+    "q": 96 * 128,
+    "kv": 8 * 128,
+    "vocab": 151552,
+}
 REFUSAL_WORDS = "I cannot help with that . As an AI I'm sorry"
 
 
@@ -70,8 +79,11 @@ def prompt_sets(n: int) -> dict[str, list[str]]:
     from abliterate.demo import prompt_file
     from abliterate.prompts import load_prompts
 
-    return {f"{kind}{suffix}": load_prompts(prompt_file("demo", kind, split))[:n]
-            for kind in ("harmful", "harmless") for split, suffix in (("train", ""), ("test", "_test"))}  # fmt: skip
+    return {
+        f"{kind}{suffix}": load_prompts(prompt_file("demo", kind, split))[:n]
+        for kind in ("harmful", "harmless")
+        for split, suffix in (("train", ""), ("test", "_test"))
+    }
 
 
 def write_model(model_dir: Path, moe_layers: int, experts: int, prompts: dict[str, list[str]]) -> None:
@@ -80,11 +92,18 @@ def write_model(model_dir: Path, moe_layers: int, experts: int, prompts: dict[st
 
     tokenizer = build_tokenizer([p for ps in prompts.values() for p in ps] + [REFUSAL_WORDS])
     layout = GlmLayout(
-        num_layers=1 + moe_layers, n_routed_experts=experts, num_experts_per_tok=AIR["active"],
-        num_nextn_predict_layers=0, hidden_size=AIR["hidden"], intermediate_size=AIR["dense_inter"],
-        moe_intermediate_size=AIR["moe_inter"], num_attention_heads=96, num_key_value_heads=8, head_dim=128,
+        num_layers=1 + moe_layers,
+        n_routed_experts=experts,
+        num_experts_per_tok=AIR["active"],
+        num_nextn_predict_layers=0,
+        hidden_size=AIR["hidden"],
+        intermediate_size=AIR["dense_inter"],
+        moe_intermediate_size=AIR["moe_inter"],
+        num_attention_heads=96,
+        num_key_value_heads=8,
+        head_dim=128,
         vocab_size=len(tokenizer),
-    )  # fmt: skip
+    )
     began = time.perf_counter()
     write_glm_layout(model_dir, layout, num_shards=2 * (1 + moe_layers))
     tokenizer.save_pretrained(model_dir)
@@ -115,8 +134,12 @@ def child_run(argv: list[str], out: str) -> None:
     with contextlib.redirect_stdout(printed):
         code = main()
     summary = json.loads(printed.getvalue()) if code == 0 else {}
-    Path(out).write_text(json.dumps({"code": code, "peak_rss": status_bytes("VmHWM"), "rss_before": start_rss,
-                                     "summary": summary}, default=str))  # fmt: skip
+    Path(out).write_text(
+        json.dumps(
+            {"code": code, "peak_rss": status_bytes("VmHWM"), "rss_before": start_rss, "summary": summary},
+            default=str,
+        )
+    )
 
 
 def child_layer(model_dir: str, tokens: int, out: str) -> None:
@@ -142,8 +165,17 @@ def child_layer(model_dir: str, tokens: int, out: str) -> None:
         began = time.perf_counter()
         layer(hidden, position_embeddings=embeddings, position_ids=position_ids, attention_mask=None)
         run_s = time.perf_counter() - began
-    Path(out).write_text(json.dumps({"load_s": load_s, "bytes_f32": nbytes, "bytes_disk": disk, "run_s": run_s,
-                                     "tokens": hidden.shape[0] * length}))  # fmt: skip
+    Path(out).write_text(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "bytes_f32": nbytes,
+                "bytes_disk": disk,
+                "run_s": run_s,
+                "tokens": hidden.shape[0] * length,
+            }
+        )
+    )
 
 
 def in_child(kind: str, args: list[str]) -> dict:
@@ -158,8 +190,15 @@ def in_child(kind: str, args: list[str]) -> dict:
 # ---------------------------------------------------------------- projection
 
 
-def projection(layer: dict, prompts: dict[str, int], tokens_per_prompt: float, io: dict, assumed: dict,
-               probe_passes: int, candidates: int | None = None) -> list[tuple[str, float, float]]:  # fmt: skip
+def projection(
+    layer: dict,
+    prompts: dict[str, int],
+    tokens_per_prompt: float,
+    io: dict,
+    assumed: dict,
+    probe_passes: int,
+    candidates: int | None = None,
+) -> list[tuple[str, float, float]]:
     """(stage, CPU seconds, GPU seconds) of GLM-4.5-Air's full run with `prompts` (train: measured, val:
     both validation sets, test: both test sets) of `tokens_per_prompt` tokens.
 
@@ -173,8 +212,11 @@ def projection(layer: dict, prompts: dict[str, int], tokens_per_prompt: float, i
     air_layer = 128 * 3 * AIR["hidden"] * AIR["moe_inter"] * 2 + other_bytes
     read_cpu = layer["load_s"] * air_layer / layer["bytes_disk"]  # s per Air MoE layer
     per_token_cpu = layer["run_s"] / layer["tokens"]
-    flops_per_token = 2 * (AIR["hidden"] * (AIR["q"] + 2 * AIR["kv"]) + AIR["q"] * AIR["hidden"]
-                           + 9 * 3 * AIR["hidden"] * AIR["moe_inter"])  # attention projections, 8 + 1 experts
+    flops_per_token = 2 * (
+        AIR["hidden"] * (AIR["q"] + 2 * AIR["kv"])
+        + AIR["q"] * AIR["hidden"]
+        + 9 * 3 * AIR["hidden"] * AIR["moe_inter"]
+    )  # attention projections, 8 + 1 experts
     per_token_gpu = flops_per_token / (assumed["tflops"] * 1e12)
     read_gpu = air_layer / (assumed["disk_gbps"] * 1e9) + air_layer / (assumed["h2d_gbps"] * 1e9)
     layers = AIR["layers"]
@@ -182,19 +224,29 @@ def projection(layer: dict, prompts: dict[str, int], tokens_per_prompt: float, i
         candidates = math.floor(layers * 0.8)  # positions 1..36 (0 is undefined: every prompt ends alike)
 
     def passes(n_passes: int, tokens: float) -> tuple[float, float]:
-        return (n_passes * layers * (read_cpu + tokens * per_token_cpu),
-                n_passes * layers * (read_gpu + tokens * per_token_gpu))  # fmt: skip
+        return (
+            n_passes * layers * (read_cpu + tokens * per_token_cpu),
+            n_passes * layers * (read_gpu + tokens * per_token_gpu),
+        )
 
     val, air_bytes = prompts["val"], layers * air_layer
     return [
         ("measurement (1 pass)", *passes(1, prompts["train"] * tokens_per_prompt)),
-        (f"find refusal tokens (at most {probe_passes} passes)", *passes(probe_passes, val / 2 * (tokens_per_prompt + 3))),
-        (f"score {candidates} candidates + baseline (1 pass)",
-         *passes(1, (candidates + 1) * val * tokens_per_prompt)),
+        (
+            f"find refusal tokens (at most {probe_passes} passes)",
+            *passes(probe_passes, val / 2 * (tokens_per_prompt + 3)),
+        ),
+        (
+            f"score {candidates} candidates + baseline (1 pass)",
+            *passes(1, (candidates + 1) * val * tokens_per_prompt),
+        ),
         ("evaluation before + after (2 passes)", *passes(2, prompts["test"] * tokens_per_prompt)),
-        ("ablation + validation (this run's s/byte; GPU: 4 disk passes)", io["seconds_per_byte"] * air_bytes,
-         4 * air_bytes / (assumed["disk_gbps"] * 1e9)),
-    ]  # fmt: skip
+        (
+            "ablation + validation (this run's s/byte; GPU: 4 disk passes)",
+            io["seconds_per_byte"] * air_bytes,
+            4 * air_bytes / (assumed["disk_gbps"] * 1e9),
+        ),
+    ]
 
 
 def general_counts() -> dict[str, int]:
@@ -215,18 +267,37 @@ def general_counts() -> dict[str, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--moe-layers", type=int, default=2, help="MoE layers after the dense layer 0 (default 2)")
-    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (GLM-4.5-Air: 128)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--moe-layers", type=int, default=2, help="MoE layers after the dense layer 0 (default 2)"
+    )
+    parser.add_argument(
+        "--experts", type=int, default=32, help="routed experts per MoE layer (GLM-4.5-Air: 128)"
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts per set and split (default 8)")
     parser.add_argument("--dir", default="/tmp/bench-run", help="working folder (replaced)")
     parser.add_argument("--keep", action="store_true", help="keep (and reuse) the checkpoint")
-    parser.add_argument("--gpu-tflops", type=float, default=400.0, help="assumed sustained bf16 TFLOPS of one GPU")
-    parser.add_argument("--gpu-h2d-gbps", type=float, default=25.0, help="assumed host-to-GPU GB/s of layer copies")
-    parser.add_argument("--disk-gbps", type=float, default=3.0, help="assumed disk read GB/s of the GPU machine")
-    parser.add_argument("--air-tokens", type=float, default=40.0, help="assumed tokens per chat-rendered prompt of "
-                        "GLM-4.5-Air's tokenizer and template on the general prompt set (default 40)")  # fmt: skip
-    parser.add_argument("--figures", default="/tmp/bench-run-figures.json", help="where the measured figures go (JSON)")
+    parser.add_argument(
+        "--gpu-tflops", type=float, default=400.0, help="assumed sustained bf16 TFLOPS of one GPU"
+    )
+    parser.add_argument(
+        "--gpu-h2d-gbps", type=float, default=25.0, help="assumed host-to-GPU GB/s of layer copies"
+    )
+    parser.add_argument(
+        "--disk-gbps", type=float, default=3.0, help="assumed disk read GB/s of the GPU machine"
+    )
+    parser.add_argument(
+        "--air-tokens",
+        type=float,
+        default=40.0,
+        help="assumed tokens per chat-rendered prompt of "
+        "GLM-4.5-Air's tokenizer and template on the general prompt set (default 40)",
+    )
+    parser.add_argument(
+        "--figures", default="/tmp/bench-run-figures.json", help="where the measured figures go (JSON)"
+    )
     parser.add_argument("--child", choices=["run", "layer"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -255,8 +326,24 @@ def main() -> int:
     sizes = weight_bytes(model, "float32", build_inventory(model))
     budget = sizes.total // 2
     out = work / "out"
-    argv = [str(model), "--out", str(out), "--overwrite", "--memory-budget", str(budget), "--batch-size", "8",
-            "--kl-threshold", "10", "--max-new-tokens", "8", "--json", "--quiet", "--work-dir", str(work / "results")]
+    argv = [
+        str(model),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--memory-budget",
+        str(budget),
+        "--batch-size",
+        "8",
+        "--kl-threshold",
+        "10",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--quiet",
+        "--work-dir",
+        str(work / "results"),
+    ]
     for name, path in files.items():
         argv += [f"--{name.replace('_', '-')}", str(path)]
     os.environ["ABLITERATE_HOME"] = str(work)
@@ -274,7 +361,9 @@ def main() -> int:
     from abliterate.measure import MeasureSettings, encode_prompts, load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    lengths = [len(x) for v in prompts.values() for x in encode_prompts(tokenizer, v, MeasureSettings(), None)]
+    lengths = [
+        len(x) for v in prompts.values() for x in encode_prompts(tokenizer, v, MeasureSettings(), None)
+    ]
     tokens_per_prompt = sum(lengths) / len(lengths)
     hidden, longest = 4096, max(lengths)
     n_val = 2 * max(1, round(args.prompts * 0.25))  # the flow's seeded 25% split of each training set
@@ -293,52 +382,89 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nmodel: dense layer 0 + {args.moe_layers} MoE layers of {args.experts} experts (hidden 4096, experts "
-          f"1408 wide, 8 active), {checkpoint_bytes / GIB:.2f} GiB bf16 on disk, {sizes.total / GIB:.2f} GiB in "
-          f"float32, largest layer {sizes.largest_layer / GIB:.2f} GiB; --memory-budget {budget / GIB:.2f} GiB: "
-          "every stage streams")  # fmt: skip
-    print(f"prompts: {args.prompts} per set and split ({n_train} measured, {n_val} validation, "
-          f"{2 * args.prompts} test), {tokens_per_prompt:.1f} tokens on average, longest {longest}")
+    print(
+        f"\nmodel: dense layer 0 + {args.moe_layers} MoE layers of {args.experts} experts (hidden 4096, experts "
+        f"1408 wide, 8 active), {checkpoint_bytes / GIB:.2f} GiB bf16 on disk, {sizes.total / GIB:.2f} GiB in "
+        f"float32, largest layer {sizes.largest_layer / GIB:.2f} GiB; --memory-budget {budget / GIB:.2f} GiB: "
+        "every stage streams"
+    )
+    print(
+        f"prompts: {args.prompts} per set and split ({n_train} measured, {n_val} validation, "
+        f"{2 * args.prompts} test), {tokens_per_prompt:.1f} tokens on average, longest {longest}"
+    )
     ev = summary.get("evaluation", {})
-    print(f"selected position {summary.get('selected_position')} (random weights: the figures mean nothing); "
-          f"evaluation: first-token KL {ev.get('kl_harmless', float('nan')):.3g}, full replies "
-          f"{'made' if 'refusal_rate_harmful' in ev else 'not made'}")
+    print(
+        f"selected position {summary.get('selected_position')} (random weights: the figures mean nothing); "
+        f"evaluation: first-token KL {ev.get('kl_harmless', float('nan')):.3g}, full replies "
+        f"{'made' if 'refusal_rate_harmful' in ev else 'not made'}"
+    )
     peak = figures["peak_rss"]
     held = sizes.largest_layer + max(activations.values())
-    print(f"\npeak RSS of `abliterate run`: {peak / GIB:.2f} GiB; after its imports (Python, torch, transformers, "
-          f"Prefect, MLflow) {figures['rss_before'] / GIB:.2f} GiB, so the run added {(peak - figures['rss_before']) / GIB:.2f} "
-          f"GiB. One decoder layer + activations: {held / GIB:.2f} GiB (activations {max(activations.values()) / GIB:.3f}); "
-          f"1.5x = {bound / GIB:.2f} GiB: the whole process is {peak / bound:.2f} of it, what the run added "
-          f"{(peak - figures['rss_before']) / bound:.2f}")  # fmt: skip
-    print("stage durations (s): " + ", ".join(f"{k} {v:.1f}" for k, v in durations.items()) + f"; wall {wall:.0f} s")
+    print(
+        f"\npeak RSS of `abliterate run`: {peak / GIB:.2f} GiB; after its imports (Python, torch, transformers, "
+        f"Prefect, MLflow) {figures['rss_before'] / GIB:.2f} GiB, so the run added {(peak - figures['rss_before']) / GIB:.2f} "
+        f"GiB. One decoder layer + activations: {held / GIB:.2f} GiB (activations {max(activations.values()) / GIB:.3f}); "
+        f"1.5x = {bound / GIB:.2f} GiB: the whole process is {peak / bound:.2f} of it, what the run added "
+        f"{(peak - figures['rss_before']) / bound:.2f}"
+    )
+    print(
+        "stage durations (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in durations.items())
+        + f"; wall {wall:.0f} s"
+    )
     measurement = durations.get("measurement") or float("nan")
-    print(f"selection: {selection.get('weight_reads')} passes over the weights ({selection.get('weight_reads', 1) - 1} "
-          f"to find refusal tokens, 1 scoring {len(selection.get('candidates', []))} candidates + the baseline); "
-          f"scoring pass {selection.get('seconds_scoring', float('nan')):.1f} s, probe "
-          f"{selection.get('seconds_probe', float('nan')):.1f} s; against one measurement pass ({measurement:.1f} s): "
-          f"scoring {selection.get('seconds_scoring', float('nan')) / measurement:.2f}x, whole directions stage "
-          f"{durations.get('directions', float('nan')) / measurement:.2f}x")  # fmt: skip
-    print(f"\none MoE layer ({args.experts} experts): read {layer['bytes_disk'] / GIB:.2f} GiB bf16 into "
-          f"{layer['bytes_f32'] / GIB:.2f} GiB float32 in {layer['load_s']:.2f} s "
-          f"({layer['bytes_disk'] / layer['load_s'] / 1e9:.2f} GB/s read); {layer['tokens']} tokens through it "
-          f"in {layer['run_s']:.2f} s ({layer['tokens'] / layer['run_s']:.0f} tokens/s)")
-    io = {"seconds_per_byte": (durations.get("ablation", 0) + durations.get("validation", 0)) / checkpoint_bytes}
+    print(
+        f"selection: {selection.get('weight_reads')} passes over the weights ({selection.get('weight_reads', 1) - 1} "
+        f"to find refusal tokens, 1 scoring {len(selection.get('candidates', []))} candidates + the baseline); "
+        f"scoring pass {selection.get('seconds_scoring', float('nan')):.1f} s, probe "
+        f"{selection.get('seconds_probe', float('nan')):.1f} s; against one measurement pass ({measurement:.1f} s): "
+        f"scoring {selection.get('seconds_scoring', float('nan')) / measurement:.2f}x, whole directions stage "
+        f"{durations.get('directions', float('nan')) / measurement:.2f}x"
+    )
+    print(
+        f"\none MoE layer ({args.experts} experts): read {layer['bytes_disk'] / GIB:.2f} GiB bf16 into "
+        f"{layer['bytes_f32'] / GIB:.2f} GiB float32 in {layer['load_s']:.2f} s "
+        f"({layer['bytes_disk'] / layer['load_s'] / 1e9:.2f} GB/s read); {layer['tokens']} tokens through it "
+        f"in {layer['run_s']:.2f} s ({layer['tokens'] / layer['run_s']:.0f} tokens/s)"
+    )
+    io = {
+        "seconds_per_byte": (durations.get("ablation", 0) + durations.get("validation", 0)) / checkpoint_bytes
+    }
     assumed = {"tflops": args.gpu_tflops, "h2d_gbps": args.gpu_h2d_gbps, "disk_gbps": args.disk_gbps}
     general = general_counts()
     rows = projection(layer, general, args.air_tokens, io, assumed, 6)
-    print(f"\nprojection, GLM-4.5-Air (46 layers, 128 experts) with the general prompt set ({general['train']} "
-          f"measured, {general['val']} validation, {general['test']} test prompts, {args.air_tokens:.0f} tokens each): "
-          f"this CPU, from the measured per-layer figures | one GPU, assumed {args.gpu_tflops:.0f} TFLOPS bf16, "
-          f"{args.gpu_h2d_gbps:.0f} GB/s host->GPU, {args.disk_gbps:.0f} GB/s disk (no GPU measured)")  # fmt: skip
+    print(
+        f"\nprojection, GLM-4.5-Air (46 layers, 128 experts) with the general prompt set ({general['train']} "
+        f"measured, {general['val']} validation, {general['test']} test prompts, {args.air_tokens:.0f} tokens each): "
+        f"this CPU, from the measured per-layer figures | one GPU, assumed {args.gpu_tflops:.0f} TFLOPS bf16, "
+        f"{args.gpu_h2d_gbps:.0f} GB/s host->GPU, {args.disk_gbps:.0f} GB/s disk (no GPU measured)"
+    )
     for name, cpu_s, gpu_s in rows:
         print(f"  {name:<62} {cpu_s / 3600:>7.1f} h | {gpu_s / 60:>7.1f} min")
-    print(f"  {'total':<62} {sum(r[1] for r in rows) / 3600:>7.1f} h | {sum(r[2] for r in rows) / 60:>7.1f} min")
+    print(
+        f"  {'total':<62} {sum(r[1] for r in rows) / 3600:>7.1f} h | {sum(r[2] for r in rows) / 60:>7.1f} min"
+    )
     fewer = projection(layer, general, args.air_tokens, io, assumed, 6, candidates=8)
-    print(f"  {'with --max-candidates 8: ' + fewer[2][0]:<62} {fewer[2][1] / 3600:>7.1f} h | {fewer[2][2] / 60:>7.1f} min"
-          f"  (total {sum(r[1] for r in fewer) / 3600:.1f} h | {sum(r[2] for r in fewer) / 60:.1f} min)")  # fmt: skip
-    Path(args.figures).write_text(json.dumps({"layer": layer, "durations": durations, "selection": selection,
-                                              "peak_rss": peak, "rss_before": figures["rss_before"], "bound": bound,
-                                              "io": io, "rows": rows}, indent=2, default=str))  # fmt: skip
+    print(
+        f"  {'with --max-candidates 8: ' + fewer[2][0]:<62} {fewer[2][1] / 3600:>7.1f} h | {fewer[2][2] / 60:>7.1f} min"
+        f"  (total {sum(r[1] for r in fewer) / 3600:.1f} h | {sum(r[2] for r in fewer) / 60:.1f} min)"
+    )
+    Path(args.figures).write_text(
+        json.dumps(
+            {
+                "layer": layer,
+                "durations": durations,
+                "selection": selection,
+                "peak_rss": peak,
+                "rss_before": figures["rss_before"],
+                "bound": bound,
+                "io": io,
+                "rows": rows,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"figures written to {args.figures}")
     return 0
 

@@ -67,18 +67,43 @@ def main() -> None:
     measured = measure_checkpoint(str(DEMO_MODEL_DIR), harmful, harmless, settings, "cpu", False)
     directions = compute_directions(measured)
     model, tokenizer = load_model(DEMO_MODEL_DIR)
-    selection = select_direction(model, tokenizer, directions, harmful_val, harmless_val, settings,
-                                 SelectionSettings(batch_size=16), progress=False)  # fmt: skip
+    selection = select_direction(
+        model,
+        tokenizer,
+        directions,
+        harmful_val,
+        harmless_val,
+        settings,
+        SelectionSettings(batch_size=16),
+        progress=False,
+    )
     del model
-    path = write_directions(work / "directions", directions, measured, build_inventory(DEMO_MODEL_DIR).fingerprint,
-                            selection.position)  # fmt: skip
+    path = write_directions(
+        work / "directions",
+        directions,
+        measured,
+        build_inventory(DEMO_MODEL_DIR).fingerprint,
+        selection.position,
+    )
     measure_seconds = time.perf_counter() - began
 
-    study = StudySettings(trials=args.trials, components=("attn_out", "mlp_down", "expert_down", "shared_expert_down",
-                          "router"), methods=("plain", "norm_preserving", "projected"), parallel_trials=args.parallel)  # fmt: skip
+    study = StudySettings(
+        trials=args.trials,
+        components=("attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"),
+        methods=("plain", "norm_preserving", "projected"),
+        parallel_trials=args.parallel,
+    )
     load = os.getloadavg()[0]
-    result = run_study(DEMO_MODEL_DIR, path, harmful_val, harmless_val, study, ScoreSettings(reply_tokens=24, batch_size=16),
-                       work / "mlruns", stream=args.streamed)  # fmt: skip
+    result = run_study(
+        DEMO_MODEL_DIR,
+        path,
+        harmful_val,
+        harmless_val,
+        study,
+        ScoreSettings(reply_tokens=24, batch_size=16),
+        work / "mlruns",
+        stream=args.streamed,
+    )
     records = result["trials"]
     front = pareto(records)
     reference = next(r for r in records if r.get("reference") == "run")
@@ -91,31 +116,60 @@ def main() -> None:
     for name, plan in (("run", default_plan(inputs)), ("search", AblationPlan.from_dict(chosen["plan"]))):
         out = work / name
         ablate_checkpoint(DEMO_MODEL_DIR, path, out, plan, progress=False, log=lambda _: None, inputs=inputs)
-        ev = evaluate_model(out, test_harmful, test_harmless, baseline_dir=DEMO_MODEL_DIR,
-                            settings=EvalSettings(max_new_tokens=48, batch_size=16), progress=False)  # fmt: skip
-        evaluations[name] = {"refusal_rate_harmful": ev.refusal_rate_harmful, "kl_harmless": ev.kl_harmless,
-                             "refusal_rate_harmless": ev.refusal_rate_harmless,
-                             "baseline_refusal_rate_harmful": ev.baseline_refusal_rate_harmful}  # fmt: skip
+        ev = evaluate_model(
+            out,
+            test_harmful,
+            test_harmless,
+            baseline_dir=DEMO_MODEL_DIR,
+            settings=EvalSettings(max_new_tokens=48, batch_size=16),
+            progress=False,
+        )
+        evaluations[name] = {
+            "refusal_rate_harmful": ev.refusal_rate_harmful,
+            "kl_harmless": ev.kl_harmless,
+            "refusal_rate_harmless": ev.refusal_rate_harmless,
+            "baseline_refusal_rate_harmful": ev.baseline_refusal_rate_harmful,
+        }
 
     summary = {
-        "trials": len(records), "search_seconds": result["seconds"], "trials_per_minute": result["trials_per_minute"],
-        "measure_and_select_seconds": round(measure_seconds, 1), "load_average_at_start": load,
-        "threads": args.threads, "streamed": args.streamed, "parallel": args.parallel,
+        "trials": len(records),
+        "search_seconds": result["seconds"],
+        "trials_per_minute": result["trials_per_minute"],
+        "measure_and_select_seconds": round(measure_seconds, 1),
+        "load_average_at_start": load,
+        "threads": args.threads,
+        "streamed": args.streamed,
+        "parallel": args.parallel,
         "selected_position": selection.position,
-        "validation": {"run": {k: reference[k] for k in ("trial", "refusal_rate", "kl", "refusals", "prompts")},
-                       "search": {k: chosen[k] for k in ("trial", "refusal_rate", "kl", "refusals", "prompts")}},
-        "front": [{k: r[k] for k in ("trial", "refusal_rate", "kl")} | {"method": r["parameters"]["method"],
-                  "position": round(r["parameters"]["direction_position"], 3)} for r in front],
+        "validation": {
+            "run": {k: reference[k] for k in ("trial", "refusal_rate", "kl", "refusals", "prompts")},
+            "search": {k: chosen[k] for k in ("trial", "refusal_rate", "kl", "refusals", "prompts")},
+        },
+        "front": [
+            {k: r[k] for k in ("trial", "refusal_rate", "kl")}
+            | {
+                "method": r["parameters"]["method"],
+                "position": round(r["parameters"]["direction_position"], 3),
+            }
+            for r in front
+        ],
         "test": evaluations,
-    }  # fmt: skip
+    }
     print(json.dumps(summary, indent=2))
-    print(f"\n{len(records)} trials in {result['seconds']:.0f} s: {result['trials_per_minute']:.1f} trials/minute "
-          f"({args.threads} torch thread(s), load average {load:.1f} at the start)")  # fmt: skip
+    print(
+        f"\n{len(records)} trials in {result['seconds']:.0f} s: {result['trials_per_minute']:.1f} trials/minute "
+        f"({args.threads} torch thread(s), load average {load:.1f} at the start)"
+    )
     print(f"{'':<28} {'refusal (val)':>14} {'KL (val)':>10} {'refusal (test)':>15} {'KL (test)':>10}")
-    for name, item in (("run's automatic choice", reference), (f"search's choice (trial {chosen['trial']})", chosen)):
+    for name, item in (
+        ("run's automatic choice", reference),
+        (f"search's choice (trial {chosen['trial']})", chosen),
+    ):
         ev = evaluations["run" if item is reference else "search"]
-        print(f"{name:<28} {item['refusal_rate']:>14.3f} {item['kl']:>10.2e} {ev['refusal_rate_harmful']:>15.3f} "
-              f"{ev['kl_harmless']:>10.2e}")  # fmt: skip
+        print(
+            f"{name:<28} {item['refusal_rate']:>14.3f} {item['kl']:>10.2e} {ev['refusal_rate_harmful']:>15.3f} "
+            f"{ev['kl_harmless']:>10.2e}"
+        )
     if args.figure:
         figure = plots.search_front(records, front, reference, chosen, 0.01)
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)

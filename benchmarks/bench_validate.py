@@ -42,12 +42,16 @@ print(json.dumps(report))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=8)
     parser.add_argument("--moe-intermediate", type=int, default=4)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--fused", action="store_true", help="fused 3-D expert tensors on disk")
-    parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="where to write the checkpoints (default: a temp dir)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -66,32 +70,42 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         direction = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=gen)
         directions = save_directions(
-            root / "directions.safetensors", direction / direction.norm(dim=-1, keepdim=True), {"selected_position": 23}
+            root / "directions.safetensors",
+            direction / direction.norm(dim=-1, keepdim=True),
+            {"selected_position": 23},
         )
         ablate_checkpoint(src, directions, root / "ablated", progress=False, log=lambda _: None)
-        print(f"checkpoint: {size / 1e9:.3f} GB in {args.shards} shards, written and ablated in "
-              f"{time.perf_counter() - began:.1f} s")  # fmt: skip
+        print(
+            f"checkpoint: {size / 1e9:.3f} GB in {args.shards} shards, written and ablated in "
+            f"{time.perf_counter() - began:.1f} s"
+        )
 
         began = time.perf_counter()
         child = subprocess.run(
             [sys.executable, "-c", CHILD, str(src), str(root / "ablated")],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         seconds = time.perf_counter() - began
         if child.returncode != 0:
             sys.exit(child.stderr)
         report = json.loads(child.stdout)
         base, peak = report["rss_before_kib"] / 1024, report["rss_peak_kib"] / 1024
-        print(f"validate: ok={report['ok']} tensors={report['tensors']} changed={report['changed']}, "
-              f"{report['seconds']:.1f} s ({seconds:.1f} s with process start), "
-              f"{report['bytes_hashed'] / 1e9:.3f} GB hashed; peak RSS {peak:.0f} MiB = {base:.0f} MiB after "
-              f"imports + {peak - base:.0f} MiB for the validation")  # fmt: skip
+        print(
+            f"validate: ok={report['ok']} tensors={report['tensors']} changed={report['changed']}, "
+            f"{report['seconds']:.1f} s ({seconds:.1f} s with process start), "
+            f"{report['bytes_hashed'] / 1e9:.3f} GB hashed; peak RSS {peak:.0f} MiB = {base:.0f} MiB after "
+            f"imports + {peak - base:.0f} MiB for the validation"
+        )
         dtypes = {"router": "F32"}
         print(f"{'role':<20} {'count':>6} {'worst residual':>15} {'/ u':>8} {'/ tolerance':>12}")
         for role, worst in report["worst_residual"].items():
             u = UNIT_ROUNDOFF[dtypes.get(role, "BF16")]
-            print(f"{role:<20} {report['changed_by_role'][role]:>6} {worst['residual']:>15.3g} "
-                  f"{worst['residual'] / u:>8.3f} {worst['residual'] / worst['tolerance']:>12.3f}")  # fmt: skip
+            print(
+                f"{role:<20} {report['changed_by_role'][role]:>6} {worst['residual']:>15.3g} "
+                f"{worst['residual'] / u:>8.3f} {worst['residual'] / worst['tolerance']:>12.3f}"
+            )
         for line in report["failures"][:5]:
             print("failure:", line)
 

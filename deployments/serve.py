@@ -40,30 +40,51 @@ def deployments() -> list:
     # runtime: where the model runs (device cpu | cuda | cuda:N | auto) and in which dtype (auto | bfloat16 |
     # float16 | float32); every section of abliterate/config.py is a parameter of both flows.
     runtime = {"device": "auto", "dtype": "auto"}
-    demo_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "demo"), "overwrite": True,
-                   "runtime": runtime}  # fmt: skip
-    sweep_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "sweep"),
-                    "variants": EXAMPLE_VARIANTS, "overwrite": True, "runtime": runtime}  # fmt: skip
+    demo_params = {
+        "model": str(DEMO_MODEL_DIR),
+        "out": str(ROOT / "results" / "deployed" / "demo"),
+        "overwrite": True,
+        "runtime": runtime,
+    }
+    sweep_params = {
+        "model": str(DEMO_MODEL_DIR),
+        "out": str(ROOT / "results" / "deployed" / "sweep"),
+        "variants": EXAMPLE_VARIANTS,
+        "overwrite": True,
+        "runtime": runtime,
+    }
     # the search: `search` holds the study's settings (trials, kl_max, trial, components, methods, ...); a rerun
     # with the same settings resumes the study, one with more trials continues it
-    search_params = {"model": str(DEMO_MODEL_DIR), "out": str(ROOT / "results" / "deployed" / "search"),
-                     "overwrite": True, "search": {"trials": 50, "kl_max": 0.01}, "runtime": runtime}  # fmt: skip
+    search_params = {
+        "model": str(DEMO_MODEL_DIR),
+        "out": str(ROOT / "results" / "deployed" / "search"),
+        "overwrite": True,
+        "search": {"trials": 50, "kl_max": 0.01},
+        "runtime": runtime,
+    }
     return [
         abliterate_flow.to_deployment(
-            name="demo", parameters=demo_params, tags=["abliterate"], entrypoint_type=EntrypointType.MODULE_PATH,
+            name="demo",
+            parameters=demo_params,
+            tags=["abliterate"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
         ),
         sweep_flow.to_deployment(
-            name="demo-sweep", parameters=sweep_params, tags=["abliterate", "sweep"],
+            name="demo-sweep",
+            parameters=sweep_params,
+            tags=["abliterate", "sweep"],
             entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
         ),
         search_flow.to_deployment(
-            name="demo-search", parameters=search_params, tags=["abliterate", "search"],
+            name="demo-search",
+            parameters=search_params,
+            tags=["abliterate", "search"],
             entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=[Cron(WEEKLY, timezone="UTC", active=False)],
         ),
-    ]  # fmt: skip
+    ]
 
 
 if __name__ == "__main__":

@@ -26,13 +26,20 @@ def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers:
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True}
+        )
     return ThreadPoolTaskRunner(max_workers=max(1, workers))
 
 
 @flow(name="ablate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def ablate_flow(
-    model_dir: str, directions_path: str, out: str, plan: AblationPlan, overwrite: bool = False, force: bool = False
+    model_dir: str,
+    directions_path: str,
+    out: str,
+    plan: AblationPlan,
+    overwrite: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write OUT: MODEL_DIR with `plan` (resolved against this model and directions file by
     `matching.default_plan` or `matching.resolve_plan`) applied shard by shard, one task per

@@ -59,10 +59,16 @@ def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:
                 f"0..{structure.num_layers}"
             )
         plan = build_plan(
-            structure.num_layers, structure.mtp_layers, layers=ablation.layers, scale=ablation.scale,
-            targets=ablation.targets, direction_position=position if position.isdigit() else "own",
-            method=ablation.ablation_method, mtp=ablation.mtp, biases=ablation.biases,
-        )  # fmt: skip
+            structure.num_layers,
+            structure.mtp_layers,
+            layers=ablation.layers,
+            scale=ablation.scale,
+            targets=ablation.targets,
+            direction_position=position if position.isdigit() else "own",
+            method=ablation.ablation_method,
+            mtp=ablation.mtp,
+            biases=ablation.biases,
+        )
         plan_matches(plan, inventory, structure)
 
 
@@ -101,12 +107,21 @@ def abliterate_flow(
     check_out(out, overwrite)
     check_plans(model, [(ablation, selection.direction_position)])
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
-    tags = {**run, "prefect.flow_name": "abliterate", "model_dir": model, "output_path": out, **source_tags(source, model)}
+    tags = {
+        **run,
+        "prefect.flow_name": "abliterate",
+        "model_dir": model,
+        "output_path": out,
+        **source_tags(source, model),
+    }
     with tracked_run(experiment_name(model), flow_run.get_name() or "abliterate", tags) as tracker:
         stages = Stages(tracker)
-        measured = measurement_stages(stages, model, prompts, template, measurement, selection, runtime, work,
-                                      evaluation)
-        summary = ablation_stages(stages, measured, ablation, evaluation, template, runtime, out, overwrite, force)
+        measured = measurement_stages(
+            stages, model, prompts, template, measurement, selection, runtime, work, evaluation
+        )
+        summary = ablation_stages(
+            stages, measured, ablation, evaluation, template, runtime, out, overwrite, force
+        )
         summary.update(mlflow_run_id=tracker.run_id, durations=stages.durations, **run)
         tracker.json(summary, "summary.json")
     return summary

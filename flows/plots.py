@@ -52,11 +52,19 @@ def candidate_scores(candidates: list[dict], chosen: int, kl_threshold: float) -
     scores = [c["refusal_score"] for c in candidates]
     ax.scatter(kls, scores, color="tab:blue")
     for c in candidates:
-        ax.annotate(str(c["position"]), (c["kl"], c["refusal_score"]), textcoords="offset points", xytext=(4, 3))
+        ax.annotate(
+            str(c["position"]), (c["kl"], c["refusal_score"]), textcoords="offset points", xytext=(4, 3)
+        )
     best = next((c for c in candidates if c["position"] == chosen), None)
     if best is not None:
-        ax.scatter([best["kl"]], [best["refusal_score"]], s=160, facecolors="none", edgecolors="tab:red",
-                   label=f"selected {chosen}")  # fmt: skip
+        ax.scatter(
+            [best["kl"]],
+            [best["refusal_score"]],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:red",
+            label=f"selected {chosen}",
+        )
     ax.axvline(kl_threshold, color="grey", linestyle="--", label=f"KL threshold {kl_threshold}")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("first-token KL on harmless prompts (nats)")
@@ -84,22 +92,38 @@ def refusal_vs_kl(points: list[dict]) -> Figure:
     return fig
 
 
-def search_front(trials: list[dict], front: list[dict], reference: dict | None, chosen: dict | None,
-                 kl_max: float) -> Figure:  # fmt: skip
+def search_front(
+    trials: list[dict], front: list[dict], reference: dict | None, chosen: dict | None, kl_max: float
+) -> Figure:
     """A search's trials on the refusal-rate vs KL plane with the front, `run`'s automatic choice and the
     chosen trial; beside it, the refusal rate and the KL of those two side by side."""
-    fig, (plane, refusal, kl) = plt.subplots(1, 3, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    fig, (plane, refusal, kl) = plt.subplots(
+        1, 3, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1, 1]}
+    )
     tiny = min([t["kl"] for t in trials if t["kl"] > 0] or [1e-8])
     x = [max(t["kl"], tiny / 2) for t in trials]  # a zero KL still shows on the log axis
     plane.scatter(x, [t["refusal_rate"] for t in trials], color="tab:gray", alpha=0.5, s=18, label="trials")
     ordered = sorted(front, key=lambda t: t["kl"])
-    plane.plot([max(t["kl"], tiny / 2) for t in ordered], [t["refusal_rate"] for t in ordered], color="tab:red",
-               marker="o", label="front")  # fmt: skip
+    plane.plot(
+        [max(t["kl"], tiny / 2) for t in ordered],
+        [t["refusal_rate"] for t in ordered],
+        color="tab:red",
+        marker="o",
+        label="front",
+    )
     marks = [(reference, "*", "tab:blue", "run's automatic choice"), (chosen, "o", "tab:green", "chosen")]
     for item, marker, color, label in marks:
         if item is not None:
-            plane.scatter([max(item["kl"], tiny / 2)], [item["refusal_rate"]], marker=marker, s=220, facecolors="none"
-                          if marker == "o" else color, edgecolors=color, linewidths=2, label=f"{label} (trial {item['trial']})")  # fmt: skip
+            plane.scatter(
+                [max(item["kl"], tiny / 2)],
+                [item["refusal_rate"]],
+                marker=marker,
+                s=220,
+                facecolors="none" if marker == "o" else color,
+                edgecolors=color,
+                linewidths=2,
+                label=f"{label} (trial {item['trial']})",
+            )
     plane.axvline(kl_max, color="grey", linestyle="--", label=f"KL bound {kl_max:g}")
     plane.set_xscale("log")
     plane.set_xlabel("first-token KL on held-out harmless prompts (nats)")
@@ -132,8 +156,11 @@ def expert_routing(layers: list[int], harmful: list[list[float]], harmless: list
     fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.25 * len(layers) + 2)))
     top = float(max(a.max(), b.max()))
     spread = float((a - b).abs().max()) or 1.0
-    panels = ((a, "harmful prompts", "viridis", 0, top), (b, "harmless prompts", "viridis", 0, top),
-              (a - b, "harmful - harmless", "RdBu_r", -spread, spread))  # fmt: skip
+    panels = (
+        (a, "harmful prompts", "viridis", 0, top),
+        (b, "harmless prompts", "viridis", 0, top),
+        (a - b, "harmful - harmless", "RdBu_r", -spread, spread),
+    )
     for ax, (data, title, cmap, low, high) in zip(axes, panels, strict=True):
         image = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=low, vmax=high, origin="lower")
         ax.set_yticks(range(len(layers)), [str(i) for i in layers] if len(layers) <= 50 else None)

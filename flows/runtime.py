@@ -153,7 +153,9 @@ def server_start_error(exc: BaseException) -> AbliterateError | None:
                 f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={limit} s): {RUNNING_SERVER_HELP}"
             )
         if isinstance(e, RuntimeError) and first.startswith("Failed to reach API at"):
-            url = os.environ.get("PREFECT_API_URL") or first.removeprefix("Failed to reach API at").strip(" .")
+            url = os.environ.get("PREFECT_API_URL") or first.removeprefix("Failed to reach API at").strip(
+                " ."
+            )
             return AbliterateError(
                 f"the Prefect server at PREFECT_API_URL={url} does not answer: start it with "
                 "`prefect server start` (or `unset PREFECT_API_URL` to let each command start a temporary one)"

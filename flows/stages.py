@@ -125,9 +125,14 @@ class PromptSets:
         harmful_val, harmful = split_prompts(load_prompts(files["harmful"]), fraction, seed)
         harmless_val, harmless = split_prompts(load_prompts(files["harmless"]), fraction, seed)
         return cls(
-            harmful, harmless, harmful_val, harmless_val,
-            load_prompts(files["harmful_test"]), load_prompts(files["harmless_test"]), files,
-        )  # fmt: skip
+            harmful,
+            harmless,
+            harmful_val,
+            harmless_val,
+            load_prompts(files["harmful_test"]),
+            load_prompts(files["harmless_test"]),
+            files,
+        )
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"prompts.{k}.file": v for k, v in self.files.items()}
@@ -176,18 +181,38 @@ def measurement_stages(
     stream = decide_streaming(model, compute)
     settings = measure_settings(measurement, template, compute)
     chooser = selection_settings(selection, compute, evaluation)
-    tracker.params({**sets.params(), **flat_params(prompts, template, measurement, selection, runtime),
-                    "streaming": stream, "compute.device": compute.device, "compute.dtype": compute.dtype,
-                    "refusal_markers": list(chooser.markers),
-                    **{f"hub.{k}": v for k, v in (hub_origin(model) or {}).items()}})  # fmt: skip
+    tracker.params(
+        {
+            **sets.params(),
+            **flat_params(prompts, template, measurement, selection, runtime),
+            "streaming": stream,
+            "compute.device": compute.device,
+            "compute.dtype": compute.dtype,
+            "refusal_markers": list(chooser.markers),
+            **{f"hub.{k}": v for k, v in (hub_origin(model) or {}).items()},
+        }
+    )
     if stream:
-        console.info(f"  streaming    the model exceeds the memory budget (or --streaming always): measured, scored "
-                     f"and evaluated one decoder layer at a time on {compute.device}")  # fmt: skip
+        console.info(
+            f"  streaming    the model exceeds the memory budget (or --streaming always): measured, scored "
+            f"and evaluated one decoder layer at a time on {compute.device}"
+        )
     with stages.stage("measurement") as s:
         measured = s.run(measure_task, model, sets.harmful, sets.harmless, settings, compute.device, stream)
     with stages.stage("directions") as s:
-        args = (model, inventory.fingerprint, measured, measurement.direction_method, selection.direction_position,
-                sets.harmful_val, sets.harmless_val, chooser, work_dir, compute.device, stream)  # fmt: skip
+        args = (
+            model,
+            inventory.fingerprint,
+            measured,
+            measurement.direction_method,
+            selection.direction_position,
+            sets.harmful_val,
+            sets.harmless_val,
+            chooser,
+            work_dir,
+            compute.device,
+            stream,
+        )
         directions_path, chosen = s.run(directions_task, *args)
         if not Path(directions_path).is_file():  # the cached result names a file someone deleted
             directions_path, chosen = s.run(directions_task.with_options(refresh_cache=True), *args)
@@ -213,17 +238,30 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
     if chosen is not None and chosen.scored:
         tracker.series("candidate_refusal_score", {c.position: c.refusal_score for c in chosen.candidates})
         tracker.series("candidate_kl", {c.position: c.kl for c in chosen.candidates})
-        tracker.metrics({"baseline_refusal_score": chosen.baseline_refusal_score,
-                         "selection.weight_reads": chosen.weight_reads,
-                         "selection.refusals_found": chosen.refusals_found,
-                         "selection.seconds_probe": chosen.seconds_probe,
-                         "selection.seconds_scoring": chosen.seconds_scoring})  # fmt: skip
-        tracker.params({"refusal_token_ids": chosen.refusal_token_ids, "refusal_tokens": chosen.refusal_tokens,
-                        "refusal_tokens_source": chosen.refusal_tokens_source})  # fmt: skip
+        tracker.metrics(
+            {
+                "baseline_refusal_score": chosen.baseline_refusal_score,
+                "selection.weight_reads": chosen.weight_reads,
+                "selection.refusals_found": chosen.refusals_found,
+                "selection.seconds_probe": chosen.seconds_probe,
+                "selection.seconds_scoring": chosen.seconds_scoring,
+            }
+        )
+        tracker.params(
+            {
+                "refusal_token_ids": chosen.refusal_token_ids,
+                "refusal_tokens": chosen.refusal_tokens,
+                "refusal_tokens_source": chosen.refusal_tokens_source,
+            }
+        )
         figures["candidate_scores.png"] = plots.candidate_scores(
-            [{"position": c.position, "refusal_score": c.refusal_score, "kl": c.kl} for c in chosen.candidates],
-            chosen.position, chosen.kl_threshold,
-        )  # fmt: skip
+            [
+                {"position": c.position, "refusal_score": c.refusal_score, "kl": c.kl}
+                for c in chosen.candidates
+            ],
+            chosen.position,
+            chosen.kl_threshold,
+        )
     for name, figure in figures.items():
         tracker.figure(figure, f"plots/{name}")
         plots.close(figure)
@@ -255,10 +293,15 @@ def ablation_stages(
         report_warnings(tracker, inputs.warnings, "inputs")
         if plan is None:
             plan = default_plan(
-                inputs, layers=ablation.layers, scale=ablation.scale, targets=ablation.targets,
-                direction_position=_plan_position(measured, direction_position), method=ablation.ablation_method,
-                mtp=ablation.mtp, biases=ablation.biases,
-            )  # fmt: skip
+                inputs,
+                layers=ablation.layers,
+                scale=ablation.scale,
+                targets=ablation.targets,
+                direction_position=_plan_position(measured, direction_position),
+                method=ablation.ablation_method,
+                mtp=ablation.mtp,
+                biases=ablation.biases,
+            )
             tracker.params(flat_params(ablation))
         else:
             plan = resolve_plan(plan, inputs)
@@ -295,26 +338,57 @@ def ablation_stages(
 
 
 def evaluation_stage(
-    stages: Stages, measured: Measured, evaluation: Evaluation, template: Template, runtime: Runtime, output: str
+    stages: Stages,
+    measured: Measured,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    output: str,
 ) -> dict[str, Any]:
     """Before (cached per prompt set) and after, in memory or layer-streamed like the measurement,
     counting the refusal tokens selection found (the baseline's own when there was no selection)."""
     tracker = stages.tracker
     compute = measured.runtime
     settings = eval_settings(evaluation, template, compute, measured.stream)
-    tokens = measured.selection.refusal_token_ids if measured.selection and measured.selection.scored else None
+    tokens = (
+        measured.selection.refusal_token_ids if measured.selection and measured.selection.scored else None
+    )
     budget = parse_size(runtime.memory_budget)
     tracker.params({**flat_params(evaluation), "evaluation.full_replies_made": settings.full_replies})
     p = measured.prompts
     if measured.stream and settings.full_replies:
-        cost = replies_cost(measured.model, compute.dtype, budget_or_free(budget),
-                            len(p.harmful_test) + len(p.harmless_test), settings)  # fmt: skip
+        cost = replies_cost(
+            measured.model,
+            compute.dtype,
+            budget_or_free(budget),
+            len(p.harmful_test) + len(p.harmless_test),
+            settings,
+        )
         console.info(f"  evaluation   {cost} (twice: before and after)")
     with stages.stage("evaluation") as s:
-        before = s.run(baseline_behaviour_task, measured.model, p.harmful_test, p.harmless_test, settings,
-                       compute.device, measured.stream, budget, tokens)  # fmt: skip
-        result = s.run(evaluate_task, output, p.harmful_test, p.harmless_test, settings, before, measured.model,
-                       compute.device, measured.stream, budget)  # fmt: skip
+        before = s.run(
+            baseline_behaviour_task,
+            measured.model,
+            p.harmful_test,
+            p.harmless_test,
+            settings,
+            compute.device,
+            measured.stream,
+            budget,
+            tokens,
+        )
+        result = s.run(
+            evaluate_task,
+            output,
+            p.harmful_test,
+            p.harmless_test,
+            settings,
+            before,
+            measured.model,
+            compute.device,
+            measured.stream,
+            budget,
+        )
     tracker.metrics(result.metrics())
     tracker.json(result.to_json(), "evaluation.json")
     if result.examples:
@@ -334,7 +408,12 @@ def _plan_position(measured: Measured, direction_position: str) -> str | int:
 def log_validation(tracker: Tracker, report: ValidationReport) -> None:
     tracker.json(report.to_json(), "validation.json")
     report_warnings(tracker, report.warnings, "validation")
-    tracker.metrics({"validation.ok": float(report.ok), "validation.changed": report.changed,
-                     "validation.failures": len(report.failures)})  # fmt: skip
+    tracker.metrics(
+        {
+            "validation.ok": float(report.ok),
+            "validation.changed": report.changed,
+            "validation.failures": len(report.failures),
+        }
+    )
     tracker.metrics({f"validation.changed.{role}": n for role, n in report.changed_by_role.items()})
     tracker.metrics({f"residual.{role}": w.residual for role, w in report.worst_residual.items()})

@@ -34,7 +34,9 @@ def parse_variants(variants: list[dict[str, Any]]) -> list[tuple[str, Ablation, 
     out, names = [], set()
     for i, raw in enumerate(variants):
         if not isinstance(raw, dict):
-            raise AbliterateError(f"variant #{i} is {raw!r}; each variant is a mapping such as {EXAMPLE_VARIANTS[0]}")
+            raise AbliterateError(
+                f"variant #{i} is {raw!r}; each variant is a mapping such as {EXAMPLE_VARIANTS[0]}"
+            )
         fields = {k: v for k, v in raw.items() if k not in ("name", "direction_position")}
         if "method" in fields:  # the older name of the ablation method
             fields["ablation_method"] = fields.pop("method")
@@ -43,7 +45,11 @@ def parse_variants(variants: list[dict[str, Any]]) -> list[tuple[str, Ablation, 
             known = ", ".join(["name", "direction_position", *Ablation.model_fields])
             raise AbliterateError(f"variant #{i} has unknown keys {sorted(unknown)}; known: {known}")
         name = raw.get("name") or f"variant-{i}"
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) or name in names:
+        if (
+            not isinstance(name, str)
+            or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name)
+            or name in names
+        ):
             raise AbliterateError(
                 f"variant #{i}: name {name!r} must be unique and use letters, digits, '.', '_' or '-' (it names "
                 "the variant's folder under --out)"
@@ -92,34 +98,61 @@ def sweep_flow(
     source = model
     model, out, work = run_paths(model, out, work_dir)
     if Path(out).exists() and not Path(out).is_dir():
-        raise AbliterateError(f"output {out} exists and is not a directory: the sweep writes one folder per variant in it")
+        raise AbliterateError(
+            f"output {out} exists and is not a directory: the sweep writes one folder per variant in it"
+        )
     targets = {name: child_path(out, name, "variant name") for name, _, _ in specs}  # never outside OUT
     for target in targets.values():
         check_out(str(target), overwrite)
     check_plans(model, [(ablation, position) for _, ablation, position in specs])
     evaluation = evaluation.model_copy(update={"evaluate": True})  # variants are compared by their evaluation
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
-    tags = {**run, "prefect.flow_name": "abliterate-sweep", "model_dir": model, "output_path": out,
-            **source_tags(source, model)}  # fmt: skip
+    tags = {
+        **run,
+        "prefect.flow_name": "abliterate-sweep",
+        "model_dir": model,
+        "output_path": out,
+        **source_tags(source, model),
+    }
     with tracked_run(experiment_name(model), f"sweep-{flow_run.get_name()}", tags) as parent:
-        measured = measurement_stages(Stages(parent), model, prompts, template, measurement, selection, runtime,
-                                      work, evaluation)
+        measured = measurement_stages(
+            Stages(parent), model, prompts, template, measurement, selection, runtime, work, evaluation
+        )
         points = []
         for name, ablation, position in specs:
             target = str(targets[name])
-            with tracked_run(experiment_name(model), name, {**tags, "variant": name, "output_path": target},
-                             parent=parent) as child:  # fmt: skip
+            with tracked_run(
+                experiment_name(model), name, {**tags, "variant": name, "output_path": target}, parent=parent
+            ) as child:
                 child.params({"variant": name})
-                summary = ablation_stages(Stages(child), measured, ablation, evaluation, template, runtime, target,
-                                          overwrite, force, position)  # fmt: skip
+                summary = ablation_stages(
+                    Stages(child),
+                    measured,
+                    ablation,
+                    evaluation,
+                    template,
+                    runtime,
+                    target,
+                    overwrite,
+                    force,
+                    position,
+                )
             ev = summary["evaluation"]
             # full replies when made; a layer-streamed model's first-token refusal rate otherwise
             measure = "refusal_rate" if "refusal_rate_harmful" in ev else "first_token_refusal_rate"
-            points.append({"name": name, "refusal_rate": ev[f"{measure}_harmful"], "kl": ev["kl_harmless"],
-                           "refusal_rate_harmless": ev[f"{measure}_harmless"], "refusal_measure": measure,
-                           "output": summary["output"],
-                           "mlflow_run_id": child.run_id, "ablation": ablation.model_dump(),
-                           "direction_position": position})  # fmt: skip
+            points.append(
+                {
+                    "name": name,
+                    "refusal_rate": ev[f"{measure}_harmful"],
+                    "kl": ev["kl_harmless"],
+                    "refusal_rate_harmless": ev[f"{measure}_harmless"],
+                    "refusal_measure": measure,
+                    "output": summary["output"],
+                    "mlflow_run_id": child.run_id,
+                    "ablation": ablation.model_dump(),
+                    "direction_position": position,
+                }
+            )
         refusal_kl_front(points)
         parent.table([{k: v for k, v in p.items() if k != "ablation"} for p in points], "variants.json")
         figure = plots.refusal_vs_kl(points)
@@ -127,5 +160,10 @@ def sweep_flow(
         plots.close(figure)
         front = [p["name"] for p in points if p["on_front"]]
         parent.tags({"front": ",".join(front)})
-        return {"variants": points, "front": front, "mlflow_run_id": parent.run_id, **run,
-                "selected_position": measured.selection.position if measured.selection else None}  # fmt: skip
+        return {
+            "variants": points,
+            "front": front,
+            "mlflow_run_id": parent.run_id,
+            **run,
+            "selected_position": measured.selection.position if measured.selection else None,
+        }

@@ -138,7 +138,9 @@ def experiment_id(c: MlflowClient, name: str) -> str:
         # A local store keeps artifacts under ./mlruns; a real server decides for itself.
         location = artifact_root() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
         try:
-            return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return c.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException as exc:  # a run on another machine created it first
             found = c.get_experiment_by_name(name)
             if found is None:
@@ -163,7 +165,9 @@ def tracked_run(
     all_tags = dict(tags or {})
     if parent is not None:
         all_tags["mlflow.parentRunId"] = parent.run_id
-    run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run = c.create_run(
+        experiment_id(c, experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+    )
     tracker = Tracker(c, run.info.run_id)
     try:
         yield tracker
@@ -171,4 +175,3 @@ def tracked_run(
         tracker.finish("FAILED")
         raise
     tracker.finish()
-

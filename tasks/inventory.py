@@ -23,7 +23,12 @@ def _inventory_key(_context, parameters) -> str:
     model_dir = Path(parameters["model_dir"]).resolve()
     code = code_hash()
     return make_key(
-        "inventory", code, str(model_dir), shard_stamp(model_dir), _config_hash(model_dir), parameters.get("family")
+        "inventory",
+        code,
+        str(model_dir),
+        shard_stamp(model_dir),
+        _config_hash(model_dir),
+        parameters.get("family"),
     )
 
 
@@ -36,9 +41,13 @@ def inventory_task(model_dir: str, family: str | None = None) -> Inventory:
 def _structure_key(_context, parameters) -> str:
     inventory: Inventory = parameters["inventory"]
     return make_key(
-        "structure", code_hash(), str(inventory.model_dir), inventory.fingerprint,
-        inventory.family, _config_hash(inventory.model_dir),
-    )  # fmt: skip
+        "structure",
+        code_hash(),
+        str(inventory.model_dir),
+        inventory.fingerprint,
+        inventory.family,
+        _config_hash(inventory.model_dir),
+    )
 
 
 @task(name="structure-detection", cache_key_fn=_structure_key, persist_result=True)

@@ -34,7 +34,12 @@ def _measure_key(_context, p) -> str:
 
 @task(name="activation-measurement", cache_key_fn=_measure_key, persist_result=True)
 def measure_task(
-    model_dir: str, harmful: list[str], harmless: list[str], settings: MeasureSettings, device: str, stream: bool
+    model_dir: str,
+    harmful: list[str],
+    harmless: list[str],
+    settings: MeasureSettings,
+    device: str,
+    stream: bool,
 ) -> Measurement:
     """In memory, or layer-streamed (`stream`): equal results, so neither `stream` nor the device is keyed."""
     return measure_stage(model_dir, harmful, harmless, settings, device, stream)
@@ -81,17 +86,38 @@ def directions_task(
     and the selection with every candidate's scores (None for `own`).
     """
     directions, chosen = direction_stage(
-        model_dir, measurement, direction_method, direction_position, harmful_val, harmless_val, selection,
-        device, stream,
-    )  # fmt: skip
-    folder = _directions_key(None, {
-        "model_dir": model_dir, "fingerprint": fingerprint, "measurement": measurement, "work_dir": work_dir,
-        "direction_method": direction_method, "direction_position": direction_position, "harmful_val": harmful_val,
-        "harmless_val": harmless_val, "selection": selection, "stream": stream,
-    })  # fmt: skip
+        model_dir,
+        measurement,
+        direction_method,
+        direction_position,
+        harmful_val,
+        harmless_val,
+        selection,
+        device,
+        stream,
+    )
+    folder = _directions_key(
+        None,
+        {
+            "model_dir": model_dir,
+            "fingerprint": fingerprint,
+            "measurement": measurement,
+            "work_dir": work_dir,
+            "direction_method": direction_method,
+            "direction_position": direction_position,
+            "harmful_val": harmful_val,
+            "harmless_val": harmless_val,
+            "selection": selection,
+            "stream": stream,
+        },
+    )
     extra = {"selection": chosen.as_dict()} if chosen else None
     path = write_directions(
-        Path(work_dir) / "directions" / folder, directions, measurement, fingerprint,
-        chosen.position if chosen else None, extra,
-    )  # fmt: skip
+        Path(work_dir) / "directions" / folder,
+        directions,
+        measurement,
+        fingerprint,
+        chosen.position if chosen else None,
+        extra,
+    )
     return str(path), chosen

@@ -21,14 +21,23 @@ from tasks.caching import code_hash, make_key
 
 def _profile_key(_context, p) -> str:
     return make_key(
-        "expert-profile", code_hash(), shard_stamp(p["model_dir"]), prompts_sha256(p["harmful"]),
-        prompts_sha256(p["harmless"]), p["settings"].as_dict(),
-    )  # fmt: skip
+        "expert-profile",
+        code_hash(),
+        shard_stamp(p["model_dir"]),
+        prompts_sha256(p["harmful"]),
+        prompts_sha256(p["harmless"]),
+        p["settings"].as_dict(),
+    )
 
 
 @task(name="expert-profile", cache_key_fn=_profile_key, persist_result=True)
 def expert_profile_task(
-    model_dir: str, harmful: list[str], harmless: list[str], settings: MeasureSettings, device: str, stream: bool
+    model_dir: str,
+    harmful: list[str],
+    harmless: list[str],
+    settings: MeasureSettings,
+    device: str,
+    stream: bool,
 ) -> ExpertProfile:
     """How often each routed expert is chosen on the harmful and harmless measurement prompts, rendered
     as the measurement renders them (in memory, or layer-streamed: one read of the weights)."""
@@ -39,7 +48,9 @@ def expert_profile_task(
     harmful_ids = encode_prompts(tokenizer, harmful, settings, None, "harmful")
     harmless_ids = encode_prompts(tokenizer, harmless, settings, None, "harmless")
     forward, _ = model_forward(model_dir, settings.dtype, device, stream, progress=False)
-    return profile_experts(forward, tokenizer, harmful_ids, harmless_ids, profile, settings.batch_size, progress=False)
+    return profile_experts(
+        forward, tokenizer, harmful_ids, harmless_ids, profile, settings.batch_size, progress=False
+    )
 
 
 @task(name="search-trials", cache_policy=NO_CACHE)
@@ -59,5 +70,18 @@ def search_task(
     on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or continue) the study until it holds `settings.trials` complete trials."""
-    return run_study(model_dir, directions_path, harmful, harmless, settings, scoring, root, dtype, device, stream,
-                     experts, on_trial, on_start)  # fmt: skip
+    return run_study(
+        model_dir,
+        directions_path,
+        harmful,
+        harmless,
+        settings,
+        scoring,
+        root,
+        dtype,
+        device,
+        stream,
+        experts,
+        on_trial,
+        on_start,
+    )

@@ -68,7 +68,9 @@ def baseline_behaviour_task(
     """The original model's first-token figures (and full replies): measured once per prompt set.
     `refusal_ids`: the refusal tokens selection found; None: the model's own, from its replies."""
     forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
-    return measure_behaviour(forward, tokenizer, harmful, harmless, settings, refusal_ids=refusal_ids, replier=replier)
+    return measure_behaviour(
+        forward, tokenizer, harmful, harmless, settings, refusal_ids=refusal_ids, replier=replier
+    )
 
 
 def _evaluate_key(_context, p) -> str:
@@ -100,12 +102,15 @@ def evaluate_task(
     layer-streamed like the measurement."""
     forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
     ids = baseline.refusal_token_ids if baseline is not None and baseline.refusal_token_ids else None
-    after = measure_behaviour(forward, tokenizer, harmful, harmless, settings, refusal_ids=ids, replier=replier)
+    after = measure_behaviour(
+        forward, tokenizer, harmful, harmless, settings, refusal_ids=ids, replier=replier
+    )
     result = compare(harmful, harmless, after, baseline, settings)
     result.model, result.baseline = model_dir, baseline_dir
     if stream and settings.full_replies:
-        result.replies_cost = replies_cost(model_dir, settings.dtype, budget_or_free(budget),
-                                           len(harmful) + len(harmless), settings)  # fmt: skip
+        result.replies_cost = replies_cost(
+            model_dir, settings.dtype, budget_or_free(budget), len(harmful) + len(harmless), settings
+        )
     return result
 
 

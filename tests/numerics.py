@@ -43,7 +43,8 @@ def accumulation_length(model: str | Path | dict, longest_prompt: int) -> int:
         hidden,
         config.get("intermediate_size", 0),
         config.get("moe_intermediate_size", 0),
-        config.get("num_attention_heads", 0) * config.get("head_dim", hidden // max(config.get("num_attention_heads", 1), 1)),
+        config.get("num_attention_heads", 0)
+        * config.get("head_dim", hidden // max(config.get("num_attention_heads", 1), 1)),
         config.get("num_experts_per_tok", 0) + config.get("n_shared_experts", 0),
     ]
     return max(*widths, longest_prompt)
@@ -97,7 +98,9 @@ def assert_stats_close(got, reference, rtol: torch.Tensor, what: str = "") -> No
     assert bool((std_error <= bound).all()), (what, (std_error / scale).tolist(), rtol.tolist())
 
 
-def direction_bound(harmful: torch.Tensor, harmless: torch.Tensor, harmful_error, harmless_error, projected: bool):
+def direction_bound(
+    harmful: torch.Tensor, harmless: torch.Tensor, harmful_error, harmless_error, projected: bool
+):
     """[positions]: bound on how far the unit direction moves when the means move by at most the given
     norms. The difference d moves by at most e = e_harmful + e_harmless; the projected method also
     turns the harmless unit vector m by at most 2 e_harmless / |harmless|, moving P d by 2 |d| that
@@ -120,7 +123,10 @@ def assert_directions_agree(got, reference, rtol: torch.Tensor) -> None:
     rms_k |x_k|^2 <= |mean|^2 + (sum var_harmful + sum var_harmless) = |mean|^2 + 2 spread^2 with
     spread = mean_diff_norm / snr (where the direction is defined; elsewhere |mean|)."""
     stats = reference.metadata["stats"]
-    mdn, snr = torch.tensor(stats["mean_diff_norm"], dtype=torch.float64), torch.tensor(stats["snr"], dtype=torch.float64)
+    mdn, snr = (
+        torch.tensor(stats["mean_diff_norm"], dtype=torch.float64),
+        torch.tensor(stats["snr"], dtype=torch.float64),
+    )
     spread = torch.where(snr > 0, mdn / snr.clamp_min(1e-300), torch.zeros_like(mdn))
     moved = {}
     for label in ("harmful", "harmless"):
@@ -184,7 +190,9 @@ def greedy_margin(logprobs: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def first_token_delta(model, encoded, n: int, direction: torch.Tensor | None = None, batch_size: int = 8) -> float:
+def first_token_delta(
+    model, encoded, n: int, direction: torch.Tensor | None = None, batch_size: int = 8
+) -> float:
     """delta for `model` (in memory, float32) on the encoded prompts: logits_rtol (two projections per
     layer when `direction` is ablated at inference time) times the largest first-token |logits|_2."""
     from contextlib import nullcontext
@@ -196,8 +204,12 @@ def first_token_delta(model, encoded, n: int, direction: torch.Tensor | None = N
     ablation = directional_ablation(model, direction) if direction is not None else nullcontext()
     with torch.inference_mode(), ablation:
         for batch in length_sorted_batches(encoded, batch_size, 0):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                logits_to_keep=1,
+            ).logits[:, -1]
             largest = max(largest, float(logits.double().norm(dim=-1).max()))
     rtol = logits_rtol(model.config.num_hidden_layers, n, 2 if direction is not None else 0)
     return rtol * largest
@@ -215,7 +227,10 @@ def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: lis
     models = {"before": load_model(baseline_dir), "after": load_model(model_dir)}
     tokenizer = models["before"][1]
     settings = EvalSettings()
-    ids = {"harmful": encode(tokenizer, harmful, settings, "harmful"), "harmless": encode(tokenizer, harmless, settings, "harmless")}
+    ids = {
+        "harmful": encode(tokenizer, harmful, settings, "harmful"),
+        "harmless": encode(tokenizer, harmless, settings, "harmless"),
+    }
     n = accumulation_length(baseline_dir, max(len(x) for x in ids["harmful"] + ids["harmless"]))
     deltas, logprobs, bounds = {}, {}, {}
     for name, (model, _) in models.items():
@@ -229,6 +244,7 @@ def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: lis
         **bounds,
         "refusal_score_harmful": logodds_atol(deltas["after"]),
         "baseline_refusal_score_harmful": logodds_atol(deltas["before"]),
-        "kl_harmless": kl_atol(deltas["before"], deltas["after"], logprobs["before", "harmless"],
-                               logprobs["after", "harmless"]),  # fmt: skip
+        "kl_harmless": kl_atol(
+            deltas["before"], deltas["after"], logprobs["before", "harmless"], logprobs["after", "harmless"]
+        ),
     }

@@ -39,8 +39,14 @@ BF16_LEVEL = U_BF16 + FP32_LEVEL
 NORM_LEVEL = U_BF16 + (2 * H_MAX + 2) * U32
 
 
-def write_directions(model_dir: Path, path: Path, selected: int | None = 20, means: bool = True,
-                     recorded: bool = True, seed: int = 3) -> Path:  # fmt: skip
+def write_directions(
+    model_dir: Path,
+    path: Path,
+    selected: int | None = 20,
+    means: bool = True,
+    recorded: bool = True,
+    seed: int = 3,
+) -> Path:
     inventory = build_inventory(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     positions, hidden = config["num_hidden_layers"] + 1, config["hidden_size"]
@@ -49,8 +55,10 @@ def write_directions(model_dir: Path, path: Path, selected: int | None = 20, mea
     metadata = {"fingerprint": inventory.fingerprint, "selected_position": selected} if recorded else {}
     extra = {}
     if means:
-        extra = {"harmful_mean": torch.randn(positions, hidden, generator=gen),
-                 "harmless_mean": torch.randn(positions, hidden, generator=gen) + 2}  # fmt: skip
+        extra = {
+            "harmful_mean": torch.randn(positions, hidden, generator=gen),
+            "harmless_mean": torch.randn(positions, hidden, generator=gen) + 2,
+        }
     return save_directions(path, direction, metadata, **extra)
 
 
@@ -61,7 +69,11 @@ def run(src: Path, directions: Path, out: Path, **specs) -> dict:
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file()
+    }
 
 
 def tensor_bytes(folder: Path) -> dict[str, bytes]:
@@ -217,13 +229,25 @@ def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
     assert {e["method"] for e in full["edited"] if e["role"] == "router"} == {"plain"}
     for e in writers[::10]:
         w = load(src, e["name"], e["shard"])
-        w_full, w_half = load(tmp_path / "full", e["name"], e["shard"]), load(tmp_path / "half", e["name"], e["shard"])
-        torch.testing.assert_close(w_full.double().norm(dim=0), w.double().norm(dim=0), rtol=NORM_LEVEL, atol=0)
-        torch.testing.assert_close(w_half.double().norm(dim=0), w.double().norm(dim=0), rtol=NORM_LEVEL, atol=0)
+        w_full, w_half = (
+            load(tmp_path / "full", e["name"], e["shard"]),
+            load(tmp_path / "half", e["name"], e["shard"]),
+        )
+        torch.testing.assert_close(
+            w_full.double().norm(dim=0), w.double().norm(dim=0), rtol=NORM_LEVEL, atol=0
+        )
+        torch.testing.assert_close(
+            w_half.double().norm(dim=0), w.double().norm(dim=0), rtol=NORM_LEVEL, atol=0
+        )
         along = [float((r @ x).norm() / x.norm()) for x in (w, w_half, w_full)]
         # Rescaling v' back to |v| scales its float32 error by |v| / |v'| (large only for a column
         # nearly along r); the bfloat16 rounding is not rescaled.
-        stretch = float((w.double().norm(dim=0) / (w.double() - torch.outer(r.double(), r.double() @ w.double())).norm(dim=0)).max())
+        stretch = float(
+            (
+                w.double().norm(dim=0)
+                / (w.double() - torch.outer(r.double(), r.double() @ w.double())).norm(dim=0)
+            ).max()
+        )
         assert along[2] <= U_BF16 + FP32_LEVEL * stretch < along[1] < along[0]
 
 
@@ -231,7 +255,9 @@ def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
 def test_projected_method_and_own_directions(glm_air_layout, tmp_path):
     src = Path(glm_air_layout)
     directions = write_directions(src, tmp_path / "d.safetensors")
-    manifest = run(src, directions, tmp_path / "out", layers="2,30", direction_position="own", method="projected")
+    manifest = run(
+        src, directions, tmp_path / "out", layers="2,30", direction_position="own", method="projected"
+    )
     inputs = load_inputs(src, directions)
     plan = default_plan(inputs, layers="2,30", direction_position="own", method="projected")
     for e in manifest["edited"]:
@@ -242,7 +268,9 @@ def test_projected_method_and_own_directions(glm_air_layout, tmp_path):
         mean = inputs.directions.harmless_mean[e["layer"]]
         assert abs(float(r @ mean)) <= (r.numel() + 2) * U32 * float(mean.norm())
         if e["role"] in ("attn_out", "router", "shared_expert_down"):
-            assert residual(e, src, tmp_path / "out", r) < (FP32_LEVEL if e["role"] == "router" else BF16_LEVEL)
+            assert residual(e, src, tmp_path / "out", r) < (
+                FP32_LEVEL if e["role"] == "router" else BF16_LEVEL
+            )
 
 
 def test_embed_target_and_dense_llama(tmp_path):
@@ -261,20 +289,31 @@ def test_output_side_biases(tmp_path):
     hidden, specs = 16, []
     for i in range(2):
         p = f"model.layers.{i}."
-        specs += [(p + "input_layernorm.weight", (hidden,), torch.bfloat16),
-                  (p + "self_attn.q_proj.weight", (hidden, hidden), torch.bfloat16),
-                  (p + "self_attn.k_proj.weight", (hidden, hidden), torch.bfloat16),
-                  (p + "self_attn.v_proj.weight", (hidden, hidden), torch.bfloat16),
-                  (p + "self_attn.o_proj.weight", (hidden, hidden), torch.bfloat16),
-                  (p + "self_attn.o_proj.bias", (hidden,), torch.bfloat16),
-                  (p + "post_attention_layernorm.weight", (hidden,), torch.bfloat16),
-                  (p + "mlp.gate_proj.weight", (32, hidden), torch.bfloat16),
-                  (p + "mlp.up_proj.weight", (32, hidden), torch.bfloat16),
-                  (p + "mlp.down_proj.weight", (hidden, 32), torch.bfloat16),
-                  (p + "mlp.down_proj.bias", (hidden,), torch.bfloat16)]  # fmt: skip
-    specs = [("model.embed_tokens.weight", (32, hidden), torch.bfloat16), *specs,
-             ("model.norm.weight", (hidden,), torch.bfloat16), ("lm_head.weight", (32, hidden), torch.bfloat16)]  # fmt: skip
-    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": hidden, "tie_word_embeddings": False}
+        specs += [
+            (p + "input_layernorm.weight", (hidden,), torch.bfloat16),
+            (p + "self_attn.q_proj.weight", (hidden, hidden), torch.bfloat16),
+            (p + "self_attn.k_proj.weight", (hidden, hidden), torch.bfloat16),
+            (p + "self_attn.v_proj.weight", (hidden, hidden), torch.bfloat16),
+            (p + "self_attn.o_proj.weight", (hidden, hidden), torch.bfloat16),
+            (p + "self_attn.o_proj.bias", (hidden,), torch.bfloat16),
+            (p + "post_attention_layernorm.weight", (hidden,), torch.bfloat16),
+            (p + "mlp.gate_proj.weight", (32, hidden), torch.bfloat16),
+            (p + "mlp.up_proj.weight", (32, hidden), torch.bfloat16),
+            (p + "mlp.down_proj.weight", (hidden, 32), torch.bfloat16),
+            (p + "mlp.down_proj.bias", (hidden,), torch.bfloat16),
+        ]
+    specs = [
+        ("model.embed_tokens.weight", (32, hidden), torch.bfloat16),
+        *specs,
+        ("model.norm.weight", (hidden,), torch.bfloat16),
+        ("lm_head.weight", (32, hidden), torch.bfloat16),
+    ]
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": hidden,
+        "tie_word_embeddings": False,
+    }
     src = write_checkpoint(tmp_path / "biased", specs, config, num_shards=2)
     directions = write_directions(src, tmp_path / "d.safetensors", selected=1)
     assert "attn_out_bias" not in run(src, directions, tmp_path / "plain")["counts"]
@@ -305,7 +344,9 @@ def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(
     run(src, directions, tmp_path / "out", targets=writers, direction_position="2")
     original, tokenizer = load_model(src)
     ablated, _ = load_model(tmp_path / "out")
-    batch = tokenizer(render_chat(tokenizer, HARMFUL), return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(
+        render_chat(tokenizer, HARMFUL), return_tensors="pt", padding=True, add_special_tokens=False
+    )
     r = load_inputs(src, directions).directions.vector(2)
 
     with torch.inference_mode():
@@ -317,7 +358,9 @@ def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(
     # The same float32 model math in two orders: bound of tests/numerics.py for 3 layers, 2 projected
     # writes per layer and the embedding, per token's logits (a skipped writer role is 7-50x above it).
     config = json.loads((src / "config.json").read_text())
-    rtol = logits_rtol(config["num_hidden_layers"], accumulation_length(config, batch["input_ids"].shape[1]), 2)
+    rtol = logits_rtol(
+        config["num_hidden_layers"], accumulation_length(config, batch["input_ids"].shape[1]), 2
+    )
     torch.testing.assert_close(edited, hooked, rtol=0, atol=rtol * float(hooked.norm(dim=-1).max()))
 
 
@@ -334,7 +377,9 @@ def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
     inputs = load_inputs(sharded, d2)
     plan = default_plan(inputs)
     serial = ablate_checkpoint(sharded, d2, tmp_path / "serial", plan, progress=False, log=lambda _: None)
-    parallel = ablate_checkpoint(sharded, d2, tmp_path / "par", plan, workers=3, progress=False, log=lambda _: None)
+    parallel = ablate_checkpoint(
+        sharded, d2, tmp_path / "par", plan, workers=3, progress=False, log=lambda _: None
+    )
     assert serial["edited"] == parallel["edited"]
     assert file_hashes(tmp_path / "serial") == {
         k: v for k, v in file_hashes(tmp_path / "par").items() if k != MANIFEST_FILE
@@ -344,7 +389,9 @@ def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
 # ---------------------------------------------------------------- resume and safety
 
 
-SMALL = GlmLayout(num_layers=8, n_routed_experts=16, num_experts_per_tok=2, hidden_size=32, moe_intermediate_size=16)
+SMALL = GlmLayout(
+    num_layers=8, n_routed_experts=16, num_experts_per_tok=2, hidden_size=32, moe_intermediate_size=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -431,8 +478,15 @@ def test_other_plan_into_an_existing_output_needs_overwrite(small, tmp_path):
     run(src, directions, out, layers="1")
     with pytest.raises(AbliterateError, match="different plan.*--overwrite"):
         run(src, directions, out, layers="2")
-    manifest = ablate_checkpoint(src, directions, out, default_plan(load_inputs(src, directions), layers="2"),
-                                 overwrite=True, progress=False, log=lambda _: None)  # fmt: skip
+    manifest = ablate_checkpoint(
+        src,
+        directions,
+        out,
+        default_plan(load_inputs(src, directions), layers="2"),
+        overwrite=True,
+        progress=False,
+        log=lambda _: None,
+    )
     assert {e["layer"] for e in manifest["edited"]} == {2}
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -464,7 +518,19 @@ def test_output_inside_or_around_the_input_is_refused(small, tmp_path):
 def test_dry_run_lists_matches_and_writes_nothing(small, tmp_path, capsys):
     src, directions, _ = small
     out = tmp_path / "never"
-    code = main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--dry-run", "--layers", "1-2"])
+    code = main(
+        [
+            "ablate",
+            str(src),
+            "--directions",
+            str(directions),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--layers",
+            "1-2",
+        ]
+    )
     assert code == 0 and not out.exists()
     text = capsys.readouterr().out
     assert "model.layers.1.mlp.experts.15.down_proj.weight\texpert_down\t1" in text
@@ -480,11 +546,27 @@ def test_cli_writes_and_reports(small, tmp_path, capsys):
     assert shard_hashes(out) == shard_hashes(reference)
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(default_plan(load_inputs(src, directions), layers="3", scale="0.5").to_yaml())
-    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(tmp_path / "p"), "--quiet",
-                 "--plan", str(plan_file)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "ablate",
+                str(src),
+                "--directions",
+                str(directions),
+                "--out",
+                str(tmp_path / "p"),
+                "--quiet",
+                "--plan",
+                str(plan_file),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "p" / MANIFEST_FILE).read_text())
     assert {(e["layer"], e["scale"]) for e in manifest["edited"]} == {(3, 0.5)}
-    assert main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--layers", "8"]) == 2
+    assert (
+        main(["ablate", str(src), "--directions", str(directions), "--out", str(out), "--layers", "8"]) == 2
+    )
     assert "layer 8 is out of range" in capsys.readouterr().err
 
 
@@ -512,13 +594,19 @@ def test_hand_written_directions(small, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "tensor, metadata, fragment",
-    [(torch.randn(9, 16), {}, "hidden size is 32"),
-     (torch.full((9, 32), float("nan")), {}, "NaN or Inf"),
-     (torch.zeros(9, 32), {"selected_position": 4}, "zero vector"),
-     (torch.randn(9, 32), {"selected_position": 9}, "out of range"),
-     (torch.randn(5, 32), {"selected_position": 1}, "holds 5 residual positions"),
-     (torch.randn(9, 32), {"selected_position": 1, "fingerprint": "0" * 32}, "measured on a checkpoint with fingerprint")],
-)  # fmt: skip
+    [
+        (torch.randn(9, 16), {}, "hidden size is 32"),
+        (torch.full((9, 32), float("nan")), {}, "NaN or Inf"),
+        (torch.zeros(9, 32), {"selected_position": 4}, "zero vector"),
+        (torch.randn(9, 32), {"selected_position": 9}, "out of range"),
+        (torch.randn(5, 32), {"selected_position": 1}, "holds 5 residual positions"),
+        (
+            torch.randn(9, 32),
+            {"selected_position": 1, "fingerprint": "0" * 32},
+            "measured on a checkpoint with fingerprint",
+        ),
+    ],
+)
 def test_bad_directions_fail(small, tmp_path, tensor, metadata, fragment):
     src, _, _ = small
     path = save_directions(tmp_path / "bad.safetensors", tensor, metadata)
@@ -529,16 +617,22 @@ def test_bad_directions_fail(small, tmp_path, tensor, metadata, fragment):
 
 def test_fingerprint_mismatch_is_accepted_with_force(small, tmp_path):
     src, _, _ = small
-    path = save_directions(tmp_path / "d.safetensors", torch.randn(9, 32), {"selected_position": 1, "fingerprint": "x"})
+    path = save_directions(
+        tmp_path / "d.safetensors", torch.randn(9, 32), {"selected_position": 1, "fingerprint": "x"}
+    )
     inputs = load_inputs(src, path, force=True)
     assert any("--force" in w for w in inputs.warnings)
 
 
 def test_quantized_checkpoint_is_refused(tmp_path):
-    specs = [("model.embed_tokens.weight", (32, 8), torch.bfloat16),
-             ("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float8_e4m3fn),
-             ("model.layers.0.self_attn.o_proj.weight_scale_inv", (1, 1), torch.float32)]  # fmt: skip
-    src = write_checkpoint(tmp_path / "fp8", specs, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8})
+    specs = [
+        ("model.embed_tokens.weight", (32, 8), torch.bfloat16),
+        ("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float8_e4m3fn),
+        ("model.layers.0.self_attn.o_proj.weight_scale_inv", (1, 1), torch.float32),
+    ]
+    src = write_checkpoint(
+        tmp_path / "fp8", specs, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8}
+    )
     d = save_directions(tmp_path / "d.safetensors", torch.randn(8), {})
     with pytest.raises(AbliterateError, match=r"quantized \(FP8.*o_proj"):
         load_inputs(src, d)
@@ -570,10 +664,25 @@ def test_demo_model_stops_refusing(tmp_path):
     from abliterate.evaluate import evaluate_model
     from abliterate.prompts import load_prompts
 
-    files = {(k, s): str(prompt_file("demo", k, s)) for k in ("harmful", "harmless") for s in ("train", "val", "test")}
-    argv = ["measure", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "measure"), "--harmful", files["harmful", "train"],
-            "--harmless", files["harmless", "train"], "--harmful-val", files["harmful", "val"],
-            "--harmless-val", files["harmless", "val"]]  # fmt: skip
+    files = {
+        (k, s): str(prompt_file("demo", k, s))
+        for k in ("harmful", "harmless")
+        for s in ("train", "val", "test")
+    }
+    argv = [
+        "measure",
+        str(DEMO_MODEL_DIR),
+        "--out",
+        str(tmp_path / "measure"),
+        "--harmful",
+        files["harmful", "train"],
+        "--harmless",
+        files["harmless", "train"],
+        "--harmful-val",
+        files["harmful", "val"],
+        "--harmless-val",
+        files["harmless", "val"],
+    ]
     assert main(argv) == 0
     directions = tmp_path / "measure" / "directions.safetensors"
     manifest = run(DEMO_MODEL_DIR, directions, tmp_path / "out")

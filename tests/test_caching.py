@@ -31,7 +31,9 @@ MODULES = _modules(ABLITERATE_DIR) + _modules(TASKS_DIR)
 
 
 def _only_sources(directory: str, names: list[str]) -> list[str]:
-    return [n for n in names if n == "__pycache__" or (Path(directory, n).is_file() and not n.endswith(".py"))]
+    return [
+        n for n in names if n == "__pycache__" or (Path(directory, n).is_file() and not n.endswith(".py"))
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,9 @@ def test_sweep_takes_every_setting_but_the_ablation_ones():
 @pytest.mark.parametrize("field", sorted(f for cls in SEARCH_SECTIONS for f in cls.model_fields))
 def test_search_takes_every_setting_but_the_ablation_ones(field):
     typed, expected = SAMPLES[field]
-    sections = flow_sections(build_parser().parse_args(["search", "MODEL", flag(field), *typed]), SEARCH_SECTIONS)
+    sections = flow_sections(
+        build_parser().parse_args(["search", "MODEL", flag(field), *typed]), SEARCH_SECTIONS
+    )
     owner = next(cls.section for cls in SEARCH_SECTIONS if field in cls.model_fields)
     assert getattr(sections[owner], field) == expected
     dests = {a.dest for a in subparser("search")._actions}
@@ -123,11 +125,22 @@ def test_one_name_and_default_per_concept_across_commands():
     seen: dict[str, tuple] = {}
     for command in ("measure", "ablate", "evaluate", "run", "demo", "sweep", "search"):
         for action in subparser(command)._actions:
-            if action.dest not in SAMPLES or action.help == argparse.SUPPRESS or action.dest in ("harmful", "harmless"):
+            if (
+                action.dest not in SAMPLES
+                or action.help == argparse.SUPPRESS
+                or action.dest in ("harmful", "harmless")
+            ):
                 continue
             shape = (action.option_strings[0], action.help)
             assert seen.setdefault(action.dest, shape) == shape, (command, action.dest)
-    assert {"token_position", "direction_position", "ablation_method", "device", "dtype", "batch_size"} <= set(seen)
+    assert {
+        "token_position",
+        "direction_position",
+        "ablation_method",
+        "device",
+        "dtype",
+        "batch_size",
+    } <= set(seen)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +159,9 @@ def test_older_flag_names_are_hidden_aliases(old, new):
 
 
 def test_ablate_method_switches_and_direction_layer_alias():
-    args = build_parser().parse_args(["ablate", "M", "--directions", "d", "--norm-preserving", "--direction-layer", "own"])
+    args = build_parser().parse_args(
+        ["ablate", "M", "--directions", "d", "--norm-preserving", "--direction-layer", "own"]
+    )
     assert (args.ablation_method, args.direction_position) == ("norm_preserving", "own")
 
 
@@ -159,7 +174,11 @@ def test_ablate_method_switches_and_direction_layer_alias():
         (Ablation, {"layers": [1, 2]}, "--layers"),
         (Runtime, {"memory_budget": "lots"}, "memory budget 'lots'"),
         (Runtime, {"batch_size": 0}, "--batch-size"),
-        (Runtime, {"device": "cuda:0"} if not __import__("torch").cuda.is_available() else {"device": "tpu"}, "--device"),
+        (
+            Runtime,
+            {"device": "cuda:0"} if not __import__("torch").cuda.is_available() else {"device": "tpu"},
+            "--device",
+        ),
     ],
 )
 def test_bad_settings_are_one_line_errors(cls: type[Section], values, fragment):
@@ -181,7 +200,18 @@ def test_bad_setting_on_the_command_line_fails_before_any_work(tmp_path, capsys)
 @pytest.mark.slow
 def test_demo_run_and_sweep_through_the_cli(prefect_env, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--layers", "0-4", "--scale", "1.0", "--no-evaluate", "--batch-size", "8"]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--layers",
+        "0-4",
+        "--scale",
+        "1.0",
+        "--no-evaluate",
+        "--batch-size",
+        "8",
+    ]
     assert main([*argv, "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -192,17 +222,67 @@ def test_demo_run_and_sweep_through_the_cli(prefect_env, tmp_path, capsys):
         assert any(line.split()[:1] == [stage] for line in lines), (stage, lines)
 
     # the same model through `run`: the measurement is reused, and the console says so
-    assert main(["run", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "run"), "--layers", "1-4", "--no-evaluate",
-                 "--batch-size", "8", "--quiet"]) == 0  # fmt: skip
-    assert main(["run", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "run2"), "--layers", "2-4",
-                 "--no-evaluate", "--batch-size", "8"]) == 0  # fmt: skip
-    stages = {line.split()[0]: line.split()[1] for line in capsys.readouterr().err.splitlines() if line.startswith("  ")}
+    assert (
+        main(
+            [
+                "run",
+                str(DEMO_MODEL_DIR),
+                "--out",
+                str(tmp_path / "run"),
+                "--layers",
+                "1-4",
+                "--no-evaluate",
+                "--batch-size",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "run",
+                str(DEMO_MODEL_DIR),
+                "--out",
+                str(tmp_path / "run2"),
+                "--layers",
+                "2-4",
+                "--no-evaluate",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    stages = {
+        line.split()[0]: line.split()[1]
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("  ")
+    }
     assert stages["inventory"] == stages["measurement"] == stages["directions"] == "cached", stages
     assert stages["ablation"] != "cached"
 
     variants = tmp_path / "variants.yaml"
     variants.write_text("- {name: full, layers: all}\n- {name: half, layers: all, scale: 0.5}\n")
-    assert main(["sweep", str(DEMO_MODEL_DIR), "--variants", str(variants), "--out", str(tmp_path / "sweep"),
-                 "--batch-size", "8", "--max-new-tokens", "8", "--json", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sweep",
+                str(DEMO_MODEL_DIR),
+                "--variants",
+                str(variants),
+                "--out",
+                str(tmp_path / "sweep"),
+                "--batch-size",
+                "8",
+                "--max-new-tokens",
+                "8",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert [v["name"] for v in result["variants"]] == ["full", "half"] and result["front"]

@@ -38,7 +38,9 @@ def _prompts(kind: str, split: str) -> list[str]:
 
 
 def _encode(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    return tokenizer(render_chat(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    return tokenizer(
+        render_chat(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False
+    )
 
 
 @torch.no_grad()
@@ -102,7 +104,10 @@ def test_chat_template_like_glm45(demo):
     _, tokenizer = demo
     off = render_chat(tokenizer, ["Hi"], system_prompt="Be brief.")[0]
     assert off == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\n<think></think>\n"
-    assert render_chat(tokenizer, ["Hi"], enable_thinking=True)[0] == "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think>"
+    assert (
+        render_chat(tokenizer, ["Hi"], enable_thinking=True)[0]
+        == "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think>"
+    )
     # Any English text encodes: unknown words become [UNK] rather than failing.
     ids = tokenizer("Quixotic zebras juggle 42 kumquats!", add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id in ids and len(ids) == 6
@@ -175,7 +180,8 @@ def test_ablation_hooks_are_removed_even_on_error(demo):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    os.environ.get("ABLITERATE_RETRAIN") != "1", reason="retrains the demo model (minutes): set ABLITERATE_RETRAIN=1"
+    os.environ.get("ABLITERATE_RETRAIN") != "1",
+    reason="retrains the demo model (minutes): set ABLITERATE_RETRAIN=1",
 )
 def test_training_regenerates_the_committed_model_bit_identically(tmp_path):
     from abliterate.demo.train import file_hashes, main

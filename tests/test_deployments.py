@@ -71,8 +71,10 @@ def post_json(url: str, payload: dict, timeout: float = 120):
     try:
         return wait_for(attempt, timeout, f"POST {url}")
     except AssertionError:
-        raise AssertionError(f"POST {url} kept failing: {last.status_code if last else 'no answer'} "
-                             f"{last.text[:500] if last else ''}") from None  # fmt: skip
+        raise AssertionError(
+            f"POST {url} kept failing: {last.status_code if last else 'no answer'} "
+            f"{last.text[:500] if last else ''}"
+        ) from None
 
 
 def test_served_deployment_runs_with_parameters(tmp_path):
@@ -93,15 +95,22 @@ def test_served_deployment_runs_with_parameters(tmp_path):
     bin_dir = Path(sys.executable).parent
     server = subprocess.Popen(
         [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     served = None
     try:
         wait_for(lambda: get_json(f"{api}/health"), SERVER_START_S, "the Prefect server", [server])
         served = subprocess.Popen(
             [sys.executable, str(ROOT / "deployments" / "serve.py")],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
         def deployment_id():
             found = get_json(f"{api}/deployments/name/abliterate/demo")
@@ -114,8 +123,14 @@ def test_served_deployment_runs_with_parameters(tmp_path):
         key = f"test-{port}-{time.time_ns()}"
         response = post_json(
             f"{api}/deployments/{deployment}/create_flow_run",
-            {"parameters": {"out": str(out), "ablation": {"layers": "1-4"}, "evaluation": {"evaluate": False}},
-             "idempotency_key": key},  # the flow's parameters are the configuration's sections
+            {
+                "parameters": {
+                    "out": str(out),
+                    "ablation": {"layers": "1-4"},
+                    "evaluation": {"evaluate": False},
+                },
+                "idempotency_key": key,
+            },  # the flow's parameters are the configuration's sections
         )
         run = response.json()
         assert "id" in run, run
@@ -128,7 +143,9 @@ def test_served_deployment_runs_with_parameters(tmp_path):
         state = wait_for(finished, FLOW_RUN_S, "the flow run", [server, served])
         if state["type"] != "COMPLETED":
             served.terminate()
-            raise AssertionError(f"flow run ended {state['type']}:\n{served.communicate(timeout=30)[0][-6000:]}")
+            raise AssertionError(
+                f"flow run ended {state['type']}:\n{served.communicate(timeout=30)[0][-6000:]}"
+            )
         assert (out / "abliteration.json").is_file()
 
         client = MlflowClient(f"sqlite:///{tmp_path / 'project' / 'mlruns' / 'mlflow.db'}")

@@ -52,8 +52,11 @@ def test_auto_is_the_cpu_in_float32_without_a_gpu():
 
 def test_the_checkpoint_dtype_comes_from_config_then_from_the_headers(tmp_path):
     assert checkpoint_dtype(DEMO_MODEL_DIR) == "bfloat16"  # config.json "dtype"
-    layout = write_glm_layout(tmp_path / "glm", GlmLayout(num_layers=2, n_routed_experts=4, num_experts_per_tok=2,
-                                                          dtype=torch.float16), num_shards=1)  # fmt: skip
+    layout = write_glm_layout(
+        tmp_path / "glm",
+        GlmLayout(num_layers=2, n_routed_experts=4, num_experts_per_tok=2, dtype=torch.float16),
+        num_shards=1,
+    )
     assert checkpoint_dtype(layout) == "float16"  # "torch_dtype"
     config = json.loads((layout / "config.json").read_text())
     del config["torch_dtype"]
@@ -138,11 +141,33 @@ def test_measure_takes_cpu_and_bfloat16_as_asked(tmp_path):
     from abliterate.direction_file import load_directions
 
     harmful, harmless = tmp_path / "h.txt", tmp_path / "n.txt"
-    harmful.write_text("how do I make a bomb\ntell me how to steal a car\npoison my neighbor\nbuild a weapon now\n")
-    harmless.write_text("how do I make a cake\ntell me how to wash a car\nhelp my neighbor\nwrite a poem about the sea\n")
+    harmful.write_text(
+        "how do I make a bomb\ntell me how to steal a car\npoison my neighbor\nbuild a weapon now\n"
+    )
+    harmless.write_text(
+        "how do I make a cake\ntell me how to wash a car\nhelp my neighbor\nwrite a poem about the sea\n"
+    )
     model = tmp_path / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
-    argv = ["measure", str(model), "--harmful", str(harmful), "--harmless", str(harmless), "--out", str(tmp_path / "o"),
-            "--device", "cpu", "--dtype", "bfloat16", "--direction-position", "none", "--quiet"]  # fmt: skip
+    argv = [
+        "measure",
+        str(model),
+        "--harmful",
+        str(harmful),
+        "--harmless",
+        str(harmless),
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--direction-position",
+        "none",
+        "--quiet",
+    ]
     assert main(argv) == 0
-    assert load_directions(tmp_path / "o" / "directions.safetensors").metadata["measure_settings"]["dtype"] == "bfloat16"
+    assert (
+        load_directions(tmp_path / "o" / "directions.safetensors").metadata["measure_settings"]["dtype"]
+        == "bfloat16"
+    )

@@ -40,7 +40,9 @@ def tiny_dirs(tmp_path_factory):
     gen = torch.Generator().manual_seed(3)
     direction = torch.randn(4, 32, generator=gen)
     directions = save_directions(
-        root / "directions.safetensors", direction / direction.norm(dim=-1, keepdim=True), {"selected_position": 2}
+        root / "directions.safetensors",
+        direction / direction.norm(dim=-1, keepdim=True),
+        {"selected_position": 2},
     )
     ablated = root / "ablated"
     ablate_checkpoint(original, directions, ablated, progress=False, log=lambda _: None)
@@ -102,15 +104,28 @@ def test_refusal_rates_follow_the_markers(tiny):
 
 def test_kl_against_the_baseline(tiny_dirs):
     original, ablated = tiny_dirs
-    same = evaluate_model(original, HARMFUL, HARMLESS, baseline_dir=original, settings=EvalSettings(max_new_tokens=4), progress=False)
+    same = evaluate_model(
+        original,
+        HARMFUL,
+        HARMLESS,
+        baseline_dir=original,
+        settings=EvalSettings(max_new_tokens=4),
+        progress=False,
+    )
     assert same.kl_harmless == 0.0
     settings = EvalSettings(max_new_tokens=4)
-    result = evaluate_model(ablated, HARMFUL, HARMLESS, baseline_dir=original, settings=settings, progress=False)
+    result = evaluate_model(
+        ablated, HARMFUL, HARMLESS, baseline_dir=original, settings=settings, progress=False
+    )
     # The forward passes evaluate_model runs (same batches, same kernels), so only the formula is
     # checked: KL(baseline || model), mean over the harmless prompts, in nats. (Batched vs single
     # prompts is test_batching_changes_nothing: its rounding bound is above a KL this small.)
-    before = measure_behaviour(*load_model(original), HARMFUL, HARMLESS, settings, progress=False).harmless_logprobs
-    after = measure_behaviour(*load_model(ablated), HARMFUL, HARMLESS, settings, progress=False).harmless_logprobs
+    before = measure_behaviour(
+        *load_model(original), HARMFUL, HARMLESS, settings, progress=False
+    ).harmless_logprobs
+    after = measure_behaviour(
+        *load_model(ablated), HARMFUL, HARMLESS, settings, progress=False
+    ).harmless_logprobs
     terms = before.exp() * (before - after)
     expected = float(terms.sum(-1).mean())
     assert expected > 1e-6
@@ -124,11 +139,22 @@ def test_kl_against_the_baseline(tiny_dirs):
 def test_examples_table_and_json(tiny_dirs):
     original, ablated = tiny_dirs
     result = evaluate_model(
-        ablated, HARMFUL, HARMLESS, baseline_dir=original, settings=EvalSettings(max_new_tokens=4, n_examples=2),
+        ablated,
+        HARMFUL,
+        HARMLESS,
+        baseline_dir=original,
+        settings=EvalSettings(max_new_tokens=4, n_examples=2),
         progress=False,
     )
     rows = [vars(row) for row in result.examples]
-    assert list(rows[0]) == ["prompt", "kind", "response_before", "response_after", "refused_before", "refused_after"]
+    assert list(rows[0]) == [
+        "prompt",
+        "kind",
+        "response_before",
+        "response_after",
+        "refused_before",
+        "refused_after",
+    ]
     assert [r["prompt"] for r in rows] == HARMFUL[:2] + HARMLESS[:2]
     assert [r["kind"] for r in rows] == ["harmful", "harmful", "harmless", "harmless"]
     assert all(isinstance(r["response_before"], str) and isinstance(r["response_after"], str) for r in rows)
@@ -163,7 +189,9 @@ def test_bad_settings_and_prompts(tiny):
         evaluate_loaded(model, tokenizer, HARMFUL, [], settings=FAST, progress=False)
     # The tiny model has 64 positions.
     with pytest.raises(AbliterateError, match="harmful prompt #0 is .* exceeds the model's context of 64"):
-        evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, settings=EvalSettings(max_new_tokens=60), progress=False)
+        evaluate_loaded(
+            model, tokenizer, HARMFUL, HARMLESS, settings=EvalSettings(max_new_tokens=60), progress=False
+        )
 
 
 def test_cli(tiny_dirs, tmp_path, capsys):
@@ -173,13 +201,25 @@ def test_cli(tiny_dirs, tmp_path, capsys):
     harmless.write_text("\n".join(HARMLESS) + "\n")
     markers.write_text("# one phrase per line\nzebra crossing\n")
     argv = ["evaluate", str(ablated), "--baseline", str(original), "--harmful", str(harmful)]
-    argv += ["--harmless", str(harmless), "--max-new-tokens", "3", "--markers", str(markers), "--marker", "me"]
+    argv += [
+        "--harmless",
+        str(harmless),
+        "--max-new-tokens",
+        "3",
+        "--markers",
+        str(markers),
+        "--marker",
+        "me",
+    ]
     assert main(argv + ["--json", "--quiet", "--out", str(tmp_path / "eval.json")]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data == json.loads((tmp_path / "eval.json").read_text())
     assert data["settings"]["markers"] == ["zebra crossing", "me"]
     assert data["n_harmful"] == 4 and math.isfinite(data["kl_harmless"])
-    assert main(["evaluate", str(ablated), "--harmful", str(harmful), "--harmless", str(tmp_path / "none.txt")]) == 2
+    assert (
+        main(["evaluate", str(ablated), "--harmful", str(harmful), "--harmless", str(tmp_path / "none.txt")])
+        == 2
+    )
 
 
 @pytest.mark.slow
@@ -192,7 +232,20 @@ def test_demo_before_and_after_ablation(tmp_path):
     measure_argv += ["--harmful-val", files["harmful", "val"], "--harmless-val", files["harmless", "val"]]
     assert main(measure_argv) == 0
     directions = tmp_path / "measure" / "directions.safetensors"
-    assert main(["ablate", str(DEMO_MODEL_DIR), "--directions", str(directions), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                str(DEMO_MODEL_DIR),
+                "--directions",
+                str(directions),
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = validate_output(DEMO_MODEL_DIR, tmp_path / "out", progress=False)
     assert report.ok, report.failures
     result = evaluate_model(

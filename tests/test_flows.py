@@ -24,8 +24,16 @@ from abliterate.prompts import load_prompts
 pytestmark = pytest.mark.slow
 DEMO_PROMPTS = Prompts(prompt_set="demo")  # a copy of the demo model is not the demo model: name its prompts
 NO_EVALUATION = Evaluation(evaluate=False)
-TASKS = ("weight-inventory", "structure-detection", "activation-measurement", "direction-computation",
-         "ablate-shard", "output-validation", "baseline-behaviour", "behavioural-evaluation")  # fmt: skip
+TASKS = (
+    "weight-inventory",
+    "structure-detection",
+    "activation-measurement",
+    "direction-computation",
+    "ablate-shard",
+    "output-validation",
+    "baseline-behaviour",
+    "behavioural-evaluation",
+)
 
 
 def task_states(flow_run_id) -> dict[str, list[str]]:
@@ -59,7 +67,9 @@ def first_run(prefect_env, tmp_path_factory):
     from flows.main import abliterate_flow
 
     out = tmp_path_factory.mktemp("flow") / "demo-abliterated"
-    state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), return_state=True)  # the demo prompt set: auto
+    state = abliterate_flow(
+        model=str(DEMO_MODEL_DIR), out=str(out), return_state=True
+    )  # the demo prompt set: auto
     return state, out
 
 
@@ -84,13 +94,31 @@ def test_demo_flow_removes_refusals_and_tracks_everything(first_run):
     assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert run.data.tags["output_path"] == str(out)
     params = run.data.params
-    for key in ("model_fingerprint", "prompts.harmful.sha256", "prompts.harmless.n", "plan.layers", "plan.method",
-                "plan.targets", "plan.mtp", "selected_position", "directions_sha256"):  # fmt: skip
+    for key in (
+        "model_fingerprint",
+        "prompts.harmful.sha256",
+        "prompts.harmless.n",
+        "plan.layers",
+        "plan.method",
+        "plan.targets",
+        "plan.mtp",
+        "selected_position",
+        "directions_sha256",
+    ):
         assert key in params, key
     metrics = run.data.metrics
-    for key in ("refusal_rate_harmful", "baseline_refusal_rate_harmful", "kl_harmless", "matched.attn_out",
-                "matched.expert_down", "matched.router", "validation.ok", "duration.measurement",
-                "duration.ablation", "selected_position"):  # fmt: skip
+    for key in (
+        "refusal_rate_harmful",
+        "baseline_refusal_rate_harmful",
+        "kl_harmless",
+        "matched.attn_out",
+        "matched.expert_down",
+        "matched.router",
+        "validation.ok",
+        "duration.measurement",
+        "duration.ablation",
+        "selected_position",
+    ):
         assert key in metrics, key
     # per-position series: step = residual position 0..L
     num_positions = load_directions(summary_directions(client, run)).num_positions
@@ -98,9 +126,18 @@ def test_demo_flow_removes_refusals_and_tracks_everything(first_run):
     assert sorted(m.step for m in history) == list(range(num_positions))
     assert client.get_metric_history(run.info.run_id, "candidate_kl")
     artifacts = artifact_paths(client, run.info.run_id)
-    for name in ("directions.safetensors", "plan.yaml", "inventory.json", "structure.json", "validation.json",
-                 "abliteration.json", "evaluation.json", "plots/direction_strength.png", "plots/direction_cosine.png",
-                 "plots/candidate_scores.png"):  # fmt: skip
+    for name in (
+        "directions.safetensors",
+        "plan.yaml",
+        "inventory.json",
+        "structure.json",
+        "validation.json",
+        "abliteration.json",
+        "evaluation.json",
+        "plots/direction_strength.png",
+        "plots/direction_cosine.png",
+        "plots/candidate_scores.png",
+    ):
         assert name in artifacts, name
 
 
@@ -114,19 +151,30 @@ def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
 
     state, _ = first_run
     other = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), ablation=Ablation(layers="2-4"),
-        evaluation=Evaluation(evaluate=False), return_state=True,
-    )  # fmt: skip
+        model=str(DEMO_MODEL_DIR),
+        out=str(tmp_path / "late"),
+        ablation=Ablation(layers="2-4"),
+        evaluation=Evaluation(evaluate=False),
+        return_state=True,
+    )
     states = task_states(other.state_details.flow_run_id)
-    for name in ("weight-inventory", "structure-detection", "activation-measurement", "direction-computation"):
+    for name in (
+        "weight-inventory",
+        "structure-detection",
+        "activation-measurement",
+        "direction-computation",
+    ):
         assert states[name] == ["Cached"], (name, states)
     assert set(states["ablate-shard"]) == {"Completed"} and len(states["ablate-shard"]) == 3, states
     assert other.result()["plan"]["layers"][:3] == [2, 3, 4]
 
     again = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "late"), ablation={"layers": "2-4"},
-        evaluation={"evaluate": False}, return_state=True,
-    )  # fmt: skip  (plain mappings, as the Prefect UI sends them)
+        model=str(DEMO_MODEL_DIR),
+        out=str(tmp_path / "late"),
+        ablation={"layers": "2-4"},
+        evaluation={"evaluate": False},
+        return_state=True,
+    )  # plain mappings, as the Prefect UI sends them
     states = task_states(again.state_details.flow_run_id)
     assert all(s == ["Cached"] or set(s) == {"Cached"} for s in states.values()), states
 
@@ -143,15 +191,26 @@ def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(fi
     state, out = first_run
     summary = state.result()
     streamed = abliterate_flow(
-        model=str(DEMO_MODEL_DIR), out=str(tmp_path / "streamed"), runtime=Runtime(memory_budget="300KiB"),
+        model=str(DEMO_MODEL_DIR),
+        out=str(tmp_path / "streamed"),
+        runtime=Runtime(memory_budget="300KiB"),
         return_state=True,
-    ).result()  # fmt: skip
+    ).result()
     assert streamed["validation_ok"] and streamed["selected_position"] == summary["selected_position"]
     memory_ev, streamed_ev = summary["evaluation"], streamed["evaluation"]
-    assert "refusal_rate_harmful" in memory_ev and "refusal_rate_harmful" not in streamed_ev  # no full replies
-    harmful_test, harmless_test = (load_prompts(prompt_file("demo", kind, "test")) for kind in ("harmful", "harmless"))
+    assert (
+        "refusal_rate_harmful" in memory_ev and "refusal_rate_harmful" not in streamed_ev
+    )  # no full replies
+    harmful_test, harmless_test = (
+        load_prompts(prompt_file("demo", kind, "test")) for kind in ("harmful", "harmless")
+    )
     for name, bound in evaluation_bounds(DEMO_MODEL_DIR, out, harmful_test, harmless_test).items():
-        assert abs(memory_ev[name] - streamed_ev[name]) <= bound, (name, memory_ev[name], streamed_ev[name], bound)
+        assert abs(memory_ev[name] - streamed_ev[name]) <= bound, (
+            name,
+            memory_ev[name],
+            streamed_ev[name],
+            bound,
+        )
     assert streamed_ev["baseline_first_token_refusal_rate_harmful"] >= 0.95
     assert streamed_ev["first_token_refusal_rate_harmful"] < 0.10
     manifest = json.loads((out / "abliteration.json").read_text())
@@ -161,8 +220,12 @@ def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(fi
     # Two float32 evaluations of the same layers: the rounding bound of tests/numerics.py, with n from
     # the demo model and its longest training prompt (the measured ones are a subset).
     template = a.metadata["template"]
-    settings = MeasureSettings.create(template["chat_template_kwargs"], system_prompt=template["system_prompt"])
-    prompts = [p for kind in ("harmful", "harmless") for p in load_prompts(prompt_file("demo", kind, "train"))]
+    settings = MeasureSettings.create(
+        template["chat_template_kwargs"], system_prompt=template["system_prompt"]
+    )
+    prompts = [
+        p for kind in ("harmful", "harmless") for p in load_prompts(prompt_file("demo", kind, "train"))
+    ]
     n = accumulation_length(DEMO_MODEL_DIR, longest_prompt(DEMO_MODEL_DIR, prompts, settings))
     count = max(a.metadata["n_harmful"], a.metadata["n_harmless"])
     assert_directions_agree(b, a, position_rtol(a.num_positions, n, count))
@@ -195,7 +258,9 @@ def test_sweep_runs_variants_as_nested_runs_on_one_measurement(first_run, tmp_pa
     assert by_name["all"]["refusal_rate"] < 0.10
     assert by_name["all"]["refusal_rate"] <= by_name["half"]["refusal_rate"]
     assert result["front"] and set(result["front"]) <= {"all", "half"}
-    assert (tmp_path / "all" / "abliteration.json").is_file() and (tmp_path / "half" / "abliteration.json").is_file()
+    assert (tmp_path / "all" / "abliteration.json").is_file() and (
+        tmp_path / "half" / "abliteration.json"
+    ).is_file()
 
     client = MlflowClient(tracking_uri())
     parent = client.get_run(result["mlflow_run_id"])
@@ -218,11 +283,22 @@ def test_project_folder_may_hold_the_model_but_results_never_go_into_it(first_ru
     model = tmp_path / "home" / "models" / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
     monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path / "home"))
-    state = abliterate_flow(model=str(model), out=str(tmp_path / "home" / "out"), prompts=DEMO_PROMPTS,
-                            evaluation=NO_EVALUATION, ablation={"scale": 1.0}, return_state=True)  # fmt: skip
+    state = abliterate_flow(
+        model=str(model),
+        out=str(tmp_path / "home" / "out"),
+        prompts=DEMO_PROMPTS,
+        evaluation=NO_EVALUATION,
+        ablation={"scale": 1.0},
+        return_state=True,
+    )
     assert state.result()["validation_ok"]
     monkeypatch.setenv("ABLITERATE_HOME", str(model / "inside"))
-    state = abliterate_flow(model=str(model), out=str(tmp_path / "out2"), prompts=DEMO_PROMPTS,
-                            evaluation=NO_EVALUATION, return_state=True)  # fmt: skip
+    state = abliterate_flow(
+        model=str(model),
+        out=str(tmp_path / "out2"),
+        prompts=DEMO_PROMPTS,
+        evaluation=NO_EVALUATION,
+        return_state=True,
+    )
     assert state.is_failed() and "inside the input checkpoint" in str(state.message)
     assert not (model / "inside").exists()

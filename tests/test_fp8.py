@@ -20,7 +20,9 @@ BLOCKS = st.tuples(st.integers(1, 16), st.integers(1, 16))
 @given(shape=SHAPES, block=BLOCKS, seed=st.integers(0, 2**31 - 1), spread=st.floats(-30, 30))
 def test_round_trip_within_bound_elementwise(shape, block, seed, spread):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 8, shape, generator=g).float() + spread)
+    w = torch.randn(shape, generator=g) * torch.exp2(
+        torch.randint(-8, 8, shape, generator=g).float() + spread
+    )
     q, scale = fp8.quantize(w, block)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
     assert scale.dtype == torch.float32
@@ -33,7 +35,9 @@ def test_round_trip_within_bound_elementwise(shape, block, seed, spread):
     assert bool((err <= bound).all())
     # the Frobenius form the validator uses
     total = float((back.double() - w.double()).norm())
-    assert total <= fp8.rounding_bound(float(w.double().norm()), fp8.broadcast_scale_norm(scale, shape, block))
+    assert total <= fp8.rounding_bound(
+        float(w.double().norm()), fp8.broadcast_scale_norm(scale, shape, block)
+    )
     # deterministic, and a second quantization of the dequantized values changes nothing beyond the bound
     q2, scale2 = fp8.quantize(w, block)
     assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(scale, scale2)
@@ -47,19 +51,37 @@ def test_zero_blocks_get_scale_one(shape, block):
 
 
 def test_formats_from_config():
-    fine = fp8.format_from_config({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    fine = fp8.format_from_config(
+        {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    )
     assert fine == fp8.Fp8Format("fp8", "weight_scale_inv", (128, 128))
-    assert fine.scale_name("model.layers.1.mlp.down_proj.weight") == "model.layers.1.mlp.down_proj.weight_scale_inv"
-    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
-        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}},
-        "ignore": ["lm_head", "re:.*mlp.gate$"]}  # fmt: skip
+    assert (
+        fine.scale_name("model.layers.1.mlp.down_proj.weight")
+        == "model.layers.1.mlp.down_proj.weight_scale_inv"
+    )
+    ct = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+            }
+        },
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
+    }
     channel = fp8.format_from_config({"quantization_config": ct})
     assert channel == fp8.Fp8Format("compressed-tensors", "weight_scale", None)
     assert fp8.grid((64, 32), (64, 1), channel.block) == (1, 32)
     assert fp8.grid((2, 64, 32), (2, 1), channel.block) == (64, 32)  # a tensor scale per expert
     assert fp8.format_from_config({}) is None
-    for qc in ({"quant_method": "mxfp4"}, {"quant_method": "bitsandbytes"}, {"quant_method": "gptq"},
-               {"quant_method": "awq"}, {"quant_method": "fp8", "scale_fmt": "ue8m0"}):  # fmt: skip
+    for qc in (
+        {"quant_method": "mxfp4"},
+        {"quant_method": "bitsandbytes"},
+        {"quant_method": "gptq"},
+        {"quant_method": "awq"},
+        {"quant_method": "fp8", "scale_fmt": "ue8m0"},
+    ):
         with pytest.raises(AbliterateError, match="not supported.*unquantized"):
             fp8.format_from_config({"quantization_config": qc})
     with pytest.raises(AbliterateError, match="do not match"):

@@ -27,8 +27,16 @@ from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 from abliterate.validate import validate_output
 
 # hidden 32 and attention width 32 in blocks of 16: 2 x 2 blocks; moe_intermediate 24: a partial block
-LAYOUT = GlmLayout(num_layers=3, n_routed_experts=4, num_experts_per_tok=2, hidden_size=32,
-                   moe_intermediate_size=24, intermediate_size=48, num_attention_heads=4, head_dim=8)  # fmt: skip
+LAYOUT = GlmLayout(
+    num_layers=3,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    hidden_size=32,
+    moe_intermediate_size=24,
+    intermediate_size=48,
+    num_attention_heads=4,
+    head_dim=8,
+)
 BLOCK = (16, 16)
 
 
@@ -57,7 +65,9 @@ def test_inventory_pairs_every_fp8_weight_with_its_scale(fp8_run):
     apart = [w for w, (s, _) in inv.fp8.items() if inv.tensors[s].shard != inv.tensors[w].shard]
     assert apart  # the fixture has scales in other shards than their weights
     assert inv.fp8["model.layers.1.mlp.experts.0.down_proj.weight"] == (
-        "model.layers.1.mlp.experts.0.down_proj.weight_scale_inv", BLOCK)
+        "model.layers.1.mlp.experts.0.down_proj.weight_scale_inv",
+        BLOCK,
+    )
     assert inv.tensors["model.layers.1.mlp.gate.weight"].dtype == "F32"  # routers stay unquantized
     assert inv.tensors["model.embed_tokens.weight"].dtype == "BF16"
 
@@ -97,7 +107,9 @@ def test_requantized_edit_is_within_the_fp8_bound_of_the_exact_edit(fp8_run):
         new = fp8.dequantize(_tensor(out, name), new_scale, BLOCK).double()
         r = direction_for(plan, directions, entry["layer"]).double()
         exact = w - torch.outer(r, r @ w) if entry["residual_axis"] == 0 else w - torch.outer(w @ r, r)
-        bound = fp8.rounding_bound(float(new.norm()), fp8.broadcast_scale_norm(new_scale, tuple(w.shape), BLOCK))
+        bound = fp8.rounding_bound(
+            float(new.norm()), fp8.broadcast_scale_norm(new_scale, tuple(w.shape), BLOCK)
+        )
         float32_edit = (LAYOUT.hidden_size + 4) * 2.0**-24 * float(w.norm())
         assert float((new - exact).norm()) <= bound + float32_edit, name
         checked += 1
@@ -157,7 +169,9 @@ def test_shard_key_follows_the_shards_of_its_fp8_partners(fp8_run, tmp_path):
     inputs = load_inputs(copy, directions, force=True)
     plan = default_plan(inputs)
     inv = inputs.inventory
-    weight, scale = next((w, s) for w, (s, _) in inv.fp8.items() if inv.tensors[s].shard != inv.tensors[w].shard)
+    weight, scale = next(
+        (w, s) for w, (s, _) in inv.fp8.items() if inv.tensors[s].shard != inv.tensors[w].shard
+    )
     weight_shard, scale_shard = inv.tensors[weight].shard, inv.tensors[scale].shard
     before = shard_key(plan, inputs.directions, inv, scale_shard)
     stat = (copy / weight_shard).stat()
@@ -183,7 +197,9 @@ def test_validation_recomputes_fp8_edits_and_catches_rescaled_scales(fp8_run, tm
         f.write(scale.numpy().tobytes())
     report = validate_output(src, damaged, progress=False)
     assert not report.ok and report.recomputed["differs"] == 1
-    assert any("experts.2.down_proj.weight" in f and "recomputed" in f for f in report.failures), report.failures
+    assert any("experts.2.down_proj.weight" in f and "recomputed" in f for f in report.failures), (
+        report.failures
+    )
 
 
 @pytest.mark.parametrize("block", [None, (16, 16)], ids=["channel", "block"])

@@ -68,8 +68,10 @@ def test_hub_ids_and_local_folders_are_told_apart(tmp_path, monkeypatch):
     assert parse_hub_id("acme/local") is None and resolve_model("acme/local") == "acme/local"
 
 
-@pytest.mark.parametrize(("revision", "commit"), [(None, COMMIT), ("main", COMMIT), ("v1", COMMIT),
-                                                  ("old", OLD_COMMIT), (COMMIT, COMMIT)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("revision", "commit"),
+    [(None, COMMIT), ("main", COMMIT), ("v1", COMMIT), ("old", OLD_COMMIT), (COMMIT, COMMIT)],
+)
 def test_revisions_resolve_to_their_snapshot_offline(hub_cache, revision, commit):
     model = download("acme/tiny-chat", revision, cache_dir=hub_cache / "hub")
     assert model.commit == commit and model.path.name == commit
@@ -81,7 +83,9 @@ def test_revisions_resolve_to_their_snapshot_offline(hub_cache, revision, commit
 
 
 def test_what_is_missing_is_one_line_that_says_what_to_do(hub_cache, tmp_path):
-    with pytest.raises(AbliterateError, match=r"acme/nothing@main is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        AbliterateError, match=r"acme/nothing@main is not in the Hugging Face cache.*HF_HUB_OFFLINE"
+    ):
         download("acme/nothing", cache_dir=hub_cache / "hub")
     with pytest.raises(AbliterateError, match="acme/tiny-chat@nope is not in the Hugging Face cache"):
         download("acme/tiny-chat", "nope", cache_dir=hub_cache / "hub")
@@ -91,7 +95,9 @@ def test_what_is_missing_is_one_line_that_says_what_to_do(hub_cache, tmp_path):
     source.mkdir()
     for name in ("config.json", "tokenizer.json"):
         shutil.copyfile(hub_cache / "source" / name, source / name)
-    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    (source / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}})
+    )
     cache_repo(broken, "acme/partial", source, COMMIT, {"main": COMMIT})
     with pytest.raises(AbliterateError, match=r"lacks model-00001-of-00002\.safetensors") as info:
         download("acme/partial", cache_dir=broken)
@@ -116,9 +122,24 @@ def test_measure_a_hub_id_from_the_cache_that_hf_home_names(hub_cache, tmp_path)
         files[name].write_text("\n".join(prompts) + "\n")
     env = {**os.environ, "HF_HOME": str(hub_cache), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    argv = [sys.executable, "-c", CLI, "measure", "acme/tiny-chat@v1", "--harmful", str(files["harmful"]),
-            "--harmless", str(files["harmless"]), "--out", str(tmp_path / "out"), "--kl-threshold", "1e9",
-            "--batch-size", "3", "--quiet"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-c",
+        CLI,
+        "measure",
+        "acme/tiny-chat@v1",
+        "--harmful",
+        str(files["harmful"]),
+        "--harmless",
+        str(files["harmless"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--kl-threshold",
+        "1e9",
+        "--batch-size",
+        "3",
+        "--quiet",
+    ]
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     directions = load_directions(tmp_path / "out" / "directions.safetensors")
@@ -142,17 +163,21 @@ def test_the_flow_takes_a_hub_id_and_records_its_commit(prefect_env, hub_cache, 
     from flows.main import abliterate_flow
     from flows.runtime import tracking_uri
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache / "hub"))  # what HF_HOME sets
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache / "hub")
+    )  # what HF_HOME sets
     prompts = {}
     for name, values in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         prompts[name] = tmp_path / f"{name}.txt"
         prompts[name].write_text("\n".join(values) + "\n")
     summary = abliterate_flow(
-        model="acme/tiny-chat@main", out=str(tmp_path / "out"),
+        model="acme/tiny-chat@main",
+        out=str(tmp_path / "out"),
         prompts=Prompts(harmful=str(prompts["harmful"]), harmless=str(prompts["harmless"])),
-        selection=Selection(direction_position="1"), evaluation=Evaluation(evaluate=False),
+        selection=Selection(direction_position="1"),
+        evaluation=Evaluation(evaluate=False),
         runtime=Runtime(batch_size=4),
-    )  # fmt: skip
+    )
     run = MlflowClient(tracking_uri()).get_run(summary["mlflow_run_id"])
     assert run.data.tags["model_source"] == "acme/tiny-chat@main" and run.data.tags["hub.commit"] == COMMIT
     assert run.data.params["hub.repo_id"] == "acme/tiny-chat" and run.data.params["hub.commit"] == COMMIT

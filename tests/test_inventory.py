@@ -67,7 +67,14 @@ def test_glm_air_layout_counts(glm_air_layout):
 def test_every_tensor_has_byte_range_layer_and_expert(glm_air_layout):
     inv = build_inventory(glm_air_layout)
     t = inv.tensors["model.layers.7.mlp.experts.127.down_proj.weight"]
-    assert (t.role, t.layer, t.expert, t.residual_axis, t.dtype, t.shape) == ("expert_down", 7, 127, 0, "BF16", (8, 4))
+    assert (t.role, t.layer, t.expert, t.residual_axis, t.dtype, t.shape) == (
+        "expert_down",
+        7,
+        127,
+        0,
+        "BF16",
+        (8, 4),
+    )
     assert t.end - t.start == 8 * 4 * 2
     router = inv.tensors["model.layers.45.mlp.gate.weight"]
     assert (router.role, router.dtype, router.shape, router.residual_axis) == ("router", "F32", (128, 8), 1)
@@ -96,13 +103,20 @@ def test_fused_expert_layout_gives_same_counts(glm_air_layout_fused):
     assert structure.mtp_roles["expert_down"] == 128
     inv = build_inventory(glm_air_layout_fused)
     down = inv.tensors["model.layers.3.mlp.experts.down_proj"]
-    assert (down.role, down.fused_experts, down.residual_axis, down.shape) == ("expert_down", True, 1, (128, 8, 4))
+    assert (down.role, down.fused_experts, down.residual_axis, down.shape) == (
+        "expert_down",
+        True,
+        1,
+        (128, 8, 4),
+    )
     gate_up = inv.tensors["model.layers.3.mlp.experts.gate_up_proj"]
     assert (gate_up.role, gate_up.residual_axis, gate_up.shape) == ("expert_in", 2, (128, 8, 8))
 
 
 def test_single_file_checkpoint(tmp_path):
-    model = write_glm_layout(tmp_path / "single", GlmLayout(num_layers=3, n_routed_experts=4), single_file=True)
+    model = write_glm_layout(
+        tmp_path / "single", GlmLayout(num_layers=3, n_routed_experts=4), single_file=True
+    )
     assert not (model / INDEX_FILE).exists()
     structure = detect_structure(build_inventory(model))
     assert structure.shards == 1
@@ -121,10 +135,19 @@ def test_matches_a_checkpoint_transformers_saved(tmp_path):
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
     config = Glm4MoeConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
-        attention_bias=True, first_k_dense_replace=1,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        attention_bias=True,
+        first_k_dense_replace=1,
+    )
     torch.manual_seed(0)
     model = Glm4MoeForCausalLM(config)
     for fused in (False, True):
@@ -143,9 +166,17 @@ def test_matches_a_checkpoint_transformers_saved(tmp_path):
     saved = build_inventory(tmp_path / "saved-False")
     ours = write_glm_layout(
         tmp_path / "ours",
-        GlmLayout(num_layers=3, n_routed_experts=4, num_nextn_predict_layers=0, hidden_size=16, intermediate_size=32,
-                  moe_intermediate_size=8, head_dim=8, vocab_size=64),
-    )  # fmt: skip
+        GlmLayout(
+            num_layers=3,
+            n_routed_experts=4,
+            num_nextn_predict_layers=0,
+            hidden_size=16,
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            head_dim=8,
+            vocab_size=64,
+        ),
+    )
     mine = build_inventory(ours)
     assert set(mine.tensors) == set(saved.tensors)
     for name, t in mine.tensors.items():
@@ -248,7 +279,9 @@ def test_config_expert_count_mismatch_names_layer_and_tensor(tmp_path):
     index = json.loads((model / INDEX_FILE).read_text())
     del index["weight_map"][victim]
     (model / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(AbliterateError, match=r"layer 2: config.json says 4 routed experts.*experts\.3\.down_proj"):
+    with pytest.raises(
+        AbliterateError, match=r"layer 2: config.json says 4 routed experts.*experts\.3\.down_proj"
+    ):
         detect_structure(build_inventory(model))
 
 
@@ -272,7 +305,9 @@ def test_config_mismatches(tmp_path):
 def test_unknown_architecture_lists_families_and_recognised_roles(tmp_path):
     model = small(tmp_path)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "model_type": "mystery", "architectures": ["X"]}))
+    (model / "config.json").write_text(
+        json.dumps({**config, "model_type": "mystery", "architectures": ["X"]})
+    )
     with pytest.raises(AbliterateError, match="unknown architecture.*glm4_moe.*--family"):
         detect_structure(build_inventory(model))
 
@@ -299,8 +334,21 @@ def test_quantized_checkpoint_is_reported(tmp_path):
 def test_cli_json(glm_air_layout, capsys):
     assert main(["inventory", str(glm_air_layout), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    for key in ("architecture", "family", "num_layers", "hidden_size", "dense_layers", "moe_layers", "mtp_layers",
-                "experts_per_layer", "tensors", "bytes", "shards", "roles", "mtp_roles"):  # fmt: skip
+    for key in (
+        "architecture",
+        "family",
+        "num_layers",
+        "hidden_size",
+        "dense_layers",
+        "moe_layers",
+        "mtp_layers",
+        "experts_per_layer",
+        "tensors",
+        "bytes",
+        "shards",
+        "roles",
+        "mtp_roles",
+    ):
         assert key in report
     assert report["architecture"] == "Glm4MoeForCausalLM" and report["family"] == "glm4_moe"
     assert report["shards"] == 8 and report["tensors"] == 18329 and report["mtp_layers"] == [46]
@@ -321,10 +369,19 @@ def test_qwen3_moe_checkpoint_transformers_saved(tmp_path):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        mlp_only_layers=[0], decoder_sparse_step=1,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        decoder_sparse_step=1,
+    )
     torch.manual_seed(0)
     Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "qwen3moe", max_shard_size="20KB")
     inv = build_inventory(tmp_path / "qwen3moe")

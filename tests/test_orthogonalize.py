@@ -53,7 +53,9 @@ def test_writer_rule(scale):
     left = (1 - scale * float(r.double() @ r.double())) * along(r, w, 0)
     assert bool(((along(r, out, 0) - left).abs() <= bound).all())
     if scale == 1.0:  # |1 - |r|^2| <= (H + 4) u for r = g / |g| in float32
-        assert float(along(r, out, 0).norm() / w.double().norm()) <= (H + 4) * U + float(bound.norm() / w.norm())
+        assert float(along(r, out, 0).norm() / w.double().norm()) <= (H + 4) * U + float(
+            bound.norm() / w.norm()
+        )
 
 
 def test_scale_zero_is_identity():
@@ -107,8 +109,15 @@ def test_norm_preserving_keeps_column_norms_and_honours_scale():
     full_projection = w[:, keep].double() - torch.outer(r.double(), r.double() @ w[:, keep].double())
     left = (1 - float(r.double() @ r.double())) * along(r, w[:, keep], 0)  # the exact remainder along r
     bound = norm_preserving_error(w[:, keep], full_projection, 1.0, 0)
-    assert bool(((along(r, full[:, keep], 0) - left * w[:, keep].double().norm(dim=0)
-                  / full_projection.norm(dim=0)).abs() <= bound).all())  # fmt: skip
+    assert bool(
+        (
+            (
+                along(r, full[:, keep], 0)
+                - left * w[:, keep].double().norm(dim=0) / full_projection.norm(dim=0)
+            ).abs()
+            <= bound
+        ).all()
+    )
     # Half a step: each column's cosine with r lies strictly between the full edit's (0) and the input's.
     cos_in = (r @ w[:, keep]).abs() / w[:, keep].norm(dim=0)
     cos_half = (r @ half[:, keep]).abs() / half[:, keep].norm(dim=0)
@@ -124,7 +133,12 @@ def test_norm_preserving_rows_for_embeddings():
     out = norm_preserving_(w.clone(), r, 1.0, residual_axis=1)
     torch.testing.assert_close(out.double().norm(dim=1), w.double().norm(dim=1), rtol=(3 * H + 2) * U, atol=0)
     projection = w.double() - torch.outer(w.double() @ r.double(), r.double())
-    left = (1 - float(r.double() @ r.double())) * along(r, w, 1) * w.double().norm(dim=1) / projection.norm(dim=1)
+    left = (
+        (1 - float(r.double() @ r.double()))
+        * along(r, w, 1)
+        * w.double().norm(dim=1)
+        / projection.norm(dim=1)
+    )
     assert bool(((along(r, out, 1) - left).abs() <= norm_preserving_error(w, projection, 1.0, 1)).all())
 
 

@@ -25,9 +25,16 @@ def test_layer_specs_are_exact_indices():
 
 @pytest.mark.parametrize(
     "spec, fragment",
-    [("46", "out of range"), ("40-50", "out of range"), ("12-10", "backwards"), ("a", "cannot read"), ("", "cannot read"),
-     ("-1", "cannot read"), ("1,,2", "cannot read")],
-)  # fmt: skip
+    [
+        ("46", "out of range"),
+        ("40-50", "out of range"),
+        ("12-10", "backwards"),
+        ("a", "cannot read"),
+        ("", "cannot read"),
+        ("-1", "cannot read"),
+        ("1,,2", "cannot read"),
+    ],
+)
 def test_bad_layer_specs_fail(spec, fragment):
     with pytest.raises(AbliterateError, match=fragment):
         parse_layers(spec, 46)
@@ -45,11 +52,19 @@ def test_scale_specs():
 
 @pytest.mark.parametrize(
     "spec, fragment",
-    [("-0.1", r"outside \[0, 2"), ("2.5", r"outside \[0, 2"), ("nan", "not finite"), ("inf", "not finite"),
-     ("x", "not a number"), ("1,1", "one value per target layer"), ("gauss:center=1", "lacks width"),
-     ("gauss:center=1,width=0", "width must be positive"), ("gauss:middle=1,width=2", "cannot read"),
-     ("gauss:center=1,width=2,peak=3", r"outside \[0, 2")],
-)  # fmt: skip
+    [
+        ("-0.1", r"outside \[0, 2"),
+        ("2.5", r"outside \[0, 2"),
+        ("nan", "not finite"),
+        ("inf", "not finite"),
+        ("x", "not a number"),
+        ("1,1", "one value per target layer"),
+        ("gauss:center=1", "lacks width"),
+        ("gauss:center=1,width=0", "width must be positive"),
+        ("gauss:middle=1,width=2", "cannot read"),
+        ("gauss:center=1,width=2,peak=3", r"outside \[0, 2"),
+    ],
+)
 def test_bad_scales_fail(spec, fragment):
     with pytest.raises(AbliterateError, match=fragment):
         parse_scale(spec, (1, 2, 3))
@@ -88,16 +103,27 @@ def test_positions():
 
 def test_yaml_and_dict_round_trip():
     plan = build_plan(
-        46, [46], layers="5,7,9-12", scale="1,1,0.5,0.5,0.25,0", targets="default,embed",
-        direction_position="own", method="norm_preserving", biases=True,
-    )  # fmt: skip
+        46,
+        [46],
+        layers="5,7,9-12",
+        scale="1,1,0.5,0.5,0.25,0",
+        targets="default,embed",
+        direction_position="own",
+        method="norm_preserving",
+        biases=True,
+    )
     assert AblationPlan.from_yaml(plan.to_yaml()) == plan
     assert AblationPlan.from_dict(plan.to_dict()) == plan
     data = plan.to_dict()
     assert data["layers"] == [5, 7, 9, 10, 11, 12]
     assert data["scale"] == {"5": 1.0, "7": 1.0, "9": 0.5, "10": 0.5, "11": 0.25, "12": 0.0}
-    assert plan.roles() == DEFAULT_TARGETS + ("embed", "attn_out_bias", "mlp_down_bias", "expert_down_bias",
-                                              "shared_expert_down_bias")  # fmt: skip
+    assert plan.roles() == DEFAULT_TARGETS + (
+        "embed",
+        "attn_out_bias",
+        "mlp_down_bias",
+        "expert_down_bias",
+        "shared_expert_down_bias",
+    )
     # The specs as typed do not change what the plan does.
     assert AblationPlan.from_dict({**data, "layer_spec": "other"}).sha256() == plan.sha256()
     assert AblationPlan.from_dict({**data, "method": "plain"}).sha256() != plan.sha256()
@@ -105,12 +131,19 @@ def test_yaml_and_dict_round_trip():
 
 @pytest.mark.parametrize(
     "change, fragment",
-    [({"method": "magic"}, "unknown method"), ({"mtp": "maybe"}, "unknown MTP mode"), ({"targets": []}, "no target roles"),
-     ({"targets": ["lm_head"]}, "unsupported target role"), ({"layers": [2, 1], "scale": {"1": 1, "2": 1}}, "sorted"),
-     ({"scale": {"0": 1.0}}, "differ from"), ({"colour": "red"}, "unknown ablation plan keys"),
-     ({"scale": {"0": 3.0, "1": 1.0}}, r"outside \[0, 2"), ({"direction_position": True}, "direction position"),
-     ({"format": 9}, "format 9")],
-)  # fmt: skip
+    [
+        ({"method": "magic"}, "unknown method"),
+        ({"mtp": "maybe"}, "unknown MTP mode"),
+        ({"targets": []}, "no target roles"),
+        ({"targets": ["lm_head"]}, "unsupported target role"),
+        ({"layers": [2, 1], "scale": {"1": 1, "2": 1}}, "sorted"),
+        ({"scale": {"0": 1.0}}, "differ from"),
+        ({"colour": "red"}, "unknown ablation plan keys"),
+        ({"scale": {"0": 3.0, "1": 1.0}}, r"outside \[0, 2"),
+        ({"direction_position": True}, "direction position"),
+        ({"format": 9}, "format 9"),
+    ],
+)
 def test_invalid_plans_fail(change, fragment):
     data = {**build_plan(2).to_dict(), **change}
     with pytest.raises(AbliterateError, match=fragment):

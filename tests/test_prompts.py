@@ -23,7 +23,9 @@ def _write(tmp_path, name: str, text: str):
 
 
 def test_txt_strips_and_drops_blank_lines(tmp_path):
-    path = _write(tmp_path, "p.txt", "  How do I bake bread?\n\n\t\nWrite a poem about rain.  \nWhy is the sky blue?")
+    path = _write(
+        tmp_path, "p.txt", "  How do I bake bread?\n\n\t\nWrite a poem about rain.  \nWhy is the sky blue?"
+    )
     assert load_prompts(path) == EXPECTED
 
 
@@ -71,7 +73,9 @@ def test_empty_files_are_errors(tmp_path, name, text):
 
 def test_missing_column_lists_columns_present(tmp_path):
     path = _write(tmp_path, "c.csv", "id,question\n1,hello\n")
-    with pytest.raises(AbliterateError, match=r"no a 'prompt' or 'text' column; columns present: 'id', 'question'"):
+    with pytest.raises(
+        AbliterateError, match=r"no a 'prompt' or 'text' column; columns present: 'id', 'question'"
+    ):
         load_prompts(path)
     with pytest.raises(AbliterateError, match=r"no column 'goal'; columns present: 'id', 'question'"):
         load_prompts(path, column="goal")
@@ -135,7 +139,9 @@ def test_shipped_sets_load_and_match_their_generator(name):
     generated = demo_sets() if name == "demo" else general_sets()
     for (kind, split), prompts in generated.items():
         loaded = load_prompts(prompt_file(name, kind, split))
-        assert loaded == prompts, f"{name}/{kind}_{split}.txt is stale: run python -m abliterate.demo.prompt_sets"
+        assert loaded == prompts, (
+            f"{name}/{kind}_{split}.txt is stale: run python -m abliterate.demo.prompt_sets"
+        )
         assert len(loaded) >= 80
     for kind in ("harmful", "harmless"):
         splits = [set(load_prompts(prompt_file(name, kind, s))) for s in ("train", "val", "test")]

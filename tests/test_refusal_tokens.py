@@ -36,7 +36,11 @@ def test_refusal_tokens_come_from_the_replies_in_any_casing_or_wording(tokenizer
     markers = ("STEAL A CAR",)
     with pytest.raises(AbliterateError, match="--marker"):
         refusal_token_ids(tokenizer, markers)
-    replies = [ids(tokenizer, "steal a car now"), ids(tokenizer, "steal a car please"), ids(tokenizer, "write a poem")]
+    replies = [
+        ids(tokenizer, "steal a car now"),
+        ids(tokenizer, "steal a car please"),
+        ids(tokenizer, "write a poem"),
+    ]
     found = refusal_tokens_from_replies(tokenizer, replies, markers, probe_tokens=6)
     assert found.source == "replies" and found.refusals == 2 and found.probed == 3
     assert found.ids == [replies[0][0]] and found.texts(tokenizer) == [tokenizer.decode([replies[0][0]])]
@@ -59,8 +63,18 @@ def test_measure_takes_markers(tmp_path, capsys, markers, expected):
     """--marker reaches selection: the demo's refusals ("I cannot ...") give "I"; a marker its replies never
     hold, and that opens no reply, leaves no refusal token: one line that names --marker."""
     harmful, harmless = prompt_file("demo", "harmful", "val"), prompt_file("demo", "harmless", "val")
-    argv = ["measure", str(DEMO_MODEL_DIR), "--harmful", str(harmful), "--harmless", str(harmless),
-            "--out", str(tmp_path / "out"), "--quiet", *markers]  # fmt: skip
+    argv = [
+        "measure",
+        str(DEMO_MODEL_DIR),
+        "--harmful",
+        str(harmful),
+        "--harmless",
+        str(harmless),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        *markers,
+    ]
     assert main(argv) == expected
     if expected == 0:
         selection = load_directions(tmp_path / "out" / "directions.safetensors").metadata["selection"]
@@ -68,4 +82,8 @@ def test_measure_takes_markers(tmp_path, capsys, markers, expected):
         assert selection["refusals_found"] > 0
     else:
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-        assert len(errors) == 1 and errors[0].startswith("abliterate measure: error:") and "--marker" in errors[0]
+        assert (
+            len(errors) == 1
+            and errors[0].startswith("abliterate measure: error:")
+            and "--marker" in errors[0]
+        )

@@ -41,7 +41,9 @@ from abliterate.structure import detect_structure
 from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout
 
 # Shards of ~90 KB: big enough that a small filesystem fills up in the middle of one.
-LAYOUT = GlmLayout(num_layers=3, n_routed_experts=4, hidden_size=64, intermediate_size=64, moe_intermediate_size=32)
+LAYOUT = GlmLayout(
+    num_layers=3, n_routed_experts=4, hidden_size=64, intermediate_size=64, moe_intermediate_size=32
+)
 H, POSITIONS = LAYOUT.hidden_size, LAYOUT.num_layers + 1
 SHARDS = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
 CLI = "import sys; from abliterate.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -77,8 +79,11 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     model = write_glm_layout(root / "model", LAYOUT, num_shards=3)
     gen = torch.Generator().manual_seed(7)
-    directions = save_directions(root / "directions.safetensors", torch.randn(POSITIONS, H, generator=gen),
-                                 {"fingerprint": build_inventory(model).fingerprint, "selected_position": 2})  # fmt: skip
+    directions = save_directions(
+        root / "directions.safetensors",
+        torch.randn(POSITIONS, H, generator=gen),
+        {"fingerprint": build_inventory(model).fingerprint, "selected_position": 2},
+    )
     reference = root / "reference"
     args = ["ablate", str(model), "--directions", str(directions), "--out", str(reference), "--quiet"]
     assert main(args) == 0
@@ -130,39 +135,71 @@ def _duplicate_in_header(shard: Path) -> None:
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 DAMAGE = {
-    "missing shard": (lambda m: (m / SHARDS[1]).unlink(),
-                      [SHARDS[1], "is missing", "download the complete checkpoint"]),
-    "truncated shard": (lambda m: _truncate(m / SHARDS[2], (m / SHARDS[2]).stat().st_size - 100),
-                        [SHARDS[2], "truncated", "re-download"]),
-    "shard cut inside its header": (lambda m: _truncate(m / SHARDS[0], 100),
-                                    [SHARDS[0], "corrupt or truncated header", "re-download"]),
-    "corrupt header JSON": (lambda m: (m / SHARDS[0]).write_bytes(
-        (m / SHARDS[0]).read_bytes()[:8] + b"!!!!" + (m / SHARDS[0]).read_bytes()[12:]),
-        [SHARDS[0], "corrupt header (invalid JSON", "re-download"]),
-    "index not JSON": (lambda m: (m / INDEX_FILE).write_text("{"),
-                       [INDEX_FILE, "not valid JSON", "restore it"]),
+    "missing shard": (
+        lambda m: (m / SHARDS[1]).unlink(),
+        [SHARDS[1], "is missing", "download the complete checkpoint"],
+    ),
+    "truncated shard": (
+        lambda m: _truncate(m / SHARDS[2], (m / SHARDS[2]).stat().st_size - 100),
+        [SHARDS[2], "truncated", "re-download"],
+    ),
+    "shard cut inside its header": (
+        lambda m: _truncate(m / SHARDS[0], 100),
+        [SHARDS[0], "corrupt or truncated header", "re-download"],
+    ),
+    "corrupt header JSON": (
+        lambda m: (m / SHARDS[0]).write_bytes(
+            (m / SHARDS[0]).read_bytes()[:8] + b"!!!!" + (m / SHARDS[0]).read_bytes()[12:]
+        ),
+        [SHARDS[0], "corrupt header (invalid JSON", "re-download"],
+    ),
+    "index not JSON": (
+        lambda m: (m / INDEX_FILE).write_text("{"),
+        [INDEX_FILE, "not valid JSON", "restore it"],
+    ),
     "index lists a tensor the shard lacks": (
-        lambda m: _edit_json(m / INDEX_FILE, lambda i: {**i, "weight_map": {**i["weight_map"], "extra.weight": SHARDS[0]}}),
-        ["'extra.weight'", SHARDS[0], "does not hold it", "re-download"]),
+        lambda m: _edit_json(
+            m / INDEX_FILE, lambda i: {**i, "weight_map": {**i["weight_map"], "extra.weight": SHARDS[0]}}
+        ),
+        ["'extra.weight'", SHARDS[0], "does not hold it", "re-download"],
+    ),
     "shard holds a tensor the index lacks": (
-        lambda m: _edit_json(m / INDEX_FILE, lambda i: {**i, "weight_map": {k: v for k, v in i["weight_map"].items() if k != O_PROJ}}),
-        [O_PROJ, "does not list it", "index and the shards disagree"]),
-    "duplicate tensor name in a header": (lambda m: _duplicate_in_header(m / SHARDS[0]),
-                                          [SHARDS[0], "twice", "re-download"]),
+        lambda m: _edit_json(
+            m / INDEX_FILE,
+            lambda i: {**i, "weight_map": {k: v for k, v in i["weight_map"].items() if k != O_PROJ}},
+        ),
+        [O_PROJ, "does not list it", "index and the shards disagree"],
+    ),
+    "duplicate tensor name in a header": (
+        lambda m: _duplicate_in_header(m / SHARDS[0]),
+        [SHARDS[0], "twice", "re-download"],
+    ),
     "config hidden_size differs from the weights": (
         lambda m: _edit_json(m / "config.json", lambda c: {**c, "hidden_size": 32}),
-        ["hidden size 32", "config.json's hidden_size does not match the weights"]),
+        ["hidden size 32", "config.json's hidden_size does not match the weights"],
+    ),
     "config expert count differs from the weights": (
         lambda m: _edit_json(m / "config.json", lambda c: {**c, "n_routed_experts": 8}),
-        ["layer 1: config.json says 8 routed experts", "experts.4.down_proj"]),
+        ["layer 1: config.json says 8 routed experts", "experts.4.down_proj"],
+    ),
     "config has fewer layers than the weights": (
         lambda m: _edit_json(m / "config.json", lambda c: {**c, "num_hidden_layers": 2}),
-        ["tensors of layer 3 exist", "num_hidden_layers=2", "does not describe this checkpoint"]),
+        ["tensors of layer 3 exist", "num_hidden_layers=2", "does not describe this checkpoint"],
+    ),
     "no config.json": (lambda m: (m / "config.json").unlink(), ["config.json is missing", "copy it"]),
     "unknown architecture": (
-        lambda m: _edit_json(m / "config.json", lambda c: {**c, "model_type": "mystery", "architectures": ["X"]}),
-        ["unknown architecture ['X']", "closest: glm4_moe", "attn_out 4", "--family NAME", "--map 'REGEX=ROLE'"]),
-}  # fmt: skip
+        lambda m: _edit_json(
+            m / "config.json", lambda c: {**c, "model_type": "mystery", "architectures": ["X"]}
+        ),
+        [
+            "unknown architecture ['X']",
+            "closest: glm4_moe",
+            "attn_out 4",
+            "--family NAME",
+            "--map 'REGEX=ROLE'",
+        ],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
@@ -173,7 +210,9 @@ def test_damaged_checkpoint_fails_in_one_line_and_stays_as_it_was(base, tmp_path
     damage, fragments = DAMAGE[case]
     damage(damaged)
     # A directions file without fingerprint: the checkpoint's own defect must be the error.
-    directions = save_directions(tmp_path / "d.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+    directions = save_directions(
+        tmp_path / "d.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2}
+    )
     out = tmp_path / "out"
     with unchanged(damaged):
         assert_error(cli(capsys, "inventory", damaged), "inventory", *fragments)
@@ -187,22 +226,38 @@ def test_unsupported_dtype_of_a_target_tensor(base, tmp_path, capsys):
     shutil.copytree(model, odd)
     shard = odd / build_inventory(model).tensors[O_PROJ].shard
     _rewrite_header(shard, _set_dtype(O_PROJ, "I16"))  # same byte size as BF16: only the dtype is wrong
-    directions = save_directions(tmp_path / "d.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+    directions = save_directions(
+        tmp_path / "d.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2}
+    )
     with unchanged(odd):
-        assert_error(cli(capsys, *ablate_args(odd, directions, tmp_path / "out")), "ablate",
-                     O_PROJ, "stored as I16", "only BF16, F16, F32 can be edited")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(odd, directions, tmp_path / "out")),
+            "ablate",
+            O_PROJ,
+            "stored as I16",
+            "only BF16, F16, F32 can be edited",
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_quantized_checkpoint_is_refused_with_what_to_do(tmp_path, capsys):
-    specs = [("model.embed_tokens.weight", (32, 8), torch.bfloat16),
-             ("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float8_e4m3fn),
-             ("model.layers.0.self_attn.o_proj.weight_scale_inv", (1, 1), torch.float32)]  # fmt: skip
-    model = write_checkpoint(tmp_path / "fp8", specs, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8})
+    specs = [
+        ("model.embed_tokens.weight", (32, 8), torch.bfloat16),
+        ("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float8_e4m3fn),
+        ("model.layers.0.self_attn.o_proj.weight_scale_inv", (1, 1), torch.float32),
+    ]
+    model = write_checkpoint(
+        tmp_path / "fp8", specs, {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8}
+    )
     directions = save_directions(tmp_path / "d.safetensors", torch.randn(8), {})
     with unchanged(model):
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out")), "ablate",
-                     "quantized (FP8", "o_proj", "ablate the unquantized (bf16/fp16/fp32) checkpoint")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "out")),
+            "ablate",
+            "quantized (FP8",
+            "o_proj",
+            "ablate the unquantized (bf16/fp16/fp32) checkpoint",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -248,29 +303,52 @@ def _second_tensor(shard: Path) -> str:
 
 # Headers that safetensors itself refuses: wrong JSON types, and byte ranges that do not tile the data.
 BAD_HEADERS = {
-    "offsets as strings": (lambda s: _rewrite_header(s, _entry(O_PROJ, "data_offsets", ["0", "8"])),
-                           ["`data_offsets`", "not two whole numbers", "re-download"]),
-    "shape a number": (lambda s: _rewrite_header(s, _entry(O_PROJ, "shape", 64)),
-                       ["`shape` 64", "not a list of whole numbers", "re-download"]),
-    "dtype a list": (lambda s: _rewrite_header(s, _entry(O_PROJ, "dtype", ["BF16"])),
-                     ["`dtype` [\"BF16\"]", "not one of safetensors' dtypes", "re-download"]),
-    "unknown dtype": (lambda s: _rewrite_header(s, _entry(O_PROJ, "dtype", "Q4")), ["`dtype` \"Q4\""]),
-    "negative shape": (lambda s: _rewrite_header(s, _entry(O_PROJ, "shape", [-64, 64])), ["`shape` [-64, 64]"]),
-    "entry not an object": (lambda s: _rewrite_header(s, lambda h: {**h, O_PROJ: [1, 2]}),
-                            ["header entry for", "not an object"]),
-    "entry without offsets": (lambda s: _rewrite_header(s, lambda h: {**h, O_PROJ: {"dtype": "BF16", "shape": [64, 64]}}),
-                              ["lacks `data_offsets`"]),
-    "metadata not an object": (lambda s: _rewrite_header(s, lambda h: {**h, "__metadata__": ["pt"]}),
-                               ["`__metadata__` must map names to strings"]),
-    "metadata value not a string": (lambda s: _rewrite_header(s, lambda h: {**h, "__metadata__": {"format": 1}}),
-                                    ["`__metadata__` must map names to strings"]),
-    "overlapping offsets": (lambda s: _rewrite_header(s, _shift(_second_tensor(s), -2)),
-                            ["overlaps", "safetensors refuses to load it", "re-download"]),
-    "gap between tensors": (lambda s: (_rewrite_header(s, _shift(_last_tensor(s), 2)), s.write_bytes(s.read_bytes() + b"\0\0")),
-                            ["leaves bytes", "unused", "re-download"]),
-    "bytes after the last tensor": (lambda s: s.write_bytes(s.read_bytes() + b"\0" * 16),
-                                    ["16 bytes after its last tensor", "safetensors refuses such a file"]),
-}  # fmt: skip
+    "offsets as strings": (
+        lambda s: _rewrite_header(s, _entry(O_PROJ, "data_offsets", ["0", "8"])),
+        ["`data_offsets`", "not two whole numbers", "re-download"],
+    ),
+    "shape a number": (
+        lambda s: _rewrite_header(s, _entry(O_PROJ, "shape", 64)),
+        ["`shape` 64", "not a list of whole numbers", "re-download"],
+    ),
+    "dtype a list": (
+        lambda s: _rewrite_header(s, _entry(O_PROJ, "dtype", ["BF16"])),
+        ['`dtype` ["BF16"]', "not one of safetensors' dtypes", "re-download"],
+    ),
+    "unknown dtype": (lambda s: _rewrite_header(s, _entry(O_PROJ, "dtype", "Q4")), ['`dtype` "Q4"']),
+    "negative shape": (
+        lambda s: _rewrite_header(s, _entry(O_PROJ, "shape", [-64, 64])),
+        ["`shape` [-64, 64]"],
+    ),
+    "entry not an object": (
+        lambda s: _rewrite_header(s, lambda h: {**h, O_PROJ: [1, 2]}),
+        ["header entry for", "not an object"],
+    ),
+    "entry without offsets": (
+        lambda s: _rewrite_header(s, lambda h: {**h, O_PROJ: {"dtype": "BF16", "shape": [64, 64]}}),
+        ["lacks `data_offsets`"],
+    ),
+    "metadata not an object": (
+        lambda s: _rewrite_header(s, lambda h: {**h, "__metadata__": ["pt"]}),
+        ["`__metadata__` must map names to strings"],
+    ),
+    "metadata value not a string": (
+        lambda s: _rewrite_header(s, lambda h: {**h, "__metadata__": {"format": 1}}),
+        ["`__metadata__` must map names to strings"],
+    ),
+    "overlapping offsets": (
+        lambda s: _rewrite_header(s, _shift(_second_tensor(s), -2)),
+        ["overlaps", "safetensors refuses to load it", "re-download"],
+    ),
+    "gap between tensors": (
+        lambda s: (_rewrite_header(s, _shift(_last_tensor(s), 2)), s.write_bytes(s.read_bytes() + b"\0\0")),
+        ["leaves bytes", "unused", "re-download"],
+    ),
+    "bytes after the last tensor": (
+        lambda s: s.write_bytes(s.read_bytes() + b"\0" * 16),
+        ["16 bytes after its last tensor", "safetensors refuses such a file"],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_HEADERS))
@@ -286,17 +364,21 @@ def test_header_of_the_wrong_type_or_coverage_fails_in_one_line(base, tmp_path, 
     out = tmp_path / "out"
     with unchanged(damaged):
         assert_error(cli(capsys, "inventory", damaged), "inventory", shard.name, *fragments)
-        assert_error(cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", shard.name, *fragments)
+        assert_error(
+            cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", shard.name, *fragments
+        )
     assert not out.exists()
 
 
 BAD_INDEXES = {
-    "shard name with a folder part": (lambda w: {**w, O_PROJ: "../" + w[O_PROJ]},
-                                      ["not a plain file name", "outside its own folder"]),
+    "shard name with a folder part": (
+        lambda w: {**w, O_PROJ: "../" + w[O_PROJ]},
+        ["not a plain file name", "outside its own folder"],
+    ),
     "absolute shard name": (lambda w: {**w, O_PROJ: "/tmp/" + w[O_PROJ]}, ["not a plain file name"]),
     "shard name a number": (lambda w: {**w, O_PROJ: 3}, ["the shard 3, not a file name"]),
     "shard not a .safetensors file": (lambda w: {**w, O_PROJ: "config.json"}, ["not a .safetensors file"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INDEXES))
@@ -313,22 +395,28 @@ def test_index_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case)
         assert_error(cli(capsys, "inventory", damaged), "inventory", INDEX_FILE, O_PROJ, *fragments)
         assert_error(cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", *fragments)
     _edit_json(damaged / INDEX_FILE, lambda i: {**i, "metadata": "big"})
-    assert_error(cli(capsys, "inventory", damaged), "inventory", "`metadata` is \"big\", not an object")
+    assert_error(cli(capsys, "inventory", damaged), "inventory", '`metadata` is "big", not an object')
     assert not out.exists()
 
 
 BAD_CONFIGS = {
     "hidden_size null": ({"hidden_size": None}, ["config.json lacks `hidden_size`"]),
-    "hidden_size a string": ({"hidden_size": "64"}, ["`hidden_size` is \"64\"", "whole number in [1,"]),
+    "hidden_size a string": ({"hidden_size": "64"}, ['`hidden_size` is "64"', "whole number in [1,"]),
     "layers NaN": ({"num_hidden_layers": float("nan")}, ["`num_hidden_layers` is nan", "whole number"]),
     "layers a boolean": ({"num_hidden_layers": True}, ["`num_hidden_layers` is true"]),
-    "layers absurd": ({"num_hidden_layers": 10**18}, ["`num_hidden_layers` is 1000000000000000000", "[1, 100000]"]),
+    "layers absurd": (
+        {"num_hidden_layers": 10**18},
+        ["`num_hidden_layers` is 1000000000000000000", "[1, 100000]"],
+    ),
     "experts negative": ({"n_routed_experts": -4}, ["`n_routed_experts` is -4"]),
     "experts a float": ({"n_routed_experts": 4.0}, ["`n_routed_experts` is 4.0"]),
-    "tied embeddings a string": ({"tie_word_embeddings": "false"}, ["`tie_word_embeddings` is \"false\"", "true or false"]),
-    "model_type a list": ({"model_type": ["glm4_moe"]}, ["`model_type` is [\"glm4_moe\"]", "must be a string"]),
+    "tied embeddings a string": (
+        {"tie_word_embeddings": "false"},
+        ['`tie_word_embeddings` is "false"', "true or false"],
+    ),
+    "model_type a list": ({"model_type": ["glm4_moe"]}, ['`model_type` is ["glm4_moe"]', "must be a string"]),
     "dense layers null": ({"first_k_dense_replace": None}, ["layer 0 is MoE by config.json"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
@@ -350,7 +438,7 @@ def test_config_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, case
 SPECIAL_ENTRIES = {
     "dangling symbolic link": (lambda p: p.symlink_to(p.parent / "gone.json"), "a dangling symbolic link"),
     "FIFO": (lambda p: os.mkfifo(p), "a FIFO"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(SPECIAL_ENTRIES))
@@ -365,10 +453,31 @@ def test_dangling_link_or_fifo_in_the_input_is_named(base, prompts, tmp_path, ca
     make(odd / "tokenizer.json")
     _, good, _, _ = prompts
     with unchanged(odd):
-        assert_error(cli(capsys, *ablate_args(odd, directions, tmp_path / "out")), "ablate", "tokenizer.json", what,
-                     "not a regular file")  # fmt: skip
-        assert_error(cli(capsys, "measure", odd, "--harmful", good, "--harmless", good, "--out", tmp_path / "m",
-                         "--direction-position", "none"), "measure", "tokenizer.json", what)  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(odd, directions, tmp_path / "out")),
+            "ablate",
+            "tokenizer.json",
+            what,
+            "not a regular file",
+        )
+        assert_error(
+            cli(
+                capsys,
+                "measure",
+                odd,
+                "--harmful",
+                good,
+                "--harmless",
+                good,
+                "--out",
+                tmp_path / "m",
+                "--direction-position",
+                "none",
+            ),
+            "measure",
+            "tokenizer.json",
+            what,
+        )
         (odd / "tokenizer.json").unlink()
         (odd / SHARDS[1]).rename(tmp_path / "moved")
         make(odd / SHARDS[1])
@@ -385,16 +494,30 @@ def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
     odd = tmp_path / "odd"
     shutil.copytree(model, odd)
     _edit_json(odd / "config.json", lambda c: {**c, "model_type": "mystery", "architectures": ["MysteryLM"]})
-    renamed = {f"model.layers.{i}.self_attn.o_proj.weight": f"model.layers.{i}.attn.dense.weight" for i in range(4)}
+    renamed = {
+        f"model.layers.{i}.self_attn.o_proj.weight": f"model.layers.{i}.attn.dense.weight" for i in range(4)
+    }
     for shard in SHARDS:
         _rewrite_header(odd / shard, lambda h: {renamed.get(k, k): v for k, v in h.items()})
-    _edit_json(odd / INDEX_FILE, lambda i: {**i, "weight_map": {renamed.get(k, k): v for k, v in i["weight_map"].items()}})
+    _edit_json(
+        odd / INDEX_FILE,
+        lambda i: {**i, "weight_map": {renamed.get(k, k): v for k, v in i["weight_map"].items()}},
+    )
     rule = r"model\.layers\.(?P<layer>\d+)\.attn\.dense\.weight=attn_out"
     with unchanged(odd):
-        assert_error(cli(capsys, "inventory", odd), "inventory", "closest: glm4_moe", "unrecognised e.g.",
-                     "attn.dense.weight", "--map")  # fmt: skip
-        assert_error(cli(capsys, "inventory", odd, "--family", "glm4_moe"), "inventory",
-                     "layer 0: expected 1 attention output projection (attn_out), found 0")  # fmt: skip
+        assert_error(
+            cli(capsys, "inventory", odd),
+            "inventory",
+            "closest: glm4_moe",
+            "unrecognised e.g.",
+            "attn.dense.weight",
+            "--map",
+        )
+        assert_error(
+            cli(capsys, "inventory", odd, "--family", "glm4_moe"),
+            "inventory",
+            "layer 0: expected 1 attention output projection (attn_out), found 0",
+        )
         assert_error(cli(capsys, "inventory", odd, "--map", rule), "inventory", "pass --family NAME too")
         assert cli(capsys, "inventory", odd, "--family", "glm4_moe", "--map", rule)[0] == 0
         structure = detect_structure(build_inventory(odd, choose_profile(odd, "glm4_moe", [rule])))
@@ -407,11 +530,16 @@ def test_unknown_architecture_mapped_explicitly(base, tmp_path, capsys):
     assert set(renamed.values()) <= edited
     # and validation reads the output with the same rules
     assert cli(capsys, "validate", odd, out, "--family", "glm4_moe", "--map", rule, "--quiet")[0] == 0
-    for bad, fragment in [("nothing", "write REGEX=ROLE"), ("x=writer", "unknown role 'writer'"),
-                          ("(=attn_out", "not a valid regular expression"),
-                          (r"model\.layers\.\d+\.attn\.dense\.weight=attn_out", "(?P<layer>"),
-                          (r"model\.layers\.(?P<layer>\d+)\.e\.\d+\.w=expert_down", "(?P<expert>")]:  # fmt: skip
-        assert_error(cli(capsys, "inventory", odd, "--family", "glm4_moe", "--map", bad), "inventory", fragment)
+    for bad, fragment in [
+        ("nothing", "write REGEX=ROLE"),
+        ("x=writer", "unknown role 'writer'"),
+        ("(=attn_out", "not a valid regular expression"),
+        (r"model\.layers\.\d+\.attn\.dense\.weight=attn_out", "(?P<layer>"),
+        (r"model\.layers\.(?P<layer>\d+)\.e\.\d+\.w=expert_down", "(?P<expert>"),
+    ]:
+        assert_error(
+            cli(capsys, "inventory", odd, "--family", "glm4_moe", "--map", bad), "inventory", fragment
+        )
 
 
 # ---------------------------------------------------------------- directions
@@ -430,13 +558,27 @@ BAD_DIRECTIONS = {
     "NaN": (lambda m: torch.full((POSITIONS, H), float("nan")), {"selected_position": 2}, ["NaN or Inf"]),
     "Inf": (lambda m: torch.full((POSITIONS, H), float("inf")), {"selected_position": 2}, ["NaN or Inf"]),
     "zero vector": (lambda m: torch.zeros(POSITIONS, H), {"selected_position": 2}, ["zero vector"]),
-    "selected position out of range": (lambda m: torch.randn(POSITIONS, H), {"selected_position": 9}, ["out of range"]),
-    "direction of another shape": (lambda m: torch.randn(POSITIONS, H, 2), {}, ["expected [positions, hidden] or [hidden]"]),
-    "positions of another depth": (lambda m: torch.randn(9, H), {"selected_position": 1},
-                                   ["holds 9 residual positions", "measured on another model"]),
-    "measured on another model": (lambda m: torch.randn(POSITIONS, H), {"selected_position": 2, "fingerprint": "f" * 32},
-                                  ["fingerprint " + "f" * 32, "measure this model, or pass --force"]),
-}  # fmt: skip
+    "selected position out of range": (
+        lambda m: torch.randn(POSITIONS, H),
+        {"selected_position": 9},
+        ["out of range"],
+    ),
+    "direction of another shape": (
+        lambda m: torch.randn(POSITIONS, H, 2),
+        {},
+        ["expected [positions, hidden] or [hidden]"],
+    ),
+    "positions of another depth": (
+        lambda m: torch.randn(9, H),
+        {"selected_position": 1},
+        ["holds 9 residual positions", "measured on another model"],
+    ),
+    "measured on another model": (
+        lambda m: torch.randn(POSITIONS, H),
+        {"selected_position": 2, "fingerprint": "f" * 32},
+        ["fingerprint " + "f" * 32, "measure this model, or pass --force"],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DIRECTIONS))
@@ -453,8 +595,10 @@ def test_unreadable_directions_file(base, tmp_path, capsys):
     model, directions, _ = base
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(directions.read_bytes()[:50])
-    for path, fragments in [(tmp_path / "absent.safetensors", ["does not exist", "run `abliterate measure` first"]),
-                            (cut, [str(cut), "is not a readable safetensors file"])]:  # fmt: skip
+    for path, fragments in [
+        (tmp_path / "absent.safetensors", ["does not exist", "run `abliterate measure` first"]),
+        (cut, [str(cut), "is not a readable safetensors file"]),
+    ]:
         with unchanged(model):
             assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out")), "ablate", *fragments)
     assert not (tmp_path / "out").exists()
@@ -469,8 +613,12 @@ def test_directions_metadata_of_the_wrong_type(base, tmp_path, capsys):
 def test_direction_position_out_of_range(base, tmp_path, capsys):
     model, directions, _ = base
     with unchanged(model):
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--direction-layer", "9")),
-                     "ablate", "direction position 9 is out of range", "positions 0..3")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--direction-layer", "9")),
+            "ablate",
+            "direction position 9 is out of range",
+            "positions 0..3",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -490,11 +638,21 @@ def _load_same(path: Path, **changes) -> tuple[torch.Tensor, dict]:
     return d.direction, {"selected_position": d.selected_position, **changes}
 
 
-def _with_means(tmp_path: Path, direction: torch.Tensor, harmless: torch.Tensor, harmful: torch.Tensor | None = None,
-                **metadata) -> Path:
+def _with_means(
+    tmp_path: Path,
+    direction: torch.Tensor,
+    harmless: torch.Tensor,
+    harmful: torch.Tensor | None = None,
+    **metadata,
+) -> Path:
     harmful = torch.randn(POSITIONS, H) if harmful is None else harmful
-    return save_directions(tmp_path / "means.safetensors", direction, {"selected_position": 2, **metadata},
-                           harmful_mean=harmful, harmless_mean=harmless)  # fmt: skip
+    return save_directions(
+        tmp_path / "means.safetensors",
+        direction,
+        {"selected_position": 2, **metadata},
+        harmful_mean=harmful,
+        harmless_mean=harmless,
+    )
 
 
 def test_non_finite_means_are_refused_never_a_silent_fallback(base, tmp_path, capsys):
@@ -506,20 +664,39 @@ def test_non_finite_means_are_refused_never_a_silent_fallback(base, tmp_path, ca
     path = _with_means(tmp_path, torch.randn(POSITIONS, H), harmless)
     with unchanged(model):
         for method in ("projected", "plain"):
-            assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out", "--method", method, "--force")),
-                         "ablate", "`harmless_mean`", "NaN or Inf at positions [1]", "re-measure")  # fmt: skip
+            assert_error(
+                cli(capsys, *ablate_args(model, path, tmp_path / "out", "--method", method, "--force")),
+                "ablate",
+                "`harmless_mean`",
+                "NaN or Inf at positions [1]",
+                "re-measure",
+            )
         harmful = torch.randn(POSITIONS, H)
         harmful[0, 0] = float("inf")
         path = _with_means(tmp_path, torch.randn(POSITIONS, H), torch.randn(POSITIONS, H), harmful)
-        assert_error(cli(capsys, *ablate_args(model, path, tmp_path / "out", "--force")), "ablate",
-                     "`harmful_mean`", "positions [0]")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, path, tmp_path / "out", "--force")),
+            "ablate",
+            "`harmful_mean`",
+            "positions [0]",
+        )
         save_directions(tmp_path / "int.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
         from safetensors.torch import save_file
 
-        save_file({"direction": torch.randn(POSITIONS, H), "harmless_mean": torch.ones(POSITIONS, H, dtype=torch.int32)},
-                  str(tmp_path / "int.safetensors"), metadata={"selected_position": "2"})  # fmt: skip
-        assert_error(cli(capsys, *ablate_args(model, tmp_path / "int.safetensors", tmp_path / "out", "--force")),
-                     "ablate", "`harmless_mean`", "must be floating point")  # fmt: skip
+        save_file(
+            {
+                "direction": torch.randn(POSITIONS, H),
+                "harmless_mean": torch.ones(POSITIONS, H, dtype=torch.int32),
+            },
+            str(tmp_path / "int.safetensors"),
+            metadata={"selected_position": "2"},
+        )
+        assert_error(
+            cli(capsys, *ablate_args(model, tmp_path / "int.safetensors", tmp_path / "out", "--force")),
+            "ablate",
+            "`harmless_mean`",
+            "must be floating point",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -529,8 +706,11 @@ def test_direction_whose_float32_norm_overflows_still_edits(base, tmp_path, caps
     model, _, reference = base
     from abliterate.direction_file import load_directions
 
-    huge = save_directions(tmp_path / "huge.safetensors", torch.randn(POSITIONS, H, generator=torch.Generator().manual_seed(7)) * 1e30,
-                           {"selected_position": 2})  # fmt: skip
+    huge = save_directions(
+        tmp_path / "huge.safetensors",
+        torch.randn(POSITIONS, H, generator=torch.Generator().manual_seed(7)) * 1e30,
+        {"selected_position": 2},
+    )
     assert torch.isinf(load_directions(huge).direction[2].norm())  # the float32 norm does overflow
     out = tmp_path / "out"
     with unchanged(model):
@@ -547,15 +727,21 @@ BAD_PLANS = {
     "layer out of range": (["--layers", "3"], ["layer 3 is out of range", "decoder layers 0..2"]),
     "layer range backwards": (["--layers", "2-1"], ["runs backwards", "write it as 1-2"]),
     "unreadable layer spec": (["--layers", "1..2"], ["cannot read '1..2'", "`5,7,9-12`"]),
-    "unknown role": (["--targets", "attn_out,writer"], ["unknown or unsupported target role 'writer'", "choose from"]),
+    "unknown role": (
+        ["--targets", "attn_out,writer"],
+        ["unknown or unsupported target role 'writer'", "choose from"],
+    ),
     "role that is not a target": (["--targets", "norm"], ["target role 'norm'"]),
     "empty target set": (["--targets", ""], ["--targets", "is empty", "choose from"]),
     "negative scale": (["--scale", "-1"], ["scale -1.0 for layer 0", "outside [0, 2.0]"]),
     "absurd scale": (["--scale", "1e9"], ["outside [0, 2.0]", "would damage the model"]),
     "NaN scale": (["--scale", "nan"], ["'nan' is not finite"]),
-    "one scale per layer, wrong count": (["--scale", "1,1"], ["lists 2 values but the plan targets 3 layers"]),
+    "one scale per layer, wrong count": (
+        ["--scale", "1,1"],
+        ["lists 2 values but the plan targets 3 layers"],
+    ),
     "bad kernel": (["--scale", "gauss:center=1"], ["lacks width"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PLANS))
@@ -563,7 +749,9 @@ def test_bad_plan_fails_and_writes_nothing(base, tmp_path, capsys, case):
     model, directions, _ = base
     options, fragments = BAD_PLANS[case]
     with unchanged(model):
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", *options)), "ablate", *fragments)
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "out", *options)), "ablate", *fragments
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -573,26 +761,41 @@ def test_bad_plan_file(base, tmp_path, capsys):
     for text, fragment in [("layers: [: 1", "not valid YAML"), ("- 1", "must be a mapping")]:
         plan.write_text(text)
         with unchanged(model):
-            assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)),
-                         "ablate", fragment)  # fmt: skip
-    assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", tmp_path / "absent.yaml")),
-                 "ablate", "cannot read plan file")  # fmt: skip
+            assert_error(
+                cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)),
+                "ablate",
+                fragment,
+            )
+    assert_error(
+        cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", tmp_path / "absent.yaml")),
+        "ablate",
+        "cannot read plan file",
+    )
     assert not (tmp_path / "out").exists()
 
 
 PLAN_TYPES = {
-    "biases a string": ({"biases": "false"}, ["`biases` is 'false' (a string)", "true or false", "biases: false"]),
-    "targets a string": ({"targets": "attn_out"}, ["`targets` is 'attn_out' (a string)", "a list of weight roles"]),
+    "biases a string": (
+        {"biases": "false"},
+        ["`biases` is 'false' (a string)", "true or false", "biases: false"],
+    ),
+    "targets a string": (
+        {"targets": "attn_out"},
+        ["`targets` is 'attn_out' (a string)", "a list of weight roles"],
+    ),
     "layers a string": ({"layers": "0-2"}, ["`layers` is '0-2' (a string)", "a list of layer numbers"]),
     "scale a number": ({"scale": 1.0}, ["`scale` is 1.0 (a number)", "a mapping of layer number to scale"]),
     "num_layers a boolean": ({"num_layers": True}, ["`num_layers` is True (a boolean)"]),
-    "direction position a string of digits": ({"direction_position": "2"}, ["`direction_position` is '2' (a string)"]),
+    "direction position a string of digits": (
+        {"direction_position": "2"},
+        ["`direction_position` is '2' (a string)"],
+    ),
     "method a list": ({"method": ["plain"]}, ["`method` is ['plain'] (a list)"]),
     "embed_scale a string": ({"embed_scale": "1"}, ["`embed_scale` is '1' (a string)"]),
     "format a string": ({"format": "1"}, ["`format` is '1' (a string)"]),
     "scale of a boolean": ({"scale": {"0": True, "1": 1.0, "2": 1.0, "3": 1.0}}, ["`scale`"]),
     "selected position a string": ({"selected_position": "2"}, ["`selected_position` is '2' (a string)"]),
-}  # fmt: skip
+}
 
 
 def _plan_file(model: Path, directions: Path, path: Path, **changes) -> Path:
@@ -612,8 +815,12 @@ def test_plan_file_of_the_wrong_type_fails_in_one_line(base, tmp_path, capsys, c
     change, fragments = PLAN_TYPES[case]
     plan = _plan_file(model, directions, tmp_path / "plan.yaml", **change)
     with unchanged(model):
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)), "ablate",
-                     f"plan file {plan}", *fragments)  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)),
+            "ablate",
+            f"plan file {plan}",
+            *fragments,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -624,13 +831,31 @@ def test_plan_file_not_utf8_and_kernels_that_overflow(base, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_bytes(b"# r\xe9glages\nlayers: [1]\n")
     with unchanged(model):
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)), "ablate",
-                     f"plan file {plan} is not valid UTF-8 at byte offset 3 (line 1)", "re-save it as UTF-8")  # fmt: skip
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--scale",
-                                              "gauss:center=1,width=1,peak=1e308,floor=-1e308")),
-                     "ablate", "outside [0, 2.0]")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", plan)),
+            "ablate",
+            f"plan file {plan} is not valid UTF-8 at byte offset 3 (line 1)",
+            "re-save it as UTF-8",
+        )
+        assert_error(
+            cli(
+                capsys,
+                *ablate_args(
+                    model,
+                    directions,
+                    tmp_path / "out",
+                    "--scale",
+                    "gauss:center=1,width=1,peak=1e308,floor=-1e308",
+                ),
+            ),
+            "ablate",
+            "outside [0, 2.0]",
+        )
         out = tmp_path / "narrow"
-        assert cli(capsys, *ablate_args(model, directions, out, "--scale", "gauss:center=1,width=1e-300"))[0] == 0
+        assert (
+            cli(capsys, *ablate_args(model, directions, out, "--scale", "gauss:center=1,width=1e-300"))[0]
+            == 0
+        )
     scales = {e["layer"]: e["scale"] for e in json.loads((out / MANIFEST_FILE).read_text())["edited"]}
     assert scales == {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0}  # only the centre layer is edited (3 is the MTP layer)
     assert not (tmp_path / "out").exists()
@@ -642,18 +867,29 @@ def test_plan_that_changes_nothing_is_an_error(base, tmp_path, capsys):
     as asked, and re-ablating an ablated output is allowed (the direction is gone already)."""
     model, directions, reference = base
     with unchanged(model):
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "tiny", "--scale", "1e-30")), "ablate",
-                     "every byte of them stayed as it was", "--scale")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "tiny", "--scale", "1e-30")),
+            "ablate",
+            "every byte of them stayed as it was",
+            "--scale",
+        )
         assert not (tmp_path / "tiny" / MANIFEST_FILE).exists()
         assert cli(capsys, *ablate_args(model, directions, tmp_path / "zero", "--scale", "0"))[0] == 0
         assert shard_bytes(tmp_path / "zero") == shard_bytes(model)
-        assert cli(capsys, *ablate_args(reference, directions, tmp_path / "again", "--force", "--scale", "1e-30"))[0] == 0
+        assert (
+            cli(
+                capsys, *ablate_args(reference, directions, tmp_path / "again", "--force", "--scale", "1e-30")
+            )[0]
+            == 0
+        )
 
 
 def test_plan_matching_no_tensor_is_an_error(base, tmp_path, capsys):
     model, directions, _ = base
     # layers 1-2 are MoE: they have no dense mlp_down, so this plan edits nothing at all
-    args = ablate_args(model, directions, tmp_path / "out", "--targets", "mlp_down", "--layers", "1-2", "--mtp", "skip")
+    args = ablate_args(
+        model, directions, tmp_path / "out", "--targets", "mlp_down", "--layers", "1-2", "--mtp", "skip"
+    )
     with unchanged(model):
         assert_error(cli(capsys, *args), "ablate", "matches no tensor")
     assert not (tmp_path / "out").exists()
@@ -664,8 +900,11 @@ def test_plan_matching_no_tensor_is_an_error(base, tmp_path, capsys):
 
 def test_output_same_as_inside_or_around_the_input(base, tmp_path, capsys):
     model, directions, _ = base
-    for out, fragment in [(model, "inside the input checkpoint"), (model / "ablated", "inside the input checkpoint"),
-                          (model.parent, "contains the input checkpoint")]:  # fmt: skip
+    for out, fragment in [
+        (model, "inside the input checkpoint"),
+        (model / "ablated", "inside the input checkpoint"),
+        (model.parent, "contains the input checkpoint"),
+    ]:
         with unchanged(model):
             assert_error(cli(capsys, *ablate_args(model, directions, out)), "ablate", str(out), fragment)
     assert not (model / "ablated").exists()
@@ -678,10 +917,19 @@ def test_output_not_empty_or_a_file(base, tmp_path, capsys):
     (busy / "notes.txt").write_text("mine")
     (tmp_path / "file").write_text("mine")
     with unchanged(model, busy):
-        assert_error(cli(capsys, *ablate_args(model, directions, busy)), "ablate",
-                     "is not empty", "notes.txt", "--overwrite", "choose an empty directory")  # fmt: skip
-        assert_error(cli(capsys, *ablate_args(model, directions, tmp_path / "file")), "ablate",
-                     "exists and is not a directory")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, busy)),
+            "ablate",
+            "is not empty",
+            "notes.txt",
+            "--overwrite",
+            "choose an empty directory",
+        )
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, tmp_path / "file")),
+            "ablate",
+            "exists and is not a directory",
+        )
     assert (tmp_path / "file").read_text() == "mine"
 
 
@@ -697,7 +945,9 @@ def test_overwrite_deletes_only_what_an_earlier_run_wrote(base, tmp_path, capsys
     model, directions, reference = base
     out = tmp_path / "out"
     other = write_glm_layout(tmp_path / "other", LAYOUT, num_shards=2)  # other shard names
-    other_dirs = save_directions(tmp_path / "o.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2})
+    other_dirs = save_directions(
+        tmp_path / "o.safetensors", torch.randn(POSITIONS, H), {"selected_position": 2}
+    )
     assert cli(capsys, *ablate_args(other, other_dirs, out))[0] == 0
     old_shards = sorted(p.name for p in out.glob("*.safetensors"))
     (out / "notes.txt").write_text("mine")
@@ -716,7 +966,8 @@ def test_overwrite_deletes_only_what_an_earlier_run_wrote(base, tmp_path, capsys
     assert not set(old_shards) - set(SHARDS) & set(after)  # the earlier run's own shards are gone
     assert shard_bytes(out) == shard_bytes(reference)
     assert sorted(json.loads((out / MANIFEST_FILE).read_text())["files"]) == sorted(
-        [*SHARDS, *(p.name for p in model.iterdir() if p.name not in SHARDS), MANIFEST_FILE])
+        [*SHARDS, *(p.name for p in model.iterdir() if p.name not in SHARDS), MANIFEST_FILE]
+    )
     code, lines = cli(capsys, "validate", model, out, "--quiet")
     assert code == 0
 
@@ -729,8 +980,13 @@ def test_directions_file_where_the_output_writes_is_refused(base, tmp_path, caps
     out.mkdir()
     shutil.copyfile(directions, out / "config.json")
     with unchanged(model, out):
-        assert_error(cli(capsys, *ablate_args(model, out / "config.json", out, "--overwrite", "--force")), "ablate",
-                     "the directions file", "config.json, which the ablation writes", "move it")  # fmt: skip
+        assert_error(
+            cli(capsys, *ablate_args(model, out / "config.json", out, "--overwrite", "--force")),
+            "ablate",
+            "the directions file",
+            "config.json, which the ablation writes",
+            "move it",
+        )
 
 
 def test_report_and_output_paths_checked_before_the_work(base, prompts, tmp_path, capsys):
@@ -740,16 +996,45 @@ def test_report_and_output_paths_checked_before_the_work(base, prompts, tmp_path
     _, good, _, _ = prompts
     (tmp_path / "file").write_text("mine")
     with unchanged(model, reference):
-        assert_error(cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good,
-                         "--out", tmp_path / "file", "--direction-position", "none"), "measure", "is a file")  # fmt: skip
-        assert_error(cli(capsys, "validate", model, reference, "--out", tmp_path), "validate",
-                     "is a directory", "give a file name")  # fmt: skip
-        assert_error(cli(capsys, "validate", model, reference, "--out", reference / "report.json"), "validate",
-                     "inside the input", "choose a file outside it")  # fmt: skip
-        assert_error(cli(capsys, "validate", model, reference, "--out", tmp_path / "absent" / "r.json"), "validate",
-                     "does not exist")  # fmt: skip
-        assert_error(cli(capsys, "evaluate", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good,
-                         "--out", tmp_path), "evaluate", "is a directory")  # fmt: skip
+        assert_error(
+            cli(
+                capsys,
+                "measure",
+                DEMO_MODEL_DIR,
+                "--harmful",
+                good,
+                "--harmless",
+                good,
+                "--out",
+                tmp_path / "file",
+                "--direction-position",
+                "none",
+            ),
+            "measure",
+            "is a file",
+        )
+        assert_error(
+            cli(capsys, "validate", model, reference, "--out", tmp_path),
+            "validate",
+            "is a directory",
+            "give a file name",
+        )
+        assert_error(
+            cli(capsys, "validate", model, reference, "--out", reference / "report.json"),
+            "validate",
+            "inside the input",
+            "choose a file outside it",
+        )
+        assert_error(
+            cli(capsys, "validate", model, reference, "--out", tmp_path / "absent" / "r.json"),
+            "validate",
+            "does not exist",
+        )
+        assert_error(
+            cli(capsys, "evaluate", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--out", tmp_path),
+            "evaluate",
+            "is a directory",
+        )
     assert (tmp_path / "file").read_text() == "mine"
 
 
@@ -824,11 +1109,14 @@ def _fail_writes_after(monkeypatch, calls: int, error: OSError) -> None:
     monkeypatch.setattr(engine, "_write_rounded", failing)
 
 
-def test_injected_write_failure_leaves_no_partial_shard_and_a_rerun_completes(base, tmp_path, capsys, monkeypatch):
+def test_injected_write_failure_leaves_no_partial_shard_and_a_rerun_completes(
+    base, tmp_path, capsys, monkeypatch
+):
     """The same as the small filesystem, anywhere: the write of an edited tensor fails mid-shard."""
     model, directions, reference = base
-    edited_in_first = sum(1 for e in json.loads((reference / MANIFEST_FILE).read_text())["edited"]
-                          if e["shard"] == SHARDS[0])  # fmt: skip
+    edited_in_first = sum(
+        1 for e in json.loads((reference / MANIFEST_FILE).read_text())["edited"] if e["shard"] == SHARDS[0]
+    )
     out = tmp_path / "out"
     args = ablate_args(model, directions, out, "--workers", "1")
     with unchanged(model):
@@ -884,9 +1172,13 @@ CORRUPTIONS = {
     "zeroed": (lambda d: lambda w: torch.zeros_like(w), ["differs from the edit recomputed from the input"]),
     "rescaled": (lambda d: lambda w: w * 0.5, ["differs from the edit recomputed from the input"]),
     "orthogonal noise": (_orthogonal_noise, ["differs from the edit recomputed from the input"]),
-    "one value": (lambda d: lambda w: w.index_put_((torch.tensor([0]), torch.tensor([0])), -w[0, 0] - 1),
-                  ["differs from the edit recomputed from the input", "1 of 512 values"]),
-}  # fmt: skip
+    "one value": (
+        lambda d: lambda w: w.index_put_((torch.tensor([0]), torch.tensor([0])), -w[0, 0] - 1),
+        ["differs from the edit recomputed from the input", "1 of 512 values"],
+    ),
+}
+
+
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS) + ["bytes appended", "overlapping offsets"])
 def test_validation_recomputes_every_edited_tensor(base, tmp_path, capsys, case):
     """V1-V3: damage to an edited tensor that keeps it orthogonal to the direction (zeroed, rescaled,
@@ -1007,8 +1299,9 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _start_paused(gate: Path, args: list[str]) -> subprocess.Popen:
-    run = subprocess.Popen([sys.executable, "-c", PAUSED, str(gate), *args], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)  # fmt: skip
+    run = subprocess.Popen(
+        [sys.executable, "-c", PAUSED, str(gate), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     waiting = Path(str(gate) + ".waiting")
     for _ in range(3000):
         if waiting.exists() or run.poll() is not None:
@@ -1027,10 +1320,17 @@ def test_two_runs_into_one_output_the_second_stops_at_once(base, tmp_path, capsy
     with unchanged(model):
         first = _start_paused(tmp_path / "gate", ablate_args(model, directions, out, "--workers", "1"))
         try:
-            assert_error(cli(capsys, *ablate_args(model, directions, out)), "ablate",
-                         "is being written by another abliterate run", "wait for it to finish")  # fmt: skip
-            assert_error(cli(capsys, *ablate_args(model, directions, out, "--overwrite")), "ablate",
-                         "is being written by another abliterate run")  # fmt: skip
+            assert_error(
+                cli(capsys, *ablate_args(model, directions, out)),
+                "ablate",
+                "is being written by another abliterate run",
+                "wait for it to finish",
+            )
+            assert_error(
+                cli(capsys, *ablate_args(model, directions, out, "--overwrite")),
+                "ablate",
+                "is being written by another abliterate run",
+            )
         finally:
             (tmp_path / "gate").touch()
             code = first.wait(timeout=300)
@@ -1052,8 +1352,10 @@ def test_ctrl_c_is_one_line_and_the_rerun_finishes(base, tmp_path):
         err = run.stderr.read().decode().strip().splitlines()
         assert code == 130, err
         assert not any("Traceback" in line for line in err), err  # (the plan it printed first comes before)
-        assert err[-1] == ("abliterate ablate: interrupted; files already finished are kept and nothing partial "
-                           "carries a final name: rerun the same command to continue")  # fmt: skip
+        assert err[-1] == (
+            "abliterate ablate: interrupted; files already finished are kept and nothing partial "
+            "carries a final name: rerun the same command to continue"
+        )
         _no_partial_shard(out, reference)
         rerun = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True)
         assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
@@ -1085,8 +1387,15 @@ def test_two_runs_on_a_fresh_store_both_succeed(tmp_path):
     the store now happens under a lock file beside mlflow.db, and both runs are recorded."""
     home, gate = tmp_path / "home", tmp_path / "gate"
     ready = [tmp_path / "a", tmp_path / "b"]
-    runs = [subprocess.Popen([sys.executable, "-c", STORE_RUN, str(home), str(gate), str(r)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1]) for r in ready]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STORE_RUN, str(home), str(gate), str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for r in ready
+    ]
     for _ in range(1200):
         if all(r.exists() for r in ready) or any(run.poll() is not None for run in runs):
             break
@@ -1113,13 +1422,48 @@ def test_identical_runs_write_identical_files(base, prompts, tmp_path, capsys):
         assert cli(capsys, *ablate_args(model, directions, out))[0] == 0
         assert cli(capsys, "validate", model, out, "--quiet", "--out", tmp_path / "report.json")[0] == 0
         measured = tmp_path / "measured"
-        assert cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--out", measured,
-                   "--direction-position", "none", "--quiet")[0] == 0  # fmt: skip
-        assert cli(capsys, "evaluate", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--max-new-tokens", "4",
-                   "--quiet", "--out", tmp_path / "evaluation.json")[0] == 0  # fmt: skip
-        trees.append({**_tree(out), "report.json": (tmp_path / "report.json").read_bytes(),
-                      "evaluation.json": (tmp_path / "evaluation.json").read_bytes(),
-                      **{f"measured/{k}": v for k, v in _tree(measured).items()}})  # fmt: skip
+        assert (
+            cli(
+                capsys,
+                "measure",
+                DEMO_MODEL_DIR,
+                "--harmful",
+                good,
+                "--harmless",
+                good,
+                "--out",
+                measured,
+                "--direction-position",
+                "none",
+                "--quiet",
+            )[0]
+            == 0
+        )
+        assert (
+            cli(
+                capsys,
+                "evaluate",
+                DEMO_MODEL_DIR,
+                "--harmful",
+                good,
+                "--harmless",
+                good,
+                "--max-new-tokens",
+                "4",
+                "--quiet",
+                "--out",
+                tmp_path / "evaluation.json",
+            )[0]
+            == 0
+        )
+        trees.append(
+            {
+                **_tree(out),
+                "report.json": (tmp_path / "report.json").read_bytes(),
+                "evaluation.json": (tmp_path / "evaluation.json").read_bytes(),
+                **{f"measured/{k}": v for k, v in _tree(measured).items()},
+            }
+        )
         shutil.rmtree(out), shutil.rmtree(measured)
     assert trees[0].keys() == trees[1].keys()
     assert [k for k in trees[0] if trees[0][k] != trees[1][k]] == []
@@ -1136,8 +1480,14 @@ def _no_partial_shard_but_temps(out: Path, reference: Path) -> None:
 def test_two_runs_to_different_outputs_at_once(base, tmp_path):
     model, directions, reference = base
     with unchanged(model):
-        runs = [subprocess.Popen([sys.executable, "-c", CLI, *ablate_args(model, directions, tmp_path / name)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("a", "b")]  # fmt: skip
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLI, *ablate_args(model, directions, tmp_path / name)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for name in ("a", "b")
+        ]
         results = [(run.wait(timeout=120), run.stderr.read().decode()) for run in runs]
     assert [code for code, _ in results] == [0, 0], results
     assert shard_bytes(tmp_path / "a") == shard_bytes(reference) == shard_bytes(tmp_path / "b")
@@ -1154,8 +1504,11 @@ def prompts(tmp_path_factory):
     files = {
         "empty": (b"", ["no prompts", "empty"]),
         "blank lines only": (b"\n   \n\t\n\n", ["no prompts", "blank"]),
-        "not UTF-8": (b"Name a colour.\nCaf\xe9 menu ideas\n", ["not valid UTF-8 at byte offset 18 (line 2)", "re-save"]),
-    }  # fmt: skip
+        "not UTF-8": (
+            b"Name a colour.\nCaf\xe9 menu ideas\n",
+            ["not valid UTF-8 at byte offset 18 (line 2)", "re-save"],
+        ),
+    }
     for name, (data, _) in files.items():
         (root / f"{name}.txt").write_bytes(data)
     huge = root / "huge.txt"
@@ -1168,8 +1521,19 @@ def test_bad_prompt_file_fails_before_any_work(prompts, tmp_path, capsys, case):
     root, good, files, _ = prompts
     bad = root / f"{case}.txt"
     with unchanged(DEMO_MODEL_DIR):
-        result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", bad, "--harmless", good, "--out", tmp_path / "m",
-                     "--direction-position", "none")  # fmt: skip
+        result = cli(
+            capsys,
+            "measure",
+            DEMO_MODEL_DIR,
+            "--harmful",
+            bad,
+            "--harmless",
+            good,
+            "--out",
+            tmp_path / "m",
+            "--direction-position",
+            "none",
+        )
     assert_error(result, "measure", str(bad), *files[case][1])
     assert not (tmp_path / "m").exists()
 
@@ -1177,11 +1541,27 @@ def test_bad_prompt_file_fails_before_any_work(prompts, tmp_path, capsys, case):
 def test_prompt_beyond_the_context_is_named(prompts, tmp_path, capsys):
     root, good, _, huge = prompts
     with unchanged(DEMO_MODEL_DIR):
-        result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", huge, "--harmless", good, "--out", tmp_path / "m",
-                     "--direction-position", "none")  # fmt: skip
+        result = cli(
+            capsys,
+            "measure",
+            DEMO_MODEL_DIR,
+            "--harmful",
+            huge,
+            "--harmless",
+            good,
+            "--out",
+            tmp_path / "m",
+            "--direction-position",
+            "none",
+        )
     # named by its file and line (line 2), not by its index in the shuffled measurement split
-    assert_error(result, "measure", f"harmful prompt {huge} line 2 is", "more than the model's context of 256 tokens",
-                 "shorten or remove it")  # fmt: skip
+    assert_error(
+        result,
+        "measure",
+        f"harmful prompt {huge} line 2 is",
+        "more than the model's context of 256 tokens",
+        "shorten or remove it",
+    )
     assert not (tmp_path / "m").exists()
 
 
@@ -1192,8 +1572,19 @@ def test_csv_prompt_over_the_csv_field_limit_is_named_by_line(prompts, tmp_path,
     big = tmp_path / "big.csv"
     big.write_text('prompt\n"Name a colour."\n"' + "word " * 40_000 + '"\n')
     with unchanged(DEMO_MODEL_DIR):
-        result = cli(capsys, "measure", DEMO_MODEL_DIR, "--harmful", big, "--harmless", good, "--out", tmp_path / "m",
-                     "--direction-position", "none")  # fmt: skip
+        result = cli(
+            capsys,
+            "measure",
+            DEMO_MODEL_DIR,
+            "--harmful",
+            big,
+            "--harmless",
+            good,
+            "--out",
+            tmp_path / "m",
+            "--direction-position",
+            "none",
+        )
     assert_error(result, "measure", f"harmful prompt {big} line 3 is", "more than the model's context")
     assert not (tmp_path / "m").exists()
 
@@ -1202,16 +1593,31 @@ def test_reserved_template_kwargs_and_odd_prompt_files_fail_before_loading(promp
     """Q9, Q10: chat-template variables the tool sets itself (`messages`, `add_generation_prompt`, ...)
     and a prompt file that is a FIFO or a dangling link are one line, before the model is loaded."""
     _, good, _, _ = prompts
-    base = ["measure", DEMO_MODEL_DIR, "--harmless", good, "--out", tmp_path / "m", "--direction-position", "none"]
+    base = [
+        "measure",
+        DEMO_MODEL_DIR,
+        "--harmless",
+        good,
+        "--out",
+        tmp_path / "m",
+        "--direction-position",
+        "none",
+    ]
     with unchanged(DEMO_MODEL_DIR):
         for kwargs in ('{"add_generation_prompt": false}', "messages=[]"):
-            assert_error(cli(capsys, *base, "--harmful", good, "--chat-template-kwargs", kwargs), "measure",
-                         "--chat-template-kwargs", "set by the tool itself; remove them")  # fmt: skip
+            assert_error(
+                cli(capsys, *base, "--harmful", good, "--chat-template-kwargs", kwargs),
+                "measure",
+                "--chat-template-kwargs",
+                "set by the tool itself; remove them",
+            )
         fifo, dangling = tmp_path / "fifo.txt", tmp_path / "dangling.txt"
         os.mkfifo(fifo)
         dangling.symlink_to(tmp_path / "gone.txt")
         assert_error(cli(capsys, *base, "--harmful", fifo), "measure", str(fifo), "a FIFO")
-        assert_error(cli(capsys, *base, "--harmful", dangling), "measure", str(dangling), "a dangling symbolic link")
+        assert_error(
+            cli(capsys, *base, "--harmful", dangling), "measure", str(dangling), "a dangling symbolic link"
+        )
     assert not (tmp_path / "m").exists()
 
 
@@ -1220,7 +1626,19 @@ def test_measure_output_inside_the_model_is_refused(prompts, tmp_path, capsys):
     model = tmp_path / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
     with unchanged(model):
-        result = cli(capsys, "measure", model, "--harmful", good, "--harmless", good, "--out", model, "--direction-position", "none")
+        result = cli(
+            capsys,
+            "measure",
+            model,
+            "--harmful",
+            good,
+            "--harmless",
+            good,
+            "--out",
+            model,
+            "--direction-position",
+            "none",
+        )
         assert_error(result, "measure", "inside the input checkpoint")
 
 
@@ -1232,8 +1650,13 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=4,
 )
-PROPERTY = settings(max_examples=100, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+PROPERTY = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 def _quiet_cli(*args: str | Path) -> tuple[int | str, list[str]]:
@@ -1262,8 +1685,9 @@ def _one_line_or_a_correct_run(model: Path, directions: Path, work: Path, *extra
         lines = [line for line in err if line.startswith("abliterate ablate: error: ")]
         assert len(lines) == 1 and "\n" not in lines[0], err
         return "error"
-    code, err = _quiet_cli("validate", model, out, "--quiet", "--directions", directions,
-                           "--out", work / "report.json")  # fmt: skip
+    code, err = _quiet_cli(
+        "validate", model, out, "--quiet", "--directions", directions, "--out", work / "report.json"
+    )
     assert code == 0, json.loads((work / "report.json").read_text())["failures"] if code == 1 else (code, err)
     return "run"
 
@@ -1276,16 +1700,37 @@ def _mutated_copy(model: Path, work: Path) -> Path:
 
 @st.composite
 def header_mutations(draw):
-    return (draw(st.sampled_from(SHARDS)), draw(st.sampled_from(["target", "first", "last", "__metadata__", "new"])),
-            draw(st.sampled_from(["entry", "dtype", "shape", "data_offsets", "nudge offsets", "nudge shape", "delete",
-                                  "extra key"])),
-            draw(JSON_VALUES), draw(st.integers(-64, 64)))  # fmt: skip
+    return (
+        draw(st.sampled_from(SHARDS)),
+        draw(st.sampled_from(["target", "first", "last", "__metadata__", "new"])),
+        draw(
+            st.sampled_from(
+                [
+                    "entry",
+                    "dtype",
+                    "shape",
+                    "data_offsets",
+                    "nudge offsets",
+                    "nudge shape",
+                    "delete",
+                    "extra key",
+                ]
+            )
+        ),
+        draw(JSON_VALUES),
+        draw(st.integers(-64, 64)),
+    )
 
 
 def _mutate_header(header: dict, which: str, kind: str, value, delta: int) -> dict:
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
-    name = {"target": next((n for n in names if n.endswith("o_proj.weight")), names[0]), "first": names[0],
-            "last": names[-1], "__metadata__": "__metadata__", "new": "model.extra.weight"}[which]  # fmt: skip
+    name = {
+        "target": next((n for n in names if n.endswith("o_proj.weight")), names[0]),
+        "first": names[0],
+        "last": names[-1],
+        "__metadata__": "__metadata__",
+        "new": "model.extra.weight",
+    }[which]
     entry = header.get(name)
     if kind == "delete":
         header.pop(name, None)
@@ -1318,14 +1763,30 @@ def test_any_header_mutation_is_one_line_or_a_correct_run(base, mutation):
             event(_one_line_or_a_correct_run(copy, directions, work))
 
 
-CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
-               "num_nextn_predict_layers", "tie_word_embeddings", "model_type", "architectures", "vocab_size",
-               "max_position_embeddings", "num_attention_heads", "rope_theta", "torch_dtype"]  # fmt: skip
+CONFIG_KEYS = [
+    "hidden_size",
+    "num_hidden_layers",
+    "n_routed_experts",
+    "n_shared_experts",
+    "first_k_dense_replace",
+    "num_nextn_predict_layers",
+    "tie_word_embeddings",
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "max_position_embeddings",
+    "num_attention_heads",
+    "rope_theta",
+    "torch_dtype",
+]
 
 
 @PROPERTY
-@given(key=st.sampled_from(CONFIG_KEYS) | st.text(max_size=5), value=JSON_VALUES | st.integers(0, 12),
-       delete=st.booleans())  # fmt: skip
+@given(
+    key=st.sampled_from(CONFIG_KEYS) | st.text(max_size=5),
+    value=JSON_VALUES | st.integers(0, 12),
+    delete=st.booleans(),
+)
 @pytest.mark.slow
 def test_any_config_mutation_is_one_line_or_a_correct_run(base, key, value, delete):
     """C27 (property): config.json with any key set to any JSON value (null, NaN, strings, lists,
@@ -1344,13 +1805,30 @@ def test_any_config_mutation_is_one_line_or_a_correct_run(base, key, value, dele
             event(_one_line_or_a_correct_run(copy, directions, work))
 
 
-PLAN_KEYS = ["layers", "scale", "embed_scale", "num_layers", "targets", "direction_position", "selected_position",
-             "method", "mtp", "biases", "layer_spec", "scale_spec", "format"]  # fmt: skip
-PLAN_VALUES = (JSON_VALUES | st.sampled_from(["plain", "norm_preserving", "projected", "skip", "own", "selected", "embed"])
-               | st.lists(st.integers(0, 4), max_size=4) | st.lists(st.sampled_from(["attn_out", "router", "embed"]),
-                                                                    max_size=3)
-               | st.dictionaries(st.sampled_from(["0", "1", "2", "3"]), st.floats(-1, 3) | st.floats(0, 1e-20),
-                                 min_size=4, max_size=4))  # fmt: skip
+PLAN_KEYS = [
+    "layers",
+    "scale",
+    "embed_scale",
+    "num_layers",
+    "targets",
+    "direction_position",
+    "selected_position",
+    "method",
+    "mtp",
+    "biases",
+    "layer_spec",
+    "scale_spec",
+    "format",
+]
+PLAN_VALUES = (
+    JSON_VALUES
+    | st.sampled_from(["plain", "norm_preserving", "projected", "skip", "own", "selected", "embed"])
+    | st.lists(st.integers(0, 4), max_size=4)
+    | st.lists(st.sampled_from(["attn_out", "router", "embed"]), max_size=3)
+    | st.dictionaries(
+        st.sampled_from(["0", "1", "2", "3"]), st.floats(-1, 3) | st.floats(0, 1e-20), min_size=4, max_size=4
+    )
+)
 
 
 @pytest.mark.slow
@@ -1378,10 +1856,16 @@ def test_any_plan_mutation_is_one_line_or_a_correct_run(base, key, value, delete
 
 
 @PROPERTY
-@given(scales=st.lists(st.floats(0, 2) | st.floats(0, 1e-12) | st.just(0.0), min_size=4, max_size=4),
-       method=st.sampled_from(["plain", "norm_preserving", "projected"]),
-       targets=st.lists(st.sampled_from(["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router",
-                                         "embed"]), min_size=1, max_size=6, unique=True))  # fmt: skip
+@given(
+    scales=st.lists(st.floats(0, 2) | st.floats(0, 1e-12) | st.just(0.0), min_size=4, max_size=4),
+    method=st.sampled_from(["plain", "norm_preserving", "projected"]),
+    targets=st.lists(
+        st.sampled_from(["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "embed"]),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    ),
+)
 @pytest.mark.slow
 def test_any_valid_plan_runs_and_validates(base, tmp_path_factory, scales, method, targets):
     """P19 (property): every valid plan, including scales so small that the edit rounds away, runs to an
@@ -1391,14 +1875,20 @@ def test_any_valid_plan_runs_and_validates(base, tmp_path_factory, scales, metho
     means = tmp_path_factory.getbasetemp() / "means.safetensors"
     if not means.exists():
         gen = torch.Generator().manual_seed(7)
-        save_directions(means, torch.randn(POSITIONS, H, generator=gen), {"selected_position": 2},
-                        harmful_mean=torch.randn(POSITIONS, H, generator=gen),
-                        harmless_mean=torch.randn(POSITIONS, H, generator=gen))  # fmt: skip
+        save_directions(
+            means,
+            torch.randn(POSITIONS, H, generator=gen),
+            {"selected_position": 2},
+            harmful_mean=torch.randn(POSITIONS, H, generator=gen),
+            harmless_mean=torch.randn(POSITIONS, H, generator=gen),
+        )
     from abliterate.ablate import load_inputs
     from abliterate.matching import default_plan
 
     data = default_plan(load_inputs(model, means, force=True)).to_dict()
-    data.update(scale={str(i): v for i, v in zip(data["layers"], scales, strict=True)}, method=method, targets=targets)
+    data.update(
+        scale={str(i): v for i, v in zip(data["layers"], scales, strict=True)}, method=method, targets=targets
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         plan = work / "plan.yaml"
@@ -1423,8 +1913,14 @@ def test_flow_fails_on_a_damaged_checkpoint_in_the_inventory_task(prefect_env, t
     out = tmp_path / "out"
     with unchanged(model):
         # streaming="never": nothing reads the checkpoint before the inventory task
-        state = abliterate_flow(model=str(model), out=str(out), prompts={"prompt_set": "demo"},
-                                evaluation={"evaluate": False}, runtime={"streaming": "never"}, return_state=True)
+        state = abliterate_flow(
+            model=str(model),
+            out=str(out),
+            prompts={"prompt_set": "demo"},
+            evaluation={"evaluate": False},
+            runtime={"streaming": "never"},
+            return_state=True,
+        )
     assert state.is_failed()
     assert SHARDS[1] in state.message and "truncated" in state.message and "re-download" in state.message
     with pytest.raises(AbliterateError, match="truncated"):
@@ -1443,8 +1939,13 @@ def test_flow_fails_on_a_layer_out_of_range(prefect_env, tmp_path):
 
     out = tmp_path / "out"
     with unchanged(DEMO_MODEL_DIR):
-        state = abliterate_flow(model=str(DEMO_MODEL_DIR), out=str(out), ablation={"layers": "99"},
-                                evaluation={"evaluate": False}, return_state=True)
+        state = abliterate_flow(
+            model=str(DEMO_MODEL_DIR),
+            out=str(out),
+            ablation={"layers": "99"},
+            evaluation={"evaluate": False},
+            return_state=True,
+        )
     assert state.is_failed()
     assert "layer 99 is out of range" in state.message and "decoder layers 0..4" in state.message
     assert not out.exists()
@@ -1471,32 +1972,78 @@ def test_flows_refuse_bad_paths_and_settings_before_any_work(prefect_env, base, 
 
     model = tmp_path / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
-    out, quick = tmp_path / "out", {"evaluation": {"evaluate": False}, "selection": {"direction_position": "own"},
-                                    "prompts": {"prompt_set": "demo"}}  # fmt: skip
+    out, quick = (
+        tmp_path / "out",
+        {
+            "evaluation": {"evaluate": False},
+            "selection": {"direction_position": "own"},
+            "prompts": {"prompt_set": "demo"},
+        },
+    )
     (tmp_path / "file").write_text("mine")
     with unchanged(model):
         for call, fragments in [
-            (lambda: abliterate_flow(model=str(model), out=str(out), work_dir=str(model / "work"), **quick,
-                                     return_state=True), ["inside the input checkpoint"]),
-            (lambda: sweep_flow(model=str(model), out=str(out), work_dir=str(model / "work"), return_state=True,
-                                evaluation={"evaluate": False}), ["inside the input checkpoint"]),
-            (lambda: sweep_flow(model=str(model), out=str(out), variants=[{"name": "../escape"}], return_state=True),
-             ["variant #0: name '../escape'", "folder under --out"]),
-            (lambda: abliterate_flow(model=str(model), out=str(tmp_path / "file"), **quick, return_state=True),
-             ["exists and is not a directory"]),
-            (lambda: abliterate_flow(model=str(model), out=str(out), ablation={"layers": "7"}, **quick,
-                                     return_state=True), ["layer 7 is out of range"]),
-        ] + ([] if torch.cuda.is_available() else [  # a device this torch lacks: a CPU-only build asked for CUDA
-            (lambda: abliterate_flow(model=str(model), out=str(out), runtime={"device": "cuda:3"}, **quick,
-                                     return_state=True), ["no CUDA device"]),
-        ]):  # fmt: skip
+            (
+                lambda: abliterate_flow(
+                    model=str(model), out=str(out), work_dir=str(model / "work"), **quick, return_state=True
+                ),
+                ["inside the input checkpoint"],
+            ),
+            (
+                lambda: sweep_flow(
+                    model=str(model),
+                    out=str(out),
+                    work_dir=str(model / "work"),
+                    return_state=True,
+                    evaluation={"evaluate": False},
+                ),
+                ["inside the input checkpoint"],
+            ),
+            (
+                lambda: sweep_flow(
+                    model=str(model), out=str(out), variants=[{"name": "../escape"}], return_state=True
+                ),
+                ["variant #0: name '../escape'", "folder under --out"],
+            ),
+            (
+                lambda: abliterate_flow(
+                    model=str(model), out=str(tmp_path / "file"), **quick, return_state=True
+                ),
+                ["exists and is not a directory"],
+            ),
+            (
+                lambda: abliterate_flow(
+                    model=str(model), out=str(out), ablation={"layers": "7"}, **quick, return_state=True
+                ),
+                ["layer 7 is out of range"],
+            ),
+        ] + (
+            []
+            if torch.cuda.is_available()
+            else [  # a device this torch lacks: a CPU-only build asked for CUDA
+                (
+                    lambda: abliterate_flow(
+                        model=str(model),
+                        out=str(out),
+                        runtime={"device": "cuda:3"},
+                        **quick,
+                        return_state=True,
+                    ),
+                    ["no CUDA device"],
+                ),
+            ]
+        ):
             state = call()
             assert state.is_failed() and all(f in state.message for f in fragments), state.message
             assert "Traceback" not in state.message
             assert not any(n.startswith("activation-measurement") for n in _task_names(state))
         _, _, _, huge = prompts
-        state = abliterate_flow(model=str(model), out=str(out), **{**quick, "prompts": {"prompt_set": "demo",
-                                "harmful": str(huge)}}, return_state=True)  # fmt: skip
+        state = abliterate_flow(
+            model=str(model),
+            out=str(out),
+            **{**quick, "prompts": {"prompt_set": "demo", "harmful": str(huge)}},
+            return_state=True,
+        )
         assert state.is_failed() and f"harmful prompt {huge} line 2 is" in state.message, state.message
     assert not out.exists() and (tmp_path / "file").read_text() == "mine"
     damaged = tmp_path / "damaged"
@@ -1561,8 +2108,11 @@ def test_flow_validation_catches_a_damaged_output(prefect_env, tmp_path):
 
     model, out = tmp_path / "demo", tmp_path / "out"
     shutil.copytree(DEMO_MODEL_DIR, model)
-    settings = {"evaluation": {"evaluate": False}, "selection": {"direction_position": "2"},
-                "prompts": {"prompt_set": "demo"}}  # fmt: skip
+    settings = {
+        "evaluation": {"evaluate": False},
+        "selection": {"direction_position": "2"},
+        "prompts": {"prompt_set": "demo"},
+    }
     with unchanged(model):
         first = abliterate_flow(model=str(model), out=str(out), **settings, return_state=True)
         assert first.is_completed(), first.message
@@ -1571,7 +2121,10 @@ def test_flow_validation_catches_a_damaged_output(prefect_env, tmp_path):
         _edit_tensor_bytes(out, victim, lambda w: w * 0.5)  # still orthogonal to the direction
         second = abliterate_flow(model=str(model), out=str(out), **settings, return_state=True)
     assert second.is_failed(), second.message
-    assert "validation of" in second.message and "differs from the edit recomputed from the input" in second.message
+    assert (
+        "validation of" in second.message
+        and "differs from the edit recomputed from the input" in second.message
+    )
 
 
 def test_guard_notices_a_change(tmp_path):
@@ -1580,9 +2133,11 @@ def test_guard_notices_a_change(tmp_path):
     folder.mkdir()
     (folder / "a.safetensors").write_bytes(b"abc")
     before = snapshot(folder)
-    for change in (lambda: (folder / "a.safetensors").write_bytes(b"abd"),
-                   lambda: (folder / ".a.tmp").write_bytes(b""),
-                   lambda: os.utime(folder / "a.safetensors", ns=(1, 1))):  # fmt: skip
+    for change in (
+        lambda: (folder / "a.safetensors").write_bytes(b"abd"),
+        lambda: (folder / ".a.tmp").write_bytes(b""),
+        lambda: os.utime(folder / "a.safetensors", ns=(1, 1)),
+    ):
         with pytest.raises(AssertionError, match="was modified"):
             with unchanged(folder):
                 change()

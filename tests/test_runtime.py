@@ -53,7 +53,9 @@ def test_uses_temporary_server_follows_prefect_settings():
 
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert not runtime.uses_temporary_server()
-    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_ENABLED: True}, restore_defaults={PREFECT_API_URL}):
+    with temporary_settings(
+        updates={PREFECT_SERVER_EPHEMERAL_ENABLED: True}, restore_defaults={PREFECT_API_URL}
+    ):
         assert runtime.uses_temporary_server()
 
 
@@ -161,10 +163,16 @@ def test_experiment_kind_on_new_and_old_experiments_unless_the_user_chose_one(mo
     client = Experiments()
     new = tracking.experiment_id(client, "abliterate/new")
     old = client.create_experiment("abliterate/old")  # made before the tag existed
-    chosen = client.create_experiment("abliterate/chosen", tags={"mlflow.experimentKind": "genai_development"})
-    assert [tracking.experiment_id(client, n) for n in ("abliterate/new", "abliterate/old", "abliterate/chosen")] == [
-        new, old, chosen,
-    ]  # fmt: skip
+    chosen = client.create_experiment(
+        "abliterate/chosen", tags={"mlflow.experimentKind": "genai_development"}
+    )
+    assert [
+        tracking.experiment_id(client, n) for n in ("abliterate/new", "abliterate/old", "abliterate/chosen")
+    ] == [
+        new,
+        old,
+        chosen,
+    ]
     kinds = {name: e.tags.get("mlflow.experimentKind") for name, e in client.by_name.items()}
     assert kinds == {
         "abliterate/new": "custom_model_development",

@@ -43,8 +43,14 @@ def record(trial: int, refusal: float, kl: float) -> dict:
 
 
 def test_front_and_choice():
-    records = [record(0, 0.0, 0.02), record(1, 0.1, 0.001), record(2, 0.0, 0.005), record(3, 0.2, 0.0005),
-               record(4, 0.1, 0.002), record(5, 0.0, 0.005)]  # fmt: skip
+    records = [
+        record(0, 0.0, 0.02),
+        record(1, 0.1, 0.001),
+        record(2, 0.0, 0.005),
+        record(3, 0.2, 0.0005),
+        record(4, 0.1, 0.002),
+        record(5, 0.0, 0.005),
+    ]
     assert [r["trial"] for r in pareto(records)] == [2, 5, 1, 3]  # 0 and 4 are beaten; 2 and 5 tie
     assert choose(records, 0.01)["trial"] == 2  # fewest refusals under the bound, then the lower KL, earlier
     assert choose(records, 0.004)["trial"] == 1
@@ -64,17 +70,32 @@ def demo_inputs(tmp_path_factory):
 
     harmful = load_prompts(prompt_file("demo", "harmful", "train"))[:48]
     harmless = load_prompts(prompt_file("demo", "harmless", "train"))[:48]
-    measured = measure_checkpoint(str(DEMO_MODEL_DIR), harmful, harmless, MeasureSettings(batch_size=16), "cpu", False)
-    path = write_directions(tmp_path_factory.mktemp("directions"), compute_directions(measured), measured,
-                            build_inventory(DEMO_MODEL_DIR).fingerprint, 3)  # fmt: skip
+    measured = measure_checkpoint(
+        str(DEMO_MODEL_DIR), harmful, harmless, MeasureSettings(batch_size=16), "cpu", False
+    )
+    path = write_directions(
+        tmp_path_factory.mktemp("directions"),
+        compute_directions(measured),
+        measured,
+        build_inventory(DEMO_MODEL_DIR).fingerprint,
+        3,
+    )
     return path, load_inputs(DEMO_MODEL_DIR, path)
 
 
 def test_trial_plans_follow_the_kernels_and_trial_zero_is_runs_choice(demo_inputs):
     _, inputs = demo_inputs
-    space = search_space(inputs, ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "router_bias"],
-                         ["plain", "norm_preserving", "projected"], 0.2, [(2, 6), (4, 5), (1, 3)])  # fmt: skip
-    assert space.positions == (1.0, 4.0)  # position 0 is zero on the demo (every prompt ends alike); 5 is skipped
+    space = search_space(
+        inputs,
+        ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "router_bias"],
+        ["plain", "norm_preserving", "projected"],
+        0.2,
+        [(2, 6), (4, 5), (1, 3)],
+    )
+    assert space.positions == (
+        1.0,
+        4.0,
+    )  # position 0 is zero on the demo (every prompt ends alike); 5 is skipped
     assert dict(space.groups)["mlp_down"] == (0,) and dict(space.groups)["expert_down"] == (1, 2, 3, 4)
     # trial 0: every group at 1 everywhere, the selected position, plain: the very tensors and scales of run's plan
     zero = resolve_plan(plan_for(default_params(space), space), inputs)
@@ -83,10 +104,21 @@ def test_trial_plans_follow_the_kernels_and_trial_zero_is_runs_choice(demo_input
     assert edits == {m.tensor.name: (m.scale, m.method) for m in plan_matches(run, inputs.inventory)}
     assert zero.direction_position == run.selected_position == 3
 
-    params = {**default_params(space), "direction_position": 2.5, "method": "norm_preserving",
-              "attn_out.center": 1.0, "attn_out.width": 0.5, "attn_out.peak": 1.2, "attn_out.floor": 0.0,
-              "router.floor": 0.0, "router.width": 0.5, "router.center": 4.0, "router.peak": 0.6,
-              "router_bias.experts": 2, "router_bias.shift": 0.4}  # fmt: skip
+    params = {
+        **default_params(space),
+        "direction_position": 2.5,
+        "method": "norm_preserving",
+        "attn_out.center": 1.0,
+        "attn_out.width": 0.5,
+        "attn_out.peak": 1.2,
+        "attn_out.floor": 0.0,
+        "router.floor": 0.0,
+        "router.width": 0.5,
+        "router.center": 4.0,
+        "router.peak": 0.6,
+        "router_bias.experts": 2,
+        "router_bias.shift": 0.4,
+    }
     plan = plan_for(params, space)
     scales = plan.to_dict()["role_scales"]
     # exp(-((i - 1) / 0.5)^2 / 2) * 1.2: 1.2 at layer 1, 0.162 at 0 and 2, under MIN_SCALE beyond
@@ -96,12 +128,16 @@ def test_trial_plans_follow_the_kernels_and_trial_zero_is_runs_choice(demo_input
     assert plan.direction_position == 2.5 and plan.method == "norm_preserving"
     assert plan.to_dict()["router_bias"] == {"2": {"6": -0.4}, "4": {"5": -0.4}}
     names = {m.tensor.name for m in plan_matches(resolve_plan(plan, inputs), inputs.inventory)}
-    assert "model.layers.3.self_attn.o_proj.weight" not in names and "model.layers.2.mlp.gate.weight" not in names
+    assert (
+        "model.layers.3.self_attn.o_proj.weight" not in names
+        and "model.layers.2.mlp.gate.weight" not in names
+    )
     assert "model.layers.4.mlp.gate.e_score_correction_bias" in names
 
 
-def glm_route(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
-              top_k: int) -> torch.Tensor:  # fmt: skip
+def glm_route(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int
+) -> torch.Tensor:
     """GLM-4.5's expert choice written out from its definition (not transformers' code): sigmoid scores plus
     the correction bias; each group scored by the sum of its two best; the best `topk_group` groups kept;
     the `top_k` best experts of those. [T, top_k] expert indices."""
@@ -113,7 +149,11 @@ def glm_route(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_
         groups = scores[t].view(n_group, per_group)
         group_score = groups.sort(descending=True).values[:, :2].sum(-1)
         kept = group_score.argsort(descending=True)[:topk_group]
-        candidates = [(float(scores[t, g * per_group + e]), g * per_group + e) for g in kept.tolist() for e in range(per_group)]
+        candidates = [
+            (float(scores[t, g * per_group + e]), g * per_group + e)
+            for g in kept.tolist()
+            for e in range(per_group)
+        ]
         chosen.append([e for _, e in sorted(candidates, reverse=True)[:top_k]])
     return torch.tensor(chosen)
 
@@ -129,14 +169,24 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
     from abliterate.measure import MeasureSettings, encode_prompts, load_model
     from abliterate.profiles import GLM4_MOE
 
-    src = build_tiny_chat_model(tmp_path / "tiny", router_bias=True, n_routed_experts=8, n_group=4, topk_group=2)
+    src = build_tiny_chat_model(
+        tmp_path / "tiny", router_bias=True, n_routed_experts=8, n_group=4, topk_group=2
+    )
     model, tokenizer = load_model(src)
     settings = MeasureSettings(batch_size=3)
-    harmful, harmless = encode_prompts(tokenizer, HARMFUL, settings, None), encode_prompts(tokenizer, HARMLESS, settings, None)
-    profile = profile_experts(InMemoryForward(model), tokenizer, harmful, harmless, GLM4_MOE, batch_size=3, progress=False)
+    harmful, harmless = (
+        encode_prompts(tokenizer, HARMFUL, settings, None),
+        encode_prompts(tokenizer, HARMLESS, settings, None),
+    )
+    profile = profile_experts(
+        InMemoryForward(model), tokenizer, harmful, harmless, GLM4_MOE, batch_size=3, progress=False
+    )
     assert profile.layers == [1, 2] and profile.experts == 8 and profile.chosen == 2
     config = model.config
-    for label, encoded, shares in (("harmful", harmful, profile.harmful), ("harmless", harmless, profile.harmless)):
+    for label, encoded, shares in (
+        ("harmful", harmful, profile.harmful),
+        ("harmless", harmless, profile.harmless),
+    ):
         counts = torch.zeros(len(profile.layers), 8, dtype=torch.float64)
         inputs: dict[int, torch.Tensor] = {}
 
@@ -150,8 +200,14 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
                     model(input_ids=torch.tensor([ids]))
                 for row, i in enumerate(profile.layers):
                     gate = model.model.layers[i].mlp.gate
-                    chosen = glm_route(inputs[i], gate.weight, gate.e_score_correction_bias, config.n_group,
-                                       config.topk_group, config.num_experts_per_tok)  # fmt: skip
+                    chosen = glm_route(
+                        inputs[i],
+                        gate.weight,
+                        gate.e_score_correction_bias,
+                        config.n_group,
+                        config.topk_group,
+                        config.num_experts_per_tok,
+                    )
                     counts[row] += torch.bincount(chosen.flatten(), minlength=8).double()
         finally:
             for handle in handles:
@@ -162,8 +218,15 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
     assert float(profile.specificity().abs().sum()) > 0
     ranked = profile.most_specific()
     assert ranked == sorted(ranked, key=lambda r: (-r[2], r[0], r[1])) and all(r[2] > 0 for r in ranked)
-    streamed = profile_experts(StreamedForward(src, "float32", "cpu"), tokenizer, harmful, harmless, GLM4_MOE,
-                               batch_size=3, progress=False)  # fmt: skip
+    streamed = profile_experts(
+        StreamedForward(src, "float32", "cpu"),
+        tokenizer,
+        harmful,
+        harmless,
+        GLM4_MOE,
+        batch_size=3,
+        progress=False,
+    )
     assert (streamed.harmful, streamed.harmless) == (profile.harmful, profile.harmless)
 
 
@@ -175,8 +238,12 @@ def plan_delta(model, encoded, edit, n: int) -> float:
     largest = 0.0
     with edit.applied(model) if edit is not None else nullcontext(), torch.inference_mode():
         for batch in length_sorted_batches(encoded, 8, 0):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                logits_to_keep=1,
+            ).logits[:, -1]
             largest = max(largest, float(logits.double().norm(dim=-1).max()))
     return logits_rtol(model.config.num_hidden_layers, n, 4) * largest
 
@@ -193,13 +260,31 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
     from abliterate.selection import first_token_logprobs
 
     _, inputs = demo_inputs
-    space = search_space(inputs, ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "router_bias"],
-                         ["plain", "norm_preserving"], 0.2, [(2, 6), (4, 5)])  # fmt: skip
-    params = [default_params(space), {**default_params(space), "method": "norm_preserving", "direction_position": 2.5,
-                                      "expert_down.peak": 1.3, "expert_down.floor": 0.4, "expert_down.width": 1.0,
-                                      "router_bias.experts": 2, "router_bias.shift": 0.5}]  # fmt: skip
+    space = search_space(
+        inputs,
+        ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "router_bias"],
+        ["plain", "norm_preserving"],
+        0.2,
+        [(2, 6), (4, 5)],
+    )
+    params = [
+        default_params(space),
+        {
+            **default_params(space),
+            "method": "norm_preserving",
+            "direction_position": 2.5,
+            "expert_down.peak": 1.3,
+            "expert_down.floor": 0.4,
+            "expert_down.width": 1.0,
+            "router_bias.experts": 2,
+            "router_bias.shift": 0.5,
+        },
+    ]
     storage = storage_dtypes(inputs.inventory)
-    edits = [PlanEdit(resolve_plan(plan_for(p, space), inputs), inputs.directions, GLM4_MOE, storage) for p in params]
+    edits = [
+        PlanEdit(resolve_plan(plan_for(p, space), inputs), inputs.directions, GLM4_MOE, storage)
+        for p in params
+    ]
     harmful = load_prompts(prompt_file("demo", "harmful", "val"))[:12]
     harmless = load_prompts(prompt_file("demo", "harmless", "val"))[:12]
     settings = ScoreSettings(reply_tokens=6, batch_size=8)
@@ -212,7 +297,9 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
     # one pass for both trials' KL, one per reply token for both trials' replies (fewer: refusals stop early)
     assert streamed_forward.weight_reads - reads <= 1 + settings.reply_tokens
     assert memory.baseline.refusals == streamed.baseline.refusals == len(harmful)
-    n = accumulation_length(DEMO_MODEL_DIR, max(len(x) for x in memory.harmful + memory.harmless) + settings.reply_tokens)
+    n = accumulation_length(
+        DEMO_MODEL_DIR, max(len(x) for x in memory.harmful + memory.harmless) + settings.reply_tokens
+    )
     d0 = plan_delta(model, memory.harmless, None, n)
     for edit, g, w in zip(edits, got, want, strict=True):
         assert (g.refusals, g.prompts) == (w.refusals, w.prompts)
@@ -260,8 +347,14 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
     script = tmp_path / "study.py"
     script.write_text(STUDY_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), str(path), str(root), "40"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), str(root), "40"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     deadline = time.monotonic() + 600
     while "scoring" not in seen and time.monotonic() < deadline:
@@ -269,7 +362,9 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
         assert line or proc.poll() is None, "the search exited early"
         seen.append(line.split(" ")[0].strip())
     assert seen.count("trial") == 3 and seen[-1] == "scoring", seen
-    proc.send_signal(signal.SIGKILL)  # while the fourth trial is scored: its parameters drawn, its score not told
+    proc.send_signal(
+        signal.SIGKILL
+    )  # while the fourth trial is scored: its parameters drawn, its score not told
     proc.wait(timeout=60)
     storage = f"sqlite:///{root / 'search.db'}"
     before = optuna.load_study(study_name="killed", storage=storage).get_trials()
@@ -280,8 +375,13 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
 
     harmful = load_prompts(prompt_file("demo", "harmful", "val"))[:6]
     harmless = load_prompts(prompt_file("demo", "harmless", "val"))[:6]
-    settings = StudySettings(trials=len(finished) + 2, components=("attn_out", "expert_down", "router"),
-                             methods=("plain", "projected"), startup_trials=3, study="killed")  # fmt: skip
+    settings = StudySettings(
+        trials=len(finished) + 2,
+        components=("attn_out", "expert_down", "router"),
+        methods=("plain", "projected"),
+        startup_trials=3,
+        study="killed",
+    )
     scoring = ScoreSettings(reply_tokens=3, batch_size=8)
     result = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, scoring, root)
     assert result["resumed_from"] == len(finished) and len(result["trials"]) == len(finished) + 2
@@ -297,7 +397,17 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
     settings = StudySettings(**{**settings.__dict__, "trials": len(finished) + 4})
     more = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, scoring, root)
     assert len(more["new_trials"]) == 2 and len(more["trials"]) == len(finished) + 4
-    assert json.dumps(more["trials"][: len(result["trials"])], sort_keys=True) == json.dumps(result["trials"], sort_keys=True)
+    assert json.dumps(more["trials"][: len(result["trials"])], sort_keys=True) == json.dumps(
+        result["trials"], sort_keys=True
+    )
     # the same study name for another search (other reply lengths: scores that would not compare) is refused
     with pytest.raises(AbliterateError, match="made by another search \\(scoring differ\\)"):
-        run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, ScoreSettings(reply_tokens=5, batch_size=8), root)
+        run_study(
+            DEMO_MODEL_DIR,
+            path,
+            harmful,
+            harmless,
+            settings,
+            ScoreSettings(reply_tokens=5, batch_size=8),
+            root,
+        )

@@ -19,7 +19,18 @@ from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.output import MANIFEST_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--max-prompts", "8", "--reply-tokens", "4", "--batch-size", "8", "--max-new-tokens", "8", "--startup-trials", "2"]
+SMALL = [
+    "--max-prompts",
+    "8",
+    "--reply-tokens",
+    "4",
+    "--batch-size",
+    "8",
+    "--max-new-tokens",
+    "8",
+    "--startup-trials",
+    "2",
+]
 
 
 def runs_of(home: Path, study: str):
@@ -30,8 +41,21 @@ def runs_of(home: Path, study: str):
 
 def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_env, tmp_path, capsys):
     out = tmp_path / "chosen"
-    argv = ["search", str(DEMO_MODEL_DIR), "--trials", "3", "--components", "default,router_bias", "--router-experts",
-            "4", *SMALL, "--out", str(out), "--json", "--quiet"]  # fmt: skip
+    argv = [
+        "search",
+        str(DEMO_MODEL_DIR),
+        "--trials",
+        "3",
+        "--components",
+        "default,router_bias",
+        "--router-experts",
+        "4",
+        *SMALL,
+        "--out",
+        str(out),
+        "--json",
+        "--quiet",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["trials_complete"] == result["new_trials"] == 3 and result["resumed_from"] == 0
@@ -47,7 +71,13 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
     origin = manifest["plan"]["origin"]["search"]
     assert origin["study"] == result["study"] and origin["trial"] == chosen["trial"]
     assert origin["parameters"] == chosen["parameters"] and origin["objectives"]["kl"] == chosen["kl"]
-    assert set(manifest["plan"]["role_scales"]) <= {"attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"}
+    assert set(manifest["plan"]["role_scales"]) <= {
+        "attn_out",
+        "mlp_down",
+        "expert_down",
+        "shared_expert_down",
+        "router",
+    }
 
     client, runs = runs_of(prefect_env, result["study"])
     parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
@@ -56,15 +86,42 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
     for run in trials:
         assert {"refusal_rate", "kl"} <= set(run.data.metrics) and "direction_position" in run.data.params
         assert "kernel.attn_out" in run.data.params
-    artifacts = {a.path for folder in ("", "plots", "search", "experts")
-                 for a in client.list_artifacts(parent.info.run_id, folder or None)}  # fmt: skip
-    assert {"plots/search_front.png", "plots/expert_routing.png", "search/front.json", "search/trials.json",
-            "experts/routing.json", "abliteration.json", "validation.json", "evaluation.json"} <= artifacts
+    artifacts = {
+        a.path
+        for folder in ("", "plots", "search", "experts")
+        for a in client.list_artifacts(parent.info.run_id, folder or None)
+    }
+    assert {
+        "plots/search_front.png",
+        "plots/expert_routing.png",
+        "search/front.json",
+        "search/trials.json",
+        "experts/routing.json",
+        "abliteration.json",
+        "validation.json",
+        "evaluation.json",
+    } <= artifacts
     assert parent.data.metrics["search.front_size"] == len(result["pareto"])
 
     # the same search with more trials continues the study: two new trials, nested under the new parent
-    assert main(["search", str(DEMO_MODEL_DIR), "--trials", "5", "--components", "default,router_bias",
-                 "--router-experts", "4", *SMALL, "--json", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "search",
+                str(DEMO_MODEL_DIR),
+                "--trials",
+                "5",
+                "--components",
+                "default,router_bias",
+                "--router-experts",
+                "4",
+                *SMALL,
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     again = json.loads(capsys.readouterr().out)
     assert again["study"] == result["study"] and again["resumed_from"] == 3 and again["new_trials"] == 2
     assert again["trials_complete"] == 5 and again["chosen"] is not None and "output" not in again
@@ -100,27 +157,54 @@ def test_served_search_deployment_runs_with_parameters(tmp_path):
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "ABLITERATE_HOME": str(tmp_path / "project"),
-           "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "ABLITERATE_HOME": str(tmp_path / "project"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_RESULTS_PERSIST_BY_DEFAULT"):
         env.pop(key, None)
     bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     served = None
     try:
         wait_for(lambda: get_json(f"{api}/health"), SERVER_START_S, "the Prefect server", [server])
-        served = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py")], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        found = wait_for(lambda: get_json(f"{api}/deployments/name/abliterate-search/demo-search"), SERVE_REGISTER_S,
-                         "the served search deployment", [server, served])  # fmt: skip
+        served = subprocess.Popen(
+            [sys.executable, str(ROOT / "deployments" / "serve.py")],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        found = wait_for(
+            lambda: get_json(f"{api}/deployments/name/abliterate-search/demo-search"),
+            SERVE_REGISTER_S,
+            "the served search deployment",
+            [server, served],
+        )
         assert found["parameters"]["search"]["trials"] == 50  # the default the form starts from
-        parameters = {"out": str(tmp_path / "out"), "overwrite": True,
-                      "search": {"trials": 2, "max_prompts": 6, "reply_tokens": 3, "startup_trials": 1},
-                      "evaluation": {"evaluate": False}, "runtime": {"batch_size": 8}}  # fmt: skip
-        response = post_json(f"{api}/deployments/{found['id']}/create_flow_run",
-                             {"parameters": parameters, "idempotency_key": f"search-{port}-{time.time_ns()}"})  # fmt: skip
+        parameters = {
+            "out": str(tmp_path / "out"),
+            "overwrite": True,
+            "search": {"trials": 2, "max_prompts": 6, "reply_tokens": 3, "startup_trials": 1},
+            "evaluation": {"evaluate": False},
+            "runtime": {"batch_size": 8},
+        }
+        response = post_json(
+            f"{api}/deployments/{found['id']}/create_flow_run",
+            {"parameters": parameters, "idempotency_key": f"search-{port}-{time.time_ns()}"},
+        )
         run = response.json()
 
         def finished():
@@ -130,14 +214,20 @@ def test_served_search_deployment_runs_with_parameters(tmp_path):
         state = wait_for(finished, FLOW_RUN_S, "the search flow run", [server, served])
         if state["type"] != "COMPLETED":
             served.terminate()
-            raise AssertionError(f"search ended {state['type']}:\n{served.communicate(timeout=30)[0][-6000:]}")
+            raise AssertionError(
+                f"search ended {state['type']}:\n{served.communicate(timeout=30)[0][-6000:]}"
+            )
         assert (tmp_path / "out" / MANIFEST_FILE).is_file()
         client = MlflowClient(f"sqlite:///{tmp_path / 'project' / 'mlruns' / 'mlflow.db'}")
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")  # fmt: skip
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'",
+        )
         assert len(runs) == 1 and runs[0].data.params["search.trials"] == "2"
         assert runs[0].data.metrics["search.trials_complete"] == 2
-        assert "plots/search_front.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
+        assert "plots/search_front.png" in {
+            a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")
+        }
     finally:
         for proc in (served, server):
             if proc is not None:

@@ -36,25 +36,35 @@ def directions_for(model_dir: Path, path: Path, seed: int = 3) -> Path:
     positions, hidden = config["num_hidden_layers"] + 1, config["hidden_size"]
     gen = torch.Generator().manual_seed(seed)
     return save_directions(
-        path, torch.randn(positions, hidden, generator=gen),
+        path,
+        torch.randn(positions, hidden, generator=gen),
         {"fingerprint": build_inventory(model_dir).fingerprint, "selected_position": 1},
         harmful_mean=torch.randn(positions, hidden, generator=gen),
         harmless_mean=torch.randn(positions, hidden, generator=gen) + 2,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("search-plan")
-    layout = GlmLayout(num_layers=3, n_routed_experts=4, num_experts_per_tok=2, hidden_size=16, num_nextn_predict_layers=1)
+    layout = GlmLayout(
+        num_layers=3, n_routed_experts=4, num_experts_per_tok=2, hidden_size=16, num_nextn_predict_layers=1
+    )
     src = write_glm_layout(root / "src", layout, num_shards=2)
     return src, directions_for(src, root / "d.safetensors")
 
 
 def search_like_plan(src: Path, directions: Path, **overrides) -> AblationPlan:
-    specs = dict(layers="all", scale="1.2", targets=list(KERNELS), direction_position="1.25", method="projected",
-                 role_scales=KERNELS, router_bias={1: {0: -0.75, 3: -1.0}, 2: {2: -0.5}},
-                 origin={"search": {"study": "s", "trial": 7}})  # fmt: skip
+    specs = dict(
+        layers="all",
+        scale="1.2",
+        targets=list(KERNELS),
+        direction_position="1.25",
+        method="projected",
+        role_scales=KERNELS,
+        router_bias={1: {0: -0.75, 3: -1.0}, 2: {2: -0.5}},
+        origin={"search": {"study": "s", "trial": 7}},
+    )
     specs.update(overrides)
     return default_plan(load_inputs(src, directions), **specs)
 
@@ -64,7 +74,12 @@ def test_plan_records_role_scales_fractions_and_router_bias_and_round_trips(smal
     plan = search_like_plan(src, directions)
     data = plan.to_dict()
     assert data["direction_position"] == 1.25
-    assert data["role_scales"]["router"] == {"0": 1.0, "1": 0.0, "2": 0.7, "3": 0.7}  # MTP layer 3 follows layer 2
+    assert data["role_scales"]["router"] == {
+        "0": 1.0,
+        "1": 0.0,
+        "2": 0.7,
+        "3": 0.7,
+    }  # MTP layer 3 follows layer 2
     assert data["router_bias"] == {"1": {"0": -0.75, "3": -1.0}, "2": {"2": -0.5}}
     assert data["origin"] == {"search": {"study": "s", "trial": 7}}
     again = AblationPlan.from_yaml(plan.to_yaml())
@@ -73,21 +88,35 @@ def test_plan_records_role_scales_fractions_and_router_bias_and_round_trips(smal
     assert plan.sha256() == AblationPlan.from_dict({**data, "origin": {"other": 1}}).sha256()
     assert plan.sha256() != AblationPlan.from_dict({**data, "router_bias": {"1": {"0": -0.5}}}).sha256()
     # a plan without the new keys keeps its old dictionary (and so its identity)
-    assert set(build_plan(3).to_dict()) == {"format", "layers", "scale", "embed_scale", "num_layers", "targets",
-                                            "direction_position", "selected_position", "method", "mtp", "biases",
-                                            "layer_spec", "scale_spec"}  # fmt: skip
+    assert set(build_plan(3).to_dict()) == {
+        "format",
+        "layers",
+        "scale",
+        "embed_scale",
+        "num_layers",
+        "targets",
+        "direction_position",
+        "selected_position",
+        "method",
+        "mtp",
+        "biases",
+        "layer_spec",
+        "scale_spec",
+    }
 
 
 @pytest.mark.parametrize(
     "change, fragment",
-    [({"role_scales": {"embed": {"0": 1.0}}}, "does not target it"),
-     ({"role_scales": {"attn_out": {"0": 3.0}}}, r"outside \[0, 2"),
-     ({"role_scales": {"attn_out": {"1": 1.0}}}, "a scale for each of the plan's layers"),
-     ({"router_bias": {"1": {"x": -1}}}, "expert number"),
-     ({"router_bias": {"1": {"0": "low"}}}, "expert number"),
-     ({"direction_position": -0.5}, "direction position"),
-     ({"origin": "trial 3"}, "origin")],
-)  # fmt: skip
+    [
+        ({"role_scales": {"embed": {"0": 1.0}}}, "does not target it"),
+        ({"role_scales": {"attn_out": {"0": 3.0}}}, r"outside \[0, 2"),
+        ({"role_scales": {"attn_out": {"1": 1.0}}}, "a scale for each of the plan's layers"),
+        ({"router_bias": {"1": {"x": -1}}}, "expert number"),
+        ({"router_bias": {"1": {"0": "low"}}}, "expert number"),
+        ({"direction_position": -0.5}, "direction position"),
+        ({"origin": "trial 3"}, "origin"),
+    ],
+)
 def test_bad_new_plan_keys_fail(change, fragment):
     base = build_plan(3, layers="0", targets="attn_out").to_dict()
     with pytest.raises(AbliterateError, match=fragment):
@@ -99,7 +128,9 @@ def test_fractional_position_interpolates_neighbours(small):
     directions = load_directions(path)
     r1, r2 = directions.vector(1).double(), directions.vector(2).double()
     mixed = 0.75 * r1 + 0.25 * r2
-    torch.testing.assert_close(directions.vector(1.25).double(), mixed / mixed.norm(), rtol=0, atol=4 * 2**-24)
+    torch.testing.assert_close(
+        directions.vector(1.25).double(), mixed / mixed.norm(), rtol=0, atol=4 * 2**-24
+    )
     plan = search_like_plan(src, path, method="plain")
     assert torch.equal(direction_for(plan, directions, 0), directions.vector(1.25))
 
@@ -116,7 +147,9 @@ def test_matches_follow_role_scales_and_shift_router_biases(small):
     assert by_name["model.layers.0.mlp.down_proj.weight"].scale == 1.0
     shift = by_name["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert (shift.side, shift.method, shift.shift) == ("shift", "shift", ((0, -0.75), (3, -1.0)))
-    assert "model.layers.3.mlp.gate.e_score_correction_bias" not in by_name  # the plan shifts layers 1 and 2 only
+    assert (
+        "model.layers.3.mlp.gate.e_score_correction_bias" not in by_name
+    )  # the plan shifts layers 1 and 2 only
     with pytest.raises(AbliterateError, match="no such expert"):
         plan_matches(search_like_plan(src, directions, router_bias={1: {4: -1.0}}), build_inventory(src))
     with pytest.raises(AbliterateError, match="no e_score_correction_bias"):
@@ -139,7 +172,9 @@ def test_engine_writes_the_plan_and_validation_knows_every_edit(small, tmp_path)
     assert entry["side"] == "shift" and entry["shift"] == {"0": -0.75, "3": -1.0}
     before, after = read(src, name), read(tmp_path / "out", name)
     assert torch.equal(after, before + torch.tensor([-0.75, 0.0, 0.0, -1.0]))  # float32: one exact rounding
-    assert torch.equal(read(src, "model.layers.1.mlp.gate.weight"), read(tmp_path / "out", "model.layers.1.mlp.gate.weight"))
+    assert torch.equal(
+        read(src, "model.layers.1.mlp.gate.weight"), read(tmp_path / "out", "model.layers.1.mlp.gate.weight")
+    )
     report = validate_output(src, tmp_path / "out", progress=False)
     assert report.ok, report.failures
     assert report.changed_by_role["router_bias"] == 2
@@ -175,20 +210,29 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
     src = build_tiny_chat_model(tmp_path / "tiny")
     path = directions_for(src, tmp_path / "d.safetensors")
     router_bias = {1: {0: -0.3}, 2: {1: -0.2, 3: -0.4}}
-    plan = search_like_plan(src, path, direction_position="1.5", method=method, router_bias=router_bias, origin=None)
+    plan = search_like_plan(
+        src, path, direction_position="1.5", method=method, router_bias=router_bias, origin=None
+    )
     ablate_checkpoint(src, path, tmp_path / "out", plan, progress=False, log=lambda _: None)
     original, tokenizer = load_model(src)
     ablated, _ = load_model(tmp_path / "out")
-    batch = tokenizer(render_chat(tokenizer, HARMFUL + HARMLESS), return_tensors="pt", padding=True,
-                      add_special_tokens=False)  # fmt: skip
+    batch = tokenizer(
+        render_chat(tokenizer, HARMFUL + HARMLESS),
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     directions = load_directions(path)
     storage = storage_dtypes(build_inventory(src))
 
     def run(model, edit: PlanEdit | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits, and every MoE router's logits (what its edit changes directly)."""
         routers: list[torch.Tensor] = []
-        handles = [layer.mlp.gate.register_forward_hook(lambda _m, _i, out: routers.append(out[0]))
-                   for layer in model.model.layers if hasattr(layer.mlp, "gate")]  # fmt: skip
+        handles = [
+            layer.mlp.gate.register_forward_hook(lambda _m, _i, out: routers.append(out[0]))
+            for layer in model.model.layers
+            if hasattr(layer.mlp, "gate")
+        ]
         try:
             with edit.applied(model) if edit else nullcontext(), torch.inference_mode():
                 return model(**batch).logits, routers
@@ -203,7 +247,9 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
     # tests/numerics.py for 3 layers and 4 projections per layer, per token's logits (and the routers'
     # logits, which pass fewer stages).
     config = json.loads((src / "config.json").read_text())
-    rtol = logits_rtol(config["num_hidden_layers"], accumulation_length(config, batch["input_ids"].shape[1]), 4)
+    rtol = logits_rtol(
+        config["num_hidden_layers"], accumulation_length(config, batch["input_ids"].shape[1]), 4
+    )
     atol = rtol * float(edited.norm(dim=-1).max())
     torch.testing.assert_close(hooked, edited, rtol=0, atol=atol)
     for got, want in zip(hooked_routers, edited_routers, strict=True):
@@ -212,8 +258,14 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
     # the router bias shift changes the logits, the router edit (scale 0.7 in layer 2) its logits
     data = plan.to_dict()
     no_bias_shift = AblationPlan.from_dict({k: v for k, v in data.items() if k != "router_bias"})
-    assert (run(original, PlanEdit(no_bias_shift, directions, GLM4_MOE, storage))[0] - edited).abs().max() > 10 * atol
-    no_router = AblationPlan.from_dict({**data, "role_scales": {**data["role_scales"], "router": dict.fromkeys(data["scale"], 0.0)}})
+    assert (
+        run(original, PlanEdit(no_bias_shift, directions, GLM4_MOE, storage))[0] - edited
+    ).abs().max() > 10 * atol
+    no_router = AblationPlan.from_dict(
+        {**data, "role_scales": {**data["role_scales"], "router": dict.fromkeys(data["scale"], 0.0)}}
+    )
     unedited_router = run(original, PlanEdit(no_router, directions, GLM4_MOE, storage))[1][-1]
-    assert (unedited_router - edited_routers[-1]).abs().max() > 100 * rtol * float(edited_routers[-1].norm(dim=-1).max())
+    assert (unedited_router - edited_routers[-1]).abs().max() > 100 * rtol * float(
+        edited_routers[-1].norm(dim=-1).max()
+    )
     assert torch.equal(run(original)[0], original(**batch).logits)  # every hook and replaced tensor is gone

@@ -185,7 +185,20 @@ def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
     assert len(loaded.metadata["selection"]["candidates"]) == 2
     assert (out / "directions.json").is_file()
     assert "<- selected" in capsys.readouterr().out
-    assert main([*common, "--out", str(tmp_path / "none"), "--direction-position", "none", "--token-position", "-2"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "none"),
+                "--direction-position",
+                "none",
+                "--token-position",
+                "-2",
+            ]
+        )
+        == 0
+    )
     loaded = load_directions(tmp_path / "none" / "directions.safetensors")
     assert loaded.selected_position is None and loaded.metadata["position"] == -2
     # Without validation files, a seeded fifth of each set is held out for selection.

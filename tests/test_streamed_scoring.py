@@ -56,8 +56,10 @@ def delta(model, encoded, direction, n: int) -> float:
 def assert_same_selection(model, tokenizer, directions, harmful_val, harmless_val, memory, streamed, n):
     """Same refusal tokens, every score within its bound, and the same choice where the bounds decide it."""
     assert memory.refusal_token_ids == streamed.refusal_token_ids
-    assert (memory.refusal_tokens_source, memory.refusals_found) == (streamed.refusal_tokens_source,
-                                                                       streamed.refusals_found)  # fmt: skip
+    assert (memory.refusal_tokens_source, memory.refusals_found) == (
+        streamed.refusal_tokens_source,
+        streamed.refusals_found,
+    )
     assert [c.position for c in memory.candidates] == [c.position for c in streamed.candidates]
     assert memory.kl_prompts == streamed.kl_prompts
     harmful = encode_prompts(tokenizer, harmful_val, SETTINGS, None)
@@ -67,7 +69,9 @@ def assert_same_selection(model, tokenizer, directions, harmful_val, harmless_va
     assert abs(memory.baseline_refusal_score - streamed.baseline_refusal_score) <= logodds_atol(d0)
     forward = InMemoryForward(model)
     variants = [None] + [directions.direction[c.position].float() for c in memory.candidates]
-    logprobs = {v: lp for v, label, lp in forward.first_token_logprobs({"harmless": harmless}, variants, 8, 0)}
+    logprobs = {
+        v: lp for v, label, lp in forward.first_token_logprobs({"harmless": harmless}, variants, 8, 0)
+    }
     answered = ~torch.isin(logprobs[0].argmax(-1), torch.tensor(memory.refusal_token_ids))
     bounds = {}
     for v, (m, s) in enumerate(zip(memory.candidates, streamed.candidates, strict=True), start=1):
@@ -81,11 +85,17 @@ def assert_same_selection(model, tokenizer, directions, harmful_val, harmless_va
     # within the bounds of the threshold or of the winner's score.
     threshold = memory.kl_threshold
     allowed = [c for c in memory.candidates if c.kl <= threshold]
-    assert all(abs(c.kl - threshold) > bounds[c.position][1] for c in memory.candidates), (bounds, memory.candidates)
+    assert all(abs(c.kl - threshold) > bounds[c.position][1] for c in memory.candidates), (
+        bounds,
+        memory.candidates,
+    )
     best = min(allowed, key=lambda c: c.refusal_score)
     for c in allowed:
         if c is not best:
-            assert c.refusal_score - best.refusal_score > bounds[c.position][0] + bounds[best.position][0], (c, best)
+            assert c.refusal_score - best.refusal_score > bounds[c.position][0] + bounds[best.position][0], (
+                c,
+                best,
+            )
     assert memory.position == streamed.position == best.position
 
 
@@ -95,8 +105,14 @@ def assert_same_selection(model, tokenizer, directions, harmful_val, harmless_va
 @pytest.fixture(scope="module")
 def demo():
     model, tokenizer = load_model(DEMO_MODEL_DIR)
-    measured = measure(model, tokenizer, demo_prompts("harmful", "train", 64), demo_prompts("harmless", "train", 64),
-                       SETTINGS, progress=False)  # fmt: skip
+    measured = measure(
+        model,
+        tokenizer,
+        demo_prompts("harmful", "train", 64),
+        demo_prompts("harmless", "train", 64),
+        SETTINGS,
+        progress=False,
+    )
     return model, tokenizer, compute_directions(measured)
 
 
@@ -109,9 +125,19 @@ def test_streamed_selection_equals_in_memory_on_demo(demo):
     model, tokenizer, directions = demo
     harmful_val, harmless_val = demo_prompts("harmful", "val", 32), demo_prompts("harmless", "val", 32)
     chooser = SelectionSettings(batch_size=8)
-    memory = select_direction(model, tokenizer, directions, harmful_val, harmless_val, SETTINGS, chooser, progress=False)
-    streamed = select_direction(StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"), tokenizer, directions, harmful_val,
-                                harmless_val, SETTINGS, chooser, progress=False)  # fmt: skip
+    memory = select_direction(
+        model, tokenizer, directions, harmful_val, harmless_val, SETTINGS, chooser, progress=False
+    )
+    streamed = select_direction(
+        StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"),
+        tokenizer,
+        directions,
+        harmful_val,
+        harmless_val,
+        SETTINGS,
+        chooser,
+        progress=False,
+    )
     # the demo model's own refusals start with "I": found from its replies, not from the fixed list
     assert memory.refusal_tokens == ["I"] and memory.refusal_tokens_source == "replies"
     assert memory.refusals_found == len(harmful_val)
@@ -120,8 +146,13 @@ def test_streamed_selection_equals_in_memory_on_demo(demo):
     # cannot ..." : 2 tokens), then one for the baseline and every candidate together.
     encoded = encode_prompts(tokenizer, harmful_val, SETTINGS, None)
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
-    replies = InMemoryForward(model).greedy(encoded, chooser.refusal_probe_tokens, 8, pad_token_id(tokenizer), stops)
-    needed = max(next((k for k in range(1, len(r) + 1) if is_refusal(tokenizer.decode(r[:k]))), len(r)) for r in replies)
+    replies = InMemoryForward(model).greedy(
+        encoded, chooser.refusal_probe_tokens, 8, pad_token_id(tokenizer), stops
+    )
+    needed = max(
+        next((k for k in range(1, len(r) + 1) if is_refusal(tokenizer.decode(r[:k]))), len(r))
+        for r in replies
+    )
     assert needed == 2 < chooser.refusal_probe_tokens
     assert streamed.weight_reads == needed + 1 and len(streamed.candidates) == 4
     n = demo_terms(tokenizer, harmful_val + harmless_val)
@@ -136,11 +167,15 @@ def test_streamed_greedy_replies_equal_generate(demo):
     encoded = encode_prompts(tokenizer, prompts, SETTINGS, None)
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
     memory = InMemoryForward(model).greedy(encoded, 6, 8, pad_token_id(tokenizer), stops)
-    streamed = StreamedForward(DEMO_MODEL_DIR, "float32", "cpu").greedy(encoded, 6, 8, pad_token_id(tokenizer), stops)
+    streamed = StreamedForward(DEMO_MODEL_DIR, "float32", "cpu").greedy(
+        encoded, 6, 8, pad_token_id(tokenizer), stops
+    )
     n = demo_terms(tokenizer, prompts) + 6
     forward = InMemoryForward(model)
     for step in range(6):
-        prefixes = [ids + reply[:step] for ids, reply in zip(encoded, memory, strict=True) if len(reply) >= step]
+        prefixes = [
+            ids + reply[:step] for ids, reply in zip(encoded, memory, strict=True) if len(reply) >= step
+        ]
         ((_, _, logprobs),) = list(forward.first_token_logprobs({"x": prefixes}, [None], 8, 0))
         bound = logprob_atol(delta(model, prefixes, None, n))
         assert bool((greedy_margin(logprobs) > 2 * bound).all()), step
@@ -152,12 +187,20 @@ def test_streamed_greedy_replies_equal_generate(demo):
 def demo_ablated(demo, tmp_path_factory):
     """The demo model with its selected direction projected out of the weights, by the engine."""
     model, tokenizer, directions = demo
-    chosen = select_direction(model, tokenizer, directions, demo_prompts("harmful", "val", 32),
-                              demo_prompts("harmless", "val", 32), SETTINGS, SelectionSettings(batch_size=8),
-                              progress=False)  # fmt: skip
+    chosen = select_direction(
+        model,
+        tokenizer,
+        directions,
+        demo_prompts("harmful", "val", 32),
+        demo_prompts("harmless", "val", 32),
+        SETTINGS,
+        SelectionSettings(batch_size=8),
+        progress=False,
+    )
     root = tmp_path_factory.mktemp("ablated")
-    path = save_directions(root / "directions.safetensors", directions.direction.float(),
-                           {"selected_position": chosen.position})  # fmt: skip
+    path = save_directions(
+        root / "directions.safetensors", directions.direction.float(), {"selected_position": chosen.position}
+    )
     ablate_checkpoint(DEMO_MODEL_DIR, path, root / "out", progress=False, log=lambda _: None)
     return root / "out"
 
@@ -169,9 +212,15 @@ def test_streamed_evaluation_equals_in_memory_on_demo(demo, demo_ablated):
     harmful, harmless = demo_prompts("harmful", "test", 24), demo_prompts("harmless", "test", 24)
     settings = EvalSettings(max_new_tokens=8, batch_size=8)
     memory = evaluate_model(demo_ablated, harmful, harmless, DEMO_MODEL_DIR, settings, progress=False)
-    streamed = evaluate_model(demo_ablated, harmful, harmless, DEMO_MODEL_DIR,
-                              EvalSettings(max_new_tokens=8, batch_size=8, full_replies=False), stream=True,
-                              progress=False)  # fmt: skip
+    streamed = evaluate_model(
+        demo_ablated,
+        harmful,
+        harmless,
+        DEMO_MODEL_DIR,
+        EvalSettings(max_new_tokens=8, batch_size=8, full_replies=False),
+        stream=True,
+        progress=False,
+    )
     assert memory.full_replies and not streamed.full_replies and streamed.streamed
     assert streamed.refusal_rate_harmful is None and not streamed.examples
     assert memory.refusal_tokens == streamed.refusal_tokens == ["I"]
@@ -181,7 +230,10 @@ def test_streamed_evaluation_equals_in_memory_on_demo(demo, demo_ablated):
         assert abs(getattr(memory, name) - getattr(streamed, name)) <= bound, (name, bound)
     # the trained model's greedy first tokens are never close calls: its rates must agree exactly
     assert all(bounds[name] == 0 for name in bounds if "rate" in name)
-    assert memory.baseline_first_token_refusal_rate_harmful == 1.0 and memory.first_token_refusal_rate_harmful == 0.0
+    assert (
+        memory.baseline_first_token_refusal_rate_harmful == 1.0
+        and memory.first_token_refusal_rate_harmful == 0.0
+    )
 
 
 @pytest.mark.slow
@@ -191,8 +243,16 @@ def test_full_replies_of_an_over_budget_model_run_offloaded(demo, demo_ablated, 
     harmful, harmless = demo_prompts("harmful", "test", 6), demo_prompts("harmless", "test", 6)
     settings = EvalSettings(max_new_tokens=8, batch_size=8)
     memory = evaluate_model(demo_ablated, harmful, harmless, DEMO_MODEL_DIR, settings, progress=False)
-    offloaded = evaluate_model(demo_ablated, harmful, harmless, DEMO_MODEL_DIR, settings, stream=True,
-                               budget=300 << 10, progress=False)  # fmt: skip
+    offloaded = evaluate_model(
+        demo_ablated,
+        harmful,
+        harmless,
+        DEMO_MODEL_DIR,
+        settings,
+        stream=True,
+        budget=300 << 10,
+        progress=False,
+    )
     assert offloaded.full_replies and offloaded.streamed
     assert [(r.response_before, r.response_after) for r in offloaded.examples] == [
         (r.response_before, r.response_after) for r in memory.examples
@@ -210,10 +270,19 @@ def glm_air(request, tmp_path_factory):
     expert, q/k/v biases, MTP layer) at small widths, sharded, with a chat tokenizer."""
     tokenizer = build_tokenizer([WORDS])
     layout = GlmLayout(
-        num_layers=4, n_routed_experts=8, num_experts_per_tok=2, hidden_size=16, intermediate_size=32,
-        moe_intermediate_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-        vocab_size=len(tokenizer), fused_experts=request.param, dtype=torch.float32,
-    )  # fmt: skip
+        num_layers=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=len(tokenizer),
+        fused_experts=request.param,
+        dtype=torch.float32,
+    )
     out = write_glm_layout(tmp_path_factory.mktemp("glm-scoring") / "glm-air", layout, num_shards=3)
     tokenizer.save_pretrained(out)
     return out
@@ -225,12 +294,24 @@ def test_streamed_selection_equals_in_memory_on_glm_air_layout(glm_air):
     model, tokenizer = load_model(glm_air)
     directions = compute_directions(measure(model, tokenizer, HARMFUL, HARMLESS, SETTINGS, progress=False))
     chooser = SelectionSettings(kl_threshold=1e9, skip_last_fraction=0.0, batch_size=3)
-    memory = select_direction(model, tokenizer, directions, HARMFUL, HARMLESS, SETTINGS, chooser, progress=False)
-    streamed = select_direction(StreamedForward(glm_air, "float32", "cpu"), tokenizer, directions, HARMFUL, HARMLESS,
-                                SETTINGS, chooser, progress=False)  # fmt: skip
+    memory = select_direction(
+        model, tokenizer, directions, HARMFUL, HARMLESS, SETTINGS, chooser, progress=False
+    )
+    streamed = select_direction(
+        StreamedForward(glm_air, "float32", "cpu"),
+        tokenizer,
+        directions,
+        HARMFUL,
+        HARMLESS,
+        SETTINGS,
+        chooser,
+        progress=False,
+    )
     assert memory.refusal_tokens_source == "markers" and memory.refusal_tokens == ["I"]
     assert len(memory.candidates) == 4  # positions 1-4 (position 0: every prompt ends in the same token)
-    n = accumulation_length(glm_air, max(len(x) for x in encode_prompts(tokenizer, HARMFUL + HARMLESS, SETTINGS, None)))
+    n = accumulation_length(
+        glm_air, max(len(x) for x in encode_prompts(tokenizer, HARMFUL + HARMLESS, SETTINGS, None))
+    )
     assert_same_selection(model, tokenizer, directions, HARMFUL, HARMLESS, memory, streamed, n)
 
 
@@ -238,15 +319,26 @@ def test_streamed_evaluation_equals_in_memory_on_glm_air_layout(glm_air, tmp_pat
     """Before (the layout) and after (the engine's output for a random direction), streamed and in memory:
     every first-token figure within its bound; the random model refuses nothing, so the refusal tokens
     are the markers' openers for both."""
-    direction = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    direction = torch.nn.functional.normalize(
+        torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
     path = save_directions(tmp_path / "directions.safetensors", direction, {"selected_position": 2})
     ablate_checkpoint(glm_air, path, tmp_path / "out", progress=False, log=lambda _: None, force=True)
     settings = EvalSettings(max_new_tokens=4, batch_size=3)
     memory = evaluate_model(tmp_path / "out", HARMFUL, HARMLESS, glm_air, settings, progress=False)
-    streamed = evaluate_model(tmp_path / "out", HARMFUL, HARMLESS, glm_air,
-                              EvalSettings(max_new_tokens=4, batch_size=3, full_replies=False), stream=True,
-                              progress=False)  # fmt: skip
-    assert memory.refusal_tokens == streamed.refusal_tokens == ["I"] and streamed.refusal_tokens_source == "markers"
+    streamed = evaluate_model(
+        tmp_path / "out",
+        HARMFUL,
+        HARMLESS,
+        glm_air,
+        EvalSettings(max_new_tokens=4, batch_size=3, full_replies=False),
+        stream=True,
+        progress=False,
+    )
+    assert (
+        memory.refusal_tokens == streamed.refusal_tokens == ["I"]
+        and streamed.refusal_tokens_source == "markers"
+    )
     assert memory.kl_harmless > 0
     for name, bound in evaluation_bounds(glm_air, tmp_path / "out", HARMFUL, HARMLESS).items():
         assert abs(getattr(memory, name) - getattr(streamed, name)) <= bound, (name, bound)

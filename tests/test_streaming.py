@@ -116,7 +116,9 @@ def test_streamed_equals_in_memory_per_expert_keys(tiny, dtype, position):
 def test_streamed_equals_in_memory_fused_keys(tiny, tiny_fused):
     streamed = measure_streamed(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False)
     n = terms(tiny, SETTINGS)
-    assert_same_measurement(streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False), n)
+    assert_same_measurement(
+        streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False), n
+    )
     # both on-disk layouts hold the same model
     assert_same_measurement(streamed, measure_streamed(tiny, HARMFUL, HARMLESS, SETTINGS, progress=False), n)
 
@@ -164,8 +166,12 @@ def test_auto_mode_streams_only_over_budget(tiny):
     )
     over, fits = Runtime(memory_budget=str(total - 1)), Runtime(memory_budget=str(total))
     assert decide_streaming(tiny, over) and not decide_streaming(tiny, fits)
-    streamed = measure_stage(tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, over), progress=False)
-    in_memory = measure_stage(tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, fits), progress=False)
+    streamed = measure_stage(
+        tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, over), progress=False
+    )
+    in_memory = measure_stage(
+        tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, fits), progress=False
+    )
     assert_same_measurement(streamed, in_memory, terms(tiny, SETTINGS))
     with pytest.raises(AbliterateError, match="streaming.*sometimes"):
         Runtime(streaming="sometimes")
@@ -202,17 +208,45 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
         files[name].write_text("\n".join(prompts) + "\n")
     common = ["measure", str(tiny), "--harmful", str(files["harmful"]), "--harmless", str(files["harmless"])]
     common += ["--batch-size", "3"]
-    assert main([*common, "--out", str(tmp_path / "memory"), "--direction-position", "none", "--streaming", "never"]) == 0
-    assert main([*common, "--out", str(tmp_path / "stream"), "--direction-position", "none", "--streaming", "always"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "memory"),
+                "--direction-position",
+                "none",
+                "--streaming",
+                "never",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "stream"),
+                "--direction-position",
+                "none",
+                "--streaming",
+                "always",
+            ]
+        )
+        == 0
+    )
     budget = ["--memory-budget", "1KiB", "--direction-position", "none"]
     assert main([*common, "--out", str(tmp_path / "auto"), *budget]) == 0
     reference = load_directions(tmp_path / "memory" / "directions.safetensors")
     # The bound of tests/numerics.py, scaled by the residuals' size, which the file does not hold.
     template = reference.metadata["template"]
     settings = MeasureSettings.create(
-        template["chat_template_kwargs"], system_prompt=template["system_prompt"], batch_size=3,
+        template["chat_template_kwargs"],
+        system_prompt=template["system_prompt"],
+        batch_size=3,
         position=reference.metadata["position"],
-    )  # fmt: skip
+    )
     stats = measure_checkpoint(tiny, HARMFUL, HARMLESS, settings, progress=False)
     rtol = position_rtol(stats.num_positions, terms(tiny, settings), len(HARMFUL))
     moved = {label: rtol * sample_rms(getattr(stats, label)) for label in ("harmful", "harmless")}
@@ -228,16 +262,31 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
         assert bool((direction_error <= turned.nan_to_num(0.0)).all()), (direction_error, turned)
     capsys.readouterr()
     # over the budget, the candidates are scored layer-streamed too: all of them in one pass over the weights
-    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "1KiB", "--kl-threshold", "1e9"]) == 0
+    assert (
+        main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "1KiB", "--kl-threshold", "1e9"]) == 0
+    )
     printed = capsys.readouterr()
-    assert "layer-streamed" in printed.err and "scored layer-streamed" in printed.out and "<- selected" in printed.out
+    assert (
+        "layer-streamed" in printed.err
+        and "scored layer-streamed" in printed.out
+        and "<- selected" in printed.out
+    )
     assert load_directions(tmp_path / "x" / "directions.safetensors").metadata["selection"]["streamed"]
-    assert main([*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--direction-position", "none"]) == 2
+    assert (
+        main(
+            [*common, "--out", str(tmp_path / "x"), "--memory-budget", "lots", "--direction-position", "none"]
+        )
+        == 2
+    )
     assert "memory budget 'lots'" in capsys.readouterr().err
     # an explicit position is scored (layer-streamed) for the record and kept
-    assert main([*common, "--out", str(tmp_path / "fixed"), "--stream", "always", "--select", "2"]) == 0  # older names
+    assert (
+        main([*common, "--out", str(tmp_path / "fixed"), "--stream", "always", "--select", "2"]) == 0
+    )  # older names
     fixed = load_directions(tmp_path / "fixed" / "directions.safetensors")
-    assert fixed.selected_position == 2 and [c["position"] for c in fixed.metadata["selection"]["candidates"]] == [2]
+    assert fixed.selected_position == 2 and [
+        c["position"] for c in fixed.metadata["selection"]["candidates"]
+    ] == [2]
 
 
 def test_memory_budget_sizes():

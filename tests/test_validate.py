@@ -46,7 +46,12 @@ def project_in_output(src: Path, out: Path, name: str, r: torch.Tensor, scale: f
     dtype = TO_TORCH[t.dtype]
     with open(src / t.shard, "rb") as handle:
         handle.seek(t.start)
-        w = torch.frombuffer(bytearray(handle.read(t.nbytes)), dtype=dtype).reshape(t.shape).float().contiguous()
+        w = (
+            torch.frombuffer(bytearray(handle.read(t.nbytes)), dtype=dtype)
+            .reshape(t.shape)
+            .float()
+            .contiguous()
+        )
     project_out_(w, r, scale, t.residual_axis)
     with open(out / t.shard, "r+b") as handle:
         handle.seek(t.start)
@@ -98,17 +103,34 @@ def test_clean_ablation_passes_with_counts_and_residuals(small):
     assert report.ok, report.failures
     assert report.complete and report.index["identical"]
     # 12 decoder layers + the MTP layer 12; layer 0 dense; 4 experts per MoE layer.
-    expected = {"attn_out": 13, "embed": 1, "expert_down": 48, "mlp_down": 1, "router": 12, "shared_expert_down": 12}
+    expected = {
+        "attn_out": 13,
+        "embed": 1,
+        "expert_down": 48,
+        "mlp_down": 1,
+        "router": 12,
+        "shared_expert_down": 12,
+    }
     assert report.changed_by_role == expected == report.expected_by_role
     assert report.changed == sum(expected.values())
     assert report.changed_by_layer["0"] == {"attn_out": 1, "mlp_down": 1}
-    assert report.changed_by_layer["12"] == {"attn_out": 1, "expert_down": 4, "router": 1, "shared_expert_down": 1}
+    assert report.changed_by_layer["12"] == {
+        "attn_out": 1,
+        "expert_down": 4,
+        "router": 1,
+        "shared_expert_down": 1,
+    }
     assert report.changed_by_layer["unlayered"] == {"embed": 1}
     assert set(report.worst_residual) == set(expected)
     for role, worst in report.worst_residual.items():
         assert worst.enforced and worst.residual < worst.tolerance, role
     assert report.worst_residual["router"].tolerance == residual_tolerance("F32", SMALL.hidden_size)
-    assert report.nan_inf == [] and report.files == {"missing": [], "changed": [], "extra": [], "weights_not_copied": []}
+    assert report.nan_inf == [] and report.files == {
+        "missing": [],
+        "changed": [],
+        "extra": [],
+        "weights_not_copied": [],
+    }
     json.dumps(report.to_json())  # JSON-able as it is
 
 
@@ -134,7 +156,9 @@ def test_one_byte_in_an_unplanned_tensor(small, tampered):
         handle.write(bytes([byte[0] ^ 0x01]))
     report = validate_output(src, tampered, progress=False)
     assert not report.ok
-    assert failures_naming(report, name) == [f"tensor {name} (attn_in, layer 3) changed but the plan does not edit it"]
+    assert failures_naming(report, name) == [
+        f"tensor {name} (attn_in, layer 3) changed but the plan does not edit it"
+    ]
     assert len(report.failures) == 1
 
 
@@ -205,8 +229,9 @@ def test_nan_in_an_edited_tensor(small, tampered):
     assert report.nan_inf == [f"{name} (attn_out, layer 4)"]
     nan, recomputed = report.failures
     assert nan == f"tensor {name} (attn_out, layer 4) holds 1 NaN/Inf values after ablation"
-    assert recomputed.startswith(f"tensor {name} (attn_out, layer 4) differs from the edit recomputed from the input: "
-                                 "1 of ")  # fmt: skip
+    assert recomputed.startswith(
+        f"tensor {name} (attn_out, layer 4) differs from the edit recomputed from the input: 1 of "
+    )
 
 
 def test_edit_with_the_wrong_direction_fails_its_residual(small, tampered):
@@ -217,7 +242,9 @@ def test_edit_with_the_wrong_direction_fails_its_residual(small, tampered):
     line, recomputed = report.failures
     assert line.startswith(f"tensor {name} (router, layer 6): projection residual ")
     assert "exceeds the tolerance" in line
-    assert recomputed.startswith(f"tensor {name} (router, layer 6) differs from the edit recomputed from the input")
+    assert recomputed.startswith(
+        f"tensor {name} (router, layer 6) differs from the edit recomputed from the input"
+    )
     assert report.worst_residual["router"].tensor == name
 
 
@@ -228,7 +255,9 @@ def test_changed_config_file(small, tampered):
     (tampered / "config.json").write_text(json.dumps(config))
     report = validate_output(src, tampered, progress=False)
     assert report.files["changed"] == ["config.json"]
-    assert report.failures == ["file config.json differs from the original's: non-weight files must be copied verbatim"]
+    assert report.failures == [
+        "file config.json differs from the original's: non-weight files must be copied verbatim"
+    ]
 
 
 def test_layer_prefix_defect_is_caught(small, tmp_path):
@@ -285,8 +314,12 @@ def test_full_glm_air_layout(glm_air_layout, tmp_path):
     assert report.tensors == 18329 and report.compared == 18329
     # 46 decoder layers + the MTP layer 46 (layer 0 dense, 128 experts per MoE layer).
     assert report.changed_by_role == {
-        "attn_out": 47, "expert_down": 46 * 128, "mlp_down": 1, "router": 46, "shared_expert_down": 46,
-    }  # fmt: skip
+        "attn_out": 47,
+        "expert_down": 46 * 128,
+        "mlp_down": 1,
+        "router": 46,
+        "shared_expert_down": 46,
+    }
     assert report.changed_by_role == report.expected_by_role
     # Well inside: the derived bound (test_ablate) is the storage rounding (bfloat16 2^-8; the fp32
     # routers none) plus the float32 edit, (H + 4) 2^-24, and r's rounding, 2 * 2^-24 (the validator
@@ -299,10 +332,17 @@ def test_full_glm_air_layout(glm_air_layout, tmp_path):
 
 def test_fused_expert_layout_checks_each_expert(glm_air_layout_fused, tmp_path):
     directions_path = write_directions(tmp_path / "d.safetensors", 8, 47)
-    out = ablate(Path(glm_air_layout_fused), tmp_path / "ablated", directions_path, layers="40-45", mtp="skip")
+    out = ablate(
+        Path(glm_air_layout_fused), tmp_path / "ablated", directions_path, layers="40-45", mtp="skip"
+    )
     report = validate_output(glm_air_layout_fused, out, progress=False)
     assert report.ok, report.failures[:5]
-    assert report.changed_by_role == {"attn_out": 6, "expert_down": 6 * 128, "router": 6, "shared_expert_down": 6}
+    assert report.changed_by_role == {
+        "attn_out": 6,
+        "expert_down": 6 * 128,
+        "router": 6,
+        "shared_expert_down": 6,
+    }
     # One expert of a fused [E, H, I] tensor edited with the wrong direction is found and named.
     name = "model.layers.41.mlp.experts.down_proj"
     t = tensor_at(out, name)

@@ -26,8 +26,14 @@ HARMLESS = [
 ]
 
 
-def build_tiny_chat_model(out_dir: Path, num_layers: int = 3, seed: int = 0, max_positions: int = 64,
-                          router_bias: bool = False, **overrides: int) -> Path:  # fmt: skip
+def build_tiny_chat_model(
+    out_dir: Path,
+    num_layers: int = 3,
+    seed: int = 0,
+    max_positions: int = 64,
+    router_bias: bool = False,
+    **overrides: int,
+) -> Path:
     """`overrides`: other Glm4MoeConfig values (e.g. n_routed_experts=8, n_group=2); `router_bias`: random
     router correction biases instead of transformers' zeros."""
     tokenizer = build_tokenizer([WORDS])

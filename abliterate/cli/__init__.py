@@ -16,7 +16,16 @@ import sys
 from abliterate.errors import AbliterateError
 
 # Order is the order shown in --help.
-COMMANDS = ["inventory", "measure", "ablate", "validate", "evaluate", "run", "sweep", "search"]  # run.py also adds `demo`
+COMMANDS = [
+    "inventory",
+    "measure",
+    "ablate",
+    "validate",
+    "evaluate",
+    "run",
+    "sweep",
+    "search",
+]  # run.py also adds `demo`
 # Arguments that name an input model: a folder, or a Hub id `org/name[@revision]` (abliterate.hub). The
 # flows (`run`, `sweep`) resolve the id themselves, so their runs record it as typed.
 MODEL_ARGUMENTS = ("model", "model_dir", "original", "baseline")

@@ -35,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "output, and drafts from an unedited MTP layer would keep proposing refusals."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory (safetensors), or a Hub id org/name[@revision]")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="Hugging Face checkpoint directory (safetensors), or a Hub id org/name[@revision]",
+    )
     parser.add_argument(
         "--directions",
         required=True,
@@ -48,19 +52,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_options(parser, Ablation)
     add_options(parser, Selection, only=("direction_position",))
     # the ablation method's older switches
-    parser.add_argument("--norm-preserving", action="store_const", dest="ablation_method", const="norm_preserving",
-                        default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)  # fmt: skip
-    parser.add_argument("--projected", action="store_const", dest="ablation_method", const="projected",
-                        default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)  # fmt: skip
-    add_options(parser, Runtime, only=("workers",))
-    parser.add_argument("--plan", metavar="YAML", help="read the whole plan from a YAML file (overrides the options above)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and every tensor it matches; write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory (an unfinished or finished output of "
-        "this same run is resumed, not replaced)")
     parser.add_argument(
-        "--force", action="store_true", help="accept a directions file measured on a checkpoint with another fingerprint"
+        "--norm-preserving",
+        action="store_const",
+        dest="ablation_method",
+        const="norm_preserving",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--projected",
+        action="store_const",
+        dest="ablation_method",
+        const="projected",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
+    add_options(parser, Runtime, only=("workers",))
+    parser.add_argument(
+        "--plan", metavar="YAML", help="read the whole plan from a YAML file (overrides the options above)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and every tensor it matches; write nothing"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the contents of a non-empty output directory (an unfinished or finished output of "
+        "this same run is resumed, not replaced)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a directions file measured on a checkpoint with another fingerprint",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_profile_options(parser)

@@ -31,10 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "first_token_refusal_rate_*, n_harmful, n_harmless, baseline_*, examples, settings."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="model directory to evaluate (e.g. the ablated output), or a "
-                        "Hub id org/name[@revision]")  # fmt: skip
-    parser.add_argument("--baseline", metavar="ORIGINAL", default=None, help="the original model (folder or Hub id), "
-                        "for KL, before/after figures and the refusal tokens its own refusals start with")  # fmt: skip
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model directory to evaluate (e.g. the ablated output), or a Hub id org/name[@revision]",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="ORIGINAL",
+        default=None,
+        help="the original model (folder or Hub id), "
+        "for KL, before/after figures and the refusal tokens its own refusals start with",
+    )
     parser.add_argument("--harmful", required=True, metavar="FILE", help="harmful test prompts file")
     parser.add_argument("--harmless", required=True, metavar="FILE", help="harmless test prompts file")
     add_options(parser, Template)
@@ -63,13 +71,20 @@ def run(args: argparse.Namespace) -> int:
     settings = eval_settings(evaluation, template, runtime, stream)
     harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
     budget = parse_size(runtime.memory_budget)
-    where = "layer-streamed (first-token figures: one read of the weights per model)" if stream else "in memory"
+    where = (
+        "layer-streamed (first-token figures: one read of the weights per model)" if stream else "in memory"
+    )
     print(f"evaluating {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
     if stream and settings.full_replies:
         from abliterate.devices import available_memory
 
-        cost = replies_cost(args.model, settings.dtype, available_memory("cpu") if budget is None else budget,
-                            len(harmful) + len(harmless), settings)  # fmt: skip
+        cost = replies_cost(
+            args.model,
+            settings.dtype,
+            available_memory("cpu") if budget is None else budget,
+            len(harmful) + len(harmless),
+            settings,
+        )
         print(cost + (" (for each of the two models)" if args.baseline else ""), file=sys.stderr)
     result = evaluate_model(
         args.model,

@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "even for a 220 GB checkpoint. Exits 2 with a one-line reason when the checkpoint is broken."
         ),
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]")
+    parser.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     add_profile_options(parser)
     parser.add_argument(
@@ -58,7 +62,9 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.track and args.map:
-        raise AbliterateError("--track runs the cached inventory flow, which takes --family but not --map yet")
+        raise AbliterateError(
+            "--track runs the cached inventory flow, which takes --family but not --map yet"
+        )
     if args.track:
         from flows.runtime import configure
 
@@ -76,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def format_summary(s: Structure, seconds: float) -> str:
     lines = [
         f"{s.architecture} ({s.family}), {s.tensors:,} tensors in {s.shards} shard(s), "
@@ -86,7 +91,8 @@ def format_summary(s: Structure, seconds: float) -> str:
         f"decoder layers   {s.num_layers}: dense {format_layers(s.dense_layers)}; MoE {format_layers(s.moe_layers)}",
         f"experts          {s.experts_per_layer} routed + {s.shared_experts} shared per MoE layer"
         + (" (fused 3-D tensors on disk)" if s.fused_experts else ""),
-        f"router           {s.router_dtype or 'none'}" + (", with e_score_correction_bias" if s.router_bias else ""),
+        f"router           {s.router_dtype or 'none'}"
+        + (", with e_score_correction_bias" if s.router_bias else ""),
         f"MTP layers       {format_layers(s.mtp_layers)}",
         f"embeddings       {'tied' if s.tied_embeddings else 'separate lm_head'}",
         f"dtypes           {', '.join(f'{k} {v:,}' for k, v in s.dtypes.items())}",
@@ -96,8 +102,14 @@ def format_summary(s: Structure, seconds: float) -> str:
     for role in sorted(set(s.roles) | set(s.mtp_roles)):
         lines.append(f"{role:<22}{s.roles.get(role, 0):>10,}{s.mtp_roles.get(role, 0):>8,}")
     if s.fp8_weights:
-        lines += ["", f"FP8 weights      {s.fp8_weights:,} with their scales: ablated FP8 in, FP8 out (docs/FP8.md)"]
+        lines += [
+            "",
+            f"FP8 weights      {s.fp8_weights:,} with their scales: ablated FP8 in, FP8 out (docs/FP8.md)",
+        ]
     if s.quantization:
-        lines += ["", f"quantized ({s.quantization}): not supported for ablation; use the bf16/fp16 checkpoint"]
+        lines += [
+            "",
+            f"quantized ({s.quantization}): not supported for ablation; use the bf16/fp16 checkpoint",
+        ]
     lines += [f"warning: {w}" for w in s.warnings]
     return "\n".join(lines)

@@ -42,19 +42,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "`abliterate ablate`) and OUT/directions.json (statistics and candidate scores)."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="model folder (safetensors), or a Hugging Face Hub id "
-                        "org/name[@revision] (read from or downloaded into the Hugging Face cache)")  # fmt: skip
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model folder (safetensors), or a Hugging Face Hub id "
+        "org/name[@revision] (read from or downloaded into the Hugging Face cache)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
-    add_options(parser, Prompts, only=("harmful", "harmless", "validation_fraction", "seed"),
-                required=("harmful", "harmless"))  # fmt: skip
+    add_options(
+        parser,
+        Prompts,
+        only=("harmful", "harmless", "validation_fraction", "seed"),
+        required=("harmful", "harmless"),
+    )
     val = parser.add_argument_group("validation prompts (instead of the split)")
     val.add_argument("--harmful-val", metavar="FILE", help="harmful validation prompts for selection")
     val.add_argument("--harmless-val", metavar="FILE", help="harmless validation prompts for selection")
     add_options(parser, Template)
     add_options(parser, Measurement)
     add_options(parser, Selection)
-    add_options(parser, Evaluation, only=("markers", "marker", "refusal_probe_tokens"),
-                title="refusal tokens (from the model's own refusals, found by marker phrases)")  # fmt: skip
+    add_options(
+        parser,
+        Evaluation,
+        only=("markers", "marker", "refusal_probe_tokens"),
+        title="refusal tokens (from the model's own refusals, found by marker phrases)",
+    )
     add_options(parser, Runtime, only=MEASURE_RUNTIME)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -90,9 +102,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model}: {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
     measured = measure_stage(args.model, harmful, harmless, settings, runtime.device, stream, progress)
     directions, chosen = direction_stage(
-        args.model, measured, measurement.direction_method, selection.direction_position, harmful_val,
-        harmless_val, selection_settings(selection, runtime, evaluation), runtime.device, stream, progress,
-    )  # fmt: skip
+        args.model,
+        measured,
+        measurement.direction_method,
+        selection.direction_position,
+        harmful_val,
+        harmless_val,
+        selection_settings(selection, runtime, evaluation),
+        runtime.device,
+        stream,
+        progress,
+    )
     extra = {"selection": chosen.as_dict()} if chosen else None
     origin = hub_origin(args.model)
     if origin:
@@ -101,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     path = write_directions(args.out, directions, measured, fingerprint(args.model), selected, extra)
 
     print(f"wrote {path} and {Path(args.out) / 'directions.json'}")
-    print(f"{'pos':>4} {'diff norm':>10} {'snr':>7} {'refusal':>8} {'kl':>8}   (pos: residual position = input of that layer)")
+    print(
+        f"{'pos':>4} {'diff norm':>10} {'snr':>7} {'refusal':>8} {'kl':>8}   (pos: residual position = input of that layer)"
+    )
     scores = {c.position: c for c in chosen.candidates} if chosen else {}
     for p in range(directions.num_positions):
         row = f"{p:>4} {float(directions.mean_diff_norm[p]):>10.4g} {float(directions.snr[p]):>7.3f}"
@@ -110,9 +132,13 @@ def run(args: argparse.Namespace) -> int:
         print(row + ("  <- selected" if p == selected else ""))
     if chosen is not None and chosen.scored:
         print(f"baseline refusal score (no ablation): {chosen.baseline_refusal_score:.3f}")
-        print(f"refusal tokens ({chosen.refusal_tokens_source}, {chosen.refusals_found} refusals among the harmful "
-              f"validation replies): {chosen.refusal_tokens}")  # fmt: skip
+        print(
+            f"refusal tokens ({chosen.refusal_tokens_source}, {chosen.refusals_found} refusals among the harmful "
+            f"validation replies): {chosen.refusal_tokens}"
+        )
         if chosen.streamed:
-            print(f"scored layer-streamed: {chosen.weight_reads} reads of the weights for {len(chosen.candidates)} "
-                  "candidates (one per refusal-probe token, one for every candidate together)")  # fmt: skip
+            print(
+                f"scored layer-streamed: {chosen.weight_reads} reads of the weights for {len(chosen.candidates)} "
+                "candidates (one per refusal-probe token, one for every candidate together)"
+            )
     return 0

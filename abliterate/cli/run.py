@@ -24,23 +24,42 @@ from abliterate.config import (
     from_args,
 )
 
-FLOW_SECTIONS: tuple[type[Section], ...] = (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime)
+FLOW_SECTIONS: tuple[type[Section], ...] = (
+    Prompts,
+    Template,
+    Measurement,
+    Selection,
+    Ablation,
+    Evaluation,
+    Runtime,
+)
 
 
-def add_flow_options(parser: argparse.ArgumentParser, sections: tuple[type[Section], ...] = FLOW_SECTIONS) -> None:
+def add_flow_options(
+    parser: argparse.ArgumentParser, sections: tuple[type[Section], ...] = FLOW_SECTIONS
+) -> None:
     """The flow's parameters as options, one group per configuration section, then the run's own."""
     for cls in sections:
         add_options(parser, cls)
     other = parser.add_argument_group("run")
-    other.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory")
-    other.add_argument("--force", action="store_true", help="accept a directions file measured on another checkpoint")
-    other.add_argument("--work-dir", help="where directions files are written (default: ./results; task results "
-                       "persist under $ABLITERATE_RESULTS/prefect-storage)")  # fmt: skip
+    other.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of a non-empty output directory"
+    )
+    other.add_argument(
+        "--force", action="store_true", help="accept a directions file measured on another checkpoint"
+    )
+    other.add_argument(
+        "--work-dir",
+        help="where directions files are written (default: ./results; task results "
+        "persist under $ABLITERATE_RESULTS/prefect-storage)",
+    )
     other.add_argument("--json", action="store_true", help="print the run summary as JSON")
     other.add_argument("--quiet", action="store_true", help="no stage lines, progress bars or summary text")
 
 
-def flow_sections(args: argparse.Namespace, sections: tuple[type[Section], ...] = FLOW_SECTIONS) -> dict[str, Any]:
+def flow_sections(
+    args: argparse.Namespace, sections: tuple[type[Section], ...] = FLOW_SECTIONS
+) -> dict[str, Any]:
     """The flow's keyword arguments: one settings object per section, checked before any work."""
     return {cls.section: from_args(cls, args) for cls in sections}
 
@@ -60,8 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the last layer's output); a token position counts tokens from the end of the prompt."
         ),
     )
-    run.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory (safetensors), or a Hub id "
-                     "org/name[@revision] (read from or downloaded into the Hugging Face cache)")  # fmt: skip
+    run.add_argument(
+        "model",
+        metavar="MODEL",
+        help="Hugging Face checkpoint directory (safetensors), or a Hub id "
+        "org/name[@revision] (read from or downloaded into the Hugging Face cache)",
+    )
     run.add_argument("--out", required=True, help="output directory for the ablated checkpoint")
     add_flow_options(run)
     run.set_defaults(func=run_command)
@@ -146,8 +169,10 @@ def demo_command(args: argparse.Namespace) -> int:
 def format_summary(summary: dict[str, Any], began: float) -> str:
     plan = summary["plan"]
     if plan.get("direction_position") == "selected":
-        direction = (f"direction: residual position {plan['selected_position']} (the input of decoder layer "
-                     f"{plan['selected_position']}), removed from every targeted layer")  # fmt: skip
+        direction = (
+            f"direction: residual position {plan['selected_position']} (the input of decoder layer "
+            f"{plan['selected_position']}), removed from every targeted layer"
+        )
     elif plan.get("direction_position") == "own":
         direction = "direction: each layer's own residual position"
     else:
@@ -177,9 +202,13 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
             f"first-token KL on harmless prompts: {ev.get('kl_harmless', nan):.2g} nats",
         ]
         if "refusal_rate_harmful" not in ev:
-            lines.append("full replies: not made (layer-streamed; --full-replies always makes them, offloaded)")
+            lines.append(
+                "full replies: not made (layer-streamed; --full-replies always makes them, offloaded)"
+            )
         rows = summary.get("examples", [])
-        for row in [r for r in rows if r["kind"] == "harmful"][:2] + [r for r in rows if r["kind"] == "harmless"][:2]:
+        for row in [r for r in rows if r["kind"] == "harmful"][:2] + [
+            r for r in rows if r["kind"] == "harmless"
+        ][:2]:
             lines.append(f"  [{row['kind']}] {row['prompt']}")
             lines.append(f"     before: {row['response_before']}")
             lines.append(f"     after:  {row['response_after']}")

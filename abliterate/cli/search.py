@@ -31,8 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "shard engine, validated and evaluated on the test prompts."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]")
-    parser.add_argument("--out", default=None, help="write the chosen trial's checkpoint here (default: search only)")
+    parser.add_argument(
+        "model", metavar="MODEL", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]"
+    )
+    parser.add_argument(
+        "--out", default=None, help="write the chosen trial's checkpoint here (default: search only)"
+    )
     add_flow_options(parser, SEARCH_SECTIONS)
     parser.set_defaults(func=run)
 
@@ -44,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from flows.search import search_flow
 
     result = search_flow(
-        model=args.model, out=args.out, overwrite=args.overwrite, force=args.force, work_dir=args.work_dir, **sections
+        model=args.model,
+        out=args.out,
+        overwrite=args.overwrite,
+        force=args.force,
+        work_dir=args.work_dir,
+        **sections,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -66,23 +75,33 @@ def format_result(result: dict, began: float) -> str:
         note = "  <- run's automatic choice" if r.get("reference") else ""
         chosen = "  <- chosen" if result.get("chosen") and result["chosen"]["trial"] == r["trial"] else ""
         p = r["parameters"]
-        lines.append(f"{r['trial']:>6} {r['refusal_rate']:>8.3f} {r['kl']:>10.3g}  {p['method']:<15} "
-                     f"{p['direction_position']:.3f}{note}{chosen}")  # fmt: skip
+        lines.append(
+            f"{r['trial']:>6} {r['refusal_rate']:>8.3f} {r['kl']:>10.3g}  {p['method']:<15} "
+            f"{p['direction_position']:.3f}{note}{chosen}"
+        )
     ref = result.get("reference")
     if ref and all(r["trial"] != ref["trial"] for r in result["pareto"]):
-        lines.append(f"run's automatic choice (trial {ref['trial']}): refusal rate {ref['refusal_rate']:.3f}, "
-                     f"KL {ref['kl']:.3g} (not on the front)")  # fmt: skip
+        lines.append(
+            f"run's automatic choice (trial {ref['trial']}): refusal rate {ref['refusal_rate']:.3f}, "
+            f"KL {ref['kl']:.3g} (not on the front)"
+        )
     if result.get("chosen"):
         c = result["chosen"]
         lines.append(f"chosen: trial {c['trial']} (refusal rate {c['refusal_rate']:.3f}, KL {c['kl']:.3g})")
     else:
         lines.append(f"chosen: none ({result.get('chosen_reason')})")
     if result.get("output"):
-        lines.append(f"written to {result['output']}: validation {'passed' if result.get('validation_ok') else 'FAILED'}")
+        lines.append(
+            f"written to {result['output']}: validation {'passed' if result.get('validation_ok') else 'FAILED'}"
+        )
         ev = result.get("evaluation") or {}
         if "refusal_rate_harmful" in ev:
-            lines.append(f"test prompts: refusal rate {ev.get('baseline_refusal_rate_harmful', float('nan')):.2f} before, "
-                         f"{ev['refusal_rate_harmful']:.2f} after; first-token KL {ev.get('kl_harmless', float('nan')):.2g}")  # fmt: skip
+            lines.append(
+                f"test prompts: refusal rate {ev.get('baseline_refusal_rate_harmful', float('nan')):.2f} before, "
+                f"{ev['refusal_rate_harmful']:.2f} after; first-token KL {ev.get('kl_harmless', float('nan')):.2g}"
+            )
     lines.append(f"Prefect flow run '{result['prefect.flow_run_name']}' ({result['prefect.flow_run_id']})")
-    lines.append(f"MLflow parent run {result['mlflow_run_id']}; wall time {time.perf_counter() - began:.1f} s")
+    lines.append(
+        f"MLflow parent run {result['mlflow_run_id']}; wall time {time.perf_counter() - began:.1f} s"
+    )
     return "\n".join(lines)

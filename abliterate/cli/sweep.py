@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Keys: name, direction_position and the ablation options (layers, scale, targets, ablation_method, mtp, biases).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]")
+    parser.add_argument(
+        "model", metavar="MODEL", help="Hugging Face checkpoint directory, or a Hub id org/name[@revision]"
+    )
     parser.add_argument("--variants", required=True, metavar="FILE", help="YAML or JSON list of variants")
     parser.add_argument("--out", required=True, help="parent directory of the variants' outputs")
     add_flow_options(parser, SWEEP_SECTIONS)
@@ -50,9 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from flows.sweep import sweep_flow
 
     result = sweep_flow(
-        model=args.model, out=args.out, variants=variants if isinstance(variants, list) else [variants],
-        overwrite=args.overwrite, force=args.force, work_dir=args.work_dir, **sections,
-    )  # fmt: skip
+        model=args.model,
+        out=args.out,
+        variants=variants if isinstance(variants, list) else [variants],
+        overwrite=args.overwrite,
+        force=args.force,
+        work_dir=args.work_dir,
+        **sections,
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0

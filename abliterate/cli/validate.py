@@ -9,7 +9,9 @@ from pathlib import Path
 from abliterate.checkpoint import choose_profile
 from abliterate.cli.inventory import add_profile_options
 
-HELP = "check an ablated checkpoint against its original: structure, bytes, plan, NaN/Inf, projection residuals"
+HELP = (
+    "check an ablated checkpoint against its original: structure, bytes, plan, NaN/Inf, projection residuals"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "than RAM. Exit code: 0 valid, 1 validation failed (every failure is named), 2 bad input."
         ),
     )
-    parser.add_argument("original", metavar="ORIGINAL", help="the input checkpoint directory, or its Hub id org/name[@revision]")
+    parser.add_argument(
+        "original",
+        metavar="ORIGINAL",
+        help="the input checkpoint directory, or its Hub id org/name[@revision]",
+    )
     parser.add_argument("ablated", metavar="ABLATED", help="the ablated output directory")
     parser.add_argument(
         "--directions",
@@ -50,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # checked before the work, so the report is never lost at the end
         output_file(args.out, [args.original, args.ablated])
     profile = choose_profile(args.original, args.family, args.map)
-    report = validate_output(args.original, args.ablated, args.directions, progress=not args.quiet, profile=profile)
+    report = validate_output(
+        args.original, args.ablated, args.directions, progress=not args.quiet, profile=profile
+    )
     data = report.to_json()
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n")

@@ -36,8 +36,16 @@ from abliterate.demo.corpus import Example, build_splits
 
 SEED = 0
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "[UNK]", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
-    "<|observation|>", "<think>", "</think>",
+    "<|endoftext|>",
+    "[UNK]",
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<think>",
+    "</think>",
 )
 EOS = "<|endoftext|>"
 SYSTEM_PROMPTS = (
@@ -312,12 +320,18 @@ def _save(model: Glm4MoeForCausalLM, tokenizer, out_dir: Path) -> None:
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="model folder (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEMO_MODEL_DIR, help="model folder (default: %(default)s)"
+    )
     parser.add_argument(
         "--check",
         type=Path,
