@@ -161,10 +161,6 @@ class Selection(Section):
             return text
         raise ValueError("use auto, own, none or a residual position number >= 0")
 
-    @property
-    def fixed_position(self) -> int | None:
-        return int(self.direction_position) if self.direction_position.isdigit() else None
-
 
 class Ablation(Section):
     section: typing.ClassVar[str] = "ablation"
@@ -559,7 +555,3 @@ def from_args(cls: type[Section], args: argparse.Namespace, **overrides: Any):
         values["chat_template_kwargs"] = _parse_kwargs(values["chat_template_kwargs"])
     values.update(overrides)
     return cls(**values)
-
-
-def section_names(cls: type[Section]) -> list[str]:
-    return list(cls.model_fields)

@@ -258,20 +258,6 @@ def encode(
     return encoded
 
 
-def generate_replies(
-    model: Any,
-    tokenizer: Any,
-    encoded: Sequence[Sequence[int]],
-    settings: EvalSettings,
-    label: str,
-    progress: bool,
-) -> list[str]:
-    """Greedy replies in prompt order (text, cut at the first end token); batches of similar length."""
-    from abliterate.forward import as_forward
-
-    return _texts(tokenizer, _reply_ids(as_forward(model), tokenizer, encoded, settings, label, progress))
-
-
 def _reply_ids(
     forward: Any, tokenizer: Any, encoded: Any, settings: EvalSettings, label: str, progress: bool
 ):
