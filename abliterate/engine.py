@@ -2,10 +2,11 @@
 
 Shapes and dtypes never change, so an output shard is the input shard with some byte ranges
 rewritten: the header is copied verbatim and every tensor stays at its offset. Unedited ranges
-are copied by the kernel (copy_file_range); each matched tensor is read from a memory map in
-chunks of independent vectors, edited in float32, rounded once to its own dtype and written.
-Memory stays at one chunk in float32 (a whole writer [H, in] in float32: its columns, the
-vectors edited, are not contiguous on disk).
+are copied by the kernel (copy_file_range); each matched tensor is read in chunks of independent
+vectors (plain reads, which the kernel reads ahead of), edited in float32, rounded once to its
+own dtype and written. While a tensor is edited, the disk reads what follows it (an advice, no
+thread). Memory stays at one chunk in float32 (a whole writer [H, in] in float32: its columns,
+the vectors edited, are not contiguous on disk) and one small piece per stored dtype.
 
 The bytes depend only on the input shard, the matches and their vectors: never on chunk sizes,
 threads or timing. `ENGINE_VERSION` is part of every shard key; bump it when they change.
@@ -14,7 +15,6 @@ threads or timing. `ENGINE_VERSION` is part of every shard key; bump it when the
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
 CHUNK_BYTES = 64 << 20  # storage bytes edited at once; fixed so results never depend on memory
 PIECE = 1 << 21  # elements widened or rounded at once (elementwise: any size gives the same bytes)
+READ_AHEAD = 64 << 20  # bytes after each edited tensor the disk is asked to read while it is edited
 # safetensors float dtypes as torch reads them; the engine edits the first three in float32.
 TORCH_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -45,19 +46,20 @@ def write_shard(src: Path, dst: Path, edits: Sequence[tuple[Match, torch.Tensor]
     the size. `edits` in file order (by offset), each with the float32 vector [H] that edits it."""
     with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
         size = os.fstat(fin.fileno()).st_size
-        # Copy-on-write mapping: writable for torch.frombuffer, never written to.
-        mapped = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_COPY)
-        try:
-            position = 0
-            for m, r in edits:
-                _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
-                _edit_tensor(mapped, fout.fileno(), m, r)
-                position = m.tensor.end
-            _copy_range(fin.fileno(), fout.fileno(), position, size - position)
-        finally:
-            _close(mapped)
+        position = 0
+        for m, r in edits:
+            _read_ahead(fin.fileno(), m.tensor.end)  # what follows is read from the disk while this is edited
+            _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
+            _edit_tensor(fin.fileno(), fout.fileno(), m, r)
+            position = m.tensor.end
+        _copy_range(fin.fileno(), fout.fileno(), position, size - position)
         os.fsync(fout.fileno())
     return size
+
+
+def _read_ahead(src: int, offset: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(src, offset, READ_AHEAD, os.POSIX_FADV_WILLNEED)
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
@@ -73,10 +75,10 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
         count -= n
 
 
-def _edit_tensor(mapped: mmap.mmap, dst: int, m: Match, r: torch.Tensor) -> None:
+def _edit_tensor(src: int, dst: int, m: Match, r: torch.Tensor) -> None:
     """Read, edit in float32, round once, write: chunk by chunk of independent vectors."""
     dtype = TORCH_DTYPES[m.tensor.dtype]
-    for _, work in _edited_chunks(mapped, m, r):
+    for _, work in edited_chunks(src, m, r):
         _write_rounded(dst, work, dtype)
 
 
@@ -86,14 +88,6 @@ def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, to
     the chunk), before rounding (`rounded_pieces` gives the stored bytes). `src`: the input shard,
     open for reading. The float32 buffer is reused: use each chunk before asking for the next.
     Validation recomputes every edit through this very function."""
-    mapped = mmap.mmap(src, 0, access=mmap.ACCESS_COPY)
-    try:
-        yield from _edited_chunks(mapped, m, r)
-    finally:
-        _close(mapped)
-
-
-def _edited_chunks(mapped: mmap.mmap, m: Match, r: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     t = m.tensor
     if t.nbytes == 0:
         return
@@ -111,14 +105,15 @@ def _edited_chunks(mapped: mmap.mmap, m: Match, r: torch.Tensor) -> Iterator[tup
         count = min(step, rows - first)
         offset = t.start + first * row_bytes
         shape = (count, *t.shape[1:]) if rows > 1 else t.shape
-        work = _read_float32(mapped, offset, count * row_numel, dtype).view(shape)
+        work = _read_float32(src, offset, count * row_numel, dtype).view(shape)
         edit(work, r, m.scale, axis)
         yield offset, work
 
 
 class _Scratch(threading.local):
     """Per-thread buffers reused from tensor to tensor (a fresh allocation faults in every page:
-    a third of the edit time). The float32 one grows to the largest chunk edited, and stays."""
+    a third of the edit time). The float32 one grows to the largest chunk edited, and stays; the
+    pieces, one per stored dtype, hold what is read before widening and written after rounding."""
 
     def __init__(self) -> None:
         self.work = torch.empty(0, dtype=torch.float32)
@@ -139,17 +134,29 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _read_float32(mapped: mmap.mmap, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Widen stored values to float32 a piece at a time, dropping each piece's pages."""
+def _read_float32(src: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Read stored values and widen them to float32, a piece at a time (plain reads: the kernel
+    reads ahead of them, where a memory map of a file not in the page cache faults page by page)."""
     work = _SCRATCH.float32(numel)
     size = torch.empty((), dtype=dtype).element_size()
     for first in range(0, numel, PIECE):
         count = min(PIECE, numel - first)
-        stored = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset + first * size)
-        work[first : first + count].copy_(stored)
-        del stored
-        _release(mapped, offset + first * size, count * size)
+        part = work[first : first + count]
+        stored = part if dtype == torch.float32 else _SCRATCH.piece(dtype, count)
+        _read_exactly(src, stored, offset + first * size)
+        if stored is not part:
+            part.copy_(stored)
     return work
+
+
+def _read_exactly(src: int, into: torch.Tensor, offset: int) -> None:
+    view = memoryview(into.view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(src, [view[done:]], offset + done)
+        if n == 0:
+            raise AbliterateError(f"unexpected end of input while reading at byte {offset + done}")
+        done += n
 
 
 def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype) -> None:
@@ -168,17 +175,3 @@ def rounded_pieces(work: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryvie
         if dtype != torch.float32:
             part = _SCRATCH.piece(dtype, part.numel()).copy_(part)
         yield memoryview(part.view(torch.uint8).numpy())
-
-
-def _close(mapped: mmap.mmap) -> None:
-    try:
-        mapped.close()
-    except BufferError:  # a tensor of an interrupted edit still views it: the GC unmaps it later
-        pass
-
-
-def _release(mapped: mmap.mmap, offset: int, length: int) -> None:
-    """Drop the mapped pages just read, so resident memory stays at one chunk, not the shard."""
-    if hasattr(mmap, "MADV_DONTNEED"):
-        start = offset - offset % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, start, min(length + offset - start, len(mapped) - start))
