@@ -14,6 +14,7 @@ from abliterate.ablate import ablate_checkpoint, load_inputs
 from abliterate.checkpoint import build_inventory
 from abliterate.cli import main
 from abliterate.direction_file import load_directions, save_directions
+from abliterate.engine import TORCH_DTYPES
 from abliterate.errors import AbliterateError
 from abliterate.matching import default_plan
 from abliterate.orthogonalize import project_out_
@@ -22,7 +23,6 @@ from abliterate.synthetic import GlmLayout, write_glm_layout
 from abliterate.validate import residual_tolerance, validate_output
 
 SMALL = GlmLayout(num_layers=12, n_routed_experts=4, num_experts_per_tok=2, hidden_size=16)
-TO_TORCH = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
 
 
 def write_directions(path: Path, hidden: int, positions: int, seed: int = 1) -> Path:
@@ -43,7 +43,7 @@ def ablate(src: Path, out: Path, directions_path: Path, **plan_specs) -> Path:
 def project_in_output(src: Path, out: Path, name: str, r: torch.Tensor, scale: float = 1.0) -> None:
     """Overwrite one output tensor with the original projected along `r` (a rogue edit)."""
     t = tensor_at(src, name)
-    dtype = TO_TORCH[t.dtype]
+    dtype = TORCH_DTYPES[t.dtype]
     with open(src / t.shard, "rb") as handle:
         handle.seek(t.start)
         w = (
