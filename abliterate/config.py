@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from abliterate.devices import DTYPE_CHOICES
+from abliterate.edit.plan import DEFAULT_TARGETS, METHODS, MTP_MODES, TARGET_ROLES
 from abliterate.errors import AbliterateError
-from abliterate.plan import DEFAULT_TARGETS, METHODS, MTP_MODES, TARGET_ROLES
-from abliterate.streaming import STREAMING_MODES
+from abliterate.inference.devices import DTYPE_CHOICES
+from abliterate.inference.streaming import STREAMING_MODES
 
 
 class Section(BaseModel):
@@ -240,7 +240,7 @@ class Evaluation(Section):
 
     def marker_list(self) -> tuple[str, ...]:
         """The marker phrases: the file's, then each --marker; the built-in list when neither is given."""
-        from abliterate.refusal import DEFAULT_REFUSAL_MARKERS, read_markers
+        from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS, read_markers
 
         markers = tuple(read_markers(self.markers)) if self.markers else ()
         return markers + tuple(self.marker) or DEFAULT_REFUSAL_MARKERS
@@ -287,7 +287,7 @@ class Runtime(Section):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _size(cls, value: Any) -> str | None:
-        from abliterate.streaming import parse_size
+        from abliterate.inference.streaming import parse_size
 
         if value is None:
             return None
@@ -300,14 +300,14 @@ class Runtime(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        from abliterate.devices import check_device
+        from abliterate.inference.devices import check_device
 
         return check_device(value)
 
     def resolved(self, model_dir: str | Path) -> Runtime:
         """The same settings with `auto` device and dtype made concrete for this machine and model
-        (`abliterate.devices`): what the stages compute with, and what their cache keys hold."""
-        from abliterate.devices import resolve_device, resolve_dtype
+        (`abliterate.inference.devices`): what the stages compute with, and what their cache keys hold."""
+        from abliterate.inference.devices import resolve_device, resolve_dtype
 
         device = resolve_device(self.device)
         return self.model_copy(
@@ -316,7 +316,7 @@ class Runtime(Section):
 
 
 class Search(Section):
-    """`abliterate search`: the Optuna study over layer kernels, weight roles, routers (abliterate/search.py)."""
+    """`abliterate search`: the Optuna study over layer kernels, weight roles, routers (abliterate/search/study.py)."""
 
     section: typing.ClassVar[str] = "search"
 
@@ -377,7 +377,7 @@ class Search(Section):
     @field_validator("components", "methods", mode="before")
     @classmethod
     def _names(cls, value: Any, info: Any) -> list[str]:
-        from abliterate.search import COMPONENTS, GROUPS
+        from abliterate.search.study import COMPONENTS, GROUPS
 
         if isinstance(value, str):
             value = [value]
@@ -413,7 +413,7 @@ def flat_params(*sections: Section) -> dict[str, Any]:
 
 def measure_settings(measurement: Measurement, template: Template, runtime: Runtime):
     """From a runtime resolved for the model (`Runtime.resolved`): the settings hold the concrete dtype."""
-    from abliterate.measure import MeasureSettings
+    from abliterate.measure.means import MeasureSettings
 
     if runtime.dtype == "auto":
         raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
@@ -430,7 +430,7 @@ def measure_settings(measurement: Measurement, template: Template, runtime: Runt
 
 def selection_settings(selection: Selection, runtime: Runtime, evaluation: Evaluation | None = None):
     """`evaluation` gives the marker phrases and the probe length that find the refusal tokens."""
-    from abliterate.selection import SelectionSettings
+    from abliterate.select.selection import SelectionSettings
 
     evaluation = evaluation or Evaluation()
     return SelectionSettings(
@@ -445,7 +445,7 @@ def selection_settings(selection: Selection, runtime: Runtime, evaluation: Evalu
 
 def eval_settings(evaluation: Evaluation, template: Template, runtime: Runtime, stream: bool = False):
     """From a runtime resolved for the model; `stream`: the model is evaluated layer-streamed."""
-    from abliterate.evaluate import EvalSettings
+    from abliterate.check.evaluate import EvalSettings
 
     if runtime.dtype == "auto":
         raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")

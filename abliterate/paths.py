@@ -6,7 +6,7 @@ Rules, the same for every command and flow:
 - a name taken from data (a shard named in an index, a sweep variant's name) is a plain file
   name that stays inside its folder: `plain_name`, `child`;
 - only files the tool wrote itself are ever deleted: the output's records list them
-  (`abliterate/output.py`), `ours_to_delete` drops every input from such a list, and temporary
+  (`abliterate/edit/output.py`), `ours_to_delete` drops every input from such a list, and temporary
   files are recognised only by the exact names `replacing` gives them (`is_temporary_of`);
 - one run writes an output directory at a time: `locked` holds an exclusive lock on it; and
   shared stores (MLflow's SQLite file) are first initialised under a lock file (`file_lock`).

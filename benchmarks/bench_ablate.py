@@ -47,7 +47,7 @@ def child(model: str, directions: str, out: str, workers: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from abliterate.ablate import ablate_checkpoint
+    from abliterate.edit.ablate import ablate_checkpoint
 
     after_import = peak_rss()
     began = time.perf_counter()
@@ -115,9 +115,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from abliterate.checkpoint import build_inventory
-    from abliterate.direction_file import save_directions
-    from abliterate.synthetic import GlmLayout, write_glm_layout
+    from abliterate.measure.direction_file import save_directions
+    from abliterate.weights.checkpoint import build_inventory
+    from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
     layout = GlmLayout(
         num_layers=args.layers,

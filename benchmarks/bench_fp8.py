@@ -37,14 +37,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from abliterate import fp8
-    from abliterate.ablate import ablate_checkpoint, load_inputs
-    from abliterate.direction_file import load_directions, save_directions
-    from abliterate.matching import direction_for
-    from abliterate.output import MANIFEST_FILE
-    from abliterate.plan import AblationPlan
-    from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
-    from abliterate.validate import FLOAT32_UNIT, TOLERANCE_FACTOR
+    from abliterate.check.validate import FLOAT32_UNIT, TOLERANCE_FACTOR
+    from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+    from abliterate.edit.matching import direction_for
+    from abliterate.edit.output import MANIFEST_FILE
+    from abliterate.edit.plan import AblationPlan
+    from abliterate.measure.direction_file import load_directions, save_directions
+    from abliterate.weights import fp8
+    from abliterate.weights.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-fp8-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     directions = {}
     for name, model in (("bf16", bf16), ("fp8", f8)):
-        from abliterate.checkpoint import build_inventory
+        from abliterate.weights.checkpoint import build_inventory
 
         d = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=gen)
         meta = {"fingerprint": build_inventory(model).fingerprint, "selected_position": 1}

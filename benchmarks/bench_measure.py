@@ -51,7 +51,7 @@ def rss_kib(field: str) -> int:
 
 def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: str) -> dict:
     from abliterate.demo import prompt_file
-    from abliterate.measure import (
+    from abliterate.measure.means import (
         MeasureSettings,
         ResidualAccumulator,
         capture_residuals,
@@ -60,7 +60,7 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
         load_model,
         pad_token_id,
     )
-    from abliterate.prompts import load_prompts
+    from abliterate.measure.prompts import load_prompts
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(model_dir, device=device)

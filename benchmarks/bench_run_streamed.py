@@ -77,7 +77,7 @@ def status_bytes(field: str, pid: str = "self") -> int:
 
 def prompt_sets(n: int) -> dict[str, list[str]]:
     from abliterate.demo import prompt_file
-    from abliterate.prompts import load_prompts
+    from abliterate.measure.prompts import load_prompts
 
     return {
         f"{kind}{suffix}": load_prompts(prompt_file("demo", kind, split))[:n]
@@ -88,7 +88,7 @@ def prompt_sets(n: int) -> dict[str, list[str]]:
 
 def write_model(model_dir: Path, moe_layers: int, experts: int, prompts: dict[str, list[str]]) -> None:
     from abliterate.demo.train import build_tokenizer
-    from abliterate.synthetic import GlmLayout, write_glm_layout
+    from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
     tokenizer = build_tokenizer([p for ps in prompts.values() for p in ps] + [REFUSAL_WORDS])
     layout = GlmLayout(
@@ -121,11 +121,11 @@ def child_run(argv: list[str], out: str) -> None:
     import contextlib
     import io
 
-    from flows.runtime import configure
+    from abliterate_flows.runtime import configure
 
     configure()  # what `abliterate run` does first; then everything it imports, so the RSS at start counts it
-    import flows.main  # noqa: F401
-    import flows.sweep  # noqa: F401
+    import abliterate_flows.main  # noqa: F401
+    import abliterate_flows.sweep  # noqa: F401
     from abliterate.cli import main
 
     start_rss = status_bytes("VmRSS")
@@ -147,7 +147,7 @@ def child_layer(model_dir: str, tokens: int, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from abliterate.streaming import LayerStream
+    from abliterate.inference.streaming import LayerStream
 
     stream = LayerStream(model_dir, "float32", "cpu")
     layer = stream.layers[1]
@@ -252,7 +252,7 @@ def projection(
 def general_counts() -> dict[str, int]:
     """What a run on a model other than the demo uses by default: the general prompt set, split 25 %."""
     from abliterate.demo import prompt_file
-    from abliterate.prompts import load_prompts, split_prompts
+    from abliterate.measure.prompts import load_prompts, split_prompts
 
     counts = {"train": 0, "val": 0, "test": 0}
     for kind in ("harmful", "harmless"):
@@ -309,8 +309,8 @@ def main() -> int:
         child_layer(args.rest[0], int(args.rest[1]), args.child_out)
         return 0
 
-    from abliterate.checkpoint import build_inventory
-    from abliterate.streaming import weight_bytes
+    from abliterate.inference.streaming import weight_bytes
+    from abliterate.weights.checkpoint import build_inventory
 
     work = Path(args.dir)
     model = work / "model"
@@ -358,7 +358,7 @@ def main() -> int:
     layer = in_child("layer", [str(model), "256"])
     layer["experts"] = args.experts
 
-    from abliterate.measure import MeasureSettings, encode_prompts, load_tokenizer
+    from abliterate.measure.means import MeasureSettings, encode_prompts, load_tokenizer
 
     tokenizer = load_tokenizer(model)
     lengths = [

@@ -46,18 +46,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from abliterate.ablate import ablate_checkpoint, load_inputs
-    from abliterate.checkpoint import build_inventory
+    from abliterate.check.evaluate import EvalSettings, evaluate_model
     from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-    from abliterate.directions import compute_directions, write_directions
-    from abliterate.evaluate import EvalSettings, evaluate_model
-    from abliterate.matching import default_plan
-    from abliterate.measure import MeasureSettings, load_model, measure_checkpoint
-    from abliterate.plan import AblationPlan
-    from abliterate.prompts import load_prompts, split_prompts
-    from abliterate.search import ScoreSettings, StudySettings, choose, pareto, run_study
-    from abliterate.selection import SelectionSettings, select_direction
-    from flows import plots
+    from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+    from abliterate.edit.matching import default_plan
+    from abliterate.edit.plan import AblationPlan
+    from abliterate.measure.directions import compute_directions, write_directions
+    from abliterate.measure.means import MeasureSettings, load_model, measure_checkpoint
+    from abliterate.measure.prompts import load_prompts, split_prompts
+    from abliterate.search.study import ScoreSettings, StudySettings, choose, pareto, run_study
+    from abliterate.select.selection import SelectionSettings, select_direction
+    from abliterate.weights.checkpoint import build_inventory
+    from abliterate_flows import plots
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     harmful_val, harmful = split_prompts(load_prompts(prompt_file("demo", "harmful", "train")), 0.25, 0)

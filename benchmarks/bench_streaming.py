@@ -46,9 +46,9 @@ def child(model_dir: str, dtype: str, prompts: int, mode: str, out: str) -> None
     """Measure in this process and write the figures (and the means) for the parent."""
     torch.set_num_threads(1)
     from abliterate.demo import prompt_file
-    from abliterate.measure import MeasureSettings, measure_checkpoint
-    from abliterate.prompts import load_prompts
-    from abliterate.streaming import measure_streamed
+    from abliterate.inference.streaming import measure_streamed
+    from abliterate.measure.means import MeasureSettings, measure_checkpoint
+    from abliterate.measure.prompts import load_prompts
 
     harmful = load_prompts(prompt_file("demo", "harmful", "train"))[: prompts // 2]
     harmless = load_prompts(prompt_file("demo", "harmless", "train"))[: prompts - prompts // 2]
@@ -83,8 +83,8 @@ def run_child(model_dir: Path, dtype: str, prompts: int, mode: str) -> tuple[dic
 def write_checkpoint(model_dir: Path, moe_layers: int) -> None:
     from abliterate.demo import prompt_file
     from abliterate.demo.train import build_tokenizer
-    from abliterate.prompts import load_prompts
-    from abliterate.synthetic import GlmLayout, write_glm_layout
+    from abliterate.measure.prompts import load_prompts
+    from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
     tokenizer = build_tokenizer(
         [p for k in ("harmful", "harmless") for p in load_prompts(prompt_file("demo", k, "train"))]
@@ -129,8 +129,8 @@ def main() -> int:
         child(args.dir, args.dtype, args.prompts, args.child, args.child_out)
         return 0
 
-    from abliterate.checkpoint import build_inventory
-    from abliterate.streaming import weight_bytes
+    from abliterate.inference.streaming import weight_bytes
+    from abliterate.weights.checkpoint import build_inventory
 
     model_dir = Path(args.dir)
     if not (args.keep and (model_dir / "config.json").is_file()):

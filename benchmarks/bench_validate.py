@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from abliterate.ablate import ablate_checkpoint
-from abliterate.direction_file import save_directions
-from abliterate.synthetic import GlmLayout, write_glm_layout
-from abliterate.validate import UNIT_ROUNDOFF
+from abliterate.check.validate import UNIT_ROUNDOFF
+from abliterate.edit.ablate import ablate_checkpoint
+from abliterate.measure.direction_file import save_directions
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 # The child: validate in a fresh process, report its resident memory before and at the peak.
 CHILD = """
 import json, sys, torch
 torch.set_num_threads(1)
-from abliterate.validate import validate_output
+from abliterate.check.validate import validate_output
 def kib(field):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
 before = kib('VmRSS')

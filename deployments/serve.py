@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 os.environ.setdefault("ABLITERATE_HOME", str(ROOT))
 
-from flows.runtime import configure  # noqa: E402
+from abliterate_flows.runtime import configure  # noqa: E402
 
 configure(quiet=False)
 
@@ -29,9 +29,9 @@ from prefect.deployments.runner import EntrypointType  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from abliterate.demo import DEMO_MODEL_DIR  # noqa: E402
-from flows.main import abliterate_flow  # noqa: E402
-from flows.search import search_flow  # noqa: E402
-from flows.sweep import EXAMPLE_VARIANTS, sweep_flow  # noqa: E402
+from abliterate_flows.main import abliterate_flow  # noqa: E402
+from abliterate_flows.search import search_flow  # noqa: E402
+from abliterate_flows.sweep import EXAMPLE_VARIANTS, sweep_flow  # noqa: E402
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC: e.g. re-run after a new prompt set lands
 

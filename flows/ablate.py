@@ -13,10 +13,10 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from abliterate.ablate import load_inputs
-from abliterate.output import finalize_output, output_directory, prepare_output
-from abliterate.plan import AblationPlan
-from tasks.ablate import ablate_shard_task
+from abliterate.edit.ablate import load_inputs
+from abliterate.edit.output import finalize_output, output_directory, prepare_output
+from abliterate.edit.plan import AblationPlan
+from abliterate_tasks.ablate import ablate_shard_task
 
 
 def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers: int | None = None):

@@ -7,9 +7,9 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from abliterate.structure import Structure
-from flows.tracking import Tracker, experiment_name, tracked_run
-from tasks.inventory import inventory_task, structure_task
+from abliterate.weights.structure import Structure
+from abliterate_flows.tracking import Tracker, experiment_name, tracked_run
+from abliterate_tasks.inventory import inventory_task, structure_task
 
 
 def log_structure(tracker: Tracker, structure: Structure, inventory_json: dict) -> None:

@@ -15,22 +15,22 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from abliterate.checkpoint import build_inventory, check_output_location
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
+from abliterate.edit.matching import plan_matches
+from abliterate.edit.output import precheck_output
+from abliterate.edit.plan import build_plan
 from abliterate.errors import AbliterateError
-from abliterate.hub import hub_origin, resolve_model
-from abliterate.matching import plan_matches
-from abliterate.output import precheck_output
-from abliterate.plan import build_plan
-from abliterate.structure import detect_structure
-from flows.runtime import project_dir, results_dir
-from flows.stages import Stages, ablation_stages, measurement_stages
-from flows.tracking import experiment_name, tracked_run
+from abliterate.weights.checkpoint import build_inventory, check_output_location
+from abliterate.weights.hub import hub_origin, resolve_model
+from abliterate.weights.structure import detect_structure
+from abliterate_flows.runtime import project_dir, results_dir
+from abliterate_flows.stages import Stages, ablation_stages, measurement_stages
+from abliterate_flows.tracking import experiment_name, tracked_run
 
 
 def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, str | None, str]:
     """Absolute paths, checked before any work: nothing the run writes may lie inside the model. A Hub
-    id `org/name[@revision]` becomes its snapshot folder in huggingface_hub's cache (abliterate.hub)."""
+    id `org/name[@revision]` becomes its snapshot folder in huggingface_hub's cache (abliterate.weights.hub)."""
     model = str(Path(resolve_model(model)).resolve())
     work = str(check_output_location(model, work_dir or results_dir()))
     check_output_location(model, project_dir() / "mlruns")

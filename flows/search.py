@@ -1,5 +1,5 @@
 """The search flow `abliterate-search`: the refusal-vs-KL front over layer kernels, weight roles and
-routers (abliterate/search.py), tracked in MLflow, optionally writing the chosen trial.
+routers (abliterate/search/study.py), tracked in MLflow, optionally writing the chosen trial.
 
 inventory -> structure -> measurement -> directions (+ selection: `run`'s automatic choice)
 -> expert profile (MoE: cached, one pass) -> search trials (the Optuna study in <project>/mlruns/search.db)
@@ -34,15 +34,15 @@ from abliterate.config import (
     flat_params,
     measure_settings,
 )
+from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.plan import AblationPlan
-from abliterate.search import ScoreSettings, StudySettings, TrialResult, choose, pareto
-from flows import plots
-from flows.main import check_out, run_paths, source_tags
-from flows.runtime import project_dir
-from flows.stages import Stages, ablation_stages, console, measurement_stages
-from flows.tracking import Tracker, experiment_name, tracked_run
-from tasks.search import expert_profile_task, search_task
+from abliterate.search.study import ScoreSettings, StudySettings, TrialResult, choose, pareto
+from abliterate_flows import plots
+from abliterate_flows.main import check_out, run_paths, source_tags
+from abliterate_flows.runtime import project_dir
+from abliterate_flows.stages import Stages, ablation_stages, console, measurement_stages
+from abliterate_flows.tracking import Tracker, experiment_name, tracked_run
+from abliterate_tasks.search import expert_profile_task, search_task
 
 STUDY_TAG = "search.study"
 TRIAL_TAG = "search.trial"

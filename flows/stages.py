@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abliterate.ablate import load_inputs
+from abliterate.check.evaluate import replies_cost
+from abliterate.check.validate import ValidationReport
 from abliterate.config import (
     Ablation,
     Evaluation,
@@ -32,25 +33,24 @@ from abliterate.config import (
     selection_settings,
 )
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-from abliterate.direction_file import load_directions
+from abliterate.edit.ablate import load_inputs
+from abliterate.edit.matching import default_plan, plan_matches, resolve_plan, role_counts
+from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.evaluate import replies_cost
-from abliterate.hub import hub_origin
-from abliterate.matching import default_plan, plan_matches, resolve_plan, role_counts
-from abliterate.plan import AblationPlan
-from abliterate.prompts import load_prompts, prompts_sha256, split_prompts
-from abliterate.selection import Selection as Chosen
-from abliterate.stages import decide_streaming
-from abliterate.streaming import parse_size
-from abliterate.structure import Structure
-from abliterate.validate import ValidationReport
-from flows import plots
-from flows.ablate import ablate_flow, task_runner
-from flows.inventory import log_structure
-from flows.tracking import Tracker
-from tasks.inventory import inventory_task, structure_task
-from tasks.measure import directions_task, measure_task
-from tasks.validate import baseline_behaviour_task, budget_or_free, evaluate_task, validate_task
+from abliterate.inference.streaming import parse_size
+from abliterate.measure.direction_file import load_directions
+from abliterate.measure.prompts import load_prompts, prompts_sha256, split_prompts
+from abliterate.pipeline import decide_streaming
+from abliterate.select.selection import Selection as Chosen
+from abliterate.weights.hub import hub_origin
+from abliterate.weights.structure import Structure
+from abliterate_flows import plots
+from abliterate_flows.ablate import ablate_flow, task_runner
+from abliterate_flows.inventory import log_structure
+from abliterate_flows.tracking import Tracker
+from abliterate_tasks.inventory import inventory_task, structure_task
+from abliterate_tasks.measure import directions_task, measure_task
+from abliterate_tasks.validate import baseline_behaviour_task, budget_or_free, evaluate_task, validate_task
 
 console = logging.getLogger("abliterate.console")
 

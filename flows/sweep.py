@@ -15,10 +15,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
 from abliterate.errors import AbliterateError
 from abliterate.paths import child as child_path
-from flows import plots
-from flows.main import check_out, check_plans, run_paths, source_tags
-from flows.stages import Stages, ablation_stages, measurement_stages
-from flows.tracking import experiment_name, tracked_run
+from abliterate_flows import plots
+from abliterate_flows.main import check_out, check_plans, run_paths, source_tags
+from abliterate_flows.stages import Stages, ablation_stages, measurement_stages
+from abliterate_flows.tracking import experiment_name, tracked_run
 
 EXAMPLE_VARIANTS = [
     {"name": "all-layers", "layers": "all"},

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from abliterate.paths import file_lock
-from flows.runtime import artifact_root, tracking_uri
+from abliterate_flows.runtime import artifact_root, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 BATCH = 900  # log_batch accepts at most 1000 metrics per call
@@ -33,7 +33,7 @@ EXPERIMENT_KIND = "custom_model_development"
 
 def experiment_name(model_dir: str | Path) -> str:
     """`abliterate/<model name>`: the folder's name, or the Hub repository's for a cached snapshot."""
-    from abliterate.hub import model_name
+    from abliterate.weights.hub import model_name
 
     return f"abliterate/{model_name(model_dir)}"
 

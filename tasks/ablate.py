@@ -17,11 +17,11 @@ from pathlib import Path
 
 from prefect import task
 
-from abliterate.ablate import ablate_shard, load_inputs
-from abliterate.matching import AblationInputs
-from abliterate.output import ShardResult, shard_key
-from abliterate.plan import AblationPlan
-from tasks.caching import code_hash, make_key
+from abliterate.edit.ablate import ablate_shard, load_inputs
+from abliterate.edit.matching import AblationInputs
+from abliterate.edit.output import ShardResult, shard_key
+from abliterate.edit.plan import AblationPlan
+from abliterate_tasks.caching import code_hash, make_key
 
 
 @lru_cache(maxsize=4)

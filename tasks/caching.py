@@ -33,7 +33,7 @@ RESULT_LIBRARIES = ("torch", "transformers", "safetensors", "numpy")
 def package_roots() -> tuple[Path, ...]:
     """The installed locations of the packages the tasks run: `abliterate/` and `tasks/`."""
     roots = []
-    for name in ("abliterate", "tasks"):
+    for name in ("abliterate", "abliterate_tasks"):
         spec = find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError(f"package {name!r} is not importable; cannot hash its source")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import task
 
-import abliterate.profiles
-from abliterate.checkpoint import Inventory, build_inventory, file_sha256, shard_stamp
-from abliterate.structure import Structure, detect_structure
-from tasks.caching import code_hash, make_key
+import abliterate.weights.profiles
+from abliterate.weights.checkpoint import Inventory, build_inventory, file_sha256, shard_stamp
+from abliterate.weights.structure import Structure, detect_structure
+from abliterate_tasks.caching import code_hash, make_key
 
 
 def _config_hash(model_dir: Path) -> str | None:
@@ -34,7 +34,7 @@ def _inventory_key(_context, parameters) -> str:
 
 @task(name="weight-inventory", cache_key_fn=_inventory_key, persist_result=True)
 def inventory_task(model_dir: str, family: str | None = None) -> Inventory:
-    profile = abliterate.profiles.PROFILES[family] if family else None
+    profile = abliterate.weights.profiles.PROFILES[family] if family else None
     return build_inventory(model_dir, profile)
 
 

@@ -1,6 +1,6 @@
 """Activation measurement and direction computation + selection as cached Prefect tasks.
 
-Both run the same stage functions as `abliterate measure` (abliterate/stages.py). Keys: the
+Both run the same stage functions as `abliterate measure` (abliterate/pipeline.py). Keys: the
 code hash, the weights' shard stamp, the prompt hashes and the measurement settings (template,
 token position, dtype); nothing about ablation (layers, scales, roles, ablation method) enters
 them, so reruns with other ablation settings reuse the measurement and the directions.
@@ -12,13 +12,13 @@ from pathlib import Path
 
 from prefect import task
 
-from abliterate.checkpoint import shard_stamp
-from abliterate.directions import write_directions
-from abliterate.measure import Measurement, MeasureSettings
-from abliterate.prompts import prompts_sha256
-from abliterate.selection import Selection, SelectionSettings
-from abliterate.stages import direction_stage, measure_stage
-from tasks.caching import code_hash, make_key
+from abliterate.measure.directions import write_directions
+from abliterate.measure.means import Measurement, MeasureSettings
+from abliterate.measure.prompts import prompts_sha256
+from abliterate.pipeline import direction_stage, measure_stage
+from abliterate.select.selection import Selection, SelectionSettings
+from abliterate.weights.checkpoint import shard_stamp
+from abliterate_tasks.caching import code_hash, make_key
 
 
 def _measure_key(_context, p) -> str:

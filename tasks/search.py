@@ -9,14 +9,14 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from abliterate.checkpoint import choose_profile, shard_stamp
 from abliterate.errors import AbliterateError
-from abliterate.experts import ExpertProfile, profile_experts
-from abliterate.measure import MeasureSettings, encode_prompts, load_tokenizer
-from abliterate.prompts import prompts_sha256
-from abliterate.search import ScoreSettings, StudySettings, TrialResult, run_study
-from abliterate.stages import model_forward
-from tasks.caching import code_hash, make_key
+from abliterate.measure.means import MeasureSettings, encode_prompts, load_tokenizer
+from abliterate.measure.prompts import prompts_sha256
+from abliterate.pipeline import model_forward
+from abliterate.search.experts import ExpertProfile, profile_experts
+from abliterate.search.study import ScoreSettings, StudySettings, TrialResult, run_study
+from abliterate.weights.checkpoint import choose_profile, shard_stamp
+from abliterate_tasks.caching import code_hash, make_key
 
 
 def _profile_key(_context, p) -> str:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from prefect import task
 
-from abliterate.checkpoint import shard_stamp
-from abliterate.evaluate import (
+from abliterate.check.evaluate import (
     Behaviour,
     EvalSettings,
     EvaluationResult,
@@ -17,10 +16,11 @@ from abliterate.evaluate import (
     measure_behaviour,
     replies_cost,
 )
-from abliterate.output import MANIFEST_FILE
-from abliterate.prompts import prompts_sha256
-from abliterate.validate import ValidationReport, validate_output
-from tasks.caching import code_hash, make_key
+from abliterate.check.validate import ValidationReport, validate_output
+from abliterate.edit.output import MANIFEST_FILE
+from abliterate.measure.prompts import prompts_sha256
+from abliterate.weights.checkpoint import shard_stamp
+from abliterate_tasks.caching import code_hash, make_key
 
 
 def _output_identity(out_dir: str) -> list:
@@ -115,6 +115,6 @@ def evaluate_task(
 
 
 def budget_or_free(budget: int | None) -> int:
-    from abliterate.devices import available_memory
+    from abliterate.inference.devices import available_memory
 
     return available_memory("cpu") if budget is None else budget

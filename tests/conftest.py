@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from checkpoint_guard import unchanged  # noqa: E402
 
 from abliterate.demo import DEMO_MODEL_DIR  # noqa: E402
-from abliterate.synthetic import GlmLayout, write_glm_layout  # noqa: E402
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -59,7 +59,7 @@ def prefect_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("project")
     os.environ["ABLITERATE_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from flows.runtime import configure
+    from abliterate_flows.runtime import configure
 
     configure()
     from prefect.testing.utilities import prefect_test_harness

@@ -54,7 +54,7 @@ def longest_prompt(model_dir: str | Path, prompts: list[str], settings) -> int:
     """Tokens of the longest prompt as measurement renders it (chat template, system prompt)."""
     from transformers import AutoTokenizer
 
-    from abliterate.chat import render_chat
+    from abliterate.measure.chat import render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     texts = render_chat(tokenizer, prompts, system_prompt=settings.system_prompt, **settings.template_kwargs)
@@ -197,8 +197,8 @@ def first_token_delta(
     layer when `direction` is ablated at inference time) times the largest first-token |logits|_2."""
     from contextlib import nullcontext
 
-    from abliterate.intervention import directional_ablation
-    from abliterate.measure import length_sorted_batches
+    from abliterate.inference.intervention import directional_ablation
+    from abliterate.measure.means import length_sorted_batches
 
     largest = 0.0
     ablation = directional_ablation(model, direction) if direction is not None else nullcontext()
@@ -216,13 +216,13 @@ def first_token_delta(
 
 
 def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: list[str]) -> dict[str, float]:
-    """Bounds on the difference of each first-token figure of abliterate.evaluate between two float32
+    """Bounds on the difference of each first-token figure of abliterate.check.evaluate between two float32
     evaluations of `model_dir` against `baseline_dir` (in memory and layer-streamed). A first-token
     refusal rate counts greedy first tokens: only a prompt whose top-two margin is within twice the
     log-probability bound can change its token, so the rate moves by at most their share."""
-    from abliterate.evaluate import EvalSettings, encode
-    from abliterate.forward import InMemoryForward
-    from abliterate.measure import load_model
+    from abliterate.check.evaluate import EvalSettings, encode
+    from abliterate.inference.runner import InMemoryForward
+    from abliterate.measure.means import load_model
 
     models = {"before": load_model(baseline_dir), "after": load_model(model_dir)}
     tokenizer = models["before"][1]

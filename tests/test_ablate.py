@@ -14,14 +14,14 @@ import torch
 from numerics import accumulation_length, logits_rtol
 from safetensors import safe_open
 
-from abliterate.ablate import ablate_checkpoint, ablate_shard, load_inputs
-from abliterate.checkpoint import INDEX_FILE, build_inventory, fingerprint
 from abliterate.cli import main
-from abliterate.direction_file import save_directions
+from abliterate.edit.ablate import ablate_checkpoint, ablate_shard, load_inputs
+from abliterate.edit.matching import default_plan, direction_for, plan_matches
+from abliterate.edit.output import MANIFEST_FILE, STATE_DIR, prepare_output
 from abliterate.errors import AbliterateError
-from abliterate.matching import default_plan, direction_for, plan_matches
-from abliterate.output import MANIFEST_FILE, STATE_DIR, prepare_output
-from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout, write_llama_layout
+from abliterate.measure.direction_file import save_directions
+from abliterate.weights.checkpoint import INDEX_FILE, build_inventory, fingerprint
+from abliterate.weights.synthetic import GlmLayout, write_checkpoint, write_glm_layout, write_llama_layout
 
 MAIN_COUNTS = {"attn_out": 46, "mlp_down": 1, "expert_down": 5760, "shared_expert_down": 45, "router": 45}
 # The MTP layer 46 is ablated like the last decoder layer (the plan's documented default).
@@ -330,13 +330,13 @@ def test_output_side_biases(tmp_path):
 def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(tmp_path):
     """The edited checkpoint, loaded in transformers, computes exactly what the original computes when
     every write into the residual stream (embedding, attention output, MLP/MoE output) has r projected
-    out at run time by `abliterate.intervention.directional_ablation`, the ablation selection scores. Routers are left out: they read the RMS-normed stream, whose per-channel gain
+    out at run time by `abliterate.inference.intervention.directional_ablation`, the ablation selection scores. Routers are left out: they read the RMS-normed stream, whose per-channel gain
     brings an r component back, so editing them changes more than the writes."""
     from tiny_chat_model import HARMFUL, build_tiny_chat_model
 
-    from abliterate.chat import render_chat
-    from abliterate.intervention import directional_ablation
-    from abliterate.measure import load_model
+    from abliterate.inference.intervention import directional_ablation
+    from abliterate.measure.chat import render_chat
+    from abliterate.measure.means import load_model
 
     src = build_tiny_chat_model(tmp_path / "tiny")
     directions = write_directions(src, tmp_path / "d.safetensors", selected=2, means=False, recorded=False)
@@ -430,7 +430,7 @@ def test_resume_after_a_crash_is_bit_identical(small, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import abliterate.engine as engine
+import abliterate.edit.engine as engine
 edits, kill_at = [0], int(sys.argv[1])
 edit = engine._edit_tensor
 def killing_edit(*args):
@@ -660,9 +660,9 @@ def test_demo_model_stops_refusing(tmp_path):
     """Measure the demo model, ablate it with the default plan (selected direction): the output loads in
     transformers, refuses < 10% of the held-out harmful prompts, and moves harmless replies by KL < 0.05.
     A scale-0 plan changes no byte, so the effect is the edit's."""
+    from abliterate.check.evaluate import evaluate_model
     from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-    from abliterate.evaluate import evaluate_model
-    from abliterate.prompts import load_prompts
+    from abliterate.measure.prompts import load_prompts
 
     files = {
         (k, s): str(prompt_file("demo", k, s))

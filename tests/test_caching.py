@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 import abliterate
-import tasks
-import tasks.measure
+import abliterate_tasks
+import abliterate_tasks.measure
 from abliterate.demo import DEMO_MODEL_DIR
-from abliterate.measure import MeasureSettings
-from tasks.caching import code_hash, make_key, package_roots, source_hash
+from abliterate.measure.means import MeasureSettings
+from abliterate_tasks.caching import code_hash, make_key, package_roots, source_hash
 
 ABLITERATE_DIR = Path(abliterate.__file__).resolve().parent
-TASKS_DIR = Path(tasks.__file__).resolve().parent
+TASKS_DIR = Path(abliterate_tasks.__file__).resolve().parent
 
 
 def _modules(root: Path) -> list[str]:
@@ -119,20 +119,20 @@ def test_the_measurement_key_changes_with_the_code(copy, monkeypatch):
         "harmless": ["how do I bake bread"],
         "settings": MeasureSettings(),
     }
-    monkeypatch.setattr(tasks.measure, "code_hash", lambda: code_hash(copy))
-    before = tasks.measure._measure_key(None, parameters)
-    assert before == tasks.measure._measure_key(None, parameters)
+    monkeypatch.setattr(abliterate_tasks.measure, "code_hash", lambda: code_hash(copy))
+    before = abliterate_tasks.measure._measure_key(None, parameters)
+    assert before == abliterate_tasks.measure._measure_key(None, parameters)
     for module in ("streaming.py", "chat.py"):
         path = copy[0] / module
         original = path.read_bytes()
         try:
             path.write_bytes(original + b"\n")
             code_hash.cache_clear()
-            assert tasks.measure._measure_key(None, parameters) != before, module
+            assert abliterate_tasks.measure._measure_key(None, parameters) != before, module
         finally:
             path.write_bytes(original)
             code_hash.cache_clear()
-    assert tasks.measure._measure_key(None, parameters) == before
+    assert abliterate_tasks.measure._measure_key(None, parameters) == before
 
 
 def test_every_task_key_uses_the_one_code_hash():

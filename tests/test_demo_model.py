@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, Glm4MoeForCausalLM
 
-from abliterate.chat import render_chat
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.errors import AbliterateError
-from abliterate.intervention import directional_ablation
-from abliterate.prompts import load_prompts
-from abliterate.refusal import is_refusal
+from abliterate.inference.intervention import directional_ablation
+from abliterate.inference.refusal import is_refusal
+from abliterate.measure.chat import render_chat
+from abliterate.measure.prompts import load_prompts
 
 MAX_NEW_TOKENS = 8  # "I cannot help with that request." is 7 tokens; compliance opens "Sure. Here is how"
 BATCH = 64

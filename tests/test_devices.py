@@ -16,7 +16,8 @@ from numerics import accumulation_length, logits_rtol
 from abliterate.cli import build_parser
 from abliterate.config import Runtime
 from abliterate.demo import DEMO_MODEL_DIR
-from abliterate.devices import (
+from abliterate.errors import AbliterateError
+from abliterate.inference.devices import (
     check_device,
     checkpoint_dtype,
     device_map,
@@ -24,11 +25,10 @@ from abliterate.devices import (
     resolve_device,
     resolve_dtype,
 )
-from abliterate.errors import AbliterateError
-from abliterate.forward import InMemoryForward
-from abliterate.measure import MeasureSettings, encode_prompts, load_model
-from abliterate.streaming import weight_bytes
-from abliterate.synthetic import GlmLayout, write_glm_layout
+from abliterate.inference.runner import InMemoryForward
+from abliterate.inference.streaming import weight_bytes
+from abliterate.measure.means import MeasureSettings, encode_prompts, load_model
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="what auto means without a GPU")
@@ -118,9 +118,9 @@ def test_every_command_that_runs_the_model_takes_a_device_and_a_dtype(command):
 def test_flows_and_deployments_take_a_device_and_a_dtype():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.main import abliterate_flow
-    from flows.search import search_flow
-    from flows.sweep import sweep_flow
+    from abliterate_flows.main import abliterate_flow
+    from abliterate_flows.search import search_flow
+    from abliterate_flows.sweep import sweep_flow
 
     for flow in (abliterate_flow, sweep_flow, search_flow):
         schema = parameter_schema(flow.fn).model_dump()
@@ -138,7 +138,7 @@ def test_flows_and_deployments_take_a_device_and_a_dtype():
 def test_measure_takes_cpu_and_bfloat16_as_asked(tmp_path):
     """The CLI end to end with an explicit device and dtype: the directions record the dtype."""
     from abliterate.cli import main
-    from abliterate.direction_file import load_directions
+    from abliterate.measure.direction_file import load_directions
 
     harmful, harmless = tmp_path / "h.txt", tmp_path / "n.txt"
     harmful.write_text(

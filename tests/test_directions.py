@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from abliterate.direction_file import load_directions
-from abliterate.directions import compute_directions, write_directions
 from abliterate.errors import AbliterateError
-from abliterate.measure import Measurement, MeasureSettings, ResidualAccumulator, SetStats
+from abliterate.measure.direction_file import load_directions
+from abliterate.measure.directions import compute_directions, write_directions
+from abliterate.measure.means import Measurement, MeasureSettings, ResidualAccumulator, SetStats
 
 H = 64
 

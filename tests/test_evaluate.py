@@ -10,23 +10,23 @@ import torch
 from numerics import accumulation_length, logits_rtol
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-from abliterate.ablate import ablate_checkpoint
-from abliterate.chat import render_chat
-from abliterate.cli import main
-from abliterate.demo import DEMO_MODEL_DIR, KINDS, SPLITS, prompt_file
-from abliterate.direction_file import save_directions
-from abliterate.errors import AbliterateError
-from abliterate.evaluate import (
+from abliterate.check.evaluate import (
     EvalSettings,
     compare,
     evaluate_loaded,
     evaluate_model,
     measure_behaviour,
 )
-from abliterate.measure import load_model
-from abliterate.prompts import load_prompts
-from abliterate.refusal import is_refusal
-from abliterate.validate import validate_output
+from abliterate.check.validate import validate_output
+from abliterate.cli import main
+from abliterate.demo import DEMO_MODEL_DIR, KINDS, SPLITS, prompt_file
+from abliterate.edit.ablate import ablate_checkpoint
+from abliterate.errors import AbliterateError
+from abliterate.inference.refusal import is_refusal
+from abliterate.measure.chat import render_chat
+from abliterate.measure.direction_file import save_directions
+from abliterate.measure.means import load_model
+from abliterate.measure.prompts import load_prompts
 
 FAST = EvalSettings(max_new_tokens=6, batch_size=3)
 DEMO_READY = (DEMO_MODEL_DIR / "config.json").is_file()

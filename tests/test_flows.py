@@ -16,10 +16,10 @@ from numerics import (
 
 from abliterate.config import Ablation, Evaluation, Prompts, Runtime
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-from abliterate.direction_file import load_directions
-from abliterate.measure import MeasureSettings
-from abliterate.plan import AblationPlan
-from abliterate.prompts import load_prompts
+from abliterate.edit.plan import AblationPlan
+from abliterate.measure.direction_file import load_directions
+from abliterate.measure.means import MeasureSettings
+from abliterate.measure.prompts import load_prompts
 
 pytestmark = pytest.mark.slow
 DEMO_PROMPTS = Prompts(prompt_set="demo")  # a copy of the demo model is not the demo model: name its prompts
@@ -64,7 +64,7 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 
 @pytest.fixture(scope="module")
 def first_run(prefect_env, tmp_path_factory):
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     out = tmp_path_factory.mktemp("flow") / "demo-abliterated"
     state = abliterate_flow(
@@ -74,7 +74,7 @@ def first_run(prefect_env, tmp_path_factory):
 
 
 def test_demo_flow_removes_refusals_and_tracks_everything(first_run):
-    from flows.runtime import tracking_uri
+    from abliterate_flows.runtime import tracking_uri
 
     state, out = first_run
     summary = state.result()
@@ -147,7 +147,7 @@ def summary_directions(client: MlflowClient, run) -> str:
 
 
 def test_rerun_with_other_layers_reuses_measurement(first_run, tmp_path):
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     state, _ = first_run
     other = abliterate_flow(
@@ -185,8 +185,8 @@ def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(fi
     before and after, with the same choice, directions and first-token figures as the in-memory run
     (within the float32 bounds of tests/numerics.py). Shards ablated on a local Dask cluster of two
     processes are bit-identical to the thread runner's."""
-    from flows.ablate import ablate_flow, task_runner
-    from flows.main import abliterate_flow
+    from abliterate_flows.ablate import ablate_flow, task_runner
+    from abliterate_flows.main import abliterate_flow
 
     state, out = first_run
     summary = state.result()
@@ -244,8 +244,8 @@ def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(fi
 
 
 def test_sweep_runs_variants_as_nested_runs_on_one_measurement(first_run, tmp_path):
-    from flows.runtime import tracking_uri
-    from flows.sweep import sweep_flow
+    from abliterate_flows.runtime import tracking_uri
+    from abliterate_flows.sweep import sweep_flow
 
     variants = [{"name": "all", "layers": "all"}, {"name": "half", "layers": "all", "scale": "0.5"}]
     state = sweep_flow(model=str(DEMO_MODEL_DIR), out=str(tmp_path), variants=variants, return_state=True)
@@ -278,7 +278,7 @@ def test_project_folder_may_hold_the_model_but_results_never_go_into_it(first_ru
     folder inside the model would put results/ and mlruns/ into the input: refused."""
     import shutil
 
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     model = tmp_path / "home" / "models" / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)

@@ -1,4 +1,4 @@
-"""FP8 block quantization: the round trip stays within the e4m3 rounding bound (abliterate/fp8.py)."""
+"""FP8 block quantization: the round trip stays within the e4m3 rounding bound (abliterate/weights/fp8.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from abliterate import fp8
 from abliterate.errors import AbliterateError
+from abliterate.weights import fp8
 
 SHAPES = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40))
 BLOCKS = st.tuples(st.integers(1, 16), st.integers(1, 16))

@@ -14,17 +14,17 @@ import torch
 from safetensors import safe_open
 from test_ablate import write_directions
 
-from abliterate import fp8
-from abliterate.ablate import load_inputs
-from abliterate.checkpoint import build_inventory
+from abliterate.check.validate import validate_output
 from abliterate.cli import main
-from abliterate.direction_file import load_directions
+from abliterate.edit.ablate import load_inputs
+from abliterate.edit.matching import default_plan, direction_for
+from abliterate.edit.output import MANIFEST_FILE, shard_key
+from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.matching import default_plan, direction_for
-from abliterate.output import MANIFEST_FILE, shard_key
-from abliterate.plan import AblationPlan
-from abliterate.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
-from abliterate.validate import validate_output
+from abliterate.measure.direction_file import load_directions
+from abliterate.weights import fp8
+from abliterate.weights.checkpoint import build_inventory
+from abliterate.weights.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 
 # hidden 32 and attention width 32 in blocks of 16: 2 x 2 blocks; moe_intermediate 24: a partial block
 LAYOUT = GlmLayout(

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from abliterate.checkpoint import build_inventory
+from abliterate.check.evaluate import evaluate_model
+from abliterate.check.validate import validate_output
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR, KINDS, SPLITS, prompt_file
-from abliterate.evaluate import evaluate_model
-from abliterate.prompts import load_prompts
-from abliterate.synthetic import convert_to_fp8
-from abliterate.validate import validate_output
+from abliterate.measure.prompts import load_prompts
+from abliterate.weights.checkpoint import build_inventory
+from abliterate.weights.synthetic import convert_to_fp8
 
 
 @pytest.mark.slow

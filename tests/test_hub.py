@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
-from abliterate.hub import download, hub_origin, model_name, parse_hub_id, resolve_model
+from abliterate.measure.direction_file import load_directions
+from abliterate.weights.hub import download, hub_origin, model_name, parse_hub_id, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -105,7 +105,7 @@ def test_what_is_missing_is_one_line_that_says_what_to_do(hub_cache, tmp_path):
 
 
 def test_configure_leaves_the_users_hugging_face_settings_alone(monkeypatch, tmp_path):
-    from flows.runtime import configure
+    from abliterate_flows.runtime import configure
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))
@@ -160,8 +160,8 @@ def test_the_flow_takes_a_hub_id_and_records_its_commit(prefect_env, hub_cache, 
     from mlflow.tracking import MlflowClient
 
     from abliterate.config import Evaluation, Prompts, Runtime, Selection
-    from flows.main import abliterate_flow
-    from flows.runtime import tracking_uri
+    from abliterate_flows.main import abliterate_flow
+    from abliterate_flows.runtime import tracking_uri
 
     monkeypatch.setattr(
         huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache / "hub")

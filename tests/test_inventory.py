@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from abliterate.checkpoint import INDEX_FILE, build_inventory, fingerprint, read_header
 from abliterate.cli import main
 from abliterate.errors import AbliterateError
-from abliterate.structure import detect_structure
-from abliterate.synthetic import GlmLayout, write_glm_layout, write_llama_layout
+from abliterate.weights.checkpoint import INDEX_FILE, build_inventory, fingerprint, read_header
+from abliterate.weights.structure import detect_structure
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout, write_llama_layout
 
 AIR_MAIN = {"attn_out": 46, "mlp_down": 1, "expert_down": 5760, "shared_expert_down": 45, "router": 45}
 AIR_MTP = {"attn_out": 1, "expert_down": 128, "shared_expert_down": 1, "router": 1, "mtp": 5, "embed": 1}

@@ -4,13 +4,13 @@ import shutil
 
 from mlflow.tracking import MlflowClient
 
-from abliterate.checkpoint import shard_stamp
+from abliterate.weights.checkpoint import shard_stamp
 
 
 def test_inventory_flow_caches_and_logs(prefect_env, glm_air_layout, tmp_path):
-    from flows.inventory import inventory_flow
-    from flows.runtime import tracking_uri
-    from flows.tracking import experiment_name
+    from abliterate_flows.inventory import inventory_flow
+    from abliterate_flows.runtime import tracking_uri
+    from abliterate_flows.tracking import experiment_name
 
     model = shutil.copytree(glm_air_layout, tmp_path / "GLM-4.5-Air-layout")
     first = inventory_flow(str(model), return_state=True)

@@ -7,10 +7,10 @@ import torch
 from numerics import accumulation_length, assert_stats_close, longest_prompt, position_rtol
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-from abliterate.chat import render_chat
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.errors import AbliterateError
-from abliterate.measure import (
+from abliterate.measure.chat import render_chat
+from abliterate.measure.means import (
     MeasureSettings,
     SetStats,
     length_sorted_batches,
@@ -18,7 +18,7 @@ from abliterate.measure import (
     measure,
     measure_prompts,
 )
-from abliterate.prompts import load_prompts, prompts_sha256
+from abliterate.measure.prompts import load_prompts, prompts_sha256
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
 

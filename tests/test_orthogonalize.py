@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from abliterate.edit.orthogonalize import norm_preserving_, project_out_, projected_direction
 from abliterate.errors import AbliterateError
-from abliterate.orthogonalize import norm_preserving_, project_out_, projected_direction
 
 H = 16
 # Tolerances are rounding-error bounds of the float32 arithmetic (Higham, "Accuracy and Stability of

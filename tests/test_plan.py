@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from abliterate.errors import AbliterateError
-from abliterate.plan import (
+from abliterate.edit.plan import (
     DEFAULT_TARGETS,
     AblationPlan,
     build_plan,
@@ -13,6 +12,7 @@ from abliterate.plan import (
     parse_scale,
     parse_targets,
 )
+from abliterate.errors import AbliterateError
 
 
 def test_layer_specs_are_exact_indices():

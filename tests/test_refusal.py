@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from abliterate.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
+from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
 
 
 @pytest.mark.parametrize(

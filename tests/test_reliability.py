@@ -30,15 +30,15 @@ from checkpoint_guard import snapshot, unchanged
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import abliterate.engine as engine
-from abliterate.checkpoint import INDEX_FILE, build_inventory, choose_profile
+import abliterate.edit.engine as engine
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR
-from abliterate.direction_file import save_directions
+from abliterate.edit.output import MANIFEST_FILE, STATE_DIR
 from abliterate.errors import AbliterateError
-from abliterate.output import MANIFEST_FILE, STATE_DIR
-from abliterate.structure import detect_structure
-from abliterate.synthetic import GlmLayout, write_checkpoint, write_glm_layout
+from abliterate.measure.direction_file import save_directions
+from abliterate.weights.checkpoint import INDEX_FILE, build_inventory, choose_profile
+from abliterate.weights.structure import detect_structure
+from abliterate.weights.synthetic import GlmLayout, write_checkpoint, write_glm_layout
 
 # Shards of ~90 KB: big enough that a small filesystem fills up in the middle of one.
 LAYOUT = GlmLayout(
@@ -632,7 +632,7 @@ def test_foreign_directions_pass_with_force_and_a_warning(base, tmp_path, capsys
 
 
 def _load_same(path: Path, **changes) -> tuple[torch.Tensor, dict]:
-    from abliterate.direction_file import load_directions
+    from abliterate.measure.direction_file import load_directions
 
     d = load_directions(path)
     return d.direction, {"selected_position": d.selected_position, **changes}
@@ -704,7 +704,7 @@ def test_direction_whose_float32_norm_overflows_still_edits(base, tmp_path, caps
     """D16: entries of 1e30 square to inf in float32, so the float32 norm was inf and the unit vector
     zero: the output was the input, reported as a success. Normalised in float64, the run edits."""
     model, _, reference = base
-    from abliterate.direction_file import load_directions
+    from abliterate.measure.direction_file import load_directions
 
     huge = save_directions(
         tmp_path / "huge.safetensors",
@@ -799,8 +799,8 @@ PLAN_TYPES = {
 
 
 def _plan_file(model: Path, directions: Path, path: Path, **changes) -> Path:
-    from abliterate.ablate import load_inputs
-    from abliterate.matching import default_plan
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.matching import default_plan
 
     data = {**default_plan(load_inputs(model, directions)).to_dict(), **changes}
     path.write_text(yaml.safe_dump(data))
@@ -1156,7 +1156,7 @@ def _edit_tensor_bytes(folder: Path, name: str, change, source: Path | None = No
 
 
 def _orthogonal_noise(directions: Path):
-    from abliterate.direction_file import load_directions
+    from abliterate.measure.direction_file import load_directions
 
     r = load_directions(directions).vector(2).double()
     n = torch.randn(H, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -1214,8 +1214,8 @@ def test_validation_accepts_another_machines_rounding(base, tmp_path, capsys):
     as a machine whose float32 kernels sum in another order would come close to) differs from the
     recomputation only within the derived float32 rounding bound: validation passes, with a warning per
     such tensor, while the damage of V1 stays far outside the bound."""
-    from abliterate.ablate import load_inputs
-    from abliterate.matching import default_plan, direction_for, plan_matches
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.matching import default_plan, direction_for, plan_matches
 
     model, directions, reference = base
     out = tmp_path / "out"
@@ -1246,7 +1246,7 @@ def test_validation_accepts_another_machines_rounding(base, tmp_path, capsys):
 
 KILLER = """
 import os, signal, sys
-import abliterate.engine as engine
+import abliterate.edit.engine as engine
 calls, kill_at = [0], int(sys.argv[1])
 copy = engine._copy_range
 def killing_copy(*args):
@@ -1283,7 +1283,7 @@ def test_sigkill_with_parallel_workers_then_rerun_is_bit_identical(base, tmp_pat
 PAUSED = """
 import sys, time
 from pathlib import Path
-import abliterate.engine as engine
+import abliterate.edit.engine as engine
 gate = Path(sys.argv[1])
 copy = engine._copy_range
 def waiting_copy(*args, **kwargs):
@@ -1367,9 +1367,9 @@ import os, sys, time
 from pathlib import Path
 os.environ["ABLITERATE_HOME"] = sys.argv[1]
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-from flows.runtime import configure
+from abliterate_flows.runtime import configure
 configure()
-from flows.tracking import tracked_run
+from abliterate_flows.tracking import tracked_run
 gate = Path(sys.argv[2])
 Path(sys.argv[3]).touch()
 while not gate.exists():
@@ -1839,8 +1839,8 @@ def test_any_plan_mutation_is_one_line_or_a_correct_run(base, key, value, delete
     belongs, NaN, nested structures, other layers, scales, roles, methods) or removed: exit 2 with one
     line, or a run whose output validates."""
     model, directions, _ = base
-    from abliterate.ablate import load_inputs
-    from abliterate.matching import default_plan
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.matching import default_plan
 
     data = default_plan(load_inputs(model, directions)).to_dict()
     if delete:
@@ -1882,8 +1882,8 @@ def test_any_valid_plan_runs_and_validates(base, tmp_path_factory, scales, metho
             harmful_mean=torch.randn(POSITIONS, H, generator=gen),
             harmless_mean=torch.randn(POSITIONS, H, generator=gen),
         )
-    from abliterate.ablate import load_inputs
-    from abliterate.matching import default_plan
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.matching import default_plan
 
     data = default_plan(load_inputs(model, means, force=True)).to_dict()
     data.update(
@@ -1905,7 +1905,7 @@ def test_flow_fails_on_a_damaged_checkpoint_in_the_inventory_task(prefect_env, t
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     model = tmp_path / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
@@ -1935,7 +1935,7 @@ def test_flow_fails_on_a_damaged_checkpoint_in_the_inventory_task(prefect_env, t
 
 @pytest.mark.slow
 def test_flow_fails_on_a_layer_out_of_range(prefect_env, tmp_path):
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     out = tmp_path / "out"
     with unchanged(DEMO_MODEL_DIR):
@@ -1967,8 +1967,8 @@ def test_flows_refuse_bad_paths_and_settings_before_any_work(prefect_env, base, 
     header of the wrong type, an over-long prompt (named by file and line): each a Failed flow run with
     the one-line message, before the measurement where it can be known then, with nothing written and
     the input unchanged."""
-    from flows.main import abliterate_flow
-    from flows.sweep import sweep_flow
+    from abliterate_flows.main import abliterate_flow
+    from abliterate_flows.sweep import sweep_flow
 
     model = tmp_path / "demo"
     shutil.copytree(DEMO_MODEL_DIR, model)
@@ -2061,9 +2061,9 @@ def test_ablate_flow_keeps_what_is_not_its_own_locks_and_reproduces(prefect_env,
     """F7 (O11, R5, X1, D15 through the `ablate` flow, the per-shard subflow every run uses): --overwrite
     keeps the user's files and the directions file inside the output; a second run into an output being
     written fails at once; identical runs write identical files; a NaN harmless mean fails the run."""
-    from abliterate.ablate import load_inputs
-    from abliterate.matching import default_plan
-    from flows.ablate import ablate_flow
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.matching import default_plan
+    from abliterate_flows.ablate import ablate_flow
 
     model, directions, reference = base
     plan = default_plan(load_inputs(model, directions))
@@ -2104,7 +2104,7 @@ def test_flow_validation_catches_a_damaged_output(prefect_env, tmp_path):
     """F8: the `abliterate` flow rerun over its own output after an edited tensor was damaged in a way
     that keeps it orthogonal to the direction: the validation task reruns (the output changed) and
     recomputes every edited tensor, and the flow fails; the input is unchanged throughout."""
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     model, out = tmp_path / "demo", tmp_path / "out"
     shutil.copytree(DEMO_MODEL_DIR, model)

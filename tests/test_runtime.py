@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from abliterate import cli
 from abliterate.errors import AbliterateError
-from flows import runtime, tracking
+from abliterate_flows import runtime, tracking
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ import pytest
 import torch
 from numerics import accumulation_length, kl_atol, logits_rtol
 
-from abliterate.ablate import load_inputs
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.edit.ablate import load_inputs
+from abliterate.edit.matching import default_plan, plan_matches, resolve_plan
 from abliterate.errors import AbliterateError
-from abliterate.matching import default_plan, plan_matches, resolve_plan
-from abliterate.prompts import load_prompts
-from abliterate.search import (
+from abliterate.measure.prompts import load_prompts
+from abliterate.search.study import (
     MIN_SCALE,
     ScoreSettings,
     StudySettings,
@@ -64,9 +64,9 @@ def test_front_and_choice():
 @pytest.fixture(scope="module")
 def demo_inputs(tmp_path_factory):
     """The demo model with a directions file measured on a few prompts (selected position 3)."""
-    from abliterate.checkpoint import build_inventory
-    from abliterate.directions import compute_directions, write_directions
-    from abliterate.measure import MeasureSettings, measure_checkpoint
+    from abliterate.measure.directions import compute_directions, write_directions
+    from abliterate.measure.means import MeasureSettings, measure_checkpoint
+    from abliterate.weights.checkpoint import build_inventory
 
     harmful = load_prompts(prompt_file("demo", "harmful", "train"))[:48]
     harmless = load_prompts(prompt_file("demo", "harmless", "train"))[:48]
@@ -164,10 +164,10 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
     padding), and the same when the model is layer-streamed (one read of the weights)."""
     from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-    from abliterate.experts import profile_experts
-    from abliterate.forward import InMemoryForward, StreamedForward
-    from abliterate.measure import MeasureSettings, encode_prompts, load_model
-    from abliterate.profiles import GLM4_MOE
+    from abliterate.inference.runner import InMemoryForward, StreamedForward
+    from abliterate.measure.means import MeasureSettings, encode_prompts, load_model
+    from abliterate.search.experts import profile_experts
+    from abliterate.weights.profiles import GLM4_MOE
 
     src = build_tiny_chat_model(
         tmp_path / "tiny", router_bias=True, n_routed_experts=8, n_group=4, topk_group=2
@@ -233,7 +233,7 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
 def plan_delta(model, encoded, edit, n: int) -> float:
     """delta of tests/numerics.py for the model with a plan applied: logits_rtol with four projected writes
     and inputs per layer (attention, routed and shared experts, router) times the largest first-token |z|."""
-    from abliterate.measure import length_sorted_batches
+    from abliterate.measure.means import length_sorted_batches
 
     largest = 0.0
     with edit.applied(model) if edit is not None else nullcontext(), torch.inference_mode():
@@ -252,12 +252,12 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
     """Two trials (run's choice, and norm-preserving kernels with suppressed experts) scored together in
     the streamed passes and one after the other in memory: the same refusals (every greedy reply token's
     margin is far above the rounding bound on the trained demo model) and KLs within kl_atol's bound."""
-    from abliterate.forward import InMemoryForward, StreamedForward
-    from abliterate.inference_edit import PlanEdit, storage_dtypes
-    from abliterate.measure import load_model
-    from abliterate.profiles import GLM4_MOE
-    from abliterate.search import TrialScorer
-    from abliterate.selection import first_token_logprobs
+    from abliterate.inference.plan_edit import PlanEdit, storage_dtypes
+    from abliterate.inference.runner import InMemoryForward, StreamedForward
+    from abliterate.measure.means import load_model
+    from abliterate.search.study import TrialScorer
+    from abliterate.select.selection import first_token_logprobs
+    from abliterate.weights.profiles import GLM4_MOE
 
     _, inputs = demo_inputs
     space = search_space(
@@ -313,9 +313,9 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
 STUDY_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
-    from abliterate import search
+    from abliterate.search import study as search
     from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-    from abliterate.prompts import load_prompts
+    from abliterate.measure.prompts import load_prompts
     harmful = load_prompts(prompt_file("demo", "harmful", "val"))[:6]
     harmless = load_prompts(prompt_file("demo", "harmless", "val"))[:6]
     settings = search.StudySettings(trials=int(sys.argv[3]), components=("attn_out", "expert_down", "router"),

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR
-from abliterate.output import MANIFEST_FILE
+from abliterate.edit.output import MANIFEST_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -132,7 +132,7 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
 
 def test_the_deployment_offers_the_search_settings_as_parameters():
     """What the Prefect UI shows as the form of `abliterate-search/demo-search`: every Search setting."""
-    from flows.search import search_flow
+    from abliterate_flows.search import search_flow
 
     deployment = search_flow.to_deployment(name="check", parameters={"model": str(DEMO_MODEL_DIR)})
     schema = deployment._parameter_openapi_schema.model_dump()

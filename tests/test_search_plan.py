@@ -1,6 +1,6 @@
 """What `abliterate search` writes: plans with per-role layer kernels, a fractional direction position
 and router correction-bias shifts, through the shard engine, known to the validator; and the same
-plan applied at inference time (abliterate.inference_edit) equal to the edited checkpoint."""
+plan applied at inference time (abliterate.inference.plan_edit) equal to the edited checkpoint."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 from numerics import accumulation_length, logits_rtol
 from safetensors import safe_open
 
-from abliterate.ablate import ablate_checkpoint, load_inputs
-from abliterate.checkpoint import build_inventory
-from abliterate.direction_file import load_directions, save_directions
+from abliterate.check.validate import validate_output
+from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+from abliterate.edit.matching import default_plan, direction_for, plan_matches
+from abliterate.edit.plan import AblationPlan, build_plan
 from abliterate.errors import AbliterateError
-from abliterate.matching import default_plan, direction_for, plan_matches
-from abliterate.plan import AblationPlan, build_plan
-from abliterate.synthetic import GlmLayout, write_glm_layout
-from abliterate.validate import validate_output
+from abliterate.measure.direction_file import load_directions, save_directions
+from abliterate.weights.checkpoint import build_inventory
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 KERNELS = {
     "attn_out": "gauss:center=1,width=1,peak=1.2,floor=0",
@@ -202,10 +202,10 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
     unedited model and the plan without its router edits are far outside the bound."""
     from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-    from abliterate.chat import render_chat
-    from abliterate.inference_edit import PlanEdit, storage_dtypes
-    from abliterate.measure import load_model
-    from abliterate.profiles import GLM4_MOE
+    from abliterate.inference.plan_edit import PlanEdit, storage_dtypes
+    from abliterate.measure.chat import render_chat
+    from abliterate.measure.means import load_model
+    from abliterate.weights.profiles import GLM4_MOE
 
     src = build_tiny_chat_model(tmp_path / "tiny")
     path = directions_for(src, tmp_path / "d.safetensors")

@@ -8,17 +8,17 @@ import pytest
 import torch
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-from abliterate.chat import render_chat
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-from abliterate.direction_file import load_directions
-from abliterate.directions import DirectionSet, compute_directions
 from abliterate.errors import AbliterateError
-from abliterate.intervention import directional_ablation
-from abliterate.measure import MeasureSettings, encode_prompts, load_model, measure, pad_token_id
-from abliterate.prompts import load_prompts
-from abliterate.refusal import is_refusal
-from abliterate.selection import (
+from abliterate.inference.intervention import directional_ablation
+from abliterate.inference.refusal import is_refusal
+from abliterate.measure.chat import render_chat
+from abliterate.measure.direction_file import load_directions
+from abliterate.measure.directions import DirectionSet, compute_directions
+from abliterate.measure.means import MeasureSettings, encode_prompts, load_model, measure, pad_token_id
+from abliterate.measure.prompts import load_prompts
+from abliterate.select.selection import (
     SelectionSettings,
     candidate_positions,
     first_token_kl,

@@ -23,24 +23,24 @@ from numerics import (
 )
 from tiny_chat_model import HARMFUL, HARMLESS, WORDS
 
-from abliterate.ablate import ablate_checkpoint
+from abliterate.check.evaluate import EvalSettings, evaluate_model
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
-from abliterate.direction_file import save_directions
-from abliterate.directions import compute_directions
-from abliterate.evaluate import EvalSettings, evaluate_model
-from abliterate.forward import InMemoryForward, StreamedForward, stop_ids
-from abliterate.measure import (
+from abliterate.edit.ablate import ablate_checkpoint
+from abliterate.inference.refusal import is_refusal
+from abliterate.inference.runner import InMemoryForward, StreamedForward, stop_ids
+from abliterate.measure.direction_file import save_directions
+from abliterate.measure.directions import compute_directions
+from abliterate.measure.means import (
     MeasureSettings,
     encode_prompts,
     load_model,
     measure,
     pad_token_id,
 )
-from abliterate.prompts import load_prompts
-from abliterate.refusal import is_refusal
-from abliterate.selection import SelectionSettings, select_direction
-from abliterate.synthetic import GlmLayout, write_glm_layout
+from abliterate.measure.prompts import load_prompts
+from abliterate.select.selection import SelectionSettings, select_direction
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 SETTINGS = MeasureSettings(batch_size=8)
 

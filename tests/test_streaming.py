@@ -22,13 +22,13 @@ from abliterate.cli import main
 from abliterate.config import Runtime
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
-from abliterate.direction_file import load_directions
 from abliterate.errors import AbliterateError
-from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
-from abliterate.prompts import load_prompts
-from abliterate.stages import decide_streaming, measure_stage
-from abliterate.streaming import choose_streaming, measure_streamed, parse_size, weight_bytes
-from abliterate.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
+from abliterate.inference.streaming import choose_streaming, measure_streamed, parse_size, weight_bytes
+from abliterate.measure.direction_file import load_directions
+from abliterate.measure.means import Measurement, MeasureSettings, load_model, measure_checkpoint
+from abliterate.measure.prompts import load_prompts
+from abliterate.pipeline import decide_streaming, measure_stage
+from abliterate.weights.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
 SETTINGS = MeasureSettings(batch_size=3, system_prompt="Be concise.")

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.ablate import ablate_checkpoint, load_inputs
-from abliterate.checkpoint import build_inventory
+from abliterate.check.validate import residual_tolerance, validate_output
 from abliterate.cli import main
-from abliterate.direction_file import load_directions, save_directions
-from abliterate.engine import TORCH_DTYPES
+from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+from abliterate.edit.engine import TORCH_DTYPES
+from abliterate.edit.matching import default_plan
+from abliterate.edit.orthogonalize import project_out_
+from abliterate.edit.output import MANIFEST_FILE
 from abliterate.errors import AbliterateError
-from abliterate.matching import default_plan
-from abliterate.orthogonalize import project_out_
-from abliterate.output import MANIFEST_FILE
-from abliterate.synthetic import GlmLayout, write_glm_layout
-from abliterate.validate import residual_tolerance, validate_output
+from abliterate.measure.direction_file import load_directions, save_directions
+from abliterate.weights.checkpoint import build_inventory
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 SMALL = GlmLayout(num_layers=12, n_routed_experts=4, num_experts_per_tok=2, hidden_size=16)
 

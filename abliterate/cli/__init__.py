@@ -2,7 +2,7 @@
 
 Each sub-command lives in its own module with `register(subparsers)`; the module sets
 `func` on its parser. Bad input raises AbliterateError: printed as one line, exit code 2; so is a
-Prefect server that cannot be started or reached (flows.runtime.server_start_error). Ctrl-C is
+Prefect server that cannot be started or reached (abliterate_flows.runtime.server_start_error). Ctrl-C is
 one line too, exit code 130.
 """
 
@@ -26,7 +26,7 @@ COMMANDS = [
     "sweep",
     "search",
 ]  # run.py also adds `demo`
-# Arguments that name an input model: a folder, or a Hub id `org/name[@revision]` (abliterate.hub). The
+# Arguments that name an input model: a folder, or a Hub id `org/name[@revision]` (abliterate.weights.hub). The
 # flows (`run`, `sweep`) resolve the id themselves, so their runs record it as typed.
 MODEL_ARGUMENTS = ("model", "model_dir", "original", "baseline")
 FLOW_COMMANDS = ("run", "sweep", "search", "demo")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Prefect's temporary server that did not start in time, or a PREFECT_API_URL that does not
         # answer: one line that says what to do instead of Prefect's traceback.
-        from flows.runtime import server_start_error
+        from abliterate_flows.runtime import server_start_error
 
         translated = server_start_error(exc)
         if translated is None:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_model_arguments(args: argparse.Namespace) -> None:
     """Hub ids among the model arguments become their snapshot folders in huggingface_hub's cache."""
-    from abliterate.hub import parse_hub_id, resolve_model
+    from abliterate.weights.hub import parse_hub_id, resolve_model
 
     for name in MODEL_ARGUMENTS:
         value = getattr(args, name, None)

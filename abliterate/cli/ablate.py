@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from abliterate.checkpoint import choose_profile
 from abliterate.cli.inventory import add_profile_options
 from abliterate.config import Ablation, Runtime, Selection, add_options, from_args
+from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.plan import AblationPlan
+from abliterate.weights.checkpoint import choose_profile
 
 HELP = "write a copy of a checkpoint with the refusal direction projected out of its weights"
 
@@ -92,8 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.ablate import ablate_checkpoint, load_inputs
-    from abliterate.matching import default_plan, describe_matches, plan_matches, resolve_plan
+    from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+    from abliterate.edit.matching import default_plan, describe_matches, plan_matches, resolve_plan
 
     ablation, runtime = from_args(Ablation, args), from_args(Runtime, args)
     position = from_args(Selection, args).direction_position

@@ -57,11 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from abliterate.evaluate import evaluate_model, replies_cost
+    from abliterate.check.evaluate import evaluate_model, replies_cost
+    from abliterate.inference.streaming import parse_size
+    from abliterate.measure.prompts import load_prompts
     from abliterate.paths import output_file
-    from abliterate.prompts import load_prompts
-    from abliterate.stages import decide_streaming
-    from abliterate.streaming import parse_size
+    from abliterate.pipeline import decide_streaming
 
     template, evaluation = from_args(Template, args), from_args(Evaluation, args)
     runtime = from_args(Runtime, args).resolved(args.model)
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"evaluating {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
     if stream and settings.full_replies:
-        from abliterate.devices import available_memory
+        from abliterate.inference.devices import available_memory
 
         cost = replies_cost(
             args.model,

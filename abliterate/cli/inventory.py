@@ -6,11 +6,11 @@ import argparse
 import json
 import time
 
-from abliterate.checkpoint import build_inventory, choose_profile
+from abliterate.edit.plan import format_layers
 from abliterate.errors import AbliterateError
-from abliterate.plan import format_layers
-from abliterate.profiles import PROFILES
-from abliterate.structure import Structure, detect_structure
+from abliterate.weights.checkpoint import build_inventory, choose_profile
+from abliterate.weights.profiles import PROFILES
+from abliterate.weights.structure import Structure, detect_structure
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
             "--track runs the cached inventory flow, which takes --family but not --map yet"
         )
     if args.track:
-        from flows.runtime import configure
+        from abliterate_flows.runtime import configure
 
         configure()
-        from flows.inventory import inventory_flow
+        from abliterate_flows.inventory import inventory_flow
 
         inventory_flow(args.model_dir, args.family)
     started = time.perf_counter()

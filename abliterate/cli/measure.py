@@ -73,11 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.checkpoint import check_output_location, fingerprint
-    from abliterate.directions import write_directions
-    from abliterate.hub import hub_origin
-    from abliterate.prompts import load_prompts, split_prompts
-    from abliterate.stages import decide_streaming, direction_stage, measure_stage, scores_directions
+    from abliterate.measure.directions import write_directions
+    from abliterate.measure.prompts import load_prompts, split_prompts
+    from abliterate.pipeline import decide_streaming, direction_stage, measure_stage, scores_directions
+    from abliterate.weights.checkpoint import check_output_location, fingerprint
+    from abliterate.weights.hub import hub_origin
 
     check_output_location(args.model, args.out)  # never write into the input checkpoint
     prompts, template = from_args(Prompts, args), from_args(Template, args)

@@ -119,7 +119,7 @@ def console(quiet: bool) -> None:
 
 def prepare_flows(quiet: bool) -> None:
     """Before the first flow of this process: defaults, the console, and a word on the server start."""
-    from flows.runtime import announce_prefect_server, configure
+    from abliterate_flows.runtime import announce_prefect_server, configure
 
     configure()
     console(quiet)
@@ -135,7 +135,7 @@ def prepare_flows(quiet: bool) -> None:
 def run_flow(args: argparse.Namespace, model: str, out: str) -> dict[str, Any]:
     sections = flow_sections(args)  # bad settings fail here, before a server starts
     prepare_flows(args.quiet)
-    from flows.main import abliterate_flow
+    from abliterate_flows.main import abliterate_flow
 
     return abliterate_flow(
         model=model, out=out, overwrite=args.overwrite, force=args.force, work_dir=args.work_dir, **sections
@@ -151,7 +151,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     from abliterate.demo import DEMO_MODEL_DIR
-    from flows.runtime import results_dir
+    from abliterate_flows.runtime import results_dir
 
     began = time.perf_counter()
     out = args.out or str(results_dir() / "demo-abliterated")
@@ -219,8 +219,8 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
 
 def ui_commands(run_id: str) -> str:
     """How to look at this run: the MLflow experiment in its machine-learning view, and the Prefect UI."""
-    from flows.runtime import tracking_uri
-    from flows.tracking import client, experiment_ui_path
+    from abliterate_flows.runtime import tracking_uri
+    from abliterate_flows.tracking import client, experiment_ui_path
 
     experiment = client().get_run(run_id).info.experiment_id
     venv_bin = Path(__file__).resolve().parents[2] / ".venv" / "bin"

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     sections = flow_sections(args, SEARCH_SECTIONS)  # bad settings fail here, before a server starts
     prepare_flows(args.quiet)
-    from flows.search import search_flow
+    from abliterate_flows.search import search_flow
 
     result = search_flow(
         model=args.model,

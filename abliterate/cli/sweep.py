@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise AbliterateError(f"{path} is not valid YAML/JSON: {exc}") from exc
     sections = flow_sections(args, SWEEP_SECTIONS)
     prepare_flows(args.quiet)
-    from flows.sweep import sweep_flow
+    from abliterate_flows.sweep import sweep_flow
 
     result = sweep_flow(
         model=args.model,

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from abliterate.checkpoint import choose_profile
 from abliterate.cli.inventory import add_profile_options
+from abliterate.weights.checkpoint import choose_profile
 
 HELP = (
     "check an ablated checkpoint against its original: structure, bytes, plan, NaN/Inf, projection residuals"
@@ -50,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from abliterate.check.validate import validate_output
     from abliterate.paths import output_file
-    from abliterate.validate import validate_output
 
     if args.out:  # checked before the work, so the report is never lost at the end
         output_file(args.out, [args.original, args.ablated])

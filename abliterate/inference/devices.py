@@ -15,7 +15,7 @@ the compute dtype.
 
 The memory budget (`--memory-budget`, default: the free memory of where the model would go)
 decides whether a model is held in memory or streamed one decoder layer at a time (see
-`abliterate.streaming.choose_streaming`). For `auto` with GPUs the default budget is the GPUs'
+`abliterate.inference.streaming.choose_streaming`). For `auto` with GPUs the default budget is the GPUs'
 free memory: a model that fits only with CPU offload is streamed, because accelerate's CPU
 offload moves every offloaded weight to the GPU once per forward pass (once per batch and per
 candidate direction), while streaming moves each layer once for all of them.
@@ -101,7 +101,7 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
         value = str(config.get(key) or "").removeprefix("torch.")
         if value in DTYPES:
             return value
-    from abliterate.checkpoint import build_inventory
+    from abliterate.weights.checkpoint import build_inventory
 
     counts: Counter[str] = Counter()
     for t in build_inventory(model_dir).tensors.values():

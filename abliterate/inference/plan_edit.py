@@ -1,7 +1,7 @@
 """A whole ablation plan applied at inference time: what the edited checkpoint computes, without
 rewriting it. `abliterate search` scores every trial this way.
 
-`abliterate.intervention` removes one direction from every write into the residual stream; a
+`abliterate.inference.intervention` removes one direction from every write into the residual stream; a
 plan does more: each role of each layer has its own scale (per-role layer kernels), each layer
 its own vector (`matching.direction_for`: the selected, interpolated or per-layer projected
 direction), routers are edited on their input side, and a router's correction bias may be
@@ -38,14 +38,14 @@ from typing import Any
 
 import torch
 
-from abliterate.direction_file import Directions
-from abliterate.engine import TORCH_DTYPES
+from abliterate.edit.engine import TORCH_DTYPES
+from abliterate.edit.matching import direction_for
+from abliterate.edit.orthogonalize import norm_preserving_, project_out_
+from abliterate.edit.plan import BIAS_OF, AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.intervention import project_out
-from abliterate.matching import direction_for
-from abliterate.orthogonalize import norm_preserving_, project_out_
-from abliterate.plan import BIAS_OF, AblationPlan
-from abliterate.profiles import Profile
+from abliterate.inference.intervention import project_out
+from abliterate.measure.direction_file import Directions
+from abliterate.weights.profiles import Profile
 
 WRITERS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down")
 
@@ -207,7 +207,7 @@ class PlanEdit:
     def applied(self, model: Any) -> Iterator[None]:
         """Within the block, a loaded transformers causal LM (model.model.embed_tokens and
         model.model.layers) computes what the edited checkpoint computes."""
-        from abliterate.measure import decoder_layers
+        from abliterate.measure.means import decoder_layers
 
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         with ExitStack() as stack:

@@ -40,15 +40,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate import fp8
-from abliterate.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
-from abliterate.engine import TORCH_DTYPES, edited_chunks, rounded_pieces
+from abliterate.edit.engine import TORCH_DTYPES, edited_chunks, rounded_pieces
+from abliterate.edit.matching import direction_for, plan_matches, vector_for
+from abliterate.edit.orthogonalize import NOISE
+from abliterate.edit.output import MANIFEST_FILE, WEIGHT_SUFFIXES, files_to_copy
+from abliterate.edit.plan import AblationPlan, format_layers
 from abliterate.errors import AbliterateError
-from abliterate.matching import direction_for, plan_matches, vector_for
-from abliterate.orthogonalize import NOISE
-from abliterate.output import MANIFEST_FILE, WEIGHT_SUFFIXES, files_to_copy
-from abliterate.plan import AblationPlan, format_layers
-from abliterate.profiles import Profile
+from abliterate.weights import fp8
+from abliterate.weights.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
+from abliterate.weights.profiles import Profile
 
 UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
 FLOAT32_UNIT = 2.0**-24
@@ -606,7 +606,7 @@ def _changed_tensors(
 def _load_directions(
     manifest: dict | None, directions_path: str | Path | None, inventory: Inventory, checks: _Checks
 ) -> Any:
-    from abliterate.direction_file import file_sha256, load_directions
+    from abliterate.measure.direction_file import file_sha256, load_directions
 
     recorded = (manifest or {}).get("directions") or {}
     if directions_path is None:

@@ -27,14 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abliterate.checkpoint import Inventory, fingerprint, read_header
-from abliterate.direction_file import Directions
-from abliterate.directions import library_versions
-from abliterate.engine import ENGINE_VERSION
+from abliterate.edit.engine import ENGINE_VERSION
+from abliterate.edit.matching import AblationInputs
+from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.fp8 import partners as fp8_partners
-from abliterate.hub import hub_origin
-from abliterate.matching import AblationInputs
+from abliterate.measure.direction_file import Directions
+from abliterate.measure.directions import library_versions
 from abliterate.paths import (
     describe_special,
     is_locked,
@@ -43,7 +41,9 @@ from abliterate.paths import (
     ours_to_delete,
     output_outside,
 )
-from abliterate.plan import AblationPlan
+from abliterate.weights.checkpoint import Inventory, fingerprint, read_header
+from abliterate.weights.fp8 import partners as fp8_partners
+from abliterate.weights.hub import hub_origin
 
 MANIFEST_FILE = "abliteration.json"
 STATE_DIR = ".abliterate"  # done records while a run is incomplete; removed when it finishes

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from abliterate.edit.orthogonalize import norm_preserving_, project_out_, shift_
 from abliterate.errors import AbliterateError
-from abliterate.orthogonalize import norm_preserving_, project_out_, shift_
 
 if TYPE_CHECKING:
-    from abliterate.matching import Match
+    from abliterate.edit.matching import Match
 
 ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
 CHUNK_BYTES = 64 << 20  # storage bytes edited at once; fixed so results never depend on memory

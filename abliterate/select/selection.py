@@ -1,7 +1,7 @@
 """Automatic choice of the direction to ablate, by trying each candidate at inference time.
 
 For each candidate residual position p, the model runs with r_p removed from the residual
-stream at every layer (`abliterate.intervention.directional_ablation`, equivalent to
+stream at every layer (`abliterate.inference.intervention.directional_ablation`, equivalent to
 orthogonalising every writer) on held-out validation prompts, and gets two scores:
 
 - `refusal_score` on harmful prompts: the mean log-odds that the reply starts with a refusal
@@ -26,7 +26,7 @@ distribution). The last `skip_last_fraction` of positions (default 20%) are not 
 directions there are about output tokens more than about the request, and ablating them
 mostly damages the model. An explicit position overrides the choice (it is still scored).
 
-The forward passes run on a model in memory or layer-streamed (`abliterate.forward`): streamed,
+The forward passes run on a model in memory or layer-streamed (`abliterate.inference.runner`): streamed,
 the unmodified model and every candidate go through each decoder layer while it is loaded, so the
 scores cost one read of the weights (plus one per probe token to find the refusal tokens).
 """
@@ -40,17 +40,17 @@ from typing import Any
 
 import torch
 
-from abliterate.devices import input_device
-from abliterate.directions import DirectionSet
 from abliterate.errors import AbliterateError
-from abliterate.measure import (
+from abliterate.inference.devices import input_device
+from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS
+from abliterate.measure.directions import DirectionSet
+from abliterate.measure.means import (
     MeasureSettings,
     context_length,
     encode_prompts,
     length_sorted_batches,
     pad_token_id,
 )
-from abliterate.refusal import DEFAULT_REFUSAL_MARKERS
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def refusal_tokens_from_replies(
 ) -> RefusalTokens:
     """The first tokens of the replies whose first `probe_tokens` tokens the marker check calls a
     refusal, less any token that also opens a reply it does not; the markers' openers when none remain."""
-    from abliterate.refusal import is_refusal
+    from abliterate.inference.refusal import is_refusal
 
     opens_refusal: set[int] = set()
     opens_other: set[int] = set()
@@ -190,8 +190,8 @@ def find_refusal_tokens(
     weights once per probe token, less when every reply has ended or already holds a marker (a reply
     that refuses stays a refusal however it goes on). With `probe_tokens` 0, the markers' openers
     without probing."""
-    from abliterate.forward import stop_ids
-    from abliterate.refusal import is_refusal
+    from abliterate.inference.refusal import is_refusal
+    from abliterate.inference.runner import stop_ids
 
     if probe_tokens == 0:
         return RefusalTokens(refusal_token_ids(tokenizer, markers), "markers", 0, 0)
@@ -275,8 +275,8 @@ def select_direction(
 ) -> Selection:
     """Score candidate directions by inference-time ablation; `position` forces the choice.
 
-    `model`: a loaded model, or a forward (`abliterate.forward`: in memory or layer-streamed)."""
-    from abliterate.forward import as_forward
+    `model`: a loaded model, or a forward (`abliterate.inference.runner`: in memory or layer-streamed)."""
+    from abliterate.inference.runner import as_forward
 
     forward = as_forward(model)
     settings = settings or SelectionSettings()

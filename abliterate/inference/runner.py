@@ -4,7 +4,7 @@ Two operations, each with the same meaning on both kinds of model:
 
 - `first_token_logprobs(sets, directions)`: float64 log-probabilities [N, V] of the first reply
   token of every prompt of every set, once per entry of `directions` (None: the model as it is; a
-  vector r: r removed from the residual stream at inference time, see `abliterate.intervention`).
+  vector r: r removed from the residual stream at inference time, see `abliterate.inference.intervention`).
   Yields `(variant, set label, logprobs)` in the order variant 0's sets, variant 1's sets, ...
 - `greedy(encoded, max_new_tokens)`: greedy continuations (token ids, cut at an end token).
 
@@ -12,7 +12,7 @@ Two operations, each with the same meaning on both kinds of model:
 per variant. `StreamedForward` reads the weights once per call, one decoder layer at a time,
 whatever the number of variants: every variant's hidden states of every batch go through each
 layer while it is loaded, with the same hooks on the layer's attention and MLP as the in-memory
-ablation (`abliterate.intervention.project_out`), so scoring K candidate directions costs one
+ablation (`abliterate.inference.intervention.project_out`), so scoring K candidate directions costs one
 read of the weights, not K. Memory: one decoder layer (or the embedding, or the LM head), plus the
 hidden states of every prompt for every variant (variants x prompts x padded length x hidden x the
 dtype's bytes). Greedy decoding streamed recomputes the whole sequence for each new token, so it
@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.devices import input_device
-from abliterate.intervention import directional_ablation, project_out
-from abliterate.measure import length_sorted_batches
+from abliterate.inference.devices import input_device
+from abliterate.inference.intervention import directional_ablation, project_out
+from abliterate.measure.means import length_sorted_batches
 
 Encoded = Sequence[Sequence[int]]
 
@@ -73,7 +73,7 @@ class InMemoryForward:
         pad_id: int,
         progress: bool = False,
     ) -> Iterator[tuple[int, str, torch.Tensor]]:
-        from abliterate.selection import first_token_logprobs
+        from abliterate.select.selection import first_token_logprobs
 
         bar = tqdm(total=len(directions), desc="score directions", unit="variant", disable=not progress)
         for variant, direction in enumerate(directions):
@@ -127,14 +127,14 @@ class InMemoryForward:
 
 
 class StreamedForward:
-    """A checkpoint read one decoder layer at a time (`abliterate.streaming.LayerStream`)."""
+    """A checkpoint read one decoder layer at a time (`abliterate.inference.streaming.LayerStream`)."""
 
     streamed = True
 
     def __init__(self, model_dir: str | Path, dtype: str, device: str):
         from transformers import AutoConfig
 
-        from abliterate.devices import stream_device
+        from abliterate.inference.devices import stream_device
 
         self.model_dir = Path(model_dir)
         self.dtype = dtype
@@ -145,7 +145,7 @@ class StreamedForward:
 
     def stream(self) -> Any:
         """The layer stream, built once (its modules hold no weights between passes)."""
-        from abliterate.streaming import LayerStream
+        from abliterate.inference.streaming import LayerStream
 
         if self._stream is None:
             self._stream = LayerStream(self.model_dir, self.dtype, self.device)
@@ -168,7 +168,7 @@ class StreamedForward:
         pad_id: int,
         progress: bool = False,
     ) -> Iterator[tuple[int, str, torch.Tensor]]:
-        from abliterate.streaming import layer_output
+        from abliterate.inference.streaming import layer_output
 
         stream = self.stream()
         batches = stream.embed({k: [list(x) for x in v] for k, v in sets.items()}, batch_size, -1, pad_id)

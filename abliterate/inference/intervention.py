@@ -9,7 +9,7 @@ the MLP would still read the direction its attention just wrote. Used to score c
 directions before editing weights (router edits, which act on the normed stream, are not
 modelled here).
 
-The layer-streamed scoring (`abliterate.forward.StreamedForward`) puts the same `project_out` on
+The layer-streamed scoring (`abliterate.inference.runner.StreamedForward`) puts the same `project_out` on
 the same outputs (the embedding's, then each layer's `self_attn` and `mlp`), one layer at a time.
 """
 

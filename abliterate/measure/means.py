@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.devices import DTYPES, input_device
 from abliterate.errors import AbliterateError
-from abliterate.prompts import prompts_sha256
+from abliterate.inference.devices import DTYPES, input_device
+from abliterate.measure.prompts import prompts_sha256
 
 # tokenizer.model_max_length is a huge sentinel (1e30) when the tokenizer does not know its limit.
 _SANE_CONTEXT = 10_000_000
@@ -156,8 +156,8 @@ def encode_prompts(
 
     The rendered text already holds the template's special tokens, so none are added again.
     """
-    from abliterate.chat import render_chat
-    from abliterate.prompts import describe_prompt
+    from abliterate.measure.chat import render_chat
+    from abliterate.measure.prompts import describe_prompt
 
     if len(prompts) == 0:
         raise AbliterateError(f"the {label} prompt set is empty: give at least one prompt")
@@ -381,7 +381,7 @@ def load_model(
     On `cpu` or `cuda:N` the whole model is moved there. With `device` `auto` (GPUs present) or a
     host-memory `budget` (offloading: a model over the budget), accelerate places one decoder layer
     at a time on every GPU, then `budget` bytes of host memory, then disk
-    (`abliterate.devices.device_map`); disk-offloaded weights go to a temporary folder that is
+    (`abliterate.inference.devices.device_map`); disk-offloaded weights go to a temporary folder that is
     deleted with the model.
     """
     import shutil
@@ -390,7 +390,7 @@ def load_model(
 
     from transformers import AutoModelForCausalLM
 
-    from abliterate.devices import describe_map, device_map, resolve_device
+    from abliterate.inference.devices import describe_map, device_map, resolve_device
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from abliterate.checkpoint import file_sha256
 from abliterate.errors import AbliterateError
+from abliterate.weights.checkpoint import file_sha256
 
 DIRECTIONS_FILE = "directions.safetensors"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from abliterate.checkpoint import INDEX_FILE, SINGLE_FILE
+from abliterate.weights.checkpoint import INDEX_FILE, SINGLE_FILE
 
 
 @dataclass(frozen=True)
@@ -245,8 +245,8 @@ def convert_to_fp8(
     llm-compressor's float8 layout instead (`<m>.weight_scale`; `block` None: per-channel [out, 1])."""
     from safetensors import safe_open
 
-    from abliterate import fp8
-    from abliterate.checkpoint import shard_names
+    from abliterate.weights import fp8
+    from abliterate.weights.checkpoint import shard_names
 
     src, dst = Path(src), Path(dst)
     if dst.exists():

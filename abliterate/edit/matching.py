@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from abliterate.checkpoint import Inventory, TensorInfo
-from abliterate.direction_file import Directions
-from abliterate.engine import EDITABLE_DTYPES
+from abliterate.edit.engine import EDITABLE_DTYPES
+from abliterate.edit.orthogonalize import projected_direction
+from abliterate.edit.plan import WEIGHT_OF as BIAS_WEIGHT
+from abliterate.edit.plan import AblationPlan, build_plan
 from abliterate.errors import AbliterateError
-from abliterate.orthogonalize import projected_direction
-from abliterate.plan import WEIGHT_OF as BIAS_WEIGHT
-from abliterate.plan import AblationPlan, build_plan
-from abliterate.structure import Structure
+from abliterate.measure.direction_file import Directions
+from abliterate.weights.checkpoint import Inventory, TensorInfo
+from abliterate.weights.structure import Structure
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Match:
 
 
 def default_plan(inputs: AblationInputs, **specs: Any) -> AblationPlan:
-    """`build_plan` for this model and directions file (specs as in `abliterate.plan.build_plan`)."""
+    """`build_plan` for this model and directions file (specs as in `abliterate.edit.plan.build_plan`)."""
     s = inputs.structure
     return resolve_plan(build_plan(s.num_layers, s.mtp_layers, **specs), inputs)
 

@@ -19,12 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from abliterate import fp8
-from abliterate.checkpoint import build_inventory, read_config
-from abliterate.direction_file import load_directions
-from abliterate.engine import write_shard
-from abliterate.errors import AbliterateError
-from abliterate.matching import (
+from abliterate.edit.engine import write_shard
+from abliterate.edit.matching import (
     AblationInputs,
     Match,
     default_plan,
@@ -33,7 +29,7 @@ from abliterate.matching import (
     resolve_plan,
     vector_for,
 )
-from abliterate.output import (
+from abliterate.edit.output import (
     ShardResult,
     completed_shard,
     finalize_output,
@@ -44,9 +40,13 @@ from abliterate.output import (
     shard_key,
     unchanged_tensors,
 )
-from abliterate.plan import AblationPlan
-from abliterate.profiles import Profile
-from abliterate.structure import detect_structure
+from abliterate.edit.plan import AblationPlan
+from abliterate.errors import AbliterateError
+from abliterate.measure.direction_file import load_directions
+from abliterate.weights import fp8
+from abliterate.weights.checkpoint import build_inventory, read_config
+from abliterate.weights.profiles import Profile
+from abliterate.weights.structure import detect_structure
 
 
 def load_inputs(

@@ -1,5 +1,5 @@
 """Layer-streamed forward passes, for models larger than memory: the measurement here, and the
-selection and evaluation passes of `abliterate.forward.StreamedForward`, on `LayerStream`.
+selection and evaluation passes of `abliterate.inference.runner.StreamedForward`, on `LayerStream`.
 
 All prompts go through the model one decoder layer at a time. Only one layer's weights are in
 memory at once: they are read from the shards (exact byte ranges from the inventory, in chunks,
@@ -13,8 +13,8 @@ The computation is transformers' own: the model is built on the meta device, its
 forward pass runs once per batch with recording stand-ins for the layers (so the embedding,
 causal mask and rotary embeddings are exactly what the model computes), then each real layer
 module is called with the arguments the model would pass it. Batches and the float64
-accumulation are the ones of the in-memory measurement (abliterate.measure), so both give the
-same `Measurement` to float rounding. The layers run on one device (`abliterate.devices.stream_device`:
+accumulation are the ones of the in-memory measurement (abliterate.measure.means), so both give the
+same `Measurement` to float rounding. The layers run on one device (`abliterate.inference.devices.stream_device`:
 a GPU when there is one and the device is `cuda` or `auto`): weights go there layer by layer.
 
 Memory: the largest of {one decoder layer, the input embedding, the LM head} in the compute dtype,
@@ -38,11 +38,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate import fp8
-from abliterate.checkpoint import Inventory, TensorInfo, build_inventory, read_config
-from abliterate.devices import DTYPES
 from abliterate.errors import AbliterateError
-from abliterate.measure import (
+from abliterate.inference.devices import DTYPES
+from abliterate.measure.means import (
     Batch,
     Measurement,
     MeasureSettings,
@@ -55,7 +53,9 @@ from abliterate.measure import (
     load_tokenizer,
     pad_token_id,
 )
-from abliterate.prompts import prompts_sha256
+from abliterate.measure.prompts import prompts_sha256
+from abliterate.weights import fp8
+from abliterate.weights.checkpoint import Inventory, TensorInfo, build_inventory, read_config
 
 STREAMING_MODES = ("auto", "always", "never")
 DISK_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -121,8 +121,8 @@ def choose_streaming(
 ) -> bool:
     """Whether to work layer-streamed. mode "always"/"never" decide alone; "auto" streams when the
     model's weights in `dtype` exceed the budget (default: the free memory of `device` now, see
-    `abliterate.devices.available_memory`)."""
-    from abliterate.devices import available_memory, resolve_dtype
+    `abliterate.inference.devices.available_memory`)."""
+    from abliterate.inference.devices import available_memory, resolve_dtype
 
     if mode not in STREAMING_MODES:
         raise AbliterateError(
@@ -233,7 +233,7 @@ def measure_streamed(
     progress: bool = True,
 ) -> Measurement:
     """Mean residuals at every position for both prompt sets, one decoder layer in memory at a time."""
-    from abliterate.devices import stream_device
+    from abliterate.inference.devices import stream_device
 
     stream = LayerStream(model_dir, settings.dtype, stream_device(device))
     tokenizer = load_tokenizer(model_dir)

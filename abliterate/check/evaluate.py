@@ -4,16 +4,16 @@ For one model (and optionally its baseline, the original before ablation), on ha
 test prompts rendered with the model's chat template:
 
 - first-token figures, from one forward pass per prompt (one read of the weights when the model
-  is layer-streamed, `abliterate.forward`):
+  is layer-streamed, `abliterate.inference.runner`):
   - `refusal_score_harmful`: the mean log-odds that the reply to a harmful prompt starts with a
-    refusal token (the tokens the baseline's own refusals start with, `abliterate.selection`);
+    refusal token (the tokens the baseline's own refusals start with, `abliterate.select.selection`);
   - `first_token_refusal_rate_*`: the share of prompts whose greedy first reply token is a
     refusal token;
   - with a baseline: `kl_harmless`, the mean over harmless prompts of KL(baseline || model) of the
     first reply token's distribution, in nats: how much the ablated model loses about what the
     original would say first (the figure selection uses, so they compare);
 - with full replies (`EvalSettings.full_replies`; greedy, at most `max_new_tokens` new tokens):
-  `refusal_rate_*`, the share of replies that contain a refusal marker (`abliterate.refusal`,
+  `refusal_rate_*`, the share of replies that contain a refusal marker (`abliterate.inference.refusal`,
   case- and apostrophe-insensitive), and a table of example prompts with the replies before
   (baseline) and after (model). A model over the memory budget makes them only when asked, run
   offloaded by accelerate, which reads the offloaded weights once per new token and batch
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.prompts import describe_prompt
-from abliterate.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
+from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
+from abliterate.measure.prompts import describe_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_BATCH_SIZE = 16
@@ -239,7 +239,7 @@ def encode(
     tokenizer: Any, prompts: Sequence[str], settings: EvalSettings, label: str, context: int | None = None
 ) -> list[list[int]]:
     """Chat-rendered token ids; each prompt plus the reply budget must fit in `context` tokens."""
-    from abliterate.chat import render_chat
+    from abliterate.measure.chat import render_chat
 
     if not prompts:
         raise AbliterateError(f"the {label} test prompt set is empty: give at least one prompt")
@@ -261,8 +261,8 @@ def encode(
 def _reply_ids(
     forward: Any, tokenizer: Any, encoded: Any, settings: EvalSettings, label: str, progress: bool
 ):
-    from abliterate.forward import stop_ids
-    from abliterate.measure import pad_token_id
+    from abliterate.inference.runner import stop_ids
+    from abliterate.measure.means import pad_token_id
 
     stops = stop_ids(forward.generation_eos, tokenizer)
     return forward.greedy(
@@ -298,15 +298,15 @@ def measure_behaviour(
     """One model's first-token figures (one forward pass per prompt: one read of the weights when
     layer-streamed), and its full greedy replies when `settings.full_replies`.
 
-    `model`: a loaded model or a forward (`abliterate.forward`). `replier`: what generates the full
+    `model`: a loaded model or a forward (`abliterate.inference.runner`). `replier`: what generates the full
     replies (default: `model`); for a layer-streamed model, a function that loads the offloaded model
     (`load_model` with a budget), called here and dropped before the streamed pass, so host memory
     never holds both.
     `refusal_ids`: the refusal tokens (the baseline's, so before and after count the same tokens);
-    None: this model's own, from its replies (`abliterate.selection.refusal_tokens_from_replies`)."""
-    from abliterate.forward import as_forward
-    from abliterate.measure import pad_token_id
-    from abliterate.selection import find_refusal_tokens, refusal_logodds, refusal_tokens_from_replies
+    None: this model's own, from its replies (`abliterate.select.selection.refusal_tokens_from_replies`)."""
+    from abliterate.inference.runner import as_forward
+    from abliterate.measure.means import pad_token_id
+    from abliterate.select.selection import find_refusal_tokens, refusal_logodds, refusal_tokens_from_replies
 
     settings = settings or EvalSettings()
     forward = as_forward(model)
@@ -378,7 +378,7 @@ def compare(
     settings: EvalSettings | None = None,
 ) -> EvaluationResult:
     """The figures and example rows of `after`, against the baseline behaviour `before` if given."""
-    from abliterate.selection import first_token_kl
+    from abliterate.select.selection import first_token_kl
 
     settings = settings or EvalSettings()
     kl = None
@@ -469,7 +469,7 @@ def replies_cost(
     """What full greedy replies cost on a model offloaded beyond `budget` bytes: accelerate reads every
     offloaded weight from disk once per new token of every batch (and first writes the weights it
     must convert, such as per-expert tensors fused in memory, to its offload folder)."""
-    from abliterate.streaming import weight_bytes
+    from abliterate.inference.streaming import weight_bytes
 
     total = weight_bytes(model_dir, dtype).total
     offloaded = max(0, total - budget)
@@ -494,9 +494,9 @@ def load_behaviour_model(
     """(forward, replier, tokenizer) of one model: loaded, or layer-streamed with (when full replies are
     asked for) `replier`, a function loading an offloaded copy that holds at most `budget` bytes of
     host memory for the replies."""
-    from abliterate.devices import available_memory
-    from abliterate.measure import load_model
-    from abliterate.stages import model_forward
+    from abliterate.inference.devices import available_memory
+    from abliterate.measure.means import load_model
+    from abliterate.pipeline import model_forward
 
     forward, tokenizer = model_forward(model_dir, settings.dtype, device, stream)
     replier = None

@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.errors import AbliterateError
-from abliterate.inference_edit import layer_slots
-from abliterate.profiles import Profile
+from abliterate.inference.plan_edit import layer_slots
+from abliterate.weights.profiles import Profile
 
 
 @dataclass
@@ -125,9 +125,9 @@ def profile_experts(
     batch_size: int = 16,
     progress: bool = True,
 ) -> ExpertProfile:
-    """Routing shares per MoE layer and expert on the encoded prompt sets (`abliterate.forward`: a model
+    """Routing shares per MoE layer and expert on the encoded prompt sets (`abliterate.inference.runner`: a model
     in memory or layer-streamed)."""
-    from abliterate.measure import length_sorted_batches, pad_token_id
+    from abliterate.measure.means import length_sorted_batches, pad_token_id
 
     config = forward.config
     experts = int(
@@ -145,8 +145,8 @@ def profile_experts(
     tokens = {label: sum(len(x) for x in ids) for label, ids in sets.items()}
     moe: list[int] = []
     if not forward.streamed:
-        from abliterate.devices import input_device
-        from abliterate.measure import decoder_layers
+        from abliterate.inference.devices import input_device
+        from abliterate.measure.means import decoder_layers
 
         model = forward.model
         handles = []
@@ -176,7 +176,7 @@ def profile_experts(
             for handle in handles:
                 handle.remove()
     else:
-        from abliterate.streaming import layer_output
+        from abliterate.inference.streaming import layer_output
 
         stream = forward.stream()
         batches = stream.embed(sets, batch_size, -1, pad_id)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from abliterate.checkpoint import Inventory, TensorInfo, known_families, read_config
 from abliterate.errors import AbliterateError
-from abliterate.fp8 import uncovered
-from abliterate.profiles import PROFILES, Profile
+from abliterate.weights.checkpoint import Inventory, TensorInfo, known_families, read_config
+from abliterate.weights.fp8 import uncovered
+from abliterate.weights.profiles import PROFILES, Profile
 
 
 @dataclass

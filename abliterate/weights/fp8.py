@@ -269,7 +269,7 @@ def rewrite_shard(model_dir: Path, shard: str, dst: Path, edits: list[tuple[Any,
 def requantized_edit(model_dir: Path, m: Any, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 weight, scale in its stored dtype and shape) of the match `m` edited along `r`: what the
     ablation writes, and what validation recomputes. Deterministic."""
-    from abliterate.orthogonalize import norm_preserving_, project_out_
+    from abliterate.edit.orthogonalize import norm_preserving_, project_out_
 
     weight, (scale_info, block) = m.tensor, m.scales
     q = read_tensor(model_dir / weight.shard, weight)

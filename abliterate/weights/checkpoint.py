@@ -17,9 +17,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
-from abliterate.fp8 import pair_scales
 from abliterate.paths import describe_special, output_outside, plain_name
-from abliterate.profiles import PROFILES, Profile, extend_profile, profile_for_model_type, quantization_marker
+from abliterate.weights.fp8 import pair_scales
+from abliterate.weights.profiles import (
+    PROFILES,
+    Profile,
+    extend_profile,
+    profile_for_model_type,
+    quantization_marker,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

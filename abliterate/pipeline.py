@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from abliterate.config import Runtime
-from abliterate.directions import DirectionSet, compute_directions
 from abliterate.errors import AbliterateError
-from abliterate.measure import Measurement, MeasureSettings, load_model, measure_checkpoint
-from abliterate.selection import Selection, SelectionSettings, select_direction
-from abliterate.streaming import choose_streaming, measure_streamed, parse_size
+from abliterate.inference.streaming import choose_streaming, measure_streamed, parse_size
+from abliterate.measure.directions import DirectionSet, compute_directions
+from abliterate.measure.means import Measurement, MeasureSettings, load_model, measure_checkpoint
+from abliterate.select.selection import Selection, SelectionSettings, select_direction
 
 
 def decide_streaming(model_dir: str | Path, runtime: Runtime) -> bool:
@@ -36,9 +36,9 @@ def scores_directions(model_dir: str | Path, direction_position: str, stream: bo
 
 def model_forward(model_dir: str | Path, dtype: str, device: str, stream: bool, progress: bool = True):
     """(forward, tokenizer): the model loaded (`device` cpu, cuda:N, or auto's device map) or read one
-    decoder layer at a time (`stream`), for `abliterate.selection` and `abliterate.evaluate`."""
-    from abliterate.forward import InMemoryForward, StreamedForward
-    from abliterate.measure import load_tokenizer
+    decoder layer at a time (`stream`), for `abliterate.select.selection` and `abliterate.check.evaluate`."""
+    from abliterate.inference.runner import InMemoryForward, StreamedForward
+    from abliterate.measure.means import load_tokenizer
 
     if stream:
         return StreamedForward(model_dir, dtype, device), load_tokenizer(model_dir)
@@ -55,7 +55,7 @@ def measure_stage(
     stream: bool = False,
     progress: bool = True,
 ) -> Measurement:
-    """In memory, or one decoder layer at a time (`stream`, on `abliterate.devices.stream_device`):
+    """In memory, or one decoder layer at a time (`stream`, on `abliterate.inference.devices.stream_device`):
     equal results either way."""
     if stream:
         return measure_streamed(model_dir, harmful, harmless, settings, device, progress)

@@ -10,15 +10,15 @@ An Optuna study (multi-objective TPE, both objectives minimised) over
   plan's scale specs, `floor + (peak - floor) exp(-((i - center) / width)^2 / 2)`, with the center in
   the group's layers, width in [0.5, L], peak in [0.5, 1.5] and floor a fraction of the peak; scales
   under MIN_SCALE become 0 (the tensor is left alone: so small an edit may round away entirely);
-- optionally (`router_bias`) how many of the most refusal-specific experts (`abliterate.experts`)
+- optionally (`router_bias`) how many of the most refusal-specific experts (`abliterate.search.experts`)
   get their router correction bias lowered, and by how much (which changes only the choice of
   experts).
 
 Each trial's parameters become an `AblationPlan` (`plan_for`), and the plan is scored without
-rewriting the checkpoint, applied at inference time (`abliterate.inference_edit.PlanEdit`, which
+rewriting the checkpoint, applied at inference time (`abliterate.inference.plan_edit.PlanEdit`, which
 equals the engine's edit): the refusal rate of greedy replies of `reply_tokens` tokens to held-out
-harmful prompts (the marker check of `abliterate.refusal`), and the mean first-token
-KL(unmodified || trial) on held-out harmless prompts (the figure `abliterate.evaluate` reports).
+harmful prompts (the marker check of `abliterate.inference.refusal`), and the mean first-token
+KL(unmodified || trial) on held-out harmless prompts (the figure `abliterate.check.evaluate` reports).
 In memory each trial costs one `generate` and one forward pass; layer-streamed, the trials asked
 together (`parallel_trials`) share every pass over the weights: one for the KL and one per reply
 token (a reply stops as soon as the marker check calls it a refusal).
@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
+from abliterate.edit.plan import METHODS, AblationPlan, build_plan, parse_scale
 from abliterate.errors import AbliterateError
-from abliterate.plan import METHODS, AblationPlan, build_plan, parse_scale
 
 GROUPS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down", "router")
 COMPONENTS = GROUPS + ("router_bias",)
@@ -254,7 +254,7 @@ class TrialScore:
 
 class TrialScorer:
     """Scores plans (`PlanEdit`s; None: the model as it is) on held-out prompts, on a model in memory or
-    layer-streamed (`abliterate.forward`)."""
+    layer-streamed (`abliterate.inference.runner`)."""
 
     def __init__(
         self,
@@ -265,10 +265,10 @@ class TrialScorer:
         settings: ScoreSettings,
         progress: bool = False,
     ):
-        from abliterate.evaluate import EvalSettings, encode
-        from abliterate.forward import stop_ids
-        from abliterate.measure import pad_token_id
-        from abliterate.refusal import DEFAULT_REFUSAL_MARKERS
+        from abliterate.check.evaluate import EvalSettings, encode
+        from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS
+        from abliterate.inference.runner import stop_ids
+        from abliterate.measure.means import pad_token_id
 
         self.forward, self.tokenizer, self.settings, self.progress = forward, tokenizer, settings, progress
         self.markers = settings.markers or DEFAULT_REFUSAL_MARKERS
@@ -289,13 +289,13 @@ class TrialScorer:
         self.baseline = self.score([None])[0]
 
     def refused(self, reply: Sequence[int]) -> bool:
-        from abliterate.refusal import is_refusal
+        from abliterate.inference.refusal import is_refusal
 
         return is_refusal(self.tokenizer.decode(list(reply), skip_special_tokens=True), self.markers)
 
     def score(self, edits: Sequence[Any]) -> list[TrialScore]:
         """One score per edit: in memory one after the other, layer-streamed all in the same passes."""
-        from abliterate.selection import first_token_kl, first_token_logprobs
+        from abliterate.select.selection import first_token_kl, first_token_logprobs
 
         began = time.perf_counter()
         if self.forward.streamed:
@@ -358,7 +358,7 @@ def streamed_last_logprobs(
     """One pass over a layer-streamed model's weights: edit v (a PlanEdit, or None) runs on its own
     encoded prompts `variant_sets[v]` (embedded once where variants share a list); float64
     log-probabilities [N_v, V] of the token after each prompt."""
-    from abliterate.streaming import layer_output
+    from abliterate.inference.streaming import layer_output
 
     stream = forward.stream()
     embedded: dict[int, list] = {}
@@ -703,13 +703,13 @@ def run_study(
     router_bias candidates, most refusal-specific first. `on_start` sees the study's name and space
     once this process holds the study's lock, before the first trial. Returns the study's name, the space, this run's new trials and timing,
     the unmodified model's score and every complete trial (`trial_record`)."""
-    from abliterate.ablate import load_inputs
-    from abliterate.checkpoint import choose_profile
-    from abliterate.inference_edit import PlanEdit, storage_dtypes
-    from abliterate.matching import resolve_plan
-    from abliterate.output import directions_digest
-    from abliterate.prompts import prompts_sha256
-    from abliterate.stages import model_forward
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.matching import resolve_plan
+    from abliterate.edit.output import directions_digest
+    from abliterate.inference.plan_edit import PlanEdit, storage_dtypes
+    from abliterate.measure.prompts import prompts_sha256
+    from abliterate.pipeline import model_forward
+    from abliterate.weights.checkpoint import choose_profile
 
     inputs = load_inputs(model_dir, directions_path)
     profile = choose_profile(model_dir)

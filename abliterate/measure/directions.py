@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from abliterate.direction_file import DIRECTIONS_FILE, save_directions
 from abliterate.errors import AbliterateError
-from abliterate.measure import Measurement
+from abliterate.measure.direction_file import DIRECTIONS_FILE, save_directions
+from abliterate.measure.means import Measurement
 
 METHODS = ("mean_diff", "projected")
 DEFAULT_METHOD = "projected"
