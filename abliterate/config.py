@@ -24,10 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from abliterate.edit.plan import DEFAULT_TARGETS, METHODS, MTP_MODES, TARGET_ROLES
+from abliterate.edit.plan import METHODS
 from abliterate.errors import AbliterateError
-from abliterate.inference.devices import DTYPE_CHOICES
-from abliterate.inference.streaming import STREAMING_MODES
+from abliterate.vocabulary import DEFAULT_TARGETS, DTYPE_CHOICES, MTP_MODES, STREAMING_MODES, TARGET_ROLES
 
 
 class Section(BaseModel):
@@ -240,7 +239,8 @@ class Evaluation(Section):
 
     def marker_list(self) -> tuple[str, ...]:
         """The marker phrases: the file's, then each --marker; the built-in list when neither is given."""
-        from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS, read_markers
+        from abliterate.inference.refusal import read_markers
+        from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
         markers = tuple(read_markers(self.markers)) if self.markers else ()
         return markers + tuple(self.marker) or DEFAULT_REFUSAL_MARKERS

@@ -40,9 +40,9 @@ def main() -> None:
     from abliterate.check.validate import FLOAT32_UNIT, TOLERANCE_FACTOR
     from abliterate.edit.ablate import ablate_checkpoint, load_inputs
     from abliterate.edit.matching import direction_for
-    from abliterate.edit.output import MANIFEST_FILE
     from abliterate.edit.plan import AblationPlan
     from abliterate.measure.direction_file import load_directions, save_directions
+    from abliterate.vocabulary import MANIFEST_FILE
     from abliterate.weights import fp8
     from abliterate.weights.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 

@@ -17,8 +17,8 @@ from abliterate.check.evaluate import (
     replies_cost,
 )
 from abliterate.check.validate import ValidationReport, validate_output
-from abliterate.edit.output import MANIFEST_FILE
 from abliterate.measure.prompts import prompts_sha256
+from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import shard_stamp
 from abliterate_tasks.caching import code_hash, make_key
 

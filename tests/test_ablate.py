@@ -17,10 +17,11 @@ from safetensors import safe_open
 from abliterate.cli import main
 from abliterate.edit.ablate import ablate_checkpoint, ablate_shard, load_inputs
 from abliterate.edit.matching import default_plan, direction_for, plan_matches
-from abliterate.edit.output import MANIFEST_FILE, STATE_DIR, prepare_output
+from abliterate.edit.output import STATE_DIR, prepare_output
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
-from abliterate.weights.checkpoint import INDEX_FILE, build_inventory, fingerprint
+from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE
+from abliterate.weights.checkpoint import build_inventory, fingerprint
 from abliterate.weights.synthetic import GlmLayout, write_checkpoint, write_glm_layout, write_llama_layout
 
 MAIN_COUNTS = {"attn_out": 46, "mlp_down": 1, "expert_down": 5760, "shared_expert_down": 45, "router": 45}

@@ -87,8 +87,8 @@ def test_adding_or_renaming_a_module_changes_the_hash(copy):
         assert source_hash(copy) != before
     finally:
         added.unlink()
-    module = copy[0] / "refusal.py"
-    renamed = copy[0] / "refusal_markers.py"
+    module = copy[0] / "inference" / "refusal.py"
+    renamed = copy[0] / "inference" / "refusal_markers.py"
     module.rename(renamed)
     try:
         assert source_hash(copy) != before
@@ -122,7 +122,7 @@ def test_the_measurement_key_changes_with_the_code(copy, monkeypatch):
     monkeypatch.setattr(abliterate_tasks.measure, "code_hash", lambda: code_hash(copy))
     before = abliterate_tasks.measure._measure_key(None, parameters)
     assert before == abliterate_tasks.measure._measure_key(None, parameters)
-    for module in ("streaming.py", "chat.py"):
+    for module in ("inference/streaming.py", "measure/chat.py"):
         path = copy[0] / module
         original = path.read_bytes()
         try:

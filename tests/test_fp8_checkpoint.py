@@ -18,10 +18,11 @@ from abliterate.check.validate import validate_output
 from abliterate.cli import main
 from abliterate.edit.ablate import load_inputs
 from abliterate.edit.matching import default_plan, direction_for
-from abliterate.edit.output import MANIFEST_FILE, shard_key
+from abliterate.edit.output import shard_key
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions
+from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights import fp8
 from abliterate.weights.checkpoint import build_inventory
 from abliterate.weights.synthetic import GlmLayout, convert_to_fp8, write_glm_layout

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from abliterate.cli import main
 from abliterate.errors import AbliterateError
-from abliterate.weights.checkpoint import INDEX_FILE, build_inventory, fingerprint, read_header
+from abliterate.vocabulary import INDEX_FILE
+from abliterate.weights.checkpoint import build_inventory, fingerprint, read_header
 from abliterate.weights.structure import detect_structure
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout, write_llama_layout
 

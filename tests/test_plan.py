@@ -4,15 +4,9 @@ import math
 
 import pytest
 
-from abliterate.edit.plan import (
-    DEFAULT_TARGETS,
-    AblationPlan,
-    build_plan,
-    parse_layers,
-    parse_scale,
-    parse_targets,
-)
+from abliterate.edit.plan import AblationPlan, build_plan, parse_layers, parse_scale, parse_targets
 from abliterate.errors import AbliterateError
+from abliterate.vocabulary import DEFAULT_TARGETS
 
 
 def test_layer_specs_are_exact_indices():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
+from abliterate.inference.refusal import is_refusal
+from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
 
 @pytest.mark.parametrize(

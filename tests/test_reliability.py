@@ -33,10 +33,11 @@ from hypothesis import strategies as st
 import abliterate.edit.engine as engine
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR
-from abliterate.edit.output import MANIFEST_FILE, STATE_DIR
+from abliterate.edit.output import STATE_DIR
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
-from abliterate.weights.checkpoint import INDEX_FILE, build_inventory, choose_profile
+from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE
+from abliterate.weights.checkpoint import build_inventory, choose_profile
 from abliterate.weights.structure import detect_structure
 from abliterate.weights.synthetic import GlmLayout, write_checkpoint, write_glm_layout
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR
-from abliterate.edit.output import MANIFEST_FILE
+from abliterate.vocabulary import MANIFEST_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

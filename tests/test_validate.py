@@ -16,9 +16,9 @@ from abliterate.edit.ablate import ablate_checkpoint, load_inputs
 from abliterate.edit.engine import TORCH_DTYPES
 from abliterate.edit.matching import default_plan
 from abliterate.edit.orthogonalize import project_out_
-from abliterate.edit.output import MANIFEST_FILE
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions, save_directions
+from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import build_inventory
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS, is_refusal
+from abliterate.inference.refusal import is_refusal
 from abliterate.measure.prompts import describe_prompt
+from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_BATCH_SIZE = 16

@@ -43,11 +43,12 @@ from tqdm.auto import tqdm
 from abliterate.edit.engine import TORCH_DTYPES, edited_chunks, rounded_pieces
 from abliterate.edit.matching import direction_for, plan_matches, vector_for
 from abliterate.edit.orthogonalize import NOISE
-from abliterate.edit.output import MANIFEST_FILE, WEIGHT_SUFFIXES, files_to_copy
+from abliterate.edit.output import WEIGHT_SUFFIXES, files_to_copy
 from abliterate.edit.plan import AblationPlan, format_layers
 from abliterate.errors import AbliterateError
+from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE
 from abliterate.weights import fp8
-from abliterate.weights.checkpoint import INDEX_FILE, Inventory, TensorInfo, build_inventory, read_header
+from abliterate.weights.checkpoint import Inventory, TensorInfo, build_inventory, read_header
 from abliterate.weights.profiles import Profile
 
 UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}

@@ -17,10 +17,10 @@ import torch
 
 from abliterate.edit.engine import EDITABLE_DTYPES
 from abliterate.edit.orthogonalize import projected_direction
-from abliterate.edit.plan import WEIGHT_OF as BIAS_WEIGHT
 from abliterate.edit.plan import AblationPlan, build_plan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import Directions
+from abliterate.vocabulary import WEIGHT_OF as BIAS_WEIGHT
 from abliterate.weights.checkpoint import Inventory, TensorInfo
 from abliterate.weights.structure import Structure
 

@@ -41,11 +41,11 @@ from abliterate.paths import (
     ours_to_delete,
     output_outside,
 )
+from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import Inventory, fingerprint, read_header
 from abliterate.weights.fp8 import partners as fp8_partners
 from abliterate.weights.hub import hub_origin
 
-MANIFEST_FILE = "abliteration.json"
 STATE_DIR = ".abliterate"  # done records while a run is incomplete; removed when it finishes
 # Files in a model directory that hold weights: never copied (they would carry the direction).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")

@@ -59,20 +59,16 @@ from typing import Any
 import yaml
 
 from abliterate.errors import AbliterateError
+from abliterate.vocabulary import (
+    ABLATION_METHODS,
+    BIAS_OF,
+    DEFAULT_TARGETS,
+    MTP_MODES,
+    TARGET_ROLES,
+    WEIGHT_OF,
+)
 
-DEFAULT_TARGETS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down", "router")
-OPTIONAL_TARGETS = ("embed",)
-TARGET_ROLES = DEFAULT_TARGETS + OPTIONAL_TARGETS
-# Output-side biases follow their weight: edited when `biases` is on and the weight's role is a target.
-BIAS_OF = {
-    "attn_out": "attn_out_bias",
-    "mlp_down": "mlp_down_bias",
-    "expert_down": "expert_down_bias",
-    "shared_expert_down": "shared_expert_down_bias",
-}
-WEIGHT_OF = {bias: weight for weight, bias in BIAS_OF.items()}
-METHODS = ("plain", "norm_preserving", "projected")
-MTP_MODES = ("ablate", "skip")
+METHODS = ABLATION_METHODS
 MAX_SCALE = 2.0
 PLAN_FORMAT = 1
 

@@ -32,9 +32,8 @@ from typing import Any
 import torch
 
 from abliterate.errors import AbliterateError
+from abliterate.vocabulary import DEVICE_CHOICES, DTYPE_CHOICES
 
-DEVICE_CHOICES = "cpu | cuda | cuda:N | auto"
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HEADER_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 # Headroom kept free on each GPU under `auto`: activations, the CUDA context, fragmentation.

@@ -41,10 +41,11 @@ import torch
 from abliterate.edit.engine import TORCH_DTYPES
 from abliterate.edit.matching import direction_for
 from abliterate.edit.orthogonalize import norm_preserving_, project_out_
-from abliterate.edit.plan import BIAS_OF, AblationPlan
+from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.inference.intervention import project_out
 from abliterate.measure.direction_file import Directions
+from abliterate.vocabulary import BIAS_OF
 from abliterate.weights.profiles import Profile
 
 WRITERS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down")

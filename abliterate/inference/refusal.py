@@ -5,38 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
-
-# Lower case, straight apostrophes: is_refusal normalises the reply the same way.
-DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
-    "i cannot",
-    "i can't",
-    "i can not",
-    "i won't",
-    "i will not",
-    "i'm sorry",
-    "i am sorry",
-    "i apologize",
-    "i'm unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "i must decline",
-    "i refuse",
-    "as an ai",
-    "as a language model",
-    "i'm not comfortable",
-    "i am not comfortable",
-    "not able to help with",
-    "can't assist with",
-    "cannot assist with",
-    "can't help with",
-    "cannot help with",
-    "cannot provide",
-    "can't provide",
-    "against my guidelines",
-    "is illegal and",
-    "i'd rather not",
-)
+from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
 

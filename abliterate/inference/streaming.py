@@ -54,10 +54,10 @@ from abliterate.measure.means import (
     pad_token_id,
 )
 from abliterate.measure.prompts import prompts_sha256
+from abliterate.vocabulary import STREAMING_MODES
 from abliterate.weights import fp8
 from abliterate.weights.checkpoint import Inventory, TensorInfo, build_inventory, read_config
 
-STREAMING_MODES = ("auto", "always", "never")
 DISK_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 READ_CHUNK_BYTES = 64 << 20  # bounds the transient copy of a large (fused) tensor
 GC_BYTES = 64 << 20  # release() collects garbage after freeing at least this much

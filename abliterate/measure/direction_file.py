@@ -24,8 +24,6 @@ from safetensors import safe_open
 from abliterate.errors import AbliterateError
 from abliterate.weights.checkpoint import file_sha256
 
-DIRECTIONS_FILE = "directions.safetensors"
-
 
 @dataclass
 class Directions:

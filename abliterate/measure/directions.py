@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.measure.direction_file import DIRECTIONS_FILE, save_directions
+from abliterate.measure.direction_file import save_directions
 from abliterate.measure.means import Measurement
+from abliterate.vocabulary import DIRECTION_METHODS, DIRECTIONS_FILE, DIRECTIONS_JSON
 
-METHODS = ("mean_diff", "projected")
+METHODS = DIRECTION_METHODS
 DEFAULT_METHOD = "projected"
-DIRECTIONS_JSON = "directions.json"
 # Differences below this (relative to the means' size) are float noise, not a direction.
 _ZERO_RELATIVE = 1e-9
 

@@ -53,15 +53,15 @@ import torch
 
 from abliterate.edit.plan import METHODS, AblationPlan, build_plan, parse_scale
 from abliterate.errors import AbliterateError
+from abliterate.vocabulary import SEARCH_COMPONENTS, SEARCH_GROUPS, SEARCH_OBJECTIVES, STUDY_FILE
 
-GROUPS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down", "router")
-COMPONENTS = GROUPS + ("router_bias",)
+GROUPS = SEARCH_GROUPS
+COMPONENTS = SEARCH_COMPONENTS
 MIN_SCALE = 0.05  # kernel scales below this are 0: the tensor is not edited
 PEAK = (0.5, 1.5)
 MIN_WIDTH = 0.5
 SHIFT = (0.05, 1.0)  # how far the correction bias of a suppressed expert is lowered
-STUDY_FILE = "search.db"
-OBJECTIVES = ("refusal_rate", "kl")
+OBJECTIVES = SEARCH_OBJECTIVES
 
 
 # ------------------------------------------------------------------ the space and the plan of a trial
@@ -266,9 +266,9 @@ class TrialScorer:
         progress: bool = False,
     ):
         from abliterate.check.evaluate import EvalSettings, encode
-        from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS
         from abliterate.inference.runner import stop_ids
         from abliterate.measure.means import pad_token_id
+        from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
         self.forward, self.tokenizer, self.settings, self.progress = forward, tokenizer, settings, progress
         self.markers = settings.markers or DEFAULT_REFUSAL_MARKERS

@@ -42,7 +42,6 @@ import torch
 
 from abliterate.errors import AbliterateError
 from abliterate.inference.devices import input_device
-from abliterate.inference.refusal import DEFAULT_REFUSAL_MARKERS
 from abliterate.measure.directions import DirectionSet
 from abliterate.measure.means import (
     MeasureSettings,
@@ -51,6 +50,7 @@ from abliterate.measure.means import (
     length_sorted_batches,
     pad_token_id,
 )
+from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
 
 @dataclass(frozen=True)

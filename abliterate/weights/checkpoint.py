@@ -18,6 +18,7 @@ from pathlib import Path
 
 from abliterate.errors import AbliterateError
 from abliterate.paths import describe_special, output_outside, plain_name
+from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
 from abliterate.weights.fp8 import pair_scales
 from abliterate.weights.profiles import (
     PROFILES,
@@ -27,8 +28,6 @@ from abliterate.weights.profiles import (
     quantization_marker,
 )
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 # Every dtype safetensors 0.8 reads, with its size in bits (F4 and F6 pack several values per byte).

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.errors import AbliterateError
+from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
 
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # Everything but the weights that loading a chat model reads (transformers' tokenizer and template files).
 METADATA_FILES = [
     "config.json",

@@ -15,13 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from abliterate.errors import AbliterateError
-
-# Roles that write into the residual stream (edited on the output side) and read from it.
-WRITER_ROLES = ("embed", "attn_out", "mlp_down", "expert_down", "shared_expert_down")
-READER_ROLES = ("router", "attn_in", "mlp_in", "expert_in", "shared_expert_in", "lm_head")
-BIAS_ROLES = ("attn_out_bias", "mlp_down_bias", "expert_down_bias", "shared_expert_down_bias", "attn_in_bias")
-OTHER_ROLES = ("norm", "router_bias", "mtp")
-ALL_ROLES = WRITER_ROLES + READER_ROLES + BIAS_ROLES + OTHER_ROLES
+from abliterate.vocabulary import ALL_ROLES
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from abliterate.weights.checkpoint import INDEX_FILE, SINGLE_FILE
+from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
 
 
 @dataclass(frozen=True)
