@@ -5,8 +5,12 @@ The sections below are pydantic models. The same objects are
   with dashes, help = the field's description, checks = the field's constraints),
 - the Prefect flows' parameters (Prefect validates them and renders each as a form in its UI),
 - MLflow params (`flat_params`: `section.field` keys),
-- the source of the domain's settings records (`measure_settings`, `selection_settings`,
-  `eval_settings`), which are built here and nowhere else.
+- what the domain's functions take: they read their settings from the sections themselves.
+`Environment` is what the environment says (homes, tracking URI, Prefect server), read here only.
+
+This module is the bottom of the project: it imports nothing of it but the vocabulary and the
+error type (an import-linter contract in pyproject.toml keeps it so). Each default is written
+once, here.
 
 Names follow docs/DESIGN.md: a *token position* counts tokens from the end of the prompt; a
 *residual position* is the input of a decoder layer (L: the last layer's raw output); the
@@ -17,16 +21,74 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from abliterate.edit.plan import METHODS
 from abliterate.errors import AbliterateError
-from abliterate.vocabulary import DEFAULT_TARGETS, DTYPE_CHOICES, MTP_MODES, STREAMING_MODES, TARGET_ROLES
+from abliterate.vocabulary import (
+    ABLATION_METHODS,
+    DEFAULT_TARGETS,
+    DEVICE_CHOICES,
+    DIRECTION_METHODS,
+    DIRECTION_POSITION_WORDS,
+    DTYPE_CHOICES,
+    FULL_REPLY_MODES,
+    MTP_MODES,
+    PROMPT_SETS,
+    SEARCH_COMPONENTS,
+    SEARCH_GROUPS,
+    STREAMING_MODES,
+    TARGET_ROLES,
+)
+
+# ------------------------------------------------------------------ values typed by users, parsed once
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_size(text: str | None) -> int | None:
+    """A byte count from `64GiB`, `500MB`, `1.5TB` or plain bytes; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS:
+        raise AbliterateError(f"memory budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def check_device(value: str) -> str:
+    """The device as typed, checked against this machine's torch: raises ValueError with what to
+    type instead."""
+    import torch  # heavy: only when a device other than `auto` is named
+
+    text = value.strip().lower()
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"use {DEVICE_CHOICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"use {DEVICE_CHOICES}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "this torch build sees no CUDA device; use cpu or auto, or install torch with CUDA"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"there are {torch.cuda.device_count()} CUDA devices (cuda:0..)")
+    return text
+
+
+# ------------------------------------------------------------------ the sections
 
 
 class Section(BaseModel):
@@ -74,7 +136,7 @@ class Prompts(Section):
     harmless_test: str | None = Field(
         None, description="harmless prompts of the evaluation; default: the set's test split"
     )
-    prompt_set: Literal["auto", "general", "demo"] = Field(
+    prompt_set: Literal[PROMPT_SETS] = Field(  # type: ignore[valid-type]
         "auto",
         description="the project's prompt sets used where no file is given: demo (for the demo model), "
         "general, or auto (demo for the demo model, general otherwise)",
@@ -120,7 +182,7 @@ class Measurement(Section):
         description="token whose residual is measured, counted from the end of "
         "the rendered prompt (-1: the last, where the reply starts)",
     )
-    direction_method: Literal["projected", "mean_diff"] = Field(
+    direction_method: Literal[DIRECTION_METHODS] = Field(  # type: ignore[valid-type]
         "projected",
         description="projected: the mean difference made orthogonal to the harmless mean at its "
         "residual position (disturbs harmless prompts less); mean_diff: as is",
@@ -156,7 +218,7 @@ class Selection(Section):
         text = str(value).strip().lower()
         if text == "selected":  # the plan's and older versions' word for auto
             text = "auto"
-        if text in ("auto", "own", "none") or text.isdigit():
+        if text in DIRECTION_POSITION_WORDS or text.isdigit():
             return text
         raise ValueError("use auto, own, none or a residual position number >= 0")
 
@@ -175,7 +237,7 @@ class Ablation(Section):
         description="weight roles to edit (comma list; "
         f"choose from {', '.join(TARGET_ROLES)}; `default` = the default set)",
     )
-    ablation_method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+    ablation_method: Literal[ABLATION_METHODS] = Field(  # type: ignore[valid-type]
         "plain",
         description="plain: W - s r r^T W; norm_preserving: keep each column's norm; projected "
         "(biprojected): remove the harmless mean's component at each edited layer from r first",
@@ -213,7 +275,7 @@ class Evaluation(Section):
         description="evaluate the model before and after on the test prompts: first-token "
         "refusal score, refusal rate and KL, and refusal rates of full greedy replies",
     )
-    full_replies: Literal["auto", "always", "never"] = Field(
+    full_replies: Literal[FULL_REPLY_MODES] = Field(  # type: ignore[valid-type]
         "auto",
         description="full greedy replies (--max-new-tokens tokens, marker-checked) in the evaluation: auto "
         "(when the model fits the memory budget), always (a larger model runs offloaded by accelerate: every new "
@@ -237,13 +299,12 @@ class Evaluation(Section):
         "of the marker phrases",
     )
 
-    def marker_list(self) -> tuple[str, ...]:
-        """The marker phrases: the file's, then each --marker; the built-in list when neither is given."""
-        from abliterate.inference.refusal import read_markers
-        from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
-
-        markers = tuple(read_markers(self.markers)) if self.markers else ()
-        return markers + tuple(self.marker) or DEFAULT_REFUSAL_MARKERS
+    @field_validator("marker")
+    @classmethod
+    def _phrases(cls, value: list[str]) -> list[str]:
+        if not all(m.strip() for m in value):  # a blank phrase would match every reply
+            raise ValueError("a refusal marker phrase is blank: give the words to look for")
+        return value
 
     def replies(self, stream: bool) -> bool:
         """Whether full greedy replies are generated: `auto` does so for a model held in memory."""
@@ -287,8 +348,6 @@ class Runtime(Section):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _size(cls, value: Any) -> str | None:
-        from abliterate.inference.streaming import parse_size
-
         if value is None:
             return None
         try:
@@ -300,19 +359,7 @@ class Runtime(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        from abliterate.inference.devices import check_device
-
         return check_device(value)
-
-    def resolved(self, model_dir: str | Path) -> Runtime:
-        """The same settings with `auto` device and dtype made concrete for this machine and model
-        (`abliterate.inference.devices`): what the stages compute with, and what their cache keys hold."""
-        from abliterate.inference.devices import resolve_device, resolve_dtype
-
-        device = resolve_device(self.device)
-        return self.model_copy(
-            update={"device": device, "dtype": resolve_dtype(self.dtype, device, model_dir)}
-        )
 
 
 class Search(Section):
@@ -337,13 +384,14 @@ class Search(Section):
     )
     search_seed: int = Field(0, description="seed of the study's sampler (another seed: another study)")
     components: list[str] = Field(
-        ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"],
+        list(SEARCH_GROUPS),
         description="component groups searched, each with its own layer kernel (peak position, width, peak and "
         "floor weight): attn_out, mlp_down, expert_down, shared_expert_down, router; router_bias (MoE: lower the "
         "router correction bias of the most refusal-specific experts) is optional; `default` = the five groups",
     )
     methods: list[str] = Field(
-        list(METHODS), description=f"ablation methods searched (comma list of {', '.join(METHODS)})"
+        list(ABLATION_METHODS),
+        description=f"ablation methods searched (comma list of {', '.join(ABLATION_METHODS)})",
     )
     reply_tokens: int = Field(
         24,
@@ -377,22 +425,66 @@ class Search(Section):
     @field_validator("components", "methods", mode="before")
     @classmethod
     def _names(cls, value: Any, info: Any) -> list[str]:
-        from abliterate.search.study import COMPONENTS, GROUPS
-
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
             raise ValueError("give a comma list of names")
         names = [t.strip() for item in value for t in item.split(",") if t.strip()]
-        known = COMPONENTS if info.field_name == "components" else METHODS
+        known = SEARCH_COMPONENTS if info.field_name == "components" else ABLATION_METHODS
         if info.field_name == "components":
-            names = [n for name in names for n in (GROUPS if name == "default" else (name,))]
+            names = [n for name in names for n in (SEARCH_GROUPS if name == "default" else (name,))]
         unknown = [n for n in names if n not in known]
         if unknown or not names:
             raise ValueError(
                 f"choose one or more of {', '.join(known)}" + (f" (not {unknown})" if unknown else "")
             )
         return list(dict.fromkeys(names))
+
+
+class Environment(BaseSettings):
+    """What the environment says: where the tool keeps its records and which servers it talks to.
+    Read here and nowhere else (`environment()`); every field names its variable."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    home: Path | None = Field(
+        None,
+        validation_alias="ABLITERATE_HOME",
+        description="folder of mlruns/ (MLflow store, search studies) and results/ (default: the current folder)",
+    )
+    results: Path | None = Field(
+        None, validation_alias="ABLITERATE_RESULTS", description="folder of results (default: HOME/results)"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias="MLFLOW_TRACKING_URI",
+        description="MLflow server or store (default: sqlite:///HOME/mlruns/mlflow.db)",
+    )
+    prefect_api_url: str | None = Field(
+        None,
+        validation_alias="PREFECT_API_URL",
+        description="a running Prefect server (default: a temporary one per command)",
+    )
+
+    def project_dir(self) -> Path:
+        return Path(self.home or Path.cwd()).resolve()
+
+    def results_dir(self) -> Path:
+        return Path(self.results or self.project_dir() / "results").resolve()
+
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.project_dir() / 'mlruns' / 'mlflow.db'}"
+
+    def artifact_root(self) -> str:
+        return (self.project_dir() / "mlruns" / "artifacts").as_uri()
+
+
+def environment() -> Environment:
+    """The environment as it is now (read at each call: a test or a wrapper may change it)."""
+    try:
+        return Environment()
+    except ValidationError as exc:
+        raise AbliterateError(describe(exc, "environment")) from None
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -406,60 +498,6 @@ def flat_params(*sections: Section) -> dict[str, Any]:
     for s in sections:
         out.update(s.flat())
     return out
-
-
-# ------------------------------------------------------------------ domain settings, built here only
-
-
-def measure_settings(measurement: Measurement, template: Template, runtime: Runtime):
-    """From a runtime resolved for the model (`Runtime.resolved`): the settings hold the concrete dtype."""
-    from abliterate.measure.means import MeasureSettings
-
-    if runtime.dtype == "auto":
-        raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
-
-    return MeasureSettings.create(
-        template.chat_template_kwargs,
-        position=measurement.token_position,
-        system_prompt=template.system_prompt,
-        batch_size=runtime.batch_size,
-        dtype=runtime.dtype,
-        max_length=measurement.max_length,
-    )
-
-
-def selection_settings(selection: Selection, runtime: Runtime, evaluation: Evaluation | None = None):
-    """`evaluation` gives the marker phrases and the probe length that find the refusal tokens."""
-    from abliterate.select.selection import SelectionSettings
-
-    evaluation = evaluation or Evaluation()
-    return SelectionSettings(
-        kl_threshold=selection.kl_threshold,
-        skip_last_fraction=selection.skip_last_fraction,
-        max_candidates=selection.max_candidates,
-        batch_size=runtime.batch_size,
-        markers=evaluation.marker_list(),
-        refusal_probe_tokens=evaluation.refusal_probe_tokens,
-    )
-
-
-def eval_settings(evaluation: Evaluation, template: Template, runtime: Runtime, stream: bool = False):
-    """From a runtime resolved for the model; `stream`: the model is evaluated layer-streamed."""
-    from abliterate.check.evaluate import EvalSettings
-
-    if runtime.dtype == "auto":
-        raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
-    return EvalSettings(
-        max_new_tokens=evaluation.max_new_tokens,
-        batch_size=runtime.batch_size,
-        markers=evaluation.marker_list(),
-        system_prompt=template.system_prompt,
-        chat_template_kwargs=tuple(sorted(template.chat_template_kwargs.items())),
-        n_examples=evaluation.examples,
-        full_replies=evaluation.replies(stream),
-        refusal_probe_tokens=evaluation.refusal_probe_tokens,
-        dtype=runtime.dtype,
-    )
 
 
 # ------------------------------------------------------------------ argparse options from the sections

@@ -188,3 +188,28 @@ def file_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ file identity
+
+
+def file_identity(path: str | Path) -> tuple[str, int, int, int] | None:
+    """(resolved path, size, modification time in ns, inode) of a file: what keys a per-process
+    cache of what was read from it, so a file rewritten in place or replaced is read again. Stat
+    calls only. None for a file that does not exist (its reader reports that)."""
+    resolved = Path(path).resolve()
+    try:
+        info = resolved.stat()
+    except OSError:
+        return None
+    return (str(resolved), info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+def folder_identity(folder: str | Path) -> tuple[tuple[str, int, int, int], ...]:
+    """`file_identity` of every file directly in `folder` (a checkpoint: its index, shards, config),
+    in name order; empty for a folder that does not exist."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return ()
+    return tuple(i for e in entries if e.is_file() and (i := file_identity(e)) is not None)

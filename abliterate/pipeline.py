@@ -1,24 +1,42 @@
-"""The measurement stages as plain functions: `abliterate measure` runs them alone, the flow's
-cached tasks run the very same functions, so both give the same results and records.
+"""The pipeline: its stages in order, as plain functions with typed results. The one wiring of the
+stages: the CLI's commands, the Prefect tasks and flows (abliterate_tasks, abliterate_flows) and the
+benchmarks call these, so every way of running gives the same results and records.
 
-- `decide_streaming`: the one place that decides between in-memory and layer-streamed work.
-- `measure_stage`: mean residuals of both prompt sets at every residual position.
-- `direction_stage`: the directions and the direction to ablate, scored in memory or layer-streamed
-  (every candidate in one pass over the weights).
-- `model_forward`: the model as selection and evaluation run it, in memory or layer-streamed.
+- checks before any work: `run_paths` (nothing written inside the model), `check_plans` (each
+  ablation against the model's headers);
+- `PromptSets.load`: the prompt sets a run uses (files, or the project's sets), split for validation;
+- `decide_streaming`: the one decision between in-memory and layer-streamed work;
+- `measure_stage`: mean residuals of both prompt sets at every residual position;
+- `direction_stage`: the directions and the direction to ablate, scored in memory or layer-streamed;
+- `plan_position`: the configured direction position as the plan names it.
+
+Ablation, validation and evaluation are each one domain call (`abliterate.edit.ablate`,
+`abliterate.check.validate`, `abliterate.check.evaluate`), run by their tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from abliterate.config import Runtime
+from abliterate import config
+from abliterate.config import Ablation, Prompts, Runtime, Template, environment, parse_size
+from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.edit.matching import plan_matches
+from abliterate.edit.plan import build_plan
 from abliterate.errors import AbliterateError
-from abliterate.inference.streaming import choose_streaming, measure_streamed, parse_size
+from abliterate.inference.runner import model_forward
+from abliterate.inference.streaming import choose_streaming
 from abliterate.measure.directions import DirectionSet, compute_directions
-from abliterate.measure.means import Measurement, MeasureSettings, load_model, measure_checkpoint
-from abliterate.select.selection import Selection, SelectionSettings, select_direction
+from abliterate.measure.means import Measurement, measure_checkpoint
+from abliterate.measure.prompts import load_prompts, prompts_sha256, split_prompts
+from abliterate.measure.streamed import measure_streamed
+from abliterate.select.selection import Selection, select_direction
+from abliterate.weights.checkpoint import build_inventory, check_output_location
+from abliterate.weights.hub import resolve_model
+from abliterate.weights.structure import detect_structure
 
 
 def decide_streaming(model_dir: str | Path, runtime: Runtime) -> bool:
@@ -34,32 +52,21 @@ def scores_directions(model_dir: str | Path, direction_position: str, stream: bo
     return direction_position not in ("own", "none")
 
 
-def model_forward(model_dir: str | Path, dtype: str, device: str, stream: bool, progress: bool = True):
-    """(forward, tokenizer): the model loaded (`device` cpu, cuda:N, or auto's device map) or read one
-    decoder layer at a time (`stream`), for `abliterate.select.selection` and `abliterate.check.evaluate`."""
-    from abliterate.inference.runner import InMemoryForward, StreamedForward
-    from abliterate.measure.means import load_tokenizer
-
-    if stream:
-        return StreamedForward(model_dir, dtype, device), load_tokenizer(model_dir)
-    model, tokenizer = load_model(model_dir, dtype, device)
-    return InMemoryForward(model), tokenizer
-
-
 def measure_stage(
     model_dir: str,
     harmful: Sequence[str],
     harmless: Sequence[str],
-    settings: MeasureSettings,
-    device: str = "cpu",
+    measurement: config.Measurement,
+    template: Template,
+    runtime: Runtime,
     stream: bool = False,
     progress: bool = True,
 ) -> Measurement:
     """In memory, or one decoder layer at a time (`stream`, on `abliterate.inference.devices.stream_device`):
-    equal results either way."""
+    equal results either way. `runtime`: resolved for the model (`resolve_runtime`)."""
     if stream:
-        return measure_streamed(model_dir, harmful, harmless, settings, device, progress)
-    return measure_checkpoint(model_dir, harmful, harmless, settings, device, progress)
+        return measure_streamed(model_dir, harmful, harmless, measurement, template, runtime, progress)
+    return measure_checkpoint(model_dir, harmful, harmless, measurement, template, runtime, progress)
 
 
 def direction_stage(
@@ -69,7 +76,8 @@ def direction_stage(
     direction_position: str,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
-    selection: SelectionSettings,
+    selection: config.Selection,
+    evaluation: config.Evaluation,
     device: str = "cpu",
     stream: bool = False,
     progress: bool = True,
@@ -81,6 +89,7 @@ def direction_stage(
     `none` choose nothing (each layer uses its own position's direction, or measurement only).
     A streamed model (`stream`) is scored layer-streamed: the unmodified model and every candidate
     in one pass over the weights, after one pass per probe token to find its refusal tokens.
+    `evaluation` gives the refusal markers and probe length; the batch size is the measurement's.
     """
     directions = compute_directions(measurement, direction_method)
     if direction_position in ("own", "none"):
@@ -90,7 +99,7 @@ def direction_stage(
         raise AbliterateError(
             f"direction position {fixed}: residual positions with a non-zero direction are {directions.defined}"
         )
-    forward, tokenizer = model_forward(model_dir, measurement.settings.dtype, device, stream, progress)
+    forward, tokenizer = model_forward(model_dir, measurement.runtime.dtype, device, stream, progress)
     chosen = select_direction(
         forward,
         tokenizer,
@@ -98,8 +107,121 @@ def direction_stage(
         harmful_val,
         harmless_val,
         measurement.settings,
+        measurement.template,
         selection,
+        evaluation,
+        measurement.runtime,
         fixed,
         progress,
     )
     return directions, chosen
+
+
+# ------------------------------------------------------------------ paths and prompt sets, checked before any work
+
+
+@dataclass
+class PromptSets:
+    """Measurement and validation parts of each set (split here, seeded), and the test sets."""
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_val: list[str]
+    harmless_val: list[str]
+    harmful_test: list[str]
+    harmless_test: list[str]
+    files: dict[str, str]
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        prompts: Prompts,
+        harmful_val: str | None = None,
+        harmless_val: str | None = None,
+        split: bool = True,
+    ) -> PromptSets:
+        """The sets the settings name, the project's prompt set where they name none. Validation
+        prompts: the given files, else a seeded split of the training sets (`split`), else none
+        (nothing is scored: every prompt is measured)."""
+        if (harmful_val is None) != (harmless_val is None):
+            raise AbliterateError("give both harmful and harmless validation prompts, or neither")
+        default_set = prompts.prompt_set
+        if default_set == "auto":  # the demo model knows only its own vocabulary
+            default_set = "demo" if Path(model).resolve() == DEMO_MODEL_DIR.resolve() else "general"
+        files = {
+            "harmful": prompts.harmful or str(prompt_file(default_set, "harmful", "train")),
+            "harmless": prompts.harmless or str(prompt_file(default_set, "harmless", "train")),
+            "harmful_test": prompts.harmful_test or str(prompt_file(default_set, "harmful", "test")),
+            "harmless_test": prompts.harmless_test or str(prompt_file(default_set, "harmless", "test")),
+        }
+        fraction, seed = prompts.validation_fraction, prompts.seed
+        harmful, harmless = load_prompts(files["harmful"]), load_prompts(files["harmless"])
+        if harmful_val is not None and harmless_val is not None:
+            files.update(harmful_val=harmful_val, harmless_val=harmless_val)
+            harmful_val, harmless_val = load_prompts(harmful_val), load_prompts(harmless_val)
+        elif split:
+            harmful_val, harmful = split_prompts(harmful, fraction, seed)
+            harmless_val, harmless = split_prompts(harmless, fraction, seed)
+        else:
+            harmful_val, harmless_val = [], []
+        return cls(
+            harmful,
+            harmless,
+            harmful_val,
+            harmless_val,
+            load_prompts(files["harmful_test"]),
+            load_prompts(files["harmless_test"]),
+            files,
+        )
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"prompts.{k}.file": v for k, v in self.files.items()}
+        for name in ("harmful", "harmless", "harmful_val", "harmless_val", "harmful_test", "harmless_test"):
+            prompts = getattr(self, name)
+            out[f"prompts.{name}.n"] = len(prompts)
+            out[f"prompts.{name}.sha256"] = prompts_sha256(prompts)
+        return out
+
+
+def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, str | None, str]:
+    """Absolute paths, checked before any work: nothing the run writes may lie inside the model. A Hub
+    id `org/name[@revision]` becomes its snapshot folder in huggingface_hub's cache (abliterate.weights.hub)."""
+    model = str(Path(resolve_model(model)).resolve())
+    work = str(check_output_location(model, work_dir or environment().results_dir()))
+    check_output_location(model, environment().project_dir() / "mlruns")
+    check_output_location(
+        model, environment().results_dir() / "prefect-storage"
+    )  # where Prefect persists task results
+    return model, str(check_output_location(model, out)) if out else None, work
+
+
+def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:
+    """Each ablation's layers, scales, targets and direction position against the model's headers,
+    before the measurement: a plan that cannot run fails in seconds, not after an hour. A checkpoint
+    whose headers cannot be read is left to the inventory task, which reports it."""
+    try:
+        inventory = build_inventory(model)
+        structure = detect_structure(inventory)
+    except AbliterateError:
+        return
+    for ablation, position in specs:
+        if position.isdigit() and int(position) > structure.num_layers:
+            raise AbliterateError(
+                f"direction position {position} is out of range: the model has residual positions "
+                f"0..{structure.num_layers}"
+            )
+        plan = build_plan(
+            structure.num_layers, structure.mtp_layers, ablation, position if position.isdigit() else "own"
+        )
+        plan_matches(plan, inventory, structure)
+
+
+def plan_position(direction_position: str, selected: bool) -> str | int:
+    """The plan's word for the configured direction position: the selected position (recorded in the
+    directions file) for `auto` when one was selected, each layer's own, or N."""
+    if direction_position.isdigit():
+        return int(direction_position)
+    if direction_position == "own" or not selected:
+        return "own"
+    return "selected"

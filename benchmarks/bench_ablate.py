@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from abliterate.config import Runtime
+
 GB = 1e9
 MB = 1 << 20
 
@@ -89,7 +91,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4, help="shards (default 4)")
     parser.add_argument("--fused", action="store_true", help="fused 3-D expert tensors on disk")
     parser.add_argument(
-        "--workers", type=int, default=2, help="shards ablated in parallel (default 2, as the CLI)"
+        "--workers",
+        type=int,
+        default=Runtime().workers,
+        help="shards ablated in parallel (default %(default)s, as the CLI)",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="alternating copy/ablation rounds; medians (default 3)"

@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from abliterate.check.validate import FLOAT32_UNIT, TOLERANCE_FACTOR
+    from abliterate.check.residuals import FLOAT32_UNIT, TOLERANCE_FACTOR
     from abliterate.edit.ablate import ablate_checkpoint, load_inputs
     from abliterate.edit.matching import direction_for
     from abliterate.edit.plan import AblationPlan

@@ -50,16 +50,11 @@ def rss_kib(field: str) -> int:
 
 
 def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: str) -> dict:
+    from abliterate.config import Template
     from abliterate.demo import prompt_file
-    from abliterate.measure.means import (
-        MeasureSettings,
-        ResidualAccumulator,
-        capture_residuals,
-        encode_prompts,
-        length_sorted_batches,
-        load_model,
-        pad_token_id,
-    )
+    from abliterate.inference.loading import length_sorted_batches, load_model, pad_token_id
+    from abliterate.measure.chat import encode_prompts
+    from abliterate.measure.means import ResidualAccumulator, capture_residuals
     from abliterate.measure.prompts import load_prompts
 
     torch.set_num_threads(1)
@@ -67,8 +62,7 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
     prompts = [
         p for kind in ("harmful", "harmless") for p in load_prompts(prompt_file("demo", kind, "train"))
     ]
-    settings = MeasureSettings(batch_size=batch_size)
-    encoded = encode_prompts(tokenizer, prompts * repeat, settings, None)
+    encoded = encode_prompts(tokenizer, prompts * repeat, Template(), "prompt")
     pad = pad_token_id(tokenizer)
     num_positions = model.config.num_hidden_layers + 1
     acc = ResidualAccumulator(num_positions, model.config.hidden_size)
@@ -78,7 +72,7 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
 
     # Warm-up (untimed, all methods alike): CUDA context, kernels, allocator.
     first = unsorted[0]
-    capture_residuals(model, first)
+    capture_residuals(model, first, -1)
     with torch.inference_mode():
         model.generate(
             input_ids=first.input_ids.to(device),
@@ -99,7 +93,7 @@ def worker(method: str, model_dir: str, batch_size: int, repeat: int, device: st
     if method in ("ours", "ours_unsorted"):
         batches = length_sorted_batches(encoded, batch_size, pad) if method == "ours" else unsorted
         for batch in batches:
-            acc.add(capture_residuals(model, batch))
+            acc.add(capture_residuals(model, batch, -1))
     else:
         with torch.inference_mode():
             for batch in unsorted:

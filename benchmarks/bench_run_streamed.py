@@ -358,12 +358,12 @@ def main() -> int:
     layer = in_child("layer", [str(model), "256"])
     layer["experts"] = args.experts
 
-    from abliterate.measure.means import MeasureSettings, encode_prompts, load_tokenizer
+    from abliterate.config import Template
+    from abliterate.inference.loading import load_tokenizer
+    from abliterate.measure.chat import encode_prompts
 
     tokenizer = load_tokenizer(model)
-    lengths = [
-        len(x) for v in prompts.values() for x in encode_prompts(tokenizer, v, MeasureSettings(), None)
-    ]
+    lengths = [len(x) for v in prompts.values() for x in encode_prompts(tokenizer, v, Template(), "prompt")]
     tokens_per_prompt = sum(lengths) / len(lengths)
     hidden, longest = 4096, max(lengths)
     n_val = 2 * max(1, round(args.prompts * 0.25))  # the flow's seeded 25% split of each training set

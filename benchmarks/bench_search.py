@@ -46,26 +46,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from abliterate.check.evaluate import EvalSettings, evaluate_model
+    from abliterate.check.evaluate import evaluate_model
+    from abliterate.config import Ablation, Evaluation, Measurement, Runtime, Search, Selection, Template
     from abliterate.demo import DEMO_MODEL_DIR, prompt_file
     from abliterate.edit.ablate import ablate_checkpoint, load_inputs
-    from abliterate.edit.matching import default_plan
+    from abliterate.edit.matching import configured_plan
     from abliterate.edit.plan import AblationPlan
+    from abliterate.inference.loading import load_model
     from abliterate.measure.directions import compute_directions, write_directions
-    from abliterate.measure.means import MeasureSettings, load_model, measure_checkpoint
+    from abliterate.measure.means import measure_checkpoint
     from abliterate.measure.prompts import load_prompts, split_prompts
-    from abliterate.search.study import ScoreSettings, StudySettings, choose, pareto, run_study
-    from abliterate.select.selection import SelectionSettings, select_direction
+    from abliterate.search.study import choose, pareto, run_study
+    from abliterate.select.selection import select_direction
     from abliterate.weights.checkpoint import build_inventory
     from abliterate_flows import plots
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     harmful_val, harmful = split_prompts(load_prompts(prompt_file("demo", "harmful", "train")), 0.25, 0)
     harmless_val, harmless = split_prompts(load_prompts(prompt_file("demo", "harmless", "train")), 0.25, 0)
-    settings = MeasureSettings(batch_size=16)
+    measurement, template = Measurement(), Template()
+    runtime = Runtime(device="cpu", dtype="float32", batch_size=16)
     began = time.perf_counter()
-    measured = measure_checkpoint(str(DEMO_MODEL_DIR), harmful, harmless, settings, "cpu", False)
-    directions = compute_directions(measured)
+    measured = measure_checkpoint(
+        str(DEMO_MODEL_DIR), harmful, harmless, measurement, template, runtime, False
+    )
+    directions = compute_directions(measured, measurement.direction_method)
     model, tokenizer = load_model(DEMO_MODEL_DIR)
     selection = select_direction(
         model,
@@ -73,8 +78,11 @@ def main() -> None:
         directions,
         harmful_val,
         harmless_val,
-        settings,
-        SelectionSettings(batch_size=16),
+        measurement,
+        template,
+        Selection(),
+        Evaluation(),
+        runtime,
         progress=False,
     )
     del model
@@ -87,11 +95,13 @@ def main() -> None:
     )
     measure_seconds = time.perf_counter() - began
 
-    study = StudySettings(
+    study = Search(
         trials=args.trials,
-        components=("attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"),
-        methods=("plain", "norm_preserving", "projected"),
+        components=["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"],
+        methods=["plain", "norm_preserving", "projected"],
         parallel_trials=args.parallel,
+        reply_tokens=24,
+        kl_max=0.01,
     )
     load = os.getloadavg()[0]
     result = run_study(
@@ -100,28 +110,37 @@ def main() -> None:
         harmful_val,
         harmless_val,
         study,
-        ScoreSettings(reply_tokens=24, batch_size=16),
+        Selection(),
+        Template(),
+        Evaluation(),
+        Runtime(device="cpu", dtype="float32", batch_size=16),
         work / "mlruns",
         stream=args.streamed,
     )
     records = result["trials"]
     front = pareto(records)
     reference = next(r for r in records if r.get("reference") == "run")
-    chosen = choose(records, 0.01)
+    chosen = choose(records, study)
 
     test_harmful = load_prompts(prompt_file("demo", "harmful", "test"))
     test_harmless = load_prompts(prompt_file("demo", "harmless", "test"))
     inputs = load_inputs(DEMO_MODEL_DIR, path)
     evaluations = {}
-    for name, plan in (("run", default_plan(inputs)), ("search", AblationPlan.from_dict(chosen["plan"]))):
+    for name, plan in (
+        ("run", configured_plan(inputs, Ablation(), "auto")),
+        ("search", AblationPlan.from_dict(chosen["plan"])),
+    ):
         out = work / name
         ablate_checkpoint(DEMO_MODEL_DIR, path, out, plan, progress=False, log=lambda _: None, inputs=inputs)
         ev = evaluate_model(
             out,
             test_harmful,
             test_harmless,
+            Evaluation(max_new_tokens=48),
+            Template(),
+            Runtime(device="cpu", dtype="float32", batch_size=16),
+            False,
             baseline_dir=DEMO_MODEL_DIR,
-            settings=EvalSettings(max_new_tokens=48, batch_size=16),
             progress=False,
         )
         evaluations[name] = {

@@ -45,18 +45,19 @@ def status_bytes(field: str) -> int:
 def child(model_dir: str, dtype: str, prompts: int, mode: str, out: str) -> None:
     """Measure in this process and write the figures (and the means) for the parent."""
     torch.set_num_threads(1)
+    from abliterate.config import Measurement, Runtime, Template
     from abliterate.demo import prompt_file
-    from abliterate.inference.streaming import measure_streamed
-    from abliterate.measure.means import MeasureSettings, measure_checkpoint
+    from abliterate.measure.means import measure_checkpoint
     from abliterate.measure.prompts import load_prompts
+    from abliterate.measure.streamed import measure_streamed
 
     harmful = load_prompts(prompt_file("demo", "harmful", "train"))[: prompts // 2]
     harmless = load_prompts(prompt_file("demo", "harmless", "train"))[: prompts - prompts // 2]
-    settings = MeasureSettings(batch_size=8, dtype=dtype)
+    settings = Measurement(), Template(), Runtime(device="cpu", dtype=dtype, batch_size=8)
     start_rss = status_bytes("VmRSS")
     start = time.perf_counter()
     run = measure_streamed if mode == "streamed" else measure_checkpoint
-    measurement = run(model_dir, harmful, harmless, settings, progress=True)
+    measurement = run(model_dir, harmful, harmless, *settings, progress=True)
     seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
     torch.save({"harmful": measurement.harmful.mean, "harmless": measurement.harmless.mean}, out + ".pt")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from abliterate.check.validate import UNIT_ROUNDOFF
+from abliterate.check.residuals import UNIT_ROUNDOFF
 from abliterate.edit.ablate import ablate_checkpoint
 from abliterate.measure.direction_file import save_directions
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout

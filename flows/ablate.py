@@ -13,26 +13,28 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from abliterate.config import Runtime
 from abliterate.edit.ablate import load_inputs
 from abliterate.edit.output import finalize_output, output_directory, prepare_output
 from abliterate.edit.plan import AblationPlan
 from abliterate_tasks.ablate import ablate_shard_task
 
 
-def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers: int | None = None):
-    """Threads, or Dask: an existing scheduler (`tcp://host:8786`) or a local cluster of processes."""
-    if dask_address or dask_workers:
+def task_runner(runtime: Runtime):
+    """The runtime's `workers` threads, or Dask: an existing scheduler (`dask_address`,
+    `tcp://host:8786`) or a local cluster of `dask_workers` processes."""
+    if runtime.dask_address or runtime.dask_workers:
         from prefect_dask import DaskTaskRunner
 
-        if dask_address:
-            return DaskTaskRunner(address=dask_address)
+        if runtime.dask_address:
+            return DaskTaskRunner(address=runtime.dask_address)
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True}
+            cluster_kwargs={"n_workers": runtime.dask_workers, "threads_per_worker": 1, "processes": True}
         )
-    return ThreadPoolTaskRunner(max_workers=max(1, workers))
+    return ThreadPoolTaskRunner(max_workers=max(1, runtime.workers))
 
 
-@flow(name="ablate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="ablate", task_runner=task_runner(Runtime()), log_prints=True)
 def ablate_flow(
     model_dir: str,
     directions_path: str,
@@ -42,8 +44,9 @@ def ablate_flow(
     force: bool = False,
 ) -> dict[str, Any]:
     """Write OUT: MODEL_DIR with `plan` (resolved against this model and directions file by
-    `matching.default_plan` or `matching.resolve_plan`) applied shard by shard, one task per
-    shard; returns the manifest."""
+    `matching.configured_plan` or `matching.resolve_plan`) applied shard by shard, one task per
+    shard; returns the manifest. The inputs are read once per process (`load_inputs`): the caller's
+    read is reused here, and by every shard task that runs in this process."""
     inputs = load_inputs(model_dir, directions_path, force)
     resolved = plan
     with output_directory(inputs, out) as locked_out:  # no other run writes it while the shards are mapped

@@ -13,6 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from abliterate.config import environment
 from abliterate.errors import AbliterateError
 
 # Prefect waits PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default 20, prefect/settings/models/
@@ -27,19 +28,19 @@ RUNNING_SERVER_HELP = (
 
 def project_dir() -> Path:
     """Where mlruns/ and results/ live: ABLITERATE_HOME, or the current directory."""
-    return Path(os.environ.get("ABLITERATE_HOME") or Path.cwd()).resolve()
+    return environment().project_dir()
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get("ABLITERATE_RESULTS") or project_dir() / "results").resolve()
+    return environment().results_dir()
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlruns' / 'mlflow.db'}"
+    return environment().tracking_uri()
 
 
 def artifact_root() -> str:
-    return (project_dir() / "mlruns" / "artifacts").as_uri()
+    return environment().artifact_root()
 
 
 def configure(quiet: bool = True) -> None:
@@ -79,7 +80,7 @@ def uses_temporary_server() -> bool:
         settings = get_current_settings()
         return not settings.api.url and bool(settings.server.ephemeral.enabled)
     except Exception:  # settings unreadable: decide by the environment alone
-        return not os.environ.get("PREFECT_API_URL")
+        return not environment().prefect_api_url
 
 
 _announced = False
@@ -153,9 +154,7 @@ def server_start_error(exc: BaseException) -> AbliterateError | None:
                 f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={limit} s): {RUNNING_SERVER_HELP}"
             )
         if isinstance(e, RuntimeError) and first.startswith("Failed to reach API at"):
-            url = os.environ.get("PREFECT_API_URL") or first.removeprefix("Failed to reach API at").strip(
-                " ."
-            )
+            url = environment().prefect_api_url or first.removeprefix("Failed to reach API at").strip(" .")
             return AbliterateError(
                 f"the Prefect server at PREFECT_API_URL={url} does not answer: start it with "
                 "`prefect server start` (or `unset PREFECT_API_URL` to let each command start a temporary one)"

@@ -32,20 +32,23 @@ from abliterate.config import (
     Selection,
     Template,
     flat_params,
-    measure_settings,
 )
+from abliterate.edit.output import precheck_output
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.search.study import ScoreSettings, StudySettings, TrialResult, choose, pareto
+from abliterate.pipeline import run_paths
+from abliterate.search.study import Decision, TrialResult, decide, front_entry, study_summary
 from abliterate_flows import plots
-from abliterate_flows.main import check_out, run_paths, source_tags
 from abliterate_flows.runtime import project_dir
-from abliterate_flows.stages import Stages, ablation_stages, console, measurement_stages
-from abliterate_flows.tracking import Tracker, experiment_name, tracked_run
+from abliterate_flows.stages import Measured, Stages, ablation_stages, console, measurement_stages
+from abliterate_flows.tracking import Tracker, experiment_name, source_tags, tracked_run
 from abliterate_tasks.search import expert_profile_task, search_task
 
 STUDY_TAG = "search.study"
 TRIAL_TAG = "search.trial"
+
+
+# ------------------------------------------------------------------ MLflow records of the study
 
 
 def log_trial(
@@ -116,12 +119,185 @@ def _logged_trials(parent: Tracker, experiment_id: str, study: str) -> set[int]:
     }
 
 
-def search_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A front entry as the result shows it: trial number, refusal rate, KL, parameters."""
-    return {
-        k: record[k]
-        for k in ("trial", "refusal_rate", "kl", "refusals", "prompts", "parameters", "reference")
+def _trial_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trial: the objectives, then the parameters as columns."""
+    rows = []
+    for r in records:
+        entry = front_entry(r)
+        rows.append({k: v for k, v in entry.items() if k != "parameters"} | entry["parameters"])
+    return rows
+
+
+# ------------------------------------------------------------------ the flow's steps
+
+
+def profile_experts_step(
+    stages: Stages,
+    measured: Measured,
+    measurement: Measurement,
+    template: Template,
+    search: Search,
+) -> list[tuple[int, int]]:
+    """Which experts the prompts reach (logged for every MoE model); returns the router_bias
+    candidates, most refusal-specific first (none unless the search has the router_bias component)."""
+    if not measured.structure.moe_layers:
+        return []
+    parent, sets = stages.tracker, measured.prompts
+    with stages.stage("experts") as s:
+        profile = s.run(
+            expert_profile_task,
+            measured.model,
+            sets.harmful,
+            sets.harmless,
+            measurement,
+            template,
+            measured.runtime,
+            measured.stream,
+        )
+    parent.table(profile.rows(), "experts/routing.json")
+    parent.json(profile.to_json(), "experts/profile.json")
+    figure = plots.expert_routing(profile.layers, profile.harmful, profile.harmless)
+    parent.figure(figure, "plots/expert_routing.png")
+    plots.close(figure)
+    if "router_bias" not in search.components:
+        return []
+    experts = [(layer, e) for layer, e, _ in profile.most_specific(search.router_experts)]
+    parent.params({"search.suppressible_experts": experts})
+    return experts
+
+
+def study_step(
+    stages: Stages,
+    experiment: str,
+    measured: Measured,
+    experts: list[tuple[int, int]],
+    search: Search,
+    selection: Selection,
+    template: Template,
+    evaluation: Evaluation,
+) -> dict[str, Any]:
+    """The study's trials on the held-out (validation) prompts, each logged as a nested run as it
+    finishes; trials an earlier, killed run finished but did not log are logged afterwards."""
+    parent = stages.tracker
+    experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+    study: dict[str, Any] = {}
+
+    def on_start(info: dict[str, Any]) -> None:
+        study.update(info)
+        parent.tags({STUDY_TAG: info["study"]})
+        parent.json(info, "search/study.json")
+        closed = _close_killed_runs(parent, experiment_id, info["study"])
+        console.info(
+            f"  search       study {info['study']} in {info['storage']}"
+            + (f" (marked {closed} killed run(s) KILLED)" if closed else "")
+        )
+
+    def on_trial(result: TrialResult) -> None:
+        log_trial(parent, experiment, study["study"], result)
+        if result.score is None:
+            console.info(f"  trial {result.number:<5} failed: {result.error}")
+        else:
+            console.info(
+                f"  trial {result.number:<5} refusals {result.score.refusals}/{result.score.prompts}, "
+                f"KL {result.score.kl:.3g}" + (" (run's automatic choice)" if result.reference else "")
+            )
+
+    sets, limit = measured.prompts, search.max_prompts
+    with stages.stage("search") as s:
+        result = s.run(
+            search_task,
+            measured.model,
+            measured.directions_path,
+            sets.harmful_val[:limit],
+            sets.harmless_val[:limit],
+            search,
+            selection,
+            template,
+            evaluation,
+            measured.runtime,
+            str(project_dir() / "mlruns"),
+            measured.stream,
+            experts,
+            on_trial,
+            on_start,
+        )
+    logged = _logged_trials(parent, experiment_id, result["study"])
+    for record in result["trials"]:  # trials a killed run finished before it could log them
+        if record["trial"] not in logged:
+            log_trial(parent, experiment, result["study"], record, late=True)
+    return result
+
+
+def log_front(parent: Tracker, result: dict[str, Any], decision: Decision, search: Search) -> None:
+    """The parent run's record of the study: every trial, the front, its figure and the headline figures."""
+    records, front, reference, chosen = decision.trials, decision.front, decision.reference, decision.chosen
+    parent.table(_trial_table(records), "search/trials.json")
+    parent.table(_trial_table(front), "search/front.json")
+    figure = plots.search_front(records, front, reference, chosen, search.kl_max)
+    parent.figure(figure, "plots/search_front.png")
+    plots.close(figure)
+    parent.tags({"front": ",".join(str(r["trial"]) for r in front)})
+    metrics = {
+        "search.trials_complete": len(records),
+        "search.new_trials": len(result["new_trials"]),
+        "search.front_size": len(front),
+        "search.trials_per_minute": result["trials_per_minute"],
+        "search.baseline_refusal_rate": result["baseline"]["refusal_rate"],
     }
+    if chosen:
+        metrics.update(
+            {
+                "search.chosen_trial": chosen["trial"],
+                "search.chosen_refusal_rate": chosen["refusal_rate"],
+                "search.chosen_kl": chosen["kl"],
+            }
+        )
+    if reference:
+        metrics.update(
+            {
+                "search.reference_refusal_rate": reference["refusal_rate"],
+                "search.reference_kl": reference["kl"],
+            }
+        )
+    parent.metrics(metrics)
+
+
+def write_choice_step(
+    stages: Stages,
+    measured: Measured,
+    decision: Decision,
+    search: Search,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    out: str,
+    overwrite: bool,
+    force: bool,
+) -> dict[str, Any]:
+    """The chosen trial's plan through the shard engine, validated and evaluated on the test prompts."""
+    chosen = decision.chosen
+    if chosen is None:
+        raise AbliterateError(f"nothing to write to {out}: {decision.reason}")
+    console.info(
+        f"  writing      trial {chosen['trial']} (refusal rate {chosen['refusal_rate']:.3f}, "
+        f"KL {chosen['kl']:.3g}) to {out}"
+    )
+    written = ablation_stages(
+        stages,
+        measured,
+        Ablation(),
+        evaluation,
+        template,
+        runtime,
+        out,
+        overwrite,
+        force,
+        plan=decision.chosen_plan(search),
+    )
+    return {k: v for k, v in written.items() if k != "plan"}
+
+
+# ------------------------------------------------------------------ the flow
 
 
 @flow(name="abliterate-search", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -149,7 +325,7 @@ def search_flow(
     source = model
     model, out, work = run_paths(model, out, work_dir)
     if out:
-        check_out(out, overwrite)
+        precheck_output(out, overwrite)
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {
         **run,
@@ -165,180 +341,18 @@ def search_flow(
             stages, model, prompts, template, measurement, selection, runtime, work, evaluation
         )
         parent.params(flat_params(search))
-        sets, compute = measured.prompts, measured.runtime
-        experts: list[tuple[int, int]] = []
-        if measured.structure.moe_layers:  # which experts the prompts reach: logged for every MoE model
-            with stages.stage("experts") as s:
-                profile = s.run(
-                    expert_profile_task,
-                    model,
-                    sets.harmful,
-                    sets.harmless,
-                    measure_settings(measurement, template, compute),
-                    compute.device,
-                    measured.stream,
-                )
-            parent.table(profile.rows(), "experts/routing.json")
-            parent.json(profile.to_json(), "experts/profile.json")
-            figure = plots.expert_routing(profile.layers, profile.harmful, profile.harmless)
-            parent.figure(figure, "plots/expert_routing.png")
-            plots.close(figure)
-            if "router_bias" in search.components:
-                experts = [(layer, e) for layer, e, _ in profile.most_specific(search.router_experts)]
-                parent.params({"search.suppressible_experts": experts})
-
-        limit = search.max_prompts
-        harmful_val, harmless_val = sets.harmful_val[:limit], sets.harmless_val[:limit]
-        scoring = ScoreSettings(
-            reply_tokens=search.reply_tokens,
-            batch_size=compute.batch_size,
-            markers=tuple(evaluation.marker_list()),
-            system_prompt=template.system_prompt,
-            chat_template_kwargs=tuple(sorted(template.chat_template_kwargs.items())),
-        )
-        settings = StudySettings(
-            trials=search.trials,
-            components=tuple(search.components),
-            methods=tuple(search.methods),
-            seed=search.search_seed,
-            startup_trials=search.startup_trials,
-            parallel_trials=search.parallel_trials,
-            router_experts=search.router_experts,
-            skip_last_fraction=selection.skip_last_fraction,
-            study=search.study,
-        )
-        experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
-        study: dict[str, Any] = {}
-
-        def on_start(info: dict[str, Any]) -> None:
-            study.update(info)
-            parent.tags({STUDY_TAG: info["study"]})
-            parent.json(info, "search/study.json")
-            closed = _close_killed_runs(parent, experiment_id, info["study"])
-            console.info(
-                f"  search       study {info['study']} in {info['storage']}"
-                + (f" (marked {closed} killed run(s) KILLED)" if closed else "")
-            )
-
-        def on_trial(result: TrialResult) -> None:
-            log_trial(parent, experiment, study["study"], result)
-            if result.score is None:
-                console.info(f"  trial {result.number:<5} failed: {result.error}")
-            else:
-                console.info(
-                    f"  trial {result.number:<5} refusals {result.score.refusals}/{result.score.prompts}, "
-                    f"KL {result.score.kl:.3g}" + (" (run's automatic choice)" if result.reference else "")
-                )
-
-        with stages.stage("search") as s:
-            result = s.run(
-                search_task,
-                model,
-                measured.directions_path,
-                harmful_val,
-                harmless_val,
-                settings,
-                scoring,
-                str(project_dir() / "mlruns"),
-                compute.dtype,
-                compute.device,
-                measured.stream,
-                experts,
-                on_trial,
-                on_start,
-            )
-        records = result["trials"]
-        logged = _logged_trials(parent, experiment_id, result["study"])
-        for record in records:  # trials a killed run finished before it could log them
-            if record["trial"] not in logged:
-                log_trial(parent, experiment, result["study"], record, late=True)
-        front = pareto(records)
-        reference = next((r for r in records if r.get("reference") == "run"), None)
-        try:
-            chosen, reason = choose(records, search.kl_max, search.trial), None
-        except AbliterateError as exc:
-            chosen, reason = None, str(exc)
-        parent.table(
-            [
-                {k: v for k, v in search_record(r).items() if k != "parameters"} | r["parameters"]
-                for r in records
-            ],
-            "search/trials.json",
-        )
-        parent.table(
-            [
-                {k: v for k, v in search_record(r).items() if k != "parameters"} | r["parameters"]
-                for r in front
-            ],
-            "search/front.json",
-        )
-        figure = plots.search_front(records, front, reference, chosen, search.kl_max)
-        parent.figure(figure, "plots/search_front.png")
-        plots.close(figure)
-        parent.tags({"front": ",".join(str(r["trial"]) for r in front)})
-        parent.metrics(
-            {
-                "search.trials_complete": len(records),
-                "search.new_trials": len(result["new_trials"]),
-                "search.front_size": len(front),
-                "search.trials_per_minute": result["trials_per_minute"],
-                "search.baseline_refusal_rate": result["baseline"]["refusal_rate"],
-                **(
-                    {
-                        "search.chosen_trial": chosen["trial"],
-                        "search.chosen_refusal_rate": chosen["refusal_rate"],
-                        "search.chosen_kl": chosen["kl"],
-                    }
-                    if chosen
-                    else {}
-                ),
-                **(
-                    {
-                        "search.reference_refusal_rate": reference["refusal_rate"],
-                        "search.reference_kl": reference["kl"],
-                    }
-                    if reference
-                    else {}
-                ),
-            }
-        )
-        summary: dict[str, Any] = {
-            "study": result["study"],
-            "storage": result["storage"],
-            "trials_complete": len(records),
-            "new_trials": len(result["new_trials"]),
-            "resumed_from": result["resumed_from"],
-            "stale_trials": result["stale_trials"],
-            "seconds": result["seconds"],
-            "trials_per_minute": result["trials_per_minute"],
-            "baseline": result["baseline"],
-            "selected_position": measured.selection.position if measured.selection else None,
-            "reference": search_record(reference) if reference else None,
-            "pareto": [search_record(r) for r in front],
-            "chosen": {**search_record(chosen), "plan": chosen["plan"]} if chosen else None,
-            "chosen_reason": reason,
-            "kl_max": search.kl_max,
-        }
+        experts = profile_experts_step(stages, measured, measurement, template, search)
+        result = study_step(stages, experiment, measured, experts, search, selection, template, evaluation)
+        decision = decide(result["trials"], search)
+        log_front(parent, result, decision, search)
+        position = measured.selection.position if measured.selection else None
+        summary = study_summary(result, decision, search, position)
         if out:
-            if chosen is None:
-                raise AbliterateError(f"nothing to write to {out}: {reason}")
-            console.info(
-                f"  writing      trial {chosen['trial']} (refusal rate {chosen['refusal_rate']:.3f}, "
-                f"KL {chosen['kl']:.3g}) to {out}"
+            summary.update(
+                write_choice_step(
+                    stages, measured, decision, search, evaluation, template, runtime, out, overwrite, force
+                )
             )
-            recorded = dict(chosen["plan"])
-            origin = dict(recorded.get("origin") or {})
-            origin["search"] = {
-                **origin.get("search", {}),
-                "objectives": {k: chosen[k] for k in ("refusal_rate", "kl", "refusals", "prompts")},
-                "kl_max": search.kl_max,
-                "pareto": [r["trial"] for r in front],
-            }
-            plan = AblationPlan.from_dict({**recorded, "origin": origin}, f"trial {chosen['trial']}'s plan")
-            written = ablation_stages(
-                stages, measured, Ablation(), evaluation, template, runtime, out, overwrite, force, plan=plan
-            )
-            summary.update({k: v for k, v in written.items() if k != "plan"})
         summary.update(mlflow_run_id=parent.run_id, durations=stages.durations, **run)
         parent.json(summary, "summary.json")
     return summary

@@ -27,20 +27,16 @@ from abliterate.config import (
     Runtime,
     Selection,
     Template,
-    eval_settings,
     flat_params,
-    measure_settings,
-    selection_settings,
 )
-from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.edit.ablate import load_inputs
-from abliterate.edit.matching import default_plan, plan_matches, resolve_plan, role_counts
+from abliterate.edit.matching import configured_plan, plan_matches, resolve_plan, role_counts
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.inference.streaming import parse_size
+from abliterate.inference.devices import resolve_runtime
+from abliterate.inference.refusal import marker_phrases
 from abliterate.measure.direction_file import load_directions
-from abliterate.measure.prompts import load_prompts, prompts_sha256, split_prompts
-from abliterate.pipeline import decide_streaming
+from abliterate.pipeline import PromptSets, decide_streaming, plan_position
 from abliterate.select.selection import Selection as Chosen
 from abliterate.weights.hub import hub_origin
 from abliterate.weights.structure import Structure
@@ -50,7 +46,7 @@ from abliterate_flows.inventory import log_structure
 from abliterate_flows.tracking import Tracker
 from abliterate_tasks.inventory import inventory_task, structure_task
 from abliterate_tasks.measure import directions_task, measure_task
-from abliterate_tasks.validate import baseline_behaviour_task, budget_or_free, evaluate_task, validate_task
+from abliterate_tasks.validate import baseline_behaviour_task, evaluate_task, validate_task
 
 console = logging.getLogger("abliterate.console")
 
@@ -95,54 +91,6 @@ def report_warnings(tracker: Tracker, warnings: list[str], stage: str) -> None:
         tracker.text("\n".join(warnings) + "\n", f"warnings/{stage}.txt")
 
 
-# ------------------------------------------------------------------ prompts
-
-
-@dataclass
-class PromptSets:
-    """Measurement and validation parts of each set (split here, seeded), and the test sets."""
-
-    harmful: list[str]
-    harmless: list[str]
-    harmful_val: list[str]
-    harmless_val: list[str]
-    harmful_test: list[str]
-    harmless_test: list[str]
-    files: dict[str, str]
-
-    @classmethod
-    def load(cls, model: str, prompts: Prompts) -> PromptSets:
-        default_set = prompts.prompt_set
-        if default_set == "auto":  # the demo model knows only its own vocabulary
-            default_set = "demo" if Path(model).resolve() == DEMO_MODEL_DIR.resolve() else "general"
-        files = {
-            "harmful": prompts.harmful or str(prompt_file(default_set, "harmful", "train")),
-            "harmless": prompts.harmless or str(prompt_file(default_set, "harmless", "train")),
-            "harmful_test": prompts.harmful_test or str(prompt_file(default_set, "harmful", "test")),
-            "harmless_test": prompts.harmless_test or str(prompt_file(default_set, "harmless", "test")),
-        }
-        fraction, seed = prompts.validation_fraction, prompts.seed
-        harmful_val, harmful = split_prompts(load_prompts(files["harmful"]), fraction, seed)
-        harmless_val, harmless = split_prompts(load_prompts(files["harmless"]), fraction, seed)
-        return cls(
-            harmful,
-            harmless,
-            harmful_val,
-            harmless_val,
-            load_prompts(files["harmful_test"]),
-            load_prompts(files["harmless_test"]),
-            files,
-        )
-
-    def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {f"prompts.{k}.file": v for k, v in self.files.items()}
-        for name in ("harmful", "harmless", "harmful_val", "harmless_val", "harmful_test", "harmless_test"):
-            prompts = getattr(self, name)
-            out[f"prompts.{name}.n"] = len(prompts)
-            out[f"prompts.{name}.sha256"] = prompts_sha256(prompts)
-        return out
-
-
 # ------------------------------------------------------------------ measurement
 
 
@@ -177,10 +125,8 @@ def measurement_stages(
         inventory = s.run(inventory_task, model)
         structure = s.run(structure_task, inventory)
     log_structure(tracker, structure, inventory.to_json())
-    compute = runtime.resolved(model)
+    compute = resolve_runtime(runtime, model)
     stream = decide_streaming(model, compute)
-    settings = measure_settings(measurement, template, compute)
-    chooser = selection_settings(selection, compute, evaluation)
     tracker.params(
         {
             **sets.params(),
@@ -188,7 +134,7 @@ def measurement_stages(
             "streaming": stream,
             "compute.device": compute.device,
             "compute.dtype": compute.dtype,
-            "refusal_markers": list(chooser.markers),
+            "refusal_markers": list(marker_phrases(evaluation)),
             **{f"hub.{k}": v for k, v in (hub_origin(model) or {}).items()},
         }
     )
@@ -198,7 +144,9 @@ def measurement_stages(
             f"and evaluated one decoder layer at a time on {compute.device}"
         )
     with stages.stage("measurement") as s:
-        measured = s.run(measure_task, model, sets.harmful, sets.harmless, settings, compute.device, stream)
+        measured = s.run(
+            measure_task, model, sets.harmful, sets.harmless, measurement, template, compute, stream
+        )
     with stages.stage("directions") as s:
         args = (
             model,
@@ -208,7 +156,8 @@ def measurement_stages(
             selection.direction_position,
             sets.harmful_val,
             sets.harmless_val,
-            chooser,
+            selection,
+            evaluation,
             work_dir,
             compute.device,
             stream,
@@ -292,16 +241,8 @@ def ablation_stages(
         inputs = load_inputs(measured.model, measured.directions_path, force)
         report_warnings(tracker, inputs.warnings, "inputs")
         if plan is None:
-            plan = default_plan(
-                inputs,
-                layers=ablation.layers,
-                scale=ablation.scale,
-                targets=ablation.targets,
-                direction_position=_plan_position(measured, direction_position),
-                method=ablation.ablation_method,
-                mtp=ablation.mtp,
-                biases=ablation.biases,
-            )
+            position = plan_position(direction_position, measured.selection is not None)
+            plan = configured_plan(inputs, ablation, position)
             tracker.params(flat_params(ablation))
         else:
             plan = resolve_plan(plan, inputs)
@@ -309,7 +250,7 @@ def ablation_stages(
         tracker.params({"plan": {k: v for k, v in plan.to_dict().items() if k != "origin"}})
         tracker.text(plan.to_yaml(), "plan.yaml")
         tracker.metrics({f"matched.{role}": n for role, n in role_counts(matches).items()})
-        runner = task_runner(runtime.workers, runtime.dask_address, runtime.dask_workers)
+        runner = task_runner(runtime)
         manifest = ablate_flow.with_options(task_runner=runner)(
             measured.model, measured.directions_path, out, plan, overwrite, force
         )
@@ -349,21 +290,16 @@ def evaluation_stage(
     counting the refusal tokens selection found (the baseline's own when there was no selection)."""
     tracker = stages.tracker
     compute = measured.runtime
-    settings = eval_settings(evaluation, template, compute, measured.stream)
+    stream = measured.stream
     tokens = (
         measured.selection.refusal_token_ids if measured.selection and measured.selection.scored else None
     )
-    budget = parse_size(runtime.memory_budget)
-    tracker.params({**flat_params(evaluation), "evaluation.full_replies_made": settings.full_replies})
+    tracker.params({**flat_params(evaluation), "evaluation.full_replies_made": evaluation.replies(stream)})
     p = measured.prompts
-    if measured.stream and settings.full_replies:
-        cost = replies_cost(
-            measured.model,
-            compute.dtype,
-            budget_or_free(budget),
-            len(p.harmful_test) + len(p.harmless_test),
-            settings,
-        )
+    cost = replies_cost(
+        measured.model, len(p.harmful_test) + len(p.harmless_test), evaluation, compute, stream
+    )
+    if cost:
         console.info(f"  evaluation   {cost} (twice: before and after)")
     with stages.stage("evaluation") as s:
         before = s.run(
@@ -371,10 +307,10 @@ def evaluation_stage(
             measured.model,
             p.harmful_test,
             p.harmless_test,
-            settings,
-            compute.device,
-            measured.stream,
-            budget,
+            evaluation,
+            template,
+            compute,
+            stream,
             tokens,
         )
         result = s.run(
@@ -382,27 +318,18 @@ def evaluation_stage(
             output,
             p.harmful_test,
             p.harmless_test,
-            settings,
+            evaluation,
+            template,
+            compute,
+            stream,
             before,
             measured.model,
-            compute.device,
-            measured.stream,
-            budget,
         )
     tracker.metrics(result.metrics())
     tracker.json(result.to_json(), "evaluation.json")
     if result.examples:
         tracker.table([vars(row) for row in result.examples], "examples.json")
     return {"evaluation": result.metrics(), "examples": [vars(row) for row in result.examples]}
-
-
-def _plan_position(measured: Measured, direction_position: str) -> str | int:
-    """The plan's word for it: the selected position (from the directions file), each layer's own, or N."""
-    if direction_position.isdigit():
-        return int(direction_position)
-    if direction_position == "own" or measured.selection is None:
-        return "own"
-    return "selected"
 
 
 def log_validation(tracker: Tracker, report: ValidationReport) -> None:

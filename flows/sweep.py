@@ -13,12 +13,14 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
+from abliterate.edit.output import precheck_output
 from abliterate.errors import AbliterateError
 from abliterate.paths import child as child_path
+from abliterate.pipeline import check_plans, run_paths
+from abliterate.search.study import pareto
 from abliterate_flows import plots
-from abliterate_flows.main import check_out, check_plans, run_paths, source_tags
 from abliterate_flows.stages import Stages, ablation_stages, measurement_stages
-from abliterate_flows.tracking import experiment_name, tracked_run
+from abliterate_flows.tracking import experiment_name, source_tags, tracked_run
 
 EXAMPLE_VARIANTS = [
     {"name": "all-layers", "layers": "all"},
@@ -61,15 +63,10 @@ def parse_variants(variants: list[dict[str, Any]]) -> list[tuple[str, Ablation, 
 
 
 def refusal_kl_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mark the variants no other variant beats on both refusal rate and KL (lower is better)."""
+    """Mark the variants no other variant beats on both refusal rate and KL (the search's front)."""
+    front = {id(p) for p in pareto(points)}
     for p in points:
-        p["on_front"] = not any(
-            q is not p
-            and q["refusal_rate"] <= p["refusal_rate"]
-            and q["kl"] <= p["kl"]
-            and (q["refusal_rate"] < p["refusal_rate"] or q["kl"] < p["kl"])
-            for q in points
-        )
+        p["on_front"] = id(p) in front
     return points
 
 
@@ -103,7 +100,7 @@ def sweep_flow(
         )
     targets = {name: child_path(out, name, "variant name") for name, _, _ in specs}  # never outside OUT
     for target in targets.values():
-        check_out(str(target), overwrite)
+        precheck_output(str(target), overwrite)
     check_plans(model, [(ablation, position) for _, ablation, position in specs])
     evaluation = evaluation.model_copy(update={"evaluate": True})  # variants are compared by their evaluation
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}

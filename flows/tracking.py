@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from abliterate.paths import file_lock
+from abliterate.weights.hub import hub_origin, model_name
 from abliterate_flows.runtime import artifact_root, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -33,8 +34,6 @@ EXPERIMENT_KIND = "custom_model_development"
 
 def experiment_name(model_dir: str | Path) -> str:
     """`abliterate/<model name>`: the folder's name, or the Hub repository's for a cached snapshot."""
-    from abliterate.weights.hub import model_name
-
     return f"abliterate/{model_name(model_dir)}"
 
 
@@ -175,3 +174,13 @@ def tracked_run(
         tracker.finish("FAILED")
         raise
     tracker.finish()
+
+
+def source_tags(source: str, model_dir: str) -> dict[str, str]:
+    """MLflow tags naming where the model came from: as typed, and the Hub repository and commit of a
+    cached snapshot."""
+    tags = {"model_source": source}
+    origin = hub_origin(model_dir)
+    if origin:
+        tags.update({"hub.repo_id": origin["repo_id"], "hub.commit": origin["commit"]})
+    return tags

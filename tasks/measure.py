@@ -12,11 +12,13 @@ from pathlib import Path
 
 from prefect import task
 
+from abliterate import config
+from abliterate.config import Runtime, Template
 from abliterate.measure.directions import write_directions
-from abliterate.measure.means import Measurement, MeasureSettings
+from abliterate.measure.means import Measurement, measured_with
 from abliterate.measure.prompts import prompts_sha256
 from abliterate.pipeline import direction_stage, measure_stage
-from abliterate.select.selection import Selection, SelectionSettings
+from abliterate.select.selection import Selection, selection_record
 from abliterate.weights.checkpoint import shard_stamp
 from abliterate_tasks.caching import code_hash, make_key
 
@@ -28,7 +30,7 @@ def _measure_key(_context, p) -> str:
         shard_stamp(p["model_dir"]),  # the fingerprint reads headers only; the stamp sees rewritten shards
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
-        p["settings"].as_dict(),
+        measured_with(p["measurement"], p["template"], p["runtime"]),
     )
 
 
@@ -37,12 +39,14 @@ def measure_task(
     model_dir: str,
     harmful: list[str],
     harmless: list[str],
-    settings: MeasureSettings,
-    device: str,
+    measurement: config.Measurement,
+    template: Template,
+    runtime: Runtime,
     stream: bool,
 ) -> Measurement:
-    """In memory, or layer-streamed (`stream`): equal results, so neither `stream` nor the device is keyed."""
-    return measure_stage(model_dir, harmful, harmless, settings, device, stream)
+    """In memory, or layer-streamed (`stream`): equal results, so neither `stream` nor the device is keyed.
+    `runtime`: resolved for the model; its dtype and batch size are keyed (`measured_with`)."""
+    return measure_stage(model_dir, harmful, harmless, measurement, template, runtime, stream)
 
 
 def _directions_key(_context, p) -> str:
@@ -56,12 +60,12 @@ def _directions_key(_context, p) -> str:
         str(Path(p["work_dir"]).resolve()),  # the result is a file there
         measurement.harmful.sha256,
         measurement.harmless.sha256,
-        measurement.settings.as_dict(),
+        measurement.record(),
         p["direction_method"],
         p["direction_position"],
         prompts_sha256(p["harmful_val"]),
         prompts_sha256(p["harmless_val"]),
-        p["selection"].as_dict(),
+        selection_record(p["selection"], p["evaluation"]),
         p["stream"],  # a streamed run records an unscored choice
     )
 
@@ -75,7 +79,8 @@ def directions_task(
     direction_position: str,
     harmful_val: list[str],
     harmless_val: list[str],
-    selection: SelectionSettings,
+    selection: config.Selection,
+    evaluation: config.Evaluation,
     work_dir: str,
     device: str,
     stream: bool,
@@ -93,6 +98,7 @@ def directions_task(
         harmful_val,
         harmless_val,
         selection,
+        evaluation,
         device,
         stream,
     )
@@ -108,6 +114,7 @@ def directions_task(
             "harmful_val": harmful_val,
             "harmless_val": harmless_val,
             "selection": selection,
+            "evaluation": evaluation,
             "stream": stream,
         },
     )

@@ -9,13 +9,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from abliterate.errors import AbliterateError
-from abliterate.measure.means import MeasureSettings, encode_prompts, load_tokenizer
+from abliterate.config import Evaluation, Measurement, Runtime, Search, Selection, Template
+from abliterate.measure.means import measured_with
 from abliterate.measure.prompts import prompts_sha256
-from abliterate.pipeline import model_forward
-from abliterate.search.experts import ExpertProfile, profile_experts
-from abliterate.search.study import ScoreSettings, StudySettings, TrialResult, run_study
-from abliterate.weights.checkpoint import choose_profile, shard_stamp
+from abliterate.search.experts import ExpertProfile, profile_checkpoint
+from abliterate.search.study import TrialResult, run_study
+from abliterate.weights.checkpoint import shard_stamp
 from abliterate_tasks.caching import code_hash, make_key
 
 
@@ -26,7 +25,7 @@ def _profile_key(_context, p) -> str:
         shard_stamp(p["model_dir"]),
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
-        p["settings"].as_dict(),
+        measured_with(p["measurement"], p["template"], p["runtime"]),
     )
 
 
@@ -35,22 +34,13 @@ def expert_profile_task(
     model_dir: str,
     harmful: list[str],
     harmless: list[str],
-    settings: MeasureSettings,
-    device: str,
+    measurement: Measurement,
+    template: Template,
+    runtime: Runtime,
     stream: bool,
 ) -> ExpertProfile:
-    """How often each routed expert is chosen on the harmful and harmless measurement prompts, rendered
-    as the measurement renders them (in memory, or layer-streamed: one read of the weights)."""
-    profile = choose_profile(model_dir)
-    if profile is None:
-        raise AbliterateError(f"{model_dir} is of no known family: cannot find its routers")
-    tokenizer = load_tokenizer(model_dir)
-    harmful_ids = encode_prompts(tokenizer, harmful, settings, None, "harmful")
-    harmless_ids = encode_prompts(tokenizer, harmless, settings, None, "harmless")
-    forward, _ = model_forward(model_dir, settings.dtype, device, stream, progress=False)
-    return profile_experts(
-        forward, tokenizer, harmful_ids, harmless_ids, profile, settings.batch_size, progress=False
-    )
+    """How often each routed expert is chosen on the harmful and harmless measurement prompts."""
+    return profile_checkpoint(model_dir, harmful, harmless, measurement, template, runtime, stream)
 
 
 @task(name="search-trials", cache_policy=NO_CACHE)
@@ -59,27 +49,29 @@ def search_task(
     directions_path: str,
     harmful: list[str],
     harmless: list[str],
-    settings: StudySettings,
-    scoring: ScoreSettings,
+    search: Search,
+    selection: Selection,
+    template: Template,
+    evaluation: Evaluation,
+    runtime: Runtime,
     root: str,
-    dtype: str,
-    device: str,
     stream: bool,
     experts: list[tuple[int, int]],
     on_trial: Callable[[TrialResult], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume, or continue) the study until it holds `settings.trials` complete trials."""
+    """Run (or resume, or continue) the study until it holds `search.trials` complete trials."""
     return run_study(
         model_dir,
         directions_path,
         harmful,
         harmless,
-        settings,
-        scoring,
+        search,
+        selection,
+        template,
+        evaluation,
+        runtime,
         root,
-        dtype,
-        device,
         stream,
         experts,
         on_trial,

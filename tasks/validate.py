@@ -9,14 +9,13 @@ from prefect import task
 
 from abliterate.check.evaluate import (
     Behaviour,
-    EvalSettings,
     EvaluationResult,
-    compare,
-    load_behaviour_model,
-    measure_behaviour,
-    replies_cost,
+    evaluate_model,
+    evaluation_settings,
+    model_behaviour,
 )
 from abliterate.check.validate import ValidationReport, validate_output
+from abliterate.config import Evaluation, Runtime, Template
 from abliterate.measure.prompts import prompts_sha256
 from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import shard_stamp
@@ -41,15 +40,19 @@ def validate_task(original_dir: str, ablated_dir: str) -> ValidationReport:
     return validate_output(original_dir, ablated_dir)
 
 
+def _settings(p) -> dict:
+    """What decides the figures (`evaluation_settings`): not where they are computed."""
+    return evaluation_settings(p["evaluation"], p["template"], p["runtime"], p["stream"])
+
+
 def _behaviour_key(_context, p) -> str:
-    """Not keyed: where it runs (device, in memory or layer-streamed), which changes only rounding."""
     return make_key(
         "behaviour",
         code_hash(),
         shard_stamp(p["model_dir"]),
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
-        p["settings"],
+        _settings(p),
         p.get("refusal_ids"),
     )
 
@@ -59,18 +62,14 @@ def baseline_behaviour_task(
     model_dir: str,
     harmful: list[str],
     harmless: list[str],
-    settings: EvalSettings,
-    device: str = "cpu",
-    stream: bool = False,
-    budget: int | None = None,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    stream: bool,
     refusal_ids: list[int] | None = None,
 ) -> Behaviour:
-    """The original model's first-token figures (and full replies): measured once per prompt set.
-    `refusal_ids`: the refusal tokens selection found; None: the model's own, from its replies."""
-    forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
-    return measure_behaviour(
-        forward, tokenizer, harmful, harmless, settings, refusal_ids=refusal_ids, replier=replier
-    )
+    """The original model's behaviour: measured once per prompt set and settings."""
+    return model_behaviour(model_dir, harmful, harmless, evaluation, template, runtime, stream, refusal_ids)
 
 
 def _evaluate_key(_context, p) -> str:
@@ -80,8 +79,8 @@ def _evaluate_key(_context, p) -> str:
         _output_identity(p["model_dir"]),
         prompts_sha256(p["harmful"]),
         prompts_sha256(p["harmless"]),
-        p["settings"],
-        shard_stamp(p["baseline_dir"]) if p["baseline_dir"] else None,
+        _settings(p),
+        shard_stamp(p["baseline_dir"]) if p.get("baseline_dir") else None,
         p["baseline"].refusal_token_ids if p.get("baseline") is not None else None,
     )
 
@@ -91,30 +90,14 @@ def evaluate_task(
     model_dir: str,
     harmful: list[str],
     harmless: list[str],
-    settings: EvalSettings,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    stream: bool,
     baseline: Behaviour | None = None,
     baseline_dir: str | None = None,
-    device: str = "cpu",
-    stream: bool = False,
-    budget: int | None = None,
 ) -> EvaluationResult:
-    """The ablated model against the baseline behaviour (measured from `baseline_dir`), in memory or
-    layer-streamed like the measurement."""
-    forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
-    ids = baseline.refusal_token_ids if baseline is not None and baseline.refusal_token_ids else None
-    after = measure_behaviour(
-        forward, tokenizer, harmful, harmless, settings, refusal_ids=ids, replier=replier
+    """The ablated model against the baseline behaviour (measured from `baseline_dir`)."""
+    return evaluate_model(
+        model_dir, harmful, harmless, evaluation, template, runtime, stream, baseline, baseline_dir
     )
-    result = compare(harmful, harmless, after, baseline, settings)
-    result.model, result.baseline = model_dir, baseline_dir
-    if stream and settings.full_replies:
-        result.replies_cost = replies_cost(
-            model_dir, settings.dtype, budget_or_free(budget), len(harmful) + len(harmless), settings
-        )
-    return result
-
-
-def budget_or_free(budget: int | None) -> int:
-    from abliterate.inference.devices import available_memory
-
-    return available_memory("cpu") if budget is None else budget

@@ -50,6 +50,15 @@ def glm_air_layout_fused(tmp_path_factory):
         yield path
 
 
+@pytest.fixture
+def restored_environment():
+    """configure() sets process-wide defaults: put the environment back for the tests after this one."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def prefect_env(tmp_path_factory):
     """One Prefect test harness (temporary server + database) and one MLflow store per session.

@@ -50,15 +50,14 @@ def accumulation_length(model: str | Path | dict, longest_prompt: int) -> int:
     return max(*widths, longest_prompt)
 
 
-def longest_prompt(model_dir: str | Path, prompts: list[str], settings) -> int:
+def longest_prompt(model_dir: str | Path, prompts: list[str], template) -> int:
     """Tokens of the longest prompt as measurement renders it (chat template, system prompt)."""
     from transformers import AutoTokenizer
 
-    from abliterate.measure.chat import render_chat
+    from abliterate.measure.chat import encode_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    texts = render_chat(tokenizer, prompts, system_prompt=settings.system_prompt, **settings.template_kwargs)
-    return max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    return max(len(ids) for ids in encode_prompts(tokenizer, prompts, template, "prompt"))
 
 
 def position_rtol(num_positions: int, n: int, count: int) -> torch.Tensor:
@@ -197,11 +196,11 @@ def first_token_delta(
     layer when `direction` is ablated at inference time) times the largest first-token |logits|_2."""
     from contextlib import nullcontext
 
-    from abliterate.inference.intervention import directional_ablation
-    from abliterate.measure.means import length_sorted_batches
+    from abliterate.edit.inference_edit import DirectionEdit
+    from abliterate.inference.loading import length_sorted_batches
 
     largest = 0.0
-    ablation = directional_ablation(model, direction) if direction is not None else nullcontext()
+    ablation = DirectionEdit(direction).applied(model) if direction is not None else nullcontext()
     with torch.inference_mode(), ablation:
         for batch in length_sorted_batches(encoded, batch_size, 0):
             logits = model(
@@ -220,16 +219,16 @@ def evaluation_bounds(baseline_dir, model_dir, harmful: list[str], harmless: lis
     evaluations of `model_dir` against `baseline_dir` (in memory and layer-streamed). A first-token
     refusal rate counts greedy first tokens: only a prompt whose top-two margin is within twice the
     log-probability bound can change its token, so the rate moves by at most their share."""
-    from abliterate.check.evaluate import EvalSettings, encode
+    from abliterate.config import Template
+    from abliterate.inference.loading import load_model
     from abliterate.inference.runner import InMemoryForward
-    from abliterate.measure.means import load_model
+    from abliterate.measure.chat import encode_prompts
 
     models = {"before": load_model(baseline_dir), "after": load_model(model_dir)}
     tokenizer = models["before"][1]
-    settings = EvalSettings()
     ids = {
-        "harmful": encode(tokenizer, harmful, settings, "harmful"),
-        "harmless": encode(tokenizer, harmless, settings, "harmless"),
+        "harmful": encode_prompts(tokenizer, harmful, Template(), "harmful"),
+        "harmless": encode_prompts(tokenizer, harmless, Template(), "harmless"),
     }
     n = accumulation_length(baseline_dir, max(len(x) for x in ids["harmful"] + ids["harmless"]))
     deltas, logprobs, bounds = {}, {}, {}

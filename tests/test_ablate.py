@@ -15,8 +15,9 @@ from numerics import accumulation_length, logits_rtol
 from safetensors import safe_open
 
 from abliterate.cli import main
+from abliterate.config import Ablation
 from abliterate.edit.ablate import ablate_checkpoint, ablate_shard, load_inputs
-from abliterate.edit.matching import default_plan, direction_for, plan_matches
+from abliterate.edit.matching import configured_plan, direction_for, plan_matches
 from abliterate.edit.output import STATE_DIR, prepare_output
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
@@ -63,9 +64,10 @@ def write_directions(
     return save_directions(path, direction, metadata, **extra)
 
 
-def run(src: Path, directions: Path, out: Path, **specs) -> dict:
+def run(src: Path, directions: Path, out: Path, direction_position: str = "auto", **settings) -> dict:
+    """Ablate with the plan of these ablation settings (abliterate/config.py's `Ablation`)."""
     inputs = load_inputs(src, directions)
-    plan = default_plan(inputs, **specs)
+    plan = configured_plan(inputs, Ablation(**settings), direction_position)
     return ablate_checkpoint(src, directions, out, plan, progress=False, log=lambda _: None, inputs=inputs)
 
 
@@ -161,7 +163,7 @@ def test_output_layout_is_identical(default_run):
 def test_plain_edits_leave_residuals_at_rounding_level(default_run):
     src, directions_path, out, manifest, _ = default_run
     inputs = load_inputs(src, directions_path)
-    plan = default_plan(inputs)
+    plan = configured_plan(inputs, Ablation(), "auto")
     r = direction_for(plan, inputs.directions, 20)
     worst = {}
     for shard in manifest["shards"]:  # every edited tensor, each shard opened once
@@ -194,7 +196,7 @@ def test_fused_experts_are_edited_per_expert(glm_air_layout_fused, tmp_path):
     fused = [e for e in manifest["edited"] if e["fused_experts"]]
     assert len(fused) == 46 and all(e["residual_axis"] == 1 for e in fused)
     inputs = load_inputs(src, directions)
-    r = direction_for(default_plan(inputs), inputs.directions, 1)
+    r = direction_for(configured_plan(inputs, Ablation(), "auto"), inputs.directions, 1)
     for e in fused[:3] + fused[-1:]:
         assert residual(e, src, tmp_path / "out", r) < BF16_LEVEL
     old, new = tensor_bytes(src), tensor_bytes(tmp_path / "out")
@@ -218,13 +220,13 @@ def test_layer_one_never_touches_layers_ten_to_nineteen(glm_air_layout, tmp_path
 def test_norm_preserving_and_scales(glm_air_layout, tmp_path):
     src = Path(glm_air_layout)
     directions = write_directions(src, tmp_path / "d.safetensors")
-    zero = run(src, directions, tmp_path / "zero", scale="0", method="norm_preserving")
+    zero = run(src, directions, tmp_path / "zero", scale="0", ablation_method="norm_preserving")
     for shard in zero["shards"]:
         assert (src / shard).read_bytes() == (tmp_path / "zero" / shard).read_bytes()
-    full = run(src, directions, tmp_path / "full", layers="3,7", method="norm_preserving")
-    run(src, directions, tmp_path / "half", layers="3,7", method="norm_preserving", scale="0.5")
+    full = run(src, directions, tmp_path / "full", layers="3,7", ablation_method="norm_preserving")
+    run(src, directions, tmp_path / "half", layers="3,7", ablation_method="norm_preserving", scale="0.5")
     inputs = load_inputs(src, directions)
-    r = direction_for(default_plan(inputs), inputs.directions, 3)
+    r = direction_for(configured_plan(inputs, Ablation(), "auto"), inputs.directions, 3)
     writers = [e for e in full["edited"] if e["side"] == "writer"]
     assert {e["method"] for e in writers} == {"norm_preserving"}
     assert {e["method"] for e in full["edited"] if e["role"] == "router"} == {"plain"}
@@ -257,10 +259,15 @@ def test_projected_method_and_own_directions(glm_air_layout, tmp_path):
     src = Path(glm_air_layout)
     directions = write_directions(src, tmp_path / "d.safetensors")
     manifest = run(
-        src, directions, tmp_path / "out", layers="2,30", direction_position="own", method="projected"
+        src,
+        directions,
+        tmp_path / "out",
+        layers="2,30",
+        direction_position="own",
+        ablation_method="projected",
     )
     inputs = load_inputs(src, directions)
-    plan = default_plan(inputs, layers="2,30", direction_position="own", method="projected")
+    plan = configured_plan(inputs, Ablation(layers="2,30", ablation_method="projected"), "own")
     for e in manifest["edited"]:
         assert e["direction_position"] == e["layer"] and e["method"] == "projected"
         r = direction_for(plan, inputs.directions, e["layer"])
@@ -280,7 +287,7 @@ def test_embed_target_and_dense_llama(tmp_path):
     manifest = run(src, directions, tmp_path / "out", targets="default,embed")
     assert manifest["counts"] == {"attn_out": 4, "embed": 1, "mlp_down": 4}
     inputs = load_inputs(src, directions)
-    r = direction_for(default_plan(inputs), inputs.directions, None)
+    r = direction_for(configured_plan(inputs, Ablation(), "auto"), inputs.directions, None)
     embed = next(e for e in manifest["edited"] if e["role"] == "embed")
     assert embed["side"] == "embed" and embed["layer"] is None
     assert residual(embed, src, tmp_path / "out", r) < BF16_LEVEL
@@ -321,7 +328,7 @@ def test_output_side_biases(tmp_path):
     manifest = run(src, directions, tmp_path / "out", biases=True)
     assert manifest["counts"] == {"attn_out": 2, "attn_out_bias": 2, "mlp_down": 2, "mlp_down_bias": 2}
     inputs = load_inputs(src, directions)
-    r = direction_for(default_plan(inputs), inputs.directions, 0)
+    r = direction_for(configured_plan(inputs, Ablation(), "auto"), inputs.directions, 0)
     for e in manifest["edited"]:
         if e["role"].endswith("_bias"):
             b, b2 = load(src, e["name"], e["shard"]), load(tmp_path / "out", e["name"], e["shard"])
@@ -331,13 +338,13 @@ def test_output_side_biases(tmp_path):
 def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(tmp_path):
     """The edited checkpoint, loaded in transformers, computes exactly what the original computes when
     every write into the residual stream (embedding, attention output, MLP/MoE output) has r projected
-    out at run time by `abliterate.inference.intervention.directional_ablation`, the ablation selection scores. Routers are left out: they read the RMS-normed stream, whose per-channel gain
+    out at run time by `abliterate.edit.inference_edit.DirectionEdit`, the ablation selection scores. Routers are left out: they read the RMS-normed stream, whose per-channel gain
     brings an r component back, so editing them changes more than the writes."""
     from tiny_chat_model import HARMFUL, build_tiny_chat_model
 
-    from abliterate.inference.intervention import directional_ablation
+    from abliterate.edit.inference_edit import DirectionEdit
+    from abliterate.inference.loading import load_model
     from abliterate.measure.chat import render_chat
-    from abliterate.measure.means import load_model
 
     src = build_tiny_chat_model(tmp_path / "tiny")
     directions = write_directions(src, tmp_path / "d.safetensors", selected=2, means=False, recorded=False)
@@ -352,7 +359,7 @@ def test_ablated_checkpoint_loads_and_equals_run_time_projection_of_every_write(
 
     with torch.inference_mode():
         plain = original(**batch).logits
-        with directional_ablation(original, r):  # the inference-time ablation direction selection scores
+        with DirectionEdit(r).applied(original):  # the inference-time ablation direction selection scores
             hooked = original(**batch).logits
         edited = ablated(**batch).logits
     assert (plain - hooked).abs().max() > 1e-2  # the direction matters
@@ -376,7 +383,7 @@ def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
         ["model.safetensors", "config.json", "generation_config.json", MANIFEST_FILE]
     )
     inputs = load_inputs(sharded, d2)
-    plan = default_plan(inputs)
+    plan = configured_plan(inputs, Ablation(), "auto")
     serial = ablate_checkpoint(sharded, d2, tmp_path / "serial", plan, progress=False, log=lambda _: None)
     parallel = ablate_checkpoint(
         sharded, d2, tmp_path / "par", plan, workers=3, progress=False, log=lambda _: None
@@ -405,6 +412,29 @@ def small(tmp_path_factory):
     return src, directions, reference
 
 
+def test_inputs_are_read_once_per_process_and_again_when_a_file_changes(small, tmp_path):
+    """The CLI, the flow and every shard task of one ablation share one read of the inputs; each
+    caller gets its own warnings; a rewritten directions file or checkpoint is read again."""
+    src, directions, _ = small
+    model = tmp_path / "model"
+    model.mkdir()
+    for p in src.iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    first, again = load_inputs(model, directions), load_inputs(model, directions)
+    assert again.inventory is first.inventory and again.directions is first.directions
+    again.warnings.append("seen by this caller only")
+    assert "seen by this caller only" not in load_inputs(model, directions).warnings
+    copy = write_directions(model, tmp_path / "d.safetensors", selected=4, seed=5)
+    before = load_inputs(model, copy).directions
+    assert before is not first.directions
+    write_directions(model, copy, selected=4, seed=6)  # replaced under the same name
+    after = load_inputs(model, copy).directions
+    assert after is not before and not torch.equal(after.direction, before.direction)
+    config = model / "config.json"
+    config.write_text(config.read_text() + " ")  # the checkpoint changed: read again
+    assert load_inputs(model, directions).inventory is not first.inventory
+
+
 def shard_hashes(folder: Path) -> dict[str, str]:
     return {k: v for k, v in file_hashes(folder).items() if k != MANIFEST_FILE}
 
@@ -413,7 +443,7 @@ def test_resume_after_a_crash_is_bit_identical(small, tmp_path):
     src, directions, reference = small
     out = tmp_path / "out"
     inputs = load_inputs(src, directions)
-    plan = default_plan(inputs)
+    plan = configured_plan(inputs, Ablation(), "auto")
     prepared = prepare_output(inputs, plan, out)
     first = inputs.inventory.shards[:2]
     for shard in first:
@@ -483,7 +513,7 @@ def test_other_plan_into_an_existing_output_needs_overwrite(small, tmp_path):
         src,
         directions,
         out,
-        default_plan(load_inputs(src, directions), layers="2"),
+        configured_plan(load_inputs(src, directions), Ablation(layers="2"), "auto"),
         overwrite=True,
         progress=False,
         log=lambda _: None,
@@ -495,7 +525,7 @@ def test_other_plan_into_an_existing_output_needs_overwrite(small, tmp_path):
     with pytest.raises(AbliterateError, match="not empty.*notes.txt"):
         run(src, directions, foreign)
     # --overwrite into someone else's directory deletes nothing of theirs ...
-    plan = default_plan(load_inputs(src, directions))
+    plan = configured_plan(load_inputs(src, directions), Ablation(), "auto")
     quiet = {"progress": False, "log": lambda _: None}
     ablate_checkpoint(src, directions, foreign, plan, overwrite=True, **quiet)
     assert (foreign / "notes.txt").read_text() == "mine" and (foreign / MANIFEST_FILE).is_file()
@@ -546,7 +576,9 @@ def test_cli_writes_and_reports(small, tmp_path, capsys):
     assert "expert_down 128" in capsys.readouterr().out  # (7 MoE layers + the MTP layer) x 16 experts
     assert shard_hashes(out) == shard_hashes(reference)
     plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(default_plan(load_inputs(src, directions), layers="3", scale="0.5").to_yaml())
+    plan_file.write_text(
+        configured_plan(load_inputs(src, directions), Ablation(layers="3", scale="0.5"), "auto").to_yaml()
+    )
     assert (
         main(
             [
@@ -588,7 +620,7 @@ def test_hand_written_directions(small, tmp_path, capsys):
     manifest = run(src, rows, tmp_path / "o2", direction_position="5")
     assert {e["direction_position"] for e in manifest["edited"]} == {5}
     with pytest.raises(AbliterateError, match="projected method needs the harmless means"):
-        run(src, rows, tmp_path / "o3", direction_position="5", method="projected")
+        run(src, rows, tmp_path / "o3", direction_position="5", ablation_method="projected")
     with pytest.raises(AbliterateError, match="one direction for every layer"):
         run(src, one, tmp_path / "o4", direction_position="own")
 
@@ -642,7 +674,7 @@ def test_quantized_checkpoint_is_refused(tmp_path):
 def test_plan_matches_without_structure_equals_with(small):
     src, directions, _ = small
     inputs = load_inputs(src, directions)
-    plan = default_plan(inputs)
+    plan = configured_plan(inputs, Ablation(), "auto")
     assert plan_matches(plan, inputs.inventory) == plan_matches(plan, inputs.inventory, inputs.structure)
 
 
@@ -662,6 +694,7 @@ def test_demo_model_stops_refusing(tmp_path):
     transformers, refuses < 10% of the held-out harmful prompts, and moves harmless replies by KL < 0.05.
     A scale-0 plan changes no byte, so the effect is the edit's."""
     from abliterate.check.evaluate import evaluate_model
+    from abliterate.config import Evaluation, Runtime, Template
     from abliterate.demo import DEMO_MODEL_DIR, prompt_file
     from abliterate.measure.prompts import load_prompts
 
@@ -692,6 +725,10 @@ def test_demo_model_stops_refusing(tmp_path):
         tmp_path / "out",
         load_prompts(files["harmful", "test"]),
         load_prompts(files["harmless", "test"]),
+        Evaluation(),
+        Template(),
+        Runtime(device="cpu", dtype="float32"),
+        False,
         baseline_dir=DEMO_MODEL_DIR,
         progress=False,
     )

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Glm4MoeForCausalLM
 
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.errors import AbliterateError
-from abliterate.inference.intervention import directional_ablation
 from abliterate.inference.refusal import is_refusal
 from abliterate.measure.chat import render_chat
 from abliterate.measure.prompts import load_prompts
@@ -156,7 +156,7 @@ def test_one_direction_mediates_refusal(demo):
     base = first_token_logprobs(model, tokenizer, harmless_test)
     results = {}
     for position, direction in enumerate(harmful_mean - harmless_mean, start=1):
-        with directional_ablation(model, direction):
+        with DirectionEdit(direction).applied(model):
             refusal = refusal_rate(model, tokenizer, harmful_test)
             ablated = first_token_logprobs(model, tokenizer, harmless_test)
         kl = (base.exp() * (base - ablated)).sum(-1).mean().item()
@@ -172,7 +172,7 @@ def test_ablation_hooks_are_removed_even_on_error(demo):
         modules += [layer.self_attn, layer.mlp]
     before = [dict(m._forward_hooks) for m in modules]  # transformers keeps its own recording hooks
     direction = torch.ones(model.config.hidden_size)
-    with pytest.raises(RuntimeError, match="boom"), directional_ablation(model, direction):
+    with pytest.raises(RuntimeError, match="boom"), DirectionEdit(direction).applied(model):
         assert [len(m._forward_hooks) for m in modules] == [len(b) + 1 for b in before]
         raise RuntimeError("boom")
     assert [dict(m._forward_hooks) for m in modules] == before

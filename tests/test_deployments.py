@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fixtures import ROOT
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

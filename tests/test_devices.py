@@ -4,17 +4,19 @@ and that every command, flow and deployment takes both. CPU only: nothing here n
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from fixtures import ROOT, assert_error, console
 from numerics import accumulation_length, logits_rtol
 
-from abliterate.cli import build_parser
-from abliterate.config import Runtime
+from abliterate.config import Runtime, Template
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.errors import AbliterateError
 from abliterate.inference.devices import (
@@ -24,13 +26,14 @@ from abliterate.inference.devices import (
     input_device,
     resolve_device,
     resolve_dtype,
+    resolve_runtime,
 )
+from abliterate.inference.loading import load_model
 from abliterate.inference.runner import InMemoryForward
 from abliterate.inference.streaming import weight_bytes
-from abliterate.measure.means import MeasureSettings, encode_prompts, load_model
+from abliterate.measure.chat import encode_prompts
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="what auto means without a GPU")
 
 
@@ -41,7 +44,7 @@ def test_auto_is_the_cpu_in_float32_without_a_gpu():
     assert resolve_dtype("bfloat16", "cpu", DEMO_MODEL_DIR) == "bfloat16"  # as asked
     runtime = Runtime()
     assert (runtime.device, runtime.dtype) == ("auto", "auto")
-    resolved = runtime.resolved(DEMO_MODEL_DIR)
+    resolved = resolve_runtime(runtime, DEMO_MODEL_DIR)
     assert (resolved.device, resolved.dtype) == ("cpu", "float32")
     for bad, fragment in (("tpu", "cpu | cuda"), ("cuda:0", "no CUDA device"), ("gpu", "cpu | cuda")):
         with pytest.raises(ValueError, match=fragment):
@@ -83,7 +86,7 @@ def test_an_offloaded_model_computes_what_the_loaded_one_does():
     assert "disk" in offloaded.hf_device_map.values() and "disk" in offloaded.abliterate_placement
     assert input_device(offloaded) == torch.device("cpu")
     prompts = ["how do I make a cake", "write a poem about the sea"]
-    encoded = encode_prompts(tokenizer, prompts, MeasureSettings(), None)
+    encoded = encode_prompts(tokenizer, prompts, Template(), "prompt")
     ((_, _, a),) = list(InMemoryForward(model).first_token_logprobs({"x": encoded}, [None], 2, 0))
     ((_, _, b),) = list(InMemoryForward(offloaded).first_token_logprobs({"x": encoded}, [None], 2, 0))
     with torch.inference_mode():
@@ -102,37 +105,81 @@ def test_an_offloaded_model_computes_what_the_loaded_one_does():
 # ------------------------------------------------------------------ every command, flow and deployment
 
 
-def subparser(command: str):
-    parser = build_parser()
-    return next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[command]
+def smallest_command_line(command: str, tmp_path: Path) -> list[str]:
+    """`abliterate COMMAND` with its required arguments, each valid: what remains to fail is the runtime."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("how do I bake bread\n")
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("- {name: full, layers: all}\n")
+    model, out = str(DEMO_MODEL_DIR), ["--out", str(tmp_path / "out")]
+    return {
+        "measure": [model, "--harmful", str(prompts), "--harmless", str(prompts), *out],
+        "evaluate": [model, "--harmful", str(prompts), "--harmless", str(prompts)],
+        "run": [model, *out],
+        "demo": [],
+        "sweep": [model, "--variants", str(variants), *out],
+        "search": [model, *out],
+    }[command]
 
 
 @pytest.mark.parametrize("command", ["measure", "evaluate", "run", "demo", "sweep", "search"])
-def test_every_command_that_runs_the_model_takes_a_device_and_a_dtype(command):
-    actions = {a.dest: a for a in subparser(command)._actions}
-    assert "auto" in actions["device"].help and "cuda:N" in actions["device"].help
-    assert actions["dtype"].choices == ["auto", "bfloat16", "float16", "float32"]
-    assert {"memory_budget", "streaming"} <= set(actions), command  # and where it streams
+def test_every_command_that_runs_the_model_takes_a_device_and_a_dtype(command, tmp_path, capsys):
+    """A bad --device, --dtype, --streaming or --memory-budget is the command's own one-line error
+    naming the option and its choices (not an unknown argument), before any work."""
+    argv = [command, *smallest_command_line(command, tmp_path)]
+    assert_error(console(capsys, *argv, "--device", "tpu"), command, "--device", "cpu | cuda | cuda:N | auto")
+    assert_error(
+        console(capsys, *argv, "--device", "cpu", "--dtype", "float8"),
+        command,
+        "--dtype",
+        "'auto', 'bfloat16', 'float16', 'float32'",
+    )
+    # and where it streams
+    assert_error(
+        console(capsys, *argv, "--dtype", "float32", "--streaming", "sometimes"), command, "--streaming"
+    )
+    assert_error(
+        console(capsys, *argv, "--device", "cpu", "--memory-budget", "lots"), command, "--memory-budget"
+    )
+    assert not (tmp_path / "out").exists()
 
 
-def test_flows_and_deployments_take_a_device_and_a_dtype():
+def test_flows_and_deployments_take_a_device_and_a_dtype(restored_environment, monkeypatch, tmp_path):
     from prefect.utilities.callables import parameter_schema
 
     from abliterate_flows.main import abliterate_flow
     from abliterate_flows.search import search_flow
     from abliterate_flows.sweep import sweep_flow
 
-    for flow in (abliterate_flow, sweep_flow, search_flow):
+    flows = {"abliterate_flow": abliterate_flow, "sweep_flow": sweep_flow, "search_flow": search_flow}
+    for flow in flows.values():
         schema = parameter_schema(flow.fn).model_dump()
         runtime = schema["definitions"]["Runtime"]["properties"]
         assert runtime["device"]["default"] == "auto" and "cuda:N" in runtime["device"]["description"]
         assert runtime["dtype"]["enum"] == ["auto", "bfloat16", "float16", "float32"]
+        # a bad value is refused in one line when Prefect checks the parameters, before the run
+        for bad, fragment in (({"device": "tpu"}, "--device"), ({"dtype": "float8"}, "--dtype")):
+            with pytest.raises(AbliterateError, match=fragment) as info:
+                flow.validate_parameters({"model": "m", "out": "o", "runtime": bad})
+            assert "\n" not in str(info.value)
     deployments = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
     assert {d["name"] for d in deployments} == {"demo", "demo-sweep", "demo-search"}
     for deployment in deployments:
         assert deployment["parameters"]["runtime"] == {"device": "auto", "dtype": "auto"}
-    served = (ROOT / "deployments" / "serve.py").read_text()
-    assert '"runtime": runtime' in served and 'runtime = {"device": "auto", "dtype": "auto"}' in served
+        flow = flows[deployment["entrypoint"].rsplit(":", 1)[1]]
+        assert flow.validate_parameters(deployment["parameters"])["runtime"] == Runtime()
+    # the deployments that deployments/serve.py registers (importing it changes directory, sys.path
+    # and the environment: all put back after the test)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))  # serve.py's project folder: not the checkout
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("serve", ROOT / "deployments" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    served = serve.deployments()
+    assert {d.name for d in served} == {"demo", "demo-sweep", "demo-search"}
+    for deployment in served:
+        assert deployment.parameters["runtime"] == {"device": "auto", "dtype": "auto"}
 
 
 def test_measure_takes_cpu_and_bfloat16_as_asked(tmp_path):

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+from abliterate import config
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions
 from abliterate.measure.directions import compute_directions, write_directions
-from abliterate.measure.means import Measurement, MeasureSettings, ResidualAccumulator, SetStats
+from abliterate.measure.means import Measurement, ResidualAccumulator, SetStats
 
 H = 64
 
@@ -25,7 +26,8 @@ def stats_from(samples: torch.Tensor, chunk: int = 7) -> SetStats:
 
 
 def measurement_from(harmful: torch.Tensor, harmless: torch.Tensor) -> Measurement:
-    return Measurement(stats_from(harmful), stats_from(harmless), MeasureSettings(), harmful.shape[1] - 1, H)
+    sections = config.Measurement(), config.Template(), config.Runtime(device="cpu", dtype="float32")
+    return Measurement(stats_from(harmful), stats_from(harmless), *sections, harmful.shape[1] - 1, H)
 
 
 def planted(n: int = 2000, positions: int = 4, strength: float = 8.0, seed: int = 0):
@@ -89,7 +91,7 @@ def test_projected_direction_is_orthogonal_to_harmless_mean():
 def test_equal_means_give_a_zero_direction_and_stats():
     harmful, harmless, _ = planted(positions=3)
     harmful[:, 0] = harmless[:, 0]  # position 0 is the same token's embedding for every prompt
-    d = compute_directions(measurement_from(harmful, harmless))
+    d = compute_directions(measurement_from(harmful, harmless), "projected")
     assert d.defined == [1, 2]
     assert float(d.direction[0].abs().max()) == 0.0
     assert float(d.mean_diff_norm[0]) == 0.0 and float(d.snr[0]) == 0.0
@@ -118,10 +120,11 @@ def test_unknown_method():
 def test_written_file_reads_back_with_the_shared_reader(tmp_path):
     harmful, harmless, r = planted()
     measurement = measurement_from(harmful, harmless)
-    measurement.settings = MeasureSettings.create(
-        chat_template_kwargs={"enable_thinking": False}, system_prompt="Be brief.", position=-2
+    measurement.settings = config.Measurement(token_position=-2)
+    measurement.template = config.Template(
+        chat_template_kwargs={"enable_thinking": False}, system_prompt="Be brief."
     )
-    d = compute_directions(measurement)
+    d = compute_directions(measurement, "projected")
     path = write_directions(
         tmp_path, d, measurement, "fp123", selected_position=2, extra={"selection": {"a": 1}}
     )

@@ -10,25 +10,28 @@ import torch
 from numerics import accumulation_length, logits_rtol
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-from abliterate.check.evaluate import (
-    EvalSettings,
-    compare,
-    evaluate_loaded,
-    evaluate_model,
-    measure_behaviour,
-)
+from abliterate.check.evaluate import compare, evaluate_loaded, evaluate_model, measure_behaviour
 from abliterate.check.validate import validate_output
 from abliterate.cli import main
+from abliterate.config import Evaluation, Runtime, Template
 from abliterate.demo import DEMO_MODEL_DIR, KINDS, SPLITS, prompt_file
 from abliterate.edit.ablate import ablate_checkpoint
 from abliterate.errors import AbliterateError
+from abliterate.inference.loading import load_model
 from abliterate.inference.refusal import is_refusal
 from abliterate.measure.chat import render_chat
 from abliterate.measure.direction_file import save_directions
-from abliterate.measure.means import load_model
 from abliterate.measure.prompts import load_prompts
 
-FAST = EvalSettings(max_new_tokens=6, batch_size=3)
+CPU = Runtime(device="cpu", dtype="float32")
+FAST = (Evaluation(max_new_tokens=6), Template(), CPU.model_copy(update={"batch_size": 3}))
+
+
+def settings(batch_size: int = 16, **evaluation) -> tuple[Evaluation, Template, Runtime]:
+    """The sections evaluation takes: Evaluation(**evaluation), the default template, the CPU in float32."""
+    return Evaluation(**evaluation), Template(), CPU.model_copy(update={"batch_size": batch_size})
+
+
 DEMO_READY = (DEMO_MODEL_DIR / "config.json").is_file()
 
 
@@ -70,9 +73,9 @@ def unbatched_logprobs(model, tokenizer, prompts, logits_norms: list | None = No
 
 def test_batching_changes_nothing(tiny):
     model, tokenizer = tiny
-    batched = measure_behaviour(model, tokenizer, HARMFUL, HARMLESS, FAST, progress=False)
+    batched = measure_behaviour(model, tokenizer, HARMFUL, HARMLESS, *FAST, progress=False)
     single = measure_behaviour(
-        model, tokenizer, HARMFUL, HARMLESS, EvalSettings(max_new_tokens=6, batch_size=1), progress=False
+        model, tokenizer, HARMFUL, HARMLESS, *settings(batch_size=1, max_new_tokens=6), progress=False
     )
     assert batched.harmful_replies == single.harmful_replies
     assert batched.harmless_replies == single.harmless_replies
@@ -88,43 +91,38 @@ def test_batching_changes_nothing(tiny):
 
 def test_refusal_rates_follow_the_markers(tiny):
     model, tokenizer = tiny
-    behaviour = measure_behaviour(model, tokenizer, HARMFUL, HARMLESS, FAST, progress=False)
+    behaviour = measure_behaviour(model, tokenizer, HARMFUL, HARMLESS, *FAST, progress=False)
     # A random model never says a default marker; pick a word some replies hold as the marker.
     marker = behaviour.harmful_replies[0].split()[0].upper()  # matching ignores case
     markers = (marker,)
-    settings = EvalSettings(max_new_tokens=6, batch_size=3, markers=markers)
-    result = evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, settings=settings, progress=False)
+    sections = settings(batch_size=3, max_new_tokens=6, marker=[marker])
+    result = evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, *sections, progress=False)
     expected_harmful = sum(is_refusal(r, markers) for r in behaviour.harmful_replies) / len(HARMFUL)
     expected_harmless = sum(is_refusal(r, markers) for r in behaviour.harmless_replies) / len(HARMLESS)
     assert result.refusal_rate_harmful == expected_harmful >= 1 / len(HARMFUL)
     assert result.refusal_rate_harmless == expected_harmless
-    default = evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, settings=FAST, progress=False)
+    default = evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, *FAST, progress=False)
     assert default.refusal_rate_harmful == 0.0 and default.kl_harmless is None
 
 
 def test_kl_against_the_baseline(tiny_dirs):
     original, ablated = tiny_dirs
+    sections = settings(max_new_tokens=4)
     same = evaluate_model(
-        original,
-        HARMFUL,
-        HARMLESS,
-        baseline_dir=original,
-        settings=EvalSettings(max_new_tokens=4),
-        progress=False,
+        original, HARMFUL, HARMLESS, *sections, False, baseline_dir=original, progress=False
     )
     assert same.kl_harmless == 0.0
-    settings = EvalSettings(max_new_tokens=4)
     result = evaluate_model(
-        ablated, HARMFUL, HARMLESS, baseline_dir=original, settings=settings, progress=False
+        ablated, HARMFUL, HARMLESS, *sections, False, baseline_dir=original, progress=False
     )
     # The forward passes evaluate_model runs (same batches, same kernels), so only the formula is
     # checked: KL(baseline || model), mean over the harmless prompts, in nats. (Batched vs single
     # prompts is test_batching_changes_nothing: its rounding bound is above a KL this small.)
     before = measure_behaviour(
-        *load_model(original), HARMFUL, HARMLESS, settings, progress=False
+        *load_model(original), HARMFUL, HARMLESS, *sections, progress=False
     ).harmless_logprobs
     after = measure_behaviour(
-        *load_model(ablated), HARMFUL, HARMLESS, settings, progress=False
+        *load_model(ablated), HARMFUL, HARMLESS, *sections, progress=False
     ).harmless_logprobs
     terms = before.exp() * (before - after)
     expected = float(terms.sum(-1).mean())
@@ -142,8 +140,9 @@ def test_examples_table_and_json(tiny_dirs):
         ablated,
         HARMFUL,
         HARMLESS,
+        *settings(max_new_tokens=4, examples=2),
+        False,
         baseline_dir=original,
-        settings=EvalSettings(max_new_tokens=4, n_examples=2),
         progress=False,
     )
     rows = [vars(row) for row in result.examples]
@@ -168,30 +167,29 @@ def test_examples_table_and_json(tiny_dirs):
 
 def test_compare_needs_one_vocabulary(tiny):
     model, tokenizer = tiny
-    behaviour = measure_behaviour(model, tokenizer, HARMFUL[:1], HARMLESS[:1], FAST, progress=False)
-    other = measure_behaviour(model, tokenizer, HARMFUL[:1], HARMLESS[:1], FAST, progress=False)
+    behaviour = measure_behaviour(model, tokenizer, HARMFUL[:1], HARMLESS[:1], *FAST, progress=False)
+    other = measure_behaviour(model, tokenizer, HARMFUL[:1], HARMLESS[:1], *FAST, progress=False)
     other.harmless_logprobs = other.harmless_logprobs[:, :-1]
     with pytest.raises(AbliterateError, match="vocabulary"):
-        compare(HARMFUL[:1], HARMLESS[:1], behaviour, other, FAST)
+        compare(HARMFUL[:1], HARMLESS[:1], behaviour, other, *FAST)
 
 
 def test_bad_settings_and_prompts(tiny):
     model, tokenizer = tiny
-    for kwargs, message in (
-        ({"max_new_tokens": 0}, "max new tokens"),
-        ({"batch_size": 0}, "batch size"),
-        ({"markers": ()}, "marker"),
-        ({"markers": ("ok", " ")}, "marker"),
+    for section, kwargs, message in (
+        (Evaluation, {"max_new_tokens": 0}, "max-new-tokens"),
+        (Runtime, {"batch_size": 0}, "batch-size"),
+        (Evaluation, {"marker": ["ok", " "]}, "marker phrase is blank"),
     ):
         with pytest.raises(AbliterateError, match=message):
-            EvalSettings(**kwargs)
+            section(**kwargs)
     with pytest.raises(AbliterateError, match="harmless test prompt set is empty"):
-        evaluate_loaded(model, tokenizer, HARMFUL, [], settings=FAST, progress=False)
+        evaluate_loaded(model, tokenizer, HARMFUL, [], *FAST, progress=False)
     # The tiny model has 64 positions.
-    with pytest.raises(AbliterateError, match="harmful prompt #0 is .* exceeds the model's context of 64"):
-        evaluate_loaded(
-            model, tokenizer, HARMFUL, HARMLESS, settings=EvalSettings(max_new_tokens=60), progress=False
-        )
+    with pytest.raises(
+        AbliterateError, match="harmful test prompt #0 is .* exceeds the model's context of 64"
+    ):
+        evaluate_loaded(model, tokenizer, HARMFUL, HARMLESS, *settings(max_new_tokens=60), progress=False)
 
 
 def test_cli(tiny_dirs, tmp_path, capsys):
@@ -252,6 +250,10 @@ def test_demo_before_and_after_ablation(tmp_path):
         tmp_path / "out",
         load_prompts(files["harmful", "test"]),
         load_prompts(files["harmless", "test"]),
+        Evaluation(),
+        Template(),
+        CPU,
+        False,
         baseline_dir=DEMO_MODEL_DIR,
         progress=False,
     )

@@ -14,11 +14,10 @@ from numerics import (
     position_rtol,
 )
 
-from abliterate.config import Ablation, Evaluation, Prompts, Runtime
+from abliterate.config import Ablation, Evaluation, Prompts, Runtime, Template
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.edit.plan import AblationPlan
 from abliterate.measure.direction_file import load_directions
-from abliterate.measure.means import MeasureSettings
 from abliterate.measure.prompts import load_prompts
 
 pytestmark = pytest.mark.slow
@@ -220,8 +219,8 @@ def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(fi
     # Two float32 evaluations of the same layers: the rounding bound of tests/numerics.py, with n from
     # the demo model and its longest training prompt (the measured ones are a subset).
     template = a.metadata["template"]
-    settings = MeasureSettings.create(
-        template["chat_template_kwargs"], system_prompt=template["system_prompt"]
+    settings = Template(
+        chat_template_kwargs=template["chat_template_kwargs"], system_prompt=template["system_prompt"]
     )
     prompts = [
         p for kind in ("harmful", "harmless") for p in load_prompts(prompt_file("demo", kind, "train"))
@@ -232,10 +231,10 @@ def test_streamed_run_matches_the_in_memory_run_and_dask_ablation_the_threads(fi
 
     plan = AblationPlan.from_dict(manifest["plan"])
     directions_path = manifest["directions"]["path"]
-    threads = ablate_flow.with_options(task_runner=task_runner(workers=2))(
+    threads = ablate_flow.with_options(task_runner=task_runner(Runtime(workers=2)))(
         str(DEMO_MODEL_DIR), directions_path, str(tmp_path / "threads"), plan
     )
-    dask = ablate_flow.with_options(task_runner=task_runner(dask_workers=2))(
+    dask = ablate_flow.with_options(task_runner=task_runner(Runtime(dask_workers=2)))(
         str(DEMO_MODEL_DIR), directions_path, str(tmp_path / "dask"), plan
     )
     assert threads["counts"] == dask["counts"]

@@ -16,8 +16,9 @@ from test_ablate import write_directions
 
 from abliterate.check.validate import validate_output
 from abliterate.cli import main
+from abliterate.config import Ablation
 from abliterate.edit.ablate import load_inputs
-from abliterate.edit.matching import default_plan, direction_for
+from abliterate.edit.matching import configured_plan, direction_for
 from abliterate.edit.output import shard_key
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
@@ -168,7 +169,7 @@ def test_shard_key_follows_the_shards_of_its_fp8_partners(fp8_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)
     inputs = load_inputs(copy, directions, force=True)
-    plan = default_plan(inputs)
+    plan = configured_plan(inputs, Ablation(), "auto")
     inv = inputs.inventory
     weight, scale = next(
         (w, s) for w, (s, _) in inv.fp8.items() if inv.tensors[s].shard != inv.tensors[w].shard

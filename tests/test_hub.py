@@ -12,16 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import CLI, ROOT
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions
 from abliterate.weights.hub import download, hub_origin, model_name, parse_hub_id, resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OLD_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-CLI = "import sys; from abliterate.cli import main; sys.exit(main())"  # `abliterate` in a fresh interpreter
 
 
 def cache_repo(cache: Path, repo_id: str, model_dir: Path, commit: str, refs: dict[str, str]) -> Path:
@@ -104,7 +103,7 @@ def test_what_is_missing_is_one_line_that_says_what_to_do(hub_cache, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_configure_leaves_the_users_hugging_face_settings_alone(monkeypatch, tmp_path):
+def test_configure_leaves_the_users_hugging_face_settings_alone(restored_environment, monkeypatch, tmp_path):
     from abliterate_flows.runtime import configure
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from abliterate.edit.orthogonalize import norm_preserving_, project_out_, projected_direction
+from abliterate.edit.orthogonalize import (
+    edit_for,
+    norm_preserving_,
+    project_out_,
+    projected_direction,
+    shift_,
+)
 from abliterate.errors import AbliterateError
 
 H = 16
@@ -164,3 +170,12 @@ def test_inputs_are_checked():
         project_out_(rand(H, 4), r, 1.0, 1)
     with pytest.raises(ValueError, match="contiguous"):
         project_out_(rand(4, H).t(), r, 1.0, 0)
+
+
+def test_edit_for_chooses_the_edit_of_each_match():
+    """The engine and the FP8 edit pick their edit here: norms are kept only along writer vectors."""
+    assert edit_for("norm_preserving", "writer") is norm_preserving_
+    assert edit_for("norm_preserving", "embed") is norm_preserving_
+    assert edit_for("norm_preserving", "reader") is project_out_
+    assert edit_for("plain", "writer") is edit_for("projected", "writer") is project_out_
+    assert edit_for("shift", "shift") is shift_

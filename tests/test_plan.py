@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from abliterate.config import Ablation
 from abliterate.edit.plan import AblationPlan, build_plan, parse_layers, parse_scale, parse_targets
 from abliterate.errors import AbliterateError
 from abliterate.vocabulary import DEFAULT_TARGETS
@@ -76,35 +77,60 @@ def test_targets():
 
 
 def test_mtp_is_ablated_like_the_last_layer_by_default():
-    plan = build_plan(46, [46], layers="all", scale="gauss:center=45,width=3,peak=0.8")
+    plan = build_plan(46, [46], Ablation(layers="all", scale="gauss:center=45,width=3,peak=0.8"), "auto")
     assert plan.layers == tuple(range(47)) and plan.mtp == "ablate"
     assert plan.scale_for(46) == plan.scale_for(45) == pytest.approx(0.8)
-    assert build_plan(46, [46], layers="0-44").layers == tuple(range(45))  # last layer not targeted: nor MTP
-    assert build_plan(46, [46], mtp="skip").layers == tuple(range(46))
+    # last layer not targeted: nor MTP
+    assert build_plan(46, [46], Ablation(layers="0-44"), "auto").layers == tuple(range(45))
+    assert build_plan(46, [46], Ablation(mtp="skip"), "auto").layers == tuple(range(46))
 
 
 def test_positions():
-    own = build_plan(4, [4], direction_position="own")
+    own = build_plan(4, [4], Ablation(), "own")
     assert [own.position_for(i) for i in (None, 0, 3, 4)] == [0, 0, 3, 4]
-    assert build_plan(4, direction_position="2").position_for(1) == 2
-    selected = build_plan(4, selected_position=3)
+    assert build_plan(4, [], Ablation(), "2").position_for(1) == 2
+    selected = build_plan(4, [], Ablation(), "auto", selected_position=3)
     assert selected.position_for(0) == 3
     with pytest.raises(AbliterateError, match="records no selected position"):
-        build_plan(4).position_for(0)
+        build_plan(4, [], Ablation(), "auto").position_for(0)
     with pytest.raises(AbliterateError, match="direction position"):
-        build_plan(4, direction_position="-1")
+        build_plan(4, [], Ablation(), "-1")
+
+
+def test_the_configured_auto_is_the_plans_selected_position():
+    """One concept, one record: the configuration's `auto` and the plan's `selected` make one plan."""
+    auto = build_plan(4, [], Ablation(), "auto", selected_position=2)
+    assert auto == build_plan(4, [], Ablation(), "selected", selected_position=2)
+    assert auto.direction_position == "selected" and auto.to_dict()["direction_position"] == "selected"
+
+
+def test_the_plan_takes_every_ablation_setting():
+    ablation = Ablation(
+        layers="1-2",
+        scale="0.5",
+        targets=["attn_out"],
+        ablation_method="norm_preserving",
+        mtp="skip",
+        biases=True,
+    )
+    plan = build_plan(3, [3], ablation, "own")
+    assert (plan.layers, plan.scales, plan.targets) == ((1, 2), (0.5, 0.5), ("attn_out",))
+    assert (plan.method, plan.mtp, plan.biases) == ("norm_preserving", "skip", True)
+    assert (plan.layer_spec, plan.scale_spec) == ("1-2", "0.5")
 
 
 def test_yaml_and_dict_round_trip():
     plan = build_plan(
         46,
         [46],
-        layers="5,7,9-12",
-        scale="1,1,0.5,0.5,0.25,0",
-        targets="default,embed",
-        direction_position="own",
-        method="norm_preserving",
-        biases=True,
+        Ablation(
+            layers="5,7,9-12",
+            scale="1,1,0.5,0.5,0.25,0",
+            targets=["default", "embed"],
+            ablation_method="norm_preserving",
+            biases=True,
+        ),
+        "own",
     )
     assert AblationPlan.from_yaml(plan.to_yaml()) == plan
     assert AblationPlan.from_dict(plan.to_dict()) == plan
@@ -139,7 +165,7 @@ def test_yaml_and_dict_round_trip():
     ],
 )
 def test_invalid_plans_fail(change, fragment):
-    data = {**build_plan(2).to_dict(), **change}
+    data = {**build_plan(2, [], Ablation(), "auto").to_dict(), **change}
     with pytest.raises(AbliterateError, match=fragment):
         AblationPlan.from_dict(data)
 

@@ -8,11 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from abliterate.demo import prompt_file
+from abliterate.demo import PROMPT_SETS, prompt_file
 from abliterate.demo.prompt_sets import demo_sets, general_sets
 from abliterate.errors import AbliterateError
 from abliterate.measure.prompts import load_prompts, prompts_sha256, split_prompts
-from abliterate.vocabulary import PROMPT_SETS
 
 EXPECTED = ["How do I bake bread?", "Write a poem about rain.", "Why is the sky blue?"]
 

@@ -10,9 +10,8 @@ from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
 from abliterate.errors import AbliterateError
-from abliterate.inference.refusal import is_refusal
+from abliterate.inference.refusal import is_refusal, refusal_token_ids, refusal_tokens_from_replies
 from abliterate.measure.direction_file import load_directions
-from abliterate.select.selection import refusal_token_ids, refusal_tokens_from_replies
 
 
 @pytest.fixture(scope="module")

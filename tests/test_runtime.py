@@ -17,15 +17,6 @@ from abliterate.errors import AbliterateError
 from abliterate_flows import runtime, tracking
 
 
-@pytest.fixture
-def restored_environment():
-    """configure() sets process-wide defaults: put the environment back for the tests after this one."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_configure_bounds_the_server_start_generously_and_the_user_wins(restored_environment, tmp_path):
     os.environ["ABLITERATE_HOME"] = str(tmp_path)
     os.environ.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)

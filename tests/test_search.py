@@ -12,30 +12,20 @@ import sys
 import textwrap
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
+from fixtures import ROOT
 from numerics import accumulation_length, kl_atol, logits_rtol
 
+from abliterate.config import Ablation, Evaluation, Runtime, Search, Selection, Template
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.edit.ablate import load_inputs
-from abliterate.edit.matching import default_plan, plan_matches, resolve_plan
+from abliterate.edit.matching import configured_plan, plan_matches, resolve_plan
 from abliterate.errors import AbliterateError
 from abliterate.measure.prompts import load_prompts
-from abliterate.search.study import (
-    MIN_SCALE,
-    ScoreSettings,
-    StudySettings,
-    choose,
-    default_params,
-    pareto,
-    plan_for,
-    run_study,
-    search_space,
-)
-
-ROOT = Path(__file__).resolve().parents[1]
+from abliterate.search.space import MIN_SCALE, default_params, plan_for, search_space
+from abliterate.search.study import choose, pareto, run_study
 
 
 def record(trial: int, refusal: float, kl: float) -> dict:
@@ -52,30 +42,33 @@ def test_front_and_choice():
         record(5, 0.0, 0.005),
     ]
     assert [r["trial"] for r in pareto(records)] == [2, 5, 1, 3]  # 0 and 4 are beaten; 2 and 5 tie
-    assert choose(records, 0.01)["trial"] == 2  # fewest refusals under the bound, then the lower KL, earlier
-    assert choose(records, 0.004)["trial"] == 1
-    assert choose(records, 0.01, trial=4)["trial"] == 4  # any complete trial by number
+    # fewest refusals under the bound, then the lower KL, earlier
+    assert choose(records, Search(kl_max=0.01))["trial"] == 2
+    assert choose(records, Search(kl_max=0.004))["trial"] == 1
+    assert choose(records, Search(kl_max=0.01, trial=4))["trial"] == 4  # any complete trial by number
     with pytest.raises(AbliterateError, match="lowest is 0.0005"):
-        choose(records, 0.0001)
+        choose(records, Search(kl_max=0.0001))
     with pytest.raises(AbliterateError, match="not a complete trial"):
-        choose(records, 0.01, trial=9)
+        choose(records, Search(kl_max=0.01, trial=9))
 
 
 @pytest.fixture(scope="module")
 def demo_inputs(tmp_path_factory):
     """The demo model with a directions file measured on a few prompts (selected position 3)."""
+    from abliterate.config import Measurement
     from abliterate.measure.directions import compute_directions, write_directions
-    from abliterate.measure.means import MeasureSettings, measure_checkpoint
+    from abliterate.measure.means import measure_checkpoint
     from abliterate.weights.checkpoint import build_inventory
 
     harmful = load_prompts(prompt_file("demo", "harmful", "train"))[:48]
     harmless = load_prompts(prompt_file("demo", "harmless", "train"))[:48]
+    runtime = Runtime(device="cpu", dtype="float32", batch_size=16)
     measured = measure_checkpoint(
-        str(DEMO_MODEL_DIR), harmful, harmless, MeasureSettings(batch_size=16), "cpu", False
+        str(DEMO_MODEL_DIR), harmful, harmless, Measurement(), Template(), runtime, False
     )
     path = write_directions(
         tmp_path_factory.mktemp("directions"),
-        compute_directions(measured),
+        compute_directions(measured, "projected"),
         measured,
         build_inventory(DEMO_MODEL_DIR).fingerprint,
         3,
@@ -87,9 +80,8 @@ def test_trial_plans_follow_the_kernels_and_trial_zero_is_runs_choice(demo_input
     _, inputs = demo_inputs
     space = search_space(
         inputs,
-        ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "router_bias"],
-        ["plain", "norm_preserving", "projected"],
-        0.2,
+        Search(components=["default", "router_bias"], methods=["plain", "norm_preserving", "projected"]),
+        Selection(skip_last_fraction=0.2),
         [(2, 6), (4, 5), (1, 3)],
     )
     assert space.positions == (
@@ -99,7 +91,7 @@ def test_trial_plans_follow_the_kernels_and_trial_zero_is_runs_choice(demo_input
     assert dict(space.groups)["mlp_down"] == (0,) and dict(space.groups)["expert_down"] == (1, 2, 3, 4)
     # trial 0: every group at 1 everywhere, the selected position, plain: the very tensors and scales of run's plan
     zero = resolve_plan(plan_for(default_params(space), space), inputs)
-    run = default_plan(inputs)
+    run = configured_plan(inputs, Ablation(), "auto")
     edits = {m.tensor.name: (m.scale, m.method) for m in plan_matches(zero, inputs.inventory)}
     assert edits == {m.tensor.name: (m.scale, m.method) for m in plan_matches(run, inputs.inventory)}
     assert zero.direction_position == run.selected_position == 3
@@ -164,8 +156,9 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
     padding), and the same when the model is layer-streamed (one read of the weights)."""
     from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
+    from abliterate.inference.loading import load_model
     from abliterate.inference.runner import InMemoryForward, StreamedForward
-    from abliterate.measure.means import MeasureSettings, encode_prompts, load_model
+    from abliterate.measure.chat import encode_prompts
     from abliterate.search.experts import profile_experts
     from abliterate.weights.profiles import GLM4_MOE
 
@@ -173,10 +166,9 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
         tmp_path / "tiny", router_bias=True, n_routed_experts=8, n_group=4, topk_group=2
     )
     model, tokenizer = load_model(src)
-    settings = MeasureSettings(batch_size=3)
     harmful, harmless = (
-        encode_prompts(tokenizer, HARMFUL, settings, None),
-        encode_prompts(tokenizer, HARMLESS, settings, None),
+        encode_prompts(tokenizer, HARMFUL, Template(), "harmful"),
+        encode_prompts(tokenizer, HARMLESS, Template(), "harmless"),
     )
     profile = profile_experts(
         InMemoryForward(model), tokenizer, harmful, harmless, GLM4_MOE, batch_size=3, progress=False
@@ -233,7 +225,7 @@ def test_expert_profile_is_the_routers_own_choice(tmp_path):
 def plan_delta(model, encoded, edit, n: int) -> float:
     """delta of tests/numerics.py for the model with a plan applied: logits_rtol with four projected writes
     and inputs per layer (attention, routed and shared experts, router) times the largest first-token |z|."""
-    from abliterate.measure.means import length_sorted_batches
+    from abliterate.inference.loading import length_sorted_batches
 
     largest = 0.0
     with edit.applied(model) if edit is not None else nullcontext(), torch.inference_mode():
@@ -252,19 +244,18 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
     """Two trials (run's choice, and norm-preserving kernels with suppressed experts) scored together in
     the streamed passes and one after the other in memory: the same refusals (every greedy reply token's
     margin is far above the rounding bound on the trained demo model) and KLs within kl_atol's bound."""
-    from abliterate.inference.plan_edit import PlanEdit, storage_dtypes
+    from abliterate.edit.inference_edit import PlanEdit, storage_dtypes
+    from abliterate.inference.loading import load_model
     from abliterate.inference.runner import InMemoryForward, StreamedForward
-    from abliterate.measure.means import load_model
-    from abliterate.search.study import TrialScorer
-    from abliterate.select.selection import first_token_logprobs
+    from abliterate.inference.scores import first_token_logprobs
+    from abliterate.search.scoring import TrialScorer
     from abliterate.weights.profiles import GLM4_MOE
 
     _, inputs = demo_inputs
     space = search_space(
         inputs,
-        ["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router", "router_bias"],
-        ["plain", "norm_preserving"],
-        0.2,
+        Search(components=["default", "router_bias"], methods=["plain", "norm_preserving"]),
+        Selection(skip_last_fraction=0.2),
         [(2, 6), (4, 5)],
     )
     params = [
@@ -287,18 +278,19 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
     ]
     harmful = load_prompts(prompt_file("demo", "harmful", "val"))[:12]
     harmless = load_prompts(prompt_file("demo", "harmless", "val"))[:12]
-    settings = ScoreSettings(reply_tokens=6, batch_size=8)
+    search = Search(reply_tokens=6)
+    settings = (search, Evaluation(), Template(), Runtime(batch_size=8))
     model, tokenizer = load_model(DEMO_MODEL_DIR)
-    memory = TrialScorer(InMemoryForward(model), tokenizer, harmful, harmless, settings)
+    memory = TrialScorer(InMemoryForward(model), tokenizer, harmful, harmless, *settings)
     streamed_forward = StreamedForward(DEMO_MODEL_DIR, "float32", "cpu")
-    streamed = TrialScorer(streamed_forward, tokenizer, harmful, harmless, settings)
+    streamed = TrialScorer(streamed_forward, tokenizer, harmful, harmless, *settings)
     reads = streamed_forward.weight_reads
     got, want = streamed.score(edits), memory.score(edits)
     # one pass for both trials' KL, one per reply token for both trials' replies (fewer: refusals stop early)
-    assert streamed_forward.weight_reads - reads <= 1 + settings.reply_tokens
+    assert streamed_forward.weight_reads - reads <= 1 + search.reply_tokens
     assert memory.baseline.refusals == streamed.baseline.refusals == len(harmful)
     n = accumulation_length(
-        DEMO_MODEL_DIR, max(len(x) for x in memory.harmful + memory.harmless) + settings.reply_tokens
+        DEMO_MODEL_DIR, max(len(x) for x in memory.harmful + memory.harmless) + search.reply_tokens
     )
     d0 = plan_delta(model, memory.harmless, None, n)
     for edit, g, w in zip(edits, got, want, strict=True):
@@ -318,8 +310,9 @@ STUDY_SCRIPT = textwrap.dedent("""
     from abliterate.measure.prompts import load_prompts
     harmful = load_prompts(prompt_file("demo", "harmful", "val"))[:6]
     harmless = load_prompts(prompt_file("demo", "harmless", "val"))[:6]
-    settings = search.StudySettings(trials=int(sys.argv[3]), components=("attn_out", "expert_down", "router"),
-                                    methods=("plain", "projected"), startup_trials=3, study="killed")
+    from abliterate.config import Evaluation, Runtime, Search, Selection, Template
+    settings = Search(trials=int(sys.argv[3]), components=["attn_out", "expert_down", "router"],
+                      methods=["plain", "projected"], startup_trials=3, study="killed", reply_tokens=3)
     score, calls = search.TrialScorer.score, []
     def paced(self, edits):  # after three trials, a pause inside the fourth, while it is running: the kill lands there
         calls.append(1)
@@ -328,8 +321,8 @@ STUDY_SCRIPT = textwrap.dedent("""
             time.sleep(600)
         return score(self, edits)
     search.TrialScorer.score = paced
-    search.run_study(DEMO_MODEL_DIR, sys.argv[1], harmful, harmless, settings,
-                     search.ScoreSettings(reply_tokens=3, batch_size=8), sys.argv[2],
+    search.run_study(DEMO_MODEL_DIR, sys.argv[1], harmful, harmless, settings, Selection(), Template(),
+                     Evaluation(), Runtime(batch_size=8), sys.argv[2],
                      on_trial=lambda result: print("trial", result.number, flush=True))
 """)
 
@@ -375,15 +368,16 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
 
     harmful = load_prompts(prompt_file("demo", "harmful", "val"))[:6]
     harmless = load_prompts(prompt_file("demo", "harmless", "val"))[:6]
-    settings = StudySettings(
+    settings = Search(
         trials=len(finished) + 2,
-        components=("attn_out", "expert_down", "router"),
-        methods=("plain", "projected"),
+        components=["attn_out", "expert_down", "router"],
+        methods=["plain", "projected"],
         startup_trials=3,
         study="killed",
+        reply_tokens=3,
     )
-    scoring = ScoreSettings(reply_tokens=3, batch_size=8)
-    result = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, scoring, root)
+    sections = (Selection(), Template(), Evaluation(), Runtime(batch_size=8))
+    result = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, *sections, root)
     assert result["resumed_from"] == len(finished) and len(result["trials"]) == len(finished) + 2
     assert result["stale_trials"] == [t.number for t in running]
     after = optuna.load_study(study_name="killed", storage=storage).get_trials()
@@ -394,8 +388,8 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
         retried = [t for t in after if t.number > stale.number and t.state == TrialState.COMPLETE]
         assert any(t.params == stale.params for t in retried)  # its parameters were tried again
 
-    settings = StudySettings(**{**settings.__dict__, "trials": len(finished) + 4})
-    more = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, scoring, root)
+    settings = settings.model_copy(update={"trials": len(finished) + 4})
+    more = run_study(DEMO_MODEL_DIR, path, harmful, harmless, settings, *sections, root)
     assert len(more["new_trials"]) == 2 and len(more["trials"]) == len(finished) + 4
     assert json.dumps(more["trials"][: len(result["trials"])], sort_keys=True) == json.dumps(
         result["trials"], sort_keys=True
@@ -407,7 +401,7 @@ def test_a_killed_search_resumes_and_a_rerun_continues(demo_inputs, tmp_path):
             path,
             harmful,
             harmless,
-            settings,
-            ScoreSettings(reply_tokens=5, batch_size=8),
+            settings.model_copy(update={"reply_tokens": 5}),
+            *sections,
             root,
         )

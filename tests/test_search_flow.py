@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures import ROOT
 from mlflow.tracking import MlflowClient
 
 from abliterate.cli import main
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.vocabulary import MANIFEST_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "--max-prompts",
     "8",

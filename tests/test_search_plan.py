@@ -1,6 +1,6 @@
 """What `abliterate search` writes: plans with per-role layer kernels, a fractional direction position
 and router correction-bias shifts, through the shard engine, known to the validator; and the same
-plan applied at inference time (abliterate.inference.plan_edit) equal to the edited checkpoint."""
+plan applied at inference time (abliterate.edit.inference_edit) equal to the edited checkpoint."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from numerics import accumulation_length, logits_rtol
 from safetensors import safe_open
 
 from abliterate.check.validate import validate_output
+from abliterate.config import Ablation
 from abliterate.edit.ablate import ablate_checkpoint, load_inputs
-from abliterate.edit.matching import default_plan, direction_for, plan_matches
+from abliterate.edit.matching import direction_for, plan_matches, resolve_plan
 from abliterate.edit.plan import AblationPlan, build_plan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions, save_directions
@@ -54,19 +55,21 @@ def small(tmp_path_factory):
     return src, directions_for(src, root / "d.safetensors")
 
 
-def search_like_plan(src: Path, directions: Path, **overrides) -> AblationPlan:
-    specs = dict(
-        layers="all",
-        scale="1.2",
-        targets=list(KERNELS),
-        direction_position="1.25",
-        method="projected",
+def search_like_plan(
+    src: Path, directions: Path, method: str = "projected", direction_position: str = "1.25", **overrides
+) -> AblationPlan:
+    extras = dict(
         role_scales=KERNELS,
         router_bias={1: {0: -0.75, 3: -1.0}, 2: {2: -0.5}},
         origin={"search": {"study": "s", "trial": 7}},
     )
-    specs.update(overrides)
-    return default_plan(load_inputs(src, directions), **specs)
+    extras.update(overrides)
+    inputs = load_inputs(src, directions)
+    ablation = Ablation(layers="all", scale="1.2", targets=list(KERNELS), ablation_method=method)
+    s = inputs.structure
+    return resolve_plan(
+        build_plan(s.num_layers, s.mtp_layers, ablation, direction_position, **extras), inputs
+    )
 
 
 def test_plan_records_role_scales_fractions_and_router_bias_and_round_trips(small):
@@ -88,7 +91,7 @@ def test_plan_records_role_scales_fractions_and_router_bias_and_round_trips(smal
     assert plan.sha256() == AblationPlan.from_dict({**data, "origin": {"other": 1}}).sha256()
     assert plan.sha256() != AblationPlan.from_dict({**data, "router_bias": {"1": {"0": -0.5}}}).sha256()
     # a plan without the new keys keeps its old dictionary (and so its identity)
-    assert set(build_plan(3).to_dict()) == {
+    assert set(build_plan(3, [], Ablation(), "auto").to_dict()) == {
         "format",
         "layers",
         "scale",
@@ -118,7 +121,7 @@ def test_plan_records_role_scales_fractions_and_router_bias_and_round_trips(smal
     ],
 )
 def test_bad_new_plan_keys_fail(change, fragment):
-    base = build_plan(3, layers="0", targets="attn_out").to_dict()
+    base = build_plan(3, [], Ablation(layers="0", targets=["attn_out"]), "auto").to_dict()
     with pytest.raises(AbliterateError, match=fragment):
         AblationPlan.from_dict({**base, **change})
 
@@ -202,9 +205,9 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
     unedited model and the plan without its router edits are far outside the bound."""
     from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-    from abliterate.inference.plan_edit import PlanEdit, storage_dtypes
+    from abliterate.edit.inference_edit import PlanEdit, storage_dtypes
+    from abliterate.inference.loading import load_model
     from abliterate.measure.chat import render_chat
-    from abliterate.measure.means import load_model
     from abliterate.weights.profiles import GLM4_MOE
 
     src = build_tiny_chat_model(tmp_path / "tiny")

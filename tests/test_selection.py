@@ -9,26 +9,40 @@ import torch
 from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
 from abliterate.cli import main
+from abliterate.config import Evaluation, Measurement, Runtime, Selection, Template
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.errors import AbliterateError
-from abliterate.inference.intervention import directional_ablation
-from abliterate.inference.refusal import is_refusal
-from abliterate.measure.chat import render_chat
+from abliterate.inference.loading import load_model, pad_token_id
+from abliterate.inference.refusal import is_refusal, refusal_token_ids
+from abliterate.inference.scores import first_token_kl, first_token_logprobs, refusal_score
+from abliterate.measure.chat import encode_prompts, render_chat
 from abliterate.measure.direction_file import load_directions
 from abliterate.measure.directions import DirectionSet, compute_directions
-from abliterate.measure.means import MeasureSettings, encode_prompts, load_model, measure, pad_token_id
+from abliterate.measure.means import measure
 from abliterate.measure.prompts import load_prompts
-from abliterate.select.selection import (
-    SelectionSettings,
-    candidate_positions,
-    first_token_kl,
-    first_token_logprobs,
-    refusal_score,
-    refusal_token_ids,
-    select_direction,
-)
+from abliterate.select.selection import candidate_positions, select_direction
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
+RUNTIME = Runtime(device="cpu", dtype="float32")
+# the sections that encode the prompts as measured, then those that choose
+MEASURED = (Measurement(), Template())
+
+
+def choose(model, tokenizer, directions, harmful, harmless, selection=Selection(), position=None):
+    return select_direction(
+        model,
+        tokenizer,
+        directions,
+        harmful,
+        harmless,
+        *MEASURED,
+        selection,
+        Evaluation(),
+        RUNTIME,
+        position,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +54,8 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     model, tokenizer = load_model(tiny_dir)
     directions = compute_directions(
-        measure(model, tokenizer, HARMFUL, HARMLESS, MeasureSettings(), progress=False)
+        measure(model, tokenizer, HARMFUL, HARMLESS, *MEASURED, RUNTIME, progress=False),
+        Measurement().direction_method,
     )
     return model, tokenizer, directions
 
@@ -79,20 +94,17 @@ def test_candidates_skip_the_last_fifth_and_undefined_positions():
 
 def test_scores_match_a_direct_computation(tiny):
     model, tokenizer, directions = tiny
-    settings = MeasureSettings()
-    selection = select_direction(
-        model, tokenizer, directions, HARMFUL, HARMLESS, settings, position=2, progress=False
-    )
+    selection = choose(model, tokenizer, directions, HARMFUL, HARMLESS, position=2)
     assert (
         selection.explicit and selection.position == 2 and [c.position for c in selection.candidates] == [2]
     )
-    encoded = encode_prompts(tokenizer, HARMLESS, settings, None)
+    encoded = encode_prompts(tokenizer, HARMLESS, Template(), "harmless")
     # The batches selection runs (same shapes, same kernels), so only float64 sums can differ: V terms
     # over N prompts, at most (V + N + 2) 2^-53 of sum |terms| on each side. (Other batch sizes differ
     # by float32 rounding, whose bound is above a KL this small: test_evaluate checks batching.)
-    batch = SelectionSettings().batch_size
+    batch = RUNTIME.batch_size
     base = first_token_logprobs(model, encoded, batch, pad_token_id(tokenizer))
-    with directional_ablation(model, directions.direction[2].float()):
+    with DirectionEdit(directions.direction[2].float()).applied(model):
         ablated = first_token_logprobs(model, encoded, batch, pad_token_id(tokenizer))
     (score,) = selection.candidates
     terms = base.exp() * (base - ablated)
@@ -104,47 +116,20 @@ def test_scores_match_a_direct_computation(tiny):
 
 def test_auto_picks_lowest_refusal_under_the_kl_threshold(tiny):
     model, tokenizer, directions = tiny
-    selection = select_direction(
-        model,
-        tokenizer,
-        directions,
-        HARMFUL,
-        HARMLESS,
-        MeasureSettings(),
-        SelectionSettings(kl_threshold=1e9),
-        progress=False,
-    )
+    selection = choose(model, tokenizer, directions, HARMFUL, HARMLESS, Selection(kl_threshold=1e9))
     assert not selection.explicit
     assert [c.position for c in selection.candidates] == [1, 2]  # L = 3: position 3 is in the last fifth
     assert selection.position == min(selection.candidates, key=lambda c: c.refusal_score).position
     assert selection.as_dict()["candidates"][0].keys() == {"position", "refusal_score", "kl"}
-    with pytest.raises(AbliterateError, match="raise the KL threshold"):
-        select_direction(
-            model,
-            tokenizer,
-            directions,
-            HARMFUL,
-            HARMLESS,
-            MeasureSettings(),
-            SelectionSettings(kl_threshold=-1),
-            progress=False,
-        )
+    with pytest.raises(AbliterateError, match="raise the KL threshold"):  # every candidate's KL is > 0
+        choose(model, tokenizer, directions, HARMFUL, HARMLESS, Selection(kl_threshold=0))
 
 
 def test_explicit_position_must_hold_a_direction(tiny):
     model, tokenizer, directions = tiny
     for position, message in ((0, "is zero"), (9, "out of range")):
         with pytest.raises(AbliterateError, match=message):
-            select_direction(
-                model,
-                tokenizer,
-                directions,
-                HARMFUL,
-                HARMLESS,
-                MeasureSettings(),
-                position=position,
-                progress=False,
-            )
+            choose(model, tokenizer, directions, HARMFUL, HARMLESS, position=position)
 
 
 def test_cli_writes_directions(tiny_dir, tmp_path, capsys):
@@ -226,26 +211,24 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 8
 def test_demo_auto_selected_direction_removes_refusals():
     model, tokenizer = load_model(DEMO_MODEL_DIR)
     load = lambda kind, split: load_prompts(prompt_file("demo", kind, split))  # noqa: E731
-    settings = MeasureSettings()
     directions = compute_directions(
         measure(
-            model, tokenizer, load("harmful", "train"), load("harmless", "train"), settings, progress=False
-        )
+            model,
+            tokenizer,
+            load("harmful", "train"),
+            load("harmless", "train"),
+            *MEASURED,
+            RUNTIME,
+            progress=False,
+        ),
+        Measurement().direction_method,
     )
-    selection = select_direction(
-        model,
-        tokenizer,
-        directions,
-        load("harmful", "val"),
-        load("harmless", "val"),
-        settings,
-        progress=False,
-    )
+    selection = choose(model, tokenizer, directions, load("harmful", "val"), load("harmless", "val"))
     harmful_test, harmless_test = load("harmful", "test"), load("harmless", "test")
     before = [is_refusal(r) for r in greedy_replies(model, tokenizer, harmful_test)]
-    encoded = encode_prompts(tokenizer, harmless_test, settings, None)
+    encoded = encode_prompts(tokenizer, harmless_test, Template(), "harmless")
     base = first_token_logprobs(model, encoded, 16, pad_token_id(tokenizer))
-    with directional_ablation(model, directions.direction[selection.position].float()):
+    with DirectionEdit(directions.direction[selection.position].float()).applied(model):
         after = [is_refusal(r) for r in greedy_replies(model, tokenizer, harmful_test)]
         ablated = first_token_logprobs(model, encoded, 16, pad_token_id(tokenizer))
     kl = first_token_kl(base, ablated)
@@ -255,3 +238,35 @@ def test_demo_auto_selected_direction_removes_refusals():
     assert sum(before) / len(before) > 0.8
     assert sum(after) / len(after) < 0.1
     assert kl < 0.05
+
+
+def test_direction_edit_is_the_plan_of_every_writer_at_scale_one(tiny, tiny_dir, tmp_path):
+    """What selection scores a candidate with equals the ablation plan of every writer (embedding,
+    attention, MLP and experts, with their biases) at scale 1 applied at inference time, to float32
+    rounding: the plan's hooks project each expert's write, the direction edit their sum."""
+    from abliterate.config import Ablation
+    from abliterate.edit.ablate import load_inputs
+    from abliterate.edit.inference_edit import PlanEdit, storage_dtypes
+    from abliterate.edit.matching import resolve_plan
+    from abliterate.edit.plan import build_plan
+    from abliterate.measure.direction_file import save_directions
+    from abliterate.vocabulary import OPTIONAL_TARGETS, WRITER_ROLES
+    from abliterate.weights.checkpoint import choose_profile
+
+    model, tokenizer, directions = tiny
+    path = save_directions(tmp_path / "d.safetensors", directions.direction.float(), {"selected_position": 2})
+    inputs = load_inputs(tiny_dir, path)
+    writers = Ablation(
+        targets=[r for r in WRITER_ROLES if r != "embed"] + list(OPTIONAL_TARGETS), biases=True
+    )
+    s = inputs.structure
+    plan = resolve_plan(build_plan(s.num_layers, s.mtp_layers, writers, "auto"), inputs)
+    edit = PlanEdit(plan, inputs.directions, choose_profile(tiny_dir), storage_dtypes(inputs.inventory))
+    encoded = encode_prompts(tokenizer, HARMFUL + HARMLESS, Template(), "prompt")
+    pad = pad_token_id(tokenizer)
+    base = first_token_logprobs(model, encoded, 8, pad)
+    with edit.applied(model):
+        planned = first_token_logprobs(model, encoded, 8, pad)
+    with DirectionEdit(directions.direction[2].float()).applied(model):
+        ablated = first_token_logprobs(model, encoded, 8, pad)
+    assert float((planned - ablated).abs().max()) < 1e-6 < 1e-2 < float((base - ablated).abs().max())

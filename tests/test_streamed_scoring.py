@@ -23,26 +23,44 @@ from numerics import (
 )
 from tiny_chat_model import HARMFUL, HARMLESS, WORDS
 
-from abliterate.check.evaluate import EvalSettings, evaluate_model
+from abliterate.check.evaluate import evaluate_model
+from abliterate.config import Evaluation, Measurement, Runtime, Selection, Template
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
 from abliterate.edit.ablate import ablate_checkpoint
+from abliterate.edit.inference_edit import DirectionEdit
+from abliterate.inference.loading import load_model, pad_token_id
 from abliterate.inference.refusal import is_refusal
 from abliterate.inference.runner import InMemoryForward, StreamedForward, stop_ids
+from abliterate.measure.chat import encode_prompts
 from abliterate.measure.direction_file import save_directions
 from abliterate.measure.directions import compute_directions
-from abliterate.measure.means import (
-    MeasureSettings,
-    encode_prompts,
-    load_model,
-    measure,
-    pad_token_id,
-)
+from abliterate.measure.means import measure
 from abliterate.measure.prompts import load_prompts
-from abliterate.select.selection import SelectionSettings, select_direction
+from abliterate.select.selection import select_direction
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
-SETTINGS = MeasureSettings(batch_size=8)
+MEASURED = (Measurement(), Template())  # the sections that encode the prompts as measured
+RUNTIME = Runtime(device="cpu", dtype="float32", batch_size=8)
+
+
+def encode(tokenizer, prompts):
+    return encode_prompts(tokenizer, prompts, Template(), "prompt")
+
+
+def select(model, tokenizer, directions, harmful, harmless, selection=Selection(), runtime=RUNTIME):
+    return select_direction(
+        model,
+        tokenizer,
+        directions,
+        harmful,
+        harmless,
+        *MEASURED,
+        selection,
+        Evaluation(),
+        runtime,
+        progress=False,
+    )
 
 
 def demo_prompts(kind: str, split: str, n: int) -> list[str]:
@@ -62,20 +80,21 @@ def assert_same_selection(model, tokenizer, directions, harmful_val, harmless_va
     )
     assert [c.position for c in memory.candidates] == [c.position for c in streamed.candidates]
     assert memory.kl_prompts == streamed.kl_prompts
-    harmful = encode_prompts(tokenizer, harmful_val, SETTINGS, None)
-    harmless = encode_prompts(tokenizer, harmless_val, SETTINGS, None)
+    harmful = encode(tokenizer, harmful_val)
+    harmless = encode(tokenizer, harmless_val)
     everything = harmful + harmless
     d0 = delta(model, everything, None, n)
     assert abs(memory.baseline_refusal_score - streamed.baseline_refusal_score) <= logodds_atol(d0)
     forward = InMemoryForward(model)
-    variants = [None] + [directions.direction[c.position].float() for c in memory.candidates]
+    vectors = [None] + [directions.direction[c.position].float() for c in memory.candidates]
+    variants = [None] + [DirectionEdit(r) for r in vectors[1:]]
     logprobs = {
         v: lp for v, label, lp in forward.first_token_logprobs({"harmless": harmless}, variants, 8, 0)
     }
     answered = ~torch.isin(logprobs[0].argmax(-1), torch.tensor(memory.refusal_token_ids))
     bounds = {}
     for v, (m, s) in enumerate(zip(memory.candidates, streamed.candidates, strict=True), start=1):
-        dv = delta(model, everything, variants[v], n)
+        dv = delta(model, everything, vectors[v], n)
         score_bound = logodds_atol(dv)
         kl_bound = kl_atol(d0, dv, logprobs[0][answered], logprobs[v][answered])
         assert abs(m.refusal_score - s.refusal_score) <= score_bound, (m, s, score_bound)
@@ -110,33 +129,24 @@ def demo():
         tokenizer,
         demo_prompts("harmful", "train", 64),
         demo_prompts("harmless", "train", 64),
-        SETTINGS,
+        *MEASURED,
+        RUNTIME,
         progress=False,
     )
-    return model, tokenizer, compute_directions(measured)
+    return model, tokenizer, compute_directions(measured, Measurement().direction_method)
 
 
 def demo_terms(tokenizer, prompts) -> int:
-    longest = max(len(ids) for ids in encode_prompts(tokenizer, prompts, SETTINGS, None))
+    longest = max(len(ids) for ids in encode(tokenizer, prompts))
     return accumulation_length(DEMO_MODEL_DIR, longest)
 
 
 def test_streamed_selection_equals_in_memory_on_demo(demo):
     model, tokenizer, directions = demo
     harmful_val, harmless_val = demo_prompts("harmful", "val", 32), demo_prompts("harmless", "val", 32)
-    chooser = SelectionSettings(batch_size=8)
-    memory = select_direction(
-        model, tokenizer, directions, harmful_val, harmless_val, SETTINGS, chooser, progress=False
-    )
-    streamed = select_direction(
-        StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"),
-        tokenizer,
-        directions,
-        harmful_val,
-        harmless_val,
-        SETTINGS,
-        chooser,
-        progress=False,
+    memory = select(model, tokenizer, directions, harmful_val, harmless_val)
+    streamed = select(
+        StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"), tokenizer, directions, harmful_val, harmless_val
     )
     # the demo model's own refusals start with "I": found from its replies, not from the fixed list
     assert memory.refusal_tokens == ["I"] and memory.refusal_tokens_source == "replies"
@@ -144,16 +154,16 @@ def test_streamed_selection_equals_in_memory_on_demo(demo):
     assert (streamed.streamed, memory.streamed) == (True, False)
     # One pass over the weights per probe token until every reply refuses or ends (the demo says "I
     # cannot ..." : 2 tokens), then one for the baseline and every candidate together.
-    encoded = encode_prompts(tokenizer, harmful_val, SETTINGS, None)
+    encoded = encode(tokenizer, harmful_val)
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
     replies = InMemoryForward(model).greedy(
-        encoded, chooser.refusal_probe_tokens, 8, pad_token_id(tokenizer), stops
+        encoded, Evaluation().refusal_probe_tokens, 8, pad_token_id(tokenizer), stops
     )
     needed = max(
         next((k for k in range(1, len(r) + 1) if is_refusal(tokenizer.decode(r[:k]))), len(r))
         for r in replies
     )
-    assert needed == 2 < chooser.refusal_probe_tokens
+    assert needed == 2 < Evaluation().refusal_probe_tokens
     assert streamed.weight_reads == needed + 1 and len(streamed.candidates) == 4
     n = demo_terms(tokenizer, harmful_val + harmless_val)
     assert_same_selection(model, tokenizer, directions, harmful_val, harmless_val, memory, streamed, n)
@@ -164,7 +174,7 @@ def test_streamed_greedy_replies_equal_generate(demo):
     margin exceeds twice the log-probability bound (on the trained demo model: every step)."""
     model, tokenizer, _ = demo
     prompts = demo_prompts("harmful", "val", 8) + demo_prompts("harmless", "val", 8)
-    encoded = encode_prompts(tokenizer, prompts, SETTINGS, None)
+    encoded = encode(tokenizer, prompts)
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
     memory = InMemoryForward(model).greedy(encoded, 6, 8, pad_token_id(tokenizer), stops)
     streamed = StreamedForward(DEMO_MODEL_DIR, "float32", "cpu").greedy(
@@ -187,15 +197,8 @@ def test_streamed_greedy_replies_equal_generate(demo):
 def demo_ablated(demo, tmp_path_factory):
     """The demo model with its selected direction projected out of the weights, by the engine."""
     model, tokenizer, directions = demo
-    chosen = select_direction(
-        model,
-        tokenizer,
-        directions,
-        demo_prompts("harmful", "val", 32),
-        demo_prompts("harmless", "val", 32),
-        SETTINGS,
-        SelectionSettings(batch_size=8),
-        progress=False,
+    chosen = select(
+        model, tokenizer, directions, demo_prompts("harmful", "val", 32), demo_prompts("harmless", "val", 32)
     )
     root = tmp_path_factory.mktemp("ablated")
     path = save_directions(
@@ -210,16 +213,13 @@ def test_streamed_evaluation_equals_in_memory_on_demo(demo, demo_ablated):
     evaluation; the refusal tokens are the baseline's own either way."""
     model, tokenizer, _ = demo
     harmful, harmless = demo_prompts("harmful", "test", 24), demo_prompts("harmless", "test", 24)
-    settings = EvalSettings(max_new_tokens=8, batch_size=8)
-    memory = evaluate_model(demo_ablated, harmful, harmless, DEMO_MODEL_DIR, settings, progress=False)
+    settings = Evaluation(max_new_tokens=8), Template(), Runtime(device="cpu", dtype="float32", batch_size=8)
+    memory = evaluate_model(
+        demo_ablated, harmful, harmless, *settings, False, baseline_dir=DEMO_MODEL_DIR, progress=False
+    )
+    # full replies `auto`: none for a layer-streamed model
     streamed = evaluate_model(
-        demo_ablated,
-        harmful,
-        harmless,
-        DEMO_MODEL_DIR,
-        EvalSettings(max_new_tokens=8, batch_size=8, full_replies=False),
-        stream=True,
-        progress=False,
+        demo_ablated, harmful, harmless, *settings, True, baseline_dir=DEMO_MODEL_DIR, progress=False
     )
     assert memory.full_replies and not streamed.full_replies and streamed.streamed
     assert streamed.refusal_rate_harmful is None and not streamed.examples
@@ -241,19 +241,32 @@ def test_full_replies_of_an_over_budget_model_run_offloaded(demo, demo_ablated, 
     """Asked for, full replies of a streamed model come from accelerate's offloaded model (every decoder
     layer on disk here): the same replies and refusal rates as in memory, and the cost stated."""
     harmful, harmless = demo_prompts("harmful", "test", 6), demo_prompts("harmless", "test", 6)
-    settings = EvalSettings(max_new_tokens=8, batch_size=8)
-    memory = evaluate_model(demo_ablated, harmful, harmless, DEMO_MODEL_DIR, settings, progress=False)
+    evaluation, template = Evaluation(max_new_tokens=8, full_replies="always"), Template()
+    runtime = Runtime(device="cpu", dtype="float32", batch_size=8)
+    memory = evaluate_model(
+        demo_ablated,
+        harmful,
+        harmless,
+        evaluation,
+        template,
+        runtime,
+        False,
+        baseline_dir=DEMO_MODEL_DIR,
+        progress=False,
+    )
     offloaded = evaluate_model(
         demo_ablated,
         harmful,
         harmless,
-        DEMO_MODEL_DIR,
-        settings,
-        stream=True,
-        budget=300 << 10,
+        evaluation,
+        template,
+        runtime.model_copy(update={"memory_budget": str(300 << 10)}),
+        True,
+        baseline_dir=DEMO_MODEL_DIR,
         progress=False,
     )
     assert offloaded.full_replies and offloaded.streamed
+    assert memory.replies_cost is None and "read from disk" in offloaded.replies_cost
     assert [(r.response_before, r.response_after) for r in offloaded.examples] == [
         (r.response_before, r.response_after) for r in memory.examples
     ]
@@ -292,26 +305,17 @@ def test_streamed_selection_equals_in_memory_on_glm_air_layout(glm_air):
     """Random weights refuse nothing, so the refusal tokens are the markers' openers ("I"); every
     candidate's scores within the bounds, and the same choice."""
     model, tokenizer = load_model(glm_air)
-    directions = compute_directions(measure(model, tokenizer, HARMFUL, HARMLESS, SETTINGS, progress=False))
-    chooser = SelectionSettings(kl_threshold=1e9, skip_last_fraction=0.0, batch_size=3)
-    memory = select_direction(
-        model, tokenizer, directions, HARMFUL, HARMLESS, SETTINGS, chooser, progress=False
-    )
-    streamed = select_direction(
-        StreamedForward(glm_air, "float32", "cpu"),
-        tokenizer,
-        directions,
-        HARMFUL,
-        HARMLESS,
-        SETTINGS,
-        chooser,
-        progress=False,
+    measured = measure(model, tokenizer, HARMFUL, HARMLESS, *MEASURED, RUNTIME, progress=False)
+    directions = compute_directions(measured, Measurement().direction_method)
+    chooser = Selection(kl_threshold=1e9, skip_last_fraction=0.0)
+    runtime = RUNTIME.model_copy(update={"batch_size": 3})
+    memory = select(model, tokenizer, directions, HARMFUL, HARMLESS, chooser, runtime)
+    streamed = select(
+        StreamedForward(glm_air, "float32", "cpu"), tokenizer, directions, HARMFUL, HARMLESS, chooser, runtime
     )
     assert memory.refusal_tokens_source == "markers" and memory.refusal_tokens == ["I"]
     assert len(memory.candidates) == 4  # positions 1-4 (position 0: every prompt ends in the same token)
-    n = accumulation_length(
-        glm_air, max(len(x) for x in encode_prompts(tokenizer, HARMFUL + HARMLESS, SETTINGS, None))
-    )
+    n = accumulation_length(glm_air, max(len(x) for x in encode(tokenizer, HARMFUL + HARMLESS)))
     assert_same_selection(model, tokenizer, directions, HARMFUL, HARMLESS, memory, streamed, n)
 
 
@@ -324,16 +328,12 @@ def test_streamed_evaluation_equals_in_memory_on_glm_air_layout(glm_air, tmp_pat
     )
     path = save_directions(tmp_path / "directions.safetensors", direction, {"selected_position": 2})
     ablate_checkpoint(glm_air, path, tmp_path / "out", progress=False, log=lambda _: None, force=True)
-    settings = EvalSettings(max_new_tokens=4, batch_size=3)
-    memory = evaluate_model(tmp_path / "out", HARMFUL, HARMLESS, glm_air, settings, progress=False)
+    settings = Evaluation(max_new_tokens=4), Template(), Runtime(device="cpu", dtype="float32", batch_size=3)
+    memory = evaluate_model(
+        tmp_path / "out", HARMFUL, HARMLESS, *settings, False, baseline_dir=glm_air, progress=False
+    )
     streamed = evaluate_model(
-        tmp_path / "out",
-        HARMFUL,
-        HARMLESS,
-        glm_air,
-        EvalSettings(max_new_tokens=4, batch_size=3, full_replies=False),
-        stream=True,
-        progress=False,
+        tmp_path / "out", HARMFUL, HARMLESS, *settings, True, baseline_dir=glm_air, progress=False
     )
     assert (
         memory.refusal_tokens == streamed.refusal_tokens == ["I"]

@@ -16,22 +16,24 @@ from numerics import (
     sample_rms,
 )
 from safetensors.torch import load_file, save_file
-from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model
+from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model, measure_sections
 
 from abliterate.cli import main
-from abliterate.config import Runtime
+from abliterate.config import Runtime, parse_size
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.demo.train import build_tokenizer
 from abliterate.errors import AbliterateError
-from abliterate.inference.streaming import choose_streaming, measure_streamed, parse_size, weight_bytes
+from abliterate.inference.loading import load_model
+from abliterate.inference.streaming import choose_streaming, weight_bytes
 from abliterate.measure.direction_file import load_directions
-from abliterate.measure.means import Measurement, MeasureSettings, load_model, measure_checkpoint
+from abliterate.measure.means import Measurement, measure_checkpoint
 from abliterate.measure.prompts import load_prompts
+from abliterate.measure.streamed import measure_streamed
 from abliterate.pipeline import decide_streaming, measure_stage
 from abliterate.weights.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
-SETTINGS = MeasureSettings(batch_size=3, system_prompt="Be concise.")
+SETTINGS = measure_sections(batch_size=3, system_prompt="Be concise.")
 
 
 def glm_layout(fused: bool, vocab_size: int) -> GlmLayout:
@@ -79,9 +81,10 @@ def glm_air(request, tmp_path_factory):
     return out
 
 
-def terms(model_dir, settings: MeasureSettings, prompts: list[str] = HARMFUL + HARMLESS) -> int:
-    """n of tests/numerics.py: the most terms any sum in a decoder layer of this model has."""
-    return accumulation_length(model_dir, longest_prompt(model_dir, prompts, settings))
+def terms(model_dir, settings: tuple, prompts: list[str] = HARMFUL + HARMLESS) -> int:
+    """n of tests/numerics.py: the most terms any sum in a decoder layer of this model has
+    (`settings`: the measurement's sections)."""
+    return accumulation_length(model_dir, longest_prompt(model_dir, prompts, settings[1]))
 
 
 def assert_same_measurement(streamed: Measurement, in_memory: Measurement, n: int) -> None:
@@ -89,10 +92,10 @@ def assert_same_measurement(streamed: Measurement, in_memory: Measurement, n: in
     at residual position i, 2 i STAGES_PER_LAYER n 2^-24 of each prompt's residual): the streamed path
     runs other kernels (one layer at a time, fused or per-expert weights, the sequence cut after the
     measured token)."""
-    assert (streamed.num_layers, streamed.hidden_size, streamed.settings) == (
+    assert (streamed.num_layers, streamed.hidden_size, streamed.record()) == (
         in_memory.num_layers,
         in_memory.hidden_size,
-        in_memory.settings,
+        in_memory.record(),
     )
     for label in ("harmful", "harmless"):
         s, m = getattr(streamed, label), getattr(in_memory, label)
@@ -107,28 +110,30 @@ def test_streamed_equals_in_memory_per_expert_keys(tiny, dtype, position):
     rounding. In bfloat16 a shorter sequence rounds differently (a stage's output rounds to 2^-8,
     far above the float32 bound), so only -1 there: both paths then run the same shapes in the same
     order, and bfloat16 kernels accumulate in float32, so the float32 bound applies."""
-    settings = MeasureSettings(batch_size=3, system_prompt="Be concise.", dtype=dtype, position=position)
-    streamed = measure_streamed(tiny, HARMFUL, HARMLESS, settings, progress=False)
-    in_memory = measure_checkpoint(tiny, HARMFUL, HARMLESS, settings, progress=False)
+    settings = measure_sections(
+        batch_size=3, system_prompt="Be concise.", dtype=dtype, token_position=position
+    )
+    streamed = measure_streamed(tiny, HARMFUL, HARMLESS, *settings, progress=False)
+    in_memory = measure_checkpoint(tiny, HARMFUL, HARMLESS, *settings, progress=False)
     assert_same_measurement(streamed, in_memory, terms(tiny, settings))
 
 
 def test_streamed_equals_in_memory_fused_keys(tiny, tiny_fused):
-    streamed = measure_streamed(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False)
+    streamed = measure_streamed(tiny_fused, HARMFUL, HARMLESS, *SETTINGS, progress=False)
     n = terms(tiny, SETTINGS)
     assert_same_measurement(
-        streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, SETTINGS, progress=False), n
+        streamed, measure_checkpoint(tiny_fused, HARMFUL, HARMLESS, *SETTINGS, progress=False), n
     )
     # both on-disk layouts hold the same model
-    assert_same_measurement(streamed, measure_streamed(tiny, HARMFUL, HARMLESS, SETTINGS, progress=False), n)
+    assert_same_measurement(streamed, measure_streamed(tiny, HARMFUL, HARMLESS, *SETTINGS, progress=False), n)
 
 
 def test_streamed_equals_in_memory_on_glm_air_layout(glm_air):
     """Dense layer 0, MoE layers with fp32 routers and correction bias, q/k/v biases, 3 shards;
     the MTP layer (index num_hidden_layers) is ignored as transformers ignores it."""
-    settings = MeasureSettings(batch_size=2, position=-2)
-    streamed = measure_streamed(glm_air, HARMFUL, HARMLESS, settings, progress=False)
-    in_memory = measure_checkpoint(glm_air, HARMFUL, HARMLESS, settings, progress=False)
+    settings = measure_sections(batch_size=2, token_position=-2)
+    streamed = measure_streamed(glm_air, HARMFUL, HARMLESS, *settings, progress=False)
+    in_memory = measure_checkpoint(glm_air, HARMFUL, HARMLESS, *settings, progress=False)
     assert_same_measurement(streamed, in_memory, terms(glm_air, settings))
     assert streamed.num_layers == 4 and streamed.harmful.mean.shape == (5, 16)
 
@@ -137,9 +142,9 @@ def test_streamed_equals_in_memory_on_glm_air_layout(glm_air):
 def test_streamed_equals_in_memory_on_demo_model():
     harmful = load_prompts(prompt_file("demo", "harmful", "train"))[:24]
     harmless = load_prompts(prompt_file("demo", "harmless", "train"))[:24]
-    settings = MeasureSettings(batch_size=8)
-    streamed = measure_streamed(DEMO_MODEL_DIR, harmful, harmless, settings, progress=False)
-    in_memory = measure_checkpoint(DEMO_MODEL_DIR, harmful, harmless, settings, progress=False)
+    settings = measure_sections(batch_size=8)
+    streamed = measure_streamed(DEMO_MODEL_DIR, harmful, harmless, *settings, progress=False)
+    in_memory = measure_checkpoint(DEMO_MODEL_DIR, harmful, harmless, *settings, progress=False)
     assert_same_measurement(streamed, in_memory, terms(DEMO_MODEL_DIR, settings, harmful + harmless))
 
 
@@ -167,10 +172,10 @@ def test_auto_mode_streams_only_over_budget(tiny):
     over, fits = Runtime(memory_budget=str(total - 1)), Runtime(memory_budget=str(total))
     assert decide_streaming(tiny, over) and not decide_streaming(tiny, fits)
     streamed = measure_stage(
-        tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, over), progress=False
+        tiny, HARMFUL, HARMLESS, *SETTINGS, stream=decide_streaming(tiny, over), progress=False
     )
     in_memory = measure_stage(
-        tiny, HARMFUL, HARMLESS, SETTINGS, stream=decide_streaming(tiny, fits), progress=False
+        tiny, HARMFUL, HARMLESS, *SETTINGS, stream=decide_streaming(tiny, fits), progress=False
     )
     assert_same_measurement(streamed, in_memory, terms(tiny, SETTINGS))
     with pytest.raises(AbliterateError, match="streaming.*sometimes"):
@@ -186,7 +191,7 @@ def test_missing_expert_tensor_names_the_layer(tiny, tmp_path):
     with pytest.raises(
         AbliterateError, match=r"decoder layer 2: .*model\.layers\.2\.mlp\.experts\.gate_up_proj"
     ):
-        measure_streamed(broken, HARMFUL, HARMLESS, SETTINGS, progress=False)
+        measure_streamed(broken, HARMFUL, HARMLESS, *SETTINGS, progress=False)
 
 
 def test_unknown_tensor_in_a_layer_is_an_error(tiny, tmp_path):
@@ -198,7 +203,7 @@ def test_unknown_tensor_in_a_layer_is_an_error(tiny, tmp_path):
     with pytest.raises(
         AbliterateError, match=r"decoder layer 1: .*'model\.layers\.1\.mlp\.extra\.weight'.*no place"
     ):
-        measure_streamed(odd, HARMFUL, HARMLESS, SETTINGS, progress=False)
+        measure_streamed(odd, HARMFUL, HARMLESS, *SETTINGS, progress=False)
 
 
 def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
@@ -241,13 +246,13 @@ def test_measure_cli_streams_on_request_or_over_budget(tiny, tmp_path, capsys):
     reference = load_directions(tmp_path / "memory" / "directions.safetensors")
     # The bound of tests/numerics.py, scaled by the residuals' size, which the file does not hold.
     template = reference.metadata["template"]
-    settings = MeasureSettings.create(
-        template["chat_template_kwargs"],
+    settings = measure_sections(
+        chat_template_kwargs=template["chat_template_kwargs"],
         system_prompt=template["system_prompt"],
         batch_size=3,
-        position=reference.metadata["position"],
+        token_position=reference.metadata["position"],
     )
-    stats = measure_checkpoint(tiny, HARMFUL, HARMLESS, settings, progress=False)
+    stats = measure_checkpoint(tiny, HARMFUL, HARMLESS, *settings, progress=False)
     rtol = position_rtol(stats.num_positions, terms(tiny, settings), len(HARMFUL))
     moved = {label: rtol * sample_rms(getattr(stats, label)) for label in ("harmful", "harmless")}
     harmful, harmless = reference.harmful_mean.double(), reference.harmless_mean.double()
@@ -306,4 +311,4 @@ def test_nan_weights_name_the_residual_position(tiny, tmp_path):
     tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AbliterateError, match=r"residual position 2 \(output of decoder layer 1"):
-        measure_streamed(bad, HARMFUL, HARMLESS, SETTINGS, progress=False)
+        measure_streamed(bad, HARMFUL, HARMLESS, *SETTINGS, progress=False)

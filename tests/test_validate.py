@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.check.validate import residual_tolerance, validate_output
+from abliterate.check.residuals import residual_tolerance
+from abliterate.check.validate import validate_output
 from abliterate.cli import main
+from abliterate.config import Ablation
 from abliterate.edit.ablate import ablate_checkpoint, load_inputs
-from abliterate.edit.engine import TORCH_DTYPES
-from abliterate.edit.matching import default_plan
+from abliterate.edit.matching import configured_plan
 from abliterate.edit.orthogonalize import project_out_
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions, save_directions
 from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import build_inventory
+from abliterate.weights.dtypes import TORCH_DTYPES
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 SMALL = GlmLayout(num_layers=12, n_routed_experts=4, num_experts_per_tok=2, hidden_size=16)
@@ -32,10 +34,10 @@ def write_directions(path: Path, hidden: int, positions: int, seed: int = 1) -> 
     return save_directions(path, direction, {"selected_position": positions // 2})
 
 
-def ablate(src: Path, out: Path, directions_path: Path, **plan_specs) -> Path:
-    """Run the ablation engine with a plan built from `plan_specs` (as `abliterate ablate` takes them)."""
+def ablate(src: Path, out: Path, directions_path: Path, **settings) -> Path:
+    """Run the ablation engine with the plan of these ablation settings (as `abliterate ablate` takes them)."""
     inputs = load_inputs(src, directions_path)
-    plan = default_plan(inputs, **plan_specs)
+    plan = configured_plan(inputs, Ablation(**settings), "auto")
     ablate_checkpoint(src, directions_path, out, plan=plan, progress=False, log=lambda _: None, inputs=inputs)
     return out
 

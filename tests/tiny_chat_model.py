@@ -7,10 +7,12 @@ Random weights: good for checking what measurement computes, not for refusal beh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
+from abliterate.config import Measurement, Runtime, Template
 from abliterate.demo.train import build_tokenizer
 
 WORDS = (
@@ -67,3 +69,13 @@ def build_tiny_chat_model(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def measure_sections(**fields: Any) -> tuple[Measurement, Template, Runtime]:
+    """The sections the measurement takes, each field routed to its section by name; the runtime
+    resolved for a CPU test (device cpu, dtype float32 unless given)."""
+    parts = []
+    for cls in (Measurement, Template):
+        parts.append(cls(**{k: fields.pop(k) for k in list(fields) if k in cls.model_fields}))
+    runtime = Runtime(**{"device": "cpu", "dtype": "float32", **fields})
+    return parts[0], parts[1], runtime

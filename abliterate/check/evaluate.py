@@ -6,21 +6,26 @@ test prompts rendered with the model's chat template:
 - first-token figures, from one forward pass per prompt (one read of the weights when the model
   is layer-streamed, `abliterate.inference.runner`):
   - `refusal_score_harmful`: the mean log-odds that the reply to a harmful prompt starts with a
-    refusal token (the tokens the baseline's own refusals start with, `abliterate.select.selection`);
+    refusal token (the tokens the baseline's own refusals start with, `abliterate.inference.refusal`);
   - `first_token_refusal_rate_*`: the share of prompts whose greedy first reply token is a
     refusal token;
   - with a baseline: `kl_harmless`, the mean over harmless prompts of KL(baseline || model) of the
     first reply token's distribution, in nats: how much the ablated model loses about what the
     original would say first (the figure selection uses, so they compare);
-- with full replies (`EvalSettings.full_replies`; greedy, at most `max_new_tokens` new tokens):
+- with full replies (`Evaluation.replies`: a model in memory, or any model with `full_replies`
+  always; greedy, at most `max_new_tokens` new tokens):
   `refusal_rate_*`, the share of replies that contain a refusal marker (`abliterate.inference.refusal`,
   case- and apostrophe-insensitive), and a table of example prompts with the replies before
   (baseline) and after (model). A model over the memory budget makes them only when asked, run
   offloaded by accelerate, which reads the offloaded weights once per new token and batch
   (`replies_cost` states it).
 
-`measure_behaviour` runs one model; `compare` turns two behaviours into the result;
-`evaluate_loaded` and `evaluate_model` chain them for loaded models and model folders.
+The settings are the configuration's sections: Evaluation, Template and Runtime (resolved for the
+model: a concrete device and dtype). `measure_behaviour` runs one model, `compare` turns two
+behaviours into the result; `evaluate_loaded` chains them for a loaded model. For model folders,
+`model_behaviour` measures one model (the baseline) and `evaluate_model` evaluates a model against
+a baseline behaviour (measuring it from `baseline_dir` when not given): the CLI and the cached tasks
+of the flows run these same two functions.
 """
 
 from __future__ import annotations
@@ -29,47 +34,26 @@ import gc
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from abliterate.config import Evaluation, Runtime, Template, parse_size
 from abliterate.errors import AbliterateError
-from abliterate.inference.refusal import is_refusal
-from abliterate.measure.prompts import describe_prompt
-from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
-
-DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_EXAMPLES = 5  # example rows per prompt kind
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    batch_size: int = DEFAULT_BATCH_SIZE
-    markers: tuple[str, ...] = DEFAULT_REFUSAL_MARKERS
-    system_prompt: str | None = None
-    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs
-    n_examples: int | None = DEFAULT_EXAMPLES  # per kind; None: every prompt
-    full_replies: bool = True  # greedy replies of max_new_tokens tokens (refusal rates, examples)
-    refusal_probe_tokens: int = 6  # reply tokens that find the refusal tokens when none are given
-    dtype: str = "float32"  # the compute dtype
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise AbliterateError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise AbliterateError(f"batch size must be at least 1, got {self.batch_size}")
-        if not self.markers or not all(isinstance(m, str) and m.strip() for m in self.markers):
-            raise AbliterateError(
-                "the refusal marker list is empty or holds blank markers: give at least one phrase"
-            )
-        if self.n_examples is not None and self.n_examples < 0:
-            raise AbliterateError(f"the number of examples must be >= 0, got {self.n_examples}")
-        if self.refusal_probe_tokens < 0:
-            raise AbliterateError(f"refusal probe tokens must be >= 0, got {self.refusal_probe_tokens}")
+from abliterate.inference.devices import available_memory
+from abliterate.inference.loading import load_model, pad_token_id
+from abliterate.inference.refusal import (
+    find_refusal_tokens,
+    is_refusal,
+    marker_phrases,
+    refusal_tokens_from_replies,
+)
+from abliterate.inference.runner import as_forward, model_forward, stop_ids
+from abliterate.inference.scores import first_token_kl, refusal_logodds
+from abliterate.inference.streaming import weight_bytes
+from abliterate.measure.chat import context_length, encode_prompts
 
 
 @dataclass
@@ -236,42 +220,21 @@ def _clip(text: str, width: int) -> str:
 # ---------------------------------------------------------------- one model
 
 
-def encode(
-    tokenizer: Any, prompts: Sequence[str], settings: EvalSettings, label: str, context: int | None = None
-) -> list[list[int]]:
-    """Chat-rendered token ids; each prompt plus the reply budget must fit in `context` tokens."""
-    from abliterate.measure.chat import render_chat
-
-    if not prompts:
-        raise AbliterateError(f"the {label} test prompt set is empty: give at least one prompt")
-    texts = render_chat(
-        tokenizer, list(prompts), system_prompt=settings.system_prompt, **dict(settings.chat_template_kwargs)
-    )
-    # The rendered text already holds the template's special tokens.
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    for index, ids in enumerate(encoded):
-        if context is not None and len(ids) + settings.max_new_tokens > context:
-            raise AbliterateError(
-                f"{label} prompt {describe_prompt(prompts[index], f'#{index}')} is {len(ids)} tokens after chat "
-                f"rendering; with {settings.max_new_tokens} "
-                f"new tokens it exceeds the model's context of {context}: shorten it or lower --max-new-tokens"
-            )
-    return encoded
-
-
 def _reply_ids(
-    forward: Any, tokenizer: Any, encoded: Any, settings: EvalSettings, label: str, progress: bool
-):
-    from abliterate.inference.runner import stop_ids
-    from abliterate.measure.means import pad_token_id
-
-    stops = stop_ids(forward.generation_eos, tokenizer)
+    forward: Any,
+    tokenizer: Any,
+    encoded: Any,
+    evaluation: Evaluation,
+    runtime: Runtime,
+    label: str,
+    progress: bool,
+) -> list[list[int]]:
     return forward.greedy(
         encoded,
-        settings.max_new_tokens,
-        settings.batch_size,
+        evaluation.max_new_tokens,
+        runtime.batch_size,
         pad_token_id(tokenizer),
-        stops,
+        stop_ids(forward.generation_eos, tokenizer),
         progress,
         f"evaluate: {label}",
     )
@@ -281,85 +244,78 @@ def _texts(tokenizer: Any, replies: list[list[int]]) -> list[str]:
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
 
 
-def _context(forward: Any) -> int | None:
-    context = getattr(forward.config, "max_position_embeddings", None)
-    return context if isinstance(context, int) and 0 < context < 10_000_000 else None
-
-
 def measure_behaviour(
     model: Any,
     tokenizer: Any,
     harmful: Sequence[str],
     harmless: Sequence[str],
-    settings: EvalSettings | None = None,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
     progress: bool = True,
     refusal_ids: Sequence[int] | None = None,
     replier: Any = None,
 ) -> Behaviour:
     """One model's first-token figures (one forward pass per prompt: one read of the weights when
-    layer-streamed), and its full greedy replies when `settings.full_replies`.
+    layer-streamed), and its full greedy replies when `evaluation.replies` says so for this model.
 
     `model`: a loaded model or a forward (`abliterate.inference.runner`). `replier`: what generates the full
     replies (default: `model`); for a layer-streamed model, a function that loads the offloaded model
     (`load_model` with a budget), called here and dropped before the streamed pass, so host memory
     never holds both.
     `refusal_ids`: the refusal tokens (the baseline's, so before and after count the same tokens);
-    None: this model's own, from its replies (`abliterate.select.selection.refusal_tokens_from_replies`)."""
-    from abliterate.inference.runner import as_forward
-    from abliterate.measure.means import pad_token_id
-    from abliterate.select.selection import find_refusal_tokens, refusal_logodds, refusal_tokens_from_replies
-
-    settings = settings or EvalSettings()
+    None: this model's own, from its replies (`abliterate.inference.refusal.refusal_tokens_from_replies`)."""
     forward = as_forward(model)
-    context = _context(forward)
-    harmful_ids = encode(tokenizer, harmful, settings, "harmful", context)
-    harmless_ids = encode(tokenizer, harmless, settings, "harmless", context)
+    markers = marker_phrases(evaluation)
+    context = context_length(forward)  # the model's own: prompt plus reply must fit in it
+    reply_tokens = evaluation.max_new_tokens
+    harmful_ids = encode_prompts(tokenizer, harmful, template, "harmful test", context, reply_tokens)
+    harmless_ids = encode_prompts(tokenizer, harmless, template, "harmless test", context, reply_tokens)
     harmful_replies = harmless_replies = None
     reply_ids = None
-    if settings.full_replies:
+    if evaluation.replies(forward.streamed):
         generator = forward if replier is None else as_forward(replier() if callable(replier) else replier)
-        reply_ids = _reply_ids(generator, tokenizer, harmful_ids, settings, "harmful", progress)
+        reply_ids = _reply_ids(generator, tokenizer, harmful_ids, evaluation, runtime, "harmful", progress)
         harmful_replies = _texts(tokenizer, reply_ids)
         harmless_replies = _texts(
-            tokenizer, _reply_ids(generator, tokenizer, harmless_ids, settings, "harmless", progress)
+            tokenizer,
+            _reply_ids(generator, tokenizer, harmless_ids, evaluation, runtime, "harmless", progress),
         )
         del generator, replier
         gc.collect()  # an offloaded model's modules and offload folder go before the streamed pass
     if refusal_ids is not None:
         ids, source = sorted(int(i) for i in refusal_ids), "given"
     else:
-        probe = settings.refusal_probe_tokens
+        probe = evaluation.refusal_probe_tokens
         try:
             if reply_ids is not None and probe > 0:
-                found = refusal_tokens_from_replies(tokenizer, reply_ids, settings.markers, probe)
+                found = refusal_tokens_from_replies(tokenizer, reply_ids, markers, probe)
             else:
                 found = find_refusal_tokens(
-                    forward, tokenizer, harmful_ids, settings.markers, probe, settings.batch_size, progress
+                    forward, tokenizer, harmful_ids, markers, probe, runtime.batch_size, progress
                 )
             ids, source = found.ids, found.source
         except AbliterateError:  # no refusal token to be found: the first-token refusal figures are left out
             ids, source = [], "none"
-    first = dict(
-        (
-            (label, logprobs)
-            for _, label, logprobs in forward.first_token_logprobs(
-                {"harmful": harmful_ids, "harmless": harmless_ids},
-                [None],
-                settings.batch_size,
-                pad_token_id(tokenizer),
-                progress,
-            )
+    first = {
+        label: logprobs
+        for _, label, logprobs in forward.first_token_logprobs(
+            {"harmful": harmful_ids, "harmless": harmless_ids},
+            [None],
+            runtime.batch_size,
+            pad_token_id(tokenizer),
+            progress,
         )
-    )
+    }
     return Behaviour(
         harmful_replies=harmful_replies,
         harmless_replies=harmless_replies,
         harmful_refused=None
         if harmful_replies is None
-        else [is_refusal(r, settings.markers) for r in harmful_replies],
+        else [is_refusal(r, markers) for r in harmful_replies],
         harmless_refused=None
         if harmless_replies is None
-        else [is_refusal(r, settings.markers) for r in harmless_replies],
+        else [is_refusal(r, markers) for r in harmless_replies],
         harmless_logprobs=first["harmless"],
         harmful_refusal_logodds=refusal_logodds(first["harmful"], ids).tolist() if ids else [],
         harmful_first_tokens=first["harmful"].argmax(dim=-1).tolist(),
@@ -375,13 +331,12 @@ def compare(
     harmful: Sequence[str],
     harmless: Sequence[str],
     after: Behaviour,
-    before: Behaviour | None = None,
-    settings: EvalSettings | None = None,
+    before: Behaviour | None,
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
 ) -> EvaluationResult:
     """The figures and example rows of `after`, against the baseline behaviour `before` if given."""
-    from abliterate.select.selection import first_token_kl
-
-    settings = settings or EvalSettings()
     kl = None
     if before is not None:
         if before.harmless_logprobs.shape != after.harmless_logprobs.shape:
@@ -397,10 +352,9 @@ def compare(
     ):
         if replies is None or refused is None:
             continue
-        limit = len(prompts) if settings.n_examples is None else min(settings.n_examples, len(prompts))
         old_replies = getattr(before, f"{kind}_replies", None)
         old_refused = getattr(before, f"{kind}_refused", None)
-        for i in range(limit):
+        for i in range(min(evaluation.examples, len(prompts))):
             rows.append(
                 ExampleRow(
                     prompt=prompts[i],
@@ -420,7 +374,7 @@ def compare(
         baseline_refusal_rate_harmful=before.refusal_rate_harmful if before else None,
         baseline_refusal_rate_harmless=before.refusal_rate_harmless if before else None,
         examples=rows,
-        settings=_settings_dict(settings),
+        settings=evaluation_settings(evaluation, template, runtime, after.streamed),
         refusal_score_harmful=after.refusal_score_harmful,
         first_token_refusal_rate_harmful=after.first_token_refusal_rate_harmful,
         first_token_refusal_rate_harmless=after.first_token_refusal_rate_harmless,
@@ -437,11 +391,23 @@ def compare(
     )
 
 
-def _settings_dict(settings: EvalSettings) -> dict[str, Any]:
-    data = asdict(settings)
-    data["markers"] = list(settings.markers)
-    data["chat_template_kwargs"] = dict(settings.chat_template_kwargs)
-    return data
+def evaluation_settings(
+    evaluation: Evaluation, template: Template, runtime: Runtime, stream: bool
+) -> dict[str, Any]:
+    """The settings that decide an evaluation's figures, as recorded in its result (and keyed by the
+    cached tasks): not where it runs (device, in memory or layer-streamed), which changes only rounding,
+    but whether it makes full replies."""
+    return {
+        "max_new_tokens": evaluation.max_new_tokens,
+        "batch_size": runtime.batch_size,
+        "markers": list(marker_phrases(evaluation)),
+        "system_prompt": template.system_prompt,
+        "chat_template_kwargs": dict(sorted(template.chat_template_kwargs.items())),
+        "examples": evaluation.examples,
+        "full_replies": evaluation.replies(stream),
+        "refusal_probe_tokens": evaluation.refusal_probe_tokens,
+        "dtype": runtime.dtype,
+    }
 
 
 def evaluate_loaded(
@@ -449,99 +415,121 @@ def evaluate_loaded(
     tokenizer: Any,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
     baseline: Behaviour | None = None,
-    settings: EvalSettings | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model (loaded, or a forward), against a baseline behaviour measured earlier (e.g.
     before an edit), counting the baseline's refusal tokens."""
     began = time.perf_counter()
-    settings = settings or EvalSettings()
-    ids = baseline.refusal_token_ids if baseline is not None and baseline.refusal_token_ids else None
-    after = measure_behaviour(model, tokenizer, harmful, harmless, settings, progress, ids)
-    result = compare(harmful, harmless, after, baseline, settings)
+    ids = baseline.refusal_token_ids if baseline is not None else None
+    after = measure_behaviour(
+        model, tokenizer, harmful, harmless, evaluation, template, runtime, progress, ids
+    )
+    result = compare(harmful, harmless, after, baseline, evaluation, template, runtime)
     result.seconds = round(time.perf_counter() - began, 3)
     return result
 
 
-def replies_cost(
-    model_dir: str | Path, dtype: str, budget: int, n_prompts: int, settings: EvalSettings
-) -> str:
-    """What full greedy replies cost on a model offloaded beyond `budget` bytes: accelerate reads every
-    offloaded weight from disk once per new token of every batch (and first writes the weights it
-    must convert, such as per-expert tensors fused in memory, to its offload folder)."""
-    from abliterate.inference.streaming import weight_bytes
+def reply_budget(runtime: Runtime) -> int:
+    """Host memory an offloaded model may hold for its full replies: the memory budget, else the free
+    host memory."""
+    budget = parse_size(runtime.memory_budget)
+    return available_memory("cpu") if budget is None else budget
 
-    total = weight_bytes(model_dir, dtype).total
+
+def replies_cost(
+    model_dir: str | Path, n_prompts: int, evaluation: Evaluation, runtime: Runtime, stream: bool
+) -> str | None:
+    """What full greedy replies cost on a layer-streamed model, which makes them offloaded beyond the
+    budget: accelerate reads every offloaded weight from disk once per new token of every batch (and
+    first writes the weights it must convert, such as per-expert tensors fused in memory, to its
+    offload folder). None: no offloaded replies (a model in memory, or no full replies)."""
+    if not (stream and evaluation.replies(stream)):
+        return None
+    budget = reply_budget(runtime)
+    total = weight_bytes(model_dir, runtime.dtype).total
     offloaded = max(0, total - budget)
-    batches = math.ceil(n_prompts / settings.batch_size)
-    reads = batches * settings.max_new_tokens
+    batches = math.ceil(n_prompts / runtime.batch_size)
+    reads = batches * evaluation.max_new_tokens
     gib = 1 << 30
     return (
         f"full replies on an offloaded model: {offloaded / gib:.3g} GiB of its {total / gib:.3g} GiB of weights "
-        f"({dtype}) lie beyond the {budget / gib:.3g} GiB budget and are read from disk for each of "
-        f"{settings.max_new_tokens} new tokens of each of {batches} batches: {reads} reads, about "
+        f"({runtime.dtype}) lie beyond the {budget / gib:.3g} GiB budget and are read from disk for each of "
+        f"{evaluation.max_new_tokens} new tokens of each of {batches} batches: {reads} reads, about "
         f"{reads * offloaded / gib:.3g} GiB per model"
     )
 
 
-def load_behaviour_model(
-    model_dir: str | Path,
-    settings: EvalSettings,
-    device: str = "cpu",
-    stream: bool = False,
-    budget: int | None = None,
-) -> tuple[Any, Any, Any]:
+def _open_model(model_dir: str | Path, evaluation: Evaluation, runtime: Runtime, stream: bool):
     """(forward, replier, tokenizer) of one model: loaded, or layer-streamed with (when full replies are
-    asked for) `replier`, a function loading an offloaded copy that holds at most `budget` bytes of
-    host memory for the replies."""
-    from abliterate.inference.devices import available_memory
-    from abliterate.measure.means import load_model
-    from abliterate.pipeline import model_forward
-
-    forward, tokenizer = model_forward(model_dir, settings.dtype, device, stream)
+    asked for) `replier`, a function loading an offloaded copy within `reply_budget` for the replies."""
+    if runtime.dtype == "auto":
+        raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
+    forward, tokenizer = model_forward(model_dir, runtime.dtype, runtime.device, stream)
     replier = None
-    if stream and settings.full_replies:
-        budget = available_memory("cpu") if budget is None else budget
+    if stream and evaluation.replies(stream):
+        budget = reply_budget(runtime)
 
         def replier() -> Any:
-            return load_model(model_dir, settings.dtype, device, budget=budget)[0]
+            return load_model(model_dir, runtime.dtype, runtime.device, budget=budget)[0]
 
     return forward, replier, tokenizer
+
+
+def model_behaviour(
+    model_dir: str | Path,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    stream: bool,
+    refusal_ids: Sequence[int] | None = None,
+    progress: bool = True,
+) -> Behaviour:
+    """The behaviour of the model in `model_dir` (e.g. the original, as the baseline), in memory or
+    layer-streamed (`stream`), with `runtime` resolved for the model. `refusal_ids`: the refusal tokens
+    to count (e.g. those selection found); None: the model's own, from its replies."""
+    forward, replier, tokenizer = _open_model(model_dir, evaluation, runtime, stream)
+    return measure_behaviour(
+        forward, tokenizer, harmful, harmless, evaluation, template, runtime, progress, refusal_ids, replier
+    )
 
 
 def evaluate_model(
     model_dir: str | Path,
     harmful: Sequence[str],
     harmless: Sequence[str],
+    evaluation: Evaluation,
+    template: Template,
+    runtime: Runtime,
+    stream: bool,
+    baseline: Behaviour | None = None,
     baseline_dir: str | Path | None = None,
-    settings: EvalSettings | None = None,
-    dtype: str | None = None,
-    device: str = "cpu",
     progress: bool = True,
-    stream: bool = False,
-    budget: int | None = None,
 ) -> EvaluationResult:
-    """Evaluate the model in `model_dir`; with `baseline_dir`, compare it with that model, counting the
-    refusal tokens the baseline's own refusals start with for both.
+    """Evaluate the model in `model_dir` against the baseline behaviour (measured here from
+    `baseline_dir` when not given), counting the refusal tokens the baseline's own refusals start with
+    for both; without either, the model alone.
 
     The two models are loaded one after the other (the baseline first, then freed), so memory
     holds one model at a time; `stream`: each is read one decoder layer at a time instead.
     """
     began = time.perf_counter()
-    settings = settings or EvalSettings()
-    if dtype is not None and dtype != settings.dtype:
-        settings = replace(settings, dtype=dtype)
-    before = None
-    if baseline_dir is not None:
-        forward, replier, tokenizer = load_behaviour_model(baseline_dir, settings, device, stream, budget)
-        before = measure_behaviour(forward, tokenizer, harmful, harmless, settings, progress, replier=replier)
-        del forward, replier, tokenizer
-    forward, replier, tokenizer = load_behaviour_model(model_dir, settings, device, stream, budget)
-    ids = before.refusal_token_ids if before is not None else None
-    after = measure_behaviour(forward, tokenizer, harmful, harmless, settings, progress, ids, replier)
-    result = compare(harmful, harmless, after, before, settings)
+    if baseline is None and baseline_dir is not None:
+        baseline = model_behaviour(
+            baseline_dir, harmful, harmless, evaluation, template, runtime, stream, None, progress
+        )
+    ids = baseline.refusal_token_ids if baseline is not None else None
+    after = model_behaviour(
+        model_dir, harmful, harmless, evaluation, template, runtime, stream, ids, progress
+    )
+    result = compare(harmful, harmless, after, baseline, evaluation, template, runtime)
     result.model = str(model_dir)
     result.baseline = str(baseline_dir) if baseline_dir is not None else None
+    result.replies_cost = replies_cost(model_dir, len(harmful) + len(harmless), evaluation, runtime, stream)
     result.seconds = round(time.perf_counter() - began, 3)
     return result

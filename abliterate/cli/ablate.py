@@ -8,6 +8,8 @@ from pathlib import Path
 
 from abliterate.cli.inventory import add_profile_options
 from abliterate.config import Ablation, Runtime, Selection, add_options, from_args
+from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+from abliterate.edit.matching import configured_plan, describe_matches, plan_matches, resolve_plan
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.weights.checkpoint import choose_profile
@@ -92,9 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.edit.ablate import ablate_checkpoint, load_inputs
-    from abliterate.edit.matching import default_plan, describe_matches, plan_matches, resolve_plan
-
     ablation, runtime = from_args(Ablation, args), from_args(Runtime, args)
     position = from_args(Selection, args).direction_position
     if position == "none":
@@ -104,16 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         plan = resolve_plan(AblationPlan.from_yaml(_read(args.plan), f"plan file {args.plan}"), inputs)
     else:
-        plan = default_plan(
-            inputs,
-            layers=ablation.layers,
-            scale=ablation.scale,
-            targets=ablation.targets,
-            direction_position="selected" if position == "auto" else position,
-            method=ablation.ablation_method,
-            mtp=ablation.mtp,
-            biases=ablation.biases,
-        )
+        plan = configured_plan(inputs, ablation, position)
     if args.dry_run:
         for warning in inputs.warnings:
             print(f"warning: {warning}", file=sys.stderr)

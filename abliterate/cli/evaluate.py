@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from abliterate.config import Evaluation, Runtime, Template, add_options, eval_settings, from_args
+from abliterate.config import Evaluation, Runtime, Template, add_options, from_args
+from abliterate.inference.devices import resolve_runtime
 
 HELP = "measure refusal rates (greedy replies) and first-token KL against the original model"
 
@@ -58,44 +59,33 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from abliterate.check.evaluate import evaluate_model, replies_cost
-    from abliterate.inference.streaming import parse_size
     from abliterate.measure.prompts import load_prompts
     from abliterate.paths import output_file
     from abliterate.pipeline import decide_streaming
 
     template, evaluation = from_args(Template, args), from_args(Evaluation, args)
-    runtime = from_args(Runtime, args).resolved(args.model)
+    runtime = resolve_runtime(from_args(Runtime, args), args.model)
     if args.out:  # checked before the work, so the result is never lost at the end
         output_file(args.out, [args.model] + ([args.baseline] if args.baseline else []))
     stream = decide_streaming(args.model, runtime)
-    settings = eval_settings(evaluation, template, runtime, stream)
     harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
-    budget = parse_size(runtime.memory_budget)
     where = (
         "layer-streamed (first-token figures: one read of the weights per model)" if stream else "in memory"
     )
     print(f"evaluating {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
-    if stream and settings.full_replies:
-        from abliterate.inference.devices import available_memory
-
-        cost = replies_cost(
-            args.model,
-            settings.dtype,
-            available_memory("cpu") if budget is None else budget,
-            len(harmful) + len(harmless),
-            settings,
-        )
+    cost = replies_cost(args.model, len(harmful) + len(harmless), evaluation, runtime, stream)
+    if cost:
         print(cost + (" (for each of the two models)" if args.baseline else ""), file=sys.stderr)
     result = evaluate_model(
         args.model,
         harmful,
         harmless,
+        evaluation,
+        template,
+        runtime,
+        stream,
         baseline_dir=args.baseline,
-        settings=settings,
-        device=runtime.device,
         progress=not args.quiet,
-        stream=stream,
-        budget=budget,
     )
     data = result.to_json()
     if args.out:

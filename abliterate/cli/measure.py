@@ -15,10 +15,9 @@ from abliterate.config import (
     Template,
     add_options,
     from_args,
-    measure_settings,
-    selection_settings,
 )
 from abliterate.errors import AbliterateError
+from abliterate.inference.devices import resolve_runtime
 
 MEASURE_RUNTIME = ("device", "dtype", "batch_size", "memory_budget", "streaming")
 
@@ -52,8 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_options(
         parser,
         Prompts,
-        only=("harmful", "harmless", "validation_fraction", "seed"),
-        required=("harmful", "harmless"),
+        only=("harmful", "harmless", "prompt_set", "validation_fraction", "seed"),
     )
     val = parser.add_argument_group("validation prompts (instead of the split)")
     val.add_argument("--harmful-val", metavar="FILE", help="harmful validation prompts for selection")
@@ -74,33 +72,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from abliterate.measure.directions import write_directions
-    from abliterate.measure.prompts import load_prompts, split_prompts
-    from abliterate.pipeline import decide_streaming, direction_stage, measure_stage, scores_directions
+    from abliterate.pipeline import (
+        PromptSets,
+        decide_streaming,
+        direction_stage,
+        measure_stage,
+        scores_directions,
+    )
     from abliterate.weights.checkpoint import check_output_location, fingerprint
     from abliterate.weights.hub import hub_origin
 
     check_output_location(args.model, args.out)  # never write into the input checkpoint
     prompts, template = from_args(Prompts, args), from_args(Template, args)
     measurement, selection = from_args(Measurement, args), from_args(Selection, args)
-    runtime, evaluation = from_args(Runtime, args).resolved(args.model), from_args(Evaluation, args)
+    runtime = resolve_runtime(from_args(Runtime, args), args.model)
+    evaluation = from_args(Evaluation, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AbliterateError(f"--out {args.out} is a file: give a directory (created if missing)")
     if (args.harmful_val is None) != (args.harmless_val is None):
         raise AbliterateError("give both --harmful-val and --harmless-val, or neither (to split them off)")
     stream = decide_streaming(args.model, runtime)
-    harmful, harmless = load_prompts(prompts.harmful), load_prompts(prompts.harmless)
-    if args.harmful_val is not None:
-        harmful_val, harmless_val = load_prompts(args.harmful_val), load_prompts(args.harmless_val)
-    elif scores_directions(args.model, selection.direction_position, stream):
-        harmful_val, harmful = split_prompts(harmful, prompts.validation_fraction, prompts.seed)
-        harmless_val, harmless = split_prompts(harmless, prompts.validation_fraction, prompts.seed)
-    else:  # nothing is scored: every prompt is measured
-        harmful_val = harmless_val = []
-    settings = measure_settings(measurement, template, runtime)
+    sets = PromptSets.load(
+        args.model,
+        prompts,
+        args.harmful_val,
+        args.harmless_val,
+        split=scores_directions(args.model, selection.direction_position, stream),
+    )
+    harmful, harmless, harmful_val, harmless_val = (
+        sets.harmful,
+        sets.harmless,
+        sets.harmful_val,
+        sets.harmless_val,
+    )
     progress = not args.quiet
     where = "layer-streamed" if stream else "in memory"
     print(f"model {args.model}: {where}, device {runtime.device}, dtype {runtime.dtype}", file=sys.stderr)
-    measured = measure_stage(args.model, harmful, harmless, settings, runtime.device, stream, progress)
+    measured = measure_stage(args.model, harmful, harmless, measurement, template, runtime, stream, progress)
     directions, chosen = direction_stage(
         args.model,
         measured,
@@ -108,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         selection.direction_position,
         harmful_val,
         harmless_val,
-        selection_settings(selection, runtime, evaluation),
+        selection,
+        evaluation,
         runtime.device,
         stream,
         progress,

@@ -6,24 +6,29 @@ shard -> `finalize_output` (output). `ablate_checkpoint` runs them in sequence f
 
 Where the parts live: the plan and its specs in `plan.py`; the plan against a model (resolution,
 matched tensors, direction vectors) in `matching.py`; the output directory, keys, resume records
-and manifest in `output.py`; the bytes of one shard in `engine.py`; the math in `orthogonalize.py`.
+and manifest in `output.py`; the bytes of one shard in `engine.py`, of its FP8 weights in
+`fp8_edit.py`; the math in `orthogonalize.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from abliterate.config import Ablation, Runtime, Selection
 from abliterate.edit.engine import write_shard
+from abliterate.edit.fp8_edit import rewrite_shard
 from abliterate.edit.matching import (
     AblationInputs,
     Match,
-    default_plan,
+    configured_plan,
     direction_for,
     plan_matches,
     resolve_plan,
@@ -43,6 +48,7 @@ from abliterate.edit.output import (
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import load_directions
+from abliterate.paths import file_identity, folder_identity
 from abliterate.weights import fp8
 from abliterate.weights.checkpoint import build_inventory, read_config
 from abliterate.weights.profiles import Profile
@@ -54,11 +60,23 @@ def load_inputs(
 ) -> AblationInputs:
     """Inventory, structure and directions, cross-checked; refuses quantized checkpoints.
 
+    Read once per process: the CLI, the flow and each shard task of one ablation share one read, and
+    a checkpoint or directions file rewritten since is read again (`paths.file_identity`). Each call
+    gets its own list of warnings; the rest is shared and never mutated.
     `profile`: role rules for a model whose config.json names no known family (see `choose_profile`).
     """
+    identity = (folder_identity(model_dir), file_identity(directions_path))
+    inputs = _read_inputs(Path(model_dir), Path(directions_path), force, profile, identity)
+    return dataclasses.replace(inputs, warnings=list(inputs.warnings))
+
+
+@lru_cache(maxsize=4)
+def _read_inputs(
+    model_dir: Path, directions_path: Path, force: bool, profile: Profile | None, _identity: tuple
+) -> AblationInputs:
     inventory = build_inventory(model_dir, profile)
     refused = fp8.uncovered(inventory.quantization, inventory.fp8)
-    if refused:  # FP8 weights with their scales are edited (fp8.py); every other quantization is refused
+    if refused:  # FP8 weights with their scales are edited (fp8_edit.py); every other quantization is refused
         fp8.format_from_config(
             read_config(inventory.model_dir, required=False)
         )  # names an unsupported method
@@ -117,7 +135,7 @@ def ablate_shard(
     if matches is None:
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
     mine = sorted((m for m in matches if m.tensor.shard == shard), key=lambda m: m.tensor.start)
-    # FP8 weights (and the scales this shard holds of weights stored elsewhere) are requantized by fp8.py
+    # FP8 weights (and the scales this shard holds of weights stored elsewhere) are requantized by fp8_edit.py
     quantized = [m for m in matches if m.scales is not None and shard in (m.tensor.shard, m.scales[0].shard)]
     vectors = {
         m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer)
@@ -132,7 +150,7 @@ def ablate_shard(
     with replacing(out / shard) as tmp:
         size = write_shard(inputs.inventory.model_dir / shard, tmp, edits)
         if quantized:
-            fp8.rewrite_shard(
+            rewrite_shard(
                 inputs.inventory.model_dir, shard, tmp, [(m, vectors[m.tensor.layer]) for m in quantized]
             )
         same = unchanged_tensors(inputs.inventory.model_dir / shard, tmp, mine)
@@ -150,17 +168,22 @@ def ablate_checkpoint(
     plan: AblationPlan | None = None,
     overwrite: bool = False,
     force: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     inputs: AblationInputs | None = None,
 ) -> dict[str, Any]:
-    """Ablate a whole checkpoint shard by shard; returns the manifest. `plan` None: the default plan.
+    """Ablate a whole checkpoint shard by shard; returns the manifest. `plan` None: the plan of the
+    default settings; `workers` None: the default number of threads (both from abliterate/config.py).
 
     `inputs`: the result of `load_inputs(model_dir, directions_path, force)` when the caller has it.
     """
     inputs = inputs or load_inputs(model_dir, directions_path, force)
-    plan = default_plan(inputs) if plan is None else resolve_plan(plan, inputs)
+    if plan is None:
+        plan = configured_plan(inputs, Ablation(), Selection().direction_position)
+    else:
+        plan = resolve_plan(plan, inputs)
+    workers = Runtime().workers if workers is None else workers
     matches = plan_matches(plan, inputs.inventory, inputs.structure)
     with output_directory(inputs, out_dir) as out:  # locked: no other run writes it meanwhile
         prepared = prepare_output(inputs, plan, out, overwrite)

@@ -19,26 +19,18 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from abliterate.edit.orthogonalize import norm_preserving_, project_out_, shift_
+from abliterate.edit.matching import Match
+from abliterate.edit.orthogonalize import edit_for
 from abliterate.errors import AbliterateError
-
-if TYPE_CHECKING:
-    from abliterate.edit.matching import Match
+from abliterate.weights.dtypes import TORCH_DTYPES
 
 ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
 CHUNK_BYTES = 64 << 20  # storage bytes edited at once; fixed so results never depend on memory
 PIECE = 1 << 21  # elements widened or rounded at once (elementwise: any size gives the same bytes)
 READ_AHEAD = 64 << 20  # bytes after each edited tensor the disk is asked to read while it is edited
-# safetensors float dtypes as torch reads them; the engine edits the first three in float32.
-TORCH_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-EDITABLE_DTYPES = ("BF16", "F16", "F32")
 
 
 def write_shard(src: Path, dst: Path, edits: Sequence[tuple[Match, torch.Tensor]]) -> int:
@@ -98,9 +90,7 @@ def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, to
     row_numel = math.prod(t.shape) // rows
     row_bytes = t.nbytes // rows
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
-    if m.side == "shift":  # a router correction bias: values added, nothing projected
-        edit = shift_
+    edit = edit_for(m.method, m.side)  # a router correction bias (side "shift"): values added
     for first in range(0, rows, step):
         count = min(step, rows - first)
         offset = t.start + first * row_bytes

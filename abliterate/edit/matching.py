@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from abliterate.edit.engine import EDITABLE_DTYPES
+from abliterate.config import Ablation
 from abliterate.edit.orthogonalize import projected_direction
 from abliterate.edit.plan import AblationPlan, build_plan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import Directions
 from abliterate.vocabulary import WEIGHT_OF as BIAS_WEIGHT
 from abliterate.weights.checkpoint import Inventory, TensorInfo
+from abliterate.weights.dtypes import EDITABLE_DTYPES
 from abliterate.weights.structure import Structure
 
 
@@ -74,10 +75,13 @@ class Match:
         }
 
 
-def default_plan(inputs: AblationInputs, **specs: Any) -> AblationPlan:
-    """`build_plan` for this model and directions file (specs as in `abliterate.edit.plan.build_plan`)."""
+def configured_plan(
+    inputs: AblationInputs, ablation: Ablation, direction_position: str | int | float
+) -> AblationPlan:
+    """The plan the `ablation` settings and `direction_position` (`auto`, `own` or a position)
+    describe, built for this model and resolved against its directions file."""
     s = inputs.structure
-    return resolve_plan(build_plan(s.num_layers, s.mtp_layers, **specs), inputs)
+    return resolve_plan(build_plan(s.num_layers, s.mtp_layers, ablation, direction_position), inputs)
 
 
 def resolve_plan(plan: AblationPlan, inputs: AblationInputs) -> AblationPlan:

@@ -14,6 +14,7 @@ projection: `shift_` adds values to a router's correction bias (which experts ar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -65,6 +66,17 @@ def shift_(
             f"a shift adds float32 values of the tensor's shape {list(w.shape)}, got {list(values.shape)}"
         )
     return w.add_(values, alpha=scale)
+
+
+def edit_for(method: str, side: str) -> Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]:
+    """The in-place edit of a matched tensor: `shift_` for a router bias shift, the norm-preserving
+    edit where the method asks for it (never for readers: norms are kept along writer columns),
+    else the plain projection."""
+    if side == "shift":
+        return shift_
+    if method == "norm_preserving" and side != "reader":
+        return norm_preserving_
+    return project_out_
 
 
 def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor, where: str = "") -> torch.Tensor:

@@ -53,11 +53,13 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
+from abliterate.config import Ablation
 from abliterate.errors import AbliterateError
 from abliterate.vocabulary import (
     ABLATION_METHODS,
@@ -555,9 +557,13 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_position(spec: str | int | float) -> str | int | float:
-    """`selected`, `own`, a position number, or a fraction between two positions (2.25)."""
+    """`selected`, `own`, a position number, or a fraction between two positions (2.25). The
+    configuration's word for the selected position, `auto`, is read as `selected`: the one place
+    the two names meet."""
     text = str(spec).strip().lower()
-    if text in ("selected", "own"):
+    if text in ("selected", "auto"):
+        return "selected"
+    if text == "own":
         return text
     if text.isdigit():
         return int(text)
@@ -572,23 +578,21 @@ def parse_position(spec: str | int | float) -> str | int | float:
 
 def build_plan(
     num_layers: int,
-    mtp_layers: list[int] | tuple[int, ...] = (),
-    layers: str = "all",
-    scale: str | float = "1.0",
-    targets: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
-    direction_position: str | int | float = "selected",
-    method: str = "plain",
-    mtp: str = "ablate",
-    biases: bool = False,
+    mtp_layers: Sequence[int],
+    ablation: Ablation,
+    direction_position: str | int | float,
     selected_position: int | None = None,
     role_scales: dict[str, str] | None = None,
     router_bias: dict[int, dict[int, float]] | None = None,
     origin: dict[str, Any] | None = None,
 ) -> AblationPlan:
-    """Parse the specs against a model with `num_layers` decoder layers and the given MTP layer indices.
+    """The plan the `ablation` settings describe for a model with `num_layers` decoder layers and the
+    given MTP layer indices, its specs parsed (see the module docstring).
 
-    `role_scales`: role -> scale spec, each role's own scales (see the module docstring); `router_bias`:
-    layer -> expert -> value added to that router's correction bias; `origin`: the plan's record."""
+    `direction_position`: the configuration's `auto` (or the plan's `selected`), `own`, or a position;
+    `role_scales`: role -> scale spec, each role's own scales; `router_bias`: layer -> expert -> value
+    added to that router's correction bias; `origin`: the plan's record."""
+    layers, scale, mtp = ablation.layers, ablation.scale, ablation.mtp
     decoder = parse_layers(layers, num_layers)
     values, embed_scale = parse_scale(scale, decoder)
     own = {role: parse_scale(spec, decoder)[0] for role, spec in (role_scales or {}).items()}
@@ -611,12 +615,12 @@ def build_plan(
         layers=tuple(all_layers),
         scales=tuple(all_scales),
         num_layers=num_layers,
-        targets=parse_targets(targets),
+        targets=parse_targets(ablation.targets),
         direction_position=parse_position(direction_position),
         selected_position=selected_position,
-        method=method,
+        method=ablation.ablation_method,
         mtp=mtp,
-        biases=biases,
+        biases=ablation.biases,
         embed_scale=embed_scale,
         layer_spec=str(layers),
         scale_spec=str(scale),

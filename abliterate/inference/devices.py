@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from abliterate.config import Runtime, check_device
 from abliterate.errors import AbliterateError
-from abliterate.vocabulary import DEVICE_CHOICES, DTYPE_CHOICES
+from abliterate.vocabulary import DTYPE_CHOICES
+from abliterate.weights.checkpoint import build_inventory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HEADER_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -42,27 +44,6 @@ GPU_HEADROOM = 0.10
 
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def check_device(value: str) -> str:
-    """The device as typed, checked: raises ValueError with what to type instead."""
-    text = value.strip().lower()
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"use {DEVICE_CHOICES}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"use {DEVICE_CHOICES}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "this torch build sees no CUDA device; use cpu or auto, or install torch with CUDA"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"there are {torch.cuda.device_count()} CUDA devices (cuda:0..)")
-    return text
 
 
 def resolve_device(device: str) -> str:
@@ -100,8 +81,6 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
         value = str(config.get(key) or "").removeprefix("torch.")
         if value in DTYPES:
             return value
-    from abliterate.weights.checkpoint import build_inventory
-
     counts: Counter[str] = Counter()
     for t in build_inventory(model_dir).tensors.values():
         if t.dtype in _HEADER_DTYPES:
@@ -118,6 +97,15 @@ def resolve_dtype(dtype: str, device: str, model_dir: str | Path) -> str:
             )
         return dtype
     return checkpoint_dtype(model_dir) if on_gpu(device) else "float32"
+
+
+def resolve_runtime(runtime: Runtime, model_dir: str | Path) -> Runtime:
+    """The same settings with `auto` device and dtype made concrete for this machine and model: what
+    the stages compute with, and what their cache keys hold."""
+    device = resolve_device(runtime.device)
+    return runtime.model_copy(
+        update={"device": device, "dtype": resolve_dtype(runtime.dtype, device, model_dir)}
+    )
 
 
 def available_memory(device: str) -> int:

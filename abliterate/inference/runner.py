@@ -1,42 +1,71 @@
-"""The forward passes selection and evaluation need, on a model in memory or layer-streamed.
+"""THE forward runner: every pass over a model that scores variants of it, on a model in memory or
+layer-streamed. Selection, the search, expert profiling and evaluation all run here.
 
-Two operations, each with the same meaning on both kinds of model:
+A variant is the model as it is (None) or the model under an inference-time edit (`Edit`: a plan
+applied at inference time, `abliterate.edit.inference_edit`). Operations, each with the same meaning
+on both kinds of model:
 
-- `first_token_logprobs(sets, directions)`: float64 log-probabilities [N, V] of the first reply
-  token of every prompt of every set, once per entry of `directions` (None: the model as it is; a
-  vector r: r removed from the residual stream at inference time, see `abliterate.inference.intervention`).
-  Yields `(variant, set label, logprobs)` in the order variant 0's sets, variant 1's sets, ...
-- `greedy(encoded, max_new_tokens)`: greedy continuations (token ids, cut at an end token).
+- `first_token_logprobs(sets, edits)`: float64 log-probabilities [N, V] of the first reply token of
+  every prompt of every set, once per variant. Yields `(variant, set label, logprobs)` in the order
+  variant 0's sets, variant 1's sets, ...
+- `greedy(encoded, max_new_tokens, ...)`: greedy continuations of one variant (token ids, cut at an
+  end token); `greedy_variants(encoded, edits, ...)`: the same for several variants.
+- `run_with_hooks(sets, hooks, on_batch)`: every prompt through every decoder layer with the caller's
+  hooks on each layer (expert profiling reads the routers' choices this way).
 
 `InMemoryForward` runs a loaded model (on one device, or spread by accelerate's device map) once
 per variant. `StreamedForward` reads the weights once per call, one decoder layer at a time,
 whatever the number of variants: every variant's hidden states of every batch go through each
-layer while it is loaded, with the same hooks on the layer's attention and MLP as the in-memory
-ablation (`abliterate.inference.intervention.project_out`), so scoring K candidate directions costs one
+layer while it is loaded, under that variant's edit of the layer, so scoring K variants costs one
 read of the weights, not K. Memory: one decoder layer (or the embedding, or the LM head), plus the
 hidden states of every prompt for every variant (variants x prompts x padded length x hidden x the
 dtype's bytes). Greedy decoding streamed recomputes the whole sequence for each new token, so it
-reads the weights once per token; in memory it is `model.generate` with its cache.
+reads the weights once per token (for every variant together); in memory it is `model.generate`
+with its cache.
 
 Both give the same numbers up to float rounding: the streamed pass runs the same modules, batches
-and hooks one layer at a time.
+and edits one layer at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.inference.devices import input_device
-from abliterate.inference.intervention import directional_ablation, project_out
-from abliterate.measure.means import length_sorted_batches
+from abliterate.inference.devices import input_device, stream_device
+from abliterate.inference.loading import (
+    Batch,
+    decoder_layers,
+    length_sorted_batches,
+    load_model,
+    load_tokenizer,
+)
+from abliterate.inference.scores import first_token_logprobs
+from abliterate.inference.streaming import LayerStream, layer_output
 
 Encoded = Sequence[Sequence[int]]
+
+
+class Edit(Protocol):
+    """What an inference-time edit gives the runner (`abliterate.edit.inference_edit`)."""
+
+    def applied(self, model: Any) -> AbstractContextManager[None]:
+        """Within the block, a loaded model computes the edited model."""
+
+    def embedded(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The embedding output of the edited model, from the unedited one's."""
+
+    def on_layer(self, index: int, layer: torch.nn.Module) -> AbstractContextManager[None]:
+        """Within the block, decoder layer `index` (loaded) computes the edited layer."""
+
+
+# Called with each decoder layer (index, module) while it is loaded: the hook handles to remove after it.
+LayerHooks = Callable[[int, torch.nn.Module], list[Any]]
 
 
 def stop_ids(generation_eos: Any, tokenizer: Any) -> set[int]:
@@ -49,6 +78,10 @@ def cut_at_stop(tokens: Sequence[int], stops: set[int]) -> list[int]:
     """The tokens before the first end token (what follows is padding, whatever the pad token is)."""
     end = next((k for k, tok in enumerate(tokens) if tok in stops), len(tokens))
     return list(tokens[:end])
+
+
+def _applied(edit: Edit | None, model: Any) -> AbstractContextManager[None]:
+    return nullcontext() if edit is None else edit.applied(model)
 
 
 class InMemoryForward:
@@ -68,19 +101,14 @@ class InMemoryForward:
     def first_token_logprobs(
         self,
         sets: Mapping[str, Encoded],
-        directions: Sequence[torch.Tensor | None],
+        edits: Sequence[Edit | None],
         batch_size: int,
         pad_id: int,
         progress: bool = False,
     ) -> Iterator[tuple[int, str, torch.Tensor]]:
-        from abliterate.select.selection import first_token_logprobs
-
-        bar = tqdm(total=len(directions), desc="score directions", unit="variant", disable=not progress)
-        for variant, direction in enumerate(directions):
-            ablation = (
-                nullcontext() if direction is None else directional_ablation(self.model, direction.float())
-            )
-            with ablation:
+        bar = tqdm(total=len(edits), desc="score variants", unit="variant", disable=not progress)
+        for variant, edit in enumerate(edits):
+            with _applied(edit, self.model):
                 for label, encoded in sets.items():
                     yield variant, label, first_token_logprobs(self.model, encoded, batch_size, pad_id)
             bar.update(1)
@@ -96,10 +124,11 @@ class InMemoryForward:
         progress: bool = False,
         label: str = "prompts",
         finished: Callable[[list[int]], bool] | None = None,
+        edit: Edit | None = None,
     ) -> list[list[int]]:
         """Greedy replies in prompt order, batches of similar length, left padded. (`finished`, which lets
         the streamed version stop early, changes nothing here: `generate` is cheap in memory.)"""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # heavy: only when replies are generated
 
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -111,7 +140,7 @@ class InMemoryForward:
         device = input_device(self.model)
         out: list[list[int] | None] = [None] * len(encoded)
         bar = tqdm(total=len(encoded), desc=f"greedy replies: {label}", unit="prompt", disable=not progress)
-        with torch.inference_mode():
+        with _applied(edit, self.model), torch.inference_mode():
             for batch in length_sorted_batches(encoded, batch_size, pad_id):
                 generated = self.model.generate(
                     input_ids=batch.input_ids.to(device),
@@ -125,6 +154,60 @@ class InMemoryForward:
         bar.close()
         return out  # type: ignore[return-value]
 
+    def greedy_variants(
+        self,
+        encoded: Encoded,
+        edits: Sequence[Edit | None],
+        max_new_tokens: int,
+        batch_size: int,
+        pad_id: int,
+        stops: set[int],
+        finished: Callable[[list[int]], bool] | None = None,
+        progress: bool = False,
+        label: str = "prompts",
+    ) -> list[list[list[int]]]:
+        """`greedy` of every variant, one after the other."""
+        return [
+            self.greedy(encoded, max_new_tokens, batch_size, pad_id, stops, progress, label, finished, edit)
+            for edit in edits
+        ]
+
+    def run_with_hooks(
+        self,
+        sets: Mapping[str, Encoded],
+        batch_size: int,
+        pad_id: int,
+        hooks: LayerHooks,
+        on_batch: Callable[[str, Batch], None],
+        desc: str,
+        progress: bool = False,
+    ) -> None:
+        """Every prompt through the model (logits of the last token only), with `hooks(index, layer)`'s
+        hooks on every decoder layer; `on_batch(label, batch)` before each batch runs."""
+        handles: list[Any] = []
+        for index, layer in enumerate(decoder_layers(self.model)):
+            handles += hooks(index, layer)
+        device = input_device(self.model)
+        try:
+            with torch.inference_mode():
+                for label, encoded in sets.items():
+                    for batch in tqdm(
+                        list(length_sorted_batches(encoded, batch_size, pad_id)),
+                        desc=f"{desc}: {label}",
+                        disable=not progress,
+                    ):
+                        on_batch(label, batch)
+                        self.model(
+                            input_ids=batch.input_ids.to(device),
+                            attention_mask=batch.attention_mask.to(device),
+                            position_ids=batch.position_ids.to(device),
+                            use_cache=False,
+                            logits_to_keep=1,
+                        )
+        finally:
+            for handle in handles:
+                handle.remove()
+
 
 class StreamedForward:
     """A checkpoint read one decoder layer at a time (`abliterate.inference.streaming.LayerStream`)."""
@@ -132,28 +215,24 @@ class StreamedForward:
     streamed = True
 
     def __init__(self, model_dir: str | Path, dtype: str, device: str):
-        from transformers import AutoConfig
-
-        from abliterate.inference.devices import stream_device
+        from transformers import AutoConfig  # heavy: only when a model is read
 
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.device = stream_device(device)
         self.config = AutoConfig.from_pretrained(str(self.model_dir))
         self.weight_reads = 0  # passes over the decoder's weights so far
-        self._stream: Any = None
+        self._stream: LayerStream | None = None
 
-    def stream(self) -> Any:
+    def stream(self) -> LayerStream:
         """The layer stream, built once (its modules hold no weights between passes)."""
-        from abliterate.inference.streaming import LayerStream
-
         if self._stream is None:
             self._stream = LayerStream(self.model_dir, self.dtype, self.device)
         return self._stream
 
     @property
     def generation_eos(self) -> Any:
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # heavy: only when a model is read
 
         try:
             return GenerationConfig.from_pretrained(str(self.model_dir)).eos_token_id
@@ -163,60 +242,64 @@ class StreamedForward:
     def first_token_logprobs(
         self,
         sets: Mapping[str, Encoded],
-        directions: Sequence[torch.Tensor | None],
+        edits: Sequence[Edit | None],
         batch_size: int,
         pad_id: int,
         progress: bool = False,
     ) -> Iterator[tuple[int, str, torch.Tensor]]:
-        from abliterate.inference.streaming import layer_output
+        desc = f"score {len(edits)} variants (layer-streamed)"
+        yield from self._last_logprobs([sets] * len(edits), edits, batch_size, pad_id, desc, progress)
 
+    def _last_logprobs(
+        self,
+        variant_sets: Sequence[Mapping[str, Encoded]],
+        edits: Sequence[Edit | None],
+        batch_size: int,
+        pad_id: int,
+        desc: str,
+        progress: bool = False,
+    ) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """One pass over the weights: variant v (edit v) runs on its own prompt sets `variant_sets[v]`
+        (embedded once where variants share the same mapping); float64 log-probabilities [N, V] of the
+        token after each prompt, as `(variant, label, logprobs)`."""
         stream = self.stream()
-        batches = stream.embed({k: [list(x) for x in v] for k, v in sets.items()}, batch_size, -1, pad_id)
-        units = [None if d is None else (d.detach().float().flatten() / d.float().norm()) for d in directions]
+        embedded: dict[int, list] = {}
+        batches = []
+        for sets in variant_sets:
+            if id(sets) not in embedded:
+                embedded[id(sets)] = stream.embed(
+                    {label: [list(x) for x in encoded] for label, encoded in sets.items()},
+                    batch_size,
+                    -1,
+                    pad_id,
+                )
+            batches.append(embedded[id(sets)])
         # hidden[v][b]: variant v's input of the next layer for batch b; the embedding output is a write
-        # into the residual stream like any other, so the ablation projects it first.
+        # into the residual stream like any other, so the edit changes it first.
         hidden = [
-            [item.hidden if r is None else project_out(item.hidden, r) for item in batches] for r in units
+            [item.hidden if edit is None else edit.embedded(item.hidden) for item in batches[v]]
+            for v, edit in enumerate(edits)
         ]
-        current: list[torch.Tensor | None] = [None]
-
-        def hook(_module, _inputs, output):
-            r = current[0]
-            if r is None:
-                return output
-            if isinstance(output, tuple):
-                return (project_out(output[0], r), *output[1:])
-            return project_out(output, r)
-
-        desc = f"score {len(directions)} variants (layer-streamed)"
         for index, layer in stream.each_layer(desc, progress):
-            handles = [layer.self_attn.register_forward_hook(hook), layer.mlp.register_forward_hook(hook)]
-            try:
-                with torch.inference_mode():
-                    for variant, r in enumerate(units):
-                        current[0] = r
-                        for b, item in enumerate(batches):
-                            args, kwargs = item.layer_args[index]
-                            hidden[variant][b] = layer_output(layer(hidden[variant][b], *args, **kwargs))
-            finally:
-                current[0] = None
-                for handle in handles:
-                    handle.remove()
+            for v, edit in enumerate(edits):
+                on_layer = nullcontext() if edit is None else edit.on_layer(index, layer)
+                with on_layer, torch.inference_mode():
+                    for b, item in enumerate(batches[v]):
+                        args, kwargs = item.layer_args[index]
+                        hidden[v][b] = layer_output(layer(hidden[v][b], *args, **kwargs))
         self.weight_reads += 1
-        sizes = {label: len(encoded) for label, encoded in sets.items()}
         with stream.head() as logits_of:
-            for variant in range(len(units)):
-                for label in sets:
-                    out: list[torch.Tensor | None] = [None] * sizes[label]
-                    for b, item in enumerate(batches):
+            for v in range(len(edits)):
+                for label, encoded in variant_sets[v].items():
+                    rows: list[torch.Tensor | None] = [None] * len(encoded)
+                    for b, item in enumerate(batches[v]):
                         if item.label != label:
                             continue
-                        logits = logits_of(hidden[variant][b][:, -1, :])
-                        logprobs = torch.log_softmax(logits.double(), dim=-1).cpu()
+                        logprobs = torch.log_softmax(logits_of(hidden[v][b][:, -1, :]).double(), dim=-1).cpu()
                         for row, prompt in enumerate(item.batch.indices):
-                            out[prompt] = logprobs[row]
-                    yield variant, label, torch.stack(out)  # type: ignore[arg-type]
-                hidden[variant] = []  # this variant is done: free its hidden states
+                            rows[prompt] = logprobs[row]
+                    yield v, label, torch.stack(rows)  # type: ignore[arg-type]
+                hidden[v] = []  # this variant is done: free its hidden states
 
     def greedy(
         self,
@@ -228,13 +311,33 @@ class StreamedForward:
         progress: bool = False,
         label: str = "prompts",
         finished: Callable[[list[int]], bool] | None = None,
+        edit: Edit | None = None,
     ) -> list[list[int]]:
         """Greedy replies, one streamed pass over the weights per new token (the whole sequence is
         run again each time: no cache between passes). A reply stops at an end token, or as soon as
         `finished(reply so far)` says nothing after it matters; when every reply has stopped, so do the
         passes."""
-        out: list[list[int]] = [[] for _ in encoded]
-        active = list(range(len(encoded)))
+        (replies,) = self.greedy_variants(
+            encoded, [edit], max_new_tokens, batch_size, pad_id, stops, finished, progress, label
+        )
+        return replies
+
+    def greedy_variants(
+        self,
+        encoded: Encoded,
+        edits: Sequence[Edit | None],
+        max_new_tokens: int,
+        batch_size: int,
+        pad_id: int,
+        stops: set[int],
+        finished: Callable[[list[int]], bool] | None = None,
+        progress: bool = False,
+        label: str = "prompts",
+    ) -> list[list[list[int]]]:
+        """Greedy replies of every variant: one pass over the weights per new token for all of them
+        together; a reply stops at an end token or when `finished(reply so far)`."""
+        out: list[list[list[int]]] = [[[] for _ in encoded] for _ in edits]
+        active = [list(range(len(encoded))) for _ in edits]
         bar = tqdm(
             total=max_new_tokens,
             desc=f"greedy replies: {label} (layer-streamed)",
@@ -242,21 +345,55 @@ class StreamedForward:
             disable=not progress,
         )
         for _step in range(max_new_tokens):
-            if not active:
+            live = [v for v in range(len(edits)) if active[v]]
+            if not live:
                 break
-            sequences = {"greedy": [list(encoded[i]) + out[i] for i in active]}
-            ((_, _, logprobs),) = list(self.first_token_logprobs(sequences, [None], batch_size, pad_id))
-            still = []
-            for i, token in zip(active, logprobs.argmax(dim=-1).tolist(), strict=True):
-                if token in stops:
-                    continue
-                out[i].append(int(token))
-                if finished is None or not finished(out[i]):
-                    still.append(i)
-            active = still
+            sets = [{"greedy": [list(encoded[i]) + out[v][i] for i in active[v]]} for v in live]
+            desc = f"greedy step of {len(live)} variants (layer-streamed)"
+            for k, _, logprobs in self._last_logprobs(
+                sets, [edits[v] for v in live], batch_size, pad_id, desc
+            ):
+                v, still = live[k], []
+                for i, token in zip(active[v], logprobs.argmax(dim=-1).tolist(), strict=True):
+                    if token in stops:
+                        continue
+                    out[v][i].append(int(token))
+                    if finished is None or not finished(out[v][i]):
+                        still.append(i)
+                active[v] = still
             bar.update(1)
         bar.close()
         return out
+
+    def run_with_hooks(
+        self,
+        sets: Mapping[str, Encoded],
+        batch_size: int,
+        pad_id: int,
+        hooks: LayerHooks,
+        on_batch: Callable[[str, Batch], None],
+        desc: str,
+        progress: bool = False,
+    ) -> None:
+        """Every prompt through every decoder layer (one read of the weights, no LM head), with
+        `hooks(index, layer)`'s hooks on each layer while it is loaded; `on_batch(label, batch)` before
+        each batch runs through a layer."""
+        stream = self.stream()
+        batches = stream.embed(
+            {label: [list(x) for x in encoded] for label, encoded in sets.items()}, batch_size, -1, pad_id
+        )
+        for index, layer in stream.each_layer(f"{desc} (layer-streamed)", progress):
+            handles = hooks(index, layer)
+            try:
+                with torch.inference_mode():
+                    for item in batches:
+                        on_batch(item.label, item.batch)
+                        args, kwargs = item.layer_args[index]
+                        item.hidden = layer_output(layer(item.hidden, *args, **kwargs))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        self.weight_reads += 1
 
 
 Forward = InMemoryForward | StreamedForward
@@ -265,3 +402,14 @@ Forward = InMemoryForward | StreamedForward
 def as_forward(model: Any) -> Forward:
     """A loaded model wrapped as an `InMemoryForward`; a forward as it is."""
     return model if isinstance(model, InMemoryForward | StreamedForward) else InMemoryForward(model)
+
+
+def model_forward(
+    model_dir: str | Path, dtype: str, device: str, stream: bool, progress: bool = True
+) -> tuple[Forward, Any]:
+    """(forward, tokenizer): the model loaded (`device` cpu, cuda:N, or auto's device map) or read one
+    decoder layer at a time (`stream`), for selection, the search and evaluation."""
+    if stream:
+        return StreamedForward(model_dir, dtype, device), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir, dtype, device)
+    return InMemoryForward(model), tokenizer

@@ -1,5 +1,6 @@
-"""Layer-streamed forward passes, for models larger than memory: the measurement here, and the
-selection and evaluation passes of `abliterate.inference.runner.StreamedForward`, on `LayerStream`.
+"""Layer-streamed forward passes, for models larger than memory: `LayerStream`, on which the
+measurement (`abliterate.measure.streamed`) and the selection and evaluation passes of
+`abliterate.inference.runner.StreamedForward` run.
 
 All prompts go through the model one decoder layer at a time. Only one layer's weights are in
 memory at once: they are read from the shards (exact byte ranges from the inventory, in chunks,
@@ -12,9 +13,8 @@ and the LM head only by passes that need logits (selection, evaluation).
 The computation is transformers' own: the model is built on the meta device, its decoder's
 forward pass runs once per batch with recording stand-ins for the layers (so the embedding,
 causal mask and rotary embeddings are exactly what the model computes), then each real layer
-module is called with the arguments the model would pass it. Batches and the float64
-accumulation are the ones of the in-memory measurement (abliterate.measure.means), so both give the
-same `Measurement` to float rounding. The layers run on one device (`abliterate.inference.devices.stream_device`:
+module is called with the arguments the model would pass it. Batches are the ones of the
+in-memory passes, so streamed and in-memory results agree to float rounding. The layers run on one device (`abliterate.inference.devices.stream_device`:
 a GPU when there is one and the device is `cuda` or `auto`): weights go there layer by layer.
 
 Memory: the largest of {one decoder layer, the input embedding, the LM head} in the compute dtype,
@@ -29,7 +29,7 @@ from __future__ import annotations
 import gc
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,21 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.errors import AbliterateError
-from abliterate.inference.devices import DTYPES
-from abliterate.measure.means import (
-    Batch,
-    Measurement,
-    MeasureSettings,
-    ResidualAccumulator,
-    SetStats,
-    context_length,
-    describe_position,
-    encode_prompts,
-    length_sorted_batches,
-    load_tokenizer,
-    pad_token_id,
-)
-from abliterate.measure.prompts import prompts_sha256
+from abliterate.inference.devices import DTYPES, available_memory, resolve_dtype
+from abliterate.inference.loading import Batch, length_sorted_batches
 from abliterate.vocabulary import STREAMING_MODES
 from abliterate.weights import fp8
 from abliterate.weights.checkpoint import Inventory, TensorInfo, build_inventory, read_config
@@ -97,21 +84,6 @@ def weight_bytes(
     return WeightBytes(total, max(per_layer.values(), default=0), embedding)
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
-
-
-def parse_size(text: str | None) -> int | None:
-    """A byte count from `64GiB`, `500MB`, `1.5TB` or plain bytes; None stays None."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
-    unit = match.group(2).upper() if match else ""
-    if match is None or unit not in _UNITS:
-        raise AbliterateError(f"memory budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
 def choose_streaming(
     model_dir: str | Path,
     budget_bytes: int | None = None,
@@ -122,8 +94,6 @@ def choose_streaming(
     """Whether to work layer-streamed. mode "always"/"never" decide alone; "auto" streams when the
     model's weights in `dtype` exceed the budget (default: the free memory of `device` now, see
     `abliterate.inference.devices.available_memory`)."""
-    from abliterate.inference.devices import available_memory, resolve_dtype
-
     if mode not in STREAMING_MODES:
         raise AbliterateError(
             f"streaming mode {mode!r} is unknown: choose one of {', '.join(STREAMING_MODES)}"
@@ -134,11 +104,11 @@ def choose_streaming(
     return weight_bytes(model_dir, resolve_dtype(dtype, device, model_dir)).total > budget
 
 
-# ---------------------------------------------------------------- the streamed measurement
+# ---------------------------------------------------------------- the layer stream
 
 
 @dataclass
-class _PromptBatch:
+class PromptBatch:
     label: str  # harmful | harmless
     batch: Batch  # cut after the measured token
     tokens: int  # prompt tokens of the whole rendered prompts (without padding)
@@ -173,7 +143,7 @@ class LayerStream:
 
     def embed(
         self, encoded: dict[str, list[list[int]]], batch_size: int, position: int, pad_id: int
-    ) -> list[_PromptBatch]:
+    ) -> list[PromptBatch]:
         """Every batch's input of decoder layer 0 and the arguments each layer is called with; the
         sequences are cut after the token at `position` (-1: nothing is cut)."""
         return _embed_all(
@@ -224,77 +194,9 @@ class LayerStream:
             self.loader.release(source)
 
 
-def measure_streamed(
-    model_dir: str | Path,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    settings: MeasureSettings,
-    device: str = "cpu",
-    progress: bool = True,
-) -> Measurement:
-    """Mean residuals at every position for both prompt sets, one decoder layer in memory at a time."""
-    from abliterate.inference.devices import stream_device
-
-    stream = LayerStream(model_dir, settings.dtype, stream_device(device))
-    tokenizer = load_tokenizer(model_dir)
-    num_layers, hidden_size = stream.num_layers, int(stream.config.hidden_size)
-
-    sets = {"harmful": harmful, "harmless": harmless}
-    max_context = context_length(stream.model, tokenizer, settings)
-    encoded = {
-        label: encode_prompts(tokenizer, prompts, settings, max_context, label)
-        for label, prompts in sets.items()
-    }
-    accumulators = {
-        label: [ResidualAccumulator(1, hidden_size) for _ in range(num_layers + 1)] for label in sets
-    }
-
-    batches = stream.embed(encoded, settings.batch_size, settings.position, pad_token_id(tokenizer))
-    for index, layer in stream.each_layer("measure (layer-streamed)", progress):
-        with torch.inference_mode():
-            for item in batches:
-                _accumulate(accumulators[item.label][index], item, index, num_layers)
-                args, kwargs = item.layer_args[index]
-                item.hidden = layer_output(layer(item.hidden, *args, **kwargs))
-    for item in batches:
-        _accumulate(accumulators[item.label][num_layers], item, num_layers, num_layers)
-
-    def stats(label: str) -> SetStats:
-        accs = accumulators[label]
-        tokens = sum(item.tokens for item in batches if item.label == label)
-        return SetStats(
-            mean=torch.cat([a.mean for a in accs]),
-            variance=torch.cat([a.variance() for a in accs]),
-            count=accs[0].count,
-            tokens=tokens,
-            sha256=prompts_sha256(list(sets[label])),
-        )
-
-    return Measurement(
-        harmful=stats("harmful"),
-        harmless=stats("harmless"),
-        settings=settings,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-    )
-
-
 def layer_output(output: Any) -> torch.Tensor:
     """A decoder layer's hidden states, whether it returns a tensor or a tuple."""
     return output[0] if isinstance(output, tuple) else output
-
-
-def _accumulate(acc: ResidualAccumulator, item: _PromptBatch, position: int, num_layers: int) -> None:
-    """Add the residual at the measured (now the last) token of every prompt of the batch at one position."""
-    residual = item.hidden[:, -1, :].detach().float().cpu()
-    finite = torch.isfinite(residual).all(dim=-1)
-    if not bool(finite.all()):
-        row = int((~finite).nonzero()[0])
-        raise AbliterateError(
-            f"NaN or Inf activations at {describe_position(position, num_layers)} for {item.label} prompt "
-            f"#{item.batch.indices[row]}: the weights of that layer (or the dtype) are broken; try dtype float32"
-        )
-    acc.add(residual.unsqueeze(0))
 
 
 # ---------------------------------------------------------------- the model without its weights
@@ -359,7 +261,7 @@ def _embed_all(
     position: int,
     pad_id: int,
     device: str,
-) -> list[_PromptBatch]:
+) -> list[PromptBatch]:
     """Run the model's own forward pass up to the first decoder layer for every batch.
 
     The decoder layers are swapped for recorders, so the model computes the embeddings, the
@@ -369,7 +271,7 @@ def _embed_all(
     embedding = model.get_input_embeddings()
     loader.load_module(embedding)
     real_layers = decoder.layers
-    out: list[_PromptBatch] = []
+    out: list[PromptBatch] = []
     try:
         for label, ids in encoded.items():
             for whole in length_sorted_batches(ids, batch_size, pad_id):
@@ -399,7 +301,7 @@ def _embed_all(
                         "layer-streamed measurement"
                     )
                 tokens = int(whole.attention_mask.sum())
-                out.append(_PromptBatch(label, batch, tokens, stand_ins[0].hidden, sink))
+                out.append(PromptBatch(label, batch, tokens, stand_ins[0].hidden, sink))
     finally:
         loader.release(embedding)
     return out

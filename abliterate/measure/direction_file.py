@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from abliterate.errors import AbliterateError
+from abliterate.paths import file_identity
 from abliterate.weights.checkpoint import file_sha256
 
 
@@ -119,8 +120,7 @@ class Directions:
     def sha256(self) -> str:
         if self.path is None:
             raise ValueError("directions not read from a file have no file hash")
-        stat = self.path.stat()
-        return _file_sha256(self.path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        return _file_sha256(self.path, file_identity(self.path))
 
     def _where(self) -> str:
         return str(self.path) if self.path else "the directions"
@@ -179,8 +179,7 @@ def load_directions(path: str | Path, hidden_size: int | None = None) -> Directi
     path = Path(path)
     if not path.is_file():
         raise AbliterateError(f"directions file {path} does not exist: run `abliterate measure` first")
-    stat = path.stat()
-    directions = _read_directions(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    directions = _read_directions(path, file_identity(path))
     if hidden_size is not None and directions.hidden_size != hidden_size:
         raise AbliterateError(
             f"{path} has directions of size {directions.hidden_size} but the model's hidden size is {hidden_size}: "
@@ -190,13 +189,13 @@ def load_directions(path: str | Path, hidden_size: int | None = None) -> Directi
 
 
 @lru_cache(maxsize=8)
-def _file_sha256(path: Path, _size: int, _mtime_ns: int, _inode: int) -> str:
+def _file_sha256(path: Path, _identity: tuple | None) -> str:
     return file_sha256(path)
 
 
 @lru_cache(maxsize=8)
-def _read_directions(path: Path, _size: int, _mtime_ns: int, _inode: int) -> Directions:
-    """Keyed by the file's identity, so callers along one run share one read; never mutate the result."""
+def _read_directions(path: Path, _identity: tuple | None) -> Directions:
+    """Keyed by the file's identity (`paths.file_identity`), so callers along one run share one read; never mutate the result."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = set(handle.keys())

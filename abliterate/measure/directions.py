@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 
+from abliterate import __version__
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
 from abliterate.measure.means import Measurement
 from abliterate.vocabulary import DIRECTION_METHODS, DIRECTIONS_FILE, DIRECTIONS_JSON
 
-METHODS = DIRECTION_METHODS
-DEFAULT_METHOD = "projected"
 # Differences below this (relative to the means' size) are float noise, not a direction.
 _ZERO_RELATIVE = 1e-9
 
@@ -81,9 +80,12 @@ class DirectionSet:
         return out
 
 
-def compute_directions(measurement: Measurement, method: str = DEFAULT_METHOD) -> DirectionSet:
-    if method not in METHODS:
-        raise AbliterateError(f"unknown direction method {method!r}; choose one of {', '.join(METHODS)}")
+def compute_directions(measurement: Measurement, method: str) -> DirectionSet:
+    """Directions at every residual position by `method` (`config.Measurement.direction_method`)."""
+    if method not in DIRECTION_METHODS:
+        raise AbliterateError(
+            f"unknown direction method {method!r}; choose one of {', '.join(DIRECTION_METHODS)}"
+        )
     harmful = measurement.harmful.mean.to(torch.float64)
     harmless = measurement.harmless.mean.to(torch.float64)
     diff = harmful - harmless
@@ -118,13 +120,8 @@ def library_versions() -> dict[str, str]:
     for name in ("torch", "transformers", "safetensors", "abliterate"):
         try:
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            if name == "abliterate":
-                from abliterate import __version__
-
-                out[name] = __version__
-            else:
-                out[name] = "unknown"
+        except importlib.metadata.PackageNotFoundError:  # a source checkout that is not installed
+            out[name] = __version__ if name == "abliterate" else "unknown"
     return out
 
 
@@ -140,21 +137,24 @@ def directions_metadata(
     `position` is the token position measured (counted from the end of the prompt);
     `selected_position` the residual position of the direction to ablate.
     """
-    settings = measurement.settings
+    template = measurement.template
     meta: dict[str, Any] = {
         "fingerprint": fingerprint,
         "harmful_sha256": measurement.harmful.sha256,
         "harmless_sha256": measurement.harmless.sha256,
         "n_harmful": measurement.harmful.count,
         "n_harmless": measurement.harmless.count,
-        "position": settings.position,
-        "template": settings.template(),
+        "position": measurement.settings.token_position,
+        "template": {
+            "system_prompt": template.system_prompt,
+            "chat_template_kwargs": template.chat_template_kwargs,
+        },
         "method": directions.method,
         "versions": library_versions(),
         "selected_position": selected_position,
         "num_layers": measurement.num_layers,
         "hidden_size": measurement.hidden_size,
-        "measure_settings": settings.as_dict(),
+        "measure_settings": measurement.record(),
         "stats": directions.stats(selected_position),
     }
     meta.update(extra or {})

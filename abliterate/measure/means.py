@@ -4,73 +4,62 @@ Residual position i is the input of decoder layer i; position L is the raw outpu
 decoder layer, before the final norm. For each prompt we keep only one token (by default the
 last prompt token, i.e. where the reply starts), never whole sequences.
 
-The pieces are separate on purpose, so a layer-streamed measurement can reuse them:
-`encode_prompts` + `length_sorted_batches` (rendering and batching), `ResidualAccumulator`
-(float64 statistics per position), and `capture_residuals` (one forward pass of a whole model).
+The pieces are separate on purpose, so the layer-streamed measurement (`abliterate.measure.streamed`)
+reuses them: `encode_prompts` (abliterate.measure.chat) and `length_sorted_batches`
+(abliterate.inference.loading) render and batch, `ResidualAccumulator` keeps float64 statistics per
+position; `capture_residuals` is one forward pass of a whole model.
+
+The settings are the configuration's sections: `config.Measurement` (token position, longest
+prompt), `config.Template` (system prompt, chat-template variables) and `config.Runtime`, resolved
+for the model (batch size, concrete device and dtype).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from abliterate import config
 from abliterate.errors import AbliterateError
-from abliterate.inference.devices import DTYPES, input_device
+from abliterate.inference.devices import input_device
+from abliterate.inference.loading import (
+    Batch,
+    decoder_layers,
+    length_sorted_batches,
+    load_model,
+    pad_token_id,
+)
+from abliterate.measure.chat import context_length, encode_prompts
 from abliterate.measure.prompts import prompts_sha256
 
-# tokenizer.model_max_length is a huge sentinel (1e30) when the tokenizer does not know its limit.
-_SANE_CONTEXT = 10_000_000
+
+def measured_with(
+    measurement: config.Measurement, template: config.Template, runtime: config.Runtime
+) -> dict[str, Any]:
+    """The settings that decide a measurement's numbers, JSON-ready: recorded in the directions file
+    and keyed by the measurement's cache. Not the direction method (it acts on the means), nor the
+    device (equal results to rounding); the batch size changes results at float rounding level."""
+    return {
+        "position": measurement.token_position,
+        **template.model_dump(mode="json"),  # every template setting changes the rendered prompts
+        # sorted: the same variables in another order render the same prompts
+        "chat_template_kwargs": dict(sorted(template.chat_template_kwargs.items())),
+        "batch_size": runtime.batch_size,
+        "dtype": runtime.dtype,
+        "max_length": measurement.max_length,
+    }
 
 
-@dataclass(frozen=True)
-class MeasureSettings:
-    """Everything that decides what is measured; hashable, so caches can key on it.
-
-    `position` is the token index counted from the end of the rendered prompt (-1 = the last
-    prompt token, which is the last token of the generation prompt). `chat_template_kwargs` is a
-    sorted tuple of (key, value) pairs; build it from a dict with `MeasureSettings.create`.
-    `batch_size` changes results only at float rounding level.
-    """
-
-    position: int = -1
-    system_prompt: str | None = None
-    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
-    batch_size: int = 16
-    dtype: str = "float32"
-    max_length: int | None = None  # None: the model's context length
-
-    @classmethod
-    def create(cls, chat_template_kwargs: Mapping[str, Any] | None = None, **fields: Any) -> MeasureSettings:
-        pairs = tuple(sorted((chat_template_kwargs or {}).items()))
-        return cls(chat_template_kwargs=pairs, **fields)
-
-    def __post_init__(self) -> None:
-        if self.position >= 0:
-            raise AbliterateError(
-                f"token position {self.position} must be negative (counted from the end of the prompt; -1 = last token)"
-            )
-        if self.batch_size < 1:
-            raise AbliterateError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise AbliterateError(f"dtype {self.dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-
-    @property
-    def template_kwargs(self) -> dict[str, Any]:
-        return dict(self.chat_template_kwargs)
-
-    def template(self) -> dict[str, Any]:
-        """The template settings as recorded in the directions metadata."""
-        return {"system_prompt": self.system_prompt, "chat_template_kwargs": self.template_kwargs}
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["chat_template_kwargs"] = self.template_kwargs
-        return out
+def check_resolved(runtime: config.Runtime) -> None:
+    """A measurement computes with a concrete dtype: the runtime is resolved for the model first
+    (`abliterate.inference.devices.resolve_runtime`), so records and cache keys hold what ran."""
+    if runtime.dtype == "auto":
+        raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
 
 
 # ---------------------------------------------------------------- float64 statistics per position
@@ -122,9 +111,15 @@ class SetStats:
 
 @dataclass
 class Measurement:
+    """Both prompt sets measured, with the sections that decided it (`runtime` resolved; `record()`
+    is what decides the numbers). The direction method of `settings` plays no part here: the
+    directions are computed with the method the direction stage is given."""
+
     harmful: SetStats
     harmless: SetStats
-    settings: MeasureSettings
+    settings: config.Measurement
+    template: config.Template
+    runtime: config.Runtime
     num_layers: int
     hidden_size: int
 
@@ -132,96 +127,12 @@ class Measurement:
     def num_positions(self) -> int:
         return self.num_layers + 1
 
-
-# ---------------------------------------------------------------- rendering and batching
-
-
-def context_length(model: Any, tokenizer: Any, settings: MeasureSettings) -> int | None:
-    """The longest prompt we accept: the smaller of the model's and the tokenizer's sane limits."""
-    limits = [settings.max_length]
-    limits.append(getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    limits.append(getattr(tokenizer, "model_max_length", None))
-    sane = [int(x) for x in limits if isinstance(x, int) and 0 < x < _SANE_CONTEXT]
-    return min(sane) if sane else None
-
-
-def encode_prompts(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    settings: MeasureSettings,
-    max_context: int | None,
-    label: str = "prompt",
-) -> list[list[int]]:
-    """Render each prompt with the chat template and generation prompt, then tokenise it.
-
-    The rendered text already holds the template's special tokens, so none are added again.
-    """
-    from abliterate.measure.chat import render_chat
-    from abliterate.measure.prompts import describe_prompt
-
-    if len(prompts) == 0:
-        raise AbliterateError(f"the {label} prompt set is empty: give at least one prompt")
-    texts = render_chat(
-        tokenizer, list(prompts), system_prompt=settings.system_prompt, **settings.template_kwargs
-    )
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    need = -settings.position
-    for index, ids in enumerate(encoded):
-        where = describe_prompt(prompts[index], f"#{index}")  # its file and line when read from a file
-        if max_context is not None and len(ids) > max_context:
-            raise AbliterateError(
-                f"{label} prompt {where} is {len(ids)} tokens long after chat rendering, more than the "
-                f"model's context of {max_context} tokens: shorten or remove it"
-            )
-        if len(ids) < need:
-            raise AbliterateError(
-                f"{label} prompt {where} has only {len(ids)} tokens; token position {settings.position} "
-                "does not exist in it"
-            )
-    return encoded
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T], left padded
-    attention_mask: torch.Tensor  # [B, T]
-    indices: list[int]  # prompt indices in the original order
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        # Left padding shifts tokens; positions count real tokens only, as in an unpadded pass.
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def length_sorted_batches(encoded: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Batches of similar length (less padding), left padded so that the last token is at index -1."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in indices)
-        ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            n = len(encoded[i])
-            ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, width - n :] = 1
-        yield Batch(ids, mask, indices)
+    def record(self) -> dict[str, Any]:
+        """`measured_with` of this measurement's settings."""
+        return measured_with(self.settings, self.template, self.runtime)
 
 
 # ---------------------------------------------------------------- the whole-model forward pass
-
-
-def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
-    """The main decoder layers (without extra layers such as GLM's MTP layer)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise AbliterateError(
-            f"cannot find the decoder layers of {type(model).__name__} (expected `model.layers`): "
-            "this architecture is not supported for measurement"
-        )
-    count = getattr(model.config, "num_hidden_layers", len(layers))
-    return list(layers)[:count]
 
 
 def describe_position(position: int, num_layers: int) -> str:
@@ -237,7 +148,7 @@ def _copy_token(hidden: torch.Tensor, token_index: int) -> torch.Tensor:
     return hidden[:, token_index, :].to(torch.float32, copy=True)
 
 
-def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.Tensor:
+def capture_residuals(model: Any, batch: Batch, token_index: int) -> torch.Tensor:
     """One forward pass (no generation, no LM head); returns [L+1, B, H] residuals at one token.
 
     Hooks copy only the chosen token of each layer's input (positions 0..L-1) and of the last
@@ -282,16 +193,19 @@ def capture_residuals(model: Any, batch: Batch, token_index: int = -1) -> torch.
     return torch.stack([c.to(first) for c in captured]).cpu()  # type: ignore[union-attr]  # one sync per batch
 
 
-def check_finite(residuals: torch.Tensor, batch: Batch, label: str) -> None:
-    """Name the first position (and so the layer) where NaN or Inf appears."""
+def check_finite(
+    residuals: torch.Tensor, batch: Batch, label: str, num_layers: int, first_position: int = 0
+) -> None:
+    """Name the first residual position (and so the layer) where NaN or Inf appears.
+
+    `residuals`: [P, B, H] at positions `first_position` .. `first_position` + P - 1."""
     finite = torch.isfinite(residuals).all(dim=-1)  # [P, B]
     if bool(finite.all()):
         return
-    position, row = (int(x) for x in (~finite).nonzero()[0])
-    num_layers = residuals.shape[0] - 1
+    offset, row = (int(x) for x in (~finite).nonzero()[0])
     raise AbliterateError(
-        f"NaN or Inf activations at {describe_position(position, num_layers)} for {label} prompt "
-        f"#{batch.indices[row]}: the weights of that layer (or the dtype) are broken; try dtype float32"
+        f"NaN or Inf activations at {describe_position(first_position + offset, num_layers)} for {label} "
+        f"prompt #{batch.indices[row]}: the weights of that layer (or the dtype) are broken; try dtype float32"
     )
 
 
@@ -299,18 +213,22 @@ def measure_prompts(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
-    settings: MeasureSettings,
-    label: str = "prompt",
+    measurement: config.Measurement,
+    template: config.Template,
+    runtime: config.Runtime,
+    label: str,
     progress: bool = True,
 ) -> SetStats:
-    encoded = encode_prompts(tokenizer, prompts, settings, context_length(model, tokenizer, settings), label)
+    """Statistics of one prompt set on a loaded model, `runtime.batch_size` prompts per forward pass."""
+    context = context_length(model, tokenizer)
+    encoded = encode_prompts(tokenizer, prompts, template, label, context, measurement=measurement)
     num_layers = len(decoder_layers(model))
     acc = ResidualAccumulator(num_layers + 1, model.config.hidden_size)
     tokens = 0
     bar = tqdm(total=len(encoded), desc=f"measure {label}", unit="prompt", disable=not progress)
-    for batch in length_sorted_batches(encoded, settings.batch_size, pad_token_id(tokenizer)):
-        residuals = capture_residuals(model, batch, settings.position)
-        check_finite(residuals, batch, label)
+    for batch in length_sorted_batches(encoded, runtime.batch_size, pad_token_id(tokenizer)):
+        residuals = capture_residuals(model, batch, measurement.token_position)
+        check_finite(residuals, batch, label, num_layers)
         acc.add(residuals)
         tokens += int(batch.attention_mask.sum())
         bar.update(len(batch.indices))
@@ -323,14 +241,24 @@ def measure(
     tokenizer: Any,
     harmful: Sequence[str],
     harmless: Sequence[str],
-    settings: MeasureSettings,
+    measurement: config.Measurement,
+    template: config.Template,
+    runtime: config.Runtime,
     progress: bool = True,
 ) -> Measurement:
-    """Mean residuals at every position for both prompt sets (model already loaded)."""
+    """Mean residuals at every position for both prompt sets (model already loaded, in `runtime.dtype`)."""
+    check_resolved(runtime)
+    sets = {"harmful": harmful, "harmless": harmless}
+    stats = {
+        label: measure_prompts(model, tokenizer, prompts, measurement, template, runtime, label, progress)
+        for label, prompts in sets.items()
+    }
     return Measurement(
-        harmful=measure_prompts(model, tokenizer, harmful, settings, "harmful", progress),
-        harmless=measure_prompts(model, tokenizer, harmless, settings, "harmless", progress),
-        settings=settings,
+        harmful=stats["harmful"],
+        harmless=stats["harmless"],
+        settings=measurement,
+        template=template,
+        runtime=runtime,
         num_layers=len(decoder_layers(model)),
         hidden_size=int(model.config.hidden_size),
     )
@@ -340,83 +268,12 @@ def measure_checkpoint(
     model_dir: str | Path,
     harmful: Sequence[str],
     harmless: Sequence[str],
-    settings: MeasureSettings,
-    device: str = "cpu",
+    measurement: config.Measurement,
+    template: config.Template,
+    runtime: config.Runtime,
     progress: bool = True,
 ) -> Measurement:
-    """Load the model (in `settings.dtype`) and measure both prompt sets."""
-    model, tokenizer = load_model(model_dir, settings.dtype, device)
-    return measure(model, tokenizer, harmful, harmless, settings, progress)
-
-
-# ---------------------------------------------------------------- loading
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """Padding is masked out, so any id works; prefer the tokenizer's own pad token."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if isinstance(candidate, list):
-            candidate = candidate[0] if candidate else None
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise AbliterateError(f"cannot load a tokenizer from {model_dir}: {exc}") from exc
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def load_model(
-    model_dir: str | Path, dtype: str = "float32", device: str = "cpu", budget: int | None = None
-) -> tuple[Any, Any]:
-    """Model (eval mode, in `dtype`) and tokenizer from a local directory.
-
-    On `cpu` or `cuda:N` the whole model is moved there. With `device` `auto` (GPUs present) or a
-    host-memory `budget` (offloading: a model over the budget), accelerate places one decoder layer
-    at a time on every GPU, then `budget` bytes of host memory, then disk
-    (`abliterate.inference.devices.device_map`); disk-offloaded weights go to a temporary folder that is
-    deleted with the model.
-    """
-    import shutil
-    import tempfile
-    import weakref
-
-    from transformers import AutoModelForCausalLM
-
-    from abliterate.inference.devices import describe_map, device_map, resolve_device
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise AbliterateError(f"{model_dir} is not a model directory (no config.json)")
-    if dtype not in DTYPES:
-        raise AbliterateError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    device = resolve_device(device)
-    mapping = device_map(model_dir, dtype, device, budget) if device == "auto" or budget is not None else None
-    offload = (
-        tempfile.mkdtemp(prefix="abliterate-offload-") if mapping and "disk" in mapping.values() else None
-    )
-    try:
-        if mapping is None:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
-            model.to(device)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=DTYPES[dtype], device_map=mapping, offload_folder=offload
-            )
-            model.abliterate_placement = describe_map(mapping)
-    except (OSError, ValueError) as exc:
-        if offload:
-            shutil.rmtree(offload, ignore_errors=True)
-        raise AbliterateError(f"cannot load the model in {model_dir}: {exc}") from exc
-    if offload:
-        model.abliterate_offload_dir = offload
-        weakref.finalize(model, shutil.rmtree, offload, True)
-    model.eval()
-    return model, load_tokenizer(model_dir)
+    """Load the model (in `runtime.dtype`, on `runtime.device`) and measure both prompt sets."""
+    check_resolved(runtime)
+    model, tokenizer = load_model(model_dir, runtime.dtype, runtime.device)
+    return measure(model, tokenizer, harmful, harmless, measurement, template, runtime, progress)

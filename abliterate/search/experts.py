@@ -23,10 +23,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from abliterate.config import Measurement, Runtime, Template
+from abliterate.edit.inference_edit import layer_slots
 from abliterate.errors import AbliterateError
-from abliterate.inference.plan_edit import layer_slots
+from abliterate.inference.loading import Batch, pad_token_id
+from abliterate.inference.runner import model_forward
+from abliterate.measure.chat import encode_prompts
+from abliterate.weights.checkpoint import choose_profile
 from abliterate.weights.profiles import Profile
 
 
@@ -122,13 +126,11 @@ def profile_experts(
     harmful: Sequence[Sequence[int]],
     harmless: Sequence[Sequence[int]],
     profile: Profile,
-    batch_size: int = 16,
+    batch_size: int,
     progress: bool = True,
 ) -> ExpertProfile:
     """Routing shares per MoE layer and expert on the encoded prompt sets (`abliterate.inference.runner`: a model
     in memory or layer-streamed)."""
-    from abliterate.measure.means import length_sorted_batches, pad_token_id
-
     config = forward.config
     experts = int(
         getattr(config, "n_routed_experts", None)
@@ -144,59 +146,20 @@ def profile_experts(
     sets = {"harmful": [list(x) for x in harmful], "harmless": [list(x) for x in harmless]}
     tokens = {label: sum(len(x) for x in ids) for label, ids in sets.items()}
     moe: list[int] = []
-    if not forward.streamed:
-        from abliterate.inference.devices import input_device
-        from abliterate.measure.means import decoder_layers
 
-        model = forward.model
-        handles = []
-        for index, layer in enumerate(decoder_layers(model)):
-            for path in router_paths(layer, index, profile):
-                moe.append(index)
-                handles.append(layer.get_submodule(path).register_forward_hook(counter.hook(index)))
-        device = input_device(model)
-        try:
-            with torch.inference_mode():
-                for label, ids in sets.items():
-                    counter.label = label
-                    for batch in tqdm(
-                        list(length_sorted_batches(ids, batch_size, pad_id)),
-                        desc=f"route {label}",
-                        disable=not progress,
-                    ):
-                        counter.mask = batch.attention_mask.reshape(-1).bool()
-                        model(
-                            input_ids=batch.input_ids.to(device),
-                            attention_mask=batch.attention_mask.to(device),
-                            position_ids=batch.position_ids.to(device),
-                            use_cache=False,
-                            logits_to_keep=1,
-                        )
-        finally:
-            for handle in handles:
-                handle.remove()
-    else:
-        from abliterate.inference.streaming import layer_output
+    def hooks(index: int, layer: torch.nn.Module) -> list[Any]:
+        handles = [
+            layer.get_submodule(p).register_forward_hook(counter.hook(index))
+            for p in router_paths(layer, index, profile)
+        ]
+        if handles:
+            moe.append(index)
+        return handles
 
-        stream = forward.stream()
-        batches = stream.embed(sets, batch_size, -1, pad_id)
-        for index, layer in stream.each_layer("route experts (layer-streamed)", progress):
-            handles = [
-                layer.get_submodule(p).register_forward_hook(counter.hook(index))
-                for p in router_paths(layer, index, profile)
-            ]
-            if handles:
-                moe.append(index)
-            try:
-                with torch.inference_mode():
-                    for item in batches:
-                        counter.label, counter.mask = item.label, item.batch.attention_mask.reshape(-1).bool()
-                        args, kwargs = item.layer_args[index]
-                        item.hidden = layer_output(layer(item.hidden, *args, **kwargs))
-            finally:
-                for handle in handles:
-                    handle.remove()
-        forward.weight_reads += 1
+    def on_batch(label: str, batch: Batch) -> None:
+        counter.label, counter.mask = label, batch.attention_mask.reshape(-1).bool()
+
+    forward.run_with_hooks(sets, batch_size, pad_id, hooks, on_batch, "route experts", progress)
     if not moe:
         raise AbliterateError("no decoder layer has a router the family profile knows: nothing to profile")
 
@@ -204,3 +167,26 @@ def profile_experts(
         return [(counter.counts[(label, i)] / max(tokens[label], 1)).tolist() for i in moe]
 
     return ExpertProfile(moe, experts, chosen, shares("harmful"), shares("harmless"), tokens)
+
+
+def profile_checkpoint(
+    model_dir: str,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    measurement: Measurement,
+    template: Template,
+    runtime: Runtime,
+    stream: bool,
+) -> ExpertProfile:
+    """The expert profile of a checkpoint on the measurement's prompts, rendered as the measurement
+    renders them, on `runtime`'s device and dtype (resolved), in memory or layer-streamed (`stream`:
+    one read of the weights)."""
+    profile = choose_profile(model_dir)
+    if profile is None:
+        raise AbliterateError(f"{model_dir} is of no known family: cannot find its routers")
+    forward, tokenizer = model_forward(model_dir, runtime.dtype, runtime.device, stream, progress=False)
+    encoded = [
+        encode_prompts(tokenizer, prompts, template, label, measurement=measurement)
+        for prompts, label in ((harmful, "harmful"), (harmless, "harmless"))
+    ]
+    return profile_experts(forward, tokenizer, *encoded, profile, runtime.batch_size, progress=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 from abliterate.errors import AbliterateError
 from abliterate.paths import describe_special, output_outside, plain_name
 from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
+from abliterate.weights.dtypes import DTYPE_BITS
 from abliterate.weights.fp8 import pair_scales
 from abliterate.weights.profiles import (
     PROFILES,
@@ -29,32 +30,6 @@ from abliterate.weights.profiles import (
 )
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
-
-# Every dtype safetensors 0.8 reads, with its size in bits (F4 and F6 pack several values per byte).
-DTYPE_BITS = {
-    "F64": 64,
-    "F32": 32,
-    "F16": 16,
-    "BF16": 16,
-    "I64": 64,
-    "I32": 32,
-    "I16": 16,
-    "I8": 8,
-    "U8": 8,
-    "U16": 16,
-    "U32": 32,
-    "U64": 64,
-    "BOOL": 8,
-    "F8_E4M3": 8,
-    "F8_E5M2": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "F4": 4,
-    "C64": 64,
-}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ embedding, the LM head, the norms, the routers (`mlp.gate`, float32) and their c
 stay unquantized. Activation scales (`input_scale`, a static activation scheme) are left as they
 are. Zero points (asymmetric schemes) and other formats are refused by the caller.
 
+This module is the format only; the edit of an FP8 weight (dequantize, edit, requantize, write)
+is `abliterate/edit/fp8_edit.py`.
+
 Requantization (the inverse, as transformers' `Fp8Quantize` computes it): per block,
 `scale = amax / 448` (1 for an all-zero block), `q = clamp(W / scale, -448, 448)` rounded to
 nearest even in float8_e4m3fn. Deterministic: the same float32 W gives the same bytes.
@@ -40,12 +43,13 @@ from typing import Any
 import torch
 
 from abliterate.errors import AbliterateError
+from abliterate.weights.dtypes import TORCH_DTYPES
 
-E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
 UNIT_ROUNDOFF = 2.0**-4  # e4m3: 3 mantissa bits
 SUBNORMAL_HALF_SPACING = 2.0**-10  # half the spacing below the smallest normal 2^-6
 STORED_DTYPE = "F8_E4M3"
+E4M3 = TORCH_DTYPES[STORED_DTYPE]
 SCALE_DTYPE = "F32"
 
 
@@ -243,44 +247,6 @@ def uncovered(quantization: dict[str, str], pairs: dict[str, tuple[str, tuple[in
     }
 
 
-# ---------------------------------------------------------------- one shard's FP8 tensors
-
-
-def rewrite_shard(model_dir: Path, shard: str, dst: Path, edits: list[tuple[Any, torch.Tensor]]) -> None:
-    """Overwrite, in the already written shard `dst`, the FP8 weights and scales of `shard` that
-    `edits` change: each edit a matching.Match with `scales` and its vector [H].
-
-    A weight and its scale may sit in different shards, and shards are written independently: the
-    task of each shard reads the weight and its scale from the input, wherever they are, and
-    computes the same deterministic requantization (dequantize in float32, edit as the engine does,
-    fresh per-block scales); it then writes the part its shard holds. Memory: one tensor in float32.
-    """
-    with open(dst, "r+b", buffering=0) as out:
-        for m, r in edits:
-            weight, (scale_info, _) = m.tensor, m.scales
-            new_q, new_scale = requantized_edit(model_dir, m, r)
-            if weight.shard == shard:
-                _write_at(out.fileno(), new_q.view(torch.uint8), weight.start, weight.nbytes)
-            if scale_info.shard == shard:
-                _write_at(out.fileno(), new_scale, scale_info.start, scale_info.nbytes)
-        os.fsync(out.fileno())
-
-
-def requantized_edit(model_dir: Path, m: Any, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 weight, scale in its stored dtype and shape) of the match `m` edited along `r`: what the
-    ablation writes, and what validation recomputes. Deterministic."""
-    from abliterate.edit.orthogonalize import norm_preserving_, project_out_
-
-    weight, (scale_info, block) = m.tensor, m.scales
-    q = read_tensor(model_dir / weight.shard, weight)
-    scale = read_tensor(model_dir / scale_info.shard, scale_info)
-    work = dequantize(q, scale, block)
-    edit = norm_preserving_ if m.method == "norm_preserving" and m.side != "reader" else project_out_
-    edit(work, r, m.scale, weight.residual_axis)
-    new_q, new_scale = quantize(work, block, scale.dtype)
-    return new_q, new_scale.to(scale.dtype).reshape(scale.shape)
-
-
 def one_ulp_apart(
     a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, block: tuple[int, int]
 ) -> bool:
@@ -300,9 +266,6 @@ def one_ulp_apart(
     return bool(((a - b).abs() <= step * (1 + 2.0**-20)).all())
 
 
-STORAGE = {"F8_E4M3": E4M3, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
 def read_tensor(path: Path, t: Any) -> torch.Tensor:
     """One tensor of a shard, in its stored dtype (`t`: a TensorInfo)."""
     buffer = bytearray(t.nbytes)
@@ -316,17 +279,8 @@ def read_tensor(path: Path, t: Any) -> torch.Tensor:
                 )
             done += n
     if not buffer:
-        return torch.empty(t.shape, dtype=STORAGE[t.dtype])
-    return torch.frombuffer(buffer, dtype=STORAGE[t.dtype]).reshape(t.shape)
-
-
-def _write_at(fd: int, x: torch.Tensor, offset: int, nbytes: int) -> None:
-    view = memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
-    if len(view) != nbytes:
-        raise AbliterateError(f"an FP8 tensor of {len(view)} bytes does not fill its {nbytes}-byte range")
-    done = 0
-    while done < nbytes:
-        done += os.pwrite(fd, view[done:], offset + done)
+        return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
+    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[t.dtype]).reshape(t.shape)
 
 
 def partners(inventory: Any, shard: str) -> list[str]:

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
+from abliterate.weights import fp8
+from abliterate.weights.checkpoint import shard_names
 
 
 @dataclass(frozen=True)
@@ -243,11 +246,6 @@ def convert_to_fp8(
     copied. `scales_apart`: every second quantized weight has its scale in the next shard (a weight
     and its scale may sit in different shards in real checkpoints). `method="compressed-tensors"`:
     llm-compressor's float8 layout instead (`<m>.weight_scale`; `block` None: per-channel [out, 1])."""
-    from safetensors import safe_open
-
-    from abliterate.weights import fp8
-    from abliterate.weights.checkpoint import shard_names
-
     src, dst = Path(src), Path(dst)
     if dst.exists():
         shutil.rmtree(dst)

@@ -1,12 +1,16 @@
-"""A whole ablation plan applied at inference time: what the edited checkpoint computes, without
-rewriting it. `abliterate search` scores every trial this way.
+"""An ablation plan applied at inference time: what the edited checkpoint computes, without
+rewriting it. `abliterate search` scores every trial this way (`PlanEdit`), and selection scores
+every candidate direction this way (`DirectionEdit`: the special case of one direction removed
+from every write into the residual stream at scale 1).
 
-`abliterate.inference.intervention` removes one direction from every write into the residual stream; a
-plan does more: each role of each layer has its own scale (per-role layer kernels), each layer
-its own vector (`matching.direction_for`: the selected, interpolated or per-layer projected
-direction), routers are edited on their input side, and a router's correction bias may be
-shifted. For every tensor the plan edits, the loaded module is changed so that it computes what
-the edited tensor computes (docs/DESIGN.md 2.4):
+Both give the runner (`abliterate.inference.runner`) the same three things: `applied(model)` for a
+model in memory, `embedded(hidden)` and `on_layer(index, layer)` for a layer-streamed one.
+
+A plan may do more than one direction at scale 1: each role of each layer has its own scale
+(per-role layer kernels), each layer its own vector (`matching.direction_for`: the selected,
+interpolated or per-layer projected direction), routers are edited on their input side, and a
+router's correction bias may be shifted. For every tensor the plan edits, the loaded module is
+changed so that it computes what the edited tensor computes (docs/DESIGN.md 2.4):
 
 | edit (plan) | at inference time | why it is the same |
 |---|---|---|
@@ -38,14 +42,14 @@ from typing import Any
 
 import torch
 
-from abliterate.edit.engine import TORCH_DTYPES
 from abliterate.edit.matching import direction_for
 from abliterate.edit.orthogonalize import norm_preserving_, project_out_
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.inference.intervention import project_out
+from abliterate.inference.loading import decoder_layers
 from abliterate.measure.direction_file import Directions
 from abliterate.vocabulary import BIAS_OF
+from abliterate.weights.dtypes import TORCH_DTYPES
 from abliterate.weights.profiles import Profile
 
 WRITERS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down")
@@ -208,8 +212,6 @@ class PlanEdit:
     def applied(self, model: Any) -> Iterator[None]:
         """Within the block, a loaded transformers causal LM (model.model.embed_tokens and
         model.model.layers) computes what the edited checkpoint computes."""
-        from abliterate.measure.means import decoder_layers
-
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         with ExitStack() as stack:
             if self.embed_scale() > 0:
@@ -217,6 +219,46 @@ class PlanEdit:
                     _output_hook(self.vector(None), self.embed_scale(), None)
                 )
                 stack.callback(handle.remove)
+            for index, layer in enumerate(decoder_layers(model)):
+                stack.enter_context(self.on_layer(index, layer))
+            yield
+
+
+class DirectionEdit:
+    """One direction removed from every write into the residual stream, at scale 1: the plan of every
+    writer (embedding, attention, MLP, experts, with their biases) at scale 1 on every layer, which is
+    what selection scores each candidate direction with.
+
+    The residual stream is the sum of the embedding output and of every attention and MLP output (for
+    MoE layers: routed experts plus shared expert), so projecting those module outputs is exactly what
+    orthogonalising the embedding, o_proj, down_proj and every expert's down_proj does to the weights,
+    without a family profile. (Projecting whole decoder-layer outputs would not be: inside a layer the
+    MLP would still read the direction its attention just wrote.) Routers, which read the normed stream,
+    are left alone."""
+
+    def __init__(self, direction: torch.Tensor):
+        unit = direction.detach().float().flatten()
+        self.unit = unit / unit.norm()
+
+    def embedded(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _project(hidden, self.unit, 1.0)
+
+    @contextmanager
+    def on_layer(self, index: int, layer: torch.nn.Module) -> Iterator[None]:
+        hook = _output_hook(self.unit, 1.0, None)
+        handles = [layer.self_attn.register_forward_hook(hook), layer.mlp.register_forward_hook(hook)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def applied(self, model: Any) -> Iterator[None]:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        with ExitStack() as stack:
+            handle = base.embed_tokens.register_forward_hook(_output_hook(self.unit, 1.0, None))
+            stack.callback(handle.remove)
             for index, layer in enumerate(decoder_layers(model)):
                 stack.enter_context(self.on_layer(index, layer))
             yield
@@ -232,8 +274,8 @@ def storage_dtypes(inventory: Any) -> dict[tuple[str, int], str]:
 
 
 def _project(hidden: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
-    if s == 1.0:
-        return project_out(hidden, r)
+    """`hidden - s (hidden . r) r` for a unit vector r, in the hidden states' dtype and device (at s = 1
+    the product by s is exact: the same numbers as without it)."""
     unit = r.to(device=hidden.device, dtype=hidden.dtype)
     return hidden - s * (hidden @ unit).unsqueeze(-1) * unit
 

@@ -1,0 +1,1 @@
+"""The reliability catalogue (docs/RELIABILITY.md), one file per stage of the pipeline."""
