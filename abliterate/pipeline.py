@@ -218,10 +218,10 @@ def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:
 
 
 def plan_position(direction_position: str, selected: bool) -> str | int:
-    """The plan's word for the configured direction position: the selected position (recorded in the
-    directions file) for `auto` when one was selected, each layer's own, or N."""
+    """The plan's direction position for the configured one: `auto` (the selected position, recorded
+    in the directions file) when one was selected, else each layer's own; or N."""
     if direction_position.isdigit():
         return int(direction_position)
     if direction_position == "own" or not selected:
         return "own"
-    return "selected"
+    return "auto"

@@ -720,7 +720,7 @@ def test_demo_model_stops_refusing(tmp_path):
     assert main(argv) == 0
     directions = tmp_path / "measure" / "directions.safetensors"
     manifest = run(DEMO_MODEL_DIR, directions, tmp_path / "out")
-    assert manifest["plan"]["direction_position"] == "selected"
+    assert manifest["plan"]["direction_position"] == "auto"
     result = evaluate_model(
         tmp_path / "out",
         load_prompts(files["harmful", "test"]),

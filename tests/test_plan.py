@@ -101,7 +101,7 @@ def test_the_configured_auto_is_the_plans_selected_position():
     """One concept, one record: the configuration's `auto` and the plan's `selected` make one plan."""
     auto = build_plan(4, [], Ablation(), "auto", selected_position=2)
     assert auto == build_plan(4, [], Ablation(), "selected", selected_position=2)
-    assert auto.direction_position == "selected" and auto.to_dict()["direction_position"] == "selected"
+    assert auto.direction_position == "auto" and auto.to_dict()["direction_position"] == "auto"
 
 
 def test_the_plan_takes_every_ablation_setting():

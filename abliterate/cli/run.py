@@ -168,7 +168,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict[str, Any], began: float) -> str:
     plan = summary["plan"]
-    if plan.get("direction_position") == "selected":
+    if plan.get("direction_position") == "auto":
         direction = (
             f"direction: residual position {plan['selected_position']} (the input of decoder layer "
             f"{plan['selected_position']}), removed from every targeted layer"

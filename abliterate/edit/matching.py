@@ -98,13 +98,13 @@ def resolve_plan(plan: AblationPlan, inputs: AblationInputs) -> AblationPlan:
             f"MTP layers {s.mtp_layers or 'none'})"
         )
     if directions.single:
-        if plan.direction_position not in ("selected", 0):
+        if plan.direction_position not in ("auto", 0):
             raise AbliterateError(
                 f"{directions.path} holds one direction for every layer: direction position "
-                f"{plan.direction_position!r} cannot apply; use `selected`"
+                f"{plan.direction_position!r} cannot apply; use `auto`"
             )
         plan = _replace(plan, selected_position=0)
-    elif plan.direction_position == "selected":
+    elif plan.direction_position == "auto":
         if directions.selected_position is None:
             raise AbliterateError(
                 f"{directions.path} records no selected position: pass --direction-layer N (a residual position) "

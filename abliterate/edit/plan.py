@@ -13,8 +13,8 @@ Gaussian kernel over layer indices `gauss:center=20,width=5,peak=1.0[,floor=0.0]
 0 leaves a tensor unchanged, 1 removes the direction completely, values above 1 push the
 weights past zero along the direction (2 reflects it); larger values only damage the model.
 
-Direction: `selected` (default: the one position the directions file records as selected,
-used for every layer), `own` (layer i uses the direction at residual position i, the input of
+Direction: `auto` (default: the one position selection chose, as the directions file records it,
+used for every layer; plans written before this name read `selected` the same way), `own` (layer i uses the direction at residual position i, the input of
 layer i; the embedding uses position 0), or an explicit position number.
 
 Method: `plain` (W' = W - s r r^T W), `norm_preserving` (writers keep each residual-space
@@ -81,7 +81,7 @@ class AblationPlan:
     scales: tuple[float, ...]  # one per entry of `layers`
     num_layers: int  # decoder layers of the model (MTP layers have indices >= this)
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    direction_position: str | int | float = "selected"  # "selected" | "own" | position number (or a fraction)
+    direction_position: str | int | float = "auto"  # "auto" | "own" | position number (or a fraction)
     selected_position: int | None = None  # resolved from the directions file
     method: str = "plain"
     mtp: str = "ablate"
@@ -117,15 +117,18 @@ class AblationPlan:
         if self.mtp not in MTP_MODES:
             raise AbliterateError(f"unknown MTP mode {self.mtp!r}: choose {', '.join(MTP_MODES)}")
         pos = self.direction_position
+        if pos == "selected":  # the word of plans written before `auto` named it everywhere
+            object.__setattr__(self, "direction_position", "auto")
+            pos = "auto"
         if isinstance(pos, float) and math.isfinite(pos) and pos.is_integer():
             object.__setattr__(self, "direction_position", int(pos))  # 3.0 is position 3
             pos = self.direction_position
         number = (
             isinstance(pos, int | float) and not isinstance(pos, bool) and math.isfinite(pos) and pos >= 0
         )
-        if not (pos in ("selected", "own") or number):
+        if not (pos in ("auto", "own") or number):
             raise AbliterateError(
-                f"direction position {pos!r} is invalid: use `selected`, `own` or a position number >= 0"
+                f"direction position {pos!r} is invalid: use `auto`, `own` or a position number >= 0"
             )
         self._check_role_scales()
         self._check_router_bias()
@@ -188,7 +191,7 @@ class AblationPlan:
         """Residual position whose direction edits tensors of `layer` (None: the embedding)."""
         if self.direction_position == "own":
             return 0 if layer is None else layer
-        if self.direction_position == "selected":
+        if self.direction_position == "auto":
             if self.selected_position is None:
                 raise AbliterateError(
                     "the plan uses the selected direction but records no selected position: "
@@ -301,13 +304,15 @@ class AblationPlan:
                     raise bad(key, value, "a residual position number or null", "selected_position: 12")
             elif key == "direction_position":
                 if not (
-                    value in ("selected", "own") or _count(value) or (_number_value(value) and value >= 0)
+                    value in ("auto", "selected", "own")
+                    or _count(value)
+                    or (_number_value(value) and value >= 0)
                 ):
                     raise bad(
                         key,
                         value,
-                        "a direction position: selected, own or a residual position number",
-                        "direction_position: selected",
+                        "a direction position: auto, own or a residual position number",
+                        "direction_position: auto",
                     )
             elif key == "role_scales":
                 value = _read_role_scales(value, list(layers), bad)
@@ -557,12 +562,11 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_position(spec: str | int | float) -> str | int | float:
-    """`selected`, `own`, a position number, or a fraction between two positions (2.25). The
-    configuration's word for the selected position, `auto`, is read as `selected`: the one place
-    the two names meet."""
+    """`auto` (the position selection chose), `own`, a position number, or a fraction between two
+    positions (2.25); `selected`, the word of older plans, is read as `auto`."""
     text = str(spec).strip().lower()
     if text in ("selected", "auto"):
-        return "selected"
+        return "auto"
     if text == "own":
         return text
     if text.isdigit():
@@ -572,7 +576,7 @@ def parse_position(spec: str | int | float) -> str | int | float:
     except ValueError:
         value = -1.0
     if not (math.isfinite(value) and value >= 0):
-        raise AbliterateError(f"direction position {spec!r}: use `selected`, `own` or a position number")
+        raise AbliterateError(f"direction position {spec!r}: use `auto`, `own` or a position number")
     return int(value) if value.is_integer() else value
 
 
@@ -589,7 +593,7 @@ def build_plan(
     """The plan the `ablation` settings describe for a model with `num_layers` decoder layers and the
     given MTP layer indices, its specs parsed (see the module docstring).
 
-    `direction_position`: the configuration's `auto` (or the plan's `selected`), `own`, or a position;
+    `direction_position`: `auto` (the selected position), `own`, or a position;
     `role_scales`: role -> scale spec, each role's own scales; `router_bias`: layer -> expert -> value
     added to that router's correction bias; `origin`: the plan's record."""
     layers, scale, mtp = ablation.layers, ablation.scale, ablation.mtp
