@@ -51,6 +51,10 @@ from abliterate.vocabulary import (
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+MAX_SIZE = float(1 << 60)  # 1 EiB: any larger "memory budget" is a typo
+# More threads than any machine has cores: OpenMP fails to create them and the process crashes
+# (100000 threads: a segmentation fault, issue 22's hostile pass).
+MAX_THREADS = 1024
 
 
 def parse_size(text: str | None) -> int | None:
@@ -61,7 +65,13 @@ def parse_size(text: str | None) -> int | None:
     unit = match.group(2).upper() if match else ""
     if match is None or unit not in _UNITS:
         raise AbliterateError(f"memory budget {text!r}: use a size such as 64GiB, 500MB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = float(match.group(1)) * _UNITS[unit]
+    if not size < MAX_SIZE:  # 400 nines is inf as a float
+        shown = text if len(text) <= 24 else text[:21] + "..."
+        raise AbliterateError(
+            f"memory budget {shown!r} is beyond any machine (at most 1 EiB): use a size such as 64GiB"
+        )
+    return int(size)
 
 
 def check_device(value: str) -> str:
@@ -89,6 +99,14 @@ def check_device(value: str) -> str:
 
 
 # ------------------------------------------------------------------ the sections
+
+
+def text_or_number(schema: dict[str, Any]) -> None:
+    """JSON schema of a setting held as text that users may also type as a number (`0.8`, `3`): the
+    Prefect form and `prefect deployment run -p` check this schema before the validator normalises the
+    value to text."""
+    schema.pop("type", None)
+    schema["anyOf"] = [{"type": "string"}, {"type": "number"}]
 
 
 class Section(BaseModel):
@@ -200,6 +218,7 @@ class Selection(Section):
         description="residual position of the direction to ablate: auto (chosen by inference-time "
         "ablation on validation prompts), a number (scored for the record), own (each layer its own position's "
         "direction), none (measure only)",
+        json_schema_extra=text_or_number,
     )
     kl_threshold: float = Field(
         0.1,
@@ -211,6 +230,17 @@ class Selection(Section):
         0.2, ge=0, lt=1, description="fraction of the last residual positions that are not candidates"
     )
     max_candidates: int | None = Field(None, ge=1, description="score at most N evenly spaced positions")
+    shortlist: str = Field(
+        "3",
+        description="candidates scored on every validation prompt: N (the others are ranked out first by "
+        "successive halving: every candidate on the first shortlist-prompts prompts of each set, the better half "
+        "on twice as many, ... until N remain; one pass over the weights per round) or all (every candidate on "
+        "every prompt, one pass)",
+        json_schema_extra=text_or_number,
+    )
+    shortlist_prompts: int = Field(
+        8, ge=1, description="prompts of each validation set in the first ranking round (doubled each round)"
+    )
 
     @field_validator("direction_position", mode="before")
     @classmethod
@@ -222,15 +252,28 @@ class Selection(Section):
             return text
         raise ValueError("use auto, own, none or a residual position number >= 0")
 
+    @field_validator("shortlist", mode="before")
+    @classmethod
+    def _shortlist(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text == "all" or (text.isdigit() and int(text) >= 1):
+            return text
+        raise ValueError("use all or a number of candidates >= 1")
+
 
 class Ablation(Section):
     section: typing.ClassVar[str] = "ablation"
 
-    layers: str = Field("all", description="target layers: all | 10-30 | 5,7,9-12 (exact indices)")
+    layers: str = Field(
+        "all",
+        description="target layers: all | 10-30 | 5,7,9-12 (exact indices)",
+        json_schema_extra=text_or_number,
+    )
     scale: str = Field(
         "1.0",
         description="1.0 | one value per target layer (comma list) | "
         "gauss:center=20,width=5,peak=1 (each in [0, 2])",
+        json_schema_extra=text_or_number,
     )
     targets: list[str] = Field(
         list(DEFAULT_TARGETS),
@@ -337,6 +380,16 @@ class Runtime(Section):
         description="layer-streamed measurement, selection and evaluation: auto (when the model exceeds "
         "the budget), always, never",
     )
+    threads: str = Field(
+        "auto",
+        description="torch's CPU threads: auto (the cores this process may use, from its CPU affinity and cgroup "
+        "quota, less those other processes keep busy now; at least 1; OMP_NUM_THREADS where it is set) or a number",
+    )
+    interop_threads: str = Field(
+        "auto",
+        description="torch's inter-op threads, set once per process before any parallel work: auto (as many as "
+        "--threads chooses) or a number",
+    )
     workers: int = Field(2, ge=1, description="shards ablated at the same time (threads)")
     dask_address: str | None = Field(
         None, description="ablate shards on this Dask scheduler (tcp://host:8786); needs shared storage"
@@ -361,6 +414,16 @@ class Runtime(Section):
     def _device(cls, value: str) -> str:
         return check_device(value)
 
+    @field_validator("threads", "interop_threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> str:  # `prefect deployment run -p threads=1` sends a number
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or not (
+            text == "auto" or (text.isdigit() and 1 <= int(text) <= MAX_THREADS)
+        ):
+            raise ValueError(f"use auto or a number of threads from 1 to {MAX_THREADS}")
+        return str(int(text)) if text.isdigit() else text
+
 
 class Search(Section):
     """`abliterate search`: the Optuna study over layer kernels, weight roles, routers (abliterate/search/study.py)."""
@@ -382,7 +445,12 @@ class Search(Section):
     trial: int | None = Field(
         None, ge=0, description="write this trial of the study instead of the automatic choice"
     )
-    search_seed: int = Field(0, description="seed of the study's sampler (another seed: another study)")
+    search_seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="seed of the study's sampler, 0 to 2^31-1 (another seed: another study)",
+    )
     components: list[str] = Field(
         list(SEARCH_GROUPS),
         description="component groups searched, each with its own layer kernel (peak position, width, peak and "
@@ -418,9 +486,46 @@ class Search(Section):
     )
     study: str | None = Field(
         None,
-        description="study name (default: derived from the model, directions, prompts, "
-        "scoring and search space, so the same search resumes)",
+        description="study name: letters, digits, '.', '_' or '-', at most 100 (default: derived from the model, "
+        "directions, prompts, scoring and search space, so the same search resumes)",
     )
+    refusal_floor: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="a held-out harmful prompt whose first-token refusal probability is under this is far "
+        "enough from refusing: between trials that refuse alike, the study prefers the one closer to this "
+        "floor on every prompt, then the lower KL",
+    )
+    confirm_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="seeded part of each held-out (validation) set the study never scores: the chosen trial "
+        "and run's choice are confirmed on it (0: no confirmation)",
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="level of the Wilson bound on a trial's refusal rate: a confirmation that refuses more "
+        "than the study's upper bound fails",
+    )
+    on_confirm_failure: Literal["stronger", "keep", "refuse"] = Field(
+        "stronger",
+        description="when the chosen trial refuses more on the confirmation prompts than the study's bound: "
+        "stronger (write the next stronger trial of the front that holds, warning when its KL exceeds "
+        "kl_max), keep (write the choice, warning), refuse (write nothing)",
+    )
+
+    @field_validator("study")
+    @classmethod
+    def _study(cls, value: str | None) -> str | None:  # it names a lock file beside the study database
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError(
+                f"{value[:40]!r} is no study name: use 1 to 100 letters, digits, '.', '_' or '-', not starting with '.'"
+            )
+        return value
 
     @field_validator("components", "methods", mode="before")
     @classmethod
@@ -439,6 +544,25 @@ class Search(Section):
                 f"choose one or more of {', '.join(known)}" + (f" (not {unknown})" if unknown else "")
             )
         return list(dict.fromkeys(names))
+
+
+class Chat(Section):
+    """`abliterate chat`: how the replies of an interactive chat are made (abliterate/cli/chat.py)."""
+
+    section: typing.ClassVar[str] = "chat"
+
+    sample: bool = Field(
+        False, description="sample the replies (--temperature, --top-p) instead of taking the greedy ones"
+    )
+    temperature: float = Field(0.7, gt=0, description="sampling temperature (with --sample)")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="nucleus sampling: the top tokens holding this much probability (with --sample)",
+    )
+    sample_seed: int = Field(0, description="seed of the sampled replies (with --sample)")
+    max_reply_tokens: int = Field(200, ge=1, description="longest reply in the chat (tokens)")
 
 
 class Environment(BaseSettings):
@@ -465,6 +589,16 @@ class Environment(BaseSettings):
         validation_alias="PREFECT_API_URL",
         description="a running Prefect server (default: a temporary one per command)",
     )
+    omp_num_threads: str | None = Field(
+        None,
+        validation_alias="OMP_NUM_THREADS",
+        description="OpenMP's thread count: where it names a number, `--threads auto` takes it as is",
+    )
+    omp_wait_policy: str | None = Field(
+        None,
+        validation_alias="OMP_WAIT_POLICY",
+        description="OpenMP's wait policy (default here: PASSIVE, set before torch loads; ACTIVE spins)",
+    )
 
     def project_dir(self) -> Path:
         return Path(self.home or Path.cwd()).resolve()
@@ -489,7 +623,7 @@ def environment() -> Environment:
 
 SECTIONS: dict[str, type[Section]] = {
     cls.section: cls
-    for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime, Search)
+    for cls in (Prompts, Template, Measurement, Selection, Ablation, Evaluation, Runtime, Search, Chat)
 }
 
 
@@ -547,6 +681,15 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _default_note(description: str, default: Any) -> str:
+    """What --help adds to a setting's description: its default, unless the description says it."""
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    if default is None or (isinstance(default, list | dict) and not default):
+        return "" if "default" in description else " (default: none)"
+    return f" (default {','.join(default) if isinstance(default, list) else default})"
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     cls: type[Section],
@@ -563,10 +706,7 @@ def add_options(
             continue
         kind, _ = _base_type(info.annotation)
         default = info.get_default(call_default_factory=True)
-        shown = ",".join(default) if isinstance(default, list) else default
-        help_text = (info.description or "") + (
-            "" if default in (None, {}, [], False) else f" (default {shown})"
-        )
+        help_text = (info.description or "") + _default_note(info.description or "", default)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name in required:
             kwargs["required"] = True

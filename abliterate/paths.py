@@ -19,9 +19,12 @@ import fcntl
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from huggingface_hub import constants as hub_constants
 
 from abliterate.errors import AbliterateError
 
@@ -37,10 +40,12 @@ def output_outside(
     An input directory (a checkpoint) must not hold the output; an input file (a directions
     file) must not be the output; an output directory must not hold an input checkpoint.
     Inputs that are files may lie inside an output directory: they are never deleted (see
-    `ours_to_delete`)."""
-    resolved = Path(out).resolve()
+    `ours_to_delete`). Files are resolved, not only folders: no file of an input directory may
+    be a link into the output (writing the output would change the input through it), and no
+    output lies in the Hugging Face cache (`hub_cache`: downloaded inputs live there)."""
+    resolved = resolve(out, what)
     for given in inputs:
-        source = Path(given).resolve()
+        source = resolve(given, "input")
         if resolved == source or source in resolved.parents:
             kind = "the input checkpoint" if source.is_dir() else "the input"
             raise AbliterateError(f"{what} {resolved} is inside {kind} {source}: choose a {place} outside it")
@@ -48,7 +53,56 @@ def output_outside(
             raise AbliterateError(
                 f"{what} {resolved} contains the input checkpoint {source}: choose another {place}"
             )
+        if source.is_dir():
+            for entry, target in linked_entries(Path(given)):
+                if target == resolved or resolved in target.parents or target in resolved.parents:
+                    raise AbliterateError(
+                        f"input file {entry} is a link to {target}, where the {what} {resolved} writes: writing it "
+                        f"would change the input; choose a {place} outside {target.parent}"
+                    )
+    cache = hub_cache()
+    if cache is not None and (resolved == cache or cache in resolved.parents):
+        raise AbliterateError(
+            f"{what} {resolved} is inside the Hugging Face cache {cache}, which holds downloaded inputs: "
+            f"choose a {place} outside it"
+        )
     return resolved
+
+
+def resolve(path: str | Path, what: str) -> Path:
+    """`path` with every link resolved; a link loop (or a path too long) is one line naming it."""
+    try:
+        return Path(path).resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
+        reason = getattr(exc, "strerror", None) or "a loop of symbolic links"
+        raise AbliterateError(
+            f"{what} {path} cannot be resolved ({reason}): fix or remove the link"
+        ) from None
+
+
+def linked_entries(folder: Path) -> list[tuple[Path, Path]]:
+    """(entry, resolved target) of every symbolic link directly in `folder` (a checkpoint, or a
+    snapshot folder of the Hugging Face cache, whose files are links to its blobs)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        if entry.is_symlink():
+            try:
+                out.append((entry, entry.resolve(strict=False)))
+            except (RuntimeError, OSError):
+                continue  # a loop: the input's own checks name it
+    return out
+
+
+def hub_cache() -> Path | None:
+    """The Hugging Face hub cache folder (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub), resolved."""
+    try:
+        return Path(hub_constants.HF_HUB_CACHE).expanduser().resolve()
+    except (RuntimeError, OSError):
+        return None
 
 
 def output_file(path: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> Path:
@@ -101,8 +155,13 @@ def describe_special(path: Path) -> str | None:
         mode = path.lstat().st_mode
     except FileNotFoundError:
         return "missing"
-    if stat.S_ISLNK(mode) and not path.exists():
-        return f"a dangling symbolic link (to {os.readlink(path)})"
+    if stat.S_ISLNK(mode):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"a loop of symbolic links (to {os.readlink(path)})"
+            return f"a dangling symbolic link (to {os.readlink(path)})"
     mode = path.stat().st_mode
     for test, kind in (
         (stat.S_ISDIR, "a directory"),
@@ -177,6 +236,32 @@ def is_locked(directory: str | Path) -> bool:
         return False
 
 
+def holders(paths: Iterable[str | Path]) -> list[str]:
+    """`process PID (command line)` of every other process that has one of `paths` open (Linux's
+    /proc; empty elsewhere or where /proc is not readable): who holds a lock the tool waits for."""
+    wanted = set()
+    for path in paths:
+        with suppress(OSError, RuntimeError):
+            wanted.add(str(Path(path).resolve()))
+    found = []
+    try:
+        processes = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+    except OSError:
+        return []
+    for proc in sorted(processes, key=lambda p: int(p.name)):
+        try:
+            fds = list((proc / "fd").iterdir())
+            if not any(os.readlink(fd) in wanted for fd in fds if fd.is_symlink()):
+                continue
+            command = " ".join(
+                (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
+            )
+        except OSError:
+            continue
+        found.append(f"process {proc.name} ({command[:120] or '?'})")
+    return found
+
+
 @contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Block until an exclusive lock on the file `path` (created if missing) is ours."""
@@ -213,3 +298,74 @@ def folder_identity(folder: str | Path) -> tuple[tuple[str, int, int, int], ...]
     except OSError:
         return ()
     return tuple(i for e in entries if e.is_file() and (i := file_identity(e)) is not None)
+
+
+# ------------------------------------------------------------------ filesystem errors as one line
+
+_OS_ERROR_FIX = {
+    errno.ELOOP: "a loop of symbolic links: fix or remove the link",
+    errno.ENOSPC: "free space, then rerun the same command (finished work is kept)",
+    errno.EDQUOT: "free space, then rerun the same command (finished work is kept)",
+    errno.EROFS: "the filesystem is read-only: choose a writable place (ABLITERATE_HOME for the tool's home)",
+    errno.EACCES: "fix the permissions or choose another place (ABLITERATE_HOME for the tool's home)",
+    errno.EPERM: "fix the permissions or choose another place (ABLITERATE_HOME for the tool's home)",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError no stage translated (the filesystem under the tool's home, a link loop): one line
+    naming the path, what failed and what to do."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None) or "a file"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = _OS_ERROR_FIX.get(exc.errno or 0, "check the path and the filesystem, then rerun the same command")
+    return f"cannot use {where}: {reason}; {fix}"
+
+
+# ------------------------------------------------------------------ text files users write
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a text file, split at line ends only (\\n, \\r\\n, \\r): `str.splitlines` also
+    splits at a form feed, a vertical tab, U+2028/U+2029, U+0085 and \\x1c-\\x1e, which a prompt may
+    hold (one prompt would become two)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+# ------------------------------------------------------------------ reports and records, written whole
+
+
+def temporary_name(target: Path) -> Path:
+    """`.<name>.tmp-<pid>-<thread>` beside `target`: the one temporary name (`is_temporary_of`)."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all: into a temporary file beside it, fsynced, then
+    renamed (a full disk or a kill leaves the earlier file, or none, never an empty or partial one
+    under the final name). A failure is one line naming the file and what to do."""
+    target = Path(path)
+    tmp = temporary_name(target)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with suppress(OSError):
+            tmp.unlink()
+        raise AbliterateError(
+            f"cannot write {target}: {exc.strerror or exc}; free space or fix the permissions, then rerun the "
+            "same command"
+        ) from exc
+    finally:
+        with suppress(OSError):
+            tmp.unlink()
+    return target

@@ -3,7 +3,7 @@ stages: the CLI's commands, the Prefect tasks and flows (abliterate_tasks, ablit
 benchmarks call these, so every way of running gives the same results and records.
 
 - checks before any work: `run_paths` (nothing written inside the model), `check_plans` (each
-  ablation against the model's headers);
+  ablation against the model's headers), `check_settings` (the refusal markers);
 - `PromptSets.load`: the prompt sets a run uses (files, or the project's sets), split for validation;
 - `decide_streaming`: the one decision between in-memory and layer-streamed work;
 - `measure_stage`: mean residuals of both prompt sets at every residual position;
@@ -16,17 +16,19 @@ Ablation, validation and evaluation are each one domain call (`abliterate.edit.a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from abliterate import config
-from abliterate.config import Ablation, Prompts, Runtime, Template, environment, parse_size
+from abliterate.config import Ablation, Evaluation, Prompts, Runtime, Template, environment, parse_size
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
 from abliterate.edit.matching import plan_matches
 from abliterate.edit.plan import build_plan
 from abliterate.errors import AbliterateError
+from abliterate.inference.refusal import marker_phrases
 from abliterate.inference.runner import model_forward
 from abliterate.inference.streaming import choose_streaming
 from abliterate.measure.directions import DirectionSet, compute_directions
@@ -34,6 +36,7 @@ from abliterate.measure.means import Measurement, measure_checkpoint
 from abliterate.measure.prompts import load_prompts, prompts_sha256, split_prompts
 from abliterate.measure.streamed import measure_streamed
 from abliterate.select.selection import Selection, select_direction
+from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import build_inventory, check_output_location
 from abliterate.weights.hub import resolve_model
 from abliterate.weights.structure import detect_structure
@@ -148,7 +151,7 @@ class PromptSets:
             raise AbliterateError("give both harmful and harmless validation prompts, or neither")
         default_set = prompts.prompt_set
         if default_set == "auto":  # the demo model knows only its own vocabulary
-            default_set = "demo" if Path(model).resolve() == DEMO_MODEL_DIR.resolve() else "general"
+            default_set = "demo" if is_demo_model(model) else "general"
         files = {
             "harmful": prompts.harmful or str(prompt_file(default_set, "harmful", "train")),
             "harmless": prompts.harmless or str(prompt_file(default_set, "harmless", "train")),
@@ -184,6 +187,19 @@ class PromptSets:
         return out
 
 
+def is_demo_model(model: str | Path) -> bool:
+    """The demo model, or an ablation of it (its manifest names the demo model as the input)."""
+    path = Path(model).resolve()
+    if path == DEMO_MODEL_DIR.resolve():
+        return True
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    source = manifest.get("input") if isinstance(manifest, dict) else None
+    return isinstance(source, dict) and source.get("path") == str(DEMO_MODEL_DIR.resolve())
+
+
 def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, str | None, str]:
     """Absolute paths, checked before any work: nothing the run writes may lie inside the model. A Hub
     id `org/name[@revision]` becomes its snapshot folder in huggingface_hub's cache (abliterate.weights.hub)."""
@@ -194,6 +210,13 @@ def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, s
         model, environment().results_dir() / "prefect-storage"
     )  # where Prefect persists task results
     return model, str(check_output_location(model, out)) if out else None, work
+
+
+def check_settings(evaluation: Evaluation) -> None:
+    """The settings read from files that need no model, read once before any work: the refusal
+    markers (the `--markers` file readable and not empty, no blank `--marker`), which the selection
+    and the evaluation otherwise read only after the measurement."""
+    marker_phrases(evaluation)
 
 
 def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:

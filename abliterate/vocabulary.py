@@ -89,3 +89,4 @@ DIRECTIONS_FILE = "directions.safetensors"
 DIRECTIONS_JSON = "directions.json"
 MANIFEST_FILE = "abliteration.json"
 STUDY_FILE = "search.db"
+MODEL_CARD_FILE = "README.md"  # the output's model card (Hugging Face's name for it)

@@ -1,22 +1,30 @@
-"""FP8 ablation: throughput against the bf16 path and a plain copy; residual after requantization
-against the reference (the exact edit, requantized).
+"""FP8 ablation: throughput against a plain copy of the same files (`cp`) and against the bf16
+path; validation time; residual after requantization against the reference (the exact edit,
+requantized).
 
 Writes a GLM-4.5-Air-layout checkpoint at real widths (hidden 4096, moe_intermediate 1408, 96 heads
 x 128, dense intermediate 10944) with few layers and experts, converts it to transformers'
-fine-grained FP8 (blocks of 128, scales of every second weight in the next shard), then, each
-`--repeat` times: copies the FP8 shards (shutil.copyfile + fsync), ablates the bf16 checkpoint and
-the FP8 one with the default plan (one worker). Prints seconds, GB/s of the checkpoint's bytes and
-edited parameters per second of each, the medians' ratios, and per edited FP8 tensor the projection
-residual |r^T W'| / |W| of the output (dequantized) and of the reference, with the validator's
-tolerance; and the distance |W'_out - W'_ref|_F / |W|_F.
+fine-grained FP8 (blocks of 128, scales of every second weight in the next shard: each of those
+weights is requantized by both shards' tasks), then, `--repeat` rounds, alternating so all three
+see the same (shared, noisy) machine, each after `os.sync()`: copies the FP8 shards
+(shutil.copyfile + fsync, as `bench_ablate.py` and the engine sync), ablates the bf16 checkpoint
+and the FP8 one with the default plan (`--workers` threads, as the CLI). Prints seconds, GB/s of
+the checkpoint's bytes and edited parameters per second of each, the medians' ratios with the
+range of the per-round ratios, the load average, then `validate_output`'s time on both outputs
+(FP8: every edit recomputed by the ablation's own requantization), and per edited FP8 tensor the
+projection residual |r^T W'| / |W| of the output (dequantized) and of the reference, with the
+validator's tolerance; and the distance |W'_out - W'_ref|_F / |W|_F. Aim: FP8 ablation >= 0.5x
+the plain copy.
 
-    .venv/bin/python benchmarks/bench_fp8.py [--experts 8] [--layers 3] [--repeat 3] [--dir /tmp/bench-fp8]
+    .venv/bin/python benchmarks/bench_fp8.py [--experts 8] [--layers 3] [--repeat 3] [--workers 2]
+        [--dir /tmp/bench-fp8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -25,7 +33,26 @@ from pathlib import Path
 
 import torch
 
+from abliterate.config import Runtime
+
 GB = 1e9
+
+
+def plain_copy(src: Path, dst: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds to copy the shards of `src` into a new `dst`, each synced (what `cp` + sync
+    costs)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    began, cpu = time.perf_counter(), time.process_time()
+    for p in sorted(src.glob("*.safetensors")):
+        shutil.copyfile(p, dst / p.name)
+        with open(dst / p.name, "rb+") as f:
+            os.fsync(f.fileno())
+    return time.perf_counter() - began, time.process_time() - cpu
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -33,17 +60,22 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, default=Runtime().workers, help="shards ablated at once (default: as the CLI)"
+    )
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     from abliterate.check.residuals import FLOAT32_UNIT, TOLERANCE_FACTOR
+    from abliterate.check.validate import validate_output
     from abliterate.edit.ablate import ablate_checkpoint, load_inputs
     from abliterate.edit.matching import direction_for
     from abliterate.edit.plan import AblationPlan
     from abliterate.measure.direction_file import load_directions, save_directions
     from abliterate.vocabulary import MANIFEST_FILE
     from abliterate.weights import fp8
+    from abliterate.weights.checkpoint import build_inventory
     from abliterate.weights.synthetic import GlmLayout, convert_to_fp8, write_glm_layout
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-fp8-"))
@@ -62,14 +94,14 @@ def main() -> None:
         vocab_size=1024,
     )
     bf16, f8 = root / "bf16", root / "fp8"
-    if not (f8 / MANIFEST_FILE).exists() and not (f8 / "config.json").exists():
+    stamp = json.dumps(repr(layout))
+    if not (root / "layout.json").is_file() or (root / "layout.json").read_text() != stamp:
         write_glm_layout(bf16, layout, num_shards=4)
         convert_to_fp8(bf16, f8, (128, 128))
+        (root / "layout.json").write_text(stamp)
     gen = torch.Generator().manual_seed(0)
     directions = {}
     for name, model in (("bf16", bf16), ("fp8", f8)):
-        from abliterate.weights.checkpoint import build_inventory
-
         d = torch.randn(layout.num_layers + 1, layout.hidden_size, generator=gen)
         meta = {"fingerprint": build_inventory(model).fingerprint, "selected_position": 1}
         directions[name] = save_directions(root / f"{name}.safetensors", d, meta)
@@ -77,51 +109,60 @@ def main() -> None:
     def size(folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
-    def edited_params(out: Path) -> int:
-        entries = json.loads((out / MANIFEST_FILE).read_text())["edited"]
-        inv = load_inputs(
-            bf16 if "bf16" in out.name else f8, directions["bf16" if "bf16" in out.name else "fp8"]
-        )
-        return sum(
-            inv.inventory.tensors[e["name"]].shape[0] * inv.inventory.tensors[e["name"]].shape[1]
-            for e in entries
-        )
+    def edited_params(name: str) -> int:
+        entries = json.loads((root / f"out-{name}" / MANIFEST_FILE).read_text())["edited"]
+        inv = load_inputs(bf16 if name == "bf16" else f8, directions[name]).inventory
+        return sum(inv.tensors[e["name"]].shape[0] * inv.tensors[e["name"]].shape[1] for e in entries)
 
+    print(f"before: {load()}; {os.cpu_count()} CPUs; workers {args.workers}")
     times: dict[str, list[float]] = {"copy_fp8": [], "ablate_bf16": [], "ablate_fp8": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}  # user + system seconds of this process
     for _ in range(args.repeat):
-        copy = root / "copy"
-        shutil.rmtree(copy, ignore_errors=True)
-        copy.mkdir()
-        began = time.perf_counter()
-        for p in f8.glob("*.safetensors"):
-            shutil.copyfile(p, copy / p.name)
-            with open(copy / p.name, "rb+") as f:
-                import os
-
-                os.fsync(f.fileno())
-        times["copy_fp8"].append(time.perf_counter() - began)
+        os.sync()  # earlier writeback must not slow down what is measured next
+        wall, used = plain_copy(f8, root / "copy")
+        times["copy_fp8"].append(wall)
+        cpu["copy_fp8"].append(used)
+        shutil.rmtree(root / "copy")
         for name, model in (("bf16", bf16), ("fp8", f8)):
             out = root / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            began = time.perf_counter()
-            ablate_checkpoint(model, directions[name], out, progress=False, log=lambda _: None)
+            os.sync()
+            began, used = time.perf_counter(), time.process_time()
+            ablate_checkpoint(
+                model, directions[name], out, workers=args.workers, progress=False, log=lambda _: None
+            )
             times[f"ablate_{name}"].append(time.perf_counter() - began)
+            cpu[f"ablate_{name}"].append(time.process_time() - used)
+    print(f"after:  {load()}")
     sizes = {"copy_fp8": size(f8), "ablate_bf16": size(bf16), "ablate_fp8": size(f8)}
-    params = {"ablate_bf16": edited_params(root / "out-bf16"), "ablate_fp8": edited_params(root / "out-fp8")}
+    params = {"ablate_bf16": edited_params("bf16"), "ablate_fp8": edited_params("fp8")}
     median = {k: statistics.median(v) for k, v in times.items()}
     for k in times:
         extra = f", {params[k] / median[k] / 1e6:7.1f} M edited parameters/s" if k in params else ""
         print(
             f"{k:12s} {sizes[k] / GB:6.3f} GB  median {median[k]:7.2f} s  {sizes[k] / GB / median[k]:6.3f} GB/s{extra}"
-            f"  (runs {', '.join(f'{t:.2f}' for t in times[k])})"
+            f"  (runs {', '.join(f'{t:.2f}' for t in times[k])}; CPU s {', '.join(f'{t:.2f}' for t in cpu[k])})"
         )
+
+    def rounds(a: str, b: str) -> str:
+        ratios = sorted(x / y for x, y in zip(times[a], times[b], strict=True))
+        return f"per round {ratios[0]:.2f}-{ratios[-1]:.2f}"
+
     print(
-        f"fp8 ablation / bf16 ablation, edited parameters per second: "
-        f"{params['ablate_fp8'] / median['ablate_fp8'] / (params['ablate_bf16'] / median['ablate_bf16']):.2f}"
+        f"fp8 ablation / plain copy (cp) of the same fp8 files, GB/s: "
+        f"{median['copy_fp8'] / median['ablate_fp8']:.2f} ({rounds('copy_fp8', 'ablate_fp8')}; aim >= 0.5)"
     )
+    per_param = params["ablate_fp8"] / median["ablate_fp8"] / (params["ablate_bf16"] / median["ablate_bf16"])
     print(
-        f"fp8 ablation / plain copy of the fp8 shards, GB/s: {median['copy_fp8'] / median['ablate_fp8']:.2f}"
+        f"fp8 ablation / bf16 ablation: edited parameters per second {per_param:.2f}; "
+        f"wall time {median['ablate_bf16'] / median['ablate_fp8']:.2f} ({rounds('ablate_bf16', 'ablate_fp8')})"
     )
+    for name, model in (("bf16", bf16), ("fp8", f8)):
+        report = validate_output(model, root / f"out-{name}", progress=False)
+        print(
+            f"validate {name}: {report.seconds:.2f} s, {'passed' if report.ok else 'FAILED'}, "
+            f"recomputed {report.recomputed}"
+        )
 
     # residuals: output vs the reference (the exact float64 edit of the dequantized input, requantized)
     out = root / "out-fp8"

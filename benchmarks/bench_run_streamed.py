@@ -3,7 +3,8 @@ stage streams. Reports the run's peak memory against one decoder layer plus acti
 automatic selection's time against one measurement pass, and a projection of GLM-4.5-Air's full run.
 
     .venv/bin/python benchmarks/bench_run_streamed.py [--moe-layers 2] [--experts 32] [--prompts 8]
-        [--dir /tmp/bench-run] [--keep] [--gpu-tflops 400] [--gpu-h2d-gbps 25]
+        [--dir /tmp/bench-run] [--keep] [--gpu-tflops 400] [--gpu-h2d-gbps 25] [--device cuda]
+        [--layer-tokens 256]
 
 1. Writes a random checkpoint with GLM-4.5-Air's names and real widths (hidden 4096, 96 heads x 128,
    8 key/value heads, dense layer 0 with intermediate 10944, then MoE layers of `--experts` routed
@@ -17,7 +18,16 @@ automatic selection's time against one measurement pass, and a projection of GLM
    module (bytes/s), and running tokens through it (tokens/s), the two costs every streamed pass pays.
 4. Projects GLM-4.5-Air's full run (45 MoE layers of 128 experts + the dense layer 0, 151k vocabulary)
    from those per-layer figures on this CPU, and on one GPU from the assumed --gpu-tflops (sustained
-   bf16) and --gpu-h2d-gbps (host-to-GPU copy of a layer): no GPU was measured.
+   bf16) and --gpu-h2d-gbps (host-to-GPU copy of a layer): no GPU was measured. Scoring is projected
+   twice: with the default `--shortlist` (selection's halving rounds: one pass each) and with
+   `--shortlist all` (every candidate on every prompt in one pass); both totals and the ratios print.
+
+`--device cuda` (or cuda:N) runs both on the GPU: `abliterate run --device cuda`, and the layer read
+from the shards onto the GPU and the tokens through it there (after one untimed warm-up batch, with
+the GPU synchronised around each timing); the first column of the projection is then the GPU's,
+from its measured rates. `--dtype` (default auto: the checkpoint's bf16 on a GPU, float32 on the
+CPU) is the compute dtype of both; `--layer-tokens` the tokens timed through the layer (a GPU needs
+thousands to be busy). `benchmarks/gpu_check.sh` runs it so.
 
 The checkpoint (about 1.4 GB per MoE layer at 32 experts) and the output are deleted unless --keep.
 
@@ -33,6 +43,13 @@ budget 2.99 GiB, 8 prompts per set and split), two runs:
 - projection for GLM-4.5-Air with the general prompt set: this CPU about 31 h (23 h of it scoring
   36 candidates: compute, 37 variants x 138 prompts through every layer; 14 h with
   --max-candidates 8); one GPU (assumed 400 TFLOPS, 25 GB/s host->GPU, 3 GB/s disk) about 18 min.
+
+Figures seen (2026-12-05, load average 9-12 on the 2 cores: several jobs beside it), one run with the
+shortlist: one MoE layer read in 4.35 s, 75 tokens/s; projection for GLM-4.5-Air on this CPU 23.8 h
+with `--shortlist 3` (scoring 12.2 h: 5 passes, 36 -> 18 -> 9 -> 5 -> 3 candidates on 8, 16, 32, 64,
+69 prompts per set) against 46.7 h with `--shortlist all` (scoring 35.1 h): scoring 2.9x, the run
+1.96x; the probe (4.2 h) and the stages that select nothing (7.4 h) stay. GPU column: 23.7 against
+18.4 min (streamed passes are read-bound there: `--shortlist all` is the faster choice).
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,28 +160,42 @@ def child_run(argv: list[str], out: str) -> None:
     )
 
 
-def child_layer(model_dir: str, tokens: int, out: str) -> None:
-    """One MoE layer (index 1): seconds to read it into the float32 module, and to run `tokens` tokens."""
+def child_layer(model_dir: str, tokens: int, out: str, device: str, dtype: str) -> None:
+    """One MoE layer (index 1): seconds to read it into the module (`dtype` on `device`), and to run
+    `tokens` tokens. On a GPU, one untimed batch first (kernel loading), and synchronised timings."""
     import torch
 
     torch.set_num_threads(1)
+    from abliterate.inference.devices import DTYPES
     from abliterate.inference.streaming import LayerStream
 
-    stream = LayerStream(model_dir, "float32", "cpu")
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    stream = LayerStream(model_dir, dtype, device)
     layer = stream.layers[1]
+    sync()
     began = time.perf_counter()
     stream.loader.load_layer(1, layer)
+    sync()
     load_s = time.perf_counter() - began
     nbytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     disk = sum(t.nbytes for t in stream.inventory.tensors.values() if t.name.startswith("model.layers.1."))
     rotary = stream.decoder.rotary_emb
     length = 32
     hidden = torch.randn(tokens // length, length, stream.config.hidden_size) * 0.05
-    position_ids = torch.arange(length).expand(hidden.shape[0], -1)
+    hidden = hidden.to(device=device, dtype=DTYPES[dtype])
+    position_ids = torch.arange(length, device=device).expand(hidden.shape[0], -1)
     with torch.inference_mode():
         embeddings = rotary(hidden, position_ids)
+        if device.startswith("cuda"):
+            warm = tuple(e[:1] for e in embeddings)
+            layer(hidden[:1], position_embeddings=warm, position_ids=position_ids[:1], attention_mask=None)
+        sync()
         began = time.perf_counter()
         layer(hidden, position_embeddings=embeddings, position_ids=position_ids, attention_mask=None)
+        sync()
         run_s = time.perf_counter() - began
     Path(out).write_text(
         json.dumps(
@@ -173,6 +205,8 @@ def child_layer(model_dir: str, tokens: int, out: str) -> None:
                 "bytes_disk": disk,
                 "run_s": run_s,
                 "tokens": hidden.shape[0] * length,
+                "device": device,
+                "dtype": dtype,
             }
         )
     )
@@ -197,6 +231,7 @@ def projection(
     io: dict,
     assumed: dict,
     probe_passes: int,
+    selection: Any,
     candidates: int | None = None,
 ) -> list[tuple[str, float, float]]:
     """(stage, CPU seconds, GPU seconds) of GLM-4.5-Air's full run with `prompts` (train: measured, val:
@@ -206,7 +241,12 @@ def projection(
     it, measured here per MoE layer at `--experts` experts: reading scales with the layer's bytes
     (128 experts), compute does not (8 experts are active either way). Ablation and validation are
     bandwidth-bound: this run's seconds per checkpoint byte. On the GPU: the layer read from disk at
-    the assumed disk GB/s, copied at the assumed host-to-GPU GB/s, computed at the assumed TFLOPS."""
+    the assumed disk GB/s, copied at the assumed host-to-GPU GB/s, computed at the assumed TFLOPS.
+    Scoring follows selection's own rounds (`halving_rounds` with the `selection` section's shortlist):
+    one pass per round, the baseline on every validation prompt in the first, each round's candidates on
+    its new prompts."""
+    from abliterate.select.selection import halving_rounds
+
     expert_bytes = layer["experts"] * 3 * AIR["hidden"] * AIR["moe_inter"] * 2  # bf16 on disk
     other_bytes = layer["bytes_disk"] - expert_bytes
     air_layer = 128 * 3 * AIR["hidden"] * AIR["moe_inter"] * 2 + other_bytes
@@ -230,6 +270,14 @@ def projection(
         )
 
     val, air_bytes = prompts["val"], layers * air_layer
+    rounds = halving_rounds(candidates, prompts["val_harmful"], prompts["val_harmless"], selection)
+    scoring, done = [0.0, 0.0], 0
+    for number, plan in enumerate(rounds):
+        upto = plan.harmful_prompts + plan.harmless_prompts
+        scored = plan.candidates * (upto - done) + (val if number == 0 else 0)
+        scoring = [a + b for a, b in zip(scoring, passes(1, scored * tokens_per_prompt), strict=True)]
+        done = upto
+    fully = rounds[-1].candidates
     return [
         ("measurement (1 pass)", *passes(1, prompts["train"] * tokens_per_prompt)),
         (
@@ -237,8 +285,9 @@ def projection(
             *passes(probe_passes, val / 2 * (tokens_per_prompt + 3)),
         ),
         (
-            f"score {candidates} candidates + baseline (1 pass)",
-            *passes(1, (candidates + 1) * val * tokens_per_prompt),
+            f"score {candidates} candidates + baseline (shortlist {selection.shortlist}: {len(rounds)} "
+            f"pass{'es' if len(rounds) > 1 else ''}, {fully} on every prompt)",
+            *scoring,
         ),
         ("evaluation before + after (2 passes)", *passes(2, prompts["test"] * tokens_per_prompt)),
         (
@@ -259,6 +308,7 @@ def general_counts() -> dict[str, int]:
         val, train = split_prompts(load_prompts(prompt_file("general", kind, "train")), 0.25, 0)
         counts["train"] += len(train)
         counts["val"] += len(val)
+        counts[f"val_{kind}"] = len(val)
         counts["test"] += len(load_prompts(prompt_file("general", kind, "test")))
     return counts
 
@@ -298,6 +348,17 @@ def main() -> int:
     parser.add_argument(
         "--figures", default="/tmp/bench-run-figures.json", help="where the measured figures go (JSON)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="where the run and the layer run: cpu | cuda | cuda:N"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtype: auto (bf16, the checkpoint's, on a GPU; float32 on the CPU) | bfloat16 | float32",
+    )
+    parser.add_argument(
+        "--layer-tokens", type=int, default=256, help="tokens timed through one MoE layer (default 256)"
+    )
     parser.add_argument("--child", choices=["run", "layer"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -306,9 +367,10 @@ def main() -> int:
         child_run(args.rest, args.child_out)
         return 0
     if args.child == "layer":
-        child_layer(args.rest[0], int(args.rest[1]), args.child_out)
+        child_layer(args.rest[0], int(args.rest[1]), args.child_out, args.rest[2], args.rest[3])
         return 0
 
+    from abliterate.inference.devices import resolve_device, resolve_dtype
     from abliterate.inference.streaming import weight_bytes
     from abliterate.weights.checkpoint import build_inventory
 
@@ -323,7 +385,9 @@ def main() -> int:
     for name, values in prompts.items():
         files[name] = work / f"{name}.txt"
         files[name].write_text("\n".join(values) + "\n")
-    sizes = weight_bytes(model, "float32", build_inventory(model))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, model)
+    sizes = weight_bytes(model, dtype, build_inventory(model))
     budget = sizes.total // 2
     out = work / "out"
     argv = [
@@ -335,6 +399,10 @@ def main() -> int:
         str(budget),
         "--batch-size",
         "8",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
         "--kl-threshold",
         "10",
         "--max-new-tokens",
@@ -355,7 +423,7 @@ def main() -> int:
         return 1
     summary = figures["summary"]
     durations = summary.get("durations", {})
-    layer = in_child("layer", [str(model), "256"])
+    layer = in_child("layer", [str(model), str(args.layer_tokens), device, dtype])
     layer["experts"] = args.experts
 
     from abliterate.config import Template
@@ -385,7 +453,7 @@ def main() -> int:
     print(
         f"\nmodel: dense layer 0 + {args.moe_layers} MoE layers of {args.experts} experts (hidden 4096, experts "
         f"1408 wide, 8 active), {checkpoint_bytes / GIB:.2f} GiB bf16 on disk, {sizes.total / GIB:.2f} GiB in "
-        f"float32, largest layer {sizes.largest_layer / GIB:.2f} GiB; --memory-budget {budget / GIB:.2f} GiB: "
+        f"{dtype}, largest layer {sizes.largest_layer / GIB:.2f} GiB; --memory-budget {budget / GIB:.2f} GiB: "
         "every stage streams"
     )
     print(
@@ -414,16 +482,14 @@ def main() -> int:
     )
     measurement = durations.get("measurement") or float("nan")
     print(
-        f"selection: {selection.get('weight_reads')} passes over the weights ({selection.get('weight_reads', 1) - 1} "
-        f"to find refusal tokens, 1 scoring {len(selection.get('candidates', []))} candidates + the baseline); "
-        f"scoring pass {selection.get('seconds_scoring', float('nan')):.1f} s, probe "
-        f"{selection.get('seconds_probe', float('nan')):.1f} s; against one measurement pass ({measurement:.1f} s): "
-        f"scoring {selection.get('seconds_scoring', float('nan')) / measurement:.2f}x, whole directions stage "
-        f"{durations.get('directions', float('nan')) / measurement:.2f}x"
+        f"selection: {selection.get('weight_reads')} passes over the weights ({len(selection.get('rounds', []))} "
+        f"scoring {len(selection.get('candidates', [])) + len(selection.get('ranked_out', []))} candidates + the "
+        "baseline, the rest finding refusal tokens; the directions file keeps no timings); whole directions stage "
+        f"against one measurement pass ({measurement:.1f} s): {durations.get('directions', float('nan')) / measurement:.2f}x"
     )
     print(
         f"\none MoE layer ({args.experts} experts): read {layer['bytes_disk'] / GIB:.2f} GiB bf16 into "
-        f"{layer['bytes_f32'] / GIB:.2f} GiB float32 in {layer['load_s']:.2f} s "
+        f"{layer['bytes_f32'] / GIB:.2f} GiB {dtype} on {device} in {layer['load_s']:.2f} s "
         f"({layer['bytes_disk'] / layer['load_s'] / 1e9:.2f} GB/s read); {layer['tokens']} tokens through it "
         f"in {layer['run_s']:.2f} s ({layer['tokens'] / layer['run_s']:.0f} tokens/s)"
     )
@@ -432,11 +498,15 @@ def main() -> int:
     }
     assumed = {"tflops": args.gpu_tflops, "h2d_gbps": args.gpu_h2d_gbps, "disk_gbps": args.disk_gbps}
     general = general_counts()
-    rows = projection(layer, general, args.air_tokens, io, assumed, 6)
+    from abliterate.config import Selection
+
+    shortlisted, every = Selection(), Selection(shortlist="all")
+    rows = projection(layer, general, args.air_tokens, io, assumed, 6, shortlisted)
+    rows_all = projection(layer, general, args.air_tokens, io, assumed, 6, every)
     print(
         f"\nprojection, GLM-4.5-Air (46 layers, 128 experts) with the general prompt set ({general['train']} "
         f"measured, {general['val']} validation, {general['test']} test prompts, {args.air_tokens:.0f} tokens each): "
-        f"this CPU, from the measured per-layer figures | one GPU, assumed {args.gpu_tflops:.0f} TFLOPS bf16, "
+        f"{'this CPU' if device == 'cpu' else device}, from the measured per-layer figures | one GPU, assumed {args.gpu_tflops:.0f} TFLOPS bf16, "
         f"{args.gpu_h2d_gbps:.0f} GB/s host->GPU, {args.disk_gbps:.0f} GB/s disk (no GPU measured)"
     )
     for name, cpu_s, gpu_s in rows:
@@ -444,10 +514,16 @@ def main() -> int:
     print(
         f"  {'total':<62} {sum(r[1] for r in rows) / 3600:>7.1f} h | {sum(r[2] for r in rows) / 60:>7.1f} min"
     )
-    fewer = projection(layer, general, args.air_tokens, io, assumed, 6, candidates=8)
+    total, total_all = sum(r[1] for r in rows), sum(r[1] for r in rows_all)
     print(
-        f"  {'with --max-candidates 8: ' + fewer[2][0]:<62} {fewer[2][1] / 3600:>7.1f} h | {fewer[2][2] / 60:>7.1f} min"
-        f"  (total {sum(r[1] for r in fewer) / 3600:.1f} h | {sum(r[2] for r in fewer) / 60:.1f} min)"
+        f"  {'scoring every candidate instead: ' + rows_all[2][0]:<62} {rows_all[2][1] / 3600:>7.1f} h | "
+        f"{rows_all[2][2] / 60:>7.1f} min  (total {total_all / 3600:.1f} h | {sum(r[2] for r in rows_all) / 60:.1f} min)"
+    )
+    print(
+        f"  shortlist {shortlisted.shortlist} (first round {shortlisted.shortlist_prompts} prompts per set) against all: "
+        f"scoring {rows_all[2][1] / rows[2][1]:.1f}x less CPU time, the full run {total_all / total:.2f}x; "
+        f"selection (probe + scoring) {(rows_all[1][1] + rows_all[2][1]) / (rows[1][1] + rows[2][1]):.1f}x; "
+        f"the stages selection does not run: {(total - rows[1][1] - rows[2][1]) / 3600:.1f} h"
     )
     Path(args.figures).write_text(
         json.dumps(
@@ -460,6 +536,9 @@ def main() -> int:
                 "bound": bound,
                 "io": io,
                 "rows": rows,
+                "rows_all": rows_all,
+                "device": device,
+                "dtype": dtype,
             },
             indent=2,
             default=str,

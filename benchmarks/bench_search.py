@@ -1,7 +1,7 @@
 """The search on the demo model: trials per minute, and the front against `run`'s automatic choice.
 
     .venv/bin/python benchmarks/bench_search.py [--trials 50] [--threads 1] [--streamed] [--parallel 4]
-                                                [--figure docs/search_front.png]
+                                                [--figure docs/search_front.png] [--device cuda]
 
 What `abliterate search abliterate/demo/model --trials 50` does, without Prefect and MLflow (so the
 figure is the search's own speed): the demo's measurement split (75 % of its train files, seed 0)
@@ -16,11 +16,22 @@ Then both plans are written through the shard engine and evaluated on the test p
 
 `--streamed` scores the trials layer-streamed instead (`--parallel` trials per pass over the weights).
 
-Figures seen (2026-12-01, this 2-core CPU shared with other jobs at load average about 5, one torch
-thread): 50 trials in 64 s (47 trials/minute); run's choice (trial 0) 0 refusals of 64, KL 4.6e-7 on
-the validation prompts, 0.00 refusals and KL 5.6e-7 on the test prompts; the search's choice (trial 49,
-projected, position 3.38) 0 refusals, KL 1.0e-7, and 0.00 and 2.0e-7 on the test prompts.
-`--streamed --parallel 5 --trials 20`: 36 trials/minute (the demo is tiny: a pass costs little).
+The cost of a trial against its floor: a trial is one greedy generation of `reply_tokens` tokens for
+every held-out harmful prompt plus one forward pass over the held-out prompts (first-token figures).
+The floor is plain transformers `model.generate` of the same prompts (rendered alike), the same
+number of new tokens (all of them: the unmodified demo model's refusals end after a few tokens, an
+ablated model's replies go on) and the same batches on the same machine, no hook, no study, no
+marker check (best of 3, timed before and after the study); printed as seconds per trial against it (the target:
+at most 1.3x). The chosen trial is also confirmed, as the flow does, on the validation prompts the
+study never scored (`--confirm-fraction`, seeded).
+`--device` / `--dtype` (default cpu, float32) is where every model of it runs: measurement, selection,
+the trials and the test evaluations (`benchmarks/gpu_check.sh` runs it with `--device cuda`).
+
+Figures seen (this 2-core CPU shared with other jobs at load average about 12.8, one torch thread):
+50 trials in 72 s (42 trials/minute); 1.43 s per trial (1.27 s scoring) against a floor of 0.97 s:
+1.48x. Run's choice (trial 0) 0 of 48 refusals, KL 5.3e-7 on the study's prompts, 0 of 16 on the
+confirmation prompts, 0.00 refusals and KL 5.6e-7 on the test prompts; the search's choice (trial 39,
+projected, position 3.53) 0 of 48, KL 8.7e-8, 0 of 16 confirmed, and 0.00 and 1.5e-7 on the test prompts.
 """
 
 from __future__ import annotations
@@ -43,6 +54,13 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="trials scored together (streamed: per pass)")
     parser.add_argument("--figure", default=None, help="save the front figure here (PNG)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--confirm-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--device", default="cpu", help="where the models run: cpu | cuda | cuda:N (default cpu)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", help="compute dtype: float32 | bfloat16 | float16 (default float32)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,11 +70,13 @@ def main() -> None:
     from abliterate.edit.ablate import ablate_checkpoint, load_inputs
     from abliterate.edit.matching import configured_plan
     from abliterate.edit.plan import AblationPlan
-    from abliterate.inference.loading import load_model
+    from abliterate.inference.devices import resolve_runtime
+    from abliterate.inference.loading import length_sorted_batches, load_model, pad_token_id
+    from abliterate.measure.chat import encode_prompts
     from abliterate.measure.directions import compute_directions, write_directions
     from abliterate.measure.means import measure_checkpoint
     from abliterate.measure.prompts import load_prompts, split_prompts
-    from abliterate.search.study import choose, pareto, run_study
+    from abliterate.search.study import choose, run_study, search_front
     from abliterate.select.selection import select_direction
     from abliterate.weights.checkpoint import build_inventory
     from abliterate_flows import plots
@@ -65,13 +85,13 @@ def main() -> None:
     harmful_val, harmful = split_prompts(load_prompts(prompt_file("demo", "harmful", "train")), 0.25, 0)
     harmless_val, harmless = split_prompts(load_prompts(prompt_file("demo", "harmless", "train")), 0.25, 0)
     measurement, template = Measurement(), Template()
-    runtime = Runtime(device="cpu", dtype="float32", batch_size=16)
+    runtime = resolve_runtime(Runtime(device=args.device, dtype=args.dtype, batch_size=16), DEMO_MODEL_DIR)
     began = time.perf_counter()
     measured = measure_checkpoint(
         str(DEMO_MODEL_DIR), harmful, harmless, measurement, template, runtime, False
     )
     directions = compute_directions(measured, measurement.direction_method)
-    model, tokenizer = load_model(DEMO_MODEL_DIR)
+    model, tokenizer = load_model(DEMO_MODEL_DIR, runtime.dtype, runtime.device)
     selection = select_direction(
         model,
         tokenizer,
@@ -95,15 +115,53 @@ def main() -> None:
     )
     measure_seconds = time.perf_counter() - began
 
+    confirm_harmful, harmful_val = split_prompts(harmful_val, args.confirm_fraction, 0)
+    confirm_harmless, harmless_val = split_prompts(harmless_val, args.confirm_fraction, 0)
     study = Search(
         trials=args.trials,
+        confirm_fraction=args.confirm_fraction,
         components=["attn_out", "mlp_down", "expert_down", "shared_expert_down", "router"],
         methods=["plain", "norm_preserving", "projected"],
         parallel_trials=args.parallel,
         reply_tokens=24,
         kl_max=0.01,
     )
+
+    def generate_floor() -> float:
+        """Plain `generate` of the study's harmful prompts: the same rendering, tokens and batches."""
+        from transformers import GenerationConfig
+
+        plain, tok = load_model(DEMO_MODEL_DIR)
+        encoded = encode_prompts(tok, harmful_val, Template(), "harmful", new_tokens=study.reply_tokens)
+        config = GenerationConfig(
+            max_new_tokens=study.reply_tokens,
+            min_new_tokens=study.reply_tokens,  # every reply its full length: a trial's replies may not stop
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_token_id(tok),
+            eos_token_id=plain.generation_config.eos_token_id,
+        )
+        best, best_cpu = float("inf"), float("inf")
+        for _ in range(3):
+            began, began_cpu = time.perf_counter(), time.process_time()
+            with torch.inference_mode():
+                for batch in length_sorted_batches(encoded, 16, pad_token_id(tok)):
+                    plain.generate(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        generation_config=config,
+                    )
+            best = min(best, time.perf_counter() - began)
+            best_cpu = min(best_cpu, time.process_time() - began_cpu)
+        return best, best_cpu
+
+    floor_before, floor_cpu_before = generate_floor()
     load = os.getloadavg()[0]
+    marks: list[tuple[float, float]] = []  # (wall, CPU) clock as each trial ends
+
+    def on_trial(_result) -> None:
+        marks.append((time.perf_counter(), time.process_time()))
+
     result = run_study(
         DEMO_MODEL_DIR,
         path,
@@ -113,12 +171,23 @@ def main() -> None:
         Selection(),
         Template(),
         Evaluation(),
-        Runtime(device="cpu", dtype="float32", batch_size=16),
+        runtime,
         work / "mlruns",
         stream=args.streamed,
+        confirm=(confirm_harmful, confirm_harmless),
+        on_trial=on_trial,
     )
+    floor_after, floor_cpu_after = generate_floor()
+    floor, floor_cpu = min(floor_before, floor_after), min(floor_cpu_before, floor_cpu_after)
+    load_end = os.getloadavg()[0]
+    scored = [t for t in result["new_trials"] if t["score"]]
+    per_trial = result["seconds"] / max(len(scored), 1)
+    # CPU seconds of a trial (one torch thread: what the machine's load does not inflate): between the
+    # ends of consecutive trials, i.e. everything a trial costs, study bookkeeping included
+    cpu_per_trial = (marks[-1][1] - marks[0][1]) / max(len(marks) - 1, 1)
+    scoring = sum(t["score"]["seconds"] for t in scored) / max(len(scored), 1)
     records = result["trials"]
-    front = pareto(records)
+    front = search_front(records)
     reference = next(r for r in records if r.get("reference") == "run")
     chosen = choose(records, study)
 
@@ -138,7 +207,7 @@ def main() -> None:
             test_harmless,
             Evaluation(max_new_tokens=48),
             Template(),
-            Runtime(device="cpu", dtype="float32", batch_size=16),
+            runtime,
             False,
             baseline_dir=DEMO_MODEL_DIR,
             progress=False,
@@ -154,15 +223,35 @@ def main() -> None:
         "trials": len(records),
         "search_seconds": result["seconds"],
         "trials_per_minute": result["trials_per_minute"],
+        "seconds_per_trial": round(per_trial, 4),
+        "scoring_seconds_per_trial": round(scoring, 4),
+        "generate_floor_seconds": round(floor, 4),
+        "ratio_to_floor": round(per_trial / floor, 2),
+        "cpu_seconds_per_trial": round(cpu_per_trial, 4),
+        "generate_floor_cpu_seconds": round(floor_cpu, 4),
+        "cpu_ratio_to_floor": round(cpu_per_trial / floor_cpu, 2),
+        "held_out": {
+            "study": [len(harmful_val), len(harmless_val)],
+            "confirmation": [len(confirm_harmful), len(confirm_harmless)],
+        },
+        "confirmation": result["confirmation"],
         "measure_and_select_seconds": round(measure_seconds, 1),
         "load_average_at_start": load,
+        "load_average_at_end": load_end,
         "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
         "streamed": args.streamed,
         "parallel": args.parallel,
         "selected_position": selection.position,
         "validation": {
-            "run": {k: reference[k] for k in ("trial", "refusal_rate", "kl", "refusals", "prompts")},
-            "search": {k: chosen[k] for k in ("trial", "refusal_rate", "kl", "refusals", "prompts")},
+            "run": {
+                k: reference[k]
+                for k in ("trial", "refusal_rate", "refusal_score", "kl", "refusals", "prompts")
+            },
+            "search": {
+                k: chosen[k] for k in ("trial", "refusal_rate", "refusal_score", "kl", "refusals", "prompts")
+            },
         },
         "front": [
             {k: r[k] for k in ("trial", "refusal_rate", "kl")}
@@ -179,6 +268,24 @@ def main() -> None:
         f"\n{len(records)} trials in {result['seconds']:.0f} s: {result['trials_per_minute']:.1f} trials/minute "
         f"({args.threads} torch thread(s), load average {load:.1f} at the start)"
     )
+    print(
+        f"seconds per trial {per_trial:.3f} (scoring {scoring:.3f}) against the floor of plain generate of the same "
+        f"{len(harmful_val)} prompts, {study.reply_tokens} tokens, batch 16: {floor:.3f} s -> {per_trial / floor:.2f}x"
+    )
+    print(
+        f"CPU seconds per trial {cpu_per_trial:.3f} against the floor's {floor_cpu:.3f} -> {cpu_per_trial / floor_cpu:.2f}x "
+        f"(load average {load:.1f} at the start, {load_end:.1f} at the end)"
+    )
+    c = result["confirmation"]
+    if c:
+        for name in ("chosen", "reference"):
+            item = c.get(name)
+            if item:
+                print(
+                    f"confirmation of trial {item['trial']} on {c['prompts']['harmful']} + {c['prompts']['harmless']} "
+                    f"prompts the study never scored: {item['refusals']}/{item['prompts']} refusals (study upper bound "
+                    f"{item['study_upper_bound']:.3f}), KL {item['kl']:.2e}"
+                )
     print(f"{'':<28} {'refusal (val)':>14} {'KL (val)':>10} {'refusal (test)':>15} {'KL (test)':>10}")
     for name, item in (
         ("run's automatic choice", reference),

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).absolute().parents[1]  # the checkout it is started from (links not followed)
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 os.environ.setdefault("ABLITERATE_HOME", str(ROOT))

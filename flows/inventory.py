@@ -8,7 +8,16 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from abliterate.weights.structure import Structure
-from abliterate_flows.tracking import Tracker, experiment_name, tracked_run
+from abliterate_flows.tracking import (
+    TENSORS,
+    Tracker,
+    experiment_description,
+    experiment_name,
+    metric,
+    model_title,
+    run_name,
+    tracked_run,
+)
 from abliterate_tasks.inventory import inventory_task, structure_task
 
 
@@ -23,9 +32,9 @@ def log_structure(tracker: Tracker, structure: Structure, inventory_json: dict) 
             "experts_per_layer": structure.experts_per_layer,
         }
     )
-    tracker.metrics({f"tensors.{role}": n for role, n in structure.roles.items()})
-    tracker.metrics({f"tensors.mtp.{role}": n for role, n in structure.mtp_roles.items()})
-    tracker.metrics({"tensors.total": structure.tensors, "bytes.total": structure.bytes})
+    tracker.metrics({metric(TENSORS, role): n for role, n in structure.roles.items()})
+    tracker.metrics({metric(TENSORS, f"mtp.{role}"): n for role, n in structure.mtp_roles.items()})
+    tracker.metrics({metric(TENSORS, "total"): structure.tensors, metric(TENSORS, "bytes"): structure.bytes})
     tracker.json(structure.to_json(), "structure.json")
     tracker.json(inventory_json, "inventory.json")
 
@@ -37,6 +46,11 @@ def inventory_flow(model_dir: str, family: str | None = None) -> dict:
     inventory = inventory_task(model_dir, family)
     structure = structure_task(inventory)
     tags = {"prefect.flow_run_id": flow_run.get_id(), "model_dir": model_dir}
-    with tracked_run(experiment_name(model_dir), f"inventory-{flow_run.get_name()}", tags) as tracker:
+    with tracked_run(
+        experiment_name(model_dir),
+        run_name("inventory", model_title(model_dir)),
+        tags,
+        description=experiment_description(model_dir),
+    ) as tracker:
         log_structure(tracker, structure, inventory.to_json())
     return structure.to_json()

@@ -15,11 +15,21 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtime, Selection, Template
+from abliterate.edit.model_card import reproduce_command
 from abliterate.edit.output import precheck_output
 from abliterate.errors import AbliterateError
-from abliterate.pipeline import check_plans, run_paths
+from abliterate.pipeline import check_plans, check_settings, run_paths
 from abliterate_flows.stages import Stages, ablation_stages, measurement_stages
-from abliterate_flows.tracking import experiment_name, source_tags, tracked_run
+from abliterate_flows.tracking import (
+    describe,
+    experiment_description,
+    experiment_name,
+    model_title,
+    position_label,
+    run_name,
+    source_tags,
+    tracked_run,
+)
 
 
 @flow(name="abliterate", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -46,6 +56,7 @@ def abliterate_flow(
     model, out, work = run_paths(model, out, work_dir)
     precheck_output(out, overwrite)
     check_plans(model, [(ablation, selection.direction_position)])
+    check_settings(evaluation)
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {
         **run,
@@ -54,13 +65,32 @@ def abliterate_flow(
         "output_path": out,
         **source_tags(source, model),
     }
-    with tracked_run(experiment_name(model), flow_run.get_name() or "abliterate", tags) as tracker:
+    position = selection.direction_position
+
+    def name(chosen: int | None = None) -> str:
+        return run_name("run", *describe(ablation), position_label(position, chosen), model_title(model))
+
+    with tracked_run(
+        experiment_name(model), name(), tags, description=experiment_description(model)
+    ) as tracker:
         stages = Stages(tracker)
         measured = measurement_stages(
             stages, model, prompts, template, measurement, selection, runtime, work, evaluation
         )
+        if position == "auto" and measured.selection is not None:
+            tracker.rename(name(measured.selection.position))
+        sections = [prompts, template, measurement, selection, ablation, evaluation, runtime]
         summary = ablation_stages(
-            stages, measured, ablation, evaluation, template, runtime, out, overwrite, force
+            stages,
+            measured,
+            ablation,
+            evaluation,
+            template,
+            runtime,
+            out,
+            overwrite,
+            force,
+            command=reproduce_command("run", source, out, sections),
         )
         summary.update(mlflow_run_id=tracker.run_id, durations=stages.durations, **run)
         tracker.json(summary, "summary.json")

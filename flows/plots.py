@@ -1,6 +1,14 @@
-"""Figures logged with every run: where a person would rather look than read."""
+"""Figures logged with every run: where a person would rather look than read.
+
+Sized for MLflow's artifact viewer, which shows a PNG at most about 900 pixels wide: every figure is at
+most WIDTH inches at DPI (the pixels it is saved with), and its smallest text is SMALL points, which
+stays legible at that width. Wide content is stacked, not placed side by side.
+"""
 
 from __future__ import annotations
+
+import functools
+import math
 
 import matplotlib
 
@@ -10,13 +18,47 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+WIDTH = 8.0  # inches: 800 pixels at DPI, shown unscaled in a browser window of usual size
+DPI = 100
+SMALL = 11  # points: tick labels, legends, annotations
+STYLE = {
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+    "font.size": 12,
+    "axes.titlesize": 14,
+    "axes.labelsize": 12,
+    "xtick.labelsize": SMALL,
+    "ytick.labelsize": SMALL,
+    "legend.fontsize": SMALL,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
 
+
+def styled(make):
+    """Build the figure under STYLE (fonts are fixed when each text is made)."""
+
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return make(*args, **kwargs)
+
+    return wrapper
+
+
+def data_limits(values: list[float], pad: float = 0.25) -> tuple[float, float]:
+    """A log axis's limits around positive `values`, `pad` decades beyond the smallest and largest."""
+    low, high = math.log10(min(values)), math.log10(max(values))
+    return 10 ** (low - pad), 10 ** (high + pad)
+
+
+@styled
 def direction_strength(stats: dict[str, list], selected: int | None) -> Figure:
     """Norm of the harmful-minus-harmless mean and its SNR, per residual position."""
-    fig, left = plt.subplots(figsize=(8, 4))
+    fig, left = plt.subplots(figsize=(WIDTH, 4.5))
     positions = list(range(len(stats["mean_diff_norm"])))
     left.plot(positions, stats["mean_diff_norm"], marker="o", color="tab:blue", label="|mean diff|")
-    left.set_xlabel("residual position (input of decoder layer i; last = final layer output)")
+    left.set_xlabel("residual position i (input of decoder layer i)")
     left.set_ylabel("|mean harmful - mean harmless|", color="tab:blue")
     right = left.twinx()
     right.plot(positions, stats["snr"], marker="s", color="tab:orange", label="SNR")
@@ -29,13 +71,14 @@ def direction_strength(stats: dict[str, list], selected: int | None) -> Figure:
     return fig
 
 
+@styled
 def cosine_heatmap(direction: torch.Tensor) -> Figure:
     """Cosine similarity between every pair of positions' directions."""
     unit = direction.double()
     norms = unit.norm(dim=-1, keepdim=True)
     unit = torch.where(norms > 0, unit / norms.clamp(min=1e-30), torch.zeros_like(unit))
     cos = (unit @ unit.T).numpy()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
     image = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
     ax.set_xlabel("residual position")
     ax.set_ylabel("residual position")
@@ -45,9 +88,10 @@ def cosine_heatmap(direction: torch.Tensor) -> Figure:
     return fig
 
 
+@styled
 def candidate_scores(candidates: list[dict], chosen: int, kl_threshold: float) -> Figure:
     """Each candidate direction's refusal score against its harmless KL, chosen one marked."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(WIDTH, 5.5))
     kls = [c["kl"] for c in candidates]
     scores = [c["refusal_score"] for c in candidates]
     ax.scatter(kls, scores, color="tab:blue")
@@ -75,9 +119,10 @@ def candidate_scores(candidates: list[dict], chosen: int, kl_threshold: float) -
     return fig
 
 
+@styled
 def refusal_vs_kl(points: list[dict]) -> Figure:
     """Variants of a sweep on the refusal-rate vs KL plane; the front is drawn."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(WIDTH, 5.5))
     for p in points:
         ax.scatter(p["kl"], p["refusal_rate"], color="tab:red" if p.get("on_front") else "tab:blue")
         ax.annotate(p["name"], (p["kl"], p["refusal_rate"]), textcoords="offset points", xytext=(4, 3))
@@ -92,44 +137,65 @@ def refusal_vs_kl(points: list[dict]) -> Figure:
     return fig
 
 
+@styled
 def search_front(
     trials: list[dict], front: list[dict], reference: dict | None, chosen: dict | None, kl_max: float
 ) -> Figure:
     """A search's trials on the refusal-rate vs KL plane with the front, `run`'s automatic choice and the
-    chosen trial; beside it, the refusal rate and the KL of those two side by side."""
-    fig, (plane, refusal, kl) = plt.subplots(
-        1, 3, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1, 1]}
+    chosen trial; below it, the refusal rate and the KL of those two side by side. The KL axis spans the
+    trials' KLs (log scale); the KL bound is drawn when it falls inside that span, else named in the legend."""
+    fig = plt.figure(figsize=(WIDTH, 9))
+    grid = fig.add_gridspec(2, 2, height_ratios=[2.2, 1])
+    plane = fig.add_subplot(grid[0, :])
+    refusal, kl = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    marks = [(reference, "*", "tab:blue", "run's automatic choice"), (chosen, "o", "tab:green", "chosen")]
+    shown = trials + [m for m, *_ in marks if m is not None]
+    positive = [t["kl"] for t in shown if t["kl"] > 0] or [1e-8]
+    floor = min(positive) / 2  # a zero KL still shows on the log axis, at the left edge
+    low, high = data_limits(positive + ([floor] if any(t["kl"] <= 0 for t in shown) else []))
+
+    def at(item: dict) -> float:
+        return max(item["kl"], floor)
+
+    plane.scatter(
+        [at(t) for t in trials],
+        [t["refusal_rate"] for t in trials],
+        color="tab:gray",
+        alpha=0.5,
+        s=24,
+        label="trials",
     )
-    tiny = min([t["kl"] for t in trials if t["kl"] > 0] or [1e-8])
-    x = [max(t["kl"], tiny / 2) for t in trials]  # a zero KL still shows on the log axis
-    plane.scatter(x, [t["refusal_rate"] for t in trials], color="tab:gray", alpha=0.5, s=18, label="trials")
     ordered = sorted(front, key=lambda t: t["kl"])
     plane.plot(
-        [max(t["kl"], tiny / 2) for t in ordered],
+        [at(t) for t in ordered],
         [t["refusal_rate"] for t in ordered],
         color="tab:red",
         marker="o",
         label="front",
     )
-    marks = [(reference, "*", "tab:blue", "run's automatic choice"), (chosen, "o", "tab:green", "chosen")]
     for item, marker, color, label in marks:
         if item is not None:
             plane.scatter(
-                [max(item["kl"], tiny / 2)],
+                [at(item)],
                 [item["refusal_rate"]],
                 marker=marker,
-                s=220,
+                s=260,
                 facecolors="none" if marker == "o" else color,
                 edgecolors=color,
                 linewidths=2,
                 label=f"{label} (trial {item['trial']})",
             )
-    plane.axvline(kl_max, color="grey", linestyle="--", label=f"KL bound {kl_max:g}")
+    if low <= kl_max <= high:
+        plane.axvline(kl_max, color="grey", linestyle="--", label=f"KL bound {kl_max:g}")
+    else:  # beyond the data: drawing it would crowd every trial into one end of the axis
+        plane.plot([], [], color="grey", linestyle="--", label=f"KL bound {kl_max:g} (off the axis)")
     plane.set_xscale("log")
+    plane.set_xlim(low, high)
+    plane.set_ylim(-0.05, 1.05)
     plane.set_xlabel("first-token KL on held-out harmless prompts (nats)")
-    plane.set_ylabel("refusal rate on held-out harmful prompts")
+    plane.set_ylabel("refusal rate, held-out harmful")
     plane.set_title(f"Search: {len(trials)} trials, {len(front)} on the front")
-    plane.legend(fontsize=8)
+    plane.legend(loc="best")
     names, refusals, kls, colors = [], [], [], []
     for item, _, color, label in marks:
         if item is not None:
@@ -138,22 +204,24 @@ def search_front(
             kls.append(item["kl"])
             colors.append(color)
     refusal.bar(names, refusals, color=colors)
-    refusal.set_ylim(0, 1)
+    refusal.set_ylim(0, 1.15)
     refusal.set_title("refusal rate")
     kl.bar(names, kls, color=colors)
+    kl.set_ylim(0, max(kls or [0]) * 1.25 or 1)
     kl.set_title("first-token KL (nats)")
     for ax, values, fmt in ((refusal, refusals, "{:.3f}"), (kl, kls, "{:.2g}")):
         for i, v in enumerate(values):
-            ax.annotate(fmt.format(v), (i, v), ha="center", va="bottom", fontsize=9)
+            ax.annotate(fmt.format(v), (i, v), ha="center", va="bottom", fontsize=SMALL)
     fig.tight_layout()
     return fig
 
 
+@styled
 def expert_routing(layers: list[int], harmful: list[list[float]], harmless: list[list[float]]) -> Figure:
     """Per MoE layer and routed expert: share of tokens routed to it on harmful and harmless prompts, and
     the difference (refusal-specific experts are red)."""
     a, b = torch.tensor(harmful), torch.tensor(harmless)
-    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.25 * len(layers) + 2)))
+    fig, axes = plt.subplots(3, 1, figsize=(WIDTH, 3 * max(2.5, 0.12 * len(layers) + 1.5)))
     top = float(max(a.max(), b.max()))
     spread = float((a - b).abs().max()) or 1.0
     panels = (

@@ -7,14 +7,21 @@ Prefect reads its settings at import time, so `configure()` must run before `imp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import signal
+import subprocess
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from abliterate.config import environment
 from abliterate.errors import AbliterateError
+from abliterate.paths import describe_os_error
 
 # Prefect waits PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default 20, prefect/settings/models/
 # server/ephemeral.py) for its temporary server. A first start runs the database migrations: on a busy
@@ -57,10 +64,12 @@ def configure(quiet: bool = True) -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_STARTUP_TIMEOUT_S),
     }
     if quiet:
-        defaults["PREFECT_LOGGING_LEVEL"] = "WARNING"
+        # The console is ours (one line per stage): Prefect's console handler (the root logger's, which
+        # uvicorn's and fastapi's use too) shows nothing, and would otherwise print every task's state and
+        # every failed flow's traceback above our one-line error. Prefect's own level stays as the user set
+        # it (INFO by default): its API log handler sends the flow and task runs' logs, tracebacks
+        # included, to the Prefect UI; a level of WARNING here would leave the UI's log tab empty.
         defaults["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
-        # Prefect's console handler would print every failed flow's traceback above our one-line error;
-        # the tracebacks still reach the Prefect UI through its API log handler.
         defaults["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
         defaults["DASK_LOGGING__DISTRIBUTED"] = "error"
         defaults["MLFLOW_LOGGING_LEVEL"] = "WARNING"
@@ -69,6 +78,65 @@ def configure(quiet: bool = True) -> None:
         os.environ.setdefault(key, value)
     (project_dir() / "mlruns").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    global _temporary_server
+    _temporary_server = uses_temporary_server()
+    if _temporary_server:
+        tie_temporary_server_to_this_process()
+
+
+# ------------------------------------------------------------------ the temporary server's lifetime
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+# Whether `configure` found that this process's flows run on Prefect's temporary server (Prefect then
+# points PREFECT_API_URL at it: an unreachable URL is that server gone, not the user's server).
+_temporary_server = False
+
+
+_libc: ctypes.CDLL | None = None  # loaded in this process: the forked child must not import anything
+
+
+def _server_child_setup(parent: int) -> None:  # pragma: no cover - runs in the forked child before exec
+    """In the temporary server's process, before uvicorn starts: SIGTERM when the process that started
+    it dies, however it dies (SIGKILL included: the kernel sends it, so no orphaned server is left)."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+class _OwnSessionSubprocess:
+    """`subprocess` as prefect/server/api/server.py sees it: its Popen starts the temporary server in a
+    session of its own (Ctrl-C in a terminal, SIGINT to the whole foreground process group, reaches
+    this process only, which stops the server itself at exit: the server used to die first and the
+    run waited 75 s for it, then printed a traceback), tied to this process (`_server_child_setup`)."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 - the name prefect calls
+        kwargs.setdefault("start_new_session", True)
+        if sys.platform.startswith("linux"):
+            kwargs.setdefault("preexec_fn", functools.partial(_server_child_setup, os.getpid()))
+        return subprocess.Popen(*args, **kwargs)
+
+
+def tie_temporary_server_to_this_process() -> None:
+    """Make Prefect's temporary server a child that dies with this process and that Ctrl-C does not
+    reach before this process (prefect 3.x's `SubprocessASGIServer` starts it with a plain Popen and
+    stops it from atexit, which neither SIGKILL nor a terminal's Ctrl-C of the whole group lets run
+    first). Idempotent."""
+    global _libc
+    from prefect.server.api import server
+
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = None
+    if not isinstance(server.subprocess, _OwnSessionSubprocess):
+        server.subprocess = _OwnSessionSubprocess()
 
 
 def uses_temporary_server() -> bool:
@@ -153,6 +221,11 @@ def server_start_error(exc: BaseException) -> AbliterateError | None:
                 f"Prefect's temporary server did not start ({first[:200].rstrip('.')}; start-up bound "
                 f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={limit} s): {RUNNING_SERVER_HELP}"
             )
+        if isinstance(e, RuntimeError) and first.startswith("Failed to reach API at") and _temporary_server:
+            return AbliterateError(
+                f"Prefect's temporary server stopped answering in the middle of the run ({first[:200]}): it was "
+                "stopped or killed; rerun the same command (finished stages are cached and kept)"
+            )
         if isinstance(e, RuntimeError) and first.startswith("Failed to reach API at"):
             url = environment().prefect_api_url or first.removeprefix("Failed to reach API at").strip(" .")
             return AbliterateError(
@@ -160,3 +233,109 @@ def server_start_error(exc: BaseException) -> AbliterateError | None:
                 "`prefect server start` (or `unset PREFECT_API_URL` to let each command start a temporary one)"
             )
     return None
+
+
+# ------------------------------------------------------------------ errors in the middle of a run
+
+# SQLite's words for a store it cannot write: (fragment, what to do).
+_STORE_FIXES = (
+    ("disk is full", "free space, then rerun the same command (finished work is kept)"),
+    ("readonly", "its folder is read-only: fix the permissions, or set ABLITERATE_HOME to a writable folder"),
+    (
+        "read-only",
+        "its folder is read-only: fix the permissions, or set ABLITERATE_HOME to a writable folder",
+    ),
+    (
+        "unable to open",
+        "its folder is missing or not writable: fix it, or set ABLITERATE_HOME to a writable folder",
+    ),
+    ("locked", "another process keeps it locked: let it finish, then rerun the same command"),
+    (
+        "disk i/o error",
+        "the disk failed or filled up: free space or check the disk, then rerun the same command",
+    ),
+    ("not a database", "it is damaged: move it away (a new one is created) or restore it from a backup"),
+    ("malformed", "it is damaged: move it away (a new one is created) or restore it from a backup"),
+)
+
+
+def _store_of(e: BaseException) -> str:
+    """Which store an SQLite error came from: MLflow's, Prefect's, or a named database."""
+    names = [f.f_code.co_filename.replace("\\", "/") for f, _ in traceback.walk_tb(e.__traceback__)]
+    if any("/mlflow/" in n for n in names):
+        return f"the MLflow store {os.environ.get('MLFLOW_TRACKING_URI') or tracking_uri()}"
+    if any("/prefect/" in n for n in names):
+        return f"Prefect's database (under PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')})"
+    return "a database"
+
+
+def runtime_error(exc: BaseException) -> AbliterateError | None:
+    """Any error of the machinery around the stages as one line that says what and what to do; None for
+    other exceptions (re-raise them). Recognised: Prefect's temporary server that does not start or an
+    unreachable PREFECT_API_URL (`server_start_error`); the Prefect server going away in the middle of a
+    run (httpx's transport errors, a 5xx answer: Prefect then fails to record the failure too, so this
+    comes first); an SQLite store (MLflow's, Prefect's) that cannot be written (a full or read-only
+    home, a lock), however deep MLflow or SQLAlchemy wrapped it; a stage's own one-line error that a
+    library's error followed; a filesystem error wrapped by a library (`paths.describe_os_error`)."""
+    first = server_start_error(exc)
+    if first is not None:
+        return first
+    import sqlite3
+
+    chain = list(_chain(exc))
+    for e in chain:
+        if _is_transport_error(e) or _is_server_error(e):
+            url = None if _temporary_server else environment().prefect_api_url
+            server = f"the Prefect server at PREFECT_API_URL={url}" if url else "Prefect's temporary server"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            return AbliterateError(
+                f"{server} stopped answering in the middle of the run ({type(e).__name__}: {reason}): "
+                + ("check that it runs" if url else "it was stopped or killed")
+                + ", then rerun the same command (finished stages are cached and kept)"
+            )
+    for e in chain:
+        if isinstance(e, sqlite3.Error):
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            fix = next((f for k, f in _STORE_FIXES if k in reason.lower()), None)
+            if fix is None:
+                continue
+            store = _store_of(e)
+            if store == "a database":
+                store = next((_store_of(x) for x in chain if _store_of(x) != "a database"), store)
+            return AbliterateError(f"{store} cannot be written ({reason}): {fix}")
+    for e in chain:
+        if isinstance(e, AbliterateError):
+            return e
+    for e in chain:  # a file (not a socket: those are the server's, above)
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError) and e.filename is not None:
+            return AbliterateError(describe_os_error(e))
+    return None
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - prefect depends on httpx
+        return False
+    return isinstance(e, httpx.TransportError)
+
+
+def _is_server_error(e: BaseException) -> bool:
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    return type(e).__name__ == "PrefectHTTPStatusError" and isinstance(status, int) and status >= 500
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """The tracking store's errors (a full or read-only home under MLflow's SQLite file) as one line:
+    what the flows raise, so their Failed state carries the same message the CLI prints."""
+    try:
+        yield
+    except AbliterateError:
+        raise
+    except Exception as exc:
+        translated = runtime_error(exc)
+        if translated is None:
+            raise
+        raise translated from exc

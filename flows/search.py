@@ -2,8 +2,14 @@
 routers (abliterate/search/study.py), tracked in MLflow, optionally writing the chosen trial.
 
 inventory -> structure -> measurement -> directions (+ selection: `run`'s automatic choice)
--> expert profile (MoE: cached, one pass) -> search trials (the Optuna study in <project>/mlruns/search.db)
+-> expert profile (MoE: cached, one pass) -> search trials (the Optuna study in <project>/mlruns/search.db) on the validation prompts less a
+   seeded confirmation slice (`search.confirm_fraction`) -> the choice confirmed on that slice
 -> [with `out`: the chosen trial's plan -> per-shard ablation -> validation -> evaluation]
+
+The evaluation's test prompts: the given test files; where the user gave training files but no test
+file, the confirmation slice of them (prompts of the user's own, never measured, never scored by the
+study; listed in the result and in MLflow), never the project's built-in set; where the user gave no
+file at all, the project's set, with a warning when it does not fit the model's vocabulary.
 
 MLflow: one parent run per flow run (experiment `abliterate/<model>`) holding the measurement's
 records, the expert profile (`plots/expert_routing.png`, `experts/routing.json`), the study's
@@ -16,6 +22,7 @@ killed run's parent run is marked KILLED.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow
@@ -36,12 +43,32 @@ from abliterate.config import (
 from abliterate.edit.output import precheck_output
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
-from abliterate.pipeline import run_paths
-from abliterate.search.study import Decision, TrialResult, decide, front_entry, study_summary
+from abliterate.inference.loading import load_tokenizer
+from abliterate.measure.prompts import prompts_sha256, split_prompts
+from abliterate.pipeline import PromptSets, check_settings, run_paths
+from abliterate.search.study import (
+    Decision,
+    TrialResult,
+    check_study_database,
+    decide,
+    front_entry,
+    study_summary,
+)
 from abliterate_flows import plots
 from abliterate_flows.runtime import project_dir
 from abliterate_flows.stages import Measured, Stages, ablation_stages, console, measurement_stages
-from abliterate_flows.tracking import Tracker, experiment_name, source_tags, tracked_run
+from abliterate_flows.tracking import (
+    SEARCH,
+    TRIAL,
+    Tracker,
+    experiment_description,
+    experiment_name,
+    grouped,
+    model_title,
+    run_name,
+    source_tags,
+    tracked_run,
+)
 from abliterate_tasks.search import expert_profile_task, search_task
 
 STUDY_TAG = "search.study"
@@ -62,6 +89,9 @@ def log_trial(
             if trial.score is None
             else {
                 "refusal_rate": trial.score.refusal_rate,
+                "refusal_score": trial.score.refusal_score,
+                "margin": trial.score.margin,
+                "objective": trial.score.objective,
                 "kl": trial.score.kl,
                 "refusals": trial.score.refusals,
                 "prompts": trial.score.prompts,
@@ -76,7 +106,9 @@ def log_trial(
             trial.get("reference"),
         )
         metrics = {
-            k: trial[k] for k in ("refusal_rate", "kl", "refusals", "prompts") if trial.get(k) is not None
+            k: trial[k]
+            for k in ("refusal_rate", "refusal_score", "margin", "objective", "kl", "refusals", "prompts")
+            if trial.get(k) is not None
         }
     tags = {
         STUDY_TAG: study,
@@ -85,7 +117,14 @@ def log_trial(
         "search.logged_late": late,
         "search.state": "failed" if not metrics else "complete",
     }
-    with tracked_run(experiment, f"trial-{number}", tags, parent=parent) as child:
+    position = params.get("direction_position")
+    name = run_name(
+        f"trial {number}",
+        params.get("method"),
+        f"position {position:.2f}" if isinstance(position, float) else position,
+        "run's automatic choice" if reference else None,
+    )
+    with tracked_run(experiment, name, tags, parent=parent) as child:
         child.params({"trial": number, **params})
         kernels = ((plan or {}).get("origin") or {}).get("search", {}).get("kernels", {})
         if kernels:
@@ -94,7 +133,7 @@ def log_trial(
             child.text(AblationPlan.from_dict(plan).to_yaml(), "plan.yaml")
         if isinstance(trial, TrialResult) and trial.error:
             child.text(trial.error + "\n", "error.txt")
-        child.metrics(metrics)
+        child.metrics(grouped(TRIAL, metrics))
 
 
 def _close_killed_runs(parent: Tracker, experiment_id: str, study: str) -> int:
@@ -166,6 +205,19 @@ def profile_experts_step(
     return experts
 
 
+def held_out_split(sets: PromptSets, search: Search, seed: int) -> dict[str, list[str]]:
+    """The validation prompts split in two (seeded): what the study scores (`harmful`, `harmless`, at
+    most `search.max_prompts` each) and the confirmation slice it never scores (`confirm_harmful`,
+    `confirm_harmless`; empty with `confirm_fraction` 0 or a set of fewer than 2 prompts)."""
+    out: dict[str, list[str]] = {}
+    for kind, val in (("harmful", sets.harmful_val), ("harmless", sets.harmless_val)):
+        confirm, study = [], list(val)
+        if search.confirm_fraction > 0 and len(val) >= 2:
+            confirm, study = split_prompts(list(val), search.confirm_fraction, seed)
+        out[kind], out[f"confirm_{kind}"] = study[: search.max_prompts], confirm
+    return out
+
+
 def study_step(
     stages: Stages,
     experiment: str,
@@ -175,9 +227,11 @@ def study_step(
     selection: Selection,
     template: Template,
     evaluation: Evaluation,
+    held: dict[str, list[str]],
 ) -> dict[str, Any]:
-    """The study's trials on the held-out (validation) prompts, each logged as a nested run as it
-    finishes; trials an earlier, killed run finished but did not log are logged afterwards."""
+    """The study's trials on the held-out (validation) prompts less the confirmation slice, each logged
+    as a nested run as it finishes; trials an earlier, killed run finished but did not log are logged
+    afterwards; then the choice confirmed on the slice."""
     parent = stages.tracker
     experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
     study: dict[str, Any] = {}
@@ -199,17 +253,17 @@ def study_step(
         else:
             console.info(
                 f"  trial {result.number:<5} refusals {result.score.refusals}/{result.score.prompts}, "
-                f"KL {result.score.kl:.3g}" + (" (run's automatic choice)" if result.reference else "")
+                f"refusal score {result.score.refusal_score:.2f}, KL {result.score.kl:.3g}"
+                + (" (run's automatic choice)" if result.reference else "")
             )
 
-    sets, limit = measured.prompts, search.max_prompts
     with stages.stage("search") as s:
         result = s.run(
             search_task,
             measured.model,
             measured.directions_path,
-            sets.harmful_val[:limit],
-            sets.harmless_val[:limit],
+            held["harmful"],
+            held["harmless"],
             search,
             selection,
             template,
@@ -220,6 +274,7 @@ def study_step(
             experts,
             on_trial,
             on_start,
+            (held["confirm_harmful"], held["confirm_harmless"]),
         )
     logged = _logged_trials(parent, experiment_id, result["study"])
     for record in result["trials"]:  # trials a killed run finished before it could log them
@@ -259,7 +314,91 @@ def log_front(parent: Tracker, result: dict[str, Any], decision: Decision, searc
                 "search.reference_kl": reference["kl"],
             }
         )
-    parent.metrics(metrics)
+    confirmation = decision.confirmation
+    if confirmation:
+        for name in ("chosen", "reference"):
+            item = confirmation.get(name)
+            if item:
+                metrics.update(
+                    {
+                        f"search.confirm.{name}_trial": item["trial"],
+                        f"search.confirm.{name}_refusal_rate": item["refusal_rate"],
+                        f"search.confirm.{name}_refusals": item["refusals"],
+                        f"search.confirm.{name}_kl": item["kl"],
+                        f"search.confirm.{name}_refusal_score": item["refusal_score"],
+                        f"search.confirm.{name}_study_upper_bound": item["study_upper_bound"],
+                    }
+                )
+        metrics["search.confirm.holds"] = float(bool(confirmation["chosen"]["holds"]))
+        parent.json(confirmation, "search/confirmation.json")
+    parent.metrics(grouped(SEARCH, metrics))
+
+
+def report_confirmation(decision: Decision) -> None:
+    """The confirmation on the console: both figures, and a loud warning when the choice failed it."""
+    confirmation = decision.confirmation
+    if not confirmation:
+        return
+    n = confirmation["prompts"]
+    for name, label in (("chosen", "chosen trial"), ("reference", "run's choice")):
+        item = confirmation.get(name)
+        if item:
+            console.info(
+                f"  confirm      {label} {item['trial']}: {item['refusals']}/{item['prompts']} refusals on "
+                f"{n['harmful']} + {n['harmless']} prompts the study never scored (study "
+                f"{item['study_refusal_rate']:.3f}, upper bound {item['study_upper_bound']:.3f}), KL {item['kl']:.3g}"
+            )
+    if confirmation["warning"]:
+        console.warning(f"WARNING: the search's choice does not hold: {confirmation['warning']}")
+
+
+def evaluation_prompts(
+    model: str, prompts: Prompts, sets: PromptSets, held: dict[str, list[str]]
+) -> tuple[PromptSets, dict[str, Any], list[str]]:
+    """The test prompts of the after-search evaluation: each kind's test file when given; else, when the
+    user gave that kind's training file, its confirmation slice (or, without one, the study's validation
+    prompts, said so); else the project's set. Returns the sets to evaluate with, a record of which
+    prompts they are, and warnings (the project's set does not fit the model's vocabulary)."""
+    record: dict[str, Any] = {}
+    test = {"harmful": sets.harmful_test, "harmless": sets.harmless_test}
+    warnings = []
+    for kind in ("harmful", "harmless"):
+        given_test, given_train = getattr(prompts, f"{kind}_test"), getattr(prompts, kind)
+        if given_test:
+            source = f"the test file {given_test}"
+        elif given_train:
+            if held[f"confirm_{kind}"]:
+                test[kind] = held[f"confirm_{kind}"]
+                source = (
+                    f"the confirmation slice of {given_train} (never measured, never scored by the study)"
+                )
+            else:
+                test[kind] = held[kind]
+                source = f"the validation part of {given_train} the study scored (no confirmation slice)"
+        else:
+            source = f"the project's prompt set ({sets.files[f'{kind}_test']})"
+        record[kind] = {"source": source, "n": len(test[kind]), "sha256": prompts_sha256(test[kind])}
+        record[kind]["prompts"] = list(test[kind])
+    if not (prompts.harmful_test or prompts.harmful):
+        share = unknown_share(model, test["harmful"] + test["harmless"])
+        if share > 0.01:
+            warnings.append(
+                f"the project's prompt set does not fit this model's vocabulary ({share:.0%} of its tokens are "
+                "unknown): no prompt set matches, so the test figures mean little; give prompts in the model's "
+                "language and casing with --harmful/--harmless (and --harmful-test/--harmless-test)"
+            )
+    evaluated = replace(sets, harmful_test=test["harmful"], harmless_test=test["harmless"])
+    return evaluated, record, warnings
+
+
+def unknown_share(model: str, texts: list[str]) -> float:
+    """The share of the tokens of `texts` that the model's tokenizer does not know (0 without an unknown token)."""
+    tokenizer = load_tokenizer(model)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None or not texts:
+        return 0.0
+    ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return sum(i == unknown for i in ids) / max(len(ids), 1)
 
 
 def write_choice_step(
@@ -274,13 +413,14 @@ def write_choice_step(
     overwrite: bool,
     force: bool,
 ) -> dict[str, Any]:
-    """The chosen trial's plan through the shard engine, validated and evaluated on the test prompts."""
+    """The chosen trial's plan through the shard engine, validated and evaluated on the test prompts
+    (`measured.prompts`' test sets: `evaluation_prompts`)."""
     chosen = decision.chosen
     if chosen is None:
         raise AbliterateError(f"nothing to write to {out}: {decision.reason}")
     console.info(
         f"  writing      trial {chosen['trial']} (refusal rate {chosen['refusal_rate']:.3f}, "
-        f"KL {chosen['kl']:.3g}) to {out}"
+        f"refusal score {chosen.get('refusal_score') or float('nan'):.2f}, KL {chosen['kl']:.3g}) to {out}"
     )
     written = ablation_stages(
         stages,
@@ -326,6 +466,8 @@ def search_flow(
     model, out, work = run_paths(model, out, work_dir)
     if out:
         precheck_output(out, overwrite)
+    check_settings(evaluation)
+    check_study_database(project_dir() / "mlruns")
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {
         **run,
@@ -335,22 +477,49 @@ def search_flow(
         **source_tags(source, model),
     }
     experiment = experiment_name(model)
-    with tracked_run(experiment, f"search-{flow_run.get_name()}", tags) as parent:
+    title = model_title(model)
+    with tracked_run(
+        experiment,
+        run_name("search", f"{search.trials} trials", title),
+        tags,
+        description=experiment_description(model),
+    ) as parent:
         stages = Stages(parent)
         measured = measurement_stages(
             stages, model, prompts, template, measurement, selection, runtime, work, evaluation
         )
         parent.params(flat_params(search))
         experts = profile_experts_step(stages, measured, measurement, template, search)
-        result = study_step(stages, experiment, measured, experts, search, selection, template, evaluation)
-        decision = decide(result["trials"], search)
+        held = held_out_split(measured.prompts, search, prompts.seed)
+        result = study_step(
+            stages, experiment, measured, experts, search, selection, template, evaluation, held
+        )
+        decision = decide(result["trials"], search, result.get("confirmation"))
         log_front(parent, result, decision, search)
+        chosen = f"chosen trial {decision.chosen['trial']}" if decision.chosen else "no trial chosen"
+        parent.rename(run_name("search", f"{len(decision.trials)} trials", chosen, title))
+        report_confirmation(decision)
         position = measured.selection.position if measured.selection else None
         summary = study_summary(result, decision, search, position)
         if out:
+            sets, tested, warnings = evaluation_prompts(model, prompts, measured.prompts, held)
+            parent.json(tested, "search/evaluation_prompts.json")
+            for warning in warnings:
+                console.warning(f"warning: {warning}")
+            summary["evaluation_prompts"] = tested
+            summary["warnings"] = warnings
             summary.update(
                 write_choice_step(
-                    stages, measured, decision, search, evaluation, template, runtime, out, overwrite, force
+                    stages,
+                    replace(measured, prompts=sets),
+                    decision,
+                    search,
+                    evaluation,
+                    template,
+                    runtime,
+                    out,
+                    overwrite,
+                    force,
                 )
             )
         summary.update(mlflow_run_id=parent.run_id, durations=stages.durations, **run)

@@ -31,10 +31,12 @@ from abliterate.config import (
 )
 from abliterate.edit.ablate import load_inputs
 from abliterate.edit.matching import configured_plan, plan_matches, resolve_plan, role_counts
+from abliterate.edit.model_card import update_model_card
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.inference.devices import resolve_runtime
 from abliterate.inference.refusal import marker_phrases
+from abliterate.inference.threads import apply_threads
 from abliterate.measure.direction_file import load_directions
 from abliterate.pipeline import PromptSets, decide_streaming, plan_position
 from abliterate.select.selection import Selection as Chosen
@@ -43,7 +45,16 @@ from abliterate.weights.structure import Structure
 from abliterate_flows import plots
 from abliterate_flows.ablate import ablate_flow, task_runner
 from abliterate_flows.inventory import log_structure
-from abliterate_flows.tracking import Tracker
+from abliterate_flows.tracking import (
+    DIRECTIONS,
+    DURATION,
+    EDIT,
+    SELECTION,
+    VALIDATION,
+    Tracker,
+    evaluation_metrics,
+    metric,
+)
 from abliterate_tasks.inventory import inventory_task, structure_task
 from abliterate_tasks.measure import directions_task, measure_task
 from abliterate_tasks.validate import baseline_behaviour_task, evaluate_task, validate_task
@@ -55,7 +66,7 @@ console = logging.getLogger("abliterate.console")
 
 
 class Stages:
-    """Times each stage into MLflow (`duration.<stage>`) and tells the console: name, `cached` or seconds."""
+    """Times each stage into MLflow (`duration/<stage>`) and tells the console: name, `cached` or seconds."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -67,7 +78,7 @@ class Stages:
         yield record
         seconds = round(time.perf_counter() - began, 3)
         self.durations[name] = seconds
-        self.tracker.metrics({f"duration.{name}": seconds})
+        self.tracker.metrics({metric(DURATION, name): seconds})
         cached = bool(record.states) and all(s == "Cached" for s in record.states)
         console.info(f"  {name:<12} {'cached' if cached else f'{seconds:.1f} s'}")
 
@@ -127,10 +138,13 @@ def measurement_stages(
     log_structure(tracker, structure, inventory.to_json())
     compute = resolve_runtime(runtime, model)
     stream = decide_streaming(model, compute)
+    threads = apply_threads(runtime)
+    console.info(f"  threads      {threads.describe()}")
     tracker.params(
         {
             **sets.params(),
             **flat_params(prompts, template, measurement, selection, runtime),
+            **threads.params(),
             "streaming": stream,
             "compute.device": compute.device,
             "compute.dtype": compute.dtype,
@@ -172,30 +186,43 @@ def measurement_stages(
 def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None) -> None:
     directions = load_directions(directions_path)
     stats = directions.metadata.get("stats", {})
-    tracker.series("direction_norm", dict(enumerate(stats.get("mean_diff_norm", []))))
-    tracker.series("direction_snr", dict(enumerate(stats.get("snr", []))))
-    tracker.series("direction_cos_selected", dict(enumerate(stats.get("cos_selected", []))))
+    tracker.series(metric(DIRECTIONS, "norm"), dict(enumerate(stats.get("mean_diff_norm", []))))
+    tracker.series(metric(DIRECTIONS, "snr"), dict(enumerate(stats.get("snr", []))))
+    tracker.series(metric(DIRECTIONS, "cos_selected"), dict(enumerate(stats.get("cos_selected", []))))
     tracker.params({"directions_sha256": directions.sha256()})
     tracker.file(directions_path)
     tracker.json(directions.metadata, "directions.json")
     figures = {"direction_cosine.png": plots.cosine_heatmap(directions.direction)}
     if chosen is not None:
         tracker.params({"selected_position": chosen.position})
-        tracker.metrics({"selected_position": chosen.position})
+        tracker.metrics({metric(SELECTION, "position"): chosen.position})
         if stats:
             figures["direction_strength.png"] = plots.direction_strength(stats, chosen.position)
     if chosen is not None and chosen.scored:
-        tracker.series("candidate_refusal_score", {c.position: c.refusal_score for c in chosen.candidates})
-        tracker.series("candidate_kl", {c.position: c.kl for c in chosen.candidates})
+        scores = {c.position: c.refusal_score for c in chosen.candidates}
+        tracker.series(metric(SELECTION, "candidate_refusal_score"), scores)
+        tracker.series(metric(SELECTION, "candidate_kl"), {c.position: c.kl for c in chosen.candidates})
         tracker.metrics(
             {
-                "baseline_refusal_score": chosen.baseline_refusal_score,
-                "selection.weight_reads": chosen.weight_reads,
-                "selection.refusals_found": chosen.refusals_found,
-                "selection.seconds_probe": chosen.seconds_probe,
-                "selection.seconds_scoring": chosen.seconds_scoring,
+                metric(SELECTION, "baseline_refusal_score"): chosen.baseline_refusal_score,
+                metric(SELECTION, "weight_reads"): chosen.weight_reads,
+                metric(SELECTION, "refusals_found"): chosen.refusals_found,
+                metric(SELECTION, "seconds_probe"): chosen.seconds_probe,
+                metric(SELECTION, "seconds_scoring"): chosen.seconds_scoring,
+                metric(SELECTION, "rounds"): len(chosen.rounds),
+                metric(SELECTION, "fully_scored"): len(chosen.candidates),
+                metric(SELECTION, "ranked_out"): len(chosen.ranked_out),
             }
         )
+        if chosen.ranked_out:  # each left-out candidate's scores on the prompts of its last round
+            tracker.series(
+                metric(SELECTION, "ranked_out_refusal_score"),
+                {r.position: r.refusal_score for r in chosen.ranked_out},
+            )
+            tracker.series(metric(SELECTION, "ranked_out_kl"), {r.position: r.kl for r in chosen.ranked_out})
+            tracker.series(
+                metric(SELECTION, "ranked_out_round"), {r.position: r.round for r in chosen.ranked_out}
+            )
         tracker.params(
             {
                 "refusal_token_ids": chosen.refusal_token_ids,
@@ -231,8 +258,10 @@ def ablation_stages(
     force: bool = False,
     direction_position: str = "auto",
     plan: AblationPlan | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Plan -> per-shard ablation -> validation -> evaluation, all logged to the stages' run.
+    """Plan -> per-shard ablation -> validation -> evaluation, all logged to the stages' run; the
+    output's model card then carries the verdict, the figures and `command` (what reproduces the run).
 
     `direction_position` (a sweep variant's): auto (the measured choice), own, or a residual position.
     `plan`: a plan made elsewhere (a search trial's) instead of the one `ablation` describes."""
@@ -249,7 +278,7 @@ def ablation_stages(
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
         tracker.params({"plan": {k: v for k, v in plan.to_dict().items() if k != "origin"}})
         tracker.text(plan.to_yaml(), "plan.yaml")
-        tracker.metrics({f"matched.{role}": n for role, n in role_counts(matches).items()})
+        tracker.metrics({metric(EDIT, f"matched.{role}"): n for role, n in role_counts(matches).items()})
         runner = task_runner(runtime)
         manifest = ablate_flow.with_options(task_runner=runner)(
             measured.model, measured.directions_path, out, plan, overwrite, force
@@ -269,12 +298,14 @@ def ablation_stages(
         "validation_ok": report.ok,
     }
     if not report.ok:
+        update_model_card(output, validation_ok=False, command=command)
         raise AbliterateError(
             f"validation of {output} failed ({len(report.failures)} failures), e.g. {report.failures[0]}; "
             "see validation.json in the MLflow run"
         )
     if evaluation.evaluate:
         summary.update(evaluation_stage(stages, measured, evaluation, template, runtime, output))
+    update_model_card(output, summary.get("evaluation"), report.ok, command)
     return summary
 
 
@@ -325,7 +356,7 @@ def evaluation_stage(
             before,
             measured.model,
         )
-    tracker.metrics(result.metrics())
+    tracker.metrics(evaluation_metrics(result.metrics()))
     tracker.json(result.to_json(), "evaluation.json")
     if result.examples:
         tracker.table([vars(row) for row in result.examples], "examples.json")
@@ -337,10 +368,14 @@ def log_validation(tracker: Tracker, report: ValidationReport) -> None:
     report_warnings(tracker, report.warnings, "validation")
     tracker.metrics(
         {
-            "validation.ok": float(report.ok),
-            "validation.changed": report.changed,
-            "validation.failures": len(report.failures),
+            metric(VALIDATION, "ok"): float(report.ok),
+            metric(VALIDATION, "changed"): report.changed,
+            metric(VALIDATION, "failures"): len(report.failures),
         }
     )
-    tracker.metrics({f"validation.changed.{role}": n for role, n in report.changed_by_role.items()})
-    tracker.metrics({f"residual.{role}": w.residual for role, w in report.worst_residual.items()})
+    changed = {metric(VALIDATION, f"changed.{role}"): n for role, n in report.changed_by_role.items()}
+    tracker.metrics(changed)
+    residuals = {
+        metric(VALIDATION, f"residual.{role}"): w.residual for role, w in report.worst_residual.items()
+    }
+    tracker.metrics(residuals)

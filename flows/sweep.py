@@ -16,15 +16,24 @@ from abliterate.config import Ablation, Evaluation, Measurement, Prompts, Runtim
 from abliterate.edit.output import precheck_output
 from abliterate.errors import AbliterateError
 from abliterate.paths import child as child_path
-from abliterate.pipeline import check_plans, run_paths
+from abliterate.pipeline import check_plans, check_settings, run_paths
 from abliterate.search.study import pareto
 from abliterate_flows import plots
 from abliterate_flows.stages import Stages, ablation_stages, measurement_stages
-from abliterate_flows.tracking import experiment_name, source_tags, tracked_run
+from abliterate_flows.tracking import (
+    describe,
+    experiment_description,
+    experiment_name,
+    model_title,
+    position_label,
+    run_name,
+    source_tags,
+    tracked_run,
+)
 
 EXAMPLE_VARIANTS = [
     {"name": "all-layers", "layers": "all"},
-    {"name": "half-scale", "layers": "all", "scale": "0.5"},
+    {"name": "half-scale", "layers": "all", "scale": 0.5},
     {"name": "norm-preserving", "layers": "all", "ablation_method": "norm_preserving"},
 ]
 
@@ -102,6 +111,7 @@ def sweep_flow(
     for target in targets.values():
         precheck_output(str(target), overwrite)
     check_plans(model, [(ablation, position) for _, ablation, position in specs])
+    check_settings(evaluation)
     evaluation = evaluation.model_copy(update={"evaluate": True})  # variants are compared by their evaluation
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {
@@ -111,15 +121,28 @@ def sweep_flow(
         "output_path": out,
         **source_tags(source, model),
     }
-    with tracked_run(experiment_name(model), f"sweep-{flow_run.get_name()}", tags) as parent:
+    title = model_title(model)
+    with tracked_run(
+        experiment_name(model),
+        run_name("sweep", f"{len(specs)} variants: " + ", ".join(name for name, _, _ in specs), title),
+        tags,
+        description=experiment_description(model),
+    ) as parent:
         measured = measurement_stages(
             Stages(parent), model, prompts, template, measurement, selection, runtime, work, evaluation
         )
+        chosen = measured.selection.position if measured.selection else None
         points = []
         for name, ablation, position in specs:
             target = str(targets[name])
+            child_name = run_name(
+                f"sweep/{name}", *describe(ablation), position_label(position, chosen), title
+            )
             with tracked_run(
-                experiment_name(model), name, {**tags, "variant": name, "output_path": target}, parent=parent
+                experiment_name(model),
+                child_name,
+                {**tags, "variant": name, "output_path": target},
+                parent=parent,
             ) as child:
                 child.params({"variant": name})
                 summary = ablation_stages(

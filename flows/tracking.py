@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from abliterate.config import Ablation
 from abliterate.paths import file_lock
-from abliterate.weights.hub import hub_origin, model_name
-from abliterate_flows.runtime import artifact_root, tracking_uri
+from abliterate.vocabulary import DEFAULT_TARGETS
+from abliterate.weights.hub import hub_origin
+from abliterate_flows.runtime import artifact_root, store_errors, tracking_uri
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 BATCH = 900  # log_batch accepts at most 1000 metrics per call
@@ -30,11 +32,140 @@ BATCH = 900  # log_batch accepts at most 1000 metrics per call
 # ExperimentKind enum: custom_model_development, genai_development, ...). These are training-style runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the description MLflow's UI shows (and edits) on a page
+MAX_RUN_NAME = 250  # longer names are cut by MLflow's UI anyway
+SEP = " · "
+# Folder names that say nothing about the model: the experiment takes the parent folder's name with them.
+GENERIC_FOLDERS = {
+    "model",
+    "models",
+    "checkpoint",
+    "checkpoints",
+    "weights",
+    "hf",
+    "original",
+    "output",
+    "out",
+}
+
+# Metric groups: MLflow's UI makes one chart section per prefix before the first `/` (a metric without
+# one lands in no section once others have one), sections in alphabetical order. The groups, named so
+# that order is the one a reader wants: the edited model's figures first (`after/`: refusal rates and the
+# KL on the test prompts), the unedited model's (`before/`), then how the direction was chosen, the edit,
+# its validation, and the costs.
+EVAL = "after"  # the edited model on the test prompts: refusal rates, KL to the original, refusal score
+BASELINE = "before"  # the unedited model on the same prompts
+DIRECTIONS = "directions"  # per residual position (step): norm, SNR, cosine to the chosen one
+EDIT = "edit"  # matched tensors per role
+SELECTION = "selection"  # the direction: chosen position, candidates' refusal score and KL
+SEARCH = "search"  # a search's study (the parent run)
+TRIAL = "search-trial"  # a search trial's objectives on the held-out prompts (its nested run)
+TENSORS = "tensors"  # the checkpoint's inventory
+VALIDATION = "validation"  # changed tensors, failures, projection residuals per role
+DURATION = "duration"  # seconds per stage
+
+
+def metric(group: str, name: str) -> str:
+    """`group/name`: the one way a metric gets its group."""
+    return f"{group}/{name}"
+
+
+def grouped(group: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """Every metric under `group/`: `search.front_size` (the older dotted group) -> `search/front_size`,
+    `kl` -> `search-trial/kl`."""
+    return {metric(group, key.removeprefix(f"{group}.")): value for key, value in metrics.items()}
+
+
+def evaluation_metrics(figures: Mapping[str, float]) -> dict[str, float]:
+    """An evaluation's figures (abliterate.check.evaluate METRICS) under their groups:
+    `refusal_rate_harmful` -> `after/refusal_rate_harmful`, `baseline_refusal_rate_harmful` ->
+    `before/refusal_rate_harmful`, so before and after share a name inside their groups."""
+    out = {}
+    for key, value in figures.items():
+        if key.startswith("baseline_"):
+            out[metric(BASELINE, key.removeprefix("baseline_"))] = value
+        else:
+            out[metric(EVAL, key)] = value
+    return out
+
+
+def _config_name(model_dir: Path) -> str | None:
+    """`_name_or_path` of config.json when it names a model (a Hub id or a name), not a local folder."""
+    try:
+        value = json.loads((model_dir / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip().rstrip("/")
+    if value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1:
+        name = Path(value).name  # a path on the machine that saved it: its last folder
+        return name if name.lower() not in GENERIC_FOLDERS else None
+    return value
+
+
+def model_title(model_dir: str | Path) -> str:
+    """The model's name for people: the Hub id of a cached snapshot (`org/name`), else the name
+    config.json was saved under (`_name_or_path`, when it is a name and not a folder), else the folder's
+    name, with its parent's in front when the folder is called `model`, `checkpoint` and the like
+    (`abliterate/demo/model` -> `demo-model`)."""
+    origin = hub_origin(model_dir)
+    if origin:
+        return origin["repo_id"]
+    path = Path(model_dir).resolve()
+    named = _config_name(path)
+    if named:
+        return named
+    if path.name.lower() in GENERIC_FOLDERS and path.parent.name:
+        return f"{path.parent.name}-{path.name}"
+    return path.name
 
 
 def experiment_name(model_dir: str | Path) -> str:
-    """`abliterate/<model name>`: the folder's name, or the Hub repository's for a cached snapshot."""
-    return f"abliterate/{model_name(model_dir)}"
+    """`abliterate/<model>`: one experiment per model (model_title: Hub id, saved name or folder)."""
+    return f"abliterate/{model_title(model_dir)}"
+
+
+def experiment_description(model_dir: str | Path) -> str:
+    """What the experiment holds and how to read it: MLflow shows it above the runs (Markdown)."""
+    return (
+        f"Abliteration of **{model_title(model_dir)}** (`{model_dir}`): the refusal direction measured "
+        "and projected out of the weights.\n\n"
+        "- One run per `abliterate run` / `demo` (its name: command, model, layers, scale, ablation method, "
+        "direction position), per `sweep` (a parent with one nested run per variant) and per `search` (a "
+        "parent, named after its trials and chosen trial, with one nested run per trial).\n"
+        f"- Key metrics: `{EVAL}/refusal_rate_harmful` and `{EVAL}/kl_harmless` (the edited model on the "
+        f"test prompts), `{BASELINE}/...` (the same figures of the original), `{SELECTION}/...` (how the "
+        f"direction was chosen), `{VALIDATION}/...`, `{DURATION}/...` (seconds per stage).\n"
+        "- Compare runs: tick them in the runs table, then *Compare*; or the *Chart* view, one chart per "
+        "metric grouped by these prefixes."
+    )
+
+
+def describe(ablation: Ablation) -> list[str]:
+    """The settings that tell one ablation from another, for a run name: layers, scale, method, and the
+    targets, MTP mode and biases where they differ from the defaults."""
+    parts = [f"layers {ablation.layers}", f"scale {ablation.scale}", ablation.ablation_method]
+    if list(ablation.targets) != list(DEFAULT_TARGETS):
+        parts.append("targets " + ",".join(ablation.targets))
+    if ablation.mtp != Ablation.model_fields["mtp"].default:
+        parts.append(f"mtp {ablation.mtp}")
+    if ablation.biases:
+        parts.append("biases")
+    return parts
+
+
+def run_name(*parts: Any) -> str:
+    """`run · layers 0-3 · scale 0.8 · plain · position 3 (auto) · demo-model`: the command, what differs
+    (first: MLflow's runs table shows a name's start), the model."""
+    return SEP.join(str(p) for p in parts if p not in (None, ""))[:MAX_RUN_NAME]
+
+
+def position_label(requested: str, chosen: int | None) -> str:
+    """`position 3 (auto)` once the automatic choice is known; `position auto` before; `position 5`."""
+    if requested == "auto":
+        return f"position {chosen} (auto)" if chosen is not None else "position auto"
+    return "own positions" if requested == "own" else f"position {requested}"
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -71,6 +202,10 @@ class Tracker:
         items = [Metric(name, float(v), now, int(step)) for step, v in values.items() if v is not None]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def rename(self, name: str) -> None:
+        """A run name that says more once it is known (the chosen position, the chosen trial)."""
+        self.client.update_run(self.run_id, name=name[:MAX_RUN_NAME])
 
     def tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -123,23 +258,25 @@ def client() -> MlflowClient:
     return c
 
 
-def experiment_id(c: MlflowClient, name: str) -> str:
-    """The experiment `name`, created if missing, marked as a machine-learning experiment (an existing
-    one gets the kind tag only if it has none: a kind the user chose in the UI stays). Two runs that
-    create the same experiment at once both get it."""
+def experiment_id(c: MlflowClient, name: str, description: str | None = None) -> str:
+    """The experiment `name`, created if missing, marked as a machine-learning experiment and described
+    (an existing one gets the kind tag and the description only where it has none: what the user chose
+    or wrote in the UI stays). Two runs that create the same experiment at once both get it."""
     uri = tracking_uri()
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    if description:
+        wanted[DESCRIPTION_TAG] = description
     with _store_lock(uri):
         found = c.get_experiment_by_name(name)
         if found is not None:
-            if EXPERIMENT_KIND_TAG not in found.tags:
-                c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            for key, value in wanted.items():
+                if key not in found.tags:
+                    c.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         # A local store keeps artifacts under ./mlruns; a real server decides for itself.
         location = artifact_root() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
         try:
-            return c.create_experiment(
-                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-            )
+            return c.create_experiment(name, artifact_location=location, tags=wanted)
         except MlflowException as exc:  # a run on another machine created it first
             found = c.get_experiment_by_name(name)
             if found is None:
@@ -157,23 +294,38 @@ def experiment_ui_path(experiment: str) -> str:
 
 @contextmanager
 def tracked_run(
-    experiment: str, run_name: str, tags: Mapping[str, Any] | None = None, parent: Tracker | None = None
+    experiment: str,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    parent: Tracker | None = None,
+    description: str | None = None,
 ) -> Iterator[Tracker]:
-    """Create a run, yield its Tracker, end it FINISHED or FAILED."""
-    c = client()
-    all_tags = dict(tags or {})
-    if parent is not None:
-        all_tags["mlflow.parentRunId"] = parent.run_id
-    run = c.create_run(
-        experiment_id(c, experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
-    )
+    """Create a run named `name` (run_name: what tells it from the others), yield its Tracker, end it
+    FINISHED or FAILED. `description`: the experiment's, when this run creates it. A store that cannot
+    be written (a full or read-only home), the Prefect server going away, a filesystem error a library
+    wrapped: one line (`runtime.store_errors`), the flow's Failed state carries it."""
+    with store_errors():
+        c = client()
+        all_tags = dict(tags or {})
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.run_id
+        run = c.create_run(
+            experiment_id(c, experiment, description),
+            run_name=name[:MAX_RUN_NAME],
+            tags={k: str(v) for k, v in all_tags.items()},
+        )
     tracker = Tracker(c, run.info.run_id)
     try:
-        yield tracker
+        with store_errors():
+            yield tracker
     except BaseException:
-        tracker.finish("FAILED")
+        with suppress(
+            Exception
+        ):  # a full disk fails this too: the error that ended the run is the one to see
+            tracker.finish("FAILED")
         raise
-    tracker.finish()
+    with store_errors():
+        tracker.finish()
 
 
 def source_tags(source: str, model_dir: str) -> dict[str, str]:

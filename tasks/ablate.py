@@ -18,6 +18,7 @@ from prefect import task
 from abliterate.edit.ablate import ablate_shard, load_inputs
 from abliterate.edit.output import ShardResult, shard_key
 from abliterate.edit.plan import AblationPlan
+from abliterate.inference.threads import apply_threads
 from abliterate_tasks.caching import code_hash, make_key
 
 
@@ -31,4 +32,5 @@ def _shard_key(_context, p) -> str:
 def ablate_shard_task(
     shard: str, model_dir: str, directions_path: str, plan: AblationPlan, out_dir: str, force: bool = False
 ) -> ShardResult:
+    apply_threads()  # this process's choice (the command's), else the default setting
     return ablate_shard(plan, load_inputs(model_dir, directions_path, force), shard, out_dir)

@@ -14,6 +14,7 @@ from prefect import task
 
 from abliterate import config
 from abliterate.config import Runtime, Template
+from abliterate.inference.threads import apply_threads
 from abliterate.measure.directions import write_directions
 from abliterate.measure.means import Measurement, measured_with
 from abliterate.measure.prompts import prompts_sha256
@@ -46,7 +47,10 @@ def measure_task(
 ) -> Measurement:
     """In memory, or layer-streamed (`stream`): equal results, so neither `stream` nor the device is keyed.
     `runtime`: resolved for the model; its dtype and batch size are keyed (`measured_with`)."""
-    return measure_stage(model_dir, harmful, harmless, measurement, template, runtime, stream)
+    apply_threads(runtime)
+    return measure_stage(
+        model_dir, harmful, harmless, measurement, template, runtime, stream, progress=False
+    )  # the console shows one line per stage, no bars
 
 
 def _directions_key(_context, p) -> str:
@@ -90,6 +94,7 @@ def directions_task(
     Returns the file's path (under `work_dir`, in a folder named by the content of its inputs)
     and the selection with every candidate's scores (None for `own`).
     """
+    apply_threads(measurement.runtime)
     directions, chosen = direction_stage(
         model_dir,
         measurement,
@@ -101,6 +106,7 @@ def directions_task(
         evaluation,
         device,
         stream,
+        progress=False,
     )
     folder = _directions_key(
         None,
@@ -118,7 +124,7 @@ def directions_task(
             "stream": stream,
         },
     )
-    extra = {"selection": chosen.as_dict()} if chosen else None
+    extra = {"selection": chosen.record()} if chosen else None
     path = write_directions(
         Path(work_dir) / "directions" / folder,
         directions,

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from abliterate.config import Evaluation, Measurement, Runtime, Search, Selection, Template
+from abliterate.inference.threads import apply_threads
 from abliterate.measure.means import measured_with
 from abliterate.measure.prompts import prompts_sha256
 from abliterate.search.experts import ExpertProfile, profile_checkpoint
@@ -40,6 +41,7 @@ def expert_profile_task(
     stream: bool,
 ) -> ExpertProfile:
     """How often each routed expert is chosen on the harmful and harmless measurement prompts."""
+    apply_threads(runtime)
     return profile_checkpoint(model_dir, harmful, harmless, measurement, template, runtime, stream)
 
 
@@ -59,8 +61,11 @@ def search_task(
     experts: list[tuple[int, int]],
     on_trial: Callable[[TrialResult], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    confirm: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume, or continue) the study until it holds `search.trials` complete trials."""
+    """Run (or resume, or continue) the study until it holds `search.trials` complete trials, then
+    confirm its choice on `confirm`'s prompts (harmful, harmless), which the study never scores."""
+    apply_threads(runtime)
     return run_study(
         model_dir,
         directions_path,
@@ -76,4 +81,5 @@ def search_task(
         experts,
         on_trial,
         on_start,
+        confirm=confirm,
     )

@@ -16,6 +16,7 @@ from abliterate.check.evaluate import (
 )
 from abliterate.check.validate import ValidationReport, validate_output
 from abliterate.config import Evaluation, Runtime, Template
+from abliterate.inference.threads import apply_threads
 from abliterate.measure.prompts import prompts_sha256
 from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import shard_stamp
@@ -37,7 +38,8 @@ def _validate_key(_context, p) -> str:
 
 @task(name="output-validation", cache_key_fn=_validate_key, persist_result=True)
 def validate_task(original_dir: str, ablated_dir: str) -> ValidationReport:
-    return validate_output(original_dir, ablated_dir)
+    apply_threads()  # this process's choice (the command's), else the default setting
+    return validate_output(original_dir, ablated_dir, progress=False)  # the console: one line per stage
 
 
 def _settings(p) -> dict:
@@ -69,7 +71,10 @@ def baseline_behaviour_task(
     refusal_ids: list[int] | None = None,
 ) -> Behaviour:
     """The original model's behaviour: measured once per prompt set and settings."""
-    return model_behaviour(model_dir, harmful, harmless, evaluation, template, runtime, stream, refusal_ids)
+    apply_threads(runtime)
+    return model_behaviour(
+        model_dir, harmful, harmless, evaluation, template, runtime, stream, refusal_ids, progress=False
+    )
 
 
 def _evaluate_key(_context, p) -> str:
@@ -98,6 +103,16 @@ def evaluate_task(
     baseline_dir: str | None = None,
 ) -> EvaluationResult:
     """The ablated model against the baseline behaviour (measured from `baseline_dir`)."""
+    apply_threads(runtime)
     return evaluate_model(
-        model_dir, harmful, harmless, evaluation, template, runtime, stream, baseline, baseline_dir
+        model_dir,
+        harmful,
+        harmless,
+        evaluation,
+        template,
+        runtime,
+        stream,
+        baseline,
+        baseline_dir,
+        progress=False,
     )

@@ -21,7 +21,7 @@ from abliterate.edit.matching import configured_plan, direction_for, plan_matche
 from abliterate.edit.output import STATE_DIR, prepare_output
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
-from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE
+from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE, MODEL_CARD_FILE
 from abliterate.weights.checkpoint import build_inventory, fingerprint
 from abliterate.weights.synthetic import GlmLayout, write_checkpoint, write_glm_layout, write_llama_layout
 
@@ -152,7 +152,8 @@ def test_output_layout_is_identical(default_run):
     for name in ("config.json", "generation_config.json"):
         assert (src / name).read_bytes() == (out / name).read_bytes()
     names = {p.name for p in out.iterdir()}
-    assert names == {p.name for p in src.iterdir()} | {MANIFEST_FILE}  # no state or temp files left
+    ours = {MODEL_CARD_FILE, MANIFEST_FILE}
+    assert names == {p.name for p in src.iterdir()} | ours  # no state or temp files left
     assert manifest["input"]["fingerprint"] == manifest["output"]["fingerprint"] == fingerprint(out)
     assert set(manifest["shards"]) == set(inventory.shards)
     assert manifest["plan"]["mtp"] == "ablate" and manifest["plan"]["layers"] == list(range(47))
@@ -380,7 +381,7 @@ def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
     d2 = write_directions(sharded, tmp_path / "d2.safetensors", selected=1)
     run(single, d1, tmp_path / "o1")
     assert sorted(p.name for p in (tmp_path / "o1").iterdir()) == sorted(
-        ["model.safetensors", "config.json", "generation_config.json", MANIFEST_FILE]
+        ["model.safetensors", "config.json", "generation_config.json", MODEL_CARD_FILE, MANIFEST_FILE]
     )
     inputs = load_inputs(sharded, d2)
     plan = configured_plan(inputs, Ablation(), "auto")

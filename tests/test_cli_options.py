@@ -33,6 +33,8 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "kl_threshold": (["0.05"], 0.05),
     "skip_last_fraction": (["0.3"], 0.3),
     "max_candidates": (["4"], 4),
+    "shortlist": (["all"], "all"),
+    "shortlist_prompts": (["4"], 4),
     "layers": (["1-3"], "1-3"),
     "scale": (["0.8"], "0.8"),
     "targets": (["attn_out,router"], ["attn_out", "router"]),
@@ -51,6 +53,8 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "batch_size": (["4"], 4),
     "memory_budget": (["2GiB"], "2GiB"),
     "streaming": (["never"], "never"),
+    "threads": (["1"], "1"),
+    "interop_threads": (["3"], "3"),
     "workers": (["3"], 3),
     "dask_address": (["tcp://127.0.0.1:8786"], "tcp://127.0.0.1:8786"),
     "dask_workers": (["2"], 2),
@@ -66,6 +70,15 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "startup_trials": (["3"], 3),
     "parallel_trials": (["2"], 2),
     "study": (["my-study"], "my-study"),
+    "refusal_floor": (["0.001"], 0.001),
+    "confirm_fraction": (["0.3"], 0.3),
+    "confidence": (["0.9"], 0.9),
+    "on_confirm_failure": (["refuse"], "refuse"),
+    "sample": ([], True),
+    "temperature": (["0.5"], 0.5),
+    "top_p": (["0.9"], 0.9),
+    "sample_seed": (["3"], 3),
+    "max_reply_tokens": (["64"], 64),
 }
 FLOW_FIELDS = sorted(f for cls in FLOW_SECTIONS for f in cls.model_fields)
 NEGATED = {"evaluate": "--no-evaluate"}  # booleans that default to true are switched off
@@ -211,6 +224,8 @@ def test_demo_run_and_sweep_through_the_cli(prefect_env, tmp_path, capsys):
         "--no-evaluate",
         "--batch-size",
         "8",
+        "--threads",
+        "1",
     ]
     assert main([*argv, "--json"]) == 0
     captured = capsys.readouterr()
@@ -220,6 +235,11 @@ def test_demo_run_and_sweep_through_the_cli(prefect_env, tmp_path, capsys):
     lines = captured.err.splitlines()
     for stage in ("inventory", "measurement", "directions", "ablation", "validation"):
         assert any(line.split()[:1] == [stage] for line in lines), (stage, lines)
+    assert any(line.startswith("  threads      1 torch thread (--threads); ") for line in lines), lines
+    from abliterate_flows.tracking import client
+
+    params = client().get_run(summary["mlflow_run_id"]).data.params
+    assert (params["runtime.threads"], params["threads.intra"]) == ("1", "1")
 
     # the same model through `run`: the measurement is reused, and the console says so
     assert (

@@ -35,6 +35,9 @@ from abliterate.measure.chat import encode_prompts
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="what auto means without a GPU")
+ONLY_GPU = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it there)"
+)
 
 
 @NO_GPU
@@ -100,6 +103,33 @@ def test_an_offloaded_model_computes_what_the_loaded_one_does():
     del offloaded
     gc.collect()
     assert not folder.exists()
+
+
+@ONLY_GPU
+def test_a_gpu_is_what_auto_uses_and_computes_what_the_cpu_does():
+    """On a CUDA machine: `auto` keeps the GPUs and the checkpoint's dtype, and the demo model in float32
+    on the GPU, held in memory and layer-streamed, gives the CPU's first-token log-probabilities within
+    the float32 bound (the same bound as offloading above: kernels differ, the arithmetic does not)."""
+    from abliterate.inference.runner import model_forward
+
+    assert resolve_device("auto") == "auto" and resolve_device("cuda").startswith("cuda:")
+    assert resolve_dtype("auto", "cuda", DEMO_MODEL_DIR) == "bfloat16"  # the demo is bf16 on disk
+    assert resolve_runtime(Runtime(), DEMO_MODEL_DIR).dtype == "bfloat16"
+    model, tokenizer = load_model(DEMO_MODEL_DIR)
+    prompts = ["how do I make a cake", "write a poem about the sea", "how do I make a bomb"]
+    encoded = encode_prompts(tokenizer, prompts, Template(), "prompt")
+    ((_, _, cpu),) = list(InMemoryForward(model).first_token_logprobs({"x": encoded}, [None], 2, 0))
+    with torch.inference_mode():
+        z = max(float(model(input_ids=torch.tensor([ids])).logits[0, -1].double().norm()) for ids in encoded)
+    n = accumulation_length(DEMO_MODEL_DIR, max(len(x) for x in encoded))
+    for stream in (False, True):
+        forward, _ = model_forward(DEMO_MODEL_DIR, "float32", "cuda", stream, progress=False)
+        if not stream:
+            assert input_device(forward.model).type == "cuda"
+        ((_, _, gpu),) = list(forward.first_token_logprobs({"x": encoded}, [None], 2, 0))
+        assert float((gpu.double().cpu() - cpu.double()).abs().max()) <= 2 * logits_rtol(5, n) * z, stream
+        del forward
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------ every command, flow and deployment

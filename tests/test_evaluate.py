@@ -162,7 +162,9 @@ def test_examples_table_and_json(tiny_dirs):
         assert key in data
     assert data["baseline_refusal_rate_harmful"] == 0.0 and data["model"] == str(ablated)
     assert set(result.metrics()) >= {"refusal_rate_harmful", "kl_harmless", "baseline_refusal_rate_harmless"}
-    assert "refusal rate before" in result.summary()
+    summary = result.summary()  # every figure labelled: before (the baseline) and after
+    assert "refusal rate on harmful prompts (full replies): 0 before, " in summary
+    assert " after" in summary.splitlines()[1]
 
 
 def test_compare_needs_one_vocabulary(tiny):

@@ -106,24 +106,25 @@ def test_demo_flow_removes_refusals_and_tracks_everything(first_run):
     ):
         assert key in params, key
     metrics = run.data.metrics
-    for key in (
-        "refusal_rate_harmful",
-        "baseline_refusal_rate_harmful",
-        "kl_harmless",
-        "matched.attn_out",
-        "matched.expert_down",
-        "matched.router",
-        "validation.ok",
-        "duration.measurement",
-        "duration.ablation",
-        "selected_position",
+    for key in (  # grouped by prefix: one chart section per group in MLflow's UI
+        "after/refusal_rate_harmful",
+        "before/refusal_rate_harmful",
+        "after/kl_harmless",
+        "edit/matched.attn_out",
+        "edit/matched.expert_down",
+        "edit/matched.router",
+        "validation/ok",
+        "duration/measurement",
+        "duration/ablation",
+        "selection/position",
     ):
         assert key in metrics, key
+    assert all("/" in key for key in metrics), [key for key in metrics if "/" not in key]
     # per-position series: step = residual position 0..L
     num_positions = load_directions(summary_directions(client, run)).num_positions
-    history = client.get_metric_history(run.info.run_id, "direction_norm")
+    history = client.get_metric_history(run.info.run_id, "directions/norm")
     assert sorted(m.step for m in history) == list(range(num_positions))
-    assert client.get_metric_history(run.info.run_id, "candidate_kl")
+    assert client.get_metric_history(run.info.run_id, "selection/candidate_kl")
     artifacts = artifact_paths(client, run.info.run_id)
     for name in (
         "directions.safetensors",
@@ -268,7 +269,8 @@ def test_sweep_runs_variants_as_nested_runs_on_one_measurement(first_run, tmp_pa
     )
     assert sorted(c.data.tags["variant"] for c in children) == ["all", "half"]
     for child in children:
-        assert "refusal_rate_harmful" in child.data.metrics and "kl_harmless" in child.data.metrics
+        assert {"after/refusal_rate_harmful", "after/kl_harmless"} <= set(child.data.metrics)
+        assert child.info.run_name.startswith(f"sweep/{child.data.tags['variant']} · ")
     assert {"variants.json", "plots/refusal_vs_kl.png"} <= artifact_paths(client, parent.info.run_id)
 
 

@@ -86,3 +86,59 @@ def test_formats_from_config():
             fp8.format_from_config({"quantization_config": qc})
     with pytest.raises(AbliterateError, match="do not match"):
         fp8.grid((64, 32), (3, 3), (16, 16))
+
+
+def _reference(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype):
+    """transformers' `Fp8Quantize` block by block, as plainly as it can be written (the vectorised
+    `fp8.quantize` must give its very bytes), and the dequantization of its result."""
+    bm, bn = block
+    lead, out, cols = w.shape
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(lead, math.ceil(out / bm), math.ceil(cols / bn))
+    back = torch.empty(w.shape)
+    for e in range(lead):
+        for i in range(scale.shape[1]):
+            for j in range(scale.shape[2]):
+                rows, columns = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
+                part = w[e, rows, columns].float()
+                amax = part.abs().amax()
+                s = torch.where(amax > 0, amax / fp8.E4M3_MAX, torch.ones_like(amax)).to(scale_dtype).float()
+                scale[e, i, j] = s
+                q[e, rows, columns] = (part / s.expand_as(part)).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX)
+                back[e, rows, columns] = q[e, rows, columns].float() * s.expand_as(part)
+    return q, scale, back
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    shape=SHAPES,
+    block=BLOCKS,
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.floats(-40, 30),
+    scale_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    piece=st.sampled_from([1, 7, 100, fp8.PIECE]),
+    special=st.sampled_from([None, float("nan"), float("inf"), 0.0]),
+)
+def test_vectorised_requantization_is_bit_identical_to_the_block_by_block_one(
+    shape, block, seed, spread, scale_dtype, piece, special
+):
+    """Pieces of rows of any size, views of whole blocks, the table lookup, the skipped clamp: the
+    same bytes as the plain per-block computation (scales underflowing in float16, NaN, Inf and
+    zero blocks included)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.exp2(
+        torch.randint(-8, 8, shape, generator=g).float() + spread
+    )
+    if special is not None:
+        w[0, 0, 0] = special
+    q_ref, scale_ref, back_ref = _reference(w, block, scale_dtype)
+    default = fp8.PIECE
+    fp8.PIECE = piece  # the piece size decides speed only
+    try:
+        q, scale = fp8.quantize(w, block, scale_dtype)
+        back = fp8.dequantize(q, scale.to(scale_dtype), block)
+    finally:
+        fp8.PIECE = default
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale.view(torch.int32), scale_ref.view(torch.int32))
+    assert torch.equal(back.view(torch.int32), back_ref.view(torch.int32))

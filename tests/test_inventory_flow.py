@@ -33,8 +33,8 @@ def test_inventory_flow_caches_and_logs(prefect_env, glm_air_layout, tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
     latest = runs[0]
-    assert latest.data.metrics["tensors.expert_down"] == 5760
-    assert latest.data.metrics["tensors.mtp.expert_down"] == 128
+    assert latest.data.metrics["tensors/expert_down"] == 5760
+    assert latest.data.metrics["tensors/mtp.expert_down"] == 128
     assert latest.data.params["family"] == "glm4_moe"
     assert latest.data.tags["prefect.flow_run_id"] == str(second.state_details.flow_run_id)
     artifacts = {a.path for a in client.list_artifacts(latest.info.run_id)}

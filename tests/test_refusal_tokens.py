@@ -57,10 +57,16 @@ def test_a_token_that_also_opens_answers_is_not_a_refusal_token(tokenizer):
     assert found.source == "markers" and found.ids == refusal_token_ids(tokenizer, ("I cannot",))
 
 
-@pytest.mark.parametrize(("markers", "expected"), [(["--marker", "I CANNOT"], 0), (["--marker", "zebra"], 2)])
+@pytest.mark.parametrize(
+    ("markers", "expected"), [(["--marker", "I CANNOT"], 0), (["--markers", "zebra.txt"], 2)]
+)
 def test_measure_takes_markers(tmp_path, capsys, markers, expected):
-    """--marker reaches selection: the demo's refusals ("I cannot ...") give "I"; a marker its replies never
-    hold, and that opens no reply, leaves no refusal token: one line that names --marker."""
+    """--marker and --markers reach selection: the demo's refusals ("I cannot ...") give "I"; a markers file
+    whose only phrase its replies never hold, and that opens no reply, leaves no refusal token: one line
+    that names --marker. (`--marker` adds to the built-in list, which finds the demo's refusals.)"""
+    if markers[0] == "--markers":
+        (tmp_path / "zebra.txt").write_text("zebra\n")
+        markers = ["--markers", str(tmp_path / "zebra.txt")]
     harmful, harmless = prompt_file("demo", "harmful", "val"), prompt_file("demo", "harmless", "val")
     argv = [
         "measure",

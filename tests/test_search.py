@@ -24,8 +24,9 @@ from abliterate.edit.ablate import load_inputs
 from abliterate.edit.matching import configured_plan, plan_matches, resolve_plan
 from abliterate.errors import AbliterateError
 from abliterate.measure.prompts import load_prompts
+from abliterate.search.scoring import TrialScore
 from abliterate.search.space import MIN_SCALE, default_params, plan_for, search_space
-from abliterate.search.study import choose, pareto, run_study
+from abliterate.search.study import choose, pareto, run_study, search_front, wilson_bounds
 
 
 def record(trial: int, refusal: float, kl: float) -> dict:
@@ -50,6 +51,43 @@ def test_front_and_choice():
         choose(records, Search(kl_max=0.0001))
     with pytest.raises(AbliterateError, match="not a complete trial"):
         choose(records, Search(kl_max=0.01, trial=9))
+
+
+def scored(trial: int, refusals: int, margin: float, kl: float, prompts: int = 36) -> dict:
+    """A trial as the study records it: its objective is (refusals + margin) / prompts (scoring.py)."""
+    score = TrialScore(refusals / prompts, kl, refusals, prompts, margin=margin)
+    return {
+        **record(trial, score.refusal_rate, kl),
+        "objective": score.objective,
+        "refusals": refusals,
+        "prompts": prompts,
+    }
+
+
+def test_margin_ranks_trials_that_refuse_none_and_the_kl_bound_still_rules():
+    """The objective keeps its resolution at zero refusals: between two trials without a refusal the one
+    further from refusing wins unless its KL is over the bound; one refusal more always loses."""
+    weak, strong, stronger = scored(1, 0, 0.30, 0.002), scored(2, 0, 0.02, 0.006), scored(3, 1, 0.01, 0.001)
+    at_floor, cheaper = scored(4, 0, 0.01, 0.008), scored(5, 0, 0.01, 0.004)
+    records = [weak, strong, stronger]
+    assert choose(records, Search(kl_max=0.01))["trial"] == 2  # more margin, KL allowed
+    assert choose(records, Search(kl_max=0.004))["trial"] == 1  # the bound forbids the stronger one
+    assert [r["trial"] for r in search_front(records)] == [2, 1, 3]
+    # every prompt under the floor: margin is the floor for both, the lower KL wins
+    assert choose([at_floor, cheaper], Search())["trial"] == 5
+    # a refusal weighs more than any margin
+    assert scored(6, 1, 0.0, 0.0)["objective"] > scored(7, 0, 0.999, 0.0)["objective"]
+
+
+def test_wilson_bounds():
+    """The Wilson score interval: 0 of 36 at 95 % allows up to z^2 / (36 + z^2) = 0.0964 (z = 1.95996)."""
+    z = 1.959963984540054
+    assert wilson_bounds(0, 36, 0.95) == pytest.approx((0.0, z * z / (36 + z * z)), abs=1e-12)
+    low, high = wilson_bounds(18, 36, 0.95)
+    assert low == pytest.approx(1 - high, abs=1e-12) and high == pytest.approx(
+        0.5 + z / (1 + z * z / 36) * (0.25 / 36 + z * z / (4 * 36 * 36)) ** 0.5, abs=1e-12
+    )
+    assert wilson_bounds(0, 0, 0.95) == (0.0, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +338,40 @@ def test_trial_scores_are_equal_in_memory_and_layer_streamed(demo_inputs):
         bound = kl_atol(d0, plan_delta(model, memory.harmless, edit, n), memory.baseline_logprobs, lp)
         assert abs(g.kl - w.kl) <= bound, (g, w, bound)
     assert want[0].refusals == 0 and want[0].kl > 0
+
+
+def test_greedy_first_step_gives_the_first_token_logprobs_and_the_same_replies(demo_inputs):
+    """The search reads the harmful prompts' first-token log-probabilities from the first step of its greedy
+    replies instead of another pass: the replies are those of a plain `greedy_variants`, and the
+    log-probabilities those of `first_token_logprobs` (the same batches and positions: equal on CPU), in
+    memory and layer-streamed, for the model as it is and under a trial's edit."""
+    from abliterate.edit.inference_edit import PlanEdit, storage_dtypes
+    from abliterate.inference.loading import load_model, pad_token_id
+    from abliterate.inference.runner import InMemoryForward, StreamedForward, stop_ids
+    from abliterate.measure.chat import encode_prompts
+    from abliterate.weights.profiles import GLM4_MOE
+
+    _, inputs = demo_inputs
+    space = search_space(inputs, Search(), Selection(skip_last_fraction=0.2))
+    edit = PlanEdit(
+        resolve_plan(plan_for(default_params(space), space), inputs),
+        inputs.directions,
+        GLM4_MOE,
+        storage_dtypes(inputs.inventory),
+    )
+    model, tokenizer = load_model(DEMO_MODEL_DIR)
+    prompts = load_prompts(prompt_file("demo", "harmful", "val"))[:20]
+    encoded = encode_prompts(tokenizer, prompts, Template(), "harmful", new_tokens=4)
+    pad = pad_token_id(tokenizer)
+    for forward in (InMemoryForward(model), StreamedForward(DEMO_MODEL_DIR, "float32", "cpu")):
+        stops = stop_ids(forward.generation_eos, tokenizer)
+        plain = forward.greedy_variants(encoded, [None, edit], 4, 8, pad, stops)
+        replies, firsts = forward.greedy_variants(
+            encoded, [None, edit], 4, 8, pad, stops, first_logprobs=True
+        )
+        assert replies == plain and plain[0] != plain[1]
+        for v, _, lp in forward.first_token_logprobs({"harmful": encoded}, [None, edit], 8, pad):
+            assert firsts[v].dtype == torch.float64 and torch.equal(firsts[v], lp)
 
 
 STUDY_SCRIPT = textwrap.dedent("""

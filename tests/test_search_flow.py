@@ -16,7 +16,8 @@ from fixtures import ROOT
 from mlflow.tracking import MlflowClient
 
 from abliterate.cli import main
-from abliterate.demo import DEMO_MODEL_DIR
+from abliterate.demo import DEMO_MODEL_DIR, prompt_file
+from abliterate.measure.prompts import load_prompts, split_prompts
 from abliterate.vocabulary import MANIFEST_FILE
 
 SMALL = [
@@ -40,10 +41,18 @@ def runs_of(home: Path, study: str):
 
 
 def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_env, tmp_path, capsys):
+    """Also: the choice confirmed on the validation prompts the study never scored, reported in the JSON,
+    MLflow and the manifest; with the user's own training files and no test file, the evaluation's test
+    prompts are the confirmation slice of those files (listed), not the project's test set."""
     out = tmp_path / "chosen"
+    train = {kind: str(prompt_file("demo", kind, "train")) for kind in ("harmful", "harmless")}
     argv = [
         "search",
         str(DEMO_MODEL_DIR),
+        "--harmful",
+        train["harmful"],
+        "--harmless",
+        train["harmless"],
         "--trials",
         "3",
         "--components",
@@ -67,8 +76,19 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
     assert chosen["refusal_rate"] == 0.0 and chosen["kl"] <= result["reference"]["kl"]
     assert result["validation_ok"] and result["evaluation"]["refusal_rate_harmful"] < 0.1
 
+    confirmation = result["confirmation"]
+    assert confirmation["chosen"]["trial"] == chosen["trial"] and confirmation["reference"]["trial"] == 0
+    for kind in ("harmful", "harmless"):
+        validation, _ = split_prompts(load_prompts(train[kind]), 0.25, 0)
+        confirm, _ = split_prompts(validation, 0.25, 0)
+        tested = result["evaluation_prompts"][kind]
+        assert tested["source"].startswith(f"the confirmation slice of {train[kind]}")
+        assert tested["prompts"] == confirm and confirmation["prompts"][kind] == len(confirm)
+    assert confirmation["chosen"]["prompts"] == len(result["evaluation_prompts"]["harmful"]["prompts"])
+
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     origin = manifest["plan"]["origin"]["search"]
+    assert origin["confirmation"] == confirmation
     assert origin["study"] == result["study"] and origin["trial"] == chosen["trial"]
     assert origin["parameters"] == chosen["parameters"] and origin["objectives"]["kl"] == chosen["kl"]
     assert set(manifest["plan"]["role_scales"]) <= {
@@ -84,7 +104,9 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(int(r.data.tags["search.trial"]) for r in trials) == [0, 1, 2]
     for run in trials:
-        assert {"refusal_rate", "kl"} <= set(run.data.metrics) and "direction_position" in run.data.params
+        assert {"search-trial/refusal_rate", "search-trial/kl"} <= set(
+            run.data.metrics
+        ) and "direction_position" in run.data.params
         assert "kernel.attn_out" in run.data.params
     artifacts = {
         a.path
@@ -100,15 +122,24 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
         "abliteration.json",
         "validation.json",
         "evaluation.json",
+        "search/confirmation.json",
+        "search/evaluation_prompts.json",
     } <= artifacts
-    assert parent.data.metrics["search.front_size"] == len(result["pareto"])
+    assert parent.data.metrics["search/front_size"] == len(result["pareto"])
+    assert parent.data.metrics["search/confirm.chosen_refusal_rate"] == confirmation["chosen"]["refusal_rate"]
+    assert parent.data.metrics["search/confirm.reference_kl"] == confirmation["reference"]["kl"]
 
-    # the same search with more trials continues the study: two new trials, nested under the new parent
+    # the same search with more trials continues the study: two new trials, nested under the new parent;
+    # it writes trial 0, run's default plan, evaluated the same way (the same confirmation slice)
     assert (
         main(
             [
                 "search",
                 str(DEMO_MODEL_DIR),
+                "--harmful",
+                train["harmful"],
+                "--harmless",
+                train["harmless"],
                 "--trials",
                 "5",
                 "--components",
@@ -116,6 +147,10 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
                 "--router-experts",
                 "4",
                 *SMALL,
+                "--trial",
+                "0",
+                "--out",
+                str(tmp_path / "default"),
                 "--json",
                 "--quiet",
             ]
@@ -124,7 +159,10 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
     )
     again = json.loads(capsys.readouterr().out)
     assert again["study"] == result["study"] and again["resumed_from"] == 3 and again["new_trials"] == 2
-    assert again["trials_complete"] == 5 and again["chosen"] is not None and "output" not in again
+    assert again["trials_complete"] == 5 and again["chosen"]["trial"] == 0
+    assert again["evaluation_prompts"] == result["evaluation_prompts"]
+    # the written choice refuses no more held-out prompts than run's default plan
+    assert result["evaluation"]["refusal_rate_harmful"] <= again["evaluation"]["refusal_rate_harmful"]
     _, runs = runs_of(prefect_env, result["study"])
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == again["mlflow_run_id"]]
     assert sorted(int(r.data.tags["search.trial"]) for r in nested) == [3, 4]
@@ -224,7 +262,7 @@ def test_served_search_deployment_runs_with_parameters(tmp_path):
             filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'",
         )
         assert len(runs) == 1 and runs[0].data.params["search.trials"] == "2"
-        assert runs[0].data.metrics["search.trials_complete"] == 2
+        assert runs[0].data.metrics["search/trials_complete"] == 2
         assert "plots/search_front.png" in {
             a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")
         }

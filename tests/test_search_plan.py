@@ -196,21 +196,43 @@ def test_engine_writes_the_plan_and_validation_knows_every_edit(small, tmp_path)
     assert not report.ok and any("planned shift" in f for f in report.failures), report.failures
 
 
-@pytest.mark.parametrize("method", ["plain", "projected", "norm_preserving"])
-def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "fp8"),
+    [
+        ("plain", False),
+        ("projected", False),
+        ("norm_preserving", False),
+        ("plain", True),
+        ("projected", True),
+        ("norm_preserving", True),
+    ],
+)
+def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, fp8, tmp_path):
     """A search trial is scored with its plan applied to the loaded model (hooks on the writers and
-    routers, the router bias shifted, norm-preserved weights replaced): the checkpoint the engine
+    routers, the router bias shifted, norm-preserved and FP8 weights replaced): the checkpoint the engine
     edits with the same plan computes the same logits, within the float32 bound of tests/numerics.py
-    (a float32 checkpoint, so no storage rounding between them). Every role of the plan matters: the
-    unedited model and the plan without its router edits are far outside the bound."""
+    (a float32 checkpoint, so no storage rounding between them; FP8: its writers in blocks of 16, loaded
+    dequantized in float32, the engine's requantized edit computed alike). Every component the search
+    searches is in the plan (attention outputs, dense MLP, routed and shared experts, routers, router
+    bias shifts) and each matters: the unedited model, the plan without its router bias shifts, without
+    its router edits and, for FP8, the edit without its requantization are far outside the bound."""
     from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
 
-    from abliterate.edit.inference_edit import PlanEdit, storage_dtypes
+    from abliterate.edit.inference_edit import PlanEdit, fp8_blocks, storage_dtypes
     from abliterate.inference.loading import load_model
     from abliterate.measure.chat import render_chat
     from abliterate.weights.profiles import GLM4_MOE
+    from abliterate.weights.synthetic import convert_to_fp8
 
     src = build_tiny_chat_model(tmp_path / "tiny")
+    if fp8:
+        src = convert_to_fp8(src, tmp_path / "fp8", (16, 16))
+        assert {build_inventory(src).tensors[n].role for n in build_inventory(src).fp8} >= {
+            "attn_out",
+            "mlp_down",
+            "expert_down",
+            "shared_expert_down",
+        }
     path = directions_for(src, tmp_path / "d.safetensors")
     router_bias = {1: {0: -0.3}, 2: {1: -0.2, 3: -0.4}}
     plan = search_like_plan(
@@ -226,7 +248,8 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
         add_special_tokens=False,
     )
     directions = load_directions(path)
-    storage = storage_dtypes(build_inventory(src))
+    storage, blocks = storage_dtypes(build_inventory(src)), fp8_blocks(build_inventory(src))
+    assert bool(blocks) == fp8 and bool(build_inventory(tmp_path / "out").fp8) == fp8
 
     def run(model, edit: PlanEdit | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits, and every MoE router's logits (what its edit changes directly)."""
@@ -243,7 +266,7 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
             for handle in handles:
                 handle.remove()
 
-    hooked, hooked_routers = run(original, PlanEdit(plan, directions, GLM4_MOE, storage))
+    hooked, hooked_routers = run(original, PlanEdit(plan, directions, GLM4_MOE, storage, blocks))
     edited, edited_routers = run(ablated)
     # Both evaluate the same float32 model math in two orders (the plan replaces weights exactly as the
     # engine rounds them, or projects three writes and one router input per layer): the bound of
@@ -262,13 +285,16 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, tmp
     data = plan.to_dict()
     no_bias_shift = AblationPlan.from_dict({k: v for k, v in data.items() if k != "router_bias"})
     assert (
-        run(original, PlanEdit(no_bias_shift, directions, GLM4_MOE, storage))[0] - edited
+        run(original, PlanEdit(no_bias_shift, directions, GLM4_MOE, storage, blocks))[0] - edited
     ).abs().max() > 10 * atol
     no_router = AblationPlan.from_dict(
         {**data, "role_scales": {**data["role_scales"], "router": dict.fromkeys(data["scale"], 0.0)}}
     )
-    unedited_router = run(original, PlanEdit(no_router, directions, GLM4_MOE, storage))[1][-1]
+    unedited_router = run(original, PlanEdit(no_router, directions, GLM4_MOE, storage, blocks))[1][-1]
     assert (unedited_router - edited_routers[-1]).abs().max() > 100 * rtol * float(
         edited_routers[-1].norm(dim=-1).max()
     )
+    if fp8:  # the exact edit, not requantized, is not what the engine wrote
+        unrounded = run(original, PlanEdit(plan, directions, GLM4_MOE, storage))[0]
+        assert (unrounded - edited).abs().max() > 10 * atol
     assert torch.equal(run(original)[0], original(**batch).logits)  # every hook and replaced tensor is gone

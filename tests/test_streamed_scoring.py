@@ -153,7 +153,8 @@ def test_streamed_selection_equals_in_memory_on_demo(demo):
     assert memory.refusals_found == len(harmful_val)
     assert (streamed.streamed, memory.streamed) == (True, False)
     # One pass over the weights per probe token until every reply refuses or ends (the demo says "I
-    # cannot ..." : 2 tokens), then one for the baseline and every candidate together.
+    # cannot ..." : 2 tokens), then one per scoring round: the baseline and all 4 candidates on the first
+    # prompts, then the shortlist's 3 on the rest (tests/test_shortlist.py).
     encoded = encode(tokenizer, harmful_val)
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
     replies = InMemoryForward(model).greedy(
@@ -164,7 +165,7 @@ def test_streamed_selection_equals_in_memory_on_demo(demo):
         for r in replies
     )
     assert needed == 2 < Evaluation().refusal_probe_tokens
-    assert streamed.weight_reads == needed + 1 and len(streamed.candidates) == 4
+    assert streamed.weight_reads == needed + 2 and len(streamed.candidates) == 3
     n = demo_terms(tokenizer, harmful_val + harmless_val)
     assert_same_selection(model, tokenizer, directions, harmful_val, harmless_val, memory, streamed, n)
 

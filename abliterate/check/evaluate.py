@@ -42,6 +42,7 @@ import torch
 
 from abliterate.config import Evaluation, Runtime, Template, parse_size
 from abliterate.errors import AbliterateError
+from abliterate.figures import evaluation_lines
 from abliterate.inference.devices import available_memory
 from abliterate.inference.loading import load_model, pad_token_id
 from abliterate.inference.refusal import (
@@ -149,30 +150,10 @@ class EvaluationResult:
         return {n: float(getattr(self, n)) for n in METRICS if getattr(self, n) is not None}
 
     def summary(self, width: int = 60) -> str:
-        lines = [f"{'':<34} {'harmful':>8} {'harmless':>9}"]
-        rows = [
-            ("first-token refusal rate before", "baseline_first_token_refusal_rate"),
-            ("first-token refusal rate", "first_token_refusal_rate"),
-            ("refusal rate before (replies)", "baseline_refusal_rate"),
-            ("refusal rate (replies)", "refusal_rate"),
-        ]
-        for title, name in rows:
-            harmful, harmless = getattr(self, f"{name}_harmful"), getattr(self, f"{name}_harmless")
-            if harmful is not None:
-                lines.append(f"{title:<34} {harmful:>8.3f} {harmless:>9.3f}")
-        lines.append(f"{'prompts':<34} {self.n_harmful:>8} {self.n_harmless:>9}")
-        if self.refusal_score_harmful is not None:
-            before = self.baseline_refusal_score_harmful
-            shown = f"{before:.3f} before, " if before is not None else ""
-            lines.append(
-                f"first-token refusal score (log-odds) on harmful prompts: {shown}{self.refusal_score_harmful:.3f}"
-            )
+        lines = [f"prompts: {self.n_harmful} harmful, {self.n_harmless} harmless"]
+        lines += evaluation_lines(self.metrics())  # the same lines as `abliterate run` prints
         if self.refusal_tokens:
             lines.append(f"refusal tokens ({self.refusal_tokens_source}): {self.refusal_tokens}")
-        if self.kl_harmless is not None:
-            lines.append(
-                f"first-token KL(baseline || model) on harmless prompts: {self.kl_harmless:.4f} nats"
-            )
         if not self.full_replies:
             lines.append(
                 "full replies: not made (layer-streamed model; --full-replies always makes them offloaded)"

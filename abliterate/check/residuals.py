@@ -246,9 +246,11 @@ def _fp8_numbers(
 ) -> tuple[_TensorNumbers, float | None]:
     """An FP8 weight, dequantized (input and output, each with its own scales) in float64: NaN/Inf and
     the projection residual as for any tensor, and its tolerance: 2 (|W'_q - W'|_F / |W|_F + H 2^-24),
-    where |W'_q - W'|_F <= u_e4m3 |W'_q|_F + 2^-10 |S'|_F is what requantizing the exact edit W' with
-    fresh block scales S' may move it (fp8.py), the float32 edit adds H 2^-24 as for any dtype, and
-    the factor 2 is the usual headroom. Memory: the tensor, twice, in float64."""
+    where |W'_q - W'|_F is bounded from the INPUT alone (`fp8.requantization_bound`: the exact edit
+    W' of a plain or projected edit at scale 1 has |W'|_F <= |W|_F, and its fresh block scales
+    |S'|_F <= sqrt(bm bn) |W'|_F / 448), never from the output's scales (a damaged scale would widen
+    its own bound); the float32 edit adds H 2^-24 as for any dtype, and the factor 2 is the usual
+    headroom. Memory: the tensor, twice, in float64."""
     scale_name, block = inventory.fp8[t.name]
     s = inventory.tensors[scale_name]
     old = fp8.dequantize(
@@ -265,16 +267,12 @@ def _fp8_numbers(
         return _TensorNumbers([], None, None), None
     old = old.double()
     axis = t.residual_axis
-    experts = (
-        [(e, old[e], new[e], new_scale[e]) for e in range(t.shape[0])]
-        if t.fused_experts
-        else [(None, old, new, new_scale)]
-    )
+    experts = [(e, old[e], new[e]) for e in range(t.shape[0])] if t.fused_experts else [(None, old, new)]
     worst, worst_expert, tolerance = -1.0, None, 0.0
-    for expert, w, w_new, sc in experts:
+    for expert, w, w_new in experts:
         a = axis - 1 if t.fused_experts else axis
         residual = _norm(torch.tensordot(w_new, r, dims=([a], [0]))) / max(_norm(w), 1e-300)
-        bound = fp8.rounding_bound(_norm(w_new), fp8.broadcast_scale_norm(sc, tuple(w_new.shape), block))
+        bound = fp8.requantization_bound(_norm(w), tuple(w.shape), block)
         tol = TOLERANCE_FACTOR * (bound / max(_norm(w), 1e-300) + r.numel() * FLOAT32_UNIT)
         if residual - tol > worst - tolerance:
             worst, worst_expert, tolerance = residual, expert, tol

@@ -29,7 +29,7 @@ from abliterate.edit.matching import plan_matches
 from abliterate.edit.output import WEIGHT_SUFFIXES, files_to_copy
 from abliterate.edit.plan import AblationPlan, format_layers
 from abliterate.errors import AbliterateError
-from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE
+from abliterate.vocabulary import INDEX_FILE, MANIFEST_FILE, MODEL_CARD_FILE
 from abliterate.weights.checkpoint import Inventory, TensorInfo, read_header
 
 HASH_CHUNK = 1 << 24  # bytes read per call when hashing
@@ -412,7 +412,7 @@ def compare_files(
         checks.warn(note)
     shards = set(inventory.shards) | {INDEX_FILE}  # the index is compared on its own
     src = {p.name for p in to_copy} - shards
-    dst = _top_files(ablated_dir) - shards - {MANIFEST_FILE}
+    dst = _top_files(ablated_dir) - shards - {MANIFEST_FILE, MODEL_CARD_FILE}  # the output's own records
     # Other weight files (pytorch_model.bin, consolidated.safetensors, ...) would carry the direction.
     weights = sorted(f for f in _top_files(original_dir) - shards if f.endswith(WEIGHT_SUFFIXES))
     for f in weights:

@@ -2,8 +2,8 @@
 
 Each sub-command lives in its own module with `register(subparsers)`; the module sets
 `func` on its parser. Bad input raises AbliterateError: printed as one line, exit code 2; so is a
-Prefect server that cannot be started or reached (abliterate_flows.runtime.server_start_error). Ctrl-C is
-one line too, exit code 130.
+filesystem error, a Prefect server that cannot be started or reached or goes away mid-run, and a store
+that cannot be written (abliterate_flows.runtime.runtime_error). Ctrl-C is one line too, exit code 130.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import importlib
 import os
 import sys
 
+from abliterate.cli.console import progress_bars_off, use_formatters
+from abliterate.config import Runtime
 from abliterate.errors import AbliterateError
+from abliterate.inference.threads import apply_threads
+from abliterate.paths import describe_os_error
 
 # Order is the order shown in --help.
 COMMANDS = [
@@ -25,11 +29,14 @@ COMMANDS = [
     "run",
     "sweep",
     "search",
+    "chat",
 ]  # run.py also adds `demo`
 # Arguments that name an input model: a folder, or a Hub id `org/name[@revision]` (abliterate.weights.hub). The
 # flows (`run`, `sweep`) resolve the id themselves, so their runs record it as typed.
 MODEL_ARGUMENTS = ("model", "model_dir", "original", "baseline")
 FLOW_COMMANDS = ("run", "sweep", "search", "demo")
+# The Runtime settings of torch's CPU threads: every command that computes offers them (abliterate.inference.threads).
+THREAD_SETTINGS = ("threads", "interop_threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"abliterate.cli.{name}").register(sub)
+    use_formatters(parser)  # help wrapped at spaces only, in every sub-command
     return parser
 
 
@@ -56,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
+        if any(hasattr(args, k) for k in THREAD_SETTINGS):  # the commands that compute
+            apply_threads(Runtime(**{k: getattr(args, k) for k in THREAD_SETTINGS if hasattr(args, k)}))
+        if getattr(args, "quiet", False):
+            progress_bars_off()
         if args.command not in FLOW_COMMANDS:
             resolve_model_arguments(args)
         return int(args.func(args) or 0)
@@ -72,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except (
+        OSError
+    ) as exc:  # the filesystem (a full or read-only home, a link loop): one line, never a traceback
+        print(f"abliterate {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:
-        # Prefect's temporary server that did not start in time, or a PREFECT_API_URL that does not
-        # answer: one line that says what to do instead of Prefect's traceback.
-        from abliterate_flows.runtime import server_start_error
+        # Prefect's temporary server that did not start in time or went away mid-run, a PREFECT_API_URL
+        # that does not answer, an SQLite store (MLflow's, Prefect's) on a full or read-only home, a
+        # filesystem error a library wrapped: one line that says what to do instead of a traceback.
+        from abliterate_flows.runtime import runtime_error
 
-        translated = server_start_error(exc)
+        translated = runtime_error(exc)
         if translated is None:
             raise
         print(f"abliterate {args.command}: error: {translated}", file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from abliterate.cli import THREAD_SETTINGS
 from abliterate.cli.inventory import add_profile_options
 from abliterate.config import Ablation, Runtime, Selection, add_options, from_args
 from abliterate.edit.ablate import ablate_checkpoint, load_inputs
@@ -50,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a float32 `direction` tensor [L+1, H] (one per residual position; without metadata, name the position "
         "with --direction-position) or [H] (one for every layer)",
     )
-    parser.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="output directory (required unless --dry-run; no default)"
+    )
     add_options(parser, Ablation)
     add_options(parser, Selection, only=("direction_position",))
     # the ablation method's older switches
@@ -70,9 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,
         help=argparse.SUPPRESS,
     )
-    add_options(parser, Runtime, only=("workers",))
+    add_options(parser, Runtime, only=("workers", *THREAD_SETTINGS))
     parser.add_argument(
-        "--plan", metavar="YAML", help="read the whole plan from a YAML file (overrides the options above)"
+        "--plan",
+        metavar="YAML",
+        help="read the whole plan from a YAML file (overrides the options above; default: none, the plan "
+        "the options describe)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and every tensor it matches; write nothing"
@@ -88,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept a directions file measured on a checkpoint with another fingerprint",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no plan on stderr")
     add_profile_options(parser)
     parser.set_defaults(func=run)
 
@@ -111,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise AbliterateError("--out DIR is required (or pass --dry-run to only list the matched tensors)")
-    print(plan.to_yaml(), file=sys.stderr)
+    if not args.quiet:
+        print(plan.to_yaml(), file=sys.stderr)
     manifest = ablate_checkpoint(
         args.model,
         args.directions,

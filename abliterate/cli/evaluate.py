@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from abliterate.config import Evaluation, Runtime, Template, add_options, from_args
+from abliterate.cli import THREAD_SETTINGS
+from abliterate.cli.console import deprecated_alias
+from abliterate.config import Evaluation, Prompts, Runtime, Template, add_options, from_args
 from abliterate.inference.devices import resolve_runtime
 
 HELP = "measure refusal rates (greedy replies) and first-token KL against the original model"
@@ -41,16 +42,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--baseline",
         metavar="ORIGINAL",
         default=None,
-        help="the original model (folder or Hub id), "
-        "for KL, before/after figures and the refusal tokens its own refusals start with",
+        help="the original model (folder or Hub id), for KL, before/after figures and the refusal tokens its "
+        "own refusals start with (default: none, the model's figures alone)",
     )
-    parser.add_argument("--harmful", required=True, metavar="FILE", help="harmful test prompts file")
-    parser.add_argument("--harmless", required=True, metavar="FILE", help="harmless test prompts file")
+    add_options(
+        parser,
+        Prompts,
+        only=("harmful_test", "harmless_test", "prompt_set"),
+        title="test prompts (default: the prompt set's test split, as `abliterate run` uses)",
+    )
+    deprecated_alias(parser, "--harmful", "--harmful-test", "harmful_test", metavar="FILE")
+    deprecated_alias(parser, "--harmless", "--harmless-test", "harmless_test", metavar="FILE")
     add_options(parser, Template)
     add_options(parser, Evaluation, exclude=("evaluate",))
-    add_options(parser, Runtime, only=("device", "dtype", "batch_size", "memory_budget", "streaming"))
+    add_options(
+        parser,
+        Runtime,
+        only=("device", "dtype", "batch_size", "memory_budget", "streaming", *THREAD_SETTINGS),
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--out", metavar="FILE", default=None, help="also write the JSON result to FILE")
+    parser.add_argument(
+        "--report", metavar="FILE", default=None, help="also write the JSON result to FILE (default: none)"
+    )
+    deprecated_alias(parser, "--out", "--report", "report", metavar="FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -59,16 +73,17 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from abliterate.check.evaluate import evaluate_model, replies_cost
-    from abliterate.measure.prompts import load_prompts
-    from abliterate.paths import output_file
-    from abliterate.pipeline import decide_streaming
+    from abliterate.paths import output_file, write_text_atomic
+    from abliterate.pipeline import PromptSets, decide_streaming
 
     template, evaluation = from_args(Template, args), from_args(Evaluation, args)
     runtime = resolve_runtime(from_args(Runtime, args), args.model)
-    if args.out:  # checked before the work, so the result is never lost at the end
-        output_file(args.out, [args.model] + ([args.baseline] if args.baseline else []))
+    if args.report:  # checked before the work, so the result is never lost at the end
+        output_file(args.report, [args.model] + ([args.baseline] if args.baseline else []), "--report")
+    # The test sets `run` evaluates on: the files given, else the prompt set of the original model.
+    sets = PromptSets.load(args.baseline or args.model, from_args(Prompts, args), split=False)
+    harmful, harmless = sets.harmful_test, sets.harmless_test
     stream = decide_streaming(args.model, runtime)
-    harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
     where = (
         "layer-streamed (first-token figures: one read of the weights per model)" if stream else "in memory"
     )
@@ -88,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     data = result.to_json()
-    if args.out:
-        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    if args.report:
+        write_text_atomic(args.report, json.dumps(data, indent=2) + "\n")  # never an empty report
     print(json.dumps(data, indent=2) if args.json else result.summary())
     return 0

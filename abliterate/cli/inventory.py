@@ -45,7 +45,7 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family",
         choices=sorted(PROFILES),
-        help="use this family's role rules instead of the one config.json's model_type selects",
+        help="use this family's role rules (default: the one config.json's model_type selects)",
     )
     parser.add_argument(
         "--map",
@@ -56,7 +56,7 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
         "(repeatable; for a model that names some tensors its own way). Capture the layer index with "
         "(?P<layer>\\d+) and a routed expert's with (?P<expert>\\d+), e.g. "
         "'model\\.layers\\.(?P<layer>\\d+)\\.attention\\.dense\\.weight=attn_out'. The residual axis is the "
-        "role's usual one (writers: rows, readers and embed: columns)",
+        "role's usual one (writers: rows, readers and embed: columns). Default: none, the family's rules alone",
     )
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from abliterate.cli import THREAD_SETTINGS
 from abliterate.config import (
     Evaluation,
     Measurement,
@@ -17,9 +18,10 @@ from abliterate.config import (
     from_args,
 )
 from abliterate.errors import AbliterateError
+from abliterate.figures import figure
 from abliterate.inference.devices import resolve_runtime
 
-MEASURE_RUNTIME = ("device", "dtype", "batch_size", "memory_budget", "streaming")
+MEASURE_RUNTIME = ("device", "dtype", "batch_size", "memory_budget", "streaming", *THREAD_SETTINGS)
 
 HELP = "measure refusal directions of a model and choose the one to ablate"
 
@@ -54,8 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         only=("harmful", "harmless", "prompt_set", "validation_fraction", "seed"),
     )
     val = parser.add_argument_group("validation prompts (instead of the split)")
-    val.add_argument("--harmful-val", metavar="FILE", help="harmful validation prompts for selection")
-    val.add_argument("--harmless-val", metavar="FILE", help="harmless validation prompts for selection")
+    val.add_argument(
+        "--harmful-val", metavar="FILE", help="harmful validation prompts for selection (default: the split)"
+    )
+    val.add_argument(
+        "--harmless-val",
+        metavar="FILE",
+        help="harmless validation prompts for selection (default: the split)",
+    )
     add_options(parser, Template)
     add_options(parser, Measurement)
     add_options(parser, Selection)
@@ -74,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from abliterate.measure.directions import write_directions
     from abliterate.pipeline import (
         PromptSets,
+        check_settings,
         decide_streaming,
         direction_stage,
         measure_stage,
@@ -87,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     measurement, selection = from_args(Measurement, args), from_args(Selection, args)
     runtime = resolve_runtime(from_args(Runtime, args), args.model)
     evaluation = from_args(Evaluation, args)
+    check_settings(evaluation)  # the markers file, before the model loads
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AbliterateError(f"--out {args.out} is a file: give a directory (created if missing)")
     if (args.harmful_val is None) != (args.harmless_val is None):
@@ -122,7 +132,12 @@ def run(args: argparse.Namespace) -> int:
         stream,
         progress,
     )
-    extra = {"selection": chosen.as_dict()} if chosen else None
+    if chosen is not None and chosen.scored and not args.quiet:  # timings on the console, not in the file
+        print(
+            f"selection: {chosen.seconds_probe:.1f} s finding refusal tokens, {chosen.seconds_scoring:.1f} s scoring",
+            file=sys.stderr,
+        )
+    extra = {"selection": chosen.record()} if chosen else None
     origin = hub_origin(args.model)
     if origin:
         extra = {**(extra or {}), "hub": origin}
@@ -135,19 +150,27 @@ def run(args: argparse.Namespace) -> int:
     )
     scores = {c.position: c for c in chosen.candidates} if chosen else {}
     for p in range(directions.num_positions):
-        row = f"{p:>4} {float(directions.mean_diff_norm[p]):>10.4g} {float(directions.snr[p]):>7.3f}"
+        row = (
+            f"{p:>4} {figure(float(directions.mean_diff_norm[p])):>10} {figure(float(directions.snr[p])):>7}"
+        )
         if p in scores:
-            row += f" {scores[p].refusal_score:>8.3f} {scores[p].kl:>8.4f}"
+            row += f" {figure(scores[p].refusal_score):>8} {figure(scores[p].kl):>8}"
         print(row + ("  <- selected" if p == selected else ""))
     if chosen is not None and chosen.scored:
-        print(f"baseline refusal score (no ablation): {chosen.baseline_refusal_score:.3f}")
+        print(f"baseline refusal score (no ablation): {figure(chosen.baseline_refusal_score)}")
         print(
             f"refusal tokens ({chosen.refusal_tokens_source}, {chosen.refusals_found} refusals among the harmful "
             f"validation replies): {chosen.refusal_tokens}"
         )
+        if chosen.ranked_out:
+            print(
+                f"shortlist {chosen.shortlist}: {len(chosen.candidates)} candidates scored on every prompt, "
+                f"{len(chosen.ranked_out)} ranked out in {len(chosen.rounds) - 1} rounds on the first prompts "
+                f"({', '.join(f'{r.position} after {r.harmful_prompts}+{r.harmless_prompts}' for r in chosen.ranked_out)})"
+            )
         if chosen.streamed:
             print(
                 f"scored layer-streamed: {chosen.weight_reads} reads of the weights for {len(chosen.candidates)} "
-                "candidates (one per refusal-probe token, one for every candidate together)"
+                f"candidates (one per refusal-probe token, one per scoring round: {len(chosen.rounds)})"
             )
     return 0

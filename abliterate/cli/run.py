@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from abliterate.cli.console import progress_bars_off
 from abliterate.config import (
     Ablation,
     Evaluation,
@@ -23,6 +23,8 @@ from abliterate.config import (
     add_options,
     from_args,
 )
+from abliterate.errors import AbliterateError
+from abliterate.figures import evaluation_lines
 
 FLOW_SECTIONS: tuple[type[Section], ...] = (
     Prompts,
@@ -123,17 +125,45 @@ def prepare_flows(quiet: bool) -> None:
 
     configure()
     console(quiet)
-    if quiet:  # progress bars too: tqdm reads TQDM_DISABLE, transformers keeps its own switch
-        os.environ["TQDM_DISABLE"] = "1"
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    else:
+    progress_bars_off()  # the console is one line per stage: no bars (each would leave a line behind)
+    if not quiet:
         announce_prefect_server()
+
+
+def check_before_server(
+    model: str,
+    out: str | None,
+    sections: dict[str, Any],
+    overwrite: bool = False,
+    work_dir: str | None = None,
+) -> None:
+    """The cheap checks of every argument, before Prefect starts a server (seconds, not a minute): the
+    settings (devices among them) were checked making `sections`; here the refusal markers, the paths
+    (nothing written inside the model, the output usable), the prompt files, and the plan (layers,
+    scales, targets, direction position) against the model's headers. A Hub id is resolved (and
+    downloaded) by the flow, which checks the rest then."""
+    from abliterate.edit.output import precheck_output
+    from abliterate.pipeline import PromptSets, check_plans, check_settings, run_paths
+    from abliterate.weights.hub import parse_hub_id
+
+    check_settings(sections["evaluation"])
+    if parse_hub_id(model) is not None:
+        return
+    if not Path(model).is_dir():
+        raise AbliterateError(
+            f"MODEL {model} is no folder and no Hub id org/name[@revision]: give a checkpoint folder"
+        )
+    model, out, _ = run_paths(model, out, work_dir)
+    if out is not None:
+        precheck_output(out, overwrite)
+    if "ablation" in sections:
+        check_plans(model, [(sections["ablation"], sections["selection"].direction_position)])
+    PromptSets.load(model, sections["prompts"])
 
 
 def run_flow(args: argparse.Namespace, model: str, out: str) -> dict[str, Any]:
     sections = flow_sections(args)  # bad settings fail here, before a server starts
+    check_before_server(model, out, sections, args.overwrite, args.work_dir)
     prepare_flows(args.quiet)
     from abliterate_flows.main import abliterate_flow
 
@@ -186,21 +216,7 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
     ]
     ev = summary.get("evaluation")
     if ev:
-        nan = float("nan")
-        if "refusal_rate_harmful" in ev:
-            lines += [
-                f"refusal rate on harmful prompts: {ev.get('baseline_refusal_rate_harmful', nan):.2f} before, "
-                f"{ev['refusal_rate_harmful']:.2f} after",
-                f"refusal rate on harmless prompts: {ev.get('baseline_refusal_rate_harmless', nan):.2f} before, "
-                f"{ev['refusal_rate_harmless']:.2f} after",
-            ]
-        lines += [
-            f"first-token refusal rate on harmful prompts: {ev.get('baseline_first_token_refusal_rate_harmful', nan):.2f} "
-            f"before, {ev.get('first_token_refusal_rate_harmful', nan):.2f} after",
-            f"first-token refusal score (log-odds) on harmful prompts: {ev.get('baseline_refusal_score_harmful', nan):.2f} "
-            f"before, {ev.get('refusal_score_harmful', nan):.2f} after",
-            f"first-token KL on harmless prompts: {ev.get('kl_harmless', nan):.2g} nats",
-        ]
+        lines += evaluation_lines(ev)
         if "refusal_rate_harmful" not in ev:
             lines.append(
                 "full replies: not made (layer-streamed; --full-replies always makes them, offloaded)"

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import yaml
 
-from abliterate.cli.run import FLOW_SECTIONS, add_flow_options, flow_sections, prepare_flows
+from abliterate.cli.run import (
+    FLOW_SECTIONS,
+    add_flow_options,
+    check_before_server,
+    flow_sections,
+    prepare_flows,
+)
 from abliterate.errors import AbliterateError
+from abliterate.figures import figure
 
 SWEEP_SECTIONS = tuple(cls for cls in FLOW_SECTIONS if cls.section != "ablation")  # the variants hold those
 
@@ -48,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except yaml.YAMLError as exc:
         raise AbliterateError(f"{path} is not valid YAML/JSON: {exc}") from exc
     sections = flow_sections(args, SWEEP_SECTIONS)
+    # the parent folder of the variants' outputs and the variants themselves are checked by the flow
+    check_before_server(args.model, None, sections, work_dir=args.work_dir)
     prepare_flows(args.quiet)
     from abliterate_flows.sweep import sweep_flow
 
@@ -63,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
-    print(f"{'variant':<20} {'refusal':>8} {'KL':>8}  front")
+    print(f"{'variant':<20} {'refusal':>8} {'KL':>9}  front")
     for p in result["variants"]:
-        print(f"{p['name']:<20} {p['refusal_rate']:>8.3f} {p['kl']:>8.4f}  {'*' if p['on_front'] else ''}")
+        print(
+            f"{p['name']:<20} {figure(p['refusal_rate']):>8} {figure(p['kl']):>9}  {'*' if p['on_front'] else ''}"
+        )
     print(f"parent MLflow run {result['mlflow_run_id']}")
     return 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from abliterate.cli import THREAD_SETTINGS
+from abliterate.cli.console import deprecated_alias
 from abliterate.cli.inventory import add_profile_options
+from abliterate.config import Runtime, add_options
 from abliterate.weights.checkpoint import choose_profile
 
 HELP = (
@@ -44,23 +46,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_profile_options(parser)  # the rules `abliterate ablate` was given for a model of an unknown type
-    parser.add_argument("--out", metavar="FILE", default=None, help="also write the JSON report to FILE")
+    parser.add_argument(
+        "--report", metavar="FILE", default=None, help="also write the JSON report to FILE (default: none)"
+    )
+    deprecated_alias(parser, "--out", "--report", "report", metavar="FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(parser, Runtime, only=THREAD_SETTINGS)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from abliterate.check.validate import validate_output
-    from abliterate.paths import output_file
+    from abliterate.paths import output_file, write_text_atomic
 
-    if args.out:  # checked before the work, so the report is never lost at the end
-        output_file(args.out, [args.original, args.ablated])
+    if args.report:  # checked before the work, so the report is never lost at the end
+        output_file(args.report, [args.original, args.ablated], "--report")
     profile = choose_profile(args.original, args.family, args.map)
     report = validate_output(
         args.original, args.ablated, args.directions, progress=not args.quiet, profile=profile
     )
     data = report.to_json()
-    if args.out:
-        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    if args.report:
+        write_text_atomic(args.report, json.dumps(data, indent=2) + "\n")  # never an empty report
     print(json.dumps(data, indent=2) if args.json else report.summary())
     return 0 if report.ok else 1

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from abliterate.config import Ablation, Runtime, Selection
 from abliterate.edit.engine import write_shard
-from abliterate.edit.fp8_edit import rewrite_shard
 from abliterate.edit.matching import (
     AblationInputs,
     Match,
@@ -47,6 +46,7 @@ from abliterate.edit.output import (
 )
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
+from abliterate.inference.threads import apply_threads
 from abliterate.measure.direction_file import load_directions
 from abliterate.paths import file_identity, folder_identity
 from abliterate.weights import fp8
@@ -135,24 +135,21 @@ def ablate_shard(
     if matches is None:
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
     mine = sorted((m for m in matches if m.tensor.shard == shard), key=lambda m: m.tensor.start)
-    # FP8 weights (and the scales this shard holds of weights stored elsewhere) are requantized by fp8_edit.py
-    quantized = [m for m in matches if m.scales is not None and shard in (m.tensor.shard, m.scales[0].shard)]
+    # and the FP8 weights stored elsewhere whose scale tensor this shard holds (the engine writes the scale)
+    scales_here = [
+        m for m in matches if m.scales is not None and m.tensor.shard != shard == m.scales[0].shard
+    ]
     vectors = {
         m.tensor.layer: direction_for(plan, inputs.directions, m.tensor.layer)
-        for m in mine + quantized
+        for m in mine + scales_here
         if m.side != "shift"
     }
     edits = [
         (m, vector_for(plan, inputs.directions, m) if m.side == "shift" else vectors[m.tensor.layer])
-        for m in mine
-        if m.scales is None
+        for m in mine + scales_here
     ]
     with replacing(out / shard) as tmp:
-        size = write_shard(inputs.inventory.model_dir / shard, tmp, edits)
-        if quantized:
-            rewrite_shard(
-                inputs.inventory.model_dir, shard, tmp, [(m, vectors[m.tensor.layer]) for m in quantized]
-            )
+        size = write_shard(inputs.inventory.model_dir / shard, tmp, edits, inputs.inventory.model_dir)
         same = unchanged_tensors(inputs.inventory.model_dir / shard, tmp, mine)
     result = ShardResult(
         shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began, unchanged=same
@@ -193,6 +190,7 @@ def ablate_checkpoint(
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="ablate", disable=not progress)
 
         def one(shard: str) -> ShardResult:
+            apply_threads(share=workers)  # each worker thread its part of this process's torch threads
             result = ablate_shard(plan, inputs, shard, prepared.out_dir, matches)
             bar.update(sizes[shard])
             return result

@@ -1,12 +1,19 @@
-"""The shard byte engine: one input shard rewritten with its matched tensors edited.
+"""The shard byte engine: one input shard rewritten with its matched tensors edited, in one pass.
 
 Shapes and dtypes never change, so an output shard is the input shard with some byte ranges
 rewritten: the header is copied verbatim and every tensor stays at its offset. Unedited ranges
 are copied by the kernel (copy_file_range); each matched tensor is read in chunks of independent
 vectors (plain reads, which the kernel reads ahead of), edited in float32, rounded once to its
-own dtype and written. While a tensor is edited, the disk reads what follows it (an advice, no
-thread). Memory stays at one chunk in float32 (a whole writer [H, in] in float32: its columns,
-the vectors edited, are not contiguous on disk) and one small piece per stored dtype.
+own dtype and written at its offset. While a tensor is edited, the disk reads what follows it (an
+advice, no thread). Memory stays at one chunk in float32 (a whole writer [H, in] in float32: its
+columns, the vectors edited, are not contiguous on disk) and one small piece per stored dtype.
+
+FP8 weights (a match with `scales`) are edited in the same pass (`fp8_edit.requantized_edit`:
+dequantized, edited in float32, requantized with fresh block scales): the weight's range and its
+scale tensor's range are written from the result, never copied first. A scale tensor may sit in
+another shard than its weight: each shard holding either recomputes the same deterministic
+requantization and writes its part, so every input byte is read once and every output byte
+written once (a weight whose scale is elsewhere is computed by both shards' tasks).
 
 The bytes depend only on the input shard, the matches and their vectors: never on chunk sizes,
 threads or timing. `ENGINE_VERSION` is part of every shard key; bump it when they change.
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from abliterate.edit.fp8_edit import requantized_edit
 from abliterate.edit.matching import Match
 from abliterate.edit.orthogonalize import edit_for
 from abliterate.errors import AbliterateError
@@ -33,20 +41,84 @@ PIECE = 1 << 21  # elements widened or rounded at once (elementwise: any size gi
 READ_AHEAD = 64 << 20  # bytes after each edited tensor the disk is asked to read while it is edited
 
 
-def write_shard(src: Path, dst: Path, edits: Sequence[tuple[Match, torch.Tensor]]) -> int:
-    """Write `dst`: the shard `src` with each matched tensor edited along its unit vector; returns
-    the size. `edits` in file order (by offset), each with the float32 vector [H] that edits it."""
+def write_shard(
+    src: Path, dst: Path, edits: Sequence[tuple[Match, torch.Tensor]], model_dir: Path | None = None
+) -> int:
+    """Write `dst`: the shard `src` with each matched tensor edited along its vector; returns the size.
+
+    `edits`: each match with the float32 vector [H] that edits it: the tensors of this shard, and
+    the FP8 weights of other shards whose scale tensor this shard holds (`m.scales`; only the
+    scale is written here). `model_dir`: the checkpoint's folder, where the tensors' `shard` names
+    are (default: src's folder); an FP8 weight and its scale are read from it wherever they are.
+    Work runs in file order; the scales of weights stored elsewhere last."""
+    model_dir = src.parent if model_dir is None else model_dir
+    here = Path(src)
+    work, written = [], []
+    for m, r in edits:
+        t = m.tensor
+        own = model_dir / t.shard == here
+        ranges = [(t.start, t.end)] if own else []
+        if m.scales is not None and model_dir / m.scales[0].shard == here:
+            ranges.append((m.scales[0].start, m.scales[0].end))
+        if not ranges:
+            raise AbliterateError(f"tensor {t.name} is not stored in {src.name}: it cannot be edited there")
+        written.extend(ranges)
+        work.append((t.start if own else math.inf, m, r))  # a scale whose weight is elsewhere: last
+    work.sort(key=lambda item: item[0])
     with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
         size = os.fstat(fin.fileno()).st_size
-        position = 0
-        for m, r in edits:
-            _read_ahead(fin.fileno(), m.tensor.end)  # what follows is read from the disk while this is edited
-            _copy_range(fin.fileno(), fout.fileno(), position, m.tensor.start - position)
-            _edit_tensor(fin.fileno(), fout.fileno(), m, r)
-            position = m.tensor.end
-        _copy_range(fin.fileno(), fout.fileno(), position, size - position)
+        gaps = iter(_gaps(written, size))
+        gap = next(gaps, None)
+        for anchor, m, r in work:
+            while gap is not None and gap[0] < anchor:  # the unedited bytes before this tensor
+                _copy_range(fin.fileno(), fout.fileno(), gap[0], gap[1] - gap[0])
+                gap = next(gaps, None)
+            if anchor != math.inf:
+                _read_ahead(fin.fileno(), m.tensor.end)  # what follows is read from the disk meanwhile
+            if m.scales is None:
+                _edit_tensor(fin.fileno(), fout.fileno(), m, r)
+            else:
+                _requantize_tensor(model_dir, here, fout.fileno(), m, r)
+        while gap is not None:
+            _copy_range(fin.fileno(), fout.fileno(), gap[0], gap[1] - gap[0])
+            gap = next(gaps, None)
         os.fsync(fout.fileno())
     return size
+
+
+def _gaps(written: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The byte ranges of [0, size) outside the `written` ones (disjoint: distinct tensors)."""
+    gaps, position = [], 0
+    for start, end in sorted(written):
+        if start < position:
+            raise AbliterateError(f"edited byte ranges overlap at byte {start}: a tensor is matched twice")
+        if start > position:
+            gaps.append((position, start))
+        position = end
+    if position < size:
+        gaps.append((position, size))
+    return gaps
+
+
+def _requantize_tensor(model_dir: Path, here: Path, dst: int, m: Match, r: torch.Tensor) -> None:
+    """An FP8 weight's edit (`fp8_edit.requantized_edit`), written where this shard holds its parts:
+    the weight, its scale tensor, or both."""
+    weight, scale = m.tensor, m.scales[0]
+    own_weight = model_dir / weight.shard == here
+    q, new_scale = requantized_edit(model_dir, m, r, _SCRATCH, scales_only=not own_weight)
+    if own_weight:
+        _write_at(dst, q, weight.start, weight.nbytes)
+    if model_dir / scale.shard == here:
+        _write_at(dst, new_scale, scale.start, scale.nbytes)
+
+
+def _write_at(dst: int, x: torch.Tensor, offset: int, nbytes: int) -> None:
+    view = memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
+    if len(view) != nbytes:
+        raise AbliterateError(f"an edited tensor of {len(view)} bytes does not fill its {nbytes}-byte range")
+    done = 0
+    while done < nbytes:
+        done += os.pwrite(dst, view[done:], offset + done)
 
 
 def _read_ahead(src: int, offset: int) -> None:
@@ -55,12 +127,12 @@ def _read_ahead(src: int, offset: int) -> None:
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    """Copy src[offset:offset+count] to dst's current position: in the kernel where it can."""
+    """Copy src[offset:offset+count] to the same offset of dst: in the kernel where it can."""
     while count > 0:
         try:
-            n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+            n = os.copy_file_range(src, dst, min(count, 1 << 30), offset, offset)
         except (OSError, AttributeError):  # another filesystem, old kernel, other OS
-            n = os.write(dst, os.pread(src, min(count, 1 << 26), offset))
+            n = os.pwrite(dst, os.pread(src, min(count, 1 << 26), offset), offset)
         if n == 0:
             raise AbliterateError(f"unexpected end of input while copying at byte {offset}")
         offset += n
@@ -70,8 +142,8 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
 def _edit_tensor(src: int, dst: int, m: Match, r: torch.Tensor) -> None:
     """Read, edit in float32, round once, write: chunk by chunk of independent vectors."""
     dtype = TORCH_DTYPES[m.tensor.dtype]
-    for _, work in edited_chunks(src, m, r):
-        _write_rounded(dst, work, dtype)
+    for offset, work in edited_chunks(src, m, r):
+        _write_rounded(dst, work, dtype, offset)
 
 
 def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -102,11 +174,14 @@ def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, to
 
 class _Scratch(threading.local):
     """Per-thread buffers reused from tensor to tensor (a fresh allocation faults in every page:
-    a third of the edit time). The float32 one grows to the largest chunk edited, and stays; the
-    pieces, one per stored dtype, hold what is read before widening and written after rounding."""
+    a third of the edit time). The float32 one grows to the largest chunk edited, and stays (an FP8
+    weight is edited whole in it), as does the byte one (an FP8 weight's bytes, read, then
+    requantized into); the pieces, one per stored dtype, hold what is read before widening and
+    written after rounding."""
 
     def __init__(self) -> None:
         self.work = torch.empty(0, dtype=torch.float32)
+        self.raw = torch.empty(0, dtype=torch.uint8)
         self.pieces: dict[torch.dtype, torch.Tensor] = {}
 
     def float32(self, numel: int) -> torch.Tensor:
@@ -115,6 +190,13 @@ class _Scratch(threading.local):
             self.work = torch.empty(numel, dtype=torch.float32)
         return self.work[:numel]
 
+    def bytes(self, numel: int) -> torch.Tensor:
+        """A uint8 buffer (an FP8 weight's bytes, read and then requantized into)."""
+        if self.raw.numel() < numel:
+            self.raw = torch.empty(0, dtype=torch.uint8)
+            self.raw = torch.empty(numel, dtype=torch.uint8)
+        return self.raw[:numel]
+
     def piece(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         if dtype not in self.pieces:
             self.pieces[dtype] = torch.empty(PIECE, dtype=dtype)
@@ -122,6 +204,12 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+
+
+def scratch() -> _Scratch:
+    """This thread's reusable buffers, which the engine edits in (validation recomputes FP8 edits in
+    them too): a result held in them is valid until the next edit on the thread."""
+    return _SCRATCH
 
 
 def _read_float32(src: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -149,12 +237,14 @@ def _read_exactly(src: int, into: torch.Tensor, offset: int) -> None:
         done += n
 
 
-def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype) -> None:
-    """Round to `dtype` and write, a piece at a time (rounding is per element: pieces change nothing)."""
+def _write_rounded(dst: int, work: torch.Tensor, dtype: torch.dtype, offset: int) -> None:
+    """Round to `dtype` and write at `offset`, a piece at a time (rounding is per element: pieces
+    change nothing)."""
     for view in rounded_pieces(work, dtype):
         written = 0
         while written < len(view):
-            written += os.write(dst, view[written:])
+            written += os.pwrite(dst, view[written:], offset + written)
+        offset += len(view)
 
 
 def rounded_pieces(work: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryview]:

@@ -19,13 +19,17 @@ changed so that it computes what the edited tensor computes (docs/DESIGN.md 2.4)
 | router W [E, H], scale s | forward pre-hook on the router: `x - s (x . r) r` | `W' x = W (x - s r r^T x)` |
 | embedding rows, scale s | forward hook on the embedding: `e - s (e . r) r` | every row is edited alike |
 | router correction bias | the buffer replaced by `bias + values` while the plan is applied | the same values the engine adds |
+| writer stored in FP8 (any method) | the module's weight replaced by its edit requantized and dequantized (`fp8.quantize`, fresh block scales) | the engine writes the requantized edit (`fp8_edit.requantized_edit`); the loaded weight is the dequantized FP8 one |
 
 Replaced tensors are computed as the engine computes them (float32 from the loaded values, one
 rounding to the checkpoint's storage dtype, then the compute dtype), so they equal the edited
 checkpoint's loaded tensors; the hooks are exact in exact arithmetic and differ from the edited
 checkpoint by rounding only (float32 arithmetic, and the storage rounding of the edited weights:
-2^-8 relative per element in bfloat16). tests/test_search_plan.py checks hooked inference against a
-checkpoint edited by the engine. MTP layers, which transformers does not load, are left out.
+2^-8 relative per element in bfloat16). An FP8 weight is never hooked: its edit requantized (2^-4
+relative per element) is no rounding to neglect, so it is computed as the engine writes it; loaded
+in float32 (transformers dequantizes FP8 in float32 on a CPU, and so does the layer stream), the
+replaced weight is bit for bit the edited checkpoint's. tests/test_search_plan.py checks hooked
+inference against a checkpoint edited by the engine, bf16 and FP8. MTP layers, which transformers does not load, are left out.
 Memory: while a plan is applied, the edited copy of every replaced tensor (norm-preserving: every
 edited writer of a model in memory, one layer's when layer-streamed; router biases: [E] each).
 
@@ -50,6 +54,7 @@ from abliterate.inference.loading import decoder_layers
 from abliterate.measure.direction_file import Directions
 from abliterate.vocabulary import BIAS_OF
 from abliterate.weights.dtypes import TORCH_DTYPES
+from abliterate.weights.fp8 import dequantize, quantize
 from abliterate.weights.profiles import Profile
 
 WRITERS = ("attn_out", "mlp_down", "expert_down", "shared_expert_down")
@@ -90,7 +95,8 @@ class PlanEdit:
     """A resolved plan and its directions file, ready to be applied to loaded modules.
 
     `storage`: (role, layer) -> the checkpoint's dtype of those tensors (safetensors names: BF16,
-    F32, ...), to round replaced tensors as the engine does; `profile`: the family's role rules."""
+    F32, ...), to round replaced tensors as the engine does; `fp8`: (role, layer) -> (block, scale
+    dtype) of the writers stored in FP8 (`fp8_blocks`); `profile`: the family's role rules."""
 
     def __init__(
         self,
@@ -98,11 +104,13 @@ class PlanEdit:
         directions: Directions,
         profile: Profile,
         storage: dict[tuple[str, int], str] | None = None,
+        fp8: dict[tuple[str, int], tuple[tuple[int, int], torch.dtype]] | None = None,
     ):
         self.plan = plan
         self.directions = directions
         self.profile = profile
         self.storage = storage or {}
+        self.fp8 = fp8 or {}
         self._vectors: dict[int | None, torch.Tensor] = {}
         self._roles = set(plan.roles())
         self._slots: dict[int, list[Slot]] = {}
@@ -173,11 +181,19 @@ class PlanEdit:
         r = self.vector(index)
         owner, _ = _owner(layer, slot.path)
         module_path = slot.path.rpartition(".")[0]
-        if self.plan.method == "norm_preserving":
+        fp8 = self.fp8.get((slot.role, index))
+        if self.plan.method == "norm_preserving" or fp8 is not None:
             axis = slot.residual_axis
-            self._replace(
-                layer, index, slot, replaced, lambda w: norm_preserving_(w, r.to(w.device), s, axis)
-            )
+            edit = norm_preserving_ if self.plan.method == "norm_preserving" else project_out_
+
+            def edited(w: torch.Tensor) -> torch.Tensor:
+                edit(w, r.to(w.device), s, axis)
+                if fp8 is not None:  # what the engine writes: the edit requantized with fresh scales
+                    q, scale = quantize(w, *fp8)
+                    w.copy_(dequantize(q, scale, fp8[0]).reshape(w.shape))
+                return w
+
+            self._replace(layer, index, slot, replaced, edited)
             if module_path in bias_edited:  # biases get the plain edit
                 self._replace(
                     layer,
@@ -203,6 +219,8 @@ class PlanEdit:
         work = original.detach().to(torch.float32).clone().contiguous()
         edit(work)
         stored = TORCH_DTYPES.get(self.storage.get((slot.role, index), ""), original.dtype)
+        if (slot.role, index) in self.fp8:
+            stored = torch.float32  # already the dequantized FP8 values
         tensor.data = work.to(stored).to(original.dtype)
         replaced.append((owner, attr, original))
 
@@ -262,6 +280,18 @@ class DirectionEdit:
             for index, layer in enumerate(decoder_layers(model)):
                 stack.enter_context(self.on_layer(index, layer))
             yield
+
+
+def fp8_blocks(inventory: Any) -> dict[tuple[str, int], tuple[tuple[int, int], torch.dtype]]:
+    """(role, layer) -> (block, scale dtype) of the weights the checkpoint stores in FP8 (the first one
+    found: a layer's experts share their format)."""
+    out: dict[tuple[str, int], tuple[tuple[int, int], torch.dtype]] = {}
+    for name, (scale_name, block) in inventory.fp8.items():
+        t = inventory.tensors[name]
+        if t.role is not None and t.layer is not None:
+            scale_dtype = TORCH_DTYPES.get(inventory.tensors[scale_name].dtype, torch.float32)
+            out.setdefault((t.role, t.layer), (tuple(block), scale_dtype))
+    return out
 
 
 def storage_dtypes(inventory: Any) -> dict[tuple[str, int], str]:

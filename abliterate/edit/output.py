@@ -29,6 +29,7 @@ from typing import Any
 
 from abliterate.edit.engine import ENGINE_VERSION
 from abliterate.edit.matching import AblationInputs
+from abliterate.edit.model_card import write_model_card
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import Directions
@@ -41,7 +42,7 @@ from abliterate.paths import (
     ours_to_delete,
     output_outside,
 )
-from abliterate.vocabulary import MANIFEST_FILE
+from abliterate.vocabulary import MANIFEST_FILE, MODEL_CARD_FILE
 from abliterate.weights.checkpoint import Inventory, fingerprint, read_header
 from abliterate.weights.fp8 import partners as fp8_partners
 from abliterate.weights.hub import hub_origin
@@ -111,7 +112,7 @@ def shard_key(plan: AblationPlan, directions: Directions, inventory: Inventory, 
 
 def output_names(inputs: AblationInputs, copied: list[Path] | list[str]) -> list[str]:
     """Every name an ablation writes directly in its output directory (besides its records)."""
-    return [*inputs.inventory.shards, *(Path(c).name for c in copied), MANIFEST_FILE]
+    return [*inputs.inventory.shards, *(Path(c).name for c in copied), MODEL_CARD_FILE, MANIFEST_FILE]
 
 
 def _protected(inputs: AblationInputs) -> list[Path]:
@@ -129,6 +130,11 @@ def check_output(inputs: AblationInputs, out_dir: str | Path) -> tuple[Path, lis
     if out.exists() and not out.is_dir():
         raise AbliterateError(f"output {out} exists and is not a directory")
     to_copy, skipped = files_to_copy(model_dir, set(inputs.inventory.shards))
+    if (out / STATE_DIR).is_symlink():
+        raise AbliterateError(
+            f"{out / STATE_DIR} is a symbolic link (to {os.readlink(out / STATE_DIR)}): the run's records would be "
+            "written through it, outside the output; remove the link or choose another directory"
+        )
     for source in _protected(inputs):
         for name in [*output_names(inputs, to_copy), STATE_DIR]:
             target = out / name
@@ -216,6 +222,13 @@ def prepare_output(
             )
         else:
             recorded = set(previous.get("files") or [])
+            foreign = [n for n in present if n in names and n not in recorded]
+            if foreign:
+                raise AbliterateError(
+                    f"output {out} holds {', '.join(foreign[:3])}, which this run writes but no abliterate run "
+                    "recorded as its own: --overwrite replaces only files an earlier abliterate run wrote; move them "
+                    "away or choose another directory"
+                )
             stray = [
                 n
                 for n in present
@@ -274,8 +287,8 @@ def files_to_copy(model_dir: Path, shards: set[str]) -> tuple[list[Path], list[s
     special file among them is an error that names it."""
     copy, skipped = [], []
     for path in sorted(model_dir.iterdir()):
-        if path.name in shards or path.name == MANIFEST_FILE or path.name.startswith("."):
-            continue
+        if path.name in shards or path.name in (MANIFEST_FILE, MODEL_CARD_FILE) or path.name.startswith("."):
+            continue  # the output's own manifest and model card replace the input's (model_card.py)
         special = describe_special(path)
         if special not in (None, "a directory"):
             raise AbliterateError(
@@ -485,6 +498,7 @@ def finalize_output(
                 f"{previous} (the input's own manifest: the input is an earlier ablation's output) is unreadable "
                 f"({exc}): restore it or delete it from the input"
             ) from exc
+    write_model_card(out, manifest)  # README.md: how it was made (a flow adds its checks later)
     write_json_atomic(out / MANIFEST_FILE, manifest)
     _clear_records(out)
     return manifest

@@ -20,6 +20,7 @@ from abliterate.config import Evaluation
 from abliterate.errors import AbliterateError
 from abliterate.inference.loading import pad_token_id
 from abliterate.inference.runner import Encoded, Forward, stop_ids
+from abliterate.paths import split_lines
 from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
@@ -42,7 +43,7 @@ def read_markers(path: str | Path) -> list[str]:
     if not path.is_file():
         raise AbliterateError(f"marker file {path} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = split_lines(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise AbliterateError(f"marker file {path} is not UTF-8 text ({exc})") from exc
     markers = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -52,9 +53,16 @@ def read_markers(path: str | Path) -> list[str]:
 
 
 def marker_phrases(evaluation: Evaluation) -> tuple[str, ...]:
-    """The marker phrases: the file's, then each `marker`; the built-in list when neither is given."""
-    markers = tuple(read_markers(evaluation.markers)) if evaluation.markers else ()
-    return markers + tuple(evaluation.marker) or DEFAULT_REFUSAL_MARKERS
+    """The marker phrases: the `markers` file's (the built-in list without one), then each `marker`
+    added to them, as `--marker`'s help says (it replaced the built-in list: a refusing model then
+    measured as refusing nothing). A blank phrase would match every reply: refused."""
+    markers = tuple(read_markers(evaluation.markers)) if evaluation.markers else DEFAULT_REFUSAL_MARKERS
+    blank = [m for m in evaluation.marker if not m.strip()]
+    if blank:
+        raise AbliterateError(
+            "--marker (evaluation.marker): a refusal marker phrase is blank: give the words to look for"
+        )
+    return tuple(dict.fromkeys(markers + tuple(evaluation.marker)))
 
 
 # ---------------------------------------------------------------- refusal tokens

@@ -6,10 +6,13 @@ applied at inference time, `abliterate.edit.inference_edit`). Operations, each w
 on both kinds of model:
 
 - `first_token_logprobs(sets, edits)`: float64 log-probabilities [N, V] of the first reply token of
-  every prompt of every set, once per variant. Yields `(variant, set label, logprobs)` in the order
-  variant 0's sets, variant 1's sets, ...
+  every prompt of every set, once per variant (`sets`: one mapping for every variant, or one per
+  variant). Yields `(variant, set label, logprobs)` in the order variant 0's sets, variant 1's sets, ...
 - `greedy(encoded, max_new_tokens, ...)`: greedy continuations of one variant (token ids, cut at an
-  end token); `greedy_variants(encoded, edits, ...)`: the same for several variants.
+  end token); `greedy_variants(encoded, edits, ...)`: the same for several variants, and with
+  `first_logprobs` also each variant's float64 log-probabilities [N, V] of the first reply token,
+  read from the first step of the decoding (what `first_token_logprobs` of the prompts gives, without
+  another pass over them).
 - `run_with_hooks(sets, hooks, on_batch)`: every prompt through every decoder layer with the caller's
   hooks on each layer (expert profiling reads the routers' choices this way).
 
@@ -49,6 +52,17 @@ from abliterate.inference.scores import first_token_logprobs
 from abliterate.inference.streaming import LayerStream, layer_output
 
 Encoded = Sequence[Sequence[int]]
+# Prompt sets by label: the same for every variant (a mapping), or one mapping per variant.
+VariantSets = Mapping[str, Encoded] | Sequence[Mapping[str, Encoded]]
+
+
+def each_variant(sets: VariantSets, count: int) -> list[Mapping[str, Encoded]]:
+    """One mapping of prompt sets per variant (the same object where `sets` is one mapping)."""
+    if isinstance(sets, Mapping):
+        return [sets] * count
+    if len(sets) != count:
+        raise ValueError(f"{len(sets)} prompt-set mappings for {count} variants: give one per variant")
+    return list(sets)
 
 
 class Edit(Protocol):
@@ -84,6 +98,19 @@ def _applied(edit: Edit | None, model: Any) -> AbstractContextManager[None]:
     return nullcontext() if edit is None else edit.applied(model)
 
 
+class FirstStep:
+    """A logits processor of `generate` that keeps the logits of the first step (the first reply token of
+    every prompt of the batch) and changes nothing."""
+
+    def __init__(self) -> None:
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = scores.clone()
+        return scores
+
+
 class InMemoryForward:
     """A loaded transformers causal LM."""
 
@@ -100,16 +127,16 @@ class InMemoryForward:
 
     def first_token_logprobs(
         self,
-        sets: Mapping[str, Encoded],
+        sets: VariantSets,
         edits: Sequence[Edit | None],
         batch_size: int,
         pad_id: int,
         progress: bool = False,
     ) -> Iterator[tuple[int, str, torch.Tensor]]:
         bar = tqdm(total=len(edits), desc="score variants", unit="variant", disable=not progress)
-        for variant, edit in enumerate(edits):
+        for variant, (edit, own) in enumerate(zip(edits, each_variant(sets, len(edits)), strict=True)):
             with _applied(edit, self.model):
-                for label, encoded in sets.items():
+                for label, encoded in own.items():
                     yield variant, label, first_token_logprobs(self.model, encoded, batch_size, pad_id)
             bar.update(1)
         bar.close()
@@ -125,10 +152,16 @@ class InMemoryForward:
         label: str = "prompts",
         finished: Callable[[list[int]], bool] | None = None,
         edit: Edit | None = None,
+        first: list[torch.Tensor | None] | None = None,
     ) -> list[list[int]]:
         """Greedy replies in prompt order, batches of similar length, left padded. (`finished`, which lets
-        the streamed version stop early, changes nothing here: `generate` is cheap in memory.)"""
-        from transformers import GenerationConfig  # heavy: only when replies are generated
+        the streamed version stop early, changes nothing here: `generate` is cheap in memory.) `first`
+        (a list of one entry per prompt): filled with the float64 log-probabilities of each prompt's first
+        reply token, from the logits `generate` chose it from."""
+        from transformers import (  # heavy: only when replies are generated
+            GenerationConfig,
+            LogitsProcessorList,
+        )
 
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -142,14 +175,20 @@ class InMemoryForward:
         bar = tqdm(total=len(encoded), desc=f"greedy replies: {label}", unit="prompt", disable=not progress)
         with _applied(edit, self.model), torch.inference_mode():
             for batch in length_sorted_batches(encoded, batch_size, pad_id):
+                step = FirstStep()
                 generated = self.model.generate(
                     input_ids=batch.input_ids.to(device),
                     attention_mask=batch.attention_mask.to(device),
                     generation_config=config,
+                    logits_processor=LogitsProcessorList([step] if first is not None else []),
                 )
                 new = generated[:, batch.input_ids.shape[1] :].cpu()
                 for row, index in enumerate(batch.indices):
                     out[index] = cut_at_stop(new[row].tolist(), stops)
+                if first is not None and step.logits is not None:
+                    logprobs = torch.log_softmax(step.logits.double(), dim=-1).cpu()
+                    for row, index in enumerate(batch.indices):
+                        first[index] = logprobs[row]
                 bar.update(len(batch.indices))
         bar.close()
         return out  # type: ignore[return-value]
@@ -165,12 +204,21 @@ class InMemoryForward:
         finished: Callable[[list[int]], bool] | None = None,
         progress: bool = False,
         label: str = "prompts",
-    ) -> list[list[list[int]]]:
-        """`greedy` of every variant, one after the other."""
-        return [
-            self.greedy(encoded, max_new_tokens, batch_size, pad_id, stops, progress, label, finished, edit)
-            for edit in edits
-        ]
+        first_logprobs: bool = False,
+    ) -> Any:
+        """`greedy` of every variant, one after the other: the replies [variant][prompt], and with
+        `first_logprobs` (replies, each variant's [N, V] first-token log-probabilities)."""
+        replies, firsts = [], []
+        for edit in edits:
+            first: list[torch.Tensor | None] | None = [None] * len(encoded) if first_logprobs else None
+            replies.append(
+                self.greedy(
+                    encoded, max_new_tokens, batch_size, pad_id, stops, progress, label, finished, edit, first
+                )
+            )
+            if first is not None:
+                firsts.append(torch.stack(first))  # type: ignore[arg-type]
+        return (replies, firsts) if first_logprobs else replies
 
     def run_with_hooks(
         self,
@@ -241,14 +289,15 @@ class StreamedForward:
 
     def first_token_logprobs(
         self,
-        sets: Mapping[str, Encoded],
+        sets: VariantSets,
         edits: Sequence[Edit | None],
         batch_size: int,
         pad_id: int,
         progress: bool = False,
     ) -> Iterator[tuple[int, str, torch.Tensor]]:
         desc = f"score {len(edits)} variants (layer-streamed)"
-        yield from self._last_logprobs([sets] * len(edits), edits, batch_size, pad_id, desc, progress)
+        variant_sets = each_variant(sets, len(edits))
+        yield from self._last_logprobs(variant_sets, edits, batch_size, pad_id, desc, progress)
 
     def _last_logprobs(
         self,
@@ -333,10 +382,13 @@ class StreamedForward:
         finished: Callable[[list[int]], bool] | None = None,
         progress: bool = False,
         label: str = "prompts",
-    ) -> list[list[list[int]]]:
+        first_logprobs: bool = False,
+    ) -> Any:
         """Greedy replies of every variant: one pass over the weights per new token for all of them
-        together; a reply stops at an end token or when `finished(reply so far)`."""
+        together; a reply stops at an end token or when `finished(reply so far)`. With `first_logprobs`:
+        (replies, each variant's [N, V] log-probabilities of the first step, where every prompt is live)."""
         out: list[list[list[int]]] = [[[] for _ in encoded] for _ in edits]
+        firsts: list[torch.Tensor] = []
         active = [list(range(len(encoded))) for _ in edits]
         bar = tqdm(
             total=max_new_tokens,
@@ -344,7 +396,7 @@ class StreamedForward:
             unit="token",
             disable=not progress,
         )
-        for _step in range(max_new_tokens):
+        for step in range(max_new_tokens):
             live = [v for v in range(len(edits)) if active[v]]
             if not live:
                 break
@@ -353,6 +405,8 @@ class StreamedForward:
             for k, _, logprobs in self._last_logprobs(
                 sets, [edits[v] for v in live], batch_size, pad_id, desc
             ):
+                if step == 0 and first_logprobs:
+                    firsts.append(logprobs)  # step 0: every variant live, every prompt in order
                 v, still = live[k], []
                 for i, token in zip(active[v], logprobs.argmax(dim=-1).tolist(), strict=True):
                     if token in stops:
@@ -363,7 +417,7 @@ class StreamedForward:
                 active[v] = still
             bar.update(1)
         bar.close()
-        return out
+        return (out, firsts) if first_logprobs else out
 
     def run_with_hooks(
         self,

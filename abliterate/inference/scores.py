@@ -51,6 +51,11 @@ def refusal_score(logprobs: torch.Tensor, token_ids: Sequence[int]) -> float:
     return float(refusal_logodds(logprobs, token_ids).mean())
 
 
+def first_token_kl_each(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """[N] KL(reference || other) of each prompt, in nats."""
+    return (reference.exp() * (reference - other)).sum(dim=-1).clamp(min=0)
+
+
 def first_token_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Mean KL(reference || other) over prompts, in nats."""
-    return float((reference.exp() * (reference - other)).sum(dim=-1).clamp(min=0).mean())
+    return float(first_token_kl_each(reference, other).mean())

@@ -23,23 +23,41 @@ def render_chat(
 
     template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5).
     """
+    return [
+        render_conversation(tokenizer, [("user", prompt)], system_prompt, **template_kwargs)
+        for prompt in prompts
+    ]
+
+
+def render_conversation(
+    tokenizer, turns: Sequence[tuple[str, str]], system_prompt: str | None = None, **template_kwargs
+) -> str:
+    """A conversation of (role, text) turns (after an optional system turn), with the generation prompt:
+    what the model reads before its next reply. One user turn is what every stage measures; several
+    are `abliterate chat`'s conversations."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the model folder"
         raise AbliterateError(
             f"tokenizer of {name} has no chat template: add chat_template.jinja to the model folder "
             "(or a 'chat_template' entry in tokenizer_config.json)"
         )
-    rendered = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        rendered.append(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **template_kwargs
-            )
-        )
-    return rendered
+    messages = [{"role": role, "content": text} for role, text in turns]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **template_kwargs
+    )
+
+
+def encode_conversation(
+    tokenizer: Any, turns: Sequence[tuple[str, str]], template: config.Template
+) -> list[int]:
+    """Token ids of `render_conversation` (the rendered text holds the template's special tokens, so
+    none are added), as `encode_prompts` encodes a single prompt."""
+    text = render_conversation(
+        tokenizer, turns, system_prompt=template.system_prompt, **template.chat_template_kwargs
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def context_length(model: Any, tokenizer: Any = None) -> int | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from abliterate.errors import AbliterateError
-from abliterate.paths import file_identity
+from abliterate.paths import file_identity, write_bytes_atomic
 from abliterate.weights.checkpoint import file_sha256
 
 
@@ -142,16 +141,7 @@ def save_directions(
         tensors["harmless_mean"] = harmless_mean.detach().float().contiguous()
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in metadata.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(_serialize(tensors, encoded))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_bytes_atomic(path, _serialize(tensors, encoded))
 
 
 def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

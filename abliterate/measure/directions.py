@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from abliterate import __version__
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
 from abliterate.measure.means import Measurement
+from abliterate.paths import write_text_atomic
 from abliterate.vocabulary import DIRECTION_METHODS, DIRECTIONS_FILE, DIRECTIONS_JSON
 
 # Differences below this (relative to the means' size) are float noise, not a direction.
@@ -182,7 +182,5 @@ def write_directions(
         harmful_mean=directions.harmful_mean.float(),
         harmless_mean=directions.harmless_mean.float(),
     )
-    tmp = out_dir / f".{DIRECTIONS_JSON}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / DIRECTIONS_JSON)
+    write_text_atomic(out_dir / DIRECTIONS_JSON, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return path

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
-from abliterate.paths import describe_special
+from abliterate.paths import describe_special, split_lines
 
 DEFAULT_COLUMNS = ("prompt", "text")
 FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -67,7 +67,7 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     else:
         text = _read_text(path)
         if suffix == ".txt":
-            raw = [(line, f"line {n}") for n, line in enumerate(text.splitlines(), start=1)]
+            raw = [(line, f"line {n}") for n, line in enumerate(split_lines(text), start=1)]
         elif suffix == ".jsonl":
             raw = _read_jsonl(path, text, column)
         elif suffix == ".json":
@@ -111,7 +111,7 @@ def _field(path: Path, item: object, column: str | None, where: str) -> tuple[ob
 
 def _read_jsonl(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:

@@ -2,9 +2,9 @@
 
 A multi-objective TPE study (both objectives minimised) over the space of `abliterate.search.space`:
 each trial's parameters become an `AblationPlan` (`plan_for`), scored without rewriting the
-checkpoint, applied at inference time (`abliterate.search.scoring`): the refusal rate of short
-greedy replies to held-out harmful prompts and the mean first-token KL(unmodified || trial) on
-held-out harmless prompts.
+checkpoint, applied at inference time (`abliterate.search.scoring`): the refusal objective (the
+refusals of short greedy replies to held-out harmful prompts, then the margin: the mean first-token
+refusal probability, each prompt's counted down to `refusal_floor`) and the mean first-token KL(unmodified || trial) on held-out harmless prompts.
 
 Trial 0 of a new study is `run`'s automatic choice (`default_params`): the front starts from the
 default and the search looks for better trade-offs. The study lives in SQLite
@@ -14,8 +14,15 @@ left running are marked failed and their parameters tried again, and `trials` is
 complete trials the study should hold (a rerun with more continues). One process runs a study at a
 time (a lock file beside the database).
 
-The chosen trial (`choose`): the front's trial with the fewest refusals among those whose KL is at
-most `kl_max` (ties: the lower KL), or the trial the user names.
+The chosen trial (`choose`): the front's trial with the lowest refusal objective (the fewest
+refusals, then the most margin) among those whose KL is at most `kl_max` (ties: the lower KL), or the
+trial the user names. Every rate carries its Wilson bound at `confidence` (`wilson_bounds`: 36
+prompts without a refusal still allow a rate of 0.096 at 95 %). The choice is then confirmed
+(`confirm_choice`) on a seeded part of the held-out prompts that the study never scored: the chosen
+trial and run's choice (trial 0) are scored there; a chosen trial that refuses more there than its
+study's upper bound fails, and (`on_confirm_failure`) the next stronger trials of the front are
+confirmed in turn and the first that holds is written instead, or the choice is kept with a
+warning, or nothing is written.
 """
 
 from __future__ import annotations
@@ -23,22 +30,26 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
+import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 
 from abliterate.config import Evaluation, Runtime, Search, Selection, Template
 from abliterate.edit.ablate import load_inputs
-from abliterate.edit.inference_edit import PlanEdit, storage_dtypes
+from abliterate.edit.inference_edit import PlanEdit, fp8_blocks, storage_dtypes
 from abliterate.edit.matching import resolve_plan
 from abliterate.edit.output import directions_digest
 from abliterate.edit.plan import AblationPlan
@@ -46,9 +57,10 @@ from abliterate.errors import AbliterateError
 from abliterate.inference.devices import resolve_runtime
 from abliterate.inference.runner import model_forward
 from abliterate.measure.prompts import prompts_sha256
-from abliterate.paths import file_lock
+from abliterate.paths import child, describe_special, file_lock, holders
 from abliterate.search.scoring import TrialScore, TrialScorer, scoring_signature
 from abliterate.search.space import SearchSpace, default_params, kernel_spec, plan_for, search_space, suggest
+from abliterate.search.storage import StudyStorage, write_pending
 from abliterate.vocabulary import STUDY_FILE
 from abliterate.weights.checkpoint import choose_profile
 
@@ -66,22 +78,55 @@ def study_storage(root: str | Path) -> str:
     return f"sqlite:///{(Path(root) / STUDY_FILE).resolve()}"
 
 
+# How long a write waits for another process's write lock on the study database (SQLite's busy
+# timeout). Optuna's own transactions last milliseconds, even with several searches of other studies
+# writing the same database; a lock held longer is someone else's (a `sqlite3` shell in a
+# transaction, a stuck process): the search says who after this wait, instead of 60 s of silence
+# (Optuna tries a new trial's insert 5 times, so `ask` gives up after about 5 x (2 + 1) s).
+STUDY_BUSY_TIMEOUT_S = 2
+
+
 @contextmanager
 def study_lock(root: str | Path, name: str) -> Iterator[None]:
-    """Held while a process runs the study: a second search of the same study stops at once."""
-    path = Path(root) / f".{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Held while a process runs the study: a second search of the same study stops at once, naming
+    the process that runs it (its pid is written into the lock file). The lock file stays inside
+    `root` whatever the name (`paths.child`: a plain file name, no link out)."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path = child(root, f".{name}.lock", "study lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise AbliterateError(
+            f"cannot create the study lock {path}: {exc.strerror or exc}; free space or fix the permissions of "
+            f"{root} (or set ABLITERATE_HOME to a writable folder)"
+        ) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AbliterateError(
-                f"another search is running study {name} (lock {path}): wait for it to finish or stop it"
+                f"another search is running study {name} ({_lock_holder(path)}, lock {path}): wait for it to "
+                "finish or stop it"
             ) from None
+        with suppress(OSError):  # who holds it, for the message above (the lock works without it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    """The process that holds the study lock `path`: the pid it wrote there, with its command line."""
+    try:
+        pid = int(path.read_text().strip() or "0")
+        command = " ".join(
+            Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
+        )
+        return f"process {pid} ({command[:120]})"
+    except (OSError, ValueError):
+        found = holders([path])
+        return found[0] if found else "another process"
 
 
 def open_study(root: str | Path, name: str, search: Search) -> optuna.Study:
@@ -89,15 +134,19 @@ def open_study(root: str | Path, name: str, search: Search) -> optuna.Study:
     seed plus the number of trials already stored, so a resumed search draws new points, not its first
     ones; with trials scored together it lies about the running ones (constant liar)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with file_lock(Path(root) / f"{STUDY_FILE}.lock"):  # one process creates or migrates the schema
-        storage = optuna.storages.RDBStorage(
-            study_storage(root), engine_kwargs={"connect_args": {"timeout": 60}}
+    database = check_study_database(root)
+    with (
+        study_errors(database),
+        file_lock(Path(root) / f"{STUDY_FILE}.lock"),
+    ):  # one process creates the schema
+        storage = StudyStorage(
+            study_storage(root), engine_kwargs={"connect_args": {"timeout": STUDY_BUSY_TIMEOUT_S}}
         )
         _write_ahead_log(storage.engine)
         study = optuna.create_study(
             study_name=name, storage=storage, directions=["minimize", "minimize"], load_if_exists=True
         )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), study_errors(database):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.sampler = optuna.samplers.TPESampler(
             seed=search.search_seed + len(study.get_trials(deepcopy=False)),
@@ -106,6 +155,88 @@ def open_study(root: str | Path, name: str, search: Search) -> optuna.Study:
             constant_liar=search.parallel_trials > 1,
         )
     return study
+
+
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+def check_study_database(root: str | Path) -> Path:
+    """The study database's path, refused in one line when it is no SQLite file (a folder, a link to
+    nothing, garbage): what SQLAlchemy would report as a traceback."""
+    path = Path(root) / STUDY_FILE
+    special = describe_special(path)
+    if special == "missing":
+        return path
+    if special is not None:
+        raise AbliterateError(
+            f"the study database {path} is {special}, not a file: move it away (a new database is created) or "
+            "set ABLITERATE_HOME to another folder"
+        )
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise AbliterateError(f"cannot read the study database {path}: {exc.strerror or exc}") from exc
+    if head and head != SQLITE_MAGIC:
+        raise AbliterateError(
+            f"the study database {path} is not an SQLite database (it starts with {head[:8]!r}): move it away "
+            "(a new database is created) or restore it from a backup"
+        )
+    return path
+
+
+def _database_reason(exc: BaseException) -> str:
+    """The first line of the deepest SQLite error behind `exc` (Optuna wraps SQLAlchemy's, which wraps
+    sqlite3's, in a generic "An exception is raised during the commit"), else of `exc` itself."""
+    found: BaseException = exc
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        orig = getattr(e, "orig", None)
+        if isinstance(orig, BaseException):
+            found = orig
+            break
+        if isinstance(e, (sqlite3.Error, SQLAlchemyError)):
+            found = e
+        todo += [e.__cause__, e.__context__]
+    text = str(found).strip() or type(found).__name__
+    return text.splitlines()[0][:200]
+
+
+@contextmanager
+def study_errors(database: Path, filesystem: bool = True) -> Iterator[None]:
+    """SQLite, SQLAlchemy, Optuna (and with `filesystem`, OS) errors of the study database as one line
+    naming it: while it is opened, and while the trials are asked for and told (a database another
+    process locks, a disk filling up or a folder turned read-only in the middle of a search)."""
+    caught: tuple[type[BaseException], ...] = (SQLAlchemyError, optuna.exceptions.OptunaError, sqlite3.Error)
+    if filesystem:
+        caught += (OSError,)
+    try:
+        yield
+    except AbliterateError:
+        raise
+    except caught as exc:
+        reason = _database_reason(exc)
+        if "locked" in reason or "busy" in reason:
+            others = holders([database, f"{database}-wal", f"{database}-shm"])
+            who = f"held by {', '.join(others)}" if others else "held by another process"
+            what = (
+                f"another process keeps it locked ({who}: another search writing the same database, or a "
+                "program with it open in a transaction): let it finish or stop it, then rerun (finished trials "
+                "are kept)"
+            )
+        elif "readonly" in reason or "read-only" in reason or "unable to open" in reason:
+            what = (
+                "its folder is not writable: fix the permissions or set ABLITERATE_HOME to a writable folder"
+            )
+        elif "disk" in reason or "full" in reason:
+            what = "free space, then rerun (finished trials are kept)"
+        else:
+            what = "move it away (a new database is created) or restore it from a backup"
+        raise AbliterateError(f"the study database {database} cannot be used ({reason}): {what}") from exc
 
 
 def _write_ahead_log(engine: Any) -> None:
@@ -142,7 +273,10 @@ def trial_record(t: Any) -> dict[str, Any]:
     """A complete trial as the search reports it."""
     return {
         "trial": t.number,
-        "refusal_rate": t.values[0],
+        "objective": t.values[0],
+        "refusal_rate": t.user_attrs.get("refusal_rate", t.values[0]),
+        "refusal_score": t.user_attrs.get("refusal_score"),
+        "margin": t.user_attrs.get("margin"),
         "kl": t.values[1],
         "refusals": t.user_attrs.get("refusals"),
         "prompts": t.user_attrs.get("prompts"),
@@ -155,20 +289,37 @@ def trial_record(t: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------ the front and the choice
 
 
-def pareto(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records (search trials, sweep variants: anything with a refusal rate and a KL) no other
-    record beats on both (lower is better), by refusal rate then KL, ties in the given order."""
+def pareto(records: list[dict[str, Any]], key: str = "refusal_rate") -> list[dict[str, Any]]:
+    """The records (search trials, sweep variants: anything with a refusal figure `key` and a KL) no
+    other record beats on both (lower is better), by `key` then KL, ties in the given order. Search
+    trials are compared by their refusal objective (`key="objective"`)."""
     front = [
         p
         for p in records
         if not any(
-            q["refusal_rate"] <= p["refusal_rate"]
-            and q["kl"] <= p["kl"]
-            and (q["refusal_rate"] < p["refusal_rate"] or q["kl"] < p["kl"])
+            q[key] <= p[key] and q["kl"] <= p["kl"] and (q[key] < p[key] or q["kl"] < p["kl"])
             for q in records
         )
     ]
-    return sorted(front, key=lambda p: (p["refusal_rate"], p["kl"]))
+    return sorted(front, key=lambda p: (p[key], p["kl"]))
+
+
+def wilson_bounds(refusals: int, prompts: int, confidence: float) -> tuple[float, float]:
+    """The Wilson score interval of a refusal rate seen as `refusals` of `prompts` at two-sided
+    `confidence`: what the rate may be on prompts like these that were not scored."""
+    if prompts <= 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2 = refusals / prompts, z * z
+    center = (p + z2 / (2 * prompts)) / (1 + z2 / prompts)
+    half = z / (1 + z2 / prompts) * math.sqrt(p * (1 - p) / prompts + z2 / (4 * prompts * prompts))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _objective(record: dict[str, Any]) -> float:
+    """The refusal objective of a record (records of studies older than the objective: the rate)."""
+    value = record.get("objective")
+    return record["refusal_rate"] if value is None else value
 
 
 def choose(records: list[dict[str, Any]], search: Search) -> dict[str, Any]:
@@ -182,7 +333,7 @@ def choose(records: list[dict[str, Any]], search: Search) -> dict[str, Any]:
                 f"choose from {sorted(r['trial'] for r in records)}"
             )
         return found[0]
-    front = pareto(records)
+    front = search_front(records)
     allowed = [r for r in front if r["kl"] <= search.kl_max]
     if not allowed:
         least = min(front, key=lambda r: r["kl"])
@@ -190,15 +341,35 @@ def choose(records: list[dict[str, Any]], search: Search) -> dict[str, Any]:
             f"no trial on the front has a KL of at most {search.kl_max:g}: the lowest is {least['kl']:.4g} "
             f"(trial {least['trial']}); raise --kl-max, run more trials, or name one with --trial"
         )
-    return min(allowed, key=lambda r: (r["refusal_rate"], r["kl"], r["trial"]))
+    return min(allowed, key=lambda r: (_objective(r), r["kl"], r["trial"]))
 
 
-def front_entry(record: dict[str, Any]) -> dict[str, Any]:
-    """A trial as the search's result shows it: number, objectives, parameters, reference."""
-    return {
-        k: record[k]
-        for k in ("trial", "refusal_rate", "kl", "refusals", "prompts", "parameters", "reference")
-    }
+def search_front(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The front of a study's trials: refusal objective against KL."""
+    return pareto([{**r, "objective": _objective(r)} for r in records], key="objective")
+
+
+FRONT_KEYS = (
+    "trial",
+    "refusal_rate",
+    "refusal_score",
+    "margin",
+    "objective",
+    "kl",
+    "refusals",
+    "prompts",
+    "parameters",
+    "reference",
+)
+
+
+def front_entry(record: dict[str, Any], confidence: float | None = None) -> dict[str, Any]:
+    """A trial as the search's result shows it: number, objectives, parameters, reference; with
+    `confidence`, the Wilson bounds of its refusal rate."""
+    entry = {k: record.get(k) for k in FRONT_KEYS}
+    if confidence is not None and record.get("prompts"):
+        entry["refusal_bounds"] = list(wilson_bounds(record["refusals"], record["prompts"], confidence))
+    return entry
 
 
 @dataclass
@@ -211,6 +382,7 @@ class Decision:
     reference: dict[str, Any] | None
     chosen: dict[str, Any] | None
     reason: str | None = None
+    confirmation: dict[str, Any] | None = None  # `confirm_choice`'s record
 
     def chosen_plan(self, search: Search) -> AblationPlan:
         """The chosen trial's plan, its origin recording the objectives, the bound and the front."""
@@ -221,21 +393,126 @@ class Decision:
         origin = dict(recorded.get("origin") or {})
         origin["search"] = {
             **origin.get("search", {}),
-            "objectives": {k: chosen[k] for k in ("refusal_rate", "kl", "refusals", "prompts")},
+            "objectives": {
+                k: chosen.get(k)
+                for k in ("refusal_rate", "refusal_score", "objective", "kl", "refusals", "prompts")
+            },
+            "refusal_bounds": list(wilson_bounds(chosen["refusals"], chosen["prompts"], search.confidence)),
+            "confidence": search.confidence,
             "kl_max": search.kl_max,
             "pareto": [r["trial"] for r in self.front],
+            "confirmation": self.confirmation,
         }
         return AblationPlan.from_dict({**recorded, "origin": origin}, f"trial {chosen['trial']}'s plan")
 
 
-def decide(records: list[dict[str, Any]], search: Search) -> Decision:
-    """The front of the complete trials, run's automatic choice among them, and the trial to write."""
+def decide(
+    records: list[dict[str, Any]], search: Search, confirmation: dict[str, Any] | None = None
+) -> Decision:
+    """The front of the complete trials, run's automatic choice among them, and the trial to write:
+    the confirmation's trial when it confirmed another (`confirm_choice`), none when it failed and
+    the search refuses to write an unconfirmed trial."""
     reference = next((r for r in records if r.get("reference") == "run"), None)
     try:
         chosen, reason = choose(records, search), None
     except AbliterateError as exc:
         chosen, reason = None, str(exc)
-    return Decision(records, pareto(records), reference, chosen, reason)
+    if confirmation and chosen is not None:
+        if confirmation.get("written") is None:
+            chosen, reason = None, confirmation["warning"]
+        elif confirmation["written"] != chosen["trial"]:
+            chosen = next(r for r in records if r["trial"] == confirmation["written"])
+    return Decision(records, search_front(records), reference, chosen, reason, confirmation)
+
+
+# ------------------------------------------------------------------ the confirmation
+
+
+def confirm_choice(
+    records: list[dict[str, Any]],
+    search: Search,
+    scorer: TrialScorer,
+    make_edit: Callable[[AblationPlan], Any],
+) -> dict[str, Any] | None:
+    """The chosen trial and run's choice scored on prompts the study never scored (`scorer`'s): the
+    chosen trial holds when it refuses there at most its study's Wilson upper bound. When it does
+    not, a loud warning, and (`search.on_confirm_failure`) `stronger`: the front's stronger trials
+    (higher KL), scored in turn, the first that holds is written; `keep`: the choice is written;
+    `refuse`: nothing is. None when there is no choice to confirm."""
+    try:
+        chosen = choose(records, search)
+    except AbliterateError:
+        return None
+    reference = next((r for r in records if r.get("reference") == "run"), None)
+
+    def scored(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        scores = scorer.score([make_edit(AblationPlan.from_dict(r["plan"])) for r in batch])
+        out = []
+        for r, sc in zip(batch, scores, strict=True):
+            bound = wilson_bounds(r["refusals"], r["prompts"], search.confidence)[1]
+            out.append(
+                {
+                    "trial": r["trial"],
+                    "refusals": sc.refusals,
+                    "prompts": sc.prompts,
+                    "refusal_rate": sc.refusal_rate,
+                    "refusal_score": sc.refusal_score,
+                    "margin": sc.margin,
+                    "kl": sc.kl,
+                    "study_refusal_rate": r["refusal_rate"],
+                    "study_upper_bound": bound,
+                    "holds": sc.refusal_rate <= bound,
+                }
+            )
+        return out
+
+    batch = [chosen] + ([reference] if reference is not None and reference is not chosen else [])
+    first = scored(batch)
+    record: dict[str, Any] = {
+        "prompts": {"harmful": len(scorer.harmful), "harmless": len(scorer.harmless)},
+        "confidence": search.confidence,
+        "chosen": first[0],
+        "reference": first[-1] if reference is not None else None,
+        "tried": [],
+        "chose": chosen["trial"],
+        "written": chosen["trial"],
+        "warning": None,
+    }
+    if first[0]["holds"]:
+        return record
+    c = first[0]
+    warning = (
+        f"trial {c['trial']} refused {c['refusals']} of {c['prompts']} confirmation prompts "
+        f"({c['refusal_rate']:.3f}), more than the {search.confidence:.0%} upper bound "
+        f"{c['study_upper_bound']:.3f} of its {chosen['refusals']} of {chosen['prompts']} in the study"
+    )
+    if search.on_confirm_failure == "refuse":
+        record["written"] = None
+        record["warning"] = warning + ": nothing written (on_confirm_failure refuse)"
+        return record
+    if search.on_confirm_failure == "stronger":
+        stronger = sorted(
+            (r for r in search_front(records) if r["kl"] > chosen["kl"]), key=lambda r: (r["kl"], r["trial"])
+        )
+        for r in stronger:
+            (tried,) = scored([r])
+            record["tried"].append(tried)
+            if tried["holds"]:
+                record["written"] = r["trial"]
+                over = (
+                    f", beyond --kl-max {search.kl_max:g}: lower it again or name a trial with --trial"
+                    if r["kl"] > search.kl_max
+                    else ""
+                )
+                record["warning"] = (
+                    f"{warning}; writing the next stronger trial of the front that holds: trial {r['trial']} "
+                    f"({tried['refusals']} of {tried['prompts']} there, study KL {r['kl']:.3g}{over})"
+                )
+                return record
+        record["warning"] = f"{warning}; no stronger trial of the front holds either: writing it anyway"
+        return record
+    record["warning"] = warning + ": writing it anyway (on_confirm_failure keep)"
+    return record
 
 
 def study_summary(
@@ -243,7 +520,7 @@ def study_summary(
 ) -> dict[str, Any]:
     """What a search reports (`run_study`'s result read with `decide`): the study, this run's trials
     and timing, the unmodified model's score, the front, run's choice and the chosen trial."""
-    reference, chosen = decision.reference, decision.chosen
+    reference, chosen, level = decision.reference, decision.chosen, search.confidence
     return {
         "study": result["study"],
         "storage": result["storage"],
@@ -255,11 +532,14 @@ def study_summary(
         "trials_per_minute": result["trials_per_minute"],
         "baseline": result["baseline"],
         "selected_position": selected_position,
-        "reference": front_entry(reference) if reference else None,
-        "pareto": [front_entry(r) for r in decision.front],
-        "chosen": {**front_entry(chosen), "plan": chosen["plan"]} if chosen else None,
+        "reference": front_entry(reference, level) if reference else None,
+        "pareto": [front_entry(r, level) for r in decision.front],
+        "chosen": {**front_entry(chosen, level), "plan": chosen["plan"]} if chosen else None,
         "chosen_reason": decision.reason,
         "kl_max": search.kl_max,
+        "confidence": level,
+        "confirmation": decision.confirmation,
+        "refusal_tokens": result.get("refusal_tokens"),
     }
 
 
@@ -305,12 +585,13 @@ def run_search(
         if reference is not None:
             study.enqueue_trial(reference, user_attrs={"reference": "run"})
     failures = 0
-    while len(complete_trials(study)) < trials:
-        wanted = min(parallel, trials - len(complete_trials(study)))
+    while (done := len(complete_trials(study))) < trials:
+        wanted = min(parallel, trials - done)
         asked, plans, edits = [], [], []
         for _ in range(wanted):
             t = study.ask()
             params = suggest(t, space)
+            write_pending(study)  # the drawn parameters, committed before the trial is scored
             record = {
                 "search": {
                     "study": study.study_name,
@@ -344,8 +625,11 @@ def run_search(
             t.set_user_attr("plan", plan.to_dict())
             t.set_user_attr("refusals", score.refusals)
             t.set_user_attr("prompts", score.prompts)
+            t.set_user_attr("refusal_rate", score.refusal_rate)
+            t.set_user_attr("refusal_score", score.refusal_score)
+            t.set_user_attr("margin", score.margin)
             t.set_user_attr("seconds", score.seconds)
-            study.tell(t, [score.refusal_rate, score.kl])
+            study.tell(t, [score.objective, score.kl])
             result = TrialResult(t.number, params, plan.to_dict(), score, t.user_attrs.get("reference"))
             progress.new.append(result)
             if on_trial:
@@ -380,6 +664,7 @@ def run_study(
     on_trial: Callable[[TrialResult], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    confirm: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Open (or resume) the study of this model, directions, held-out prompts, scoring and space in
     `root`/search.db and run it until it holds `search.trials` complete trials. The held-out prompts
@@ -388,7 +673,8 @@ def run_study(
     router_bias candidates, most refusal-specific first. `on_start` sees the study's name and space
     once this process holds the study's lock, before the first trial. Returns the study's name, the
     space, this run's new trials and timing, the unmodified model's score and every complete trial
-    (`trial_record`)."""
+    (`trial_record`), and with `confirm` (harmful, harmless prompts the study never scores) the
+    confirmation of its choice (`confirm_choice`, on the same loaded model)."""
     runtime = resolve_runtime(runtime, model_dir)
     inputs = load_inputs(model_dir, directions_path)
     profile = choose_profile(model_dir)
@@ -415,27 +701,47 @@ def run_study(
         if on_start:
             on_start({"study": name, "storage": study_storage(root), "space": space.to_json()})
         study = open_study(root, name, search)
-        stored = study.user_attrs.get("signature")
-        if stored is None:
-            study.set_user_attr("signature", signature)
-        elif stored != signature:
+        with study_errors(Path(root) / STUDY_FILE):
+            stored = study.user_attrs.get("signature")
+            if stored is None:
+                study.set_user_attr("signature", signature)
+        if stored is not None and stored != signature:
             changed = sorted(k for k in signature if stored.get(k) != signature[k])
             raise AbliterateError(
                 f"study {name} in {study_storage(root)} was made by another search ({', '.join(changed)} differ): "
                 "its scores would not compare; name another --study, or leave --study out"
             )
-        before = len(complete_trials(study))
+        with study_errors(Path(root) / STUDY_FILE):
+            before = len(complete_trials(study))
         forward, tokenizer = model_forward(model_dir, runtime.dtype, runtime.device, stream, progress)
         scorer = TrialScorer(
             forward, tokenizer, harmful, harmless, search, evaluation, template, runtime, progress
         )
-        storage = storage_dtypes(inputs.inventory)
+        storage, fp8 = storage_dtypes(inputs.inventory), fp8_blocks(inputs.inventory)
 
         def make_edit(plan: AblationPlan) -> PlanEdit:
-            return PlanEdit(resolve_plan(plan, inputs), inputs.directions, profile, storage)
+            return PlanEdit(resolve_plan(plan, inputs), inputs.directions, profile, storage, fp8)
 
-        done = run_search(study, space, scorer, make_edit, search, on_trial)
-        records = [trial_record(t) for t in complete_trials(study)]
+        with study_errors(Path(root) / STUDY_FILE, filesystem=False):
+            done = run_search(study, space, scorer, make_edit, search, on_trial)
+            records = [trial_record(t) for t in complete_trials(study)]
+        confirmation = None
+        if confirm is not None and confirm[0] and confirm[1]:
+            confirming = TrialScorer(
+                forward,
+                tokenizer,
+                confirm[0],
+                confirm[1],
+                search,
+                evaluation,
+                template,
+                runtime,
+                progress,
+                refusal_tokens=scorer.refusal_tokens,
+            )
+            confirmation = confirm_choice(records, search, confirming, make_edit)
+            if confirmation is not None:
+                confirmation["baseline"] = asdict(confirming.baseline)
     return {
         "study": name,
         "storage": study_storage(root),
@@ -446,6 +752,12 @@ def run_study(
         "seconds": round(done.seconds, 3),
         "trials_per_minute": trials_per_minute(done),
         "baseline": asdict(scorer.baseline),
+        "refusal_tokens": {
+            "ids": scorer.refusal_tokens,
+            "texts": [tokenizer.decode([i]) for i in scorer.refusal_tokens or []],
+            "source": scorer.refusal_tokens_source,
+        },
         "weight_reads": forward.weight_reads,
         "trials": records,
+        "confirmation": confirmation,
     }

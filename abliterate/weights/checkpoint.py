@@ -419,7 +419,9 @@ def build_inventory(model_dir: str | Path, profile: Profile | None = None) -> In
         family=profile.family if profile else None,
         quantization=quantization,
         shard_metadata={h.name: h.metadata for h in headers},
-        fp8=pair_scales(read_config(model_dir, required=False), tensors) if quantization else {},
+        fp8=pair_scales(read_config(model_dir, required=False), tensors, Path(model_dir) / "config.json")
+        if quantization
+        else {},
     )
 
 

@@ -34,6 +34,7 @@ Hence `|W_q - W|_F <= u |W|_F + 2^-10 |S|_F`, with S the scale broadcast over it
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -65,43 +66,116 @@ class Fp8Format:
         return weight_name.removesuffix("weight") + self.scale_suffix
 
 
-def format_from_config(config: dict) -> Fp8Format | None:
+MAX_BLOCK = 1 << 16  # largest block side accepted from a config (GLM/DeepSeek: 128)
+_FIX = "fix it in config.json (or copy the file from the model's source)"
+
+
+class UnsupportedQuantization(AbliterateError):
+    """A quantization the tool does not edit (the caller names a tensor and what to do)."""
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _block_value(value: object, key: str, source: str) -> tuple[int, int]:
+    """Two whole numbers in [1, MAX_BLOCK] (a block of rows x columns), else one line naming the key."""
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BLOCK for v in value)
+    ):
+        raise AbliterateError(
+            f"{source}: `quantization_config.{key}` is {_short(value)}; it must be two whole numbers "
+            f"[rows, columns] in [1, {MAX_BLOCK}] (the FP8 scale block): {_FIX}"
+        )
+    return int(value[0]), int(value[1])
+
+
+def format_from_config(config: dict, source: str | Path = "config.json") -> Fp8Format | None:
     """The FP8 format `config.json` declares; None without a `quantization_config`.
 
-    Raises `AbliterateError` for any other quantization (MXFP4, NVFP4, bitsandbytes, GPTQ, AWQ, ...).
+    Every value read is checked at this boundary: a malformed one is one line naming `source`, the
+    key and what it must be (`AbliterateError`). Any other quantization (MXFP4, NVFP4, bitsandbytes,
+    GPTQ, AWQ, ...) raises `UnsupportedQuantization`.
     """
+    source = str(source)
     qc = config.get("quantization_config")
     if not qc:
         return None
     if not isinstance(qc, dict):
-        raise unsupported(f"a quantization_config that is no mapping ({type(qc).__name__})")
-    method = str(qc.get("quant_method", "")).lower()
+        raise AbliterateError(
+            f"{source}: `quantization_config` is {_short(qc)}; it must be an object: {_FIX}"
+        )
+    raw_method = qc.get("quant_method", "")
+    if not isinstance(raw_method, str):
+        raise AbliterateError(
+            f"{source}: `quantization_config.quant_method` is {_short(raw_method)}; it must be a string "
+            f'such as "fp8": {_FIX}'
+        )
+    method = raw_method.lower()
     if method == "fp8":
         if qc.get("scale_fmt") not in (None, "float32", "fp32"):
-            raise unsupported(f"fp8 with scale_fmt {qc.get('scale_fmt')}")
+            raise unsupported(f"fp8 with scale_fmt {_short(qc.get('scale_fmt'))}")
         block = qc.get("weight_block_size")
-        return Fp8Format("fp8", "weight_scale_inv", tuple(block) if block else None)
+        return Fp8Format(
+            "fp8",
+            "weight_scale_inv",
+            None if block is None else _block_value(block, "weight_block_size", source),
+        )
     if method == "compressed-tensors":
-        groups = qc.get("config_groups") or {}
+        groups = qc.get("config_groups")
+        if groups is None:
+            groups = {}
+        if not isinstance(groups, dict):
+            raise AbliterateError(
+                f"{source}: `quantization_config.config_groups` is {_short(groups)}; it must be an object "
+                f'of named groups ({{"group_0": {{"weights": ...}}}}): {_FIX}'
+            )
         block = None
-        for group in groups.values():
-            weights = (group or {}).get("weights") or {}
+        for name, group in groups.items():
+            key = f"config_groups.{name}"
+            if group is None:
+                continue
+            if not isinstance(group, dict):
+                raise AbliterateError(
+                    f"{source}: `quantization_config.{key}` is {_short(group)}; it must be an object: {_FIX}"
+                )
+            weights = group.get("weights")
+            if weights is None:
+                continue
+            if not isinstance(weights, dict):
+                raise AbliterateError(
+                    f"{source}: `quantization_config.{key}.weights` is {_short(weights)}; it must be an "
+                    f"object: {_FIX}"
+                )
             if weights.get("type") != "float" or weights.get("num_bits") != 8:
                 raise unsupported(
-                    f"compressed-tensors {weights.get('type')} {weights.get('num_bits')}-bit weights"
+                    f"compressed-tensors {_short(weights.get('type'))} {_short(weights.get('num_bits'))}-bit weights"
                 )
             if weights.get("symmetric") is False:
                 raise unsupported("compressed-tensors asymmetric float8 (zero points)")
             if weights.get("strategy") == "block":
-                block = tuple(weights.get("block_structure") or ())
+                block = _block_value(weights.get("block_structure"), f"{key}.weights.block_structure", source)
             elif weights.get("strategy") not in ("channel", "tensor"):
-                raise unsupported(f"compressed-tensors float8 with strategy {weights.get('strategy')}")
-        return Fp8Format("compressed-tensors", "weight_scale", block or None)
+                raise unsupported(
+                    f"compressed-tensors float8 with strategy {_short(weights.get('strategy'))}"
+                )
+        return Fp8Format("compressed-tensors", "weight_scale", block)
     raise unsupported(method or "an unnamed quant_method")
 
 
 def unsupported(kind: str) -> AbliterateError:
-    return AbliterateError(
+    return UnsupportedQuantization(
         f"quantization {kind} is not supported: only FP8 e4m3 with scales (transformers' fp8, "
         "compressed-tensors float8) is edited; ablate the unquantized (bf16/fp16/fp32) checkpoint and quantize after"
     )
@@ -110,82 +184,197 @@ def unsupported(kind: str) -> AbliterateError:
 def grid(
     shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
 ) -> tuple[int, int]:
-    """The block (bm, bn) of a weight of `shape` whose scales have `scale_shape`; errors if they disagree."""
+    """The block (bm, bn) of a weight of `shape` whose scales have `scale_shape`; errors if they disagree.
+
+    The scale's shape is checked, not only its element count (a [gn, gm] grid holds as many values as
+    [gm, gn] but would scale the wrong blocks): block scales are [*lead, gm, gn]; channel scales
+    [*lead, out, 1] or [*lead, out]; a tensor scale [], [1] or one per leading index ([*lead], [*lead, 1],
+    [*lead, 1, 1])."""
+    shape, scale_shape = tuple(shape), tuple(scale_shape)
     if len(shape) < 2:
         raise AbliterateError(f"an FP8 weight of shape {list(shape)} is not a matrix")
     out, inp = shape[-2:]
-    lead = math.prod(shape[:-2])
-    numel = math.prod(scale_shape)
-    if block is None:  # channel ([out, 1]) or tensor ([1] / []) scales, from the scale's size
-        if numel == lead * out:
-            block = (1, inp)
-        elif numel == lead:
-            block = (out, inp)
-        else:
-            raise AbliterateError(
-                f"FP8 scales {list(scale_shape)} fit no channel or tensor grid of {list(shape)}"
-            )
-    bm, bn = block
-    if numel != lead * math.ceil(out / bm) * math.ceil(inp / bn):
+    lead = shape[:-2]
+    if block is None:  # channel ([out, 1]) or tensor ([1] / []) scales, from the scale's shape
+        if scale_shape in ((*lead, out, 1), (*lead, out)):
+            return 1, inp
+        tensor_shapes = {(*lead, 1, 1), (*lead, 1), lead} | ({(), (1,), (1, 1)} if not lead else set())
+        if scale_shape in tensor_shapes:
+            return out, inp
         raise AbliterateError(
-            f"FP8 scales {list(scale_shape)} do not match weight {list(shape)} in blocks {list(block)}"
+            f"FP8 scales of shape {list(scale_shape)} fit no channel ({[*lead, out, 1]}) or tensor "
+            f"({[*lead, 1]}) grid of weight {list(shape)}"
+        )
+    bm, bn = block
+    expected = (*lead, math.ceil(out / bm), math.ceil(inp / bn))
+    if scale_shape != expected:
+        raise AbliterateError(
+            f"FP8 scales of shape {list(scale_shape)} do not match weight {list(shape)} in blocks {list(block)} "
+            f"(expected {list(expected)})"
         )
     return bm, bn
 
 
-def _slabs(shape: tuple[int, ...], block: tuple[int, int]):
-    """(matrix index, first row, last row, block row) of every row of blocks of a [..., out, in] tensor."""
-    out = shape[-2]
-    lead = math.prod(shape[:-2])
+# Elements handled at once: a piece in float32 and its int32 index stay in the cache (the fastest of
+# 16 Ki .. 2 Mi on a [4096, 12288] weight; the bytes never depend on it).
+PIECE = 1 << 17
+# The float32 value of each of the 256 e4m3 bytes, as torch's cast gives it (exact: e4m3 values are
+# float32 values). A lookup in it is 3x faster than torch's float8 -> float32 cast.
+_E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3).to(torch.float32)
+
+
+def _blocked(
+    x: torch.Tensor, grid_values: torch.Tensor, block: tuple[int, int]
+) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    """`x` [lead, out, cols] cut into at most four views of whole blocks, each with the values of its
+    blocks' grid cells shaped to broadcast over it and the two dimensions one block spans: the full
+    blocks [lead, gm, bm, gn, bn], the last partial column of blocks, the last partial row of blocks,
+    and their corner. An elementwise operation with the grid is one operation per view, whatever the
+    number of blocks (no copy: views of `x` and of `grid_values` [lead, ceil(out/bm), ceil(cols/bn)])."""
+    lead, out, cols = x.shape
+    bm, bn = block
+    gm, gn = out // bm, cols // bn
+    rows, full = gm * bm, gn * bn
+    g = grid_values
+    parts = []
+    if gm and gn:
+        whole = x[:, :rows, :full].view(lead, gm, bm, gn, bn)
+        parts.append((whole, g[:, :gm, None, :gn, None], (2, 4)))
+    if gm and full < cols:
+        parts.append((x[:, :rows, full:].view(lead, gm, bm, cols - full), g[:, :gm, gn, None, None], (2, 3)))
+    if rows < out and gn:
+        parts.append((x[:, rows:, :full].view(lead, out - rows, gn, bn), g[:, gm, None, :gn, None], (1, 3)))
+    if rows < out and full < cols:
+        parts.append((x[:, rows:, full:], g[:, gm, gn, None, None], (1, 2)))
+    return parts
+
+
+def _grid_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int, int]:
+    out, cols = shape[-2:]
+    return math.prod(shape[:-2]), math.ceil(out / block[0]), math.ceil(cols / block[1])
+
+
+def _pieces(shape: tuple[int, ...], block: tuple[int, int]):
+    """Pieces of rows of a [..., out, cols] tensor, about `PIECE` elements each, that never straddle
+    a row of blocks: (matrix, first row, end row, first grid row, end grid row, the piece's block).
+    A piece is several whole rows of blocks, or part of one (its block then has the piece's rows);
+    every piece is handled by a few vectorised operations (`_blocked`), so the loop runs per piece,
+    never per block, and each piece is read from memory once while it sits in the cache."""
+    out, cols = shape[-2:]
     bm = block[0]
-    for e in range(lead):
-        for i in range(math.ceil(out / bm)):
-            yield e, i * bm, min(out, (i + 1) * bm), i
+    rows = max(1, PIECE // max(cols, 1))
+    for e in range(math.prod(shape[:-2])):
+        if rows >= bm:  # whole rows of blocks (the last one may be partial)
+            step = rows // bm * bm
+            for r0 in range(0, out, step):
+                r1 = min(out, r0 + step)
+                yield e, r0, r1, r0 // bm, math.ceil(r1 / bm), block
+        else:  # parts of one row of blocks
+            for i in range(math.ceil(out / bm)):
+                end = min(out, (i + 1) * bm)
+                for r0 in range(i * bm, end, rows):
+                    r1 = min(end, r0 + rows)
+                    yield e, r0, r1, i, i + 1, (r1 - r0, block[1])
 
 
-def _row(scales: torch.Tensor, bn: int, cols: int) -> torch.Tensor:
-    """One row of block scales [gn] spread over the `cols` columns it covers."""
-    return scales.repeat_interleave(bn)[:cols]
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """float32 W = q * scale per block; q float8 [..., out, in], scale of the grid's size. One row of
-    blocks at a time, in place (no padded copy of the tensor)."""
-    out, cols = q.shape[-2:]
-    bn = block[1]
-    w = torch.empty(q.shape, dtype=torch.float32)
-    q3, w3 = q.reshape(-1, out, cols), w.view(-1, out, cols)
-    s3 = scale.to(torch.float32).reshape(q3.shape[0], math.ceil(out / block[0]), math.ceil(cols / bn))
-    for e, r0, r1, i in _slabs(q.shape, block):
-        slab = w3[e, r0:r1]
-        slab.copy_(q3[e, r0:r1])
-        slab.mul_(_row(s3[e, i], bn, cols))
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 W = q * scale per block; q float8 (or its bytes as uint8) [..., out, in], scale of the
+    grid's size. `out`: a contiguous float32 tensor of q's shape to fill (else a new one). Piece by
+    piece of rows (`_pieces`): the bytes looked up in the table of e4m3 values (through an int32
+    index of one piece), then multiplied by their blocks' scales in place (`_blocked`)."""
+    w = torch.empty(q.shape, dtype=torch.float32) if out is None else out.view(q.shape)
+    lead, (rows, cols) = math.prod(q.shape[:-2]), q.shape[-2:]
+    codes, w3 = q.reshape(lead, rows, cols).view(torch.uint8), w.view(lead, rows, cols)
+    s = scale.to(torch.float32).reshape(_grid_shape(q.shape, block))
+    largest_piece = min(rows, max(1, PIECE // max(cols, 1))) * cols
+    index = torch.empty(largest_piece, dtype=torch.int32)
+    for e, r0, r1, g0, g1, piece_block in _pieces(q.shape, block):
+        part = w3[e, r0:r1]
+        n = part.numel()
+        torch.index_select(
+            _E4M3_VALUES, 0, index[:n].view(part.shape).copy_(codes[e, r0:r1]).view(-1), out=part.view(-1)
+        )
+        for view, view_scale, _ in _blocked(part.unsqueeze(0), s[e : e + 1, g0:g1], piece_block):
+            view.mul_(view_scale)
     return w
+
+
+def block_scales(
+    w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fresh per-block scales float32 [lead, gm, gn] of W [..., out, in], as transformers' `Fp8Quantize`
+    computes them: amax(|block|) / 448 (1 for an all-zero block), rounded to the stored scale dtype
+    and back."""
+    return _amax_and_scales(w, block, scale_dtype)[1]
+
+
+def _amax_and_scales(
+    w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amax(|block|), scale) per block, float32 [lead, gm, gn]. amax(|x|) = max(max x, -min x), piece
+    by piece of rows (`_pieces`: the second reduction reads the piece from the cache): the maximum
+    and minimum of each block's part of a row along the contiguous last dimension, then over the
+    piece's rows, then over the pieces of a row of blocks. max and min are exact, so any order gives
+    the same values (no |W| copy); NaN propagates as through abs().amax()."""
+    lead, (rows, cols) = math.prod(w.shape[:-2]), w.shape[-2:]
+    w3 = w.reshape(lead, rows, cols)
+    amax = torch.zeros(_grid_shape(w.shape, block), dtype=torch.float32)
+    for e, r0, r1, g0, g1, piece_block in _pieces(w.shape, block):
+        piece_amax = amax[e : e + 1, g0:g1]
+        part = torch.empty_like(piece_amax) if piece_block[0] != block[0] else piece_amax
+        for view, view_amax, dims in _blocked(w3[e : e + 1, r0:r1], part, piece_block):
+            high, low = view.amax(dim=dims[1], keepdim=True), view.amin(dim=dims[1], keepdim=True)
+            view_amax.copy_(torch.maximum(high, low.neg_()).amax(dim=dims[0], keepdim=True))
+        if part is not piece_amax:  # part of a row of blocks: the row's maximum so far
+            torch.maximum(piece_amax, part, out=piece_amax)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
+    return amax, scale
+
+
+# Below this, W / scale rounds to at most 448 in e4m3 (464, the midpoint to the next step 480, rounds
+# to even 448): clamping first changes no byte. A scale of amax / 448 rounded to its dtype keeps
+# amax / scale within 448 (1 + 2^-8) (bf16 rounding) plus float32 division: far below it.
+_NO_CLAMP = 460.0
+
+
+def quantize_(
+    w: torch.Tensor,
+    block: tuple[int, int],
+    scale_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` in place: `w` (contiguous float32) is divided by its scales and clamped, then cast
+    into `out` (float8_e4m3fn of w's shape, else a new one), piece by piece of rows (`_pieces`).
+    Memory: the FP8 bytes and the scales. The clamp to +-448 runs only where it can change a byte
+    (a block whose amax / scale reaches `_NO_CLAMP`: a scale that underflowed in its dtype, an
+    infinite or NaN value)."""
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        raise TypeError(f"quantize_ divides a contiguous float32 tensor in place, got {w.dtype}")
+    amax, scale = _amax_and_scales(w, block, scale_dtype)
+    clamp = not bool((amax.double() < _NO_CLAMP * scale.double()).all())
+    q = torch.empty(w.shape, dtype=E4M3) if out is None else out.view(w.shape)
+    lead, (rows, cols) = math.prod(w.shape[:-2]), w.shape[-2:]
+    w3, q3 = w.view(lead, rows, cols), q.view(lead, rows, cols)
+    for e, r0, r1, g0, g1, piece_block in _pieces(w.shape, block):
+        part = w3[e, r0:r1]
+        for view, view_scale, _ in _blocked(part.unsqueeze(0), scale[e : e + 1, g0:g1], piece_block):
+            view.div_(view_scale)
+        if clamp:
+            part.clamp_(-E4M3_MAX, E4M3_MAX)
+        q3[e, r0:r1].copy_(part)  # rounded to nearest even
+    return q, scale
 
 
 def quantize(
     w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn shaped like w, scale float32 [lead, gm, gn]): fresh per-block scales amax / 448,
-    rounded to the stored scale dtype first (bf16 scales: q is computed with the scale as stored).
-    One row of blocks at a time: memory is the output plus one row of blocks in float32."""
-    out, cols = w.shape[-2:]
-    bn = block[1]
-    gn, full = math.ceil(cols / bn), (cols // bn) * bn
-    q = torch.empty(w.shape, dtype=E4M3)
-    w3, q3 = w.reshape(-1, out, cols), q.view(-1, out, cols)
-    scale = torch.empty(w3.shape[0], math.ceil(out / block[0]), gn, dtype=torch.float32)
-    for e, r0, r1, i in _slabs(w.shape, block):
-        slab = w3[e, r0:r1].to(torch.float32, copy=True)  # divided in place below: never the caller's
-        amax = torch.empty(gn, dtype=torch.float32)
-        if full:
-            amax[: full // bn] = slab[:, :full].reshape(r1 - r0, full // bn, bn).abs().amax(dim=(0, 2))
-        if full < cols:
-            amax[-1] = slab[:, full:].abs().amax()
-        sc = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
-        scale[e, i] = sc
-        q3[e, r0:r1] = slab.div_(_row(sc, bn, cols)).clamp_(-E4M3_MAX, E4M3_MAX)
-    return q, scale
+    rounded to the stored scale dtype first (bf16 scales: q is computed with the scale as stored),
+    `q = clamp(W / scale, -448, 448)` rounded to nearest even. `w` is left as it is (a float32 copy is
+    divided: `quantize_` divides in place). Vectorised over the blocks (`_blocked`)."""
+    return quantize_(torch.empty(w.shape, dtype=torch.float32).copy_(w), block, scale_dtype)
 
 
 def broadcast_scale_norm(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int]) -> float:
@@ -204,32 +393,68 @@ def rounding_bound(w_norm: float, scale_norm: float) -> float:
     return (UNIT_ROUNDOFF + 2.0**-22) * w_norm + SUBNORMAL_HALF_SPACING * scale_norm
 
 
+def requantization_bound(w_norm: float, shape: tuple[int, ...], block: tuple[int, int]) -> float:
+    """Largest |W_q - W|_F of any W with |W|_F <= `w_norm` requantized with fresh block scales, from
+    `w_norm` alone (validation passes the input's norm, never the output's scales): each fresh scale
+    is amax_b / 448 (rounded up by at most 2^-8, a bf16 scale), amax_b^2 <= the block's sum of squares,
+    so |S|_F^2 = sum_b n_b amax_b^2 / 448^2 <= max n_b |W|_F^2 / 448^2, with n_b <= bm bn."""
+    out, inp = shape[-2:]
+    largest_block = min(block[0], out) * min(block[1], inp)
+    scale_norm = math.sqrt(largest_block) * w_norm / E4M3_MAX * (1 + 2.0**-8)
+    return rounding_bound(w_norm, scale_norm)
+
+
 def describe(fmt: Fp8Format | None) -> dict[str, Any] | None:
     return (
         None if fmt is None else {"method": fmt.method, "scale_suffix": fmt.scale_suffix, "block": fmt.block}
     )
 
 
-def pair_scales(config: dict, tensors: dict[str, Any]) -> dict[str, tuple[str, tuple[int, int]]]:
+SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
+def pair_scales(
+    config: dict, tensors: dict[str, Any], source: str | Path = "config.json"
+) -> dict[str, tuple[str, tuple[int, int]]]:
     """FP8 weight name -> (its scale tensor's name, block), for a checkpoint whose config declares a
-    supported FP8 format; {} for any other (the caller refuses what stays quantized)."""
+    supported FP8 format; {} for any other quantization (the caller refuses what stays quantized).
+
+    Checked here, at the boundary, one line each: the config's values (`format_from_config`), every
+    F8_E4M3 weight's scale present (named with the setting that names it), of a float dtype, finite
+    and positive is the edit's business; its shape against the weight's and the block size (`grid`)."""
     try:
-        fmt = format_from_config(config)
-    except (AbliterateError, AttributeError, TypeError, ValueError):  # malformed: refused by the caller
+        fmt = format_from_config(config, source)
+    except UnsupportedQuantization:  # refused by the caller, which names a tensor
         return {}
     if fmt is None:
         return {}
+    setting = (
+        f"quantization_config.quant_method {fmt.method!r} in {source} stores the scale of `<m>.weight` "
+        f"as `<m>.{fmt.scale_suffix}`"
+    )
     pairs = {}
     for name, t in tensors.items():
         if t.dtype != STORED_DTYPE or not name.endswith("weight"):
             continue
         scale = tensors.get(fmt.scale_name(name))
-        if scale is None or scale.dtype not in ("F32", "BF16", "F16"):
-            continue
+        if scale is None:
+            raise AbliterateError(
+                f"FP8 tensor {name} has no scale {fmt.scale_name(name)} in the checkpoint ({setting}): the "
+                "checkpoint is incomplete or its config.json describes another format; re-download it"
+            )
+        if scale.dtype not in SCALE_DTYPES:
+            raise AbliterateError(
+                f"FP8 scale {scale.name} ({scale.shard}) is stored as {scale.dtype}; scales must be "
+                f"{', '.join(SCALE_DTYPES)}: the checkpoint is corrupt or of another format; re-download it"
+            )
+        block_text = f"blocks {list(fmt.block)}" if fmt.block else "channel or tensor scales"
         try:
             pairs[name] = (scale.name, grid(t.shape, scale.shape, fmt.block))
-        except (AbliterateError, TypeError, ValueError):
-            continue
+        except AbliterateError as exc:
+            raise AbliterateError(
+                f"FP8 scale {scale.name} ({scale.shard}): {exc} ({block_text} from {source}): the scale or "
+                "the config is wrong; re-download the checkpoint"
+            ) from None
     return pairs
 
 
@@ -247,40 +472,50 @@ def uncovered(quantization: dict[str, str], pairs: dict[str, tuple[str, tuple[in
     }
 
 
+SCALE_AGREEMENT = 2.0**-3  # relative: one e4m3 step of the block's amax
+
+
 def one_ulp_apart(
     a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, block: tuple[int, int]
 ) -> bool:
-    """Whether two requantizations of the same edit (dequantized `a`, `b` with their scales) differ
-    by at most one e4m3 step per element: what float32 sums in another order can cause (a value
-    crossing a rounding boundary). The step at |x| is at most 2^-3 |x| (3 mantissa bits) for normal
-    values and 2^-9 x the block scale below them."""
+    """Whether `a` (the output, dequantized with its scales `scale_a`) is at most one e4m3 step per
+    element from `b`, the reference recomputed from the input (dequantized with `scale_b`): what
+    float32 sums in another order can cause (a value crossing a rounding boundary). The bound comes
+    from the reference alone, never from the output it judges (a damaged output scale must not widen
+    its own bound): every output scale within one e4m3 step (2^-3, relative) of the reference's, and
+    each element within max(2^-3 |b|, 2^-9 x the reference block scale) x (1 + 2^-3) of b (the step
+    below the smallest normal is 2^-9 x the scale; the factor covers the output's scale being up to
+    one step larger)."""
     out, cols = a.shape[-2:]
     grid_shape = (math.prod(a.shape[:-2]), math.ceil(out / block[0]), math.ceil(cols / block[1]))
-    largest = torch.maximum(
-        scale_a.to(torch.float64).reshape(grid_shape), scale_b.to(torch.float64).reshape(grid_shape)
+    sa = scale_a.to(torch.float64).reshape(grid_shape)
+    sb = scale_b.to(torch.float64).reshape(grid_shape)
+    if not bool(((sa - sb).abs() <= SCALE_AGREEMENT * sb.abs()).all()):
+        return False
+    reference = (
+        sb.repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)[:, :out, :cols].reshape(a.shape)
     )
-    largest = (
-        largest.repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)[:, :out, :cols].reshape(a.shape)
-    )
-    step = torch.maximum(2.0**-3 * torch.maximum(a.abs(), b.abs()), 2.0**-9 * largest)
+    step = torch.maximum(2.0**-3 * b.abs(), 2.0**-9 * reference.abs()) * (1 + SCALE_AGREEMENT)
     return bool(((a - b).abs() <= step * (1 + 2.0**-20)).all())
 
 
-def read_tensor(path: Path, t: Any) -> torch.Tensor:
-    """One tensor of a shard, in its stored dtype (`t`: a TensorInfo)."""
-    buffer = bytearray(t.nbytes)
+def read_tensor(path: Path, t: Any, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of a shard, in its stored dtype (`t`: a TensorInfo). `into`: a uint8 tensor of at
+    least `t.nbytes` elements to read into (the result is a view of it), else new memory."""
+    if into is None:
+        into = torch.empty(t.nbytes, dtype=torch.uint8)
+    if t.nbytes == 0:
+        return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
+    view, done = memoryview(into[: t.nbytes].numpy()), 0
     with open(path, "rb", buffering=0) as f:
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
+        while done < t.nbytes:
             n = os.preadv(f.fileno(), [view[done:]], t.start + done)
             if n == 0:
                 raise AbliterateError(
                     f"{path} ended inside tensor {t.name}: the file changed while being read"
                 )
             done += n
-    if not buffer:
-        return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
-    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[t.dtype]).reshape(t.shape)
+    return into[: t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
 
 
 def partners(inventory: Any, shard: str) -> list[str]:

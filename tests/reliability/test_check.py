@@ -102,3 +102,70 @@ def test_validation_accepts_another_machines_rounding(base, tmp_path, capsys):
     assert code == 0, report["failures"]
     assert report["recomputed"]["within_rounding"] > 0 and report["recomputed"]["differs"] == 0
     assert any("only within float32 rounding" in w for w in report["warnings"])
+
+
+def _edit_raw(folder: Path, name: str, change) -> None:
+    """Replace the stored bytes of one tensor by `change(tensor in its stored dtype)`, in place."""
+    from abliterate.weights import fp8
+
+    t = build_inventory(folder).tensors[name]
+    path = folder / t.shard
+    raw = bytearray(path.read_bytes())
+    new = change(fp8.read_tensor(path, t).clone())
+    raw[t.start : t.end] = new.contiguous().view(torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def _one_step_up(q: torch.Tensor) -> torch.Tensor:
+    """Every e4m3 value one step further from zero (448 and zero stay): what another machine's float32
+    sums may cause at worst, on every value at once."""
+    bits = q.view(torch.uint8).clone()
+    movable = ((bits & 0x7F) != 0) & ((bits & 0x7F) < 0x7E)
+    bits[movable] += 1
+    return bits.view(torch.float8_e4m3fn)
+
+
+EXPERT = "model.layers.1.mlp.experts.1.down_proj.weight"
+FP8_DAMAGE = {
+    # the issue's case: the expert zeroed and its scales x 2^20 validated OK (the bound came from the
+    # output's own scale, which the damage widened)
+    "zeroed, scales x 2^20": (lambda q: torch.zeros_like(q), lambda s: s * 2.0**20),
+    "scales doubled": (None, lambda s: s * 2),
+    "scales x 2^20 alone": (None, lambda s: s * 2.0**20),
+    "weight one step up everywhere, scales x 1.5": (_one_step_up, lambda s: s * 1.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FP8_DAMAGE))
+def test_fp8_validation_is_bounded_by_the_input_not_the_output(fp8_base, tmp_path, capsys, case):
+    """V6: validation of an FP8 output derives every bound from the input's scales and the edit's
+    arithmetic, never from the output's scales: a damaged scale (with or without its weight) fails."""
+    model, _, reference = fp8_base
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    change_q, change_s = FP8_DAMAGE[case]
+    if change_q is not None:
+        _edit_raw(out, EXPERT, change_q)
+    _edit_raw(out, EXPERT + "_scale_inv", change_s)
+    with unchanged(model):
+        code, _ = cli(capsys, "validate", model, out, "--quiet", "--out", tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 1 and not report["ok"]
+    assert any(EXPERT in f and "differ from the edit recomputed" in f for f in report["failures"]), report[
+        "failures"
+    ]
+
+
+def test_fp8_validation_accepts_one_step_of_another_machine(fp8_base, tmp_path, capsys):
+    """V7: the other side of V6's bound: every value of an FP8 weight one e4m3 step away from the
+    recomputation (the scales as recomputed) is what another machine's rounding may give: a warning."""
+    model, _, reference = fp8_base
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    _edit_raw(out, EXPERT, _one_step_up)
+    with unchanged(model):
+        code, _ = cli(capsys, "validate", model, out, "--quiet", "--out", tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0, report["failures"]
+    assert report["recomputed"]["within_rounding"] == 1
+    assert any(EXPERT in w and "one e4m3 step" in w for w in report["warnings"])

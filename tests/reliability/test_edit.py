@@ -21,7 +21,7 @@ import abliterate.edit.engine as engine
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.edit.output import STATE_DIR
 from abliterate.measure.direction_file import save_directions
-from abliterate.vocabulary import MANIFEST_FILE
+from abliterate.vocabulary import MANIFEST_FILE, MODEL_CARD_FILE
 from abliterate.weights.synthetic import write_glm_layout
 
 from .common import LAYOUT, POSITIONS, SHARDS, H, ablate_args, no_partial_shard, shard_bytes, tree
@@ -262,7 +262,7 @@ def test_overwrite_deletes_only_what_an_earlier_run_wrote(base, tmp_path, capsys
     assert not set(old_shards) - set(SHARDS) & set(after)  # the earlier run's own shards are gone
     assert shard_bytes(out) == shard_bytes(reference)
     assert sorted(json.loads((out / MANIFEST_FILE).read_text())["files"]) == sorted(
-        [*SHARDS, *(p.name for p in model.iterdir() if p.name not in SHARDS), MANIFEST_FILE]
+        [*SHARDS, *(p.name for p in model.iterdir() if p.name not in SHARDS), MODEL_CARD_FILE, MANIFEST_FILE]
     )
     code, lines = cli(capsys, "validate", model, out, "--quiet")
     assert code == 0
@@ -334,23 +334,6 @@ def test_report_and_output_paths_checked_before_the_work(base, prompts, tmp_path
     assert (tmp_path / "file").read_text() == "mine"
 
 
-def _mount_tmpfs(where: Path, options: str) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("needs root to mount a small tmpfs (covered by the injected-failure test)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
-
-
-@pytest.fixture
-def mounts():
-    mounted: list[Path] = []
-    yield lambda where, options: (_mount_tmpfs(where, options), mounted.append(where))
-    for where in mounted:
-        subprocess.run(["umount", str(where)], check=False)
-
-
 def test_output_on_a_read_only_filesystem(base, tmp_path, capsys, mounts):
     """Root ignores file modes, so a read-only mount stands for an unwritable output."""
     model, directions, _ = base
@@ -387,11 +370,11 @@ def _fail_writes_after(monkeypatch, calls: int, error: OSError) -> None:
     count = [0]
     write = engine._write_rounded
 
-    def failing(dst, work, dtype):
+    def failing(*args, **kwargs):
         count[0] += 1
         if count[0] > calls:
             raise error
-        write(dst, work, dtype)
+        return write(*args, **kwargs)
 
     monkeypatch.setattr(engine, "_write_rounded", failing)
 
@@ -424,3 +407,115 @@ def test_write_failures_are_one_line_errors(base, tmp_path, capsys, monkeypatch,
     _fail_writes_after(monkeypatch, 3, OSError(err, os.strerror(err)))
     result = cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--workers", "1"))
     assert_error(result, "ablate", os.strerror(err), "model-0000", "rerun")  # what, which shard, what to do
+
+
+def _linked_model(model: Path, folder: Path, shard_target: Path) -> Path:
+    """A copy of `model` whose first shard is a symbolic link to `shard_target` (holding its bytes)."""
+    shutil.copytree(model, folder)
+    shutil.copyfile(folder / SHARDS[0], shard_target)
+    (folder / SHARDS[0]).unlink()
+    (folder / SHARDS[0]).symlink_to(shard_target)
+    return folder
+
+
+def test_input_file_linked_into_the_output_is_refused(base, tmp_path, capsys):
+    """O17: an input shard that is a link into --out (an earlier output): `ablate --overwrite` replaced
+    the link's target, so the input then held ablated weights. Every file of the input is resolved
+    before any write: exit 2, nothing written, input and output byte-identical."""
+    model, directions, reference = base
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    linked = _linked_model(model, tmp_path / "linked", tmp_path / "keep")
+    (linked / SHARDS[0]).unlink()
+    (linked / SHARDS[0]).symlink_to(out / SHARDS[0])  # now the input's shard 1 is the output's file
+    shutil.copyfile(model / SHARDS[0], out / SHARDS[0])  # holding the input's bytes, as a user might
+    before = tree(out)
+    with unchanged(model):
+        assert_error(
+            cli(capsys, *ablate_args(linked, directions, out, "--overwrite", "--force")),
+            "ablate",
+            f"input file {linked / SHARDS[0]} is a link to {out.resolve() / SHARDS[0]}",
+            "would change the input",
+        )
+    assert tree(out) == before
+
+
+def test_hub_snapshot_linking_into_the_output_or_an_output_in_the_cache_is_refused(
+    base, tmp_path, capsys, monkeypatch
+):
+    """O18: the same through a Hugging Face cache snapshot whose file links outside the cache, into the
+    output; and an output inside the cache itself (the downloaded inputs live there)."""
+    import abliterate.paths as paths
+
+    model, directions, _ = base
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("0" * 40)
+    blobs = cache / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    for p in sorted(model.iterdir()):
+        target = (out / p.name) if p.name == SHARDS[1] else (blobs / p.name)
+        shutil.copyfile(p, target)
+        (snapshot / p.name).symlink_to(os.path.relpath(target, snapshot))
+    monkeypatch.setattr(paths.hub_constants, "HF_HUB_CACHE", str(cache))
+    before = tree(out)
+    with unchanged(cache):
+        assert_error(
+            cli(capsys, *ablate_args(snapshot, directions, out, "--overwrite", "--force")),
+            "ablate",
+            f"is a link to {out.resolve() / SHARDS[1]}",
+        )
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, cache / "ablated")),
+            "ablate",
+            "is inside the Hugging Face cache",
+            "choose a directory outside it",
+        )
+    assert tree(out) == before and not (cache / "ablated").exists()
+
+
+def test_overwrite_never_replaces_files_no_run_wrote(base, tmp_path, capsys):
+    """O19: `--overwrite` into a folder holding the user's own config.json and another model's shard
+    under the name this run writes (no abliterate record lists them) replaced both; now exit 2 naming
+    them, every file kept."""
+    model, directions, _ = base
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / SHARDS[0]).write_bytes(b"another model's shard")
+    before = tree(out)
+    with unchanged(model):
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, out, "--overwrite")),
+            "ablate",
+            "config.json",
+            SHARDS[0],
+            "no abliterate run recorded as its own",
+        )
+    assert tree(out) == before
+
+
+def test_records_folder_linked_elsewhere_and_link_loops_are_refused(base, tmp_path, capsys):
+    """O20: the output's records folder (`.abliterate`) a link to another folder (the records would be
+    written through it); a loop of symbolic links as --out or as MODEL: one line each, nothing written."""
+    model, directions, _ = base
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STATE_DIR).symlink_to(elsewhere)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with unchanged(model):
+        assert_error(
+            cli(capsys, *ablate_args(model, directions, out, "--overwrite")),
+            "ablate",
+            "is a symbolic link",
+            "outside the output",
+        )
+        assert_error(cli(capsys, *ablate_args(model, directions, loop)), "ablate", str(loop))
+        assert_error(cli(capsys, *ablate_args(loop, directions, tmp_path / "o2")), "ablate", str(loop))
+        assert_error(cli(capsys, "inventory", loop), "inventory", str(loop))
+    assert not list(elsewhere.iterdir()) and not (tmp_path / "o2").exists()

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from checkpoint_guard import unchanged
+from fixtures import assert_error, console
 
 from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.errors import AbliterateError
@@ -258,3 +262,186 @@ def test_flow_validation_catches_a_damaged_output(prefect_env, tmp_path):
         "validation of" in second.message
         and "differs from the edit recomputed from the input" in second.message
     )
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--search-seed", "-1"], ["--search-seed", "greater than or equal to 0"]),
+        (["--study", "/../../x"], ["--study", "is no study name"]),
+        (["--study", ".hidden"], ["--study", "is no study name"]),
+        (["--memory-budget", "9" * 400], ["memory budget", "beyond any machine"]),
+    ],
+)
+def test_search_settings_are_typed_at_the_boundary(tmp_path, capsys, extra, fragments):
+    """S1: a negative seed reached Optuna's sampler (a traceback), a study name `/../../x` wrote its lock
+    file outside the tool's home, a memory budget of 400 nines overflowed: each is one line naming the
+    option, before any server starts."""
+    result = console(capsys, "search", DEMO_MODEL_DIR, *extra)
+    assert_error(result, "search", *fragments)
+    assert not (tmp_path / "x.lock").exists()
+
+
+@pytest.mark.parametrize("case", ["garbage", "directory", "dangling link", "locked name"])
+def test_study_database_and_lock_errors_are_one_line(tmp_path, case):
+    """S2: a garbage or directory search.db (SQLAlchemy's traceback), a lock name leading out of the
+    tool's home: one line naming the database or the lock, nothing written outside `root`."""
+    from abliterate.config import Search
+    from abliterate.search.study import open_study, study_lock
+
+    root = tmp_path / "mlruns"
+    root.mkdir()
+    db = root / "search.db"
+    if case == "garbage":
+        db.write_bytes(b"not a database at all, just bytes" * 10)
+        fragments = [str(db), "is not an SQLite database", "move it away"]
+    elif case == "directory":
+        db.mkdir()
+        fragments = [str(db), "is a directory", "move it away"]
+    elif case == "dangling link":
+        db.symlink_to(tmp_path / "gone.db")
+        fragments = [str(db), "dangling symbolic link"]
+    if case == "locked name":
+        with pytest.raises(AbliterateError, match="not a plain file name"), study_lock(root, "/../../x"):
+            pass
+        assert not (tmp_path / "x.lock").exists() and not list(tmp_path.parent.glob("x.lock"))
+        return
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(AbliterateError) as caught:
+        open_study(root, "s", Search())
+    assert all(f in str(caught.value) for f in fragments), str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# A process that holds the study database's write lock (a `sqlite3` shell inside a transaction), says
+# "locked" once it does, and keeps it until killed.
+HOLD_DATABASE = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_database(db) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_DATABASE, str(db)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"locked"
+    return holder
+
+
+def test_locked_study_database_and_study_fail_within_seconds_naming_the_holder(tmp_path):
+    """S4: a study database another process keeps locked: the search waited 60 s, then one line that said
+    nothing of who. Now it waits `STUDY_BUSY_TIMEOUT_S` (2 s), and the line names the database and the
+    process that holds it; a second search of the same study names the search that runs it."""
+    from abliterate.config import Search
+    from abliterate.search.study import STUDY_BUSY_TIMEOUT_S, open_study, study_lock
+
+    root = tmp_path / "mlruns"
+    open_study(root, "first", Search())  # the database exists, as after an earlier search
+    holder = _hold_database(root / "search.db")
+    try:
+        began = time.monotonic()
+        with pytest.raises(AbliterateError) as caught:
+            open_study(root, "second", Search())
+        took = time.monotonic() - began
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(caught.value)
+    assert took < STUDY_BUSY_TIMEOUT_S + 10, took
+    assert "\n" not in message
+    for fragment in (str(root / "search.db"), "database is locked", f"process {holder.pid} (", "rerun"):
+        assert fragment in message, message
+
+    # the same study run by another process: its pid and command line in the message, at once
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from abliterate.search.study import study_lock\n"
+            "with study_lock(sys.argv[1], 'busy'):\n    print('running', flush=True); time.sleep(600)",
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert runner.stdout.readline().strip() == b"running"
+        with pytest.raises(AbliterateError) as caught, study_lock(root, "busy"):
+            pass
+    finally:
+        runner.kill()
+        runner.wait()
+    assert f"another search is running study busy (process {runner.pid} (" in str(caught.value)
+
+
+def test_a_database_locked_in_the_middle_of_a_search_is_one_line(tmp_path):
+    """S5: an error of the study database while the trials are asked for and told (Optuna's
+    StorageInternalError around SQLAlchemy's around sqlite3's, a traceback): the database locked by
+    another process after the first trial. One line naming the database, the reason and the holder,
+    within seconds; the finished trial is kept and a rerun completes the study."""
+    import optuna
+
+    from abliterate.config import Evaluation, Measurement, Runtime, Search, Selection, Template
+    from abliterate.demo import prompt_file
+    from abliterate.measure.directions import compute_directions, write_directions
+    from abliterate.measure.means import measure_checkpoint
+    from abliterate.measure.prompts import load_prompts
+    from abliterate.search.study import run_study
+    from abliterate.weights.checkpoint import build_inventory
+
+    harmful = load_prompts(prompt_file("demo", "harmful", "train"))[:16]
+    harmless = load_prompts(prompt_file("demo", "harmless", "train"))[:16]
+    runtime = Runtime(device="cpu", dtype="float32", batch_size=16)
+    measured = measure_checkpoint(
+        str(DEMO_MODEL_DIR), harmful, harmless, Measurement(), Template(), runtime, False
+    )
+    directions = write_directions(
+        tmp_path / "directions",
+        compute_directions(measured, "projected"),
+        measured,
+        build_inventory(DEMO_MODEL_DIR).fingerprint,
+        3,
+    )
+    root = tmp_path / "mlruns"
+    settings = Search(trials=3, study="locked", reply_tokens=2, max_prompts=4, startup_trials=2)
+    sections = (Selection(), Template(), Evaluation(), Runtime(batch_size=8), root)
+    holders = []
+
+    def lock_after_the_first(result):
+        if not holders:
+            holders.append(_hold_database(root / "search.db"))
+
+    try:
+        began = time.monotonic()
+        with pytest.raises(AbliterateError) as caught:
+            run_study(
+                DEMO_MODEL_DIR,
+                directions,
+                harmful[:8],
+                harmless[:8],
+                settings,
+                *sections,
+                on_trial=lock_after_the_first,
+            )
+        took = time.monotonic() - began
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in (
+        str(root / "search.db"),
+        "database is locked",
+        f"process {holders[0].pid} (",
+        "finished trials are kept",
+    ):
+        assert fragment in message, message
+    assert took < 120, took  # Optuna tries a new trial 5 times: 5 x (2 s + up to 2 s), not 5 x 60 s
+    storage = f"sqlite:///{root / 'search.db'}"
+    kept = optuna.load_study(study_name="locked", storage=storage).get_trials()
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in kept) == 1
+    again = run_study(DEMO_MODEL_DIR, directions, harmful[:8], harmless[:8], settings, *sections)
+    assert len(again["trials"]) == 3 and again["resumed_from"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -301,3 +302,93 @@ def test_measure_output_inside_the_model_is_refused(prompts, tmp_path, capsys):
             "none",
         )
         assert_error(result, "measure", "inside the input checkpoint")
+
+
+# Characters str.splitlines splits at that are no line end: inside a prompt they stay.
+INNER = {
+    "U+2028": "\u2028",
+    "U+2029": "\u2029",
+    "form feed": "\f",
+    "vertical tab": "\x0b",
+    "U+0085": "\x85",
+    "file separator": "\x1c",
+}
+
+
+@pytest.mark.parametrize("name", sorted(INNER))
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_prompt_files_split_at_line_ends_only(prompts, tmp_path, capsys, name, end):
+    """Q11: a prompt holding U+2028, a form feed, a vertical tab (...) was split in two; only \\n, \\r\\n and
+    \\r end a line (prompt files, JSONL files and marker files), and `measure` reads as many prompts as lines."""
+    from abliterate.inference.refusal import read_markers
+    from abliterate.measure.prompts import load_prompts
+
+    _, good, _, _ = prompts
+    c = INNER[name]
+    lines = [f"Explain{c}how tides work.", f"Name{c}three rivers.", "Write a haiku."]
+    path = tmp_path / "p.txt"
+    path.write_bytes(end.join(lines).encode() + end.encode())
+    assert [str(p) for p in load_prompts(path)] == lines
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(end.join(json.dumps({"prompt": line}, ensure_ascii=False) for line in lines), newline="")
+    assert [str(p) for p in load_prompts(jsonl)] == lines
+    markers = tmp_path / "markers.txt"
+    markers.write_bytes(end.join(lines).encode())
+    assert read_markers(markers) == lines
+    code, err = cli(
+        capsys, "measure", DEMO_MODEL_DIR, "--harmful", path, "--harmless", good, "--out", tmp_path / "m",
+        "--direction-position", "none", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads((tmp_path / "m" / "directions.json").read_text())
+    assert record["n_harmful"] == 3, record
+
+
+def test_marker_adds_to_the_built_in_list(tmp_path):
+    """Q12: `--marker X`, documented as adding to the markers, replaced the built-in list (the refusing demo
+    model then measured 1.00 -> 0.00 with nothing ablated). It adds to the built-in list or the --markers
+    file, in that order, without duplicates; a blank one is refused."""
+    from abliterate.config import Evaluation
+    from abliterate.inference.refusal import marker_phrases
+    from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
+
+    assert marker_phrases(Evaluation(marker=["zzz"])) == (*DEFAULT_REFUSAL_MARKERS, "zzz")
+    assert marker_phrases(Evaluation(marker=[DEFAULT_REFUSAL_MARKERS[0]])) == tuple(DEFAULT_REFUSAL_MARKERS)
+    file = tmp_path / "m.txt"
+    file.write_text("# mine\nnope\n")
+    assert marker_phrases(Evaluation(markers=str(file), marker=["zzz"])) == ("nope", "zzz")
+
+
+def test_marker_keeps_the_refusals_of_the_demo_model(prompts, tmp_path, capsys):
+    """Q12 through the CLI: the refusing demo model refuses as much with `--marker zzz` as without."""
+    rates = []
+    for extra in ([], ["--marker", "zzz"]):
+        report = tmp_path / f"r{len(extra)}.json"
+        code, err = cli(
+            capsys, "evaluate", DEMO_MODEL_DIR, "--max-new-tokens", "8", "--quiet", "--out", report, *extra
+        )
+        assert code == 0, err
+        rates.append(json.loads(report.read_text())["refusal_rate_harmful"])
+    assert rates[0] == rates[1] and rates[0] > 0.5, rates
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--markers", "missing.txt"], ["marker file", "missing.txt", "does not exist"]),
+        (["--marker", ""], ["--marker", "blank"]),
+        (["--memory-budget", "9" * 400], ["memory budget", "beyond any machine"]),
+    ],
+)
+def test_cheap_checks_run_before_the_model_loads(prompts, tmp_path, capsys, extra, fragments):
+    """Q13: the settings that need no model (markers, the memory budget) fail before `measure` loads the
+    model, not after the measurement (the markers were read by the selection, after it)."""
+    _, good, _, _ = prompts
+    with unchanged(DEMO_MODEL_DIR):
+        result = cli(
+            capsys, "measure", DEMO_MODEL_DIR, "--harmful", good, "--harmless", good, "--out", tmp_path / "m",
+            *[str(tmp_path / e) if e == "missing.txt" else e for e in extra],
+        )  # fmt: skip
+    assert_error(result, "measure", *fragments)
+    assert not any(line.startswith("model ") for line in result[1])  # the model was never loaded
+    assert not (tmp_path / "m").exists()

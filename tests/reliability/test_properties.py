@@ -281,3 +281,96 @@ def test_any_valid_plan_runs_and_validates(base, tmp_path_factory, scales, metho
         plan.write_text(yaml.safe_dump(data))
         with unchanged(model):
             event(_one_line_or_a_correct_run(model, means, work, "--plan", plan))
+
+
+# ------------------------------------------------------------------ FP8 configs and scale tensors
+
+FP8_KEYS = ("weight_block_size", "quant_method", "scale_fmt", "config_groups", "activation_scheme")
+FP8_SCALE = "model.layers.1.mlp.experts.1.down_proj.weight_scale_inv"  # [4, 2]
+
+
+@PROPERTY
+@given(
+    key=st.sampled_from(FP8_KEYS),
+    value=JSON_VALUES | st.lists(st.integers(-2, 70), max_size=3),
+    shape=st.none() | st.lists(st.integers(0, 9), max_size=3),
+)
+def test_any_fp8_config_or_scale_shape_is_one_line_or_a_correct_run(fp8_base, key, value, shape):
+    """C31: `quantization_config` with any key replaced by any JSON value (block sizes of every length and
+    sign among them), and the scale of one expert given any shape: `inventory` and `ablate` exit 2 with one
+    line, or run, and the output validates (the recomputation with the scales as read)."""
+    model, directions, _ = fp8_base
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        copy = _mutated_copy(model, work)
+        config = json.loads((copy / "config.json").read_text())
+        config["quantization_config"][key] = value
+        (copy / "config.json").write_text(json.dumps(config))
+        if shape is not None:
+            index = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+            shard = copy / index[FP8_SCALE]
+
+            def reshape(header):
+                header[FP8_SCALE]["shape"] = shape
+                return header
+
+            rewrite_header(shard, reshape)
+        with unchanged(copy):
+            event(_one_line_or_a_correct_run(copy, directions, work))
+
+
+# ------------------------------------------------------------------ study names
+
+
+@PROPERTY
+@given(name=st.text(max_size=12) | st.sampled_from(["/../../x", "..", ".", "a/b", "x" * 101, "a\0b"]))
+def test_any_study_name_is_refused_or_locks_inside_the_home(name):
+    """S3: any `--study` name is refused in one line (the setting's check) or names a lock file directly
+    in the tool's home, never elsewhere."""
+    from abliterate.config import Search
+    from abliterate.errors import AbliterateError
+    from abliterate.search.study import study_lock
+
+    try:
+        Search(study=name)
+    except AbliterateError as exc:
+        assert str(exc).startswith("--study (search.study): ") and "\n" not in str(exc), str(exc)
+        event("refused")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "home" / "mlruns"
+        with study_lock(root, name):
+            pass
+        made = [p for p in Path(tmp).rglob("*") if p.is_file()]
+        assert made == [root / f".{name}.lock"], made
+    event("locked")
+
+
+# ------------------------------------------------------------------ prompt files
+
+PROMPT_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=12)
+
+
+@PROPERTY
+@given(
+    prompts=st.lists(PROMPT_TEXT, max_size=6), end=st.sampled_from(["\n", "\r\n", "\r"]), final=st.booleans()
+)
+def test_any_prompt_file_reads_one_prompt_per_line(prompts, end, final):
+    """Q14: a .txt prompt file of any lines (any characters but line ends, U+2028, form feeds, control
+    characters included) joined by any line end reads back as exactly its lines, stripped, blank ones and
+    duplicates dropped, in order; or, with none left, the one-line 'no prompts' error."""
+    from abliterate.errors import AbliterateError
+    from abliterate.measure.prompts import load_prompts
+
+    expected = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.txt"
+        path.write_bytes((end.join(prompts) + (end if final else "")).encode())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not expected:
+                with pytest.raises(AbliterateError, match="no prompts"):
+                    load_prompts(path)
+                return
+            read = load_prompts(path)
+    assert [str(p) for p in read] == expected

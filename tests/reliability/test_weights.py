@@ -440,3 +440,127 @@ def test_guard_notices_a_change(tmp_path):
             with unchanged(folder):
                 change()
     assert snapshot(folder) != before
+
+
+SCALE = "model.layers.1.mlp.experts.1.down_proj.weight_scale_inv"  # [4, 2]: weight [64, 32] in blocks of 16
+
+
+def _quantization(change):
+    def edit(config):
+        config["quantization_config"] = change(dict(config["quantization_config"]))
+        return config
+
+    return edit
+
+
+def _compressed(groups):
+    return lambda qc: {"quant_method": "compressed-tensors", "config_groups": groups}
+
+
+def _rename_tensor(model: Path, name: str, new: str) -> None:
+    shard = model / build_inventory(model).tensors[name].shard
+    rewrite_header(shard, lambda h: {(new if k == name else k): v for k, v in h.items()})
+    _edit_json(
+        model / INDEX_FILE,
+        lambda i: {**i, "weight_map": {(new if k == name else k): v for k, v in i["weight_map"].items()}},
+    )
+
+
+FP8_BLOCK = "`quantization_config.weight_block_size`"
+FP8_CASES = {
+    "block size with a zero": (
+        lambda m: _edit_json(m / "config.json", _quantization(lambda q: {**q, "weight_block_size": [0, 16]})),
+        ["config.json", FP8_BLOCK, "is [0, 16]", "two whole numbers"],
+    ),
+    "block size fractional": (
+        lambda m: _edit_json(
+            m / "config.json", _quantization(lambda q: {**q, "weight_block_size": [16.5, 16]})
+        ),
+        ["config.json", FP8_BLOCK, "is [16.5, 16]", "two whole numbers"],
+    ),
+    "block size true": (
+        lambda m: _edit_json(m / "config.json", _quantization(lambda q: {**q, "weight_block_size": True})),
+        ["config.json", FP8_BLOCK, "is true"],
+    ),
+    "block size of one number": (
+        lambda m: _edit_json(m / "config.json", _quantization(lambda q: {**q, "weight_block_size": [16]})),
+        ["config.json", FP8_BLOCK, "is [16]"],
+    ),
+    "block size of another checkpoint": (
+        lambda m: _edit_json(
+            m / "config.json", _quantization(lambda q: {**q, "weight_block_size": [32, 32]})
+        ),
+        ["_scale_inv", "do not match weight", "in blocks [32, 32]", "config.json", "re-download"],
+    ),
+    "config_groups a list": (
+        lambda m: _edit_json(m / "config.json", _quantization(_compressed([{"weights": {}}]))),
+        ["config.json", "`quantization_config.config_groups` is [", "must be an object"],
+    ),
+    "config group weights a string": (
+        lambda m: _edit_json(m / "config.json", _quantization(_compressed({"g": {"weights": "float8"}}))),
+        ["config.json", '`quantization_config.config_groups.g.weights` is "float8"'],
+    ),
+    "block_structure a string": (
+        lambda m: _edit_json(
+            m / "config.json",
+            _quantization(
+                _compressed(
+                    {
+                        "g": {
+                            "weights": {
+                                "type": "float",
+                                "num_bits": 8,
+                                "strategy": "block",
+                                "block_structure": "16x16",
+                            }
+                        }
+                    }
+                )
+            ),
+        ),
+        ["config.json", '`quantization_config.config_groups.g.weights.block_structure` is "16x16"'],
+    ),
+    "quant_method a number": (
+        lambda m: _edit_json(m / "config.json", _quantization(lambda q: {**q, "quant_method": 8})),
+        ["config.json", "`quantization_config.quant_method` is 8", "must be a string"],
+    ),
+    # the same 8 values as [4, 2], transposed: they would scale the wrong blocks
+    "scale of the right size but the wrong shape": (
+        lambda m: rewrite_header(m / build_inventory(m).tensors[SCALE].shard, entry(SCALE, "shape", [2, 4])),
+        [SCALE, "of shape [2, 4] do not match weight [64, 32] in blocks [16, 16]", "expected [4, 2]"],
+    ),
+    "scale flattened": (
+        lambda m: rewrite_header(m / build_inventory(m).tensors[SCALE].shard, entry(SCALE, "shape", [8])),
+        [SCALE, "of shape [8]", "expected [4, 2]"],
+    ),
+    "scale of an integer dtype": (
+        lambda m: rewrite_header(m / build_inventory(m).tensors[SCALE].shard, _set_dtype(SCALE, "I32")),
+        [SCALE, "is stored as I32", "scales must be F32, BF16, F16"],
+    ),
+    "scale missing": (
+        lambda m: _rename_tensor(m, SCALE, SCALE + "_old"),
+        [
+            "FP8 tensor model.layers.1.mlp.experts.1.down_proj.weight has no scale " + SCALE,
+            "quantization_config.quant_method 'fp8'",
+            "weight_scale_inv",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FP8_CASES))
+def test_fp8_config_and_scales_are_checked_at_the_boundary(fp8_base, tmp_path, capsys, case):
+    """C28-C30: an FP8 checkpoint's `quantization_config` values (block size, config groups, method)
+    and its scale tensors (shape against the weight and the block size, not only the element count;
+    dtype; presence) are checked where they are read: one line naming the file or tensor, the key and
+    what it must be, from `inventory` and `ablate`; nothing written, input unchanged."""
+    model, directions, _ = fp8_base
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    damage, fragments = FP8_CASES[case]
+    damage(damaged)
+    out = tmp_path / "out"
+    with unchanged(damaged):
+        assert_error(cli(capsys, "inventory", damaged), "inventory", *fragments)
+        assert_error(cli(capsys, *ablate_args(damaged, directions, out, "--force")), "ablate", *fragments)
+    assert not out.exists()
