@@ -27,11 +27,15 @@ study never scored (`--confirm-fraction`, seeded).
 `--device` / `--dtype` (default cpu, float32) is where every model of it runs: measurement, selection,
 the trials and the test evaluations (`benchmarks/gpu_check.sh` runs it with `--device cuda`).
 
-Figures seen (this 2-core CPU shared with other jobs at load average about 12.8, one torch thread):
-50 trials in 72 s (42 trials/minute); 1.43 s per trial (1.27 s scoring) against a floor of 0.97 s:
-1.48x. Run's choice (trial 0) 0 of 48 refusals, KL 5.3e-7 on the study's prompts, 0 of 16 on the
-confirmation prompts, 0.00 refusals and KL 5.6e-7 on the test prompts; the search's choice (trial 39,
-projected, position 3.53) 0 of 48, KL 8.7e-8, 0 of 16 confirmed, and 0.00 and 1.5e-7 on the test prompts.
+Also printed: CPU seconds per trial (between the ends of consecutive trials) against the floor's CPU
+seconds: with one torch thread, a ratio the machine's load from other jobs hardly moves.
+
+Figures seen (this 2-core CPU, one torch thread, load average 0.7): 50 trials in 17 s (177
+trials/minute); 0.339 s per trial (0.311 s scoring) against a floor of 0.263 s: 1.29x (CPU seconds
+1.29x; the code before the first-step log-probabilities and the grouped study writes: 1.49x). Run's
+choice (trial 0) 0 of 48 refusals, KL 5.3e-7 on the study's prompts, 0 of 16 on the confirmation
+prompts, 0.00 refusals and KL 5.6e-7 on the test prompts; the search's choice (trial 39, projected,
+position 3.53) 0 of 48, KL 8.7e-8, 0 of 16 confirmed, and 0.00 and 1.5e-7 on the test prompts.
 """
 
 from __future__ import annotations

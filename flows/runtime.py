@@ -74,6 +74,10 @@ def configure(quiet: bool = True) -> None:
         defaults["DASK_LOGGING__DISTRIBUTED"] = "error"
         defaults["MLFLOW_LOGGING_LEVEL"] = "WARNING"
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # Prefect's API log handler writes "--- Error logging to API ---" and the reason to stderr for every
+        # batch of logs it cannot send once the server is gone (`logging.raiseExceptions`, the stdlib's
+        # switch for errors of logging itself): they buried the run's one-line error (R12).
+        logging.raiseExceptions = False
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     (project_dir() / "mlruns").mkdir(parents=True, exist_ok=True)

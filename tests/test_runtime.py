@@ -71,7 +71,10 @@ def test_start_up_timeout_of_the_real_temporary_server_becomes_one_line():
     assert "prefect server start" in text and "PREFECT_API_URL=http://127.0.0.1:4200/api" in text
 
 
-def test_unreachable_api_url_and_unrelated_errors():
+def test_unreachable_api_url_and_unrelated_errors(monkeypatch):
+    monkeypatch.setattr(
+        runtime, "_temporary_server", False
+    )  # the user's PREFECT_API_URL, not the temporary server
     try:
         try:
             raise ConnectionRefusedError("[Errno 111] Connection refused")
@@ -174,3 +177,12 @@ def test_experiment_kind_on_new_and_old_experiments_unless_the_user_chose_one(mo
 
 def test_experiment_ui_path_asks_for_machine_learning_mode():
     assert tracking.experiment_ui_path("7") == "#/experiments/7/runs?workflowType=machine_learning"
+
+
+def test_unreachable_temporary_server_is_named_as_such(monkeypatch):
+    """The same error when the flows run on Prefect's temporary server (which sets PREFECT_API_URL to
+    itself): that server went away mid-run; the user's PREFECT_API_URL is not blamed."""
+    monkeypatch.setattr(runtime, "_temporary_server", True)
+    error = runtime.server_start_error(RuntimeError("Failed to reach API at http://127.0.0.1:4999/api/"))
+    assert isinstance(error, AbliterateError)
+    assert "temporary server stopped answering" in str(error) and "rerun the same command" in str(error)

@@ -48,7 +48,7 @@ def mostly_benign_study(folder: Path) -> tuple[str, list[str]]:
     return str(path), [lines[int(i)] for i in confirm]
 
 
-def search(capsys, path: str, out: Path, *extra: str) -> tuple[int, dict, str]:
+def search(capfd, path: str, out: Path, *extra: str) -> tuple[int, dict, str]:
     argv = [
         "search",
         str(DEMO_MODEL_DIR),
@@ -73,17 +73,17 @@ def search(capsys, path: str, out: Path, *extra: str) -> tuple[int, dict, str]:
         *extra,
     ]
     code = main(argv)
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     return code, json.loads(captured.out) if code == 0 else {}, captured.err
 
 
 @pytest.mark.slow
-def test_a_choice_the_confirmation_refutes_is_replaced_kept_or_refused(prefect_env, tmp_path, capsys):
+def test_a_choice_the_confirmation_refutes_is_replaced_kept_or_refused(prefect_env, tmp_path, capfd):
     path, confirm = mostly_benign_study(tmp_path)
 
     # refuse: nothing written, one line naming the failure, the exit code of an error
     code, _, err = search(
-        capsys, path, tmp_path / "refused", "--trial", str(WEAK_TRIAL), "--on-confirm-failure", "refuse"
+        capfd, path, tmp_path / "refused", "--trial", str(WEAK_TRIAL), "--on-confirm-failure", "refuse"
     )
     line = err.strip().splitlines()[-1]
     assert code != 0 and line.startswith("abliterate search: error:"), err[-2000:]
@@ -92,7 +92,7 @@ def test_a_choice_the_confirmation_refutes_is_replaced_kept_or_refused(prefect_e
 
     # keep: the refuted trial written anyway, with the warning in the result and the manifest
     code, kept, err = search(
-        capsys, path, tmp_path / "kept", "--trial", str(WEAK_TRIAL), "--on-confirm-failure", "keep"
+        capfd, path, tmp_path / "kept", "--trial", str(WEAK_TRIAL), "--on-confirm-failure", "keep"
     )
     assert code == 0 and kept["resumed_from"] == 10 and kept["new_trials"] == 0  # the same study
     confirmation = kept["confirmation"]
@@ -107,7 +107,7 @@ def test_a_choice_the_confirmation_refutes_is_replaced_kept_or_refused(prefect_e
     assert manifest["plan"]["origin"]["search"]["confirmation"] == confirmation
 
     # stronger: the front's stronger trials confirmed in turn, the first that holds written
-    code, stronger, err = search(capsys, path, tmp_path / "stronger", "--trial", str(WEAK_TRIAL))
+    code, stronger, err = search(capfd, path, tmp_path / "stronger", "--trial", str(WEAK_TRIAL))
     assert code == 0
     confirmation = stronger["confirmation"]
     written = confirmation["written"]
@@ -133,7 +133,7 @@ def test_a_choice_the_confirmation_refutes_is_replaced_kept_or_refused(prefect_e
 
     # run's default plan (trial 0) written and evaluated the same way: the stronger trial refuses no
     # more of the held-out prompts than it does; the kept one refuses more (what its warning says)
-    code, default, _ = search(capsys, path, tmp_path / "default", "--trial", "0")
+    code, default, _ = search(capfd, path, tmp_path / "default", "--trial", "0")
     assert code == 0 and default["confirmation"]["chosen"]["holds"]
     assert default["evaluation_prompts"] == stronger["evaluation_prompts"] == kept["evaluation_prompts"]
     rate = default["evaluation"]["refusal_rate_harmful"]

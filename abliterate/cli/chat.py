@@ -169,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
         command = text.strip()
         if not command:
             continue
+        try:  # bytes that are not UTF-8 arrive as lone surrogates, which the tokenizer cannot take
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            print("(that line is not valid UTF-8: type or paste it as UTF-8 text)", flush=True)
+            continue
         if command == "/quit":
             return 0
         if command == "/reset":

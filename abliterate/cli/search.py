@@ -6,8 +6,15 @@ import argparse
 import json
 import time
 
-from abliterate.cli.run import FLOW_SECTIONS, add_flow_options, flow_sections, prepare_flows
+from abliterate.cli.run import (
+    FLOW_SECTIONS,
+    add_flow_options,
+    check_before_server,
+    flow_sections,
+    prepare_flows,
+)
 from abliterate.config import Search
+from abliterate.figures import figure
 
 # The search decides the ablation settings; its own section replaces them.
 SEARCH_SECTIONS = tuple(cls for cls in FLOW_SECTIONS if cls.section != "ablation") + (Search,)
@@ -47,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     sections = flow_sections(args, SEARCH_SECTIONS)  # bad settings fail here, before a server starts
+    check_before_server(args.model, args.out, sections, args.overwrite, args.work_dir)
     prepare_flows(args.quiet)
     from abliterate_flows.search import search_flow
 
@@ -94,11 +102,13 @@ def format_result(result: dict, began: float) -> str:
     if ref and all(r["trial"] != ref["trial"] for r in result["pareto"]):
         lines.append(
             f"run's automatic choice (trial {ref['trial']}): refusal rate {ref['refusal_rate']:.3f}, "
-            f"KL {ref['kl']:.3g} (not on the front)"
+            f"KL {figure(ref['kl'])} (not on the front)"
         )
     if result.get("chosen"):
         c = result["chosen"]
-        lines.append(f"chosen: trial {c['trial']} (refusal rate {c['refusal_rate']:.3f}, KL {c['kl']:.3g})")
+        lines.append(
+            f"chosen: trial {c['trial']} (refusal rate {c['refusal_rate']:.3f}, KL {figure(c['kl'])})"
+        )
     else:
         lines.append(f"chosen: none ({result.get('chosen_reason')})")
     confirmation = result.get("confirmation")
@@ -126,8 +136,8 @@ def format_result(result: dict, began: float) -> str:
         ev = result.get("evaluation") or {}
         if "refusal_rate_harmful" in ev:
             lines.append(
-                f"test prompts: refusal rate {ev.get('baseline_refusal_rate_harmful', float('nan')):.2f} before, "
-                f"{ev['refusal_rate_harmful']:.2f} after; first-token KL {ev.get('kl_harmless', float('nan')):.2g}"
+                f"test prompts: refusal rate {figure(ev.get('baseline_refusal_rate_harmful'))} before, "
+                f"{figure(ev['refusal_rate_harmful'])} after; first-token KL {figure(ev.get('kl_harmless'))}"
             )
     lines.append(f"Prefect flow run '{result['prefect.flow_run_name']}' ({result['prefect.flow_run_id']})")
     lines.append(

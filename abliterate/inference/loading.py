@@ -83,7 +83,11 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
-        raise AbliterateError(f"cannot load a tokenizer from {model_dir}: {exc}") from exc
+        reason = " ".join(str(exc).split())[:300]  # transformers' reasons run over several lines
+        raise AbliterateError(
+            f"cannot load a tokenizer from {model_dir}: {reason}; copy the tokenizer files (tokenizer.json, "
+            "tokenizer_config.json) from the model's source"
+        ) from exc
     tokenizer.padding_side = "left"
     return tokenizer
 

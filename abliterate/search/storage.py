@@ -12,6 +12,7 @@ state changes, and a trial in this process reads its own parameters from Optuna'
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import optuna
@@ -19,6 +20,7 @@ from optuna import distributions
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 
 class StudyStorage(optuna.storages.RDBStorage):
@@ -43,16 +45,14 @@ class StudyStorage(optuna.storages.RDBStorage):
             return
         with _create_scoped_session(self.scoped_session, True) as session:
             checked: set[int] = set()
-            params = []
+            params, attrs = [], []
             for kind, trial_id, *args in pending:
                 if trial_id not in checked:
                     trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
                     self.check_trial_is_updatable(trial_id, trial.state)
                     checked.add(trial_id)
                 if kind == "attr":
-                    self._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, trial_id, *args
-                    )
+                    attrs.append({"trial_id": trial_id, "key": args[0], "value_json": json.dumps(args[1])})
                     continue
                 name, value, distribution, previous = args
                 if previous is None:  # the study's first trial with this parameter: Optuna's own check
@@ -68,6 +68,21 @@ class StudyStorage(optuna.storages.RDBStorage):
                     )
                 )
             session.add_all(params)
+            self._upsert_user_attrs(session, attrs)
+
+    def _upsert_user_attrs(self, session: Any, rows: list[dict[str, Any]]) -> None:
+        """Trial user attributes, each replacing the one of the same key: one statement on SQLite."""
+        model = models.TrialUserAttributeModel
+        if rows and self.engine.name == "sqlite":
+            insert = sqlite_insert(model).values(rows)
+            update = {"value_json": insert.excluded.value_json}
+            session.execute(
+                insert.on_conflict_do_update(index_elements=[model.trial_id, model.key], set_=update)
+            )
+            return
+        for row in rows:  # another database: Optuna's own write
+            value = json.loads(row["value_json"])
+            self._set_trial_attr_without_commit(session, model, row["trial_id"], row["key"], value)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         self.write_pending()

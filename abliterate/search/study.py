@@ -585,7 +585,8 @@ def run_search(
         if reference is not None:
             study.enqueue_trial(reference, user_attrs={"reference": "run"})
     failures = 0
-    while (done := len(complete_trials(study))) < trials:
+    done = len(complete_trials(study))  # this process holds the study's lock: only its tells add to it
+    while done < trials:
         wanted = min(parallel, trials - done)
         asked, plans, edits = [], [], []
         for _ in range(wanted):
@@ -622,7 +623,8 @@ def run_search(
         if not edits:
             continue
         for (t, params), plan, score in zip(asked, plans, scorer.score(edits), strict=True):
-            t.set_user_attr("plan", plan.to_dict())
+            recorded = plan.to_dict()
+            t.set_user_attr("plan", recorded)
             t.set_user_attr("refusals", score.refusals)
             t.set_user_attr("prompts", score.prompts)
             t.set_user_attr("refusal_rate", score.refusal_rate)
@@ -630,7 +632,8 @@ def run_search(
             t.set_user_attr("margin", score.margin)
             t.set_user_attr("seconds", score.seconds)
             study.tell(t, [score.objective, score.kl])
-            result = TrialResult(t.number, params, plan.to_dict(), score, t.user_attrs.get("reference"))
+            done += 1
+            result = TrialResult(t.number, params, recorded, score, t.user_attrs.get("reference"))
             progress.new.append(result)
             if on_trial:
                 on_trial(result)

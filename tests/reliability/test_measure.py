@@ -392,3 +392,33 @@ def test_cheap_checks_run_before_the_model_loads(prompts, tmp_path, capsys, extr
     assert_error(result, "measure", *fragments)
     assert not any(line.startswith("model ") for line in result[1])  # the model was never loaded
     assert not (tmp_path / "m").exists()
+
+
+def test_chat_takes_lines_that_are_not_utf8_and_a_missing_tokenizer_in_one_line(base, tmp_path, capsys):
+    """Q15: `abliterate chat` given bytes that are not UTF-8 at its prompt (a TypeError traceback from the
+    tokenizer, the chat over) and a checkpoint without tokenizer files (transformers' reason over seven
+    lines): the line is refused and the chat goes on; the missing tokenizer is one line saying what to copy."""
+    import subprocess
+    import sys
+
+    from fixtures import CLI
+
+    chat = subprocess.run(
+        [sys.executable, "-c", CLI, "chat", str(DEMO_MODEL_DIR), "--max-reply-tokens", "2"],
+        input=b"\xff\xfe\x00bad\nhello\n",
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert chat.returncode == 0, chat.stderr.decode()[-2000:]
+    assert b"Traceback" not in chat.stderr
+    replies = chat.stdout.decode().split("you> ")
+    assert "not valid UTF-8" in replies[1] and replies[2].strip(), replies  # then "hello" gets its reply
+    model, _, _ = base
+    line = assert_error(
+        cli(capsys, "chat", model),
+        "chat",
+        f"cannot load a tokenizer from {model}",
+        "copy the tokenizer files",
+    )
+    assert "\n" not in line
