@@ -181,7 +181,7 @@ def test_the_flow_takes_a_hub_id_and_records_its_commit(prefect_env, hub_cache, 
     assert run.data.tags["model_source"] == "acme/tiny-chat@main" and run.data.tags["hub.commit"] == COMMIT
     assert run.data.params["hub.repo_id"] == "acme/tiny-chat" and run.data.params["hub.commit"] == COMMIT
     experiment = MlflowClient(tracking_uri()).get_experiment(run.info.experiment_id)
-    assert experiment.name == "abliterate/tiny-chat"
+    assert experiment.name == "abliterate/acme/tiny-chat"  # named after the Hub id
     manifest = json.loads((tmp_path / "out" / "abliteration.json").read_text())
     assert manifest["input"]["path"].endswith(f"/snapshots/{COMMIT}")
     assert manifest["input"]["hub"]["commit"] == COMMIT

@@ -108,11 +108,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=demo_command)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to the stderr of the moment, not the one of the first command of the process (a second
+    command in the same process, or a test capturing its output, has its own)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def console(quiet: bool) -> None:
     """Stage lines and warnings on stderr, plain; Prefect's own console output stays in its logs."""
     log = logging.getLogger("abliterate.console")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.propagate = False
