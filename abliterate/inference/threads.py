@@ -44,10 +44,9 @@ from typing import Any
 
 from abliterate.config import Runtime, environment
 
-SAMPLE_S = (
-    0.05  # how long the busy share of the CPUs is sampled: 5 ticks of a 100 Hz clock per CPU, enough to
-)
-# tell a busy core from an idle one, and short beside a stage (0.2 s cost a short ablation 8 %)
+# How long the busy share of the CPUs is sampled: 5 ticks of a 100 Hz clock per CPU tell a busy core
+# from an idle one, and cost little beside a stage (0.2 s cost a short ablation 8 %).
+SAMPLE_S = 0.05
 SLACK = 0.25  # of a core: free cores are rounded down unless within a quarter core of the next
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_STAT = Path("/proc/stat")
