@@ -135,16 +135,7 @@ def read_header(path: Path) -> ShardHeader:
             raw = handle.read(header_size)
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        header = json.loads(
-            raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant
-        )
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, AbliterateError):
-            raise
-        raise AbliterateError(
-            f"{path} has a corrupt header (invalid JSON: {exc}); re-download this shard"
-        ) from exc
+    header = _strict_json(raw, path, "has a corrupt header (invalid JSON: {exc}); re-download this shard")
     if not isinstance(header, dict):
         raise AbliterateError(f"{path} has a corrupt header (not a JSON object); re-download this shard")
     metadata = header.pop("__metadata__", None)
@@ -252,6 +243,19 @@ def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: in
         )
 
 
+def _strict_json(raw: bytes, path: Path, problem: str) -> object:
+    """JSON of a header or index: duplicate keys and NaN/Infinity refused; any other failure is
+    `path` + `problem` (formatted with the exception as `exc`)."""
+    try:
+        return json.loads(
+            raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant
+        )
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, AbliterateError):
+            raise
+        raise AbliterateError(f"{path} " + problem.format(exc=exc)) from exc
+
+
 def _object_pairs_no_duplicates(path: Path):
     def hook(pairs):
         seen = set()
@@ -281,16 +285,7 @@ def read_index(model_dir: Path) -> tuple[dict[str, str], bytes] | None:
         raw = path.read_bytes()
     except OSError as exc:
         raise AbliterateError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        index = json.loads(
-            raw, object_pairs_hook=_object_pairs_no_duplicates(path), parse_constant=_no_constant
-        )
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, AbliterateError):
-            raise
-        raise AbliterateError(
-            f"{path} is not valid JSON ({exc}); restore it from the model's source"
-        ) from exc
+    index = _strict_json(raw, path, "is not valid JSON ({exc}); restore it from the model's source")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise AbliterateError(f"{path} has no `weight_map`; restore it from the model's source")
