@@ -55,7 +55,8 @@ def test_an_ablation_writes_a_card_that_huggingface_hub_loads(directions, tmp_pa
     out = tmp_path / "out"
     assert ablate(DEMO_MODEL_DIR, directions, out, "--layers", "0-3") == 0
     card = ModelCard.load(out / MODEL_CARD_FILE)
-    assert card.data.base_model == str(DEMO_MODEL_DIR.resolve())  # the input, by its folder
+    assert card.data.base_model is None  # a local folder is no Hub id: the Hub would reject a path
+    assert f"`{DEMO_MODEL_DIR.resolve()}`" in card.text  # the text names the folder
     assert "abliterated" in card.data.tags and card.data.library_name == "transformers"
     assert card.data.to_dict().get("license") is None  # the demo model declares none
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -93,7 +94,7 @@ def test_license_comes_from_the_input_and_its_readme_is_never_copied(directions,
     assert ablate(licensed_input, directions, out, "--force") == 0  # another folder: another fingerprint
     card = ModelCard.load(out / MODEL_CARD_FILE)
     assert card.data.license == "apache-2.0"
-    assert card.data.base_model == str(licensed_input.resolve())  # not the input's own base_model
+    assert card.data.base_model is None  # the input is no Hub repo; not the input's own base_model
     assert "must never reach the output" not in card.text
     assert (licensed_input / MODEL_CARD_FILE).read_text() == INPUT_CARD  # the input untouched
 
@@ -126,7 +127,6 @@ def test_the_flows_update_adds_the_checks_and_the_command(directions, tmp_path):
     }
     update_model_card(out, figures, True, command)
     card = ModelCard.load(out / MODEL_CARD_FILE)
-    assert card.data.base_model == str(DEMO_MODEL_DIR.resolve())
     assert "**Validation**: passed" in card.text
     assert "refusal rate on harmful prompts (full replies): 1 before, 0 after" in card.text
     assert "4.3e-07 nats" in card.text and "189 harmful and 129 harmless" in card.text
@@ -134,3 +134,22 @@ def test_the_flows_update_adds_the_checks_and_the_command(directions, tmp_path):
     # The same manifest always gives the same card (no time in it).
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert card_text(manifest, figures, True, command) == (out / MODEL_CARD_FILE).read_text()
+
+
+@pytest.mark.parametrize(
+    ("saved_from", "expected"),
+    [("acme/tiny-chat", "acme/tiny-chat"), ("/home/someone/models/tiny", None), ("", None), (7, None)],
+)
+def test_base_model_is_the_hub_id_the_input_was_saved_from(directions, tmp_path, saved_from, expected):
+    """A local folder that transformers saved from a Hub model names it in config.json's
+    `_name_or_path`: that id is the card's base_model; a path, nothing or a non-string is none."""
+    model = tmp_path / "tiny-chat"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "_name_or_path": saved_from}))
+    out = tmp_path / "out"
+    assert ablate(model, directions, out, "--force", "--layers", "0-3") == 0
+    card = ModelCard.load(out / MODEL_CARD_FILE)
+    assert card.data.base_model == expected
+    assert card.text.splitlines()[1] == "# tiny-chat, abliterated"
+    assert f"`{expected or model.resolve()}`" in card.text

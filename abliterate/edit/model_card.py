@@ -8,7 +8,9 @@ verdict, the figures (refusal rates before and after, the first-token KL) and th
 reproduces the whole run (`update_model_card`). It is derived from the manifest alone (plus the
 input's license), holds no time, and is written atomically like every output file.
 
-Front matter: `base_model` (the Hub repository of a cached snapshot, else the input folder),
+Front matter: `base_model` when the input's Hub repository is known (a cached snapshot's, else a
+Hub id in the input's config.json `_name_or_path`); a local folder is no Hub id, so the card then
+omits the key (the Hub would reject a path there) and names the folder in its text;
 `tags` (abliterated, abliterate, ...), `library_name: transformers`, `pipeline_tag`, and the
 license fields of the input's own README.md front matter (or a `license` in its config.json) when it
 has them. The input's README.md itself is never copied: this card replaces it.
@@ -29,16 +31,22 @@ from abliterate.errors import AbliterateError
 from abliterate.figures import evaluation_lines, figure
 from abliterate.paths import write_text_atomic
 from abliterate.vocabulary import DIRECTIONS_FILE, MANIFEST_FILE, MODEL_CARD_FILE
+from abliterate.weights.hub import parse_hub_id
 
 TAGS = ("abliterated", "abliterate", "refusal-direction", "text-generation")
 LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
-def base_model(manifest: dict[str, Any]) -> str:
-    """The input as the card names it: its Hub repository, else its folder."""
+def base_model(manifest: dict[str, Any]) -> str | None:
+    """The input's Hub repository: a cached snapshot's, else the Hub id its config.json was saved
+    from (`_name_or_path`); None for a folder with neither."""
     source = manifest.get("input") or {}
     hub = source.get("hub") or {}
-    return hub.get("repo_id") or str(source.get("path"))
+    if hub.get("repo_id"):
+        return hub["repo_id"]
+    saved_from = _input_config(source.get("path") or "").get("_name_or_path")
+    parsed = parse_hub_id(saved_from) if isinstance(saved_from, str) and saved_from else None
+    return parsed[0] if parsed else None
 
 
 def title(base: str) -> str:
@@ -71,13 +79,20 @@ def input_license(input_dir: str | Path) -> dict[str, Any]:
         found = {}
     fields = {k: found[k] for k in LICENSE_KEYS if isinstance(found.get(k), str | list)}
     if not fields:
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        if isinstance(config, dict) and isinstance(config.get("license"), str):
+        config = _input_config(folder)
+        if isinstance(config.get("license"), str):
             fields = {"license": config["license"]}
     return fields
+
+
+def _input_config(folder: str | Path) -> dict[str, Any]:
+    """The input's config.json as far as the card needs it (empty when unreadable: the ablation
+    already checked the keys it uses)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def reproduce_command(command: str, model: str, out: str, sections: list[Section]) -> str:
@@ -111,9 +126,11 @@ def card_text(
     command: str | None = None,
 ) -> str:
     """The card's text: front matter, then how the output was made (see the module docstring)."""
-    base = base_model(manifest)
     source = manifest.get("input") or {}
-    front: dict[str, Any] = {"base_model": base, "tags": list(TAGS), "library_name": "transformers"}
+    hub_id = base_model(manifest)
+    base = hub_id or str(source.get("path"))
+    front: dict[str, Any] = {"base_model": hub_id} if hub_id else {}
+    front.update({"tags": list(TAGS), "library_name": "transformers"})
     front.update(input_license(source.get("path") or ""))
     front["pipeline_tag"] = "text-generation"
     plan = AblationPlan.from_dict(manifest["plan"], f"{MANIFEST_FILE} plan")
