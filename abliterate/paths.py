@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import stat
@@ -105,17 +106,86 @@ def hub_cache() -> Path | None:
         return None
 
 
-def output_file(path: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> Path:
-    """A report file the command writes (`validate --out`, `evaluate --out`): not a directory, not
-    inside any input, its folder existing; checked before any work."""
+def output_file(
+    path: str | Path, inputs: Iterable[str | Path], flag: str = "--out", report_keys: Iterable[str] = ()
+) -> Path:
+    """A report file the command writes (`validate --report`, `evaluate --report`): not a directory, not
+    inside any input, its folder existing; checked before any work. An existing file is replaced only
+    when it is a report the tool wrote (a JSON object holding every one of `report_keys`): never an
+    input given elsewhere (the directions file, a prompt file), a FIFO or the user's own file."""
     resolved = output_outside(path, inputs, f"{flag} file", "file")
-    if resolved.is_dir():
+    special = describe_special(resolved)
+    if special == "a directory":
         raise AbliterateError(f"{flag} {path} is a directory: give a file name for the JSON report")
     if not resolved.parent.is_dir():
         raise AbliterateError(
             f"{flag} {path}: folder {resolved.parent} does not exist; create it or choose another"
         )
+    if special != "missing" and not _is_report(resolved, set(report_keys)):
+        what = f"is {special}" if special else "exists and is not a report abliterate wrote"
+        raise AbliterateError(
+            f"{flag} {path} {what}: writing the report would replace it; choose a new file name (an earlier "
+            "report of the same command is replaced)"
+        )
     return resolved
+
+
+def _is_report(path: Path, keys: set[str]) -> bool:
+    """Whether `path` is a regular file holding a JSON object with every key in `keys` (a report the tool
+    wrote; at most 64 MiB is read)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size > 1 << 26:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(keys) and keys <= data.keys()
+
+
+def folder_to_write(path: str | Path, flag: str) -> Path:
+    """A folder the command creates or writes into, checked before any work: an existing entry is a
+    folder, and the nearest existing parent too (a file there failed only when the first file was
+    written, after the measurement)."""
+    path = Path(path).absolute()
+    for at in (path, *path.parents):
+        special = describe_special(at)
+        if special == "missing":
+            continue
+        if special is not None and special != "a directory":
+            raise AbliterateError(f"{flag} {path}: {at} is {special}, not a folder: choose another path")
+        if special is None:
+            what = "is a file" if at == path else f"lies under the file {at}"
+            raise AbliterateError(f"{flag} {path} {what}, not a folder: choose another path")
+        return path
+    return path
+
+
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+def check_sqlite_file(path: Path, what: str) -> Path:
+    """An SQLite database the tool opens (the study database, the MLflow store), refused in one line
+    when it is no SQLite file (a folder, a link to nothing, garbage): what SQLAlchemy reports as a
+    traceback, or MLflow only after the temporary server has started. A missing file is created later."""
+    special = describe_special(path)
+    if special == "missing":
+        return path
+    if special is not None:
+        raise AbliterateError(
+            f"{what} {path} is {special}, not a file: move it away (a new database is created) or "
+            "set ABLITERATE_HOME to another folder"
+        )
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise AbliterateError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if head and head != SQLITE_MAGIC:
+        raise AbliterateError(
+            f"{what} {path} is not an SQLite database (it starts with {head[:8]!r}): move it away "
+            "(a new database is created) or restore it from a backup"
+        )
+    return path
 
 
 def plain_name(name: object, what: str, where: str | Path) -> str:
@@ -173,6 +243,18 @@ def describe_special(path: Path) -> str | None:
         if test(mode):
             return kind
     return None
+
+
+def input_file(path: str | Path, what: str, when_missing: str) -> Path:
+    """`path` when it is a regular file (or a link to one), before anything opens it: a FIFO would
+    block the read forever, and a directory or a loop of links is named as what it is, not as missing."""
+    path = Path(path)
+    special = describe_special(path)
+    if special == "missing":
+        raise AbliterateError(f"{what} {path} does not exist: {when_missing}")
+    if special is not None:
+        raise AbliterateError(f"{what} {path} is {special}, not a file: give the path of a file")
+    return path
 
 
 def is_temporary_of(entry: str, names: Iterable[str]) -> bool:
@@ -314,6 +396,16 @@ _OS_ERROR_FIX = {
 }
 
 
+def write_fix(exc: OSError, kept: str = "") -> str:
+    """What to do when writing an output failed: a path through a file, a loop or a missing folder is the
+    path's fault (not space or permissions, which the other errors are)."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+        return _OS_ERROR_FIX[exc.errno]
+    if exc.errno == errno.ENOENT:
+        return "a folder of the path does not exist (or vanished): fix the path, then rerun the same command"
+    return f"free space or fix the permissions, then rerun the same command{kept}"
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError no stage translated (the filesystem under the tool's home, a link loop): one line
     naming the path, what failed and what to do."""
@@ -361,10 +453,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     except OSError as exc:
         with suppress(OSError):
             tmp.unlink()
-        raise AbliterateError(
-            f"cannot write {target}: {exc.strerror or exc}; free space or fix the permissions, then rerun the "
-            "same command"
-        ) from exc
+        raise AbliterateError(f"cannot write {target}: {exc.strerror or exc}; {write_fix(exc)}") from exc
     finally:
         with suppress(OSError):
             tmp.unlink()

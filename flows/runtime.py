@@ -27,6 +27,8 @@ from abliterate.paths import describe_os_error
 # server/ephemeral.py) for its temporary server. A first start runs the database migrations: on a busy
 # 2-core machine that takes minutes, so the default here is generous; a user's own setting wins.
 SERVER_STARTUP_TIMEOUT_S = 300
+# Retries of each request by Prefect's client when the server is the temporary one (Prefect's default: 5).
+TEMPORARY_SERVER_CLIENT_RETRIES = 2
 RUNNING_SERVER_HELP = (
     "start one in another terminal with `prefect server start` and "
     "`export PREFECT_API_URL=http://127.0.0.1:4200/api` in this one, then rerun"
@@ -71,6 +73,10 @@ def configure(quiet: bool = True) -> None:
         # included, to the Prefect UI; a level of WARNING here would leave the UI's log tab empty.
         defaults["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
         defaults["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
+        # Prefect's internal machinery logs to stderr through a handler of its own (`debug`, at ERROR): once
+        # the temporary server is gone, its events worker printed "Service 'EventsWorker' failed to process
+        # event" after the run's one-line error, at exit.
+        defaults["PREFECT_INTERNAL_LOGGING_LEVEL"] = "CRITICAL"
         defaults["DASK_LOGGING__DISTRIBUTED"] = "error"
         defaults["MLFLOW_LOGGING_LEVEL"] = "WARNING"
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -78,6 +84,12 @@ def configure(quiet: bool = True) -> None:
         # batch of logs it cannot send once the server is gone (`logging.raiseExceptions`, the stdlib's
         # switch for errors of logging itself): they buried the run's one-line error (R12).
         logging.raiseExceptions = False
+    if not environment().prefect_api_url:
+        # The temporary server is this process's child on this machine: a request it does not answer means
+        # it was stopped or killed, and Prefect's client retried each request 5 times with backoff (2+4+...+32
+        # s: 20 s to 2 minutes, several requests in turn) before the run's one line (R12). Two tries, 2 s and
+        # 4 s apart, still cover a server busy with a database lock (it answers 503 after its own wait).
+        defaults["PREFECT_CLIENT_MAX_RETRIES"] = str(TEMPORARY_SERVER_CLIENT_RETRIES)
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     (project_dir() / "mlruns").mkdir(parents=True, exist_ok=True)
@@ -101,10 +113,12 @@ _libc: ctypes.CDLL | None = None  # loaded in this process: the forked child mus
 
 
 def _server_child_setup(parent: int) -> None:  # pragma: no cover - runs in the forked child before exec
-    """In the temporary server's process, before uvicorn starts: SIGTERM when the process that started
-    it dies, however it dies (SIGKILL included: the kernel sends it, so no orphaned server is left)."""
+    """In the temporary server's process, before uvicorn starts: SIGKILL when the process that started
+    it dies, however it dies (SIGKILL included: the kernel sends it, so no orphaned server is left). Not
+    SIGTERM: uvicorn's graceful shutdown, with no client left to serve, took 17-25 s on a busy machine,
+    an orphan all that time (its SQLite database is safe: SQLite survives a killed writer)."""
     if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
 
@@ -296,6 +310,19 @@ def runtime_error(exc: BaseException) -> AbliterateError | None:
                 f"{server} stopped answering in the middle of the run ({type(e).__name__}: {reason}): "
                 + ("check that it runs" if url else "it was stopped or killed")
                 + ", then rerun the same command (finished stages are cached and kept)"
+            )
+    for e in chain:  # MLflow's HTTP client gave up on the tracking server (after its own retries)
+        text = str(e).strip()
+        if (
+            type(e).__name__ == "MlflowException"
+            and text.startswith("API request to")
+            and "failed with" in text
+        ):
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()
+            return AbliterateError(
+                f"the MLflow tracking server at MLFLOW_TRACKING_URI={uri} does not answer "
+                f"({text.splitlines()[0][:200]}): check that it runs, then rerun the same command (finished stages "
+                "are cached and kept), or unset MLFLOW_TRACKING_URI to record runs in the local store"
             )
     for e in chain:
         if isinstance(e, sqlite3.Error):

@@ -96,6 +96,7 @@ def test_non_utf8_names_file_offset_and_line(tmp_path):
 
 
 def test_other_bad_inputs(tmp_path):
+    (tmp_path / "p.xlsx").write_bytes(b"PK")
     with pytest.raises(AbliterateError, match="unsupported prompt file type '.xlsx'"):
         load_prompts(tmp_path / "p.xlsx")
     with pytest.raises(AbliterateError, match="not found"):

@@ -41,6 +41,10 @@ from abliterate.measure.direction_file import file_sha256, load_directions
 from abliterate.weights.checkpoint import Inventory, build_inventory
 from abliterate.weights.profiles import Profile
 
+# Keys every `ValidationReport.to_json` holds: an existing --report file is replaced only when it has them
+# (a report written earlier, never an input such as the directions file: `paths.output_file`).
+REPORT_KEYS = ("ok", "original", "ablated", "failures")
+
 
 @dataclass
 class ValidationReport:

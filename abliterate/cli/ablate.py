@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from abliterate.cli import THREAD_SETTINGS
 from abliterate.cli.inventory import add_profile_options
@@ -13,6 +12,7 @@ from abliterate.edit.ablate import ablate_checkpoint, load_inputs
 from abliterate.edit.matching import configured_plan, describe_matches, plan_matches, resolve_plan
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
+from abliterate.paths import input_file
 from abliterate.weights.checkpoint import choose_profile
 
 HELP = "write a copy of a checkpoint with the refusal direction projected out of its weights"
@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(which read the residual stream) and embedding rows become W - s (W r) r^T. Each edit runs\n"
             "in float32 and is rounded once to the tensor's own dtype; every other tensor, the shard headers,\n"
             "the index and every non-weight file (config, tokenizer, chat template, remote code) are copied\n"
-            "verbatim. Memory stays at about one tensor. DIR/abliteration.json, written last, records the\n"
+            "verbatim. With --rank k (k > 1) the first k orthonormal directions Q of the directions file's\n"
+            "subspace (--subspace) are removed together: W - s Q^T (Q W), routers and embedding W - s (W Q^T) Q.\n"
+            "Memory stays at about one tensor. DIR/abliteration.json, written last, records the\n"
             "plan, the directions, every edited tensor and the fingerprints.\n\n"
             "A killed run, rerun with the same arguments, finishes the missing shards; the result is\n"
             "bit-identical to an uninterrupted run. The input is never written to.\n\n"
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _read(path: str) -> str:
     try:
-        data = Path(path).read_bytes()
+        data = input_file(path, "plan file", "give the path of a plan (YAML)").read_bytes()
     except OSError as exc:
         raise AbliterateError(f"cannot read plan file {path}: {exc.strerror}") from exc
     try:

@@ -67,14 +67,23 @@ class Speaker:
     turns: list[tuple[str, str]] = field(default_factory=list)
 
 
-def load_speaker(label: str, model_dir: str, runtime: Runtime) -> Speaker:
+def load_speakers(folders: list[tuple[str, str]], runtime: Runtime) -> list[Speaker]:
+    """The models of the chat, each (label, folder). Every folder's cheap checks (its device and dtype,
+    its tokenizer: seconds) run before the first model loads (minutes): a folder without tokenizer files,
+    the baseline's included, fails before any weights are read."""
     from abliterate.inference.devices import resolve_runtime
-    from abliterate.inference.loading import load_model
+    from abliterate.inference.loading import load_model, load_tokenizer
 
-    resolved = resolve_runtime(runtime, model_dir)
-    print(f"loading {label} {model_dir} ({resolved.device}, {resolved.dtype})", file=sys.stderr)
-    model, tokenizer = load_model(model_dir, resolved.dtype, resolved.device)
-    return Speaker(label, model, tokenizer)
+    resolved = []
+    for _label, model_dir in folders:
+        resolved.append(resolve_runtime(runtime, model_dir))
+        load_tokenizer(model_dir)
+    speakers = []
+    for (label, model_dir), settings in zip(folders, resolved, strict=True):
+        print(f"loading {label} {model_dir} ({settings.device}, {settings.dtype})", file=sys.stderr)
+        model, tokenizer = load_model(model_dir, settings.dtype, settings.device)
+        speakers.append(Speaker(label, model, tokenizer))
+    return speakers
 
 
 def reply(speaker: Speaker, text: str, chat: Chat, template: Template) -> str:
@@ -143,9 +152,10 @@ def side_by_side(speakers: list[Speaker], replies: list[str], width: int) -> str
 def run(args: argparse.Namespace) -> int:
     chat, template, runtime = from_args(Chat, args), from_args(Template, args), from_args(Runtime, args)
     progress_bars_off()  # the chat's own screen: no loading bars
-    speakers = [load_speaker("ablated" if args.baseline else "model", args.model, runtime)]
+    folders = [("ablated" if args.baseline else "model", args.model)]
     if args.baseline:
-        speakers.append(load_speaker("original", args.baseline, runtime))
+        folders.append(("original", args.baseline))
+    speakers = load_speakers(folders, runtime)
     mode = (
         f"sampled (temperature {chat.temperature}, top-p {chat.top_p}, seed {chat.sample_seed})"
         if chat.sample

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "|| model) on harmless prompts in nats (how far the ablation moved the model where it should not), "
             "and example replies before and after. The models are loaded one at a time; a model over the "
             "memory budget is read one decoder layer at a time (first-token figures: one read of its weights), "
-            "and makes full replies only with --full-replies always (offloaded; the cost is printed first). "
+            "and makes full replies only with --full-replies always (layer-streamed, one read of the weights per new token; the cost is printed first). "
             "JSON keys: refusal_rate_harmful, refusal_rate_harmless, kl_harmless, refusal_score_harmful, "
             "first_token_refusal_rate_*, n_harmful, n_harmless, baseline_*, examples, settings."
         ),
@@ -72,14 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from abliterate.check.evaluate import evaluate_model, replies_cost
+    from abliterate.check.evaluate import REPORT_KEYS, evaluate_model, replies_cost
     from abliterate.paths import output_file, write_text_atomic
     from abliterate.pipeline import PromptSets, decide_streaming
 
     template, evaluation = from_args(Template, args), from_args(Evaluation, args)
     runtime = resolve_runtime(from_args(Runtime, args), args.model)
     if args.report:  # checked before the work, so the result is never lost at the end
-        output_file(args.report, [args.model] + ([args.baseline] if args.baseline else []), "--report")
+        output_file(
+            args.report, [args.model] + ([args.baseline] if args.baseline else []), "--report", REPORT_KEYS
+        )
     # The test sets `run` evaluates on: the files given, else the prompt set of the original model.
     sets = PromptSets.load(args.baseline or args.model, from_args(Prompts, args), split=False)
     harmful, harmless = sets.harmful_test, sets.harmless_test

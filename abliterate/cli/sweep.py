@@ -17,6 +17,8 @@ from abliterate.cli.run import (
 )
 from abliterate.errors import AbliterateError
 from abliterate.figures import figure
+from abliterate.paths import describe_special
+from abliterate.weights.hub import parse_hub_id
 
 SWEEP_SECTIONS = tuple(cls for cls in FLOW_SECTIONS if cls.section != "ablation")  # the variants hold those
 
@@ -49,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     path = Path(args.variants)
     if not path.is_file():
-        raise AbliterateError(f"variants file {path} not found")
+        special = describe_special(path)
+        found = "not found" if special in (None, "missing") else f"is {special}, not a YAML or JSON file"
+        raise AbliterateError(f"variants file {path} {found}")
     try:
         variants = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
@@ -57,6 +61,19 @@ def run(args: argparse.Namespace) -> int:
     sections = flow_sections(args, SWEEP_SECTIONS)
     # the parent folder of the variants' outputs and the variants themselves are checked by the flow
     check_before_server(args.model, None, sections, work_dir=args.work_dir)
+    from abliterate_flows.variants import check_sweep  # no Prefect: before configure()
+
+    if parse_hub_id(args.model) is None:  # the variants before the server starts (a Hub id: in the flow)
+        check_sweep(
+            args.model,
+            args.out,
+            variants if isinstance(variants, list) else [variants],
+            sections["selection"],
+            sections["measurement"],
+            sections["evaluation"],
+            args.overwrite,
+            args.work_dir,
+        )
     prepare_flows(args.quiet)
     from abliterate_flows.sweep import sweep_flow
 

@@ -56,11 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abliterate.check.validate import validate_output
+    from abliterate.check.validate import REPORT_KEYS, validate_output
     from abliterate.paths import output_file, write_text_atomic
 
     if args.report:  # checked before the work, so the report is never lost at the end
-        output_file(args.report, [args.original, args.ablated], "--report")
+        output_file(args.report, [args.original, args.ablated], "--report", REPORT_KEYS)
     profile = choose_profile(args.original, args.family, args.map)
     report = validate_output(
         args.original, args.ablated, args.directions, progress=not args.quiet, profile=profile

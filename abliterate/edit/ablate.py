@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from abliterate.config import Ablation, Runtime, Selection
 from abliterate.edit.engine import write_shard
+from abliterate.edit.fp8_edit import check_input_scales
 from abliterate.edit.matching import (
     AblationInputs,
     Match,
@@ -78,7 +79,7 @@ def _read_inputs(
     refused = fp8.uncovered(inventory.quantization, inventory.fp8)
     if refused:  # FP8 weights with their scales are edited (fp8_edit.py); every other quantization is refused
         fp8.format_from_config(
-            read_config(inventory.model_dir, required=False)
+            read_config(inventory.model_dir, required=False), inventory.model_dir / "config.json"
         )  # names an unsupported method
         name, kind = next(iter(refused.items()))
         raise AbliterateError(
@@ -86,6 +87,7 @@ def _read_inputs(
             "so projecting them would be wrong; ablate the unquantized (bf16/fp16/fp32) checkpoint and quantize after "
             "(FP8 e4m3 with scales is edited when config.json's quantization_config declares it)"
         )
+    check_input_scales(inventory)
     structure = detect_structure(inventory)
     directions = load_directions(directions_path, structure.hidden_size)
     warnings = list(structure.warnings)

@@ -111,6 +111,8 @@ def load_model(
     if dtype not in DTYPES:
         raise AbliterateError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     device = resolve_device(device)
+    # seconds, before the weights' minutes: a folder without tokenizer files fails first
+    tokenizer = load_tokenizer(model_dir)
     mapping = device_map(model_dir, dtype, device, budget) if device == "auto" or budget is not None else None
     offload = (
         tempfile.mkdtemp(prefix="abliterate-offload-") if mapping and "disk" in mapping.values() else None
@@ -132,4 +134,4 @@ def load_model(
         model.abliterate_offload_dir = offload
         weakref.finalize(model, shutil.rmtree, offload, True)
     model.eval()
-    return model, load_tokenizer(model_dir)
+    return model, tokenizer

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from abliterate.errors import AbliterateError
 from abliterate.paths import describe_special, output_outside, plain_name
 from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
@@ -49,6 +51,27 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+def refuse_nonfinite(values: torch.Tensor, t: TensorInfo, first: int = 0, what: str = "tensor") -> None:
+    """One line naming the input tensor `t` when `values` (its elements from flat index `first`, any
+    float dtype) hold NaN or Inf: a damaged input, refused where it is read, never blamed later on
+    the edit (which would spread a NaN over a whole vector). Cheap on the good path: one float32 sum
+    (finite values whose sum overflows are confirmed element by element)."""
+    flat = values.reshape(-1)
+    if math.isfinite(float(flat.sum(dtype=torch.float32))):
+        return
+    bad = ~torch.isfinite(flat)
+    count = int(bad.sum())
+    if not count:
+        return
+    at = first + int(bad.nonzero()[0, 0])
+    where = [int(i) for i in torch.unravel_index(torch.tensor(at), t.shape)] if t.shape else []
+    raise AbliterateError(
+        f"{what} {t.name} in the input shard {t.shard} holds NaN or Inf ({count} value(s) of those read, "
+        f"the first at element {where}): the input checkpoint is damaged (safetensors has no checksum); "
+        f"re-download {t.shard} (compare its sha256 with the publisher's) and rerun"
+    )
 
 
 @dataclass(frozen=True)
@@ -261,7 +284,14 @@ def _object_pairs_no_duplicates(path: Path):
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise AbliterateError(f"{path} names {key!r} twice; the file is corrupt: re-download it")
+                raise AbliterateError(
+                    f"{path} names {key!r} twice (which value holds is ambiguous); the file is corrupt: "
+                    + (
+                        "fix it or copy it from the model's source"
+                        if path.name == "config.json"
+                        else "re-download it"
+                    )
+                )
             seen.add(key)
         return dict(pairs)
 
@@ -488,8 +518,8 @@ def read_config(model_dir: str | Path, required: bool = True) -> dict:
                 f"{path} is missing: a Hugging Face checkpoint needs its config.json (copy it from the model's source)"
             )
         return {}
-    try:
-        config = json.loads(path.read_bytes())
+    try:  # a key given twice is refused (which value holds is ambiguous); NaN is left to the key's own check
+        config = json.loads(path.read_bytes(), object_pairs_hook=_object_pairs_no_duplicates(path))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AbliterateError(
             f"{path} is not valid JSON ({exc}): copy config.json from the model's source"

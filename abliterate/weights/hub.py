@@ -15,14 +15,15 @@ manifest: the commit pins exactly which weights were measured and edited.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from abliterate.errors import AbliterateError
+from abliterate.paths import describe_special
 from abliterate.vocabulary import INDEX_FILE, SINGLE_FILE
+from abliterate.weights.checkpoint import read_index
 
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 # Everything but the weights that loading a chat model reads (transformers' tokenizer and template files).
@@ -95,6 +96,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
         raise
     except Exception as exc:  # huggingface_hub's errors: not found, gated, offline without the files, network
         raise AbliterateError(_explain(exc, repo_id, revision)) from None
+    _refuse_damaged(folder, ["config.json", *shards], f"{repo_id}@{revision}")
     missing = [name for name in ["config.json", *shards] if not (folder / name).is_file()]
     if missing:
         raise AbliterateError(
@@ -104,15 +106,29 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
     return HubModel(repo_id, revision, commit, folder)
 
 
+def _refuse_damaged(folder: Path, names: list[str], where: str) -> None:
+    """One line for a file of the snapshot that is there but is no file: a loop of symbolic links, a
+    directory, a FIFO (a damaged cache, never reported as missing: downloading would not repair it).
+    A dangling link is a download that did not finish: reported as missing by the caller."""
+    for name in names:
+        kind = describe_special(folder / name)
+        if kind is not None and kind != "missing" and not kind.startswith("a dangling"):
+            raise AbliterateError(
+                f"the cached snapshot of {where} ({folder}) holds {name} as {kind}, not a file: the Hugging Face "
+                f"cache is damaged; remove {folder / name} (it is downloaded again with network access) and rerun"
+            )
+
+
 def _shards(folder: Path, repo_id: str) -> list[str]:
     index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise AbliterateError(f"{INDEX_FILE} of {repo_id} is not a safetensors index ({exc})") from None
-        return sorted(set(weight_map.values()))
-    return [SINGLE_FILE]
+    _refuse_damaged(folder, [INDEX_FILE], repo_id)
+    if describe_special(index) not in (None, "missing"):  # a dangling link: the download did not finish
+        raise AbliterateError(
+            f"the cached snapshot of {repo_id} ({folder}) lacks {INDEX_FILE} (a dangling link: the download "
+            "did not finish): download it with network access (HF_HUB_OFFLINE unset)"
+        )
+    read = read_index(folder)  # checked: plain .safetensors names of this folder, one line otherwise
+    return [SINGLE_FILE] if read is None else sorted(set(read[0].values()))
 
 
 def _explain(exc: Exception, repo_id: str, revision: str) -> str:

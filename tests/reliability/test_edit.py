@@ -72,7 +72,7 @@ def test_bad_plan_file(base, tmp_path, capsys):
     assert_error(
         cli(capsys, *ablate_args(model, directions, tmp_path / "out", "--plan", tmp_path / "absent.yaml")),
         "ablate",
-        "cannot read plan file",
+        "absent.yaml does not exist",
     )
     assert not (tmp_path / "out").exists()
 

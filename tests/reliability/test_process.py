@@ -363,9 +363,10 @@ def test_report_on_a_full_disk_leaves_no_empty_report(base, tmp_path, capsys, mo
         "free space",
     )
     assert not report.exists() and not list(tmp_path.glob(".report.json.tmp-*"))
-    report.write_text("earlier")
+    earlier = '{"ok": true, "original": "M", "ablated": "A", "failures": []}\n'  # a report of an earlier run
+    report.write_text(earlier)
     assert cli(capsys, "validate", model, reference, "--quiet", "--out", report)[0] == 2
-    assert report.read_text() == "earlier"
+    assert report.read_text() == earlier
 
 
 @pytest.mark.slow
