@@ -142,3 +142,17 @@ def test_vectorised_requantization_is_bit_identical_to_the_block_by_block_one(
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(scale.view(torch.int32), scale_ref.view(torch.int32))
     assert torch.equal(back.view(torch.int32), back_ref.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [1.0, 3e-4, -2.5, 1e-40, 2.0**-149, 127.9, 128.0, 1e30, float("nan"), float("inf"), 0.0],
+)
+def test_the_bit_decoding_gives_the_tables_value_times_the_scale_for_every_byte(scale):
+    """All 256 bytes (subnormals, +-0, NaN) times scales from float32's smallest subnormal to 1e30: the
+    bits of the table's value times the scale (the decoding by integer operations below 2^7, the table
+    itself from there and for NaN and Inf scales)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(4).reshape(8, 128)
+    expected = fp8._E4M3_VALUES[codes.long()] * torch.tensor(scale)
+    got = fp8.dequantize(codes.view(fp8.E4M3), torch.full((1, 1), scale), (128, 128))
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

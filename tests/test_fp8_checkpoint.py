@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from test_ablate import write_directions
 from abliterate.check.validate import validate_output
 from abliterate.cli import main
 from abliterate.config import Ablation
+from abliterate.edit import fp8_edit
 from abliterate.edit.ablate import load_inputs
-from abliterate.edit.matching import configured_plan, direction_for
+from abliterate.edit.matching import configured_plan, direction_for, plan_matches, vector_for
 from abliterate.edit.output import shard_key
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
@@ -160,6 +162,63 @@ def test_fp8_output_is_deterministic_and_resumes(fp8_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["ablate", str(src), "--directions", str(directions), "--out", str(again), "--quiet"]) == 0
     assert "4 of 4 shards were already complete" in capsys.readouterr().err
+
+
+def test_a_scale_in_another_shard_is_computed_once_in_a_process(fp8_run, tmp_path, monkeypatch):
+    """With one worker the shards run in order: the task of a weight whose scale lies in a later
+    shard hands its fresh scales to that shard's task, which computes nothing again; a scale in an
+    earlier shard is computed there alone (the weight's task runs later). Every weight is
+    requantized once, and the bytes are those of the fixture's two-worker run."""
+    src, directions, out = fp8_run
+    calls = []
+    real = fp8_edit._requantized_edit
+
+    def counted(model_dir, m, r, buffers, scales_only):  # the real computation, recorded
+        calls.append((m.tensor.name, scales_only))
+        return real(model_dir, m, r, buffers, scales_only)
+
+    monkeypatch.setattr(fp8_edit, "_requantized_edit", counted)
+    again = tmp_path / "again"
+    args = ["ablate", str(src), "--directions", str(directions), "--out", str(again), "--workers", "1"]
+    assert main([*args, "--quiet"]) == 0
+    inventory = build_inventory(src)
+    edited = {
+        e["name"] for e in json.loads((out / MANIFEST_FILE).read_text())["edited"] if "scale_tensor" in e
+    }
+    later = {w for w in edited if inventory.tensors[w].shard < inventory.tensors[inventory.fp8[w][0]].shard}
+    earlier = {w for w in edited if inventory.tensors[w].shard > inventory.tensors[inventory.fp8[w][0]].shard}
+    assert later and earlier  # convert_to_fp8 puts every second scale in the next shard (the last: the first)
+    assert sorted(name for name, only in calls if not only) == sorted(edited)
+    assert {name for name, only in calls if only} == earlier
+    for p in sorted(out.glob("*.safetensors")):
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_the_edit_slice_by_slice_gives_the_whole_tensors_bytes(fp8_run, monkeypatch):
+    """Slices of one block of whole vectors (columns of writers; rows of a reader: the square
+    attention output [32, 32] read along its rows): the weight's bytes and the scales of the edit of
+    the whole tensor in float32 at once, and the scales alone the same."""
+    src, directions, _ = fp8_run
+    inputs = load_inputs(src, directions)
+    plan = configured_plan(inputs, Ablation(), 2)
+    monkeypatch.setattr(fp8_edit, "SLICE", 1)  # one block of vectors a slice: several per tensor
+    matches = [m for m in plan_matches(plan, inputs.inventory, inputs.structure) if m.scales is not None]
+    readers = [
+        replace(m, tensor=replace(m.tensor, residual_axis=1), side="reader")
+        for m in matches
+        if m.tensor.shape[0] == m.tensor.shape[1] and len(m.tensor.shape) == 2
+    ]
+    assert matches and readers
+    for m in matches + readers:
+        r = vector_for(plan, inputs.directions, m)
+        q, scale = fp8_edit.requantized_edit(src, m, r)
+        raw = fp8.read_tensor(src / m.tensor.shard, m.tensor)
+        stored_scale = fp8.read_tensor(src / m.scales[0].shard, m.scales[0])
+        q_whole, scale_whole = fp8_edit._whole_tensor_edit(src, m, r, raw, stored_scale, None, False)
+        assert torch.equal(q.view(torch.uint8), q_whole.view(torch.uint8)), m.tensor.name
+        assert torch.equal(scale.view(torch.int32), scale_whole.view(torch.int32)), m.tensor.name
+        _, scale_only = fp8_edit.requantized_edit(src, m, r, scales_only=True)
+        assert torch.equal(scale_only.view(torch.int32), scale.view(torch.int32)), m.tensor.name
 
 
 def test_shard_key_follows_the_shards_of_its_fp8_partners(fp8_run, tmp_path):

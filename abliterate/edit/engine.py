@@ -13,7 +13,9 @@ dequantized, edited in float32, requantized with fresh block scales): the weight
 scale tensor's range are written from the result, never copied first. A scale tensor may sit in
 another shard than its weight: each shard holding either recomputes the same deterministic
 requantization and writes its part, so every input byte is read once and every output byte
-written once (a weight whose scale is elsewhere is computed by both shards' tasks).
+written once (a weight whose scale is elsewhere is computed once where both shards' tasks run in
+this process: the weight's task hands its fresh scales to the scale's, `fp8_edit._SharedScales`;
+else by both).
 
 The bytes depend only on the input shard, the matches and their vectors: never on chunk sizes,
 threads or timing. `ENGINE_VERSION` is part of every shard key; bump it when they change.
@@ -33,6 +35,7 @@ from abliterate.edit.fp8_edit import requantized_edit
 from abliterate.edit.matching import Match
 from abliterate.edit.orthogonalize import edit_for
 from abliterate.errors import AbliterateError
+from abliterate.weights.checkpoint import refuse_nonfinite
 from abliterate.weights.dtypes import TORCH_DTYPES
 
 ENGINE_VERSION = 1  # part of every shard key: bump when the bytes an edit produces change
@@ -46,7 +49,8 @@ def write_shard(
 ) -> int:
     """Write `dst`: the shard `src` with each matched tensor edited along its vector; returns the size.
 
-    `edits`: each match with the float32 vector [H] that edits it: the tensors of this shard, and
+    `edits`: each match with the float32 vector [H] (or basis [k, H] of a rank-k plan) that edits it:
+    the tensors of this shard, and
     the FP8 weights of other shards whose scale tensor this shard holds (`m.scales`; only the
     scale is written here). `model_dir`: the checkpoint's folder, where the tensors' `shard` names
     are (default: src's folder); an FP8 weight and its scale are read from it wherever they are.
@@ -105,7 +109,7 @@ def _requantize_tensor(model_dir: Path, here: Path, dst: int, m: Match, r: torch
     the weight, its scale tensor, or both."""
     weight, scale = m.tensor, m.scales[0]
     own_weight = model_dir / weight.shard == here
-    q, new_scale = requantized_edit(model_dir, m, r, _SCRATCH, scales_only=not own_weight)
+    q, new_scale = requantized_edit(model_dir, m, r, _SCRATCH, scales_only=not own_weight, share=True)
     if own_weight:
         _write_at(dst, q, weight.start, weight.nbytes)
     if model_dir / scale.shard == here:
@@ -168,6 +172,7 @@ def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, to
         offset = t.start + first * row_bytes
         shape = (count, *t.shape[1:]) if rows > 1 else t.shape
         work = _read_float32(src, offset, count * row_numel, dtype).view(shape)
+        refuse_nonfinite(work, t, first * row_numel)  # the input's damage, named before it is spread
         edit(work, r, m.scale, axis)
         yield offset, work
 
@@ -175,9 +180,9 @@ def edited_chunks(src: int, m: Match, r: torch.Tensor) -> Iterator[tuple[int, to
 class _Scratch(threading.local):
     """Per-thread buffers reused from tensor to tensor (a fresh allocation faults in every page:
     a third of the edit time). The float32 one grows to the largest chunk edited, and stays (an FP8
-    weight is edited whole in it), as does the byte one (an FP8 weight's bytes, read, then
-    requantized into); the pieces, one per stored dtype, hold what is read before widening and
-    written after rounding."""
+    weight is edited in it a slice of whole vectors at a time: `fp8_edit.SLICE`), as does the byte
+    one (an FP8 weight's bytes, read, then requantized into); the pieces, one per stored dtype, hold
+    what is read before widening and written after rounding."""
 
     def __init__(self) -> None:
         self.work = torch.empty(0, dtype=torch.float32)
