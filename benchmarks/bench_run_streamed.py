@@ -18,9 +18,19 @@ automatic selection's time against one measurement pass, and a projection of GLM
    module (bytes/s), and running tokens through it (tokens/s), the two costs every streamed pass pays.
 4. Projects GLM-4.5-Air's full run (45 MoE layers of 128 experts + the dense layer 0, 151k vocabulary)
    from those per-layer figures on this CPU, and on one GPU from the assumed --gpu-tflops (sustained
-   bf16) and --gpu-h2d-gbps (host-to-GPU copy of a layer): no GPU was measured. Scoring is projected
-   twice: with the default `--shortlist` (selection's halving rounds: one pass each) and with
-   `--shortlist all` (every candidate on every prompt in one pass); both totals and the ratios print.
+   bf16) and --gpu-h2d-gbps (host-to-GPU copy of a layer): no GPU was measured. Projected twice:
+   before (every candidate on every prompt in one pass, the refusal-token probe recomputing prompt +
+   reply each pass) and after (the defaults: `--prefilter`, then `--shortlist`'s halving rounds, one
+   pass each; the probe with the layers' keys and values cached, its first pass the baseline's harmful
+   scores); the rank choice at the chosen position (issue 25's subspaces at the defaults: one pass, the
+   same in both columns); each stage's hours before and after, the ratios and the total print, and the
+   total without the rank choice. Then the full replies of one model (`--full-replies always`):
+   accelerate's offloading (every layer read per new token of each batch) against the runner's cached
+   layer-streamed greedy (one read per new token for every prompt), from the same measured rates.
+   `--full-replies always` makes the run's own evaluation make them so (its seconds in the stages).
+5. Selects the direction on the demo model and on the demo behind a silent layer (refusal positions 3
+   and 4) with every candidate scored on every prompt and with the defaults, and prints both positions.
+   The selection's own seconds (probe, scoring) come from the run's MLflow metrics.
 
 `--device cuda` (or cuda:N) runs both on the GPU: `abliterate run --device cuda`, and the layer read
 from the shards onto the GPU and the tokens through it there (after one untimed warm-up batch, with
@@ -50,6 +60,23 @@ with `--shortlist 3` (scoring 12.2 h: 5 passes, 36 -> 18 -> 9 -> 5 -> 3 candidat
 69 prompts per set) against 46.7 h with `--shortlist all` (scoring 35.1 h): scoring 2.9x, the run
 1.96x; the probe (4.2 h) and the stages that select nothing (7.4 h) stay. GPU column: 23.7 against
 18.4 min (streamed passes are read-bound there: `--shortlist all` is the faster choice).
+
+Figures seen (2026-12-05, load average 6-11 on the 2 cores), two runs with the prefilter (4), the
+shortlist (1) and the cached probe against scoring everything with the probe recomputed: the full run
+76.5 h -> 16.3 h (4.70x; layer read 3.49 s, 44 tokens/s) and 71.5 h -> 18.9 h (3.79x; read 10.52 s,
+50 tokens/s); scoring 59.6 -> 3.6 h and 53.1 -> 4.2 h, the probe 6.1 -> 1.8 h and 7.4 -> 3.6 h; the
+other stages unchanged. Selected position: demo 3 against 3, shifted demo 4 against 4. GPU column
+18.4 -> 20.9 min (three scoring passes instead of one).
+
+Figures seen (2026-12-05 09:51-10:13, load average 0.4-2 on the 2 cores), four runs: one MoE layer read
+in 1.56 / 1.30 / 1.32 / 1.41 s, 220 / 200 / 200 / 202 tokens/s; the full run 15.9 -> 4.0 h (3.99x) and
+17.1 -> 3.9 h (4.35x) before the rank choice was counted (runs 1, 2); counting it 20.5 -> 7.3 h (2.80x)
+and 20.3 -> 7.2 h (2.81x), without it 17.3 -> 4.1 h (4.24x) and 17.0 -> 4.0 h (4.27x) (runs 3, 4): the rank choice's pass is
+3.2 h, 6 subspace ranks on both validation sets and 6 directions alone on the harmful ones at the
+chosen position. Full replies of one model, 48 tokens on 194 prompts: accelerate offloading 37-44 h,
+the cached greedy 3.8-4.3 h (9.6-10.3x). Runs 1 and 4 with `--full-replies always`: the run's
+evaluation 153 / 126 s with 8-token replies of both models against 19 / 20 s without. Selected
+position: demo 3 against 3, shifted demo 4 against 4, in every run.
 """
 
 from __future__ import annotations
@@ -152,9 +179,24 @@ def child_run(argv: list[str], out: str) -> None:
     with contextlib.redirect_stdout(printed):
         code = main()
     summary = json.loads(printed.getvalue()) if code == 0 else {}
+    peak = status_bytes("VmHWM")
+    timings = {}
+    if code == 0:  # the selection's timings live with the MLflow run (the directions file keeps none)
+        from mlflow import MlflowClient
+
+        from abliterate_flows.runtime import tracking_uri
+
+        metrics = MlflowClient(tracking_uri()).get_run(summary["mlflow_run_id"]).data.metrics
+        timings = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("selection/seconds_")}
     Path(out).write_text(
         json.dumps(
-            {"code": code, "peak_rss": status_bytes("VmHWM"), "rss_before": start_rss, "summary": summary},
+            {
+                "code": code,
+                "peak_rss": peak,
+                "rss_before": start_rss,
+                "summary": summary,
+                "selection_seconds": timings,
+            },
             default=str,
         )
     )
@@ -232,7 +274,9 @@ def projection(
     assumed: dict,
     probe_passes: int,
     selection: Any,
+    cached: bool = True,
     candidates: int | None = None,
+    rank_variants: tuple[int, int] = (0, 0),
 ) -> list[tuple[str, float, float]]:
     """(stage, CPU seconds, GPU seconds) of GLM-4.5-Air's full run with `prompts` (train: measured, val:
     both validation sets, test: both test sets) of `tokens_per_prompt` tokens.
@@ -242,11 +286,74 @@ def projection(
     (128 experts), compute does not (8 experts are active either way). Ablation and validation are
     bandwidth-bound: this run's seconds per checkpoint byte. On the GPU: the layer read from disk at
     the assumed disk GB/s, copied at the assumed host-to-GPU GB/s, computed at the assumed TFLOPS.
-    Scoring follows selection's own rounds (`halving_rounds` with the `selection` section's shortlist):
-    one pass per round, the baseline on every validation prompt in the first, each round's candidates on
-    its new prompts."""
+
+    The probe (greedy replies to the harmful validation prompts) reads the weights once per token: with
+    `cached` (the runner's layer caches) the first pass runs the prompts and each later one a token per
+    reply, and the first pass gives the unmodified model's harmful first tokens to scoring; without, each
+    pass runs prompt + reply so far and scoring runs the unmodified model on both sets. Scoring follows
+    selection's own rounds (`prefilter`, then `halving_rounds` with the `selection` section's shortlist):
+    one pass per round, the unmodified model in the first, each round's candidates on its new prompts.
+    The rank choice at the chosen position (`rank_variants`: subspace ranks scored on both validation sets,
+    directions alone on the harmful set; (0, 0): no subspace) is one more pass."""
     from abliterate.select.selection import halving_rounds
 
+    passes, air_layer = air_passes(layer, assumed)
+    layers = AIR["layers"]
+    if candidates is None:
+        candidates = math.floor(layers * 0.8)  # positions 1..36 (0 is undefined: every prompt ends alike)
+    if selection.prefilter != "all":
+        candidates = min(candidates, int(selection.prefilter))
+
+    def add(*parts: tuple[float, float]) -> tuple[float, float]:
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    harmful, val, air_bytes = prompts["val_harmful"], prompts["val"], layers * air_layer
+    if cached:  # the prompts once, then one token per reply per pass
+        probe = add(passes(1, harmful * tokens_per_prompt), passes(probe_passes - 1, harmful))
+    else:  # every pass runs prompt + reply so far: on average prompt + 3 tokens
+        probe = passes(probe_passes, harmful * (tokens_per_prompt + 3))
+    rounds = halving_rounds(candidates, prompts["val_harmful"], prompts["val_harmless"], selection)
+    scoring, done = (0.0, 0.0), 0
+    baseline = val - harmful if cached else val  # the probe's first pass gave the harmful ones
+    for number, plan in enumerate(rounds):
+        upto = plan.harmful_prompts + plan.harmless_prompts
+        scored = plan.candidates * (upto - done) + (baseline if number == 0 else 0)
+        scoring = add(scoring, passes(1, scored * tokens_per_prompt))
+        done = upto
+    fully = rounds[-1].candidates
+    ranks, alone = rank_variants
+    rank_pass = (
+        passes(1, (ranks * val + alone * harmful) * tokens_per_prompt) if ranks + alone else (0.0, 0.0)
+    )
+    pre = "" if selection.prefilter == "all" else f"prefilter {selection.prefilter}, "
+    return [
+        ("measurement (1 pass)", *passes(1, prompts["train"] * tokens_per_prompt)),
+        (
+            f"find refusal tokens ({probe_passes} passes, {'cached' if cached else 'recomputed'})",
+            *probe,
+        ),
+        (
+            f"score {candidates} + baseline ({pre}shortlist {selection.shortlist}: {len(rounds)} "
+            f"pass{'es' if len(rounds) > 1 else ''}, {fully} on every prompt)",
+            *scoring,
+        ),
+        (
+            f"rank choice (1 pass: {ranks} ranks on both sets, {alone} directions alone on the harmful)",
+            *rank_pass,
+        ),
+        ("evaluation before + after (2 passes)", *passes(2, prompts["test"] * tokens_per_prompt)),
+        (
+            "ablation + validation (this run's s/byte; GPU: 4 disk passes)",
+            io["seconds_per_byte"] * air_bytes,
+            4 * air_bytes / (assumed["disk_gbps"] * 1e9),
+        ),
+    ]
+
+
+def air_passes(layer: dict, assumed: dict) -> tuple[Any, int]:
+    """(passes(n, tokens) -> (CPU s, GPU s) of n streamed passes over GLM-4.5-Air's 46 layers with `tokens`
+    tokens each; the bytes of one Air MoE layer), from the measured MoE layer at `--experts` experts: the
+    read scales with the layer's bytes (128 experts), compute does not (8 experts are active either way)."""
     expert_bytes = layer["experts"] * 3 * AIR["hidden"] * AIR["moe_inter"] * 2  # bf16 on disk
     other_bytes = layer["bytes_disk"] - expert_bytes
     air_layer = 128 * 3 * AIR["hidden"] * AIR["moe_inter"] * 2 + other_bytes
@@ -260,42 +367,38 @@ def projection(
     per_token_gpu = flops_per_token / (assumed["tflops"] * 1e12)
     read_gpu = air_layer / (assumed["disk_gbps"] * 1e9) + air_layer / (assumed["h2d_gbps"] * 1e9)
     layers = AIR["layers"]
-    if candidates is None:
-        candidates = math.floor(layers * 0.8)  # positions 1..36 (0 is undefined: every prompt ends alike)
 
-    def passes(n_passes: int, tokens: float) -> tuple[float, float]:
+    def passes(n_passes: float, tokens: float) -> tuple[float, float]:
         return (
             n_passes * layers * (read_cpu + tokens * per_token_cpu),
             n_passes * layers * (read_gpu + tokens * per_token_gpu),
         )
 
-    val, air_bytes = prompts["val"], layers * air_layer
-    rounds = halving_rounds(candidates, prompts["val_harmful"], prompts["val_harmless"], selection)
-    scoring, done = [0.0, 0.0], 0
-    for number, plan in enumerate(rounds):
-        upto = plan.harmful_prompts + plan.harmless_prompts
-        scored = plan.candidates * (upto - done) + (val if number == 0 else 0)
-        scoring = [a + b for a, b in zip(scoring, passes(1, scored * tokens_per_prompt), strict=True)]
-        done = upto
-    fully = rounds[-1].candidates
-    return [
-        ("measurement (1 pass)", *passes(1, prompts["train"] * tokens_per_prompt)),
-        (
-            f"find refusal tokens (at most {probe_passes} passes)",
-            *passes(probe_passes, val / 2 * (tokens_per_prompt + 3)),
-        ),
-        (
-            f"score {candidates} candidates + baseline (shortlist {selection.shortlist}: {len(rounds)} "
-            f"pass{'es' if len(rounds) > 1 else ''}, {fully} on every prompt)",
-            *scoring,
-        ),
-        ("evaluation before + after (2 passes)", *passes(2, prompts["test"] * tokens_per_prompt)),
-        (
-            "ablation + validation (this run's s/byte; GPU: 4 disk passes)",
-            io["seconds_per_byte"] * air_bytes,
-            4 * air_bytes / (assumed["disk_gbps"] * 1e9),
-        ),
-    ]
+    return passes, air_layer
+
+
+def replies_projection(
+    layer: dict, prompts: dict[str, int], tokens_per_prompt: float, assumed: dict, new_tokens: int, batch: int
+) -> dict[str, tuple[float, float]]:
+    """(CPU s, GPU s) of the evaluation's full greedy replies of one over-budget model (`--full-replies
+    always`, `new_tokens` tokens) on both test sets of GLM-4.5-Air, from the same measured per-layer rates:
+    before, accelerate's offloading with `generate` (its own key/value cache, but every offloaded layer read
+    once per new token of each batch of `batch` prompts; counted as if every layer were offloaded, the
+    budget holding a small share of the 46); after, the runner's cached greedy (the prompts in the first
+    pass, then one token per reply per pass, every test prompt together)."""
+    passes, _ = air_passes(layer, assumed)
+    test = prompts["test"]
+    batches = math.ceil(test / batch)
+
+    def add(*parts: tuple[float, float]) -> tuple[float, float]:
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    before = add(
+        passes(batches, test / batches * tokens_per_prompt),
+        passes(batches * (new_tokens - 1), test / batches),
+    )
+    after = add(passes(1, test * tokens_per_prompt), passes(new_tokens - 1, test))
+    return {"before": before, "after": after}
 
 
 def general_counts() -> dict[str, int]:
@@ -311,6 +414,33 @@ def general_counts() -> dict[str, int]:
         counts[f"val_{kind}"] = len(val)
         counts["test"] += len(load_prompts(prompt_file("general", kind, "test")))
     return counts
+
+
+def same_choice() -> dict[str, tuple[int, int]]:
+    """The selected position with every candidate scored on every prompt against the defaults' (prefilter,
+    shortlist), on the demo model (refusal position 3) and on the demo behind one silent layer (position 4):
+    tests/test_shortlist.py's models and prompts."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_shortlist import EVERYTHING, choose, demo_split, directions_of, shifted_demo
+
+    from abliterate.config import Selection
+    from abliterate.demo import DEMO_MODEL_DIR
+    from abliterate.inference.loading import load_model
+
+    harmful, harmless, harmful_val, harmless_val = demo_split()
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model_dir in (("demo", DEMO_MODEL_DIR), ("shifted demo", None)):
+            model, tokenizer = load_model(model_dir or shifted_demo(Path(folder) / "shifted"))
+            directions = directions_of(model, tokenizer, harmful, harmless)
+            every, default = (
+                choose(model, tokenizer, directions, harmful_val, harmless_val, selection).position
+                for selection in (Selection(**EVERYTHING), Selection())
+            )
+            out[name] = (every, default)
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -358,6 +488,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--layer-tokens", type=int, default=256, help="tokens timed through one MoE layer (default 256)"
+    )
+    parser.add_argument(
+        "--full-replies",
+        default="auto",
+        choices=["auto", "always"],
+        help="the run's evaluation: auto (first-token figures only: the model streams) | always (full replies "
+        "of both models by the runner's cached layer-streamed greedy, --max-new-tokens 8)",
     )
     parser.add_argument("--child", choices=["run", "layer"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -407,6 +544,8 @@ def main() -> int:
         "10",
         "--max-new-tokens",
         "8",
+        "--full-replies",
+        args.full_replies,
         "--json",
         "--quiet",
         "--work-dir",
@@ -481,11 +620,15 @@ def main() -> int:
         + f"; wall {wall:.0f} s"
     )
     measurement = durations.get("measurement") or float("nan")
+    seconds = figures["selection_seconds"]
+    scored = len(selection.get("candidates", [])) + len(selection.get("ranked_out", []))
     print(
-        f"selection: {selection.get('weight_reads')} passes over the weights ({len(selection.get('rounds', []))} "
-        f"scoring {len(selection.get('candidates', [])) + len(selection.get('ranked_out', []))} candidates + the "
-        "baseline, the rest finding refusal tokens; the directions file keeps no timings); whole directions stage "
-        f"against one measurement pass ({measurement:.1f} s): {durations.get('directions', float('nan')) / measurement:.2f}x"
+        f"selection (MLflow's selection/seconds_*): {selection.get('weight_reads')} passes over the weights, "
+        f"{seconds.get('seconds_probe', float('nan')):.1f} s finding refusal tokens (cached greedy), "
+        f"{seconds.get('seconds_scoring', float('nan')):.1f} s scoring {scored} candidates + the baseline in "
+        f"{len(selection.get('rounds', []))} rounds ({len(selection.get('prefiltered_out', []))} prefiltered out); "
+        f"whole directions stage against one measurement pass ({measurement:.1f} s): "
+        f"{durations.get('directions', float('nan')) / measurement:.2f}x"
     )
     print(
         f"\none MoE layer ({args.experts} experts): read {layer['bytes_disk'] / GIB:.2f} GiB bf16 into "
@@ -498,32 +641,77 @@ def main() -> int:
     }
     assumed = {"tflops": args.gpu_tflops, "h2d_gbps": args.gpu_h2d_gbps, "disk_gbps": args.disk_gbps}
     general = general_counts()
-    from abliterate.config import Selection
+    # before: every candidate on every prompt, the probe recomputing prompt + reply each pass (the code
+    # before issue 24); after: the defaults (prefilter, shortlist) and the cached probe
+    from abliterate.config import Measurement, Selection
 
-    shortlisted, every = Selection(), Selection(shortlist="all")
-    rows = projection(layer, general, args.air_tokens, io, assumed, 6, shortlisted)
-    rows_all = projection(layer, general, args.air_tokens, io, assumed, 6, every)
+    everything = Selection(shortlist="all", prefilter="all")
+    # the rank choice of issue 25 at the defaults: pca and clusters (categories need a category field), ranks
+    # 2..top of each on both sets, rows 1..top-1 alone on the harmful set; the same pass in both columns
+    top = min(Selection().max_rank, Measurement().subspace_rank)
+    rank_variants = (2 * (top - 1), 2 * (top - 1))
+    before = projection(
+        layer, general, args.air_tokens, io, assumed, 6, everything, cached=False, rank_variants=rank_variants
+    )
+    rows = projection(
+        layer, general, args.air_tokens, io, assumed, 6, Selection(), cached=True, rank_variants=rank_variants
+    )
     print(
         f"\nprojection, GLM-4.5-Air (46 layers, 128 experts) with the general prompt set ({general['train']} "
         f"measured, {general['val']} validation, {general['test']} test prompts, {args.air_tokens:.0f} tokens each): "
-        f"{'this CPU' if device == 'cpu' else device}, from the measured per-layer figures | one GPU, assumed {args.gpu_tflops:.0f} TFLOPS bf16, "
-        f"{args.gpu_h2d_gbps:.0f} GB/s host->GPU, {args.disk_gbps:.0f} GB/s disk (no GPU measured)"
+        f"{'this CPU' if device == 'cpu' else device}, from the measured per-layer figures | one GPU, assumed "
+        f"{args.gpu_tflops:.0f} TFLOPS bf16, {args.gpu_h2d_gbps:.0f} GB/s host->GPU, {args.disk_gbps:.0f} GB/s disk "
+        "(no GPU measured); before: every candidate scored on every prompt, the probe recomputed; after: the "
+        "defaults"
     )
-    for name, cpu_s, gpu_s in rows:
-        print(f"  {name:<62} {cpu_s / 3600:>7.1f} h | {gpu_s / 60:>7.1f} min")
+    print(f"  {'stage':<22} {'before':>9} {'after':>9} {'ratio':>7} | {'GPU before':>10} {'after':>8}")
+    labels = [
+        "measurement",
+        "refusal-token probe",
+        "scoring",
+        "rank choice",
+        "evaluation",
+        "ablation+validation",
+    ]
+    for label, old, new in zip(labels, before, rows, strict=True):
+        print(
+            f"  {label:<22} {old[1] / 3600:>7.2f} h {new[1] / 3600:>7.2f} h {old[1] / new[1]:>6.2f}x "
+            f"| {old[2] / 60:>6.1f} min {new[2] / 60:>5.1f} min"
+        )
+    total_before, total = sum(r[1] for r in before), sum(r[1] for r in rows)
+    gpu_before, gpu = sum(r[2] for r in before), sum(r[2] for r in rows)
     print(
-        f"  {'total':<62} {sum(r[1] for r in rows) / 3600:>7.1f} h | {sum(r[2] for r in rows) / 60:>7.1f} min"
+        f"  {'total':<22} {total_before / 3600:>7.2f} h {total / 3600:>7.2f} h "
+        f"{total_before / total:>6.2f}x | {gpu_before / 60:>6.1f} min {gpu / 60:>5.1f} min"
     )
-    total, total_all = sum(r[1] for r in rows), sum(r[1] for r in rows_all)
+    for name, old, new in ((labels[1], before[1], rows[1]), (labels[2], before[2], rows[2])):
+        print(f"  {name}: before {old[0]}; after {new[0]}")
+    rank_cpu = rows[3][1]
     print(
-        f"  {'scoring every candidate instead: ' + rows_all[2][0]:<62} {rows_all[2][1] / 3600:>7.1f} h | "
-        f"{rows_all[2][2] / 60:>7.1f} min  (total {total_all / 3600:.1f} h | {sum(r[2] for r in rows_all) / 60:.1f} min)"
+        f"  the full run: {total_before / 3600:.1f} h -> {total / 3600:.1f} h on this CPU, {total_before / total:.2f}x;"
+        f" without the rank choice (issue 25, {rank_cpu / 3600:.2f} h in both): {(total_before - rank_cpu) / 3600:.1f} h"
+        f" -> {(total - rank_cpu) / 3600:.1f} h, {(total_before - rank_cpu) / (total - rank_cpu):.2f}x"
     )
+    from abliterate.config import Evaluation, Runtime
+
+    new_tokens, batch = Evaluation().max_new_tokens, Runtime().batch_size
+    replies = replies_projection(layer, general, args.air_tokens, assumed, new_tokens, batch)
+    (old_cpu, old_gpu), (new_cpu, new_gpu) = replies["before"], replies["after"]
     print(
-        f"  shortlist {shortlisted.shortlist} (first round {shortlisted.shortlist_prompts} prompts per set) against all: "
-        f"scoring {rows_all[2][1] / rows[2][1]:.1f}x less CPU time, the full run {total_all / total:.2f}x; "
-        f"selection (probe + scoring) {(rows_all[1][1] + rows_all[2][1]) / (rows[1][1] + rows[2][1]):.1f}x; "
-        f"the stages selection does not run: {(total - rows[1][1] - rows[2][1]) / 3600:.1f} h"
+        f"  full replies of one model (--full-replies always, {new_tokens} new tokens, {general['test']} test "
+        f"prompts; not in the total, the streamed default makes none): accelerate offloading (every layer read "
+        f"per new token of each of {math.ceil(general['test'] / batch)} batches of {batch}) {old_cpu / 3600:.1f} h"
+        f" -> the cached layer-streamed greedy ({new_tokens} reads) {new_cpu / 3600:.2f} h on this CPU, "
+        f"{old_cpu / new_cpu:.1f}x | GPU {old_gpu / 60:.1f} -> {new_gpu / 60:.1f} min"
+    )
+    positions = same_choice()
+    print(
+        "selected position, every candidate on every prompt against the defaults (prefilter "
+        f"{Selection().prefilter}, shortlist {Selection().shortlist}): "
+        + "; ".join(
+            f"{name} {every} against {default}{'' if every == default else ' (DIFFERENT)'}"
+            for name, (every, default) in positions.items()
+        )
     )
     Path(args.figures).write_text(
         json.dumps(
@@ -536,7 +724,9 @@ def main() -> int:
                 "bound": bound,
                 "io": io,
                 "rows": rows,
-                "rows_all": rows_all,
+                "rows_before": before,
+                "replies": replies,
+                "positions": positions,
                 "device": device,
                 "dtype": dtype,
             },

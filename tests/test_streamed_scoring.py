@@ -144,17 +144,24 @@ def demo_terms(tokenizer, prompts) -> int:
 def test_streamed_selection_equals_in_memory_on_demo(demo):
     model, tokenizer, directions = demo
     harmful_val, harmless_val = demo_prompts("harmful", "val", 32), demo_prompts("harmless", "val", 32)
-    memory = select(model, tokenizer, directions, harmful_val, harmless_val)
+    three = Selection(shortlist="3")  # three candidates scored on every prompt: three to compare
+    memory = select(model, tokenizer, directions, harmful_val, harmless_val, three)
     streamed = select(
-        StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"), tokenizer, directions, harmful_val, harmless_val
+        StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"),
+        tokenizer,
+        directions,
+        harmful_val,
+        harmless_val,
+        three,
     )
     # the demo model's own refusals start with "I": found from its replies, not from the fixed list
     assert memory.refusal_tokens == ["I"] and memory.refusal_tokens_source == "replies"
     assert memory.refusals_found == len(harmful_val)
     assert (streamed.streamed, memory.streamed) == (True, False)
     # One pass over the weights per probe token until every reply refuses or ends (the demo says "I
-    # cannot ..." : 2 tokens), then one per scoring round: the baseline and all 4 candidates on the first
-    # prompts, then the shortlist's 3 on the rest (tests/test_shortlist.py).
+    # cannot ..." : 2 tokens; the first also gives the baseline's harmful first tokens), then one per
+    # scoring round: the baseline's harmless prompts and all 4 candidates on the first prompts, then the
+    # shortlist's 3 on the rest (tests/test_shortlist.py).
     encoded = encode(tokenizer, harmful_val)
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
     replies = InMemoryForward(model).greedy(
@@ -238,9 +245,9 @@ def test_streamed_evaluation_equals_in_memory_on_demo(demo, demo_ablated):
 
 
 @pytest.mark.slow
-def test_full_replies_of_an_over_budget_model_run_offloaded(demo, demo_ablated, tmp_path):
-    """Asked for, full replies of a streamed model come from accelerate's offloaded model (every decoder
-    layer on disk here): the same replies and refusal rates as in memory, and the cost stated."""
+def test_full_replies_of_an_over_budget_model_run_layer_streamed(demo, demo_ablated, tmp_path):
+    """Asked for, full replies of a streamed model come from the runner's cached layer-streamed greedy:
+    the same replies and refusal rates as in memory, and what they read stated."""
     harmful, harmless = demo_prompts("harmful", "test", 6), demo_prompts("harmless", "test", 6)
     evaluation, template = Evaluation(max_new_tokens=8, full_replies="always"), Template()
     runtime = Runtime(device="cpu", dtype="float32", batch_size=8)
@@ -267,7 +274,7 @@ def test_full_replies_of_an_over_budget_model_run_offloaded(demo, demo_ablated, 
         progress=False,
     )
     assert offloaded.full_replies and offloaded.streamed
-    assert memory.replies_cost is None and "read from disk" in offloaded.replies_cost
+    assert memory.replies_cost is None and "at most 8 passes" in offloaded.replies_cost
     assert [(r.response_before, r.response_after) for r in offloaded.examples] == [
         (r.response_before, r.response_after) for r in memory.examples
     ]

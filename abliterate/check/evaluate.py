@@ -16,9 +16,10 @@ test prompts rendered with the model's chat template:
   always; greedy, at most `max_new_tokens` new tokens):
   `refusal_rate_*`, the share of replies that contain a refusal marker (`abliterate.inference.refusal`,
   case- and apostrophe-insensitive), and a table of example prompts with the replies before
-  (baseline) and after (model). A model over the memory budget makes them only when asked, run
-  offloaded by accelerate, which reads the offloaded weights once per new token and batch
-  (`replies_cost` states it).
+  (baseline) and after (model). A model over the memory budget makes them only when asked,
+  layer-streamed by the runner's cached greedy (`StreamedForward.greedy`: one read of the weights per
+  new token for every prompt together, each layer's keys and values kept between the reads; the same
+  tokens as `generate` in memory), `replies_cost` states what that reads.
 
 The settings are the configuration's sections: Evaluation, Template and Runtime (resolved for the
 model: a concrete device and dtype). `measure_behaviour` runs one model, `compare` turns two
@@ -30,8 +31,6 @@ of the flows run these same two functions.
 
 from __future__ import annotations
 
-import gc
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,11 +39,10 @@ from typing import Any
 
 import torch
 
-from abliterate.config import Evaluation, Runtime, Template, parse_size
+from abliterate.config import Evaluation, Runtime, Template
 from abliterate.errors import AbliterateError
 from abliterate.figures import evaluation_lines
-from abliterate.inference.devices import available_memory
-from abliterate.inference.loading import load_model, pad_token_id
+from abliterate.inference.loading import pad_token_id
 from abliterate.inference.refusal import (
     find_refusal_tokens,
     is_refusal,
@@ -112,6 +110,11 @@ class ExampleRow:
     refused_after: bool
 
 
+# Keys every `EvaluationResult.to_json` holds: an existing --report file is replaced only when it has them
+# (a report written earlier, never an input or a file of the user's: `paths.output_file`).
+REPORT_KEYS = ("n_harmful", "n_harmless", "examples", "settings")
+
+
 @dataclass
 class EvaluationResult:
     n_harmful: int
@@ -137,7 +140,7 @@ class EvaluationResult:
     refusal_tokens_source: str = "markers"
     full_replies: bool = True
     streamed: bool = False
-    replies_cost: str | None = None  # what the full replies of an offloaded model cost
+    replies_cost: str | None = None  # what the full replies of a layer-streamed model read
 
     def to_json(self) -> dict[str, Any]:
         """Every field but the wall time, so that identical inputs give an identical report file."""
@@ -156,7 +159,8 @@ class EvaluationResult:
             lines.append(f"refusal tokens ({self.refusal_tokens_source}): {self.refusal_tokens}")
         if not self.full_replies:
             lines.append(
-                "full replies: not made (layer-streamed model; --full-replies always makes them offloaded)"
+                "full replies: not made (layer-streamed model; --full-replies always makes them, one read of the "
+                "weights per new token)"
             )
         if self.replies_cost:
             lines.append(self.replies_cost)
@@ -235,15 +239,12 @@ def measure_behaviour(
     runtime: Runtime,
     progress: bool = True,
     refusal_ids: Sequence[int] | None = None,
-    replier: Any = None,
 ) -> Behaviour:
     """One model's first-token figures (one forward pass per prompt: one read of the weights when
     layer-streamed), and its full greedy replies when `evaluation.replies` says so for this model.
 
-    `model`: a loaded model or a forward (`abliterate.inference.runner`). `replier`: what generates the full
-    replies (default: `model`); for a layer-streamed model, a function that loads the offloaded model
-    (`load_model` with a budget), called here and dropped before the streamed pass, so host memory
-    never holds both.
+    `model`: a loaded model or a forward (`abliterate.inference.runner`); layer-streamed, its full replies
+    come from the runner's cached greedy (one read of the weights per new token, every prompt together).
     `refusal_ids`: the refusal tokens (the baseline's, so before and after count the same tokens);
     None: this model's own, from its replies (`abliterate.inference.refusal.refusal_tokens_from_replies`)."""
     forward = as_forward(model)
@@ -255,15 +256,13 @@ def measure_behaviour(
     harmful_replies = harmless_replies = None
     reply_ids = None
     if evaluation.replies(forward.streamed):
-        generator = forward if replier is None else as_forward(replier() if callable(replier) else replier)
-        reply_ids = _reply_ids(generator, tokenizer, harmful_ids, evaluation, runtime, "harmful", progress)
-        harmful_replies = _texts(tokenizer, reply_ids)
-        harmless_replies = _texts(
-            tokenizer,
-            _reply_ids(generator, tokenizer, harmless_ids, evaluation, runtime, "harmless", progress),
+        # both sets in one generation: layer-streamed, one read of the weights per new token for all of them
+        every = _reply_ids(
+            forward, tokenizer, [*harmful_ids, *harmless_ids], evaluation, runtime, "test prompts", progress
         )
-        del generator, replier
-        gc.collect()  # an offloaded model's modules and offload folder go before the streamed pass
+        reply_ids = every[: len(harmful_ids)]
+        harmful_replies = _texts(tokenizer, reply_ids)
+        harmless_replies = _texts(tokenizer, every[len(harmful_ids) :])
     if refusal_ids is not None:
         ids, source = sorted(int(i) for i in refusal_ids), "given"
     else:
@@ -414,50 +413,39 @@ def evaluate_loaded(
     return result
 
 
-def reply_budget(runtime: Runtime) -> int:
-    """Host memory an offloaded model may hold for its full replies: the memory budget, else the free
-    host memory."""
-    budget = parse_size(runtime.memory_budget)
-    return available_memory("cpu") if budget is None else budget
-
-
 def replies_cost(
     model_dir: str | Path, n_prompts: int, evaluation: Evaluation, runtime: Runtime, stream: bool
 ) -> str | None:
-    """What full greedy replies cost on a layer-streamed model, which makes them offloaded beyond the
-    budget: accelerate reads every offloaded weight from disk once per new token of every batch (and
-    first writes the weights it must convert, such as per-expert tensors fused in memory, to its
-    offload folder). None: no offloaded replies (a model in memory, or no full replies)."""
+    """What full greedy replies read on a layer-streamed model (`StreamedForward.greedy`): at most one pass
+    over the weights per new token, every test prompt together (the prompts in the first pass, then
+    one token per reply against the layers' cached keys and values), and what those caches hold per token.
+    None: no streamed replies (a model in memory, or no full replies)."""
     if not (stream and evaluation.replies(stream)):
         return None
-    budget = reply_budget(runtime)
+    from transformers import AutoConfig  # heavy: only when a model is read
+
     total = weight_bytes(model_dir, runtime.dtype).total
-    offloaded = max(0, total - budget)
-    batches = math.ceil(n_prompts / runtime.batch_size)
-    reads = batches * evaluation.max_new_tokens
+    config = AutoConfig.from_pretrained(str(model_dir))
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    width = getattr(config, "num_key_value_heads", None) or heads
+    per_token = (
+        config.num_hidden_layers * 2 * width * head_dim * torch.finfo(getattr(torch, runtime.dtype)).bits // 8
+    )
     gib = 1 << 30
     return (
-        f"full replies on an offloaded model: {offloaded / gib:.3g} GiB of its {total / gib:.3g} GiB of weights "
-        f"({runtime.dtype}) lie beyond the {budget / gib:.3g} GiB budget and are read from disk for each of "
-        f"{evaluation.max_new_tokens} new tokens of each of {batches} batches: {reads} reads, about "
-        f"{reads * offloaded / gib:.3g} GiB per model"
+        f"full replies layer-streamed (cached greedy): at most {evaluation.max_new_tokens} passes over the "
+        f"{total / gib:.3g} GiB of weights ({runtime.dtype}), one per new token for every prompt together, "
+        f"about {evaluation.max_new_tokens * total / gib:.3g} GiB read per model; the keys and values cached for "
+        f"{n_prompts} prompts hold {per_token / (1 << 20):.3g} MiB per token of prompt and reply"
     )
 
 
-def _open_model(model_dir: str | Path, evaluation: Evaluation, runtime: Runtime, stream: bool):
-    """(forward, replier, tokenizer) of one model: loaded, or layer-streamed with (when full replies are
-    asked for) `replier`, a function loading an offloaded copy within `reply_budget` for the replies."""
+def _open_model(model_dir: str | Path, runtime: Runtime, stream: bool):
+    """(forward, tokenizer) of one model: loaded, or layer-streamed."""
     if runtime.dtype == "auto":
         raise AbliterateError("the compute dtype is still `auto`: resolve the runtime for the model first")
-    forward, tokenizer = model_forward(model_dir, runtime.dtype, runtime.device, stream)
-    replier = None
-    if stream and evaluation.replies(stream):
-        budget = reply_budget(runtime)
-
-        def replier() -> Any:
-            return load_model(model_dir, runtime.dtype, runtime.device, budget=budget)[0]
-
-    return forward, replier, tokenizer
+    return model_forward(model_dir, runtime.dtype, runtime.device, stream)
 
 
 def model_behaviour(
@@ -474,9 +462,9 @@ def model_behaviour(
     """The behaviour of the model in `model_dir` (e.g. the original, as the baseline), in memory or
     layer-streamed (`stream`), with `runtime` resolved for the model. `refusal_ids`: the refusal tokens
     to count (e.g. those selection found); None: the model's own, from its replies."""
-    forward, replier, tokenizer = _open_model(model_dir, evaluation, runtime, stream)
+    forward, tokenizer = _open_model(model_dir, runtime, stream)
     return measure_behaviour(
-        forward, tokenizer, harmful, harmless, evaluation, template, runtime, progress, refusal_ids, replier
+        forward, tokenizer, harmful, harmless, evaluation, template, runtime, progress, refusal_ids
     )
 
 

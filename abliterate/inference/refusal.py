@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from abliterate.config import Evaluation
 from abliterate.errors import AbliterateError
 from abliterate.inference.loading import pad_token_id
 from abliterate.inference.runner import Encoded, Forward, stop_ids
-from abliterate.paths import split_lines
+from abliterate.paths import describe_special, split_lines
 from abliterate.vocabulary import DEFAULT_REFUSAL_MARKERS
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
@@ -41,7 +43,11 @@ def read_markers(path: str | Path) -> list[str]:
     """Marker phrases from a file: one per line, blank lines and `#` comments skipped."""
     path = Path(path)
     if not path.is_file():
-        raise AbliterateError(f"marker file {path} does not exist")
+        special = describe_special(path)
+        what = (
+            "does not exist" if special in (None, "missing") else f"is {special}, not a text file of phrases"
+        )
+        raise AbliterateError(f"marker file {path} {what}")
     try:
         lines = split_lines(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
@@ -104,6 +110,9 @@ class RefusalTokens:
     source: str  # replies | markers
     refusals: int  # probed replies the marker check called refusals
     probed: int  # replies probed
+    # the probed model's float64 log-probabilities [N, V] of each prompt's first reply token, from the
+    # probe's first step (what a first-token pass over the prompts gives); None without probing
+    first: torch.Tensor | None = None
 
     def texts(self, tokenizer: Any) -> list[str]:
         return [tokenizer.decode([i]) for i in self.ids]
@@ -145,7 +154,8 @@ def find_refusal_tokens(
     harmful prompts, marker-checked (`refusal_tokens_from_replies`). A layer-streamed model reads its
     weights once per probe token, less when every reply has ended or already holds a marker (a reply
     that refuses stays a refusal however it goes on). With `probe_tokens` 0, the markers' openers
-    without probing."""
+    without probing. The probe's first step is a first-token pass over the prompts: its log-probabilities
+    come back too (`RefusalTokens.first`), so a caller needs no other pass for them."""
     if probe_tokens == 0:
         return RefusalTokens(refusal_token_ids(tokenizer, markers), "markers", 0, 0)
     stops = stop_ids(forward.generation_eos, tokenizer)
@@ -153,14 +163,18 @@ def find_refusal_tokens(
     def refused(reply: list[int]) -> bool:
         return is_refusal(tokenizer.decode(reply, skip_special_tokens=True), tuple(markers))
 
-    replies = forward.greedy(
+    (replies,), (first,) = forward.greedy_variants(
         harmful,
+        [None],
         probe_tokens,
         batch_size,
         pad_token_id(tokenizer),
         stops,
+        refused,
         progress,
         "find refusal tokens",
-        refused,
+        first_logprobs=True,
     )
-    return refusal_tokens_from_replies(tokenizer, replies, markers, probe_tokens)
+    found = refusal_tokens_from_replies(tokenizer, replies, markers, probe_tokens)
+    found.first = first
+    return found

@@ -22,9 +22,10 @@ whatever the number of variants: every variant's hidden states of every batch go
 layer while it is loaded, under that variant's edit of the layer, so scoring K variants costs one
 read of the weights, not K. Memory: one decoder layer (or the embedding, or the LM head), plus the
 hidden states of every prompt for every variant (variants x prompts x padded length x hidden x the
-dtype's bytes). Greedy decoding streamed recomputes the whole sequence for each new token, so it
-reads the weights once per token (for every variant together); in memory it is `model.generate`
-with its cache.
+dtype's bytes). Greedy decoding streamed reads the weights once per new token (for every variant
+together) and keeps every layer's keys and values between those reads, so only the first read runs the
+prompts and each later one runs one token per reply (the cache: layers x variants x prompts x tokens x
+key/value width); in memory it is `model.generate` with its cache. Both give the same tokens.
 
 Both give the same numbers up to float rounding: the streamed pass runs the same modules, batches
 and edits one layer at a time.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -257,6 +259,16 @@ class InMemoryForward:
                 handle.remove()
 
 
+@dataclass
+class _Decoding:
+    """One batch of one variant in cached greedy decoding (`StreamedForward.greedy_variants`)."""
+
+    ids: torch.Tensor  # [B, T] the tokens the next pass runs: the prompts, then each reply's newest token
+    mask: torch.Tensor  # [B, all tokens so far] attention mask (left padding 0)
+    cache: Any  # transformers DynamicCache: every layer's keys and values of the tokens run so far
+    live: list[int]  # rows whose replies go on
+
+
 class StreamedForward:
     """A checkpoint read one decoder layer at a time (`abliterate.inference.streaming.LayerStream`)."""
 
@@ -362,8 +374,8 @@ class StreamedForward:
         finished: Callable[[list[int]], bool] | None = None,
         edit: Edit | None = None,
     ) -> list[list[int]]:
-        """Greedy replies, one streamed pass over the weights per new token (the whole sequence is
-        run again each time: no cache between passes). A reply stops at an end token, or as soon as
+        """Greedy replies, one streamed pass over the weights per new token (`greedy_variants`: the
+        prompts in the first, then each reply's new token against the layers' cached keys and values). A reply stops at an end token, or as soon as
         `finished(reply so far)` says nothing after it matters; when every reply has stopped, so do the
         passes."""
         (replies,) = self.greedy_variants(
@@ -385,39 +397,83 @@ class StreamedForward:
         first_logprobs: bool = False,
     ) -> Any:
         """Greedy replies of every variant: one pass over the weights per new token for all of them
-        together; a reply stops at an end token or when `finished(reply so far)`. With `first_logprobs`:
-        (replies, each variant's [N, V] log-probabilities of the first step, where every prompt is live)."""
+        together, each layer's keys and values kept between passes (a transformers `DynamicCache` per variant
+        and batch), so the first pass runs the prompts and each later one only the new token of every reply.
+        A reply stops at an end token or when `finished(reply so far)`; a batch leaves the passes when all its
+        replies have stopped, the passes stop when every batch has. With `first_logprobs`: (replies, each
+        variant's [N, V] log-probabilities of the first step, where every prompt is live).
+
+        Batches are fixed at the first pass (length-sorted, left padded, as `generate` in memory gets them).
+        Memory: the caches, layers x variants x prompts x (prompt + reply tokens) x 2 x key/value width x the
+        dtype's bytes, besides one layer's weights."""
+        from transformers import DynamicCache  # heavy: only when replies are generated
+
+        stream = self.stream()
+        batches = list(length_sorted_batches(encoded, batch_size, pad_id))
         out: list[list[list[int]]] = [[[] for _ in encoded] for _ in edits]
-        firsts: list[torch.Tensor] = []
-        active = [list(range(len(encoded))) for _ in edits]
+        firsts: list[list[torch.Tensor | None]] = [[None] * len(encoded) for _ in edits]
+        # per (variant, batch): the tokens to run next, the attention mask so far, the cache, the live rows
+        state = {
+            (v, b): _Decoding(
+                batch.input_ids, batch.attention_mask, DynamicCache(), list(range(len(batch.indices)))
+            )
+            for v in range(len(edits))
+            for b, batch in enumerate(batches)
+        }
         bar = tqdm(
             total=max_new_tokens,
-            desc=f"greedy replies: {label} (layer-streamed)",
+            desc=f"greedy replies: {label} (layer-streamed, cached)",
             unit="token",
             disable=not progress,
         )
         for step in range(max_new_tokens):
-            live = [v for v in range(len(edits)) if active[v]]
-            if not live:
+            running = [key for key, d in state.items() if d.live]
+            if not running:
                 break
-            sets = [{"greedy": [list(encoded[i]) + out[v][i] for i in active[v]]} for v in live]
-            desc = f"greedy step of {len(live)} variants (layer-streamed)"
-            for k, _, logprobs in self._last_logprobs(
-                sets, [edits[v] for v in live], batch_size, pad_id, desc
-            ):
-                if step == 0 and first_logprobs:
-                    firsts.append(logprobs)  # step 0: every variant live, every prompt in order
-                v, still = live[k], []
-                for i, token in zip(active[v], logprobs.argmax(dim=-1).tolist(), strict=True):
-                    if token in stops:
+            hidden: dict[tuple[int, int], torch.Tensor] = {}
+            layer_args: dict[tuple[int, int], list[tuple[tuple, dict]]] = {}
+            with stream.embedding() as record:
+                for key in running:
+                    d = state[key]
+                    positions = (d.mask.cumsum(-1) - 1).clamp(min=0)[:, -d.ids.shape[1] :]
+                    embedded, layer_args[key] = record(d.ids, d.mask, positions, d.cache)
+                    edit = edits[key[0]]
+                    hidden[key] = embedded if edit is None else edit.embedded(embedded)
+            for index, layer in stream.each_layer(f"greedy step {step + 1} of {len(edits)} variants", False):
+                for v, edit in enumerate(edits):
+                    keys = [key for key in running if key[0] == v]
+                    if not keys:
                         continue
-                    out[v][i].append(int(token))
-                    if finished is None or not finished(out[v][i]):
-                        still.append(i)
-                active[v] = still
+                    on_layer = nullcontext() if edit is None else edit.on_layer(index, layer)
+                    with on_layer, torch.inference_mode():
+                        for key in keys:
+                            args, kwargs = layer_args[key][index]
+                            hidden[key] = layer_output(layer(hidden[key], *args, **kwargs))
+            self.weight_reads += 1
+            with stream.head() as logits_of:
+                for v, b in running:
+                    d, batch = state[v, b], batches[b]
+                    logprobs = torch.log_softmax(logits_of(hidden[v, b][:, -1, :]).double(), dim=-1).cpu()
+                    tokens = logprobs.argmax(dim=-1)
+                    if step == 0 and first_logprobs:
+                        for row, i in enumerate(batch.indices):
+                            firsts[v][i] = logprobs[row]
+                    still = []
+                    for row in d.live:
+                        reply, token = out[v][batch.indices[row]], int(tokens[row])
+                        if token in stops:
+                            continue
+                        reply.append(token)
+                        if finished is None or not finished(reply):
+                            still.append(row)
+                    d.live = still
+                    d.ids = tokens[:, None]
+                    d.mask = torch.cat([d.mask, torch.ones_like(d.mask[:, :1])], dim=1)
             bar.update(1)
         bar.close()
-        return (out, firsts) if first_logprobs else out
+        if first_logprobs:  # no step at all (no token or no prompt): none, as in memory
+            return out, [torch.stack(rows) for rows in firsts] if max_new_tokens and encoded else []  # type: ignore[arg-type]
+        return out
 
     def run_with_hooks(
         self,

@@ -150,6 +150,17 @@ class LayerStream:
             self.model, self.decoder, self.loader, encoded, batch_size, position, pad_id, self.device
         )
 
+    @contextmanager
+    def embedding(self) -> Iterator[Any]:
+        """Within the block, the input embedding is in memory and the function given records one batch:
+        `(input_ids, attention_mask, position_ids, cache)` -> (input of decoder layer 0, the (args, kwargs)
+        of each layer), the layers then called with `cache` (a transformers `Cache`: the keys and values
+        of the tokens before these) so they read and extend it: one step of cached decoding."""
+        with _embedding(self.model, self.loader):
+            yield lambda ids, mask, positions, cache: _recorded(
+                self.decoder, ids, mask, positions, self.device, cache
+            )
+
     def each_layer(self, desc: str, progress: bool = True) -> Iterator[tuple[int, torch.nn.Module]]:
         bar = tqdm(total=self.num_layers, desc=desc, unit="layer", disable=not progress)
         try:
@@ -262,49 +273,71 @@ def _embed_all(
     pad_id: int,
     device: str,
 ) -> list[PromptBatch]:
-    """Run the model's own forward pass up to the first decoder layer for every batch.
-
-    The decoder layers are swapped for recorders, so the model computes the embeddings, the
-    causal mask and the rotary tables as it always does; the input embedding is in memory only
-    for this pass.
-    """
-    embedding = model.get_input_embeddings()
-    loader.load_module(embedding)
-    real_layers = decoder.layers
+    """Run the model's own forward pass up to the first decoder layer for every batch (`_recorded`); the
+    input embedding is in memory only for this pass."""
     out: list[PromptBatch] = []
-    try:
+    with _embedding(model, loader):
         for label, ids in encoded.items():
             for whole in length_sorted_batches(ids, batch_size, pad_id):
                 # Left padding: every prompt's measured token sits at the same index; nothing after it
                 # can change it (causal attention), so it is cut off.
                 cut = whole.input_ids.shape[1] + position + 1
                 batch = Batch(whole.input_ids[:, :cut], whole.attention_mask[:, :cut], whole.indices)
-                sink: list[tuple[tuple, dict]] = []
-                stand_ins = [_Recorder(sink, i == len(real_layers) - 1) for i in range(len(real_layers))]
-                decoder.layers = torch.nn.ModuleList(stand_ins)
-                try:
-                    with torch.inference_mode():
-                        decoder(
-                            input_ids=batch.input_ids.to(device),
-                            attention_mask=batch.attention_mask.to(device),
-                            position_ids=batch.position_ids.to(device),
-                            use_cache=False,
-                        )
-                except _StopForward:
-                    pass
-                finally:
-                    decoder.layers = real_layers
-                if stand_ins[0].hidden is None or len(sink) != len(real_layers):
-                    raise AbliterateError(
-                        f"the forward pass of {type(decoder).__name__} reached {len(sink)} of its "
-                        f"{len(real_layers)} decoder layers: this architecture is not supported for "
-                        "layer-streamed measurement"
-                    )
+                hidden, sink = _recorded(
+                    decoder, batch.input_ids, batch.attention_mask, batch.position_ids, device
+                )
                 tokens = int(whole.attention_mask.sum())
-                out.append(PromptBatch(label, batch, tokens, stand_ins[0].hidden, sink))
+                out.append(PromptBatch(label, batch, tokens, hidden, sink))
+    return out
+
+
+@contextmanager
+def _embedding(model: Any, loader: _WeightLoader) -> Iterator[None]:
+    """The input embedding in memory within the block."""
+    embedding = model.get_input_embeddings()
+    loader.load_module(embedding)
+    try:
+        yield
     finally:
         loader.release(embedding)
-    return out
+
+
+def _recorded(
+    decoder: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    device: str,
+    cache: Any = None,
+) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """(input of decoder layer 0, the (args, kwargs) the model passes each layer) for one batch: the
+    decoder's own forward pass with the layers swapped for recorders, so the embedding, the causal mask
+    and the rotary tables are what the model computes. With `cache` (a transformers `Cache` holding the
+    earlier tokens' keys and values: a decoding step), the layers are called with it and update it."""
+    real_layers = decoder.layers
+    sink: list[tuple[tuple, dict]] = []
+    stand_ins = [_Recorder(sink, i == len(real_layers) - 1) for i in range(len(real_layers))]
+    decoder.layers = torch.nn.ModuleList(stand_ins)
+    cached = {"use_cache": False} if cache is None else {"use_cache": True, "cache": cache}
+    try:
+        with torch.inference_mode():
+            decoder(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+                **cached,
+            )
+    except _StopForward:
+        pass
+    finally:
+        decoder.layers = real_layers
+    if stand_ins[0].hidden is None or len(sink) != len(real_layers):
+        raise AbliterateError(
+            f"the forward pass of {type(decoder).__name__} reached {len(sink)} of its "
+            f"{len(real_layers)} decoder layers: this architecture is not supported for "
+            "layer-streamed measurement"
+        )
+    return stand_ins[0].hidden, sink
 
 
 # ---------------------------------------------------------------- reading one layer's weights
