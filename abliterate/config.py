@@ -44,6 +44,7 @@ from abliterate.vocabulary import (
     SEARCH_COMPONENTS,
     SEARCH_GROUPS,
     STREAMING_MODES,
+    SUBSPACE_METHODS,
     TARGET_ROLES,
 )
 
@@ -208,6 +209,12 @@ class Measurement(Section):
     max_length: int | None = Field(
         None, ge=1, description="longest rendered prompt in tokens (default: the model's context)"
     )
+    subspace_rank: int = Field(
+        4,
+        ge=1,
+        description="directions kept per residual position for each subspace method (pca, clusters, and "
+        "categories when the harmful prompts carry a category), row 0 the difference of means; 1: keep none",
+    )
 
 
 class Selection(Section):
@@ -231,7 +238,7 @@ class Selection(Section):
     )
     max_candidates: int | None = Field(None, ge=1, description="score at most N evenly spaced positions")
     shortlist: str = Field(
-        "3",
+        "1",
         description="candidates scored on every validation prompt: N (the others are ranked out first by "
         "successive halving: every candidate on the first shortlist-prompts prompts of each set, the better half "
         "on twice as many, ... until N remain; one pass over the weights per round) or all (every candidate on "
@@ -240,6 +247,28 @@ class Selection(Section):
     )
     shortlist_prompts: int = Field(
         8, ge=1, description="prompts of each validation set in the first ranking round (doubled each round)"
+    )
+    prefilter: str = Field(
+        "4",
+        description="candidates that reach scoring: N (the N with the largest measured separation of the two "
+        "sets, |mean harmful - mean harmless| / |mean harmless| at the position, known after measurement: the "
+        "others are never scored) or all",
+        json_schema_extra=text_or_number,
+    )
+    max_rank: int = Field(
+        4,
+        ge=1,
+        description="most directions selection tries removing together at the chosen position (the first k "
+        "rows of each subspace the directions hold); a rank above 1 is kept only where one direction's "
+        "first-token refusal rate on the harmful validation prompts is above the subspace's Wilson upper bound "
+        "(rank-confidence) and the subspace's KL is within the threshold; 1: one direction, nothing more scored",
+    )
+    rank_confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="level of the Wilson bound a subspace's first-token refusal rate must stay under (below one "
+        "direction's rate) for selection to keep it",
     )
 
     @field_validator("direction_position", mode="before")
@@ -252,7 +281,7 @@ class Selection(Section):
             return text
         raise ValueError("use auto, own, none or a residual position number >= 0")
 
-    @field_validator("shortlist", mode="before")
+    @field_validator("shortlist", "prefilter", mode="before")
     @classmethod
     def _shortlist(cls, value: Any) -> str:
         text = str(value).strip().lower()
@@ -289,6 +318,18 @@ class Ablation(Section):
         "ablate", description="MTP layers: edit like the last layer, or skip them"
     )  # type: ignore[valid-type]
     biases: bool = Field(False, description="also edit the output-side biases of targeted writers")
+    rank: str = Field(
+        "auto",
+        description="directions removed at each edited layer: auto (the rank and subspace selection chose "
+        "at the auto direction position, else 1); 1 the difference of means alone; k > 1 the first k "
+        "orthonormal rows of the directions file's subspace (--subspace), W - s Q^T (Q W)",
+        json_schema_extra=text_or_number,
+    )
+    subspace: Literal[SUBSPACE_METHODS] = Field(  # type: ignore[valid-type]
+        "pca",
+        description="how the subspace's directions were found (rank > 1): pca (principal components of the "
+        "harmful-minus-harmless differences), clusters (of the harmful prompts), categories (per prompt category)",
+    )
 
     @field_validator("layers", "scale", mode="before")
     @classmethod
@@ -296,6 +337,19 @@ class Ablation(Section):
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError("give text such as `all`, `10-30` or `1.0`")
         return str(value)
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, value: Any) -> str:
+        text = "" if isinstance(value, bool) else str(value).strip().lower()
+        if text == "auto" or (text.isdigit() and int(text) >= 1):
+            return text if text == "auto" else str(int(text))
+        raise ValueError("use auto or a number of directions >= 1")
+
+    @property
+    def fixed_rank(self) -> int | None:
+        """The rank the user fixed; None at `auto` (the plan takes selection's)."""
+        return None if self.rank == "auto" else int(self.rank)
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -321,8 +375,8 @@ class Evaluation(Section):
     full_replies: Literal[FULL_REPLY_MODES] = Field(  # type: ignore[valid-type]
         "auto",
         description="full greedy replies (--max-new-tokens tokens, marker-checked) in the evaluation: auto "
-        "(when the model fits the memory budget), always (a larger model runs offloaded by accelerate: every new "
-        "token reads the offloaded weights from disk once per batch), never (first-token figures only)",
+        "(when the model fits the memory budget), always (a larger model runs layer-streamed with its keys and "
+        "values cached: one read of the weights per new token for every prompt), never (first-token figures only)",
     )
     max_new_tokens: int = Field(48, ge=1, description="reply length in the evaluation (tokens)")
     examples: int = Field(5, ge=0, description="example replies kept per prompt kind")

@@ -17,10 +17,13 @@ Ablation, validation and evaluation are each one domain call (`abliterate.edit.a
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from abliterate import config
 from abliterate.config import Ablation, Evaluation, Prompts, Runtime, Template, environment, parse_size
@@ -35,6 +38,8 @@ from abliterate.measure.directions import DirectionSet, compute_directions
 from abliterate.measure.means import Measurement, measure_checkpoint
 from abliterate.measure.prompts import load_prompts, prompts_sha256, split_prompts
 from abliterate.measure.streamed import measure_streamed
+from abliterate.measure.subspace import prompt_categories
+from abliterate.paths import check_sqlite_file, folder_to_write
 from abliterate.select.selection import Selection, select_direction
 from abliterate.vocabulary import MANIFEST_FILE
 from abliterate.weights.checkpoint import build_inventory, check_output_location
@@ -93,6 +98,8 @@ def direction_stage(
     A streamed model (`stream`) is scored layer-streamed: the unmodified model and every candidate
     in one pass over the weights, after one pass per probe token to find its refusal tokens.
     `evaluation` gives the refusal markers and probe length; the batch size is the measurement's.
+    Where the measurement kept subspaces, the rank removed at the chosen position is chosen too
+    (`selection.max_rank`; `abliterate.select.selection.score_ranks`).
     """
     directions = compute_directions(measurement, direction_method)
     if direction_position in ("own", "none"):
@@ -116,6 +123,7 @@ def direction_stage(
         measurement.runtime,
         fixed,
         progress,
+        directions.subspaces,
     )
     return directions, chosen
 
@@ -206,10 +214,62 @@ def run_paths(model: str, out: str | None, work_dir: str | None) -> tuple[str, s
     model = str(Path(resolve_model(model)).resolve())
     work = str(check_output_location(model, work_dir or environment().results_dir()))
     check_output_location(model, environment().project_dir() / "mlruns")
+    check_tracking_store(environment().tracking_uri())
     check_output_location(
         model, environment().results_dir() / "prefect-storage"
     )  # where Prefect persists task results
     return model, str(check_output_location(model, out)) if out else None, work
+
+
+# How long a tracking server may take to accept a connection before a run refuses to start.
+TRACKING_CONNECT_TIMEOUT_S = 10
+
+
+def check_tracking_store(uri: str) -> None:
+    """The stores of a run, checked with its paths, before any server starts or any work: a local SQLite
+    MLflow store that is garbage or a directory (MLflow failed on it only when the flow opened it, minutes
+    in), a tracking server that accepts no connection (MLflow retried for minutes, then a traceback)."""
+    if uri.startswith("sqlite:///"):
+        check_sqlite_file(Path(uri.removeprefix("sqlite:///")), "the MLflow store")
+        return
+    reason = connection_refused(uri)
+    if reason is not None:
+        raise AbliterateError(
+            f"the MLflow tracking server at MLFLOW_TRACKING_URI={uri} does not answer ({reason}): start it, or "
+            "unset MLFLOW_TRACKING_URI to record runs in the local store under ABLITERATE_HOME"
+        )
+
+
+def check_prefect_server() -> None:
+    """A PREFECT_API_URL that accepts no connection (the line came after the imports and the flow's start:
+    90 s on a busy machine), or without one a PREFECT_HOME that is no folder (the temporary server could
+    not start and the run waited out the 300 s start-up bound): one line before the flows are imported."""
+    api = environment().prefect_api_url
+    if not api:  # the temporary server keeps its database under PREFECT_HOME: a file there hung 300 s
+        home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
+        folder_to_write(
+            Path(home).expanduser(), "PREFECT_HOME (where Prefect's temporary server keeps its database)"
+        )
+    reason = connection_refused(api) if api else None
+    if reason is not None:
+        raise AbliterateError(
+            f"the Prefect server at PREFECT_API_URL={api} does not answer ({reason}): start it with `prefect "
+            "server start` (or `unset PREFECT_API_URL` to let each command start a temporary one)"
+        )
+
+
+def connection_refused(url: str) -> str | None:
+    """Why a server at an http(s) URL accepts no TCP connection (within TRACKING_CONNECT_TIMEOUT_S), or None
+    when it does (or the URL names no such server: the client reports that itself)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=TRACKING_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return None
 
 
 def check_settings(evaluation: Evaluation) -> None:
@@ -219,10 +279,36 @@ def check_settings(evaluation: Evaluation) -> None:
     marker_phrases(evaluation)
 
 
-def check_plans(model: str, specs: list[tuple[Ablation, str]]) -> None:
+def check_subspace(ablation: Ablation, prompts: PromptSets) -> None:
+    """A fixed rank k > 1 of the `categories` subspace needs k categories among the harmful prompts:
+    said before the measurement, not when the ablation asks the directions file for them."""
+    rank = ablation.fixed_rank or 1
+    if rank <= 1 or ablation.subspace != "categories":
+        return
+    found = len(set(prompt_categories(prompts.harmful) or ()))
+    if found < rank:
+        raise AbliterateError(
+            f"--rank {rank} --subspace categories removes one direction per category, but the harmful prompts "
+            f"({prompts.files['harmful']}) carry {found} categories: give each prompt a `category` field "
+            "(jsonl, json, csv or parquet), lower --rank, or choose --subspace pca or clusters"
+        )
+
+
+def check_plans(
+    model: str, specs: list[tuple[Ablation, str]], measurement: config.Measurement | None = None
+) -> None:
     """Each ablation's layers, scales, targets and direction position against the model's headers,
-    before the measurement: a plan that cannot run fails in seconds, not after an hour. A checkpoint
-    whose headers cannot be read is left to the inventory task, which reports it."""
+    and its rank against the directions `measurement` keeps, before the measurement: a plan that
+    cannot run fails in seconds, not after an hour. A checkpoint whose headers cannot be read is left
+    to the inventory task, which reports it."""
+    for ablation, _ in specs:
+        rank = ablation.fixed_rank or 1
+        if measurement is not None and rank > measurement.subspace_rank:
+            raise AbliterateError(
+                f"--rank {rank} removes {rank} directions at each layer, but the measurement keeps "
+                f"{measurement.subspace_rank} per subspace method (--subspace-rank): raise --subspace-rank to "
+                f"{rank} or lower --rank"
+            )
     try:
         inventory = build_inventory(model)
         structure = detect_structure(inventory)

@@ -32,6 +32,8 @@ WEIGHT_OF = {bias: weight for weight, bias in BIAS_OF.items()}
 # The direction method makes the directions at measurement; the ablation method edits weights.
 DIRECTION_METHODS = ("projected", "mean_diff")
 ABLATION_METHODS = ("plain", "norm_preserving", "projected")
+# How the several directions of a subspace were found (the directions file's `subspace.<method>` tensors).
+SUBSPACE_METHODS = ("pca", "clusters", "categories")
 MTP_MODES = ("ablate", "skip")
 STREAMING_MODES = ("auto", "always", "never")
 FULL_REPLY_MODES = ("auto", "always", "never")

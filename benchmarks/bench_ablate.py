@@ -12,9 +12,11 @@ largest tensor. Aims: ratio >= 0.8; peak RSS < 3 x largest tensor + 500 MB.
 `--cold` evicts the model's shards from the page cache before every copy and ablation
 (posix_fadvise DONTNEED), so both read from the disk, as they do for a model larger than RAM.
 `--dir D` keeps the scratch directory and reuses the model written there by an earlier run.
+`--rank K` removes K directions at each layer (a directions file with a random orthonormal `pca`
+subspace of rank K; the plan's `rank: K`): the cost of a subspace edit against the single direction.
 
     .venv/bin/python benchmarks/bench_ablate.py [--experts 20] [--layers 3] [--fused] [--workers 2] [--repeat 3]
-        [--cold] [--dir /tmp/bench-ablate]
+        [--cold] [--dir /tmp/bench-ablate] [--rank 1]
 """
 
 from __future__ import annotations
@@ -44,16 +46,22 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def child(model: str, directions: str, out: str, workers: int) -> None:
+def child(model: str, directions: str, out: str, workers: int, rank: int) -> None:
     """The measured ablation: its own peak RSS after imports and at the end."""
     import torch
 
     torch.set_num_threads(1)
-    from abliterate.edit.ablate import ablate_checkpoint
+    from abliterate.config import Ablation, Selection
+    from abliterate.edit.ablate import ablate_checkpoint, load_inputs
+    from abliterate.edit.matching import configured_plan
 
     after_import = peak_rss()
     began = time.perf_counter()
-    ablate_checkpoint(model, directions, out, workers=workers, progress=False, log=lambda _: None)
+    inputs = load_inputs(model, directions)
+    plan = configured_plan(inputs, Ablation(rank=rank), Selection().direction_position)
+    ablate_checkpoint(
+        model, directions, out, plan, workers=workers, progress=False, log=lambda _: None, inputs=inputs
+    )
     seconds = time.perf_counter() - began
     peak = peak_rss()
     print(json.dumps({"seconds": seconds, "rss_after_import": after_import, "rss_peak": peak}))
@@ -109,12 +117,18 @@ def main() -> None:
         "same options is reused (default: a new one under /tmp, deleted)",
     )
     parser.add_argument(
-        "--child", nargs=4, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS"), help=argparse.SUPPRESS
+        "--rank",
+        type=int,
+        default=1,
+        help="directions removed at each layer (a subspace when > 1; default 1)",
+    )
+    parser.add_argument(
+        "--child", nargs=5, metavar=("MODEL", "DIRECTIONS", "OUT", "WORKERS", "RANK"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.child:
-        model, directions, out, workers = args.child
-        child(model, directions, out, int(workers))
+        model, directions, out, workers, rank = args.child
+        child(model, directions, out, int(workers), int(rank))
         return
 
     import torch
@@ -153,11 +167,22 @@ def main() -> None:
                 f"{len(inventory.tensors)} tensors ({time.perf_counter() - began:.0f} s)"
             )
         gen = torch.Generator().manual_seed(0)
-        directions = save_directions(
-            scratch / "directions.safetensors",
-            torch.randn(args.layers + 1, 4096, generator=gen),
-            {"fingerprint": inventory.fingerprint, "selected_position": args.layers // 2},
-        )
+        direction = torch.randn(args.layers + 1, 4096, generator=gen)
+        subspaces = {}
+        if args.rank > 1:  # row 0 the direction, the others random; orthonormal (float64 QR)
+            rows = torch.cat(
+                [
+                    direction[:, None].double(),
+                    torch.randn(args.layers + 1, args.rank - 1, 4096, generator=gen).double(),
+                ],
+                dim=1,
+            )
+            q, r = torch.linalg.qr(rows.transpose(1, 2))
+            subspaces["pca"] = (q * r.diagonal(dim1=1, dim2=2).sign()[:, None]).transpose(1, 2).float()
+        meta = {"fingerprint": inventory.fingerprint, "selected_position": args.layers // 2}
+        if subspaces:
+            meta["subspace"] = {"pca": {"provenance": "random orthonormal rows (benchmark)"}}
+        directions = save_directions(scratch / "directions.safetensors", direction, meta, subspaces=subspaces)
         shard_bytes = sum((model / s).stat().st_size for s in inventory.shards)
         largest = max(inventory.tensors.values(), key=lambda t: t.nbytes)
 
@@ -180,6 +205,7 @@ def main() -> None:
                 str(directions),
                 str(scratch / "out"),
                 str(args.workers),
+                str(args.rank),
             ]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -55,7 +55,7 @@ def abliterate_flow(
     source = model
     model, out, work = run_paths(model, out, work_dir)
     precheck_output(out, overwrite)
-    check_plans(model, [(ablation, selection.direction_position)])
+    check_plans(model, [(ablation, selection.direction_position)], measurement)
     check_settings(evaluation)
     run = {"prefect.flow_run_id": flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name()}
     tags = {

@@ -122,6 +122,7 @@ def log_trial(
         f"trial {number}",
         params.get("method"),
         f"position {position:.2f}" if isinstance(position, float) else position,
+        f"rank {plan['rank']} {plan['subspace']}" if (plan or {}).get("rank", 1) > 1 else None,  # type: ignore[index]
         "run's automatic choice" if reference else None,
     )
     with tracked_run(experiment, name, tags, parent=parent) as child:
@@ -305,6 +306,7 @@ def log_front(parent: Tracker, result: dict[str, Any], decision: Decision, searc
                 "search.chosen_trial": chosen["trial"],
                 "search.chosen_refusal_rate": chosen["refusal_rate"],
                 "search.chosen_kl": chosen["kl"],
+                "search.chosen_rank": (chosen.get("plan") or {}).get("rank", 1),  # written when > 1
             }
         )
     if reference:

@@ -40,6 +40,7 @@ from abliterate.inference.threads import apply_threads
 from abliterate.measure.direction_file import load_directions
 from abliterate.pipeline import PromptSets, decide_streaming, plan_position
 from abliterate.select.selection import Selection as Chosen
+from abliterate.select.selection import describe_rank
 from abliterate.weights.hub import hub_origin
 from abliterate.weights.structure import Structure
 from abliterate_flows import plots
@@ -180,6 +181,9 @@ def measurement_stages(
         if not Path(directions_path).is_file():  # the cached result names a file someone deleted
             directions_path, chosen = s.run(directions_task.with_options(refresh_cache=True), *args)
     log_directions(tracker, directions_path, chosen)
+    rank = describe_rank(chosen) if chosen is not None and chosen.scored else None
+    if rank:
+        console.info(f"  rank         {rank}")
     return Measured(model, structure, directions_path, chosen, sets, stream, compute)
 
 
@@ -199,6 +203,7 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
         if stats:
             figures["direction_strength.png"] = plots.direction_strength(stats, chosen.position)
     if chosen is not None and chosen.scored:
+        log_rank_choice(tracker, chosen)
         scores = {c.position: c.refusal_score for c in chosen.candidates}
         tracker.series(metric(SELECTION, "candidate_refusal_score"), scores)
         tracker.series(metric(SELECTION, "candidate_kl"), {c.position: c.kl for c in chosen.candidates})
@@ -212,8 +217,14 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
                 metric(SELECTION, "rounds"): len(chosen.rounds),
                 metric(SELECTION, "fully_scored"): len(chosen.candidates),
                 metric(SELECTION, "ranked_out"): len(chosen.ranked_out),
+                metric(SELECTION, "prefiltered_out"): len(chosen.prefiltered_out),
             }
         )
+        if chosen.prefiltered_out:  # each candidate the measured separation left out: its rank by it
+            tracker.series(
+                metric(SELECTION, "prefiltered_out_rank"),
+                {r.position: r.rank for r in chosen.prefiltered_out},
+            )
         if chosen.ranked_out:  # each left-out candidate's scores on the prompts of its last round
             tracker.series(
                 metric(SELECTION, "ranked_out_refusal_score"),
@@ -241,6 +252,24 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
     for name, figure in figures.items():
         tracker.figure(figure, f"plots/{name}")
         plots.close(figure)
+
+
+def log_rank_choice(tracker: Tracker, chosen: Chosen) -> None:
+    """The rank selection chose at its position (`selection/rank`, 1: one direction), every rank it scored
+    there (per subspace method, step = rank: refusal score, KL, first-token refusals) and each direction's
+    share of the refusal score (`selection/share.<method>`, step = the direction's row; docs/DESIGN.md)."""
+    tracker.params({"selected_rank": chosen.rank, "selected_subspace": chosen.subspace or "none"})
+    tracker.metrics({metric(SELECTION, "rank"): chosen.rank})
+    for method in sorted({r.subspace for r in chosen.ranks if r.subspace}):
+        rows = [r for r in chosen.ranks if r.subspace in (None, method)]  # rank 1 is every method's first
+        tracker.series(
+            metric(SELECTION, f"rank_refusal_score.{method}"), {r.rank: r.refusal_score for r in rows}
+        )
+        tracker.series(metric(SELECTION, f"rank_kl.{method}"), {r.rank: r.kl for r in rows})
+        tracker.series(metric(SELECTION, f"rank_refusals.{method}"), {r.rank: r.refusals for r in rows})
+    for method in sorted({d.subspace for d in chosen.shares}):
+        shares = {d.index: d.share for d in chosen.shares if d.subspace == method}
+        tracker.series(metric(SELECTION, f"share.{method}"), shares)
 
 
 # ------------------------------------------------------------------ ablation, validation, evaluation
@@ -277,6 +306,7 @@ def ablation_stages(
             plan = resolve_plan(plan, inputs)
         matches = plan_matches(plan, inputs.inventory, inputs.structure)
         tracker.params({"plan": {k: v for k, v in plan.to_dict().items() if k != "origin"}})
+        tracker.metrics({metric(EDIT, "rank"): plan.rank})
         tracker.text(plan.to_yaml(), "plan.yaml")
         tracker.metrics({metric(EDIT, f"matched.{role}"): n for role, n in role_counts(matches).items()})
         runner = task_runner(runtime)

@@ -144,7 +144,7 @@ def experiment_description(model_dir: str | Path) -> str:
 
 def describe(ablation: Ablation) -> list[str]:
     """The settings that tell one ablation from another, for a run name: layers, scale, method, and the
-    targets, MTP mode and biases where they differ from the defaults."""
+    targets, MTP mode, biases and rank (with its subspace) where they differ from the defaults."""
     parts = [f"layers {ablation.layers}", f"scale {ablation.scale}", ablation.ablation_method]
     if list(ablation.targets) != list(DEFAULT_TARGETS):
         parts.append("targets " + ",".join(ablation.targets))
@@ -152,6 +152,10 @@ def describe(ablation: Ablation) -> list[str]:
         parts.append(f"mtp {ablation.mtp}")
     if ablation.biases:
         parts.append("biases")
+    if (ablation.fixed_rank or 1) > 1:
+        parts.append(f"rank {ablation.rank} {ablation.subspace}")
+    elif ablation.rank == "1":
+        parts.append("rank 1")
     return parts
 
 

@@ -134,6 +134,7 @@ def test_settings_record_is_order_free_and_serialisable():
         "batch_size": 16,
         "dtype": "float32",
         "max_length": None,
+        "subspace_rank": 4,
     }
     with pytest.raises(AbliterateError, match="token-position"):
         measure_sections(token_position=3)

@@ -134,11 +134,15 @@ RULES = {
     r"inventory DIR": "skipped: needs the 18,329-tensor layout folder DIR (test_inventory.py runs it)",
     r"benchmarks/": "skipped: a benchmark (prints figures; minutes), not a check",
     r"abliterate\.demo\.train": "skipped: regenerates the demo model (3.5 min; test_demo_model.py checks it)",
+    r"abliterate\.demo\.two_category": "skipped: regenerates the two-category model (minutes; "
+    "test_two_category_model.py checks it with ABLITERATE_RETRAIN=1)",
+    r"pytest -q -s tests/test_two_category_model\.py": "skipped: " + SKIPPED_SEGMENTS[r"pytest"],
     r"PREFECT_API_URL=http://127\.0\.0\.1:4200/api python deployments/serve\.py": "test_deployments_as_documented",
     r"abliterate demo --layers 0-3 --scale 0\.8$": "test_screenshots_script (it runs this demo)",
     r"docs/screenshots\.py$": "test_screenshots_script",
     r"abliterate chat ": "skipped: interactive (tests/test_chat.py drives the chat in a pseudo-terminal)",
     r"^\.venv/bin/python$": "not a command: names the interpreter",
+    r"abliterate (measure|ablate) abliterate/demo/two_category_model": "test_subspace_choice.py::test_two_categories_need_the_subspace",
 }
 
 

@@ -71,7 +71,9 @@ def test_search_through_the_cli_writes_the_choice_and_a_rerun_continues(prefect_
     assert result["reference"]["trial"] == 0 and result["reference"]["parameters"]["method"] == "plain"
     assert result["pareto"] and {"trial", "refusal_rate", "kl", "parameters"} <= set(result["pareto"][0])
     chosen = result["chosen"]
-    assert chosen["kl"] <= 0.01 and chosen["trial"] in [p["trial"] for p in result["pareto"]]
+    assert chosen["kl"] <= 0.01
+    # on the front, or a rank-1 trial written instead of a front trial of higher rank that did not earn its KL
+    assert chosen["trial"] in [p["trial"] for p in result["pareto"]] or "rank" not in chosen["plan"]
     # the demo model stops refusing: run's choice already refuses none of the held-out prompts, so the choice neither
     assert chosen["refusal_rate"] == 0.0 and chosen["kl"] <= result["reference"]["kl"]
     assert result["validation_ok"] and result["evaluation"]["refusal_rate_harmful"] < 0.1

@@ -212,8 +212,10 @@ def _outside_rounding(
     and storing each in a dtype of unit roundoff u adds u |x_i|. The norm-preserving edit rescales x
     by |v| / |x|, which multiplies errors by that ratio and adds the ratio's own error; a vector the
     edit leaves at float32 noise (|x| near NOISE |v|) may be zeroed by one evaluation and not by the
-    other. A bias shift adds a value: one float32 rounding. TOLERANCE_FACTOR 2 on top, as for the
-    residuals."""
+    other. A bias shift adds a value: one float32 rounding. A rank-k basis Q [k, H] in place of r:
+    x = v - s Q^T (Q v), each of the k dot products off by (H + 3) 2^-24 |v| and their k-term sum
+    adding k 2^-24: eps_i = (H + k + 3) 2^-24 (|v_i| + s a_i |v|) with a_i = sum_j |Q_ji| (at k = 1,
+    the bound above). TOLERANCE_FACTOR 2 on top, as for the residuals."""
     t = m.tensor
     dtype = TORCH_DTYPES[t.dtype]
     size = work.numel() * torch.empty((), dtype=dtype).element_size()
@@ -226,10 +228,11 @@ def _outside_rounding(
         eps = FLOAT32_UNIT * (x.abs() + v.abs())
     else:
         axis = t.residual_axis
-        gamma = (r.numel() + 4) * FLOAT32_UNIT
+        hidden, rank = r.shape[-1], (1 if r.dim() == 1 else r.shape[0])
+        gamma = (hidden + rank + 3) * FLOAT32_UNIT
         along = [1] * x.dim()
-        along[axis] = r.numel()
-        ar = r.double().abs().view(along)
+        along[axis] = hidden
+        ar = r.double().abs().reshape(-1, hidden).sum(dim=0).view(along)
         vnorm = torch.linalg.vector_norm(v, dim=axis, keepdim=True)
         eps = gamma * (v.abs() + scale * ar * vnorm)
         if m.method == "norm_preserving" and m.side != "reader":

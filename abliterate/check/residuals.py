@@ -2,7 +2,8 @@
 
 Every changed tensor is scanned for NaN/Inf, and every edited tensor's projection residual along
 its residual axis is computed (`|r^T W'| / |W|` for writers, `|W' r| / |W|` for routers and the
-embedding; per expert for fused expert tensors, worst expert reported), streamed in row chunks. A
+embedding; per expert for fused expert tensors, worst expert reported; with a rank-k plan's basis
+Q [k, H], `|Q W'|_F / |W|` and `|W' Q^T|_F / |W|`), streamed in row chunks. A
 router correction bias the plan shifts (role `router_bias`) must hold exactly the input plus the
 planned values, added in float32 and rounded once, as the engine computes them.
 
@@ -11,7 +12,9 @@ u|W'_ij|, so |r^T dW'| <= |dW'|_F <= u |W'|_F <= u |W|_F (a projection never gro
 rounding alone gives a residual of at most u. The engine computes in float32, whose dot
 products over H terms add at most about H * 2^-24 (the classic gamma_n bound). So
 `tolerance = TOLERANCE_FACTOR * (u + H * 2^-24)`, with TOLERANCE_FACTOR = 2 as headroom for an
-engine that rounds twice. Measured worst residuals (benchmarks/bench_validate.py, the demo
+engine that rounds twice. A rank-k basis Q: |Q dW'|_F <= |dW'|_F still (orthonormal rows), and the
+float32 edit computes k dot products (each off by H 2^-24 relative, sqrt(k) of them together) and a
+k-term sum: at most k H 2^-24, so `tolerance = TOLERANCE_FACTOR * (u + k H 2^-24)`. Measured worst residuals (benchmarks/bench_validate.py, the demo
 model) stay far inside: bf16 writers 0.35 u at hidden 8 (few elements per tensor, so little
 averaging), 0.04 u at hidden 512, 0.07 u on the demo model (hidden 64); typical rounding
 errors cancel to about u / sqrt(3H). fp32 routers stay below 2^-24 (1/20 of their tolerance
@@ -45,11 +48,12 @@ EXACT_METHODS = ("plain", "projected")
 CHUNK_ELEMENTS = 1 << 22  # elements of one tensor held at a time for NaN/residual checks
 
 
-def residual_tolerance(dtype: str, hidden_size: int) -> float | None:
-    """Largest acceptable projection residual of a tensor stored in `dtype` (None: not a float)."""
+def residual_tolerance(dtype: str, hidden_size: int, rank: int = 1) -> float | None:
+    """Largest acceptable projection residual of a tensor stored in `dtype` (None: not a float), edited
+    along one direction or a basis of `rank` (see the module docstring)."""
     if dtype not in UNIT_ROUNDOFF:
         return None
-    return TOLERANCE_FACTOR * (UNIT_ROUNDOFF[dtype] + hidden_size * FLOAT32_UNIT)
+    return TOLERANCE_FACTOR * (UNIT_ROUNDOFF[dtype] + rank * hidden_size * FLOAT32_UNIT)
 
 
 @dataclass
@@ -76,7 +80,7 @@ def check_numbers(
 ) -> tuple[dict[str, WorstResidual], list[str]]:
     """NaN/Inf scan of every changed tensor; residual of every edited one against the direction used."""
     residuals = plan is not None and directions is not None
-    hidden = None
+    hidden, rank = None, 1
     worst: dict[str, WorstResidual] = {}
     nan_inf: list[str] = []
     vectors: dict[int | None, torch.Tensor] = {}
@@ -92,8 +96,8 @@ def check_numbers(
                 layer = entry.get("layer")
                 if layer not in vectors:
                     vectors[layer] = direction_for(plan, directions, layer).double()
-                r = vectors[layer]
-                hidden = int(r.numel())
+                r = vectors[layer]  # [H], or a basis [k, H] of a rank-k plan
+                hidden, rank = int(r.shape[-1]), (1 if r.dim() == 1 else int(r.shape[0]))
             src = _handle(handles, original_dir / t.shard)
             dst = _handle(handles, ablated_dir / t.shard)
             fp8_tolerance = None
@@ -101,17 +105,28 @@ def check_numbers(
                 result, fp8_tolerance = _fp8_numbers(original_dir, ablated_dir, inventory, output, t, r)
             else:
                 result = _tensor_numbers(src, dst, t, output[name].start, r)
+            damaged = _input_nonfinite(original_dir, inventory, t) if result.nonfinite else 0
             for expert, count in result.nonfinite:
                 place = f"{name} ({where(t, expert)})"
                 nan_inf.append(place)
-                checks.fail(f"tensor {place} holds {count} NaN/Inf values after ablation")
+                checks.fail(
+                    f"tensor {place} holds {count} NaN/Inf values after ablation"
+                    + (
+                        f", and the input's holds {damaged} already: the input checkpoint is damaged, not the "
+                        f"ablation; re-download {t.shard} (abliterate ablate refuses such input)"
+                        if damaged
+                        else ""
+                    )
+                )
             if entry is not None and entry.get("side") == "shift":
                 _check_shift(src, dst, t, output[name].start, entry, plan, checks)
                 continue
             if result.residual is None or entry is None:
                 continue
             enforced = entry.get("method") in EXACT_METHODS and float(entry.get("scale", 1.0)) == 1.0
-            tolerance = residual_tolerance(t.dtype, hidden or 0) if fp8_tolerance is None else fp8_tolerance
+            tolerance = (
+                residual_tolerance(t.dtype, hidden or 0, rank) if fp8_tolerance is None else fp8_tolerance
+            )
             role = t.role or "unclassified"
             best = worst.get(role)
             checked = (best.checked if best else 0) + 1
@@ -203,7 +218,7 @@ def _tensor_numbers(
     for row0 in range(0, shape[0], step):
         row1 = min(shape[0], row0 + step)
         new = _read_rows(dst, out_start, t, row0, row1)
-        bad = int((~torch.isfinite(new)).sum()) if new.is_floating_point() else 0
+        bad = int((~torch.isfinite(new.float())).sum()) if new.is_floating_point() else 0  # float8: widened
         if bad and t.fused_experts:
             nonfinite.append((row0, bad))
         bad_total += bad
@@ -213,17 +228,15 @@ def _tensor_numbers(
         old = _read_rows(src, t.start, t, row0, row1).double()
         axis = t.residual_axis
         if t.fused_experts:  # one expert [H, I] or [2I, H]: its own residual, the worst is reported
-            expert_res = _norm(torch.tensordot(new[0], r, dims=([axis - 1], [0]))) / max(
-                _norm(old[0]), 1e-300
-            )
+            expert_res = _norm(_along(new[0], r, axis - 1)) / max(_norm(old[0]), 1e-300)
             if expert_res > worst:
                 worst, worst_expert = expert_res, row0
         elif axis == 0:
-            part = r[row0:row1] @ new.reshape(row1 - row0, -1)
+            part = r[..., row0:row1] @ new.reshape(row1 - row0, -1)
             acc = part if acc is None else acc + part
             den_sq += float(old.pow(2).sum())
         else:
-            num_sq += float(torch.tensordot(new, r, dims=([axis], [0])).pow(2).sum())
+            num_sq += float(_along(new, r, axis).pow(2).sum())
             den_sq += float(old.pow(2).sum())
     if bad_total and not t.fused_experts:
         nonfinite.append((None, bad_total))
@@ -259,24 +272,41 @@ def _fp8_numbers(
     out_t = replace(t, start=output[t.name].start, end=output[t.name].start + t.nbytes)
     out_s = replace(s, start=output[scale_name].start, end=output[scale_name].start + s.nbytes)
     new_scale = fp8.read_tensor(ablated_dir / s.shard, out_s)
-    new = fp8.dequantize(fp8.read_tensor(ablated_dir / t.shard, out_t), new_scale, block).double()
-    bad = int((~torch.isfinite(new)).sum()) + int((~torch.isfinite(new_scale)).sum())
+    new = fp8.dequantize(fp8.read_tensor(ablated_dir / t.shard, out_t), new_scale, block)
+    bad = int((~torch.isfinite(new)).sum()) + int((~torch.isfinite(new_scale)).sum())  # in float32
     if bad:
         return _TensorNumbers([(None, bad)], None, None), None
     if r is None or t.residual_axis is None:
         return _TensorNumbers([], None, None), None
     old = old.double()
+    new = new.double()  # one after the other: at most the tensor twice in float64 and once in float32
     axis = t.residual_axis
     experts = [(e, old[e], new[e]) for e in range(t.shape[0])] if t.fused_experts else [(None, old, new)]
     worst, worst_expert, tolerance = -1.0, None, 0.0
     for expert, w, w_new in experts:
         a = axis - 1 if t.fused_experts else axis
-        residual = _norm(torch.tensordot(w_new, r, dims=([a], [0]))) / max(_norm(w), 1e-300)
-        bound = fp8.requantization_bound(_norm(w), tuple(w.shape), block)
-        tol = TOLERANCE_FACTOR * (bound / max(_norm(w), 1e-300) + r.numel() * FLOAT32_UNIT)
+        w_norm = _norm(w)  # once: a pass over the tensor in float64
+        residual = _norm(_along(w_new, r, a)) / max(w_norm, 1e-300)
+        bound = fp8.requantization_bound(w_norm, tuple(w.shape), block)
+        tol = TOLERANCE_FACTOR * (bound / max(w_norm, 1e-300) + r.numel() * FLOAT32_UNIT)
         if residual - tol > worst - tolerance:
             worst, worst_expert, tolerance = residual, expert, tol
     return _TensorNumbers([], worst, worst_expert), tolerance
+
+
+def _input_nonfinite(original_dir: Path, inventory: Inventory, t: TensorInfo) -> int:
+    """How many NaN/Inf values the INPUT's tensor holds (an FP8 weight dequantized with its scales):
+    validation names the input's own damage, it does not blame the edit for it (the failure path only)."""
+    values = fp8.read_tensor(original_dir / t.shard, t)
+    if t.name in inventory.fp8:
+        s = inventory.tensors[inventory.fp8[t.name][0]]
+        values = fp8.dequantize(values, fp8.read_tensor(original_dir / s.shard, s), inventory.fp8[t.name][1])
+    return int((~torch.isfinite(values.float())).sum()) if values.is_floating_point() else 0
+
+
+def _along(x: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
+    """r^T v for every vector v of x along `axis` (a basis Q [k, H]: Q v, its k components)."""
+    return torch.tensordot(x, r, dims=([axis], [r.dim() - 1]))
 
 
 def _norm(x: torch.Tensor) -> float:

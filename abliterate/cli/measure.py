@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         measure_stage,
         scores_directions,
     )
+    from abliterate.select.selection import describe_rank
     from abliterate.weights.checkpoint import check_output_location, fingerprint
     from abliterate.weights.hub import hub_origin
 
@@ -162,6 +163,15 @@ def run(args: argparse.Namespace) -> int:
             f"refusal tokens ({chosen.refusal_tokens_source}, {chosen.refusals_found} refusals among the harmful "
             f"validation replies): {chosen.refusal_tokens}"
         )
+        rank = describe_rank(chosen)
+        if rank:
+            print(rank)
+        if chosen.prefiltered_out:
+            print(
+                f"prefilter {chosen.prefilter}: {len(chosen.prefiltered_out)} candidates never scored, the measured "
+                f"separation |mean harmful - mean harmless| / |mean harmless| ranks them below the {chosen.prefilter} "
+                f"kept ({', '.join(f'{r.position} rank {r.rank}' for r in chosen.prefiltered_out)})"
+            )
         if chosen.ranked_out:
             print(
                 f"shortlist {chosen.shortlist}: {len(chosen.candidates)} candidates scored on every prompt, "

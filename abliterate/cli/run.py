@@ -133,9 +133,12 @@ def console(quiet: bool) -> None:
 
 
 def prepare_flows(quiet: bool) -> None:
-    """Before the first flow of this process: defaults, the console, and a word on the server start."""
+    """Before the first flow of this process: a PREFECT_API_URL that answers, defaults, the console, and a
+    word on the server start."""
+    from abliterate.pipeline import check_prefect_server
     from abliterate_flows.runtime import announce_prefect_server, configure
 
+    check_prefect_server()
     configure()
     console(quiet)
     progress_bars_off()  # the console is one line per stage: no bars (each would leave a line behind)
@@ -156,7 +159,8 @@ def check_before_server(
     scales, targets, direction position) against the model's headers. A Hub id is resolved (and
     downloaded) by the flow, which checks the rest then."""
     from abliterate.edit.output import precheck_output
-    from abliterate.pipeline import PromptSets, check_plans, check_settings, run_paths
+    from abliterate.paths import folder_to_write
+    from abliterate.pipeline import PromptSets, check_plans, check_settings, check_subspace, run_paths
     from abliterate.weights.hub import parse_hub_id
 
     check_settings(sections["evaluation"])
@@ -166,12 +170,20 @@ def check_before_server(
         raise AbliterateError(
             f"MODEL {model} is no folder and no Hub id org/name[@revision]: give a checkpoint folder"
         )
-    model, out, _ = run_paths(model, out, work_dir)
+    model, out, work = run_paths(model, out, work_dir)
+    folder_to_write(work, "--work-dir" if work_dir else "the results folder (ABLITERATE_HOME/results)")
     if out is not None:
+        folder_to_write(out, "--out")
         precheck_output(out, overwrite)
     if "ablation" in sections:
-        check_plans(model, [(sections["ablation"], sections["selection"].direction_position)])
-    PromptSets.load(model, sections["prompts"])
+        check_plans(
+            model,
+            [(sections["ablation"], sections["selection"].direction_position)],
+            sections.get("measurement"),
+        )
+    prompts = PromptSets.load(model, sections["prompts"])
+    if "ablation" in sections:
+        check_subspace(sections["ablation"], prompts)
 
 
 def run_flow(args: argparse.Namespace, model: str, out: str) -> dict[str, Any]:
@@ -220,6 +232,8 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
         direction = "direction: each layer's own residual position"
     else:
         direction = f"direction: residual position {plan.get('direction_position')}"
+    if plan.get("rank", 1) > 1:  # a plan writes its rank only above 1
+        direction += f"; {plan['rank']} directions of its {plan['subspace']} subspace removed together"
     lines = [
         "",
         f"abliterated model: {summary['output']}",
@@ -232,7 +246,7 @@ def format_summary(summary: dict[str, Any], began: float) -> str:
         lines += evaluation_lines(ev)
         if "refusal_rate_harmful" not in ev:
             lines.append(
-                "full replies: not made (layer-streamed; --full-replies always makes them, offloaded)"
+                "full replies: not made (layer-streamed; --full-replies always makes them, one read per new token)"
             )
         rows = summary.get("examples", [])
         for row in [r for r in rows if r["kind"] == "harmful"][:2] + [

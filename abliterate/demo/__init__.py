@@ -11,6 +11,8 @@ from pathlib import Path
 from abliterate.errors import AbliterateError
 
 DEMO_MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
+# The two-category model (abliterate.demo.two_category): refusal that needs two directions.
+TWO_CATEGORY_MODEL_DIR: Path = Path(__file__).resolve().parent / "two_category_model"
 DATA_DIR: Path = Path(__file__).resolve().parent.parent / "data"
 
 PROMPT_SETS = ("demo", "general")

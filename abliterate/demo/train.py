@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -234,25 +235,58 @@ class RefusalFeature:
 def train(out_dir: Path) -> float:
     """Train and save the model to out_dir; returns wall seconds."""
     start = time.perf_counter()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(SEED)
-    rng = random.Random(SEED)
-
+    rng = seeded(SEED)
     splits = build_splits(SEED)
     texts = [e.prompt for e in splits.train] + [e.reply for e in splits.train] + list(SYSTEM_PROMPTS)
     tokenizer = build_tokenizer(texts)
-    vocab = len(tokenizer)
+    model = new_model(tokenizer)
+    seqs = _sequences(splits.train, tokenizer, rng)
+    feature = RefusalFeature(model)
+
+    def before_step(step: int, idx: list[int], batch: list[tuple[list[int], int]]) -> None:
+        feature.set_batch(batch, [splits.train[i].harmful for i in idx], rng, active=step >= FEATURE_START)
+
+    fit(model, seqs, tokenizer.pad_token_id, rng, STEPS, BATCH, LR, before_step)
+    feature.remove()
+    _save(model, tokenizer, out_dir)
+    return time.perf_counter() - start
+
+
+def seeded(seed: int) -> random.Random:
+    """One torch thread, deterministic algorithms, torch seeded: the same files on every run."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+def new_model(tokenizer, **shape: int) -> Glm4MoeForCausalLM:
+    """A fresh model of the demo's shape (`shape` overrides entries of MODEL_SHAPE), in training mode."""
     config = Glm4MoeConfig(
-        vocab_size=vocab,
+        vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in (EOS, "<|user|>", "<|observation|>")],
-        **MODEL_SHAPE,
+        **{**MODEL_SHAPE, **shape},
     )
     model = Glm4MoeForCausalLM(config)
     model.train()
+    return model
 
-    seqs = _sequences(splits.train, tokenizer, rng)
+
+def fit(
+    model: Glm4MoeForCausalLM,
+    seqs: list[tuple[list[int], int]],
+    pad_id: int,
+    rng: random.Random,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    before_step: Callable[[int, list[int], list[tuple[list[int], int]]], None],
+) -> None:
+    """AdamW with warm-up and cosine decay over shuffled passes of `seqs`, the routers' correction
+    biases balanced after every step; `before_step(step, indices, batch)` runs before each forward
+    pass (where a model's refusal features are set up)."""
+    config = model.config
     loads: dict[int, torch.Tensor] = {}
 
     def count_load(layer: int):
@@ -266,20 +300,19 @@ def train(out_dir: Path) -> float:
         for i, layer in enumerate(model.model.layers)
         if i >= config.first_k_dense_replace
     ]
-    feature = RefusalFeature(model)
-    optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = STEPS // 20
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, STEPS) / STEPS))
+        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     order: list[int] = []
-    for step in range(STEPS):
-        if len(order) < BATCH:
+    for step in range(steps):
+        if len(order) < batch_size:
             order += rng.sample(range(len(seqs)), len(seqs))
-        idx, order = order[:BATCH], order[BATCH:]
+        idx, order = order[:batch_size], order[batch_size:]
         batch = [seqs[i] for i in idx]
-        feature.set_batch(batch, [splits.train[i].harmful for i in idx], rng, active=step >= FEATURE_START)
-        loss = model(**_batch(batch, tokenizer.pad_token_id)).loss
+        before_step(step, idx, batch)
+        loss = model(**_batch(batch, pad_id)).loss
         optim.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -287,14 +320,10 @@ def train(out_dir: Path) -> float:
         sched.step()
         with torch.no_grad():
             _balance_router_bias(model, loads)
-        if step % 100 == 0 or step == STEPS - 1:
+        if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d} loss {loss.item():.4f}", file=sys.stderr)
     for h in hooks:
         h.remove()
-    feature.remove()
-
-    _save(model, tokenizer, out_dir)
-    return time.perf_counter() - start
 
 
 def _save(model: Glm4MoeForCausalLM, tokenizer, out_dir: Path) -> None:
@@ -343,13 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds = train(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"trained in {seconds:.1f} s wall; wrote {args.out} ({size / 1e6:.2f} MB)")
-    if args.check is not None:
-        mine, theirs = file_hashes(args.out), file_hashes(args.check)
-        if mine != theirs:
-            diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            print(f"NOT bit-identical to {args.check}: {diff}")
-            return 1
-        print(f"bit-identical to {args.check} ({len(mine)} files, sha256)")
+    return 0 if args.check is None else compare_to(args.out, args.check)
+
+
+def compare_to(out: Path, check: Path) -> int:
+    """0 when every file of `out` is bit-identical to `check`'s (sha256), else 1; says which."""
+    mine, theirs = file_hashes(out), file_hashes(check)
+    if mine != theirs:
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        print(f"NOT bit-identical to {check}: {diff}")
+        return 1
+    print(f"bit-identical to {check} ({len(mine)} files, sha256)")
     return 0
 
 

@@ -9,7 +9,8 @@ model in memory, `embedded(hidden)` and `on_layer(index, layer)` for a layer-str
 A plan may do more than one direction at scale 1: each role of each layer has its own scale
 (per-role layer kernels), each layer its own vector (`matching.direction_for`: the selected,
 interpolated or per-layer projected direction), routers are edited on their input side, and a
-router's correction bias may be shifted. For every tensor the plan edits, the loaded module is
+router's correction bias may be shifted. A rank-k plan removes a basis Q [k, H] of orthonormal rows
+instead of r: every `r (r . x)` below becomes `Q^T (Q x)`, the same hooks otherwise. For every tensor the plan edits, the loaded module is
 changed so that it computes what the edited tensor computes (docs/DESIGN.md 2.4):
 
 | edit (plan) | at inference time | why it is the same |
@@ -17,7 +18,7 @@ changed so that it computes what the edited tensor computes (docs/DESIGN.md 2.4)
 | writer W [H, in], plain or projected, scale s | forward hook on the module that owns W: `y - s r (r . (y - b))` (b: an unedited bias of that module, else 0) | `W' x = W x - s r (r^T W x)`; a fused expert tensor's module returns the routed sum of its experts' writes, linear in each |
 | writer, norm-preserving | the module's weight replaced by its edited copy while the plan is applied | column rescaling is not a projection of the output |
 | router W [E, H], scale s | forward pre-hook on the router: `x - s (x . r) r` | `W' x = W (x - s r r^T x)` |
-| embedding rows, scale s | forward hook on the embedding: `e - s (e . r) r` | every row is edited alike |
+| embedding rows, scale s | forward hook on the embedding: `e - s (e . r) r` (norm-preserving: rescaled to `|e|`, in float32) | every row is edited alike; each output is a row |
 | router correction bias | the buffer replaced by `bias + values` while the plan is applied | the same values the engine adds |
 | writer stored in FP8 (any method) | the module's weight replaced by its edit requantized and dequantized (`fp8.quantize`, fresh block scales) | the engine writes the requantized edit (`fp8_edit.requantized_edit`); the loaded weight is the dequantized FP8 one |
 
@@ -131,9 +132,16 @@ class PlanEdit:
         return self.plan.embed_scale if "embed" in self.plan.targets else 0.0
 
     def embedded(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The embedding output as the edited embedding gives it (rows edited alike)."""
+        """The embedding output as the edited embedding gives it (rows edited alike: each output vector
+        is a row of the table; the norm-preserving edit rescales rows too, as the engine does)."""
         s = self.embed_scale()
-        return hidden if s == 0.0 else _project(hidden, self.vector(None), s)
+        if s == 0.0:
+            return hidden
+        if self.plan.method == "norm_preserving":
+            work = hidden.detach().to(torch.float32, copy=True).contiguous()  # never the caller's tensor
+            norm_preserving_(work, self.vector(None).to(work.device), s, work.dim() - 1)
+            return work.to(hidden.dtype)
+        return _project(hidden, self.vector(None), s)
 
     # ---------------------------------------------------------------- one decoder layer
 
@@ -233,9 +241,7 @@ class PlanEdit:
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         with ExitStack() as stack:
             if self.embed_scale() > 0:
-                handle = base.embed_tokens.register_forward_hook(
-                    _output_hook(self.vector(None), self.embed_scale(), None)
-                )
+                handle = base.embed_tokens.register_forward_hook(lambda _m, _i, out: self.embedded(out))
                 stack.callback(handle.remove)
             for index, layer in enumerate(decoder_layers(model)):
                 stack.enter_context(self.on_layer(index, layer))
@@ -252,18 +258,26 @@ class DirectionEdit:
     orthogonalising the embedding, o_proj, down_proj and every expert's down_proj does to the weights,
     without a family profile. (Projecting whole decoder-layer outputs would not be: inside a layer the
     MLP would still read the direction its attention just wrote.) Routers, which read the normed stream,
-    are left alone."""
+    are left alone.
+
+    `direction`: one direction [H], or the orthonormal rows [k, H] of a subspace (`Directions.basis`),
+    all removed together: `y - (y Q^T) Q`. One row is the single direction, computed as before."""
 
     def __init__(self, direction: torch.Tensor):
-        unit = direction.detach().float().flatten()
-        self.unit = unit / unit.norm()
+        rows = direction.detach().float()
+        if rows.dim() == 2 and rows.shape[0] > 1:
+            self.unit = rows  # orthonormal rows, as the directions file holds them
+        else:
+            unit = rows.flatten()
+            self.unit = unit / unit.norm()
+        self._hook = _output_hook(self.unit, 1.0, None)  # a basis: y - (y Q^T) Q (`_removed`)
 
     def embedded(self, hidden: torch.Tensor) -> torch.Tensor:
         return _project(hidden, self.unit, 1.0)
 
     @contextmanager
     def on_layer(self, index: int, layer: torch.nn.Module) -> Iterator[None]:
-        hook = _output_hook(self.unit, 1.0, None)
+        hook = self._hook
         handles = [layer.self_attn.register_forward_hook(hook), layer.mlp.register_forward_hook(hook)]
         try:
             yield
@@ -275,7 +289,7 @@ class DirectionEdit:
     def applied(self, model: Any) -> Iterator[None]:
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         with ExitStack() as stack:
-            handle = base.embed_tokens.register_forward_hook(_output_hook(self.unit, 1.0, None))
+            handle = base.embed_tokens.register_forward_hook(self._hook)
             stack.callback(handle.remove)
             for index, layer in enumerate(decoder_layers(model)):
                 stack.enter_context(self.on_layer(index, layer))
@@ -304,27 +318,35 @@ def storage_dtypes(inventory: Any) -> dict[tuple[str, int], str]:
 
 
 def _project(hidden: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
-    """`hidden - s (hidden . r) r` for a unit vector r, in the hidden states' dtype and device (at s = 1
-    the product by s is exact: the same numbers as without it)."""
-    unit = r.to(device=hidden.device, dtype=hidden.dtype)
-    return hidden - s * (hidden @ unit).unsqueeze(-1) * unit
+    """`hidden - s (hidden . r) r` for a unit vector r (a basis Q [k, H]: `hidden - s Q^T (Q hidden)`),
+    in the hidden states' dtype and device (at s = 1 the product by s is exact: the same numbers as
+    without it)."""
+    return _removed(hidden, hidden, r, s)
+
+
+def _removed(y: torch.Tensor, written: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
+    """`y - s r (r . written)`, or with a basis Q [k, H] `y - s Q^T (Q written)`, in y's dtype and device."""
+    unit = r.to(device=y.device, dtype=y.dtype)
+    if unit.dim() == 1:
+        return y - s * (written @ unit).unsqueeze(-1) * unit
+    return y - s * ((written @ unit.T) @ unit)
 
 
 def _output_hook(r: torch.Tensor, s: float, bias: torch.Tensor | None):
-    """y -> y - s r (r . (y - b)): the output of W' x + b with W' = W - s r r^T W."""
+    """y -> y - s r (r . (y - b)): the output of W' x + b with W' = W - s r r^T W (a basis Q: W' = W - s
+    Q^T Q W)."""
 
     def hook(_module, _inputs, output):
         y = output[0] if isinstance(output, tuple) else output
-        unit = r.to(device=y.device, dtype=y.dtype)
         written = y if bias is None else y - bias.to(y.dtype)
-        edited = y - s * (written @ unit).unsqueeze(-1) * unit
+        edited = _removed(y, written, r, s)
         return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
     return hook
 
 
 def _input_hook(r: torch.Tensor, s: float):
-    """x -> x - s (x . r) r: what a reader with W' = W - s (W r) r^T reads."""
+    """x -> x - s (x . r) r: what a reader with W' = W - s (W r) r^T reads (a basis Q: x - s Q^T (Q x))."""
 
     def hook(_module, args, kwargs=None):
         if not args:

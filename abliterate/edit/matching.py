@@ -3,7 +3,7 @@
 `plan.py` holds the plan as the user states it, independent of any checkpoint; this module
 checks it against a model's structure and directions file (`resolve_plan`), lists the tensors it
 edits (`plan_matches`, layer indices matched exactly, never by prefix) and gives each edited
-layer its unit vector (`direction_for`). The engine, validation, the CLI and the flows all match
+layer its unit vector, or its basis of `plan.rank` orthonormal rows (`direction_for`). The engine, validation, the CLI and the flows all match
 through here, so a dry run, an ablation and its validation agree on every tensor.
 """
 
@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from abliterate.config import Ablation
-from abliterate.edit.orthogonalize import projected_direction
+from abliterate.edit.orthogonalize import projected_basis
 from abliterate.edit.plan import AblationPlan, build_plan
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import Directions
+from abliterate.vocabulary import SUBSPACE_METHODS
 from abliterate.vocabulary import WEIGHT_OF as BIAS_WEIGHT
 from abliterate.weights.checkpoint import Inventory, TensorInfo
 from abliterate.weights.dtypes import EDITABLE_DTYPES
@@ -79,9 +80,30 @@ def configured_plan(
     inputs: AblationInputs, ablation: Ablation, direction_position: str | int | float
 ) -> AblationPlan:
     """The plan the `ablation` settings and `direction_position` (`auto`, `own` or a position)
-    describe, built for this model and resolved against its directions file."""
+    describe, built for this model and resolved against its directions file. With rank `auto` at
+    direction position `auto`, the rank and subspace selection chose (the file's `selection` record)
+    are the plan's, recorded in its origin; an explicit rank is kept as given, 1 included."""
     s = inputs.structure
-    return resolve_plan(build_plan(s.num_layers, s.mtp_layers, ablation, direction_position), inputs)
+    chosen = inputs.directions.metadata.get("selection")
+    rank = chosen.get("rank", 1) if isinstance(chosen, dict) else 1
+    origin = None
+    if direction_position == "auto" and ablation.rank == "auto" and rank != 1:
+        subspace = chosen.get("subspace")  # type: ignore[union-attr]
+        if (
+            isinstance(rank, bool)
+            or not isinstance(rank, int)
+            or rank < 1
+            or subspace not in SUBSPACE_METHODS
+        ):
+            raise AbliterateError(
+                f"{inputs.directions.path} records the selected rank {rank!r} of subspace {subspace!r}: not a rank "
+                f"of one of {', '.join(SUBSPACE_METHODS)}; re-measure, or pass --rank and --subspace"
+            )
+        ablation = ablation.model_copy(update={"rank": rank, "subspace": subspace})
+        origin = {"selection": {"rank": rank, "subspace": subspace}}
+    return resolve_plan(
+        build_plan(s.num_layers, s.mtp_layers, ablation, direction_position, origin=origin), inputs
+    )
 
 
 def resolve_plan(plan: AblationPlan, inputs: AblationInputs) -> AblationPlan:
@@ -158,15 +180,20 @@ def vector_for(plan: AblationPlan, directions: Directions, match: Match) -> torc
 
 
 def direction_for(plan: AblationPlan, directions: Directions, layer: int | None) -> torch.Tensor:
-    """The unit float32 vector [H] that edits tensors of `layer` (None: the embedding); at a fractional
-    direction position, the direction between its two neighbours (`Directions.vector`)."""
+    """What edits tensors of `layer` (None: the embedding): at rank 1 the unit float32 vector [H] (at a
+    fractional direction position, the direction between its two neighbours: `Directions.vector`);
+    at rank k > 1 the basis [k, H] of orthonormal rows of the plan's subspace (`Directions.basis`).
+    The projected method makes it orthogonal to the harmless mean at the layer (`projected_basis`)."""
     position = 0 if directions.single else plan.position_for(layer)
-    r = directions.vector(position)
+    if plan.rank == 1:
+        r = directions.vector(position)
+    else:
+        r = directions.basis(position, plan.rank, plan.subspace)
     if plan.method == "projected":
         mean_position = 0 if layer is None else layer
         if directions.harmless_mean is None or mean_position >= directions.num_positions:
             raise AbliterateError(f"no harmless mean at position {mean_position} for the projected method")
-        r = projected_direction(r, directions.harmless_mean[mean_position], f" for layer {layer}")
+        r = projected_basis(r, directions.harmless_mean[mean_position], f" for layer {layer}")
     return r
 
 

@@ -165,6 +165,14 @@ def card_text(
         "harmless prompts (the difference of their mean residuals).",
         f"- **Edit**: ablation method `{plan.method}` on {', '.join(plan.targets)} of layers {plan.layer_spec or plan.layers} "
         f"at scale {plan.scale_spec or 'per layer'}; MTP layers: {plan.mtp}.",
+        *(
+            [
+                f"- **Subspace**: {plan.rank} directions removed at each edited layer, the first {plan.rank} "
+                f"orthonormal rows of the directions file's `{plan.subspace}` subspace (row 0 the direction)."
+            ]
+            if plan.rank > 1
+            else []
+        ),
         *([f"- **Origin**: {json.dumps(plan.origin, sort_keys=True)}"] if plan.origin else []),
         "- **Edited tensors**: "
         + ", ".join(f"{role} {n:,}" for role, n in (manifest.get("counts") or {}).items()),

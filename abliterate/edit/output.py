@@ -41,6 +41,7 @@ from abliterate.paths import (
     locked,
     ours_to_delete,
     output_outside,
+    write_fix,
 )
 from abliterate.vocabulary import MANIFEST_FILE, MODEL_CARD_FILE
 from abliterate.weights.checkpoint import Inventory, fingerprint, read_header
@@ -79,13 +80,15 @@ class PreparedOutput:
 
 
 def directions_digest(directions: Directions) -> str:
-    """Identity of the numbers a run uses: direction and means, byte for byte."""
+    """Identity of the numbers a run uses: direction, means and subspaces, byte for byte."""
     digest = hashlib.sha256()
     for name in ("direction", "harmful_mean", "harmless_mean"):
         tensor = getattr(directions, name)
         if tensor is not None:
             digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
     digest.update(b"single" if directions.single else b"rows")
+    for method, basis in sorted(directions.subspaces.items()):  # none in a rank-1 file: its digest as before
+        digest.update(f"subspace.{method}".encode() + basis.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -311,8 +314,7 @@ def writing(target: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise AbliterateError(
-            f"cannot write {target}: {exc.strerror or exc}; free space or fix the permissions, then rerun the "
-            "same command (finished shards are kept)"
+            f"cannot write {target}: {exc.strerror or exc}; {write_fix(exc, ' (finished shards are kept)')}"
         ) from exc
 
 

@@ -21,6 +21,11 @@ Method: `plain` (W' = W - s r r^T W), `norm_preserving` (writers keep each resid
 column's norm), `projected` (the direction is first made orthogonal to the harmless mean at
 the tensor's own layer; needs a directions file with means).
 
+Rank: `rank` directions removed at each edited layer (default 1: the direction). Rank k > 1 removes
+the first k orthonormal rows Q [k, H] of the directions file's `subspace` (`pca`, `clusters` or
+`categories`) at the plan's direction position, W' = W - s Q^T (Q W), with every method. Written
+only when k > 1, so a rank-1 plan keeps its identity (sha256) and its output's keys.
+
 MTP layers (GLM-4.5 stores one after the decoder layers; transformers drops it on load, but
 inference servers use it for speculative decoding): default `ablate`. The MTP layer reads the
 last decoder layer's output, so it sees the residual stream the last decoder layer writes;
@@ -66,6 +71,7 @@ from abliterate.vocabulary import (
     BIAS_OF,
     DEFAULT_TARGETS,
     MTP_MODES,
+    SUBSPACE_METHODS,
     TARGET_ROLES,
     WEIGHT_OF,
 )
@@ -73,6 +79,7 @@ from abliterate.vocabulary import (
 METHODS = ABLATION_METHODS
 MAX_SCALE = 2.0
 PLAN_FORMAT = 1
+DEFAULT_SUBSPACE = Ablation.model_fields["subspace"].default
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ class AblationPlan:
     role_scales: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # per layer, (expert, value added to the router's e_score_correction_bias) pairs
     router_bias: tuple[tuple[int, tuple[tuple[int, float], ...]], ...] = ()
+    rank: int = 1  # directions removed at each edited layer (> 1: the file's subspace)
+    subspace: str = DEFAULT_SUBSPACE  # which of the file's subspaces (used when rank > 1)
     origin: dict[str, Any] | None = field(default=None, compare=False, hash=False)  # for the record only
 
     def __post_init__(self) -> None:
@@ -116,6 +125,14 @@ class AblationPlan:
             raise AbliterateError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
         if self.mtp not in MTP_MODES:
             raise AbliterateError(f"unknown MTP mode {self.mtp!r}: choose {', '.join(MTP_MODES)}")
+        if not _count(self.rank) or self.rank < 1:
+            raise AbliterateError(
+                f"rank {self.rank!r} is invalid: give the number of directions removed at each layer, 1 or more"
+            )
+        if self.subspace not in SUBSPACE_METHODS:
+            raise AbliterateError(f"unknown subspace {self.subspace!r}: choose {', '.join(SUBSPACE_METHODS)}")
+        if self.rank == 1:  # one direction is the difference of means whichever subspace: one plan
+            object.__setattr__(self, "subspace", DEFAULT_SUBSPACE)
         pos = self.direction_position
         if pos == "selected":  # the word of plans written before `auto` named it everywhere
             object.__setattr__(self, "direction_position", "auto")
@@ -223,6 +240,9 @@ class AblationPlan:
             "scale_spec": self.scale_spec,
         }
         # Written only when used, so that a plan without them keeps its identity (sha256).
+        if self.rank > 1:
+            data["rank"] = self.rank
+            data["subspace"] = self.subspace
         if self.role_scales:
             data["role_scales"] = {
                 role: {str(layer): v for layer, v in zip(self.layers, values, strict=True)}
@@ -292,9 +312,13 @@ class AblationPlan:
             elif key in ("biases",):
                 if not isinstance(value, bool):
                     raise bad(key, value, "true or false", f"{key}: false")
-            elif key in ("method", "mtp"):
+            elif key in ("method", "mtp", "subspace"):
                 if not isinstance(value, str):
-                    raise bad(key, value, "a string", f"{key}: {'plain' if key == 'method' else 'ablate'}")
+                    example = {"method": "plain", "mtp": "ablate", "subspace": "pca"}[key]
+                    raise bad(key, value, "a string", f"{key}: {example}")
+            elif key == "rank":
+                if not _count(value) or value < 1:
+                    raise bad(key, value, "a whole number >= 1 (directions removed at each layer)", "rank: 2")
             elif key == "embed_scale":
                 if not _number_value(value):
                     raise bad(key, value, "a number in [0, 2]", "embed_scale: 1.0")
@@ -624,6 +648,8 @@ def build_plan(
         selected_position=selected_position,
         method=ablation.ablation_method,
         mtp=mtp,
+        rank=ablation.fixed_rank or 1,
+        subspace=ablation.subspace,
         biases=ablation.biases,
         embed_scale=embed_scale,
         layer_spec=str(layers),

@@ -5,12 +5,15 @@
 - `first_token_kl`: mean KL(reference || other) of two such distributions, in nats: how much a
   change moves the model where it should move nothing;
 - `refusal_logodds`, `refusal_score`: the log-odds that the reply opens with a refusal token
-  (`abliterate.inference.refusal`): lower means fewer refusals, no generation needed.
+  (`abliterate.inference.refusal`): lower means fewer refusals, no generation needed;
+- `wilson_bounds`: what a refusal rate counted on some prompts may be on prompts like them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -59,3 +62,15 @@ def first_token_kl_each(reference: torch.Tensor, other: torch.Tensor) -> torch.T
 def first_token_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Mean KL(reference || other) over prompts, in nats."""
     return float(first_token_kl_each(reference, other).mean())
+
+
+def wilson_bounds(refusals: int, prompts: int, confidence: float) -> tuple[float, float]:
+    """The Wilson score interval of a refusal rate seen as `refusals` of `prompts` at two-sided
+    `confidence`: what the rate may be on prompts like these that were not scored."""
+    if prompts <= 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2 = refusals / prompts, z * z
+    center = (p + z2 / (2 * prompts)) / (1 + z2 / prompts)
+    half = z / (1 + z2 / prompts) * math.sqrt(p * (1 - p) / prompts + z2 / (4 * prompts * prompts))
+    return max(0.0, center - half), min(1.0, center + half)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from abliterate import __version__
 from abliterate.errors import AbliterateError
 from abliterate.measure.direction_file import save_directions
 from abliterate.measure.means import Measurement
+from abliterate.measure.subspace import orthonormal_bases
 from abliterate.paths import write_text_atomic
 from abliterate.vocabulary import DIRECTION_METHODS, DIRECTIONS_FILE, DIRECTIONS_JSON
 
@@ -47,6 +48,10 @@ class DirectionSet:
     method: str
     mean_diff_norm: torch.Tensor  # [P]
     snr: torch.Tensor  # [P]
+    # method -> [P, K, H] float64 orthonormal rows, row 0 = `direction` (abliterate.measure.subspace)
+    subspaces: dict[str, torch.Tensor] = field(default_factory=dict)
+    # method -> {"rank", "provenance", "found": directions found at each position, ...}
+    subspace_info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def num_positions(self) -> int:
@@ -90,6 +95,7 @@ def compute_directions(measurement: Measurement, method: str) -> DirectionSet:
     harmless = measurement.harmless.mean.to(torch.float64)
     diff = harmful - harmless
     diff_norm = diff.norm(dim=-1)
+    unit_harmless = None
     if method == "projected":
         unit_harmless = _normalize(harmless, harmless.norm(dim=-1))
         diff = diff - (diff * unit_harmless).sum(dim=-1, keepdim=True) * unit_harmless
@@ -99,13 +105,28 @@ def compute_directions(measurement: Measurement, method: str) -> DirectionSet:
     spread = ((measurement.harmful.variance.sum(-1) + measurement.harmless.variance.sum(-1)) / 2).sqrt()
     diff_norm = torch.where(norm > 0, diff_norm, torch.zeros_like(diff_norm))
     snr = torch.where(spread > 0, diff_norm / spread.clamp(min=1e-300), torch.zeros_like(diff_norm))
+    direction = _normalize(diff, norm)
+    subspaces, found = orthonormal_bases(
+        direction, measurement.subspace, measurement.settings.subspace_rank, unit_harmless
+    )
+    info = {}
+    for m, q in subspaces.items():
+        info[m] = {**measurement.subspace_provenance.get(m, {}), "rank": int(q.shape[1]), "found": found[m]}
+        if unit_harmless is not None:  # said in the one line: the rows are not the plain candidates
+            info[m]["provenance"] = (
+                info[m].get("provenance", "")
+                + "; each candidate's component along the harmless mean removed "
+                "first, as the projected direction's"
+            )
     return DirectionSet(
-        direction=_normalize(diff, norm),
+        direction=direction,
         harmful_mean=harmful,
         harmless_mean=harmless,
         method=method,
         mean_diff_norm=diff_norm,
         snr=snr,
+        subspaces=subspaces,
+        subspace_info=info,
     )
 
 
@@ -157,6 +178,8 @@ def directions_metadata(
         "measure_settings": measurement.record(),
         "stats": directions.stats(selected_position),
     }
+    if directions.subspace_info:
+        meta["subspace"] = directions.subspace_info
     meta.update(extra or {})
     return meta
 
@@ -181,6 +204,7 @@ def write_directions(
         metadata,
         harmful_mean=directions.harmful_mean.float(),
         harmless_mean=directions.harmless_mean.float(),
+        subspaces={m: q.float() for m, q in directions.subspaces.items()},
     )
     write_text_atomic(out_dir / DIRECTIONS_JSON, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return path

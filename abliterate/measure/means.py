@@ -17,7 +17,7 @@ for the model (batch size, concrete device and dtype).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from abliterate.inference.loading import (
 )
 from abliterate.measure.chat import context_length, encode_prompts
 from abliterate.measure.prompts import prompts_sha256
+from abliterate.measure.subspace import SubspaceCollector, subspace_collector
 
 
 def measured_with(
@@ -52,6 +53,7 @@ def measured_with(
         "batch_size": runtime.batch_size,
         "dtype": runtime.dtype,
         "max_length": measurement.max_length,
+        "subspace_rank": measurement.subspace_rank,
     }
 
 
@@ -122,6 +124,10 @@ class Measurement:
     runtime: config.Runtime
     num_layers: int
     hidden_size: int
+    # What the subspace bases are made of (`abliterate.measure.subspace`): per method, each position's
+    # candidate directions [M, H] (float64), and how they were found; empty when subspace_rank is 1.
+    subspace: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    subspace_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def num_positions(self) -> int:
@@ -218,8 +224,10 @@ def measure_prompts(
     runtime: config.Runtime,
     label: str,
     progress: bool = True,
+    collector: SubspaceCollector | None = None,
 ) -> SetStats:
-    """Statistics of one prompt set on a loaded model, `runtime.batch_size` prompts per forward pass."""
+    """Statistics of one prompt set on a loaded model, `runtime.batch_size` prompts per forward pass;
+    each prompt's activations also go to `collector` (the harmful set's, for the subspaces)."""
     context = context_length(model, tokenizer)
     encoded = encode_prompts(tokenizer, prompts, template, label, context, measurement=measurement)
     num_layers = len(decoder_layers(model))
@@ -230,6 +238,9 @@ def measure_prompts(
         residuals = capture_residuals(model, batch, measurement.token_position)
         check_finite(residuals, batch, label, num_layers)
         acc.add(residuals)
+        if collector is not None:
+            for position in range(num_layers + 1):
+                collector.add(position, residuals[position], batch.indices)
         tokens += int(batch.attention_mask.sum())
         bar.update(len(batch.indices))
     bar.close()
@@ -248,20 +259,29 @@ def measure(
 ) -> Measurement:
     """Mean residuals at every position for both prompt sets (model already loaded, in `runtime.dtype`)."""
     check_resolved(runtime)
-    sets = {"harmful": harmful, "harmless": harmless}
+    num_layers, hidden_size = len(decoder_layers(model)), int(model.config.hidden_size)
+    collector = subspace_collector(measurement, harmful, num_layers + 1, hidden_size)
+    sets = {"harmful": (harmful, collector), "harmless": (harmless, None)}
     stats = {
-        label: measure_prompts(model, tokenizer, prompts, measurement, template, runtime, label, progress)
-        for label, prompts in sets.items()
+        label: measure_prompts(
+            model, tokenizer, prompts, measurement, template, runtime, label, progress, collects
+        )
+        for label, (prompts, collects) in sets.items()
     }
-    return Measurement(
+    result = Measurement(
         harmful=stats["harmful"],
         harmless=stats["harmless"],
         settings=measurement,
         template=template,
         runtime=runtime,
-        num_layers=len(decoder_layers(model)),
-        hidden_size=int(model.config.hidden_size),
+        num_layers=num_layers,
+        hidden_size=hidden_size,
     )
+    if collector is not None:
+        for position in range(num_layers + 1):
+            collector.finish(position, result.harmless.mean[position])
+        collector.attach(result)
+    return result
 
 
 def measure_checkpoint(

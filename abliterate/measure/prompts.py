@@ -6,6 +6,9 @@ Formats, chosen by the file extension:
 - .json: a list of strings, or a list of such objects;
 - .csv and .parquet: a column named `column`, else `prompt`, else `text`.
 
+An object or row may also carry a `category` (text): the prompt keeps it (`Prompt.category`), and
+the measurement then finds one direction per category (`abliterate.measure.subspace`).
+
 Prompts are stripped and blank ones dropped. Duplicates are dropped with a warning that
 counts them, so that a repeated prompt does not weigh twice in a mean.
 """
@@ -24,24 +27,28 @@ from abliterate.errors import AbliterateError
 from abliterate.paths import describe_special, split_lines
 
 DEFAULT_COLUMNS = ("prompt", "text")
+CATEGORY_FIELD = "category"
 FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 CSV_FIELD_LIMIT = 1 << 30  # characters in one CSV field: any prompt a model could read
 
 
 class Prompt(str):
     """A prompt's text that remembers where it was read (`where`: file and line, item or row), so
-    that an error about one prompt names it there, even after the set was shuffled and split. It is
-    a `str` in every other way: equal, hashed, serialised and tokenised as its text."""
+    that an error about one prompt names it there, even after the set was shuffled and split, and
+    its `category` when the file gives one. It is a `str` in every other way: equal, hashed,
+    serialised and tokenised as its text."""
 
     where: str | None
+    category: str | None
 
-    def __new__(cls, text: str, where: str | None = None) -> Prompt:
+    def __new__(cls, text: str, where: str | None = None, category: str | None = None) -> Prompt:
         prompt = super().__new__(cls, text)
         prompt.where = where
+        prompt.category = category
         return prompt
 
     def __reduce__(self):
-        return (Prompt, (str(self), self.where))
+        return (Prompt, (str(self), self.where, self.category))
 
 
 def describe_prompt(prompt: str, fallback: str) -> str:
@@ -54,20 +61,20 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     that knows its file and line."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if not path.is_file():  # first: a directory or a device is named as such, whatever its suffix
+        special = describe_special(path)
+        what = "prompt file not found" if special in (None, "missing") else f"is {special}, not a prompt file"
+        raise AbliterateError(f"{path}: {what}")
     if suffix not in FORMATS:
         raise AbliterateError(
             f"{path}: unsupported prompt file type {suffix!r}; use one of {', '.join(FORMATS)}"
         )
-    if not path.is_file():
-        special = describe_special(path)
-        what = "prompt file not found" if special in (None, "missing") else f"is {special}, not a prompt file"
-        raise AbliterateError(f"{path}: {what}")
     if suffix == ".parquet":
         raw = _read_parquet(path, column)
     else:
         text = _read_text(path)
         if suffix == ".txt":
-            raw = [(line, f"line {n}") for n, line in enumerate(split_lines(text), start=1)]
+            raw = [(line, f"line {n}", None) for n, line in enumerate(split_lines(text), start=1)]
         elif suffix == ".jsonl":
             raw = _read_jsonl(path, text, column)
         elif suffix == ".json":
@@ -101,15 +108,15 @@ def _pick_column(path: Path, present: list[str], column: str | None) -> str:
     raise AbliterateError(f"{path}: no {ask}; columns present: {shown}. Pass the right column name.")
 
 
-def _field(path: Path, item: object, column: str | None, where: str) -> tuple[object, str]:
+def _field(path: Path, item: object, column: str | None, where: str) -> tuple[object, str, object]:
     if isinstance(item, str):
-        return item, where
+        return item, where, None
     if isinstance(item, dict):
-        return item[_pick_column(path, list(item), column)], where
+        return item[_pick_column(path, list(item), column)], where, item.get(CATEGORY_FIELD)
     raise AbliterateError(f"{path}: {where} is a {type(item).__name__}; expected a string or an object")
 
 
-def _read_jsonl(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
+def _read_jsonl(path: Path, text: str, column: str | None) -> list[tuple[object, str, object]]:
     out = []
     for n, line in enumerate(split_lines(text), start=1):
         if not line.strip():
@@ -124,7 +131,7 @@ def _read_jsonl(path: Path, text: str, column: str | None) -> list[tuple[object,
     return out
 
 
-def _read_json(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
+def _read_json(path: Path, text: str, column: str | None) -> list[tuple[object, str, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -138,7 +145,7 @@ def _read_json(path: Path, text: str, column: str | None) -> list[tuple[object, 
     return [_field(path, item, column, f"item {i}") for i, item in enumerate(data)]
 
 
-def _read_csv(path: Path, text: str, column: str | None) -> list[tuple[object, str]]:
+def _read_csv(path: Path, text: str, column: str | None) -> list[tuple[object, str, object]]:
     # A prompt may be longer than the csv module's default field limit (128 KiB); it is then
     # named with its line by the length check, not refused here as unreadable CSV.
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
@@ -148,14 +155,14 @@ def _read_csv(path: Path, text: str, column: str | None) -> list[tuple[object, s
         name = _pick_column(path, list(reader.fieldnames or []), column)
         first = reader.line_num + 1
         for row in reader:
-            out.append((row[name], f"line {first}"))
+            out.append((row[name], f"line {first}", row.get(CATEGORY_FIELD)))
             first = reader.line_num + 1
     except csv.Error as exc:
         raise AbliterateError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
     return out
 
 
-def _read_parquet(path: Path, column: str | None) -> list[tuple[object, str]]:
+def _read_parquet(path: Path, column: str | None) -> list[tuple[object, str, object]]:
     import pyarrow.parquet as pq
 
     try:
@@ -163,18 +170,32 @@ def _read_parquet(path: Path, column: str | None) -> list[tuple[object, str]]:
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise AbliterateError(f"{path}: cannot read as parquet ({exc})") from exc
     name = _pick_column(path, table.column_names, column)
-    return [(value, f"row {i}") for i, value in enumerate(table.column(name).to_pylist())]
+    values = table.column(name).to_pylist()
+    categories = (
+        table.column(CATEGORY_FIELD).to_pylist()
+        if CATEGORY_FIELD in table.column_names
+        else [None] * len(values)
+    )
+    return [
+        (value, f"row {i}", category)
+        for i, (value, category) in enumerate(zip(values, categories, strict=True))
+    ]
 
 
-def _clean(path: Path, raw: list[tuple[object, str]]) -> list[str]:
+def _clean(path: Path, raw: list[tuple[object, str, object]]) -> list[str]:
     prompts: list[str] = []
     seen: set[str] = set()
     duplicates = 0
-    for value, where in raw:
+    for value, where, category in raw:
         if value is None:
             continue
         if not isinstance(value, str):
             raise AbliterateError(f"{path}: {where}: prompt {value!r} is a {type(value).__name__}, not text")
+        if category is not None and not isinstance(category, str):
+            raise AbliterateError(
+                f"{path}: {where}: category {category!r} is a {type(category).__name__}, not text: write it as text"
+            )
+        category = (category.strip() or None) if isinstance(category, str) else None
         prompt = value.strip()
         if not prompt:
             continue
@@ -182,7 +203,7 @@ def _clean(path: Path, raw: list[tuple[object, str]]) -> list[str]:
             duplicates += 1
             continue
         seen.add(prompt)
-        prompts.append(Prompt(prompt, f"{path} {where}"))
+        prompts.append(Prompt(prompt, f"{path} {where}", category))
     if not prompts:
         raise AbliterateError(f"{path}: no prompts (the file is empty or holds only blank entries)")
     if duplicates:
@@ -193,8 +214,13 @@ def _clean(path: Path, raw: list[tuple[object, str]]) -> list[str]:
 
 
 def prompts_sha256(prompts: list[str]) -> str:
-    """Stable hash of the ordered list (JSON-encoded, so no separator can be forged)."""
-    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
+    """Stable hash of the ordered list (JSON-encoded, so no separator can be forged); with each prompt's
+    category when any has one (a set without categories hashes as it always did)."""
+    categories = [getattr(p, "category", None) for p in prompts]
+    value: list = [str(p) for p in prompts]
+    if any(c is not None for c in categories):
+        value = [[p, c] for p, c in zip(value, categories, strict=True)]
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def split_prompts(prompts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

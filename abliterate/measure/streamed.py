@@ -26,6 +26,7 @@ from abliterate.measure.means import (
     check_resolved,
 )
 from abliterate.measure.prompts import prompts_sha256
+from abliterate.measure.subspace import SubspaceCollector, subspace_collector
 
 
 def measure_streamed(
@@ -53,16 +54,26 @@ def measure_streamed(
     accumulators = {
         label: [ResidualAccumulator(1, hidden_size) for _ in range(num_layers + 1)] for label in sets
     }
+    # The harmful prompts' activations of one position at a time: its candidates are found as soon
+    # as the layer has seen every prompt, then they are freed.
+    collector = subspace_collector(measurement, harmful, num_layers + 1, hidden_size)
+    collects = {"harmful": collector, "harmless": None}
+
+    def finish(position: int) -> None:
+        if collector is not None:
+            collector.finish(position, accumulators["harmless"][position].mean[0])
 
     batches = stream.embed(encoded, runtime.batch_size, measurement.token_position, pad_token_id(tokenizer))
     for index, layer in stream.each_layer("measure (layer-streamed)", progress):
         with torch.inference_mode():
             for item in batches:
-                _accumulate(accumulators[item.label][index], item, index, num_layers)
+                _accumulate(accumulators[item.label][index], item, index, num_layers, collects[item.label])
                 args, kwargs = item.layer_args[index]
                 item.hidden = layer_output(layer(item.hidden, *args, **kwargs))
+        finish(index)
     for item in batches:
-        _accumulate(accumulators[item.label][num_layers], item, num_layers, num_layers)
+        _accumulate(accumulators[item.label][num_layers], item, num_layers, num_layers, collects[item.label])
+    finish(num_layers)
 
     def stats(label: str) -> SetStats:
         accs = accumulators[label]
@@ -75,7 +86,7 @@ def measure_streamed(
             sha256=prompts_sha256(list(sets[label])),
         )
 
-    return Measurement(
+    result = Measurement(
         harmful=stats("harmful"),
         harmless=stats("harmless"),
         settings=measurement,
@@ -84,10 +95,22 @@ def measure_streamed(
         num_layers=num_layers,
         hidden_size=hidden_size,
     )
+    if collector is not None:
+        collector.attach(result)
+    return result
 
 
-def _accumulate(acc: ResidualAccumulator, item: PromptBatch, position: int, num_layers: int) -> None:
-    """Add the residual at the measured (now the last) token of every prompt of the batch at one position."""
+def _accumulate(
+    acc: ResidualAccumulator,
+    item: PromptBatch,
+    position: int,
+    num_layers: int,
+    collector: SubspaceCollector | None,
+) -> None:
+    """Add the residual at the measured (now the last) token of every prompt of the batch at one position
+    (and, for the subspaces, to `collector`)."""
     residual = item.hidden[:, -1, :].detach().float().cpu().unsqueeze(0)
     check_finite(residual, item.batch, item.label, num_layers, position)
     acc.add(residual)
+    if collector is not None:
+        collector.add(position, residual[0], item.batch.indices)

@@ -11,10 +11,14 @@
   under MIN_SCALE become 0 (the tensor is left alone: so small an edit may round away entirely);
 - optionally (`router_bias`) how many of the most refusal-specific experts (`abliterate.search.experts`)
   get their router correction bias lowered, and by how much (which changes only the choice of
-  experts).
+  experts);
+- when the directions file holds subspaces (`subspace.<method>` tensors): the rank, 1 to the largest
+  K held, and the subspace method among those held; a rank above the method's K is that K, and at
+  rank > 1 the direction position is rounded to the nearest whole position (a subspace is measured
+  at whole positions). Rank 1 is the difference of means whatever the method.
 
 `default_params` is `run`'s automatic choice in the space (every group at scale 1 on every layer,
-the selected position, plain method): trial 0 of a new study.
+the selected position, plain method, rank 1): trial 0 of a new study.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from abliterate.config import Ablation, Search, Selection
 from abliterate.edit.matching import AblationInputs
 from abliterate.edit.plan import AblationPlan, build_plan, parse_scale
 from abliterate.errors import AbliterateError
-from abliterate.vocabulary import ABLATION_METHODS, SEARCH_GROUPS
+from abliterate.vocabulary import ABLATION_METHODS, SEARCH_GROUPS, SUBSPACE_METHODS
 
 MIN_SCALE = 0.05  # kernel scales below this are 0: the tensor is not edited
 PEAK = (0.5, 1.5)
@@ -44,9 +48,19 @@ class SearchSpace:
     methods: tuple[str, ...]
     experts: tuple[tuple[int, int], ...] = ()  # router_bias candidates, most refusal-specific first
     selected_position: int | None = None  # run's automatic choice
+    subspaces: tuple[tuple[str, int], ...] = ()  # the file's subspaces: (method, directions K per position)
+
+    @property
+    def max_rank(self) -> int:
+        return max((k for _, k in self.subspaces), default=1)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The space as JSON (part of the study's name): without subspaces, the keys of earlier versions,
+        so their studies keep their names."""
+        out = asdict(self)
+        if not self.subspaces:
+            del out["subspaces"]
+        return out
 
 
 def search_space(
@@ -92,6 +106,11 @@ def search_space(
             "the projected method needs the harmless means, which the directions file lacks"
         )
     selected = 0 if directions.single else directions.selected_position
+    held = tuple(
+        (m, int(directions.subspaces[m].shape[1]))
+        for m in SUBSPACE_METHODS
+        if m in directions.subspaces and directions.subspaces[m].shape[1] > 1
+    )
     return SearchSpace(
         L,
         tuple(structure.mtp_layers),
@@ -100,6 +119,7 @@ def search_space(
         methods,
         tuple(experts)[: search.router_experts] if "router_bias" in components else (),
         selected,
+        held,
     )
 
 
@@ -121,6 +141,9 @@ def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
     if space.experts:
         params["router_bias.experts"] = trial.suggest_int("router_bias.experts", 0, len(space.experts))
         params["router_bias.shift"] = trial.suggest_float("router_bias.shift", *SHIFT)
+    if space.subspaces:
+        params["rank"] = trial.suggest_int("rank", 1, space.max_rank)
+        params["subspace"] = trial.suggest_categorical("subspace", [m for m, _ in space.subspaces])
     return params
 
 
@@ -147,6 +170,8 @@ def default_params(space: SearchSpace) -> dict[str, Any] | None:
         )
     if space.experts:
         params.update({"router_bias.experts": 0, "router_bias.shift": SHIFT[0]})
+    if space.subspaces:
+        params.update({"rank": 1, "subspace": space.subspaces[0][0]})
     return params
 
 
@@ -156,6 +181,15 @@ def kernel_spec(params: dict[str, Any], group: str) -> str:
         f"gauss:center={params[f'{group}.center']:.6g},width={params[f'{group}.width']:.6g},"
         f"peak={peak:.6g},floor={peak * params[f'{group}.floor']:.6g}"
     )
+
+
+def trial_rank(params: dict[str, Any], space: SearchSpace) -> tuple[int, str | None]:
+    """The rank and subspace a trial's parameters give: rank 1 (no subspace) where the space has none;
+    a rank above its method's K is that K."""
+    if not space.subspaces or int(params.get("rank", 1)) <= 1:
+        return 1, None
+    method = str(params["subspace"])
+    return min(int(params["rank"]), dict(space.subspaces)[method]), method
 
 
 def plan_for(
@@ -181,23 +215,21 @@ def plan_for(
     def listed(values: list[float]) -> str:
         return ",".join(repr(values[i]) for i in layers)
 
+    rank, subspace = trial_rank(params, space)
     ablation = Ablation(
         layers=",".join(map(str, layers)),
         scale=listed([max(scales[g][i] for g in targets) for i in layers_all]),
         targets=targets,
         ablation_method=params["method"],
+        rank=rank,
+        **({"subspace": subspace} if subspace else {}),
     )
-    ablation = Ablation(
-        layers=",".join(map(str, layers)),
-        scale=listed([max(scales[g][i] for g in targets) for i in layers_all]),
-        targets=targets,
-        ablation_method=params["method"],
-    )
+    position = float(params["direction_position"])
     return build_plan(
         space.num_layers,
         space.mtp_layers,
         ablation,
-        repr(float(params["direction_position"])),
+        repr(float(round(position)) if rank > 1 else position),
         role_scales={g: listed(scales[g]) for g in targets},
         router_bias=shifts,
         origin=origin,

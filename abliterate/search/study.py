@@ -16,7 +16,8 @@ time (a lock file beside the database).
 
 The chosen trial (`choose`): the front's trial with the lowest refusal objective (the fewest
 refusals, then the most margin) among those whose KL is at most `kl_max` (ties: the lower KL), or the
-trial the user names. Every rate carries its Wilson bound at `confidence` (`wilson_bounds`: 36
+trial the user names; a trial removing several directions (rank > 1) only where it earns its KL
+against the rank-1 trials' choice (`choose`). Every rate carries its Wilson bound at `confidence` (`wilson_bounds`: 36
 prompts without a refusal still allow a rate of 0.096 at 95 %). The choice is then confirmed
 (`confirm_choice`) on a seeded part of the held-out prompts that the study never scored: the chosen
 trial and run's choice (trial 0) are scored there; a chosen trial that refuses more there than its
@@ -30,7 +31,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import sqlite3
 import time
@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import optuna
@@ -56,8 +55,9 @@ from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.inference.devices import resolve_runtime
 from abliterate.inference.runner import model_forward
+from abliterate.inference.scores import wilson_bounds
 from abliterate.measure.prompts import prompts_sha256
-from abliterate.paths import child, describe_special, file_lock, holders
+from abliterate.paths import check_sqlite_file, child, file_lock, holders
 from abliterate.search.scoring import TrialScore, TrialScorer, scoring_signature
 from abliterate.search.space import SearchSpace, default_params, kernel_spec, plan_for, search_space, suggest
 from abliterate.search.storage import StudyStorage, write_pending
@@ -157,32 +157,10 @@ def open_study(root: str | Path, name: str, search: Search) -> optuna.Study:
     return study
 
 
-SQLITE_MAGIC = b"SQLite format 3\0"
-
-
 def check_study_database(root: str | Path) -> Path:
     """The study database's path, refused in one line when it is no SQLite file (a folder, a link to
     nothing, garbage): what SQLAlchemy would report as a traceback."""
-    path = Path(root) / STUDY_FILE
-    special = describe_special(path)
-    if special == "missing":
-        return path
-    if special is not None:
-        raise AbliterateError(
-            f"the study database {path} is {special}, not a file: move it away (a new database is created) or "
-            "set ABLITERATE_HOME to another folder"
-        )
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-    except OSError as exc:
-        raise AbliterateError(f"cannot read the study database {path}: {exc.strerror or exc}") from exc
-    if head and head != SQLITE_MAGIC:
-        raise AbliterateError(
-            f"the study database {path} is not an SQLite database (it starts with {head[:8]!r}): move it away "
-            "(a new database is created) or restore it from a backup"
-        )
-    return path
+    return check_sqlite_file(Path(root) / STUDY_FILE, "the study database")
 
 
 def _database_reason(exc: BaseException) -> str:
@@ -304,27 +282,25 @@ def pareto(records: list[dict[str, Any]], key: str = "refusal_rate") -> list[dic
     return sorted(front, key=lambda p: (p[key], p["kl"]))
 
 
-def wilson_bounds(refusals: int, prompts: int, confidence: float) -> tuple[float, float]:
-    """The Wilson score interval of a refusal rate seen as `refusals` of `prompts` at two-sided
-    `confidence`: what the rate may be on prompts like these that were not scored."""
-    if prompts <= 0:
-        return 0.0, 1.0
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p, z2 = refusals / prompts, z * z
-    center = (p + z2 / (2 * prompts)) / (1 + z2 / prompts)
-    half = z / (1 + z2 / prompts) * math.sqrt(p * (1 - p) / prompts + z2 / (4 * prompts * prompts))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
 def _objective(record: dict[str, Any]) -> float:
     """The refusal objective of a record (records of studies older than the objective: the rate)."""
     value = record.get("objective")
     return record["refusal_rate"] if value is None else value
 
 
+def record_rank(record: dict[str, Any]) -> int:
+    """The directions a trial's plan removes at each layer (the plan writes its rank only when > 1)."""
+    return int((record.get("plan") or {}).get("rank", 1))
+
+
 def choose(records: list[dict[str, Any]], search: Search) -> dict[str, Any]:
     """The trial to write: `search.trial` when given (a complete trial), else the front's trial with the
-    fewest refusals among those with KL <= `search.kl_max` (ties: the lower KL, then the earlier trial)."""
+    fewest refusals among those with KL <= `search.kl_max` (ties: the lower KL, then the earlier trial).
+
+    A trial removing several directions (rank > 1) is chosen only where it earns its KL: where the
+    choice among the rank-1 trials alone (their own front) refuses at a rate above the rank > 1 trial's
+    Wilson upper bound at `search.confidence` (selection's rule, docs/DESIGN.md 2.3); else the rank-1
+    choice is written."""
     if search.trial is not None:
         found = [r for r in records if r["trial"] == search.trial]
         if not found:
@@ -333,6 +309,19 @@ def choose(records: list[dict[str, Any]], search: Search) -> dict[str, Any]:
                 f"choose from {sorted(r['trial'] for r in records)}"
             )
         return found[0]
+    chosen = _choose_on_front(records, search)
+    single = [r for r in records if record_rank(r) == 1]
+    if record_rank(chosen) == 1 or not single:
+        return chosen
+    try:
+        one = _choose_on_front(single, search)
+    except AbliterateError:
+        return chosen  # no rank-1 trial within the KL bound
+    upper = wilson_bounds(chosen["refusals"], chosen["prompts"], search.confidence)[1]
+    return chosen if one["refusals"] / max(one["prompts"], 1) > upper else one
+
+
+def _choose_on_front(records: list[dict[str, Any]], search: Search) -> dict[str, Any]:
     front = search_front(records)
     allowed = [r for r in front if r["kl"] <= search.kl_max]
     if not allowed:

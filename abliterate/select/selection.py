@@ -25,7 +25,11 @@ distribution). The last `skip_last_fraction` of positions (default 20%) are not 
 directions there are about output tokens more than about the request, and ablating them
 mostly damages the model. An explicit position overrides the choice (it is still scored).
 
-Not every candidate is scored on every prompt (`shortlist`, default 3): successive halving ranks the
+Not every candidate reaches scoring (`prefilter`, default 4): only the candidates with the largest
+measured separation, |mean harmful - mean harmless| / |mean harmless| at the position (`separation`,
+known after measurement), do; the others are recorded with their rank by it (`prefiltered_out`).
+
+Not every scored candidate is scored on every prompt (`shortlist`, default 1): successive halving ranks the
 others out first. Round 0 scores every candidate on the first `shortlist_prompts` (8) prompts of each
 validation set, and keeps the better half in the choice's own order (under the KL threshold by
 refusal score, then the rest by KL); each next round scores the survivors on the next prompts, up to
@@ -33,20 +37,36 @@ twice as many, and halves them again, until the shortlist remains (never fewer) 
 both sets; the last round scores the shortlist on the rest, so its scores are over every prompt, as
 with `shortlist` all (one round: every candidate on every prompt, today's behaviour). The rounds
 depend on the counts only (`halving_rounds`); the candidates ranked out are recorded with their scores
-on the prompts they saw and the round. GLM-4.5-Air (36 candidates, 69 + 69 prompts): 1,502 candidate
-prompts in 5 rounds instead of 4,968 (`benchmarks/bench_run_streamed.py` projects the hours).
+on the prompts they saw and the round. GLM-4.5-Air (36 candidates, 69 + 69 prompts): with shortlist 3
+and no prefilter, 1,502 candidate prompts in 5 rounds instead of 4,968; with the defaults, 202 in 3
+rounds (`benchmarks/bench_run_streamed.py` projects the hours).
+
+A small shortlist or prefilter never loses a run that scoring every candidate completes: when no
+candidate scored on every prompt is under the KL threshold, the next ones are scored on the prompts they
+have not seen (`_fallback`: as many as the shortlist per pass, the ranked-out ones first, the last round's
+first and each round's best first, then the prefiltered ones by separation), until one is under it or
+none is left (then the choice fails as it does with every candidate scored); those passes are recorded as
+rounds with `fallback` true.
+
+At the chosen position, when the directions hold subspaces (`subspaces`: method -> [P, K, H] orthonormal
+rows, row 0 the direction), the rank is a choice too (`score_ranks`, `choose_rank`): one more pass scores
+every rank 2..min(`max_rank`, K) of every method, and every row alone on the harmful prompts (each
+direction's share of the refusal score; no KL needed). A rank above 1 is kept only where it earns its KL: its KL within `kl_threshold`, and one
+direction's first-token refusal rate (harmful validation prompts whose most likely first reply token is
+a refusal token) above the rank's Wilson upper bound at `rank_confidence`; else rank 1 (docs/DESIGN.md 2.3).
 
 The forward passes run on a model in memory or layer-streamed (`abliterate.inference.runner`): streamed,
 the unmodified model and every candidate of a round go through each decoder layer while it is loaded,
 so the scores cost one read of the weights per round (plus one per probe token to find the refusal
-tokens).
+tokens, with the layers' keys and values cached between those reads). The unmodified model's harmful
+first tokens come from the probe's first step; the first round runs it on the harmless prompts only.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,12 +75,14 @@ import torch
 from abliterate import config
 from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.errors import AbliterateError
+from abliterate.figures import figure
 from abliterate.inference.loading import pad_token_id
 from abliterate.inference.refusal import find_refusal_tokens, marker_phrases
 from abliterate.inference.runner import as_forward
-from abliterate.inference.scores import first_token_kl_each, refusal_logodds, refusal_score
+from abliterate.inference.scores import first_token_kl_each, refusal_logodds, refusal_score, wilson_bounds
 from abliterate.measure.chat import context_length, encode_prompts
 from abliterate.measure.directions import DirectionSet
+from abliterate.vocabulary import SUBSPACE_METHODS
 
 
 @dataclass
@@ -83,6 +105,15 @@ class RankedOut:
 
 
 @dataclass
+class Prefiltered:
+    """A candidate the prefilter left out before any scoring: its measured separation and rank by it."""
+
+    position: int
+    separation: float  # |mean harmful - mean harmless| / |mean harmless| at the position
+    rank: int  # 1: the largest separation among the candidates
+
+
+@dataclass
 class Round:
     """One scoring pass: `candidates` scored on the first prompts of each set; `keep` of them go on."""
 
@@ -90,6 +121,32 @@ class Round:
     harmful_prompts: int
     harmless_prompts: int
     keep: int  # the last round keeps every candidate: they are the ones scored on every prompt
+    fallback: bool = False  # scored on the rest of the prompts because no finalist was under the KL threshold
+
+
+@dataclass
+class RankScore:
+    """Removing the first `rank` directions of a subspace at the chosen position, on every validation prompt."""
+
+    rank: int
+    subspace: str | None  # how its directions were found (SUBSPACE_METHODS); None: the one direction
+    refusal_score: float
+    kl: float
+    refusals: int  # harmful validation prompts whose most likely first reply token is a refusal token
+    prompts: int
+    upper_bound: float  # Wilson upper bound of refusals / prompts at `rank_confidence`
+    earns: bool  # fewer refusals than one direction beyond that bound, at a KL within the threshold
+
+
+@dataclass
+class DirectionShare:
+    """One direction of a subspace at the chosen position, removed alone: its share of the refusal score."""
+
+    subspace: str
+    index: int  # its row in the subspace (0: the difference of means)
+    refusal_score: float
+    drop: float  # max(0, baseline refusal score - refusal_score)
+    share: float  # drop / the sum of the drops of the subspace's scored directions (0 when that sum is 0)
 
 
 @dataclass
@@ -111,6 +168,14 @@ class Selection:
     shortlist: str = "all"  # the setting: how many candidates were to be scored on every prompt
     rounds: list[Round] = field(default_factory=list)  # the scoring passes, ranking rounds first
     ranked_out: list[RankedOut] = field(default_factory=list)  # candidates left out before the last round
+    prefilter: str = "all"  # the setting: how many candidates the measured statistic lets reach scoring
+    prefiltered_out: list[Prefiltered] = field(default_factory=list)  # left out by it, never scored
+    rank: int = 1  # directions removed together at the chosen position (1: the difference of means alone)
+    subspace: str | None = None  # the subspace method of the chosen rank (None at rank 1)
+    # one direction at the chosen position first, then each subspace rank scored there
+    ranks: list[RankScore] = field(default_factory=list)
+    # each scored direction of each subspace removed alone: its share of the refusal score
+    shares: list[DirectionShare] = field(default_factory=list)
 
     @property
     def scored(self) -> bool:
@@ -136,6 +201,9 @@ def selection_record(selection: config.Selection, evaluation: config.Evaluation)
         "max_candidates": selection.max_candidates,
         "shortlist": selection.shortlist,
         "shortlist_prompts": selection.shortlist_prompts,
+        "prefilter": selection.prefilter,
+        "max_rank": selection.max_rank,
+        "rank_confidence": selection.rank_confidence,
         "markers": list(marker_phrases(evaluation)),
         "refusal_probe_tokens": evaluation.refusal_probe_tokens,
     }
@@ -151,6 +219,29 @@ def candidate_positions(
         step = (len(candidates) - 1) / max(max_candidates - 1, 1)
         candidates = sorted({candidates[round(k * step)] for k in range(max_candidates)})
     return candidates
+
+
+def separation(directions: DirectionSet) -> torch.Tensor:
+    """[P] the measured separation of the two sets at each position, |mean harmful - mean harmless| over
+    |mean harmless|: the refusal difference as a share of the residual stream's size there (known after
+    measurement, no pass over the model)."""
+    size = directions.harmless_mean.norm(dim=-1)
+    return torch.where(size > 0, directions.mean_diff_norm.double() / size.clamp(min=1e-30), 0.0)
+
+
+def prefilter(
+    directions: DirectionSet, candidates: Sequence[int], keep: str
+) -> tuple[list[int], list[Prefiltered]]:
+    """(the candidates that reach scoring, in position order; the ones left out): the `keep` largest by
+    `separation` (`keep` all: every candidate)."""
+    if keep == "all" or len(candidates) <= int(keep):
+        return list(candidates), []
+    values = separation(directions)
+    order = sorted(candidates, key=lambda p: (-float(values[p]), p))
+    out = [
+        Prefiltered(p, float(values[p]), rank) for rank, p in enumerate(order, start=1) if rank > int(keep)
+    ]
+    return sorted(order[: int(keep)]), sorted(out, key=lambda r: r.position)
 
 
 def halving_rounds(
@@ -195,12 +286,15 @@ def select_direction(
     runtime: config.Runtime,
     position: int | None = None,
     progress: bool = True,
+    subspaces: Mapping[str, torch.Tensor] | None = None,
 ) -> Selection:
     """Score candidate directions by inference-time ablation; `position` forces the choice.
 
     `model`: a loaded model, or a forward (`abliterate.inference.runner`: in memory or layer-streamed).
     `measurement` and `template` encode the prompts as they were measured; `evaluation` gives the
-    marker phrases and the probe length that find the refusal tokens; `runtime` the batch size."""
+    marker phrases and the probe length that find the refusal tokens; `runtime` the batch size.
+    `subspaces`: method -> [P, K, H] orthonormal rows (row 0 the direction), as the directions file
+    holds them: at the chosen position, ranks 2 to `selection.max_rank` are scored (`choose_rank`)."""
     forward = as_forward(model)
     explicit = position is not None
     if position is not None and not 0 <= position < directions.num_positions:
@@ -217,6 +311,7 @@ def select_direction(
         if position is not None
         else candidate_positions(directions, selection.skip_last_fraction, selection.max_candidates)
     )
+    candidates, prefiltered_out = prefilter(directions, candidates, selection.prefilter)
     if not candidates:
         raise AbliterateError(
             "no candidate position has a non-zero direction: the two prompt sets look identical"
@@ -247,10 +342,28 @@ def select_direction(
     rounds = halving_rounds(len(candidates), len(harmful), len(harmless), selection)
     refusal_each: dict[int, list[torch.Tensor]] = {p: [] for p in candidates}  # per prompt, in prompt order
     kl_each: dict[int, list[torch.Tensor]] = {p: [] for p in candidates}  # per answered harmless prompt
+    refused_each: dict[int, list[torch.Tensor]] = {p: [] for p in candidates}  # first token a refusal token
     answered = torch.ones(len(harmless), dtype=torch.bool)
     base_harmless = torch.zeros(0)
-    baseline = 0.0
-    ranked_out: list[RankedOut] = []
+    # the unmodified model's harmful first tokens: the probe's first step, else the first round's pass
+    baseline = 0.0 if found.first is None else refusal_score(found.first, found.ids)
+    ranked_out: list[RankedOut] = []  # in the order they go back to scoring: by round, best first
+
+    def take(p: int, label: str, logprobs: torch.Tensor, start: int, upto: int) -> None:
+        """Candidate p's scores on the prompts start..upto of the set `label`."""
+        if label == "harmless":
+            rows = answered[start:upto]
+            kl_each.setdefault(p, []).append(
+                first_token_kl_each(base_harmless[start:upto][rows], logprobs[rows])
+            )
+        else:
+            refusal_each.setdefault(p, []).append(refusal_logodds(logprobs, found.ids))
+            refused_each.setdefault(p, []).append(torch.isin(logprobs.argmax(dim=-1), token_ids))
+
+    def score_of(p: int) -> CandidateScore:
+        """Candidate p's scores over the prompts it has been scored on."""
+        return CandidateScore(p, _mean(refusal_each[p]), _mean(kl_each[p]) if kl_each.get(p) else 0.0)
+
     done = {"harmful": 0, "harmless": 0}  # prompts of each set every remaining candidate is scored on
     for number, plan in enumerate(rounds):
         upto = {"harmful": plan.harmful_prompts, "harmless": plan.harmless_prompts}
@@ -262,8 +375,15 @@ def select_direction(
         }
         variants: list[DirectionEdit | None] = [edits[p] for p in kept]
         sets: list[dict[str, Any]] = [new] * len(kept)
-        if number == 0:  # the unmodified model on every prompt, in the first pass
-            variants, sets = [None, *variants], [{"harmless": harmless, "harmful": harmful}, *sets]
+        if (
+            number == 0
+        ):  # the unmodified model on every prompt (the probe's harmful ones aside), in the first pass
+            base = (
+                {"harmless": harmless}
+                if found.first is not None
+                else {"harmless": harmless, "harmful": harmful}
+            )
+            variants, sets = [None, *variants], [base, *sets]
         offset = 1 if number == 0 else 0
         stream = forward.first_token_logprobs(sets, variants, runtime.batch_size, pad_id, progress)
         for variant, label, logprobs in stream:
@@ -278,16 +398,10 @@ def select_direction(
                 base_harmless = logprobs
             elif number == 0 and variant == 0:
                 baseline = refusal_score(logprobs, found.ids)
-            elif label == "harmless":
-                rows = answered[start["harmless"] : upto["harmless"]]
-                reference = base_harmless[start["harmless"] : upto["harmless"]][rows]
-                kl_each[kept[variant - offset]].append(first_token_kl_each(reference, logprobs[rows]))
             else:
-                refusal_each[kept[variant - offset]].append(refusal_logodds(logprobs, found.ids))
+                take(kept[variant - offset], label, logprobs, start[label], upto[label])
         done = upto
-        scores = [
-            CandidateScore(p, _mean(refusal_each[p]), _mean(kl_each[p]) if kl_each[p] else 0.0) for p in kept
-        ]
+        scores = [score_of(p) for p in kept]
         order = sorted(scores, key=lambda c: _rank_key(c, selection.kl_threshold))
         ranked_out += [
             RankedOut(c.position, c.refusal_score, c.kl, number, done["harmful"], done["harmless"])
@@ -295,8 +409,27 @@ def select_direction(
         ]
         kept = sorted(c.position for c in order[: plan.keep])
     ranked = [c for c in scores if c.position in kept]
-    scored = time.perf_counter()
-    if position is None:
+    if position is None:  # no finalist under the threshold: the next candidates go on, never a lost run
+        fallback = _fallback(
+            forward,
+            (harmful, harmless),
+            edits,
+            directions,
+            ranked,
+            ranked_out,
+            prefiltered_out,
+            (take, score_of),
+            selection,
+            runtime.batch_size,
+            pad_id,
+            progress,
+        )
+        for plan, scored_now in fallback:
+            rounds = [*rounds, plan]
+            ranked = sorted([*ranked, *scored_now], key=lambda c: c.position)
+        back = {c.position for c in ranked}
+        ranked_out = [r for r in ranked_out if r.position not in back]
+        prefiltered_out = [r for r in prefiltered_out if r.position not in back]
         allowed = [s for s in ranked if s.kl <= selection.kl_threshold]
         if not allowed:
             least = min(ranked, key=lambda s: s.kl)
@@ -306,6 +439,25 @@ def select_direction(
                 "raise the KL threshold or pass an explicit position"
             )
         position = min(allowed, key=lambda s: s.refusal_score).position
+    one = next(c for c in ranked if c.position == position)
+    refused = int(torch.cat(refused_each[position]).sum())
+    upper = wilson_bounds(refused, len(harmful), selection.rank_confidence)[1]
+    single = RankScore(1, None, one.refusal_score, one.kl, refused, len(harmful), upper, False)
+    ranks, shares = score_ranks(
+        forward,
+        subspaces or {},
+        position,
+        single,
+        (harmful, harmless),
+        (base_harmless, answered, baseline),
+        found.ids,
+        selection,
+        runtime.batch_size,
+        pad_id,
+        progress,
+    )
+    chosen = choose_rank(ranks)
+    scored = time.perf_counter()
     return Selection(
         position=position,
         explicit=explicit,
@@ -322,6 +474,178 @@ def select_direction(
         shortlist=selection.shortlist,
         rounds=rounds,
         ranked_out=sorted(ranked_out, key=lambda r: r.position),
+        prefilter=selection.prefilter,
+        prefiltered_out=prefiltered_out,
         seconds_probe=round(probed - began, 3),
         seconds_scoring=round(scored - probed, 3),
+        rank=chosen.rank,
+        subspace=chosen.subspace,
+        ranks=ranks,
+        shares=shares,
+    )
+
+
+def _fallback(
+    forward: Any,
+    encoded: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]],
+    edits: dict[int, DirectionEdit],
+    directions: DirectionSet,
+    finalists: list[CandidateScore],
+    ranked_out: list[RankedOut],
+    prefiltered_out: list[Prefiltered],
+    scoring: tuple[Any, Any],
+    selection: config.Selection,
+    batch_size: int,
+    pad_id: int,
+    progress: bool,
+) -> list[tuple[Round, list[CandidateScore]]]:
+    """While no candidate scored on every prompt is under the KL threshold, the next ones are: as many as
+    the shortlist (at least one) per pass, the ranked-out ones first (the last round's first, each round's
+    best first), each on the prompts it has not seen, then the prefiltered ones by separation, on every
+    prompt. So a small shortlist or prefilter loses no run that scoring every candidate would complete.
+    Returns each pass's round (`fallback` True) and its candidates' scores over every prompt."""
+    harmful, harmless = encoded
+    take, score_of = scoring  # (p, label, logprobs, start, upto) -> None: keep; p -> CandidateScore
+    size = {"harmful": len(harmful), "harmless": len(harmless)}
+    last = max((r.round for r in ranked_out), default=0)
+    waiting = [
+        (r.position, r.harmful_prompts, r.harmless_prompts)
+        for r in sorted(ranked_out, key=lambda r: last - r.round)
+    ]  # sorted is stable: each round's best first
+    waiting += [(r.position, 0, 0) for r in sorted(prefiltered_out, key=lambda r: r.rank)]
+    step = max(1, len(finalists) if selection.shortlist == "all" else int(selection.shortlist))
+    passes: list[tuple[Round, list[CandidateScore]]] = []
+    under = any(c.kl <= selection.kl_threshold for c in finalists)
+    while not under and waiting:
+        batch, waiting = waiting[:step], waiting[step:]
+        sets = []
+        for p, seen_harmful, seen_harmless in batch:
+            edits.setdefault(p, DirectionEdit(directions.direction[p].float()))
+            seen = {"harmful": seen_harmful, "harmless": seen_harmless}
+            sets.append(
+                {
+                    label: prompts[seen[label] :]
+                    for label, prompts in (("harmless", harmless), ("harmful", harmful))
+                    if size[label] > seen[label]
+                }
+            )
+        variants = [edits[p] for p, _, _ in batch]
+        for variant, label, logprobs in forward.first_token_logprobs(
+            sets, variants, batch_size, pad_id, progress
+        ):
+            p, seen_harmful, seen_harmless = batch[variant]
+            start = seen_harmful if label == "harmful" else seen_harmless
+            take(p, label, logprobs, start, size[label])
+        scored = [score_of(p) for p, _, _ in batch]
+        passes.append(
+            (Round(len(batch), size["harmful"], size["harmless"], len(batch), fallback=True), scored)
+        )
+        under = any(c.kl <= selection.kl_threshold for c in scored)
+    return passes
+
+
+def rank_edits(
+    subspaces: Mapping[str, torch.Tensor], position: int, max_rank: int
+) -> tuple[list[tuple[int, str]], list[tuple[str, int]]]:
+    """What `score_ranks` scores at `position`: each subspace's ranks 2..min(max_rank, K) as (rank,
+    method), and each of its directions 1..min(max_rank, K)-1 alone as (method, row), methods in the
+    vocabulary's order, those with zero rows there (nothing measured) left out."""
+    ranks: list[tuple[int, str]] = []
+    rows: list[tuple[str, int]] = []
+    for method in SUBSPACE_METHODS:
+        basis = subspaces.get(method)
+        if basis is None or not bool(basis[position].any()):
+            continue
+        top = min(max_rank, int(basis.shape[1]))
+        ranks += [(k, method) for k in range(2, top + 1)]
+        rows += [(method, i) for i in range(1, top)]
+    return ranks, rows
+
+
+def score_ranks(
+    forward: Any,
+    subspaces: Mapping[str, torch.Tensor],
+    position: int,
+    single: RankScore,
+    encoded: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]],
+    reference: tuple[torch.Tensor, torch.Tensor, float],
+    token_ids: list[int],
+    selection: config.Selection,
+    batch_size: int,
+    pad_id: int,
+    progress: bool,
+) -> tuple[list[RankScore], list[DirectionShare]]:
+    """Every rank above 1 of every subspace at `position`, and every direction of them alone, scored in
+    one pass on every validation prompt (`single`: one direction there, scored already). `reference`:
+    the unmodified model's harmless log-probabilities, which harmless prompts it answers, and its
+    refusal score. Returns the rank scores (`single` first) and each direction's share of the refusal
+    score: drop_i = max(0, baseline - refusal score with direction i alone removed), share_i = drop_i
+    over the sum of the drops of its subspace's directions 0..min(max_rank, K)-1."""
+    harmful, harmless = encoded
+    base_harmless, answered, baseline = reference
+    pairs, rows = rank_edits(subspaces, position, selection.max_rank)
+    if not pairs:
+        return [single], []
+    edits = [DirectionEdit(subspaces[m][position, :k]) for k, m in pairs]
+    edits += [DirectionEdit(subspaces[m][position, i]) for m, i in rows]
+    refusal: list[torch.Tensor] = [torch.zeros(0)] * len(edits)
+    kl: list[float] = [0.0] * len(edits)
+    token = torch.tensor(token_ids)
+    # a rank needs both sets (refusal and KL); a direction alone only its refusal score: the harmful set
+    both, harmful_only = {"harmless": harmless, "harmful": harmful}, {"harmful": harmful}
+    sets = [both] * len(pairs) + [harmful_only] * len(rows)
+    for variant, label, logprobs in forward.first_token_logprobs(sets, edits, batch_size, pad_id, progress):
+        if label == "harmless":
+            kl[variant] = float(first_token_kl_each(base_harmless[answered], logprobs[answered]).mean())
+        else:
+            refusal[variant] = logprobs
+    ranks = [single]
+    for (k, method), logprobs, divergence in zip(pairs, refusal[: len(pairs)], kl[: len(pairs)], strict=True):
+        count = int(torch.isin(logprobs.argmax(dim=-1), token).sum())
+        upper = wilson_bounds(count, len(harmful), selection.rank_confidence)[1]
+        earns = divergence <= selection.kl_threshold and single.refusals / max(single.prompts, 1) > upper
+        score = float(refusal_logodds(logprobs, token_ids).mean())
+        ranks.append(RankScore(k, method, score, divergence, count, len(harmful), upper, earns))
+    alone: dict[str, list[tuple[int, float]]] = {}
+    for (method, i), logprobs in zip(rows, refusal[len(pairs) :], strict=True):
+        alone.setdefault(method, [(0, single.refusal_score)]).append(
+            (i, float(refusal_logodds(logprobs, token_ids).mean()))
+        )
+    shares = []
+    for method, scored in alone.items():
+        drops = [max(0.0, baseline - score) for _, score in scored]
+        total = sum(drops)
+        shares += [
+            DirectionShare(method, i, score, drop, drop / total if total > 0 else 0.0)
+            for (i, score), drop in zip(scored, drops, strict=True)
+        ]
+    return ranks, shares
+
+
+def choose_rank(ranks: Sequence[RankScore]) -> RankScore:
+    """One direction (`ranks[0]`), unless a subspace earns its KL (`RankScore.earns`): then the earning one
+    with the fewest first-token refusals, ties to the lower rank, then the lower KL."""
+    earning = [r for r in ranks[1:] if r.earns]
+    if not earning:
+        return ranks[0]
+    return min(earning, key=lambda r: (r.refusals, r.rank, r.kl, SUBSPACE_METHODS.index(str(r.subspace))))
+
+
+def describe_rank(chosen: Selection) -> str | None:
+    """The rank choice in one line (None when no subspace was scored): what was kept, and why."""
+    if len(chosen.ranks) < 2:
+        return None
+    one = chosen.ranks[0]
+    if chosen.rank == 1:
+        best = min(chosen.ranks[1:], key=lambda r: (r.refusals, r.rank, r.kl))
+        return (
+            f"rank 1 kept (one direction: {one.refusals} of {one.prompts} harmful validation prompts open with a "
+            f"refusal token, KL {figure(one.kl)}); no subspace earns its KL, the best: {best.subspace} rank "
+            f"{best.rank}, {best.refusals} of {best.prompts} (upper bound {best.upper_bound:.3f}), KL {figure(best.kl)}"
+        )
+    kept = next(r for r in chosen.ranks if r.rank == chosen.rank and r.subspace == chosen.subspace)
+    return (
+        f"rank {kept.rank} ({kept.subspace}): {kept.refusals} of {kept.prompts} harmful validation prompts open "
+        f"with a refusal token (upper bound {kept.upper_bound:.3f}) against {one.refusals} with one direction, "
+        f"KL {figure(kept.kl)} (one direction: {figure(one.kl)})"
     )
