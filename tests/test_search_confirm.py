@@ -66,6 +66,8 @@ def search(capfd, path: str, out: Path, *extra: str) -> tuple[int, dict, str]:
         "32",
         "--refusal-floor",
         "1e-9",
+        "--subspace-rank",  # one direction per position: the study's trials are the ones this test was built on
+        "1",
         "--out",
         str(out),
         "--json",
