@@ -193,7 +193,8 @@ def first_token_delta(
     model, encoded, n: int, direction: torch.Tensor | None = None, batch_size: int = 8
 ) -> float:
     """delta for `model` (in memory, float32) on the encoded prompts: logits_rtol (two projections per
-    layer when `direction` is ablated at inference time) times the largest first-token |logits|_2."""
+    layer and removed direction when `direction`, a vector [H] or a basis [k, H], is ablated at
+    inference time) times the largest first-token |logits|_2."""
     from contextlib import nullcontext
 
     from abliterate.edit.inference_edit import DirectionEdit
@@ -210,7 +211,8 @@ def first_token_delta(
                 logits_to_keep=1,
             ).logits[:, -1]
             largest = max(largest, float(logits.double().norm(dim=-1).max()))
-    rtol = logits_rtol(model.config.num_hidden_layers, n, 2 if direction is not None else 0)
+    rank = 0 if direction is None else (direction.shape[0] if direction.dim() == 2 else 1)
+    rtol = logits_rtol(model.config.num_hidden_layers, n, 2 * rank)
     return rtol * largest
 
 

@@ -16,17 +16,15 @@ from __future__ import annotations
 import pytest
 import torch
 from numerics import accumulation_length, first_token_delta, greedy_margin, logprob_atol
-from tiny_chat_model import HARMFUL, HARMLESS, WORDS
+from tiny_chat_model import HARMFUL, HARMLESS, write_tiny_glm_air
 
 from abliterate.config import Template
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-from abliterate.demo.train import build_tokenizer
 from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.inference.loading import load_model, pad_token_id
 from abliterate.inference.runner import InMemoryForward, StreamedForward, stop_ids
 from abliterate.measure.chat import encode_prompts
 from abliterate.measure.prompts import load_prompts
-from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 STEPS = 6
 
@@ -111,23 +109,7 @@ def test_cached_streamed_greedy_equals_uncached_on_glm_air_layout(tmp_path, fuse
     """GLM-4.5-Air's names and structure at small widths, sharded: grouped-query attention with q/k/v
     biases and partial rotary, so the cache holds fewer key/value heads than queries; batches of 3 over
     8 prompts of different lengths (left padding in the cache)."""
-    tokenizer = build_tokenizer([WORDS])
-    layout = GlmLayout(
-        num_layers=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        vocab_size=len(tokenizer),
-        fused_experts=fused,
-        dtype=torch.float32,
-    )
-    out = write_glm_layout(tmp_path / "glm-air", layout, num_shards=3)
-    tokenizer.save_pretrained(out)
+    out = write_tiny_glm_air(tmp_path / "glm-air", fused)
     vector = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(1)), dim=0)
     replies, _ = assert_cached_equals_uncached(out, HARMFUL + HARMLESS, vector, 3)
     assert all(len(r) == STEPS for r in replies[0])  # random weights: no reply ends early

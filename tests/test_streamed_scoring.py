@@ -21,12 +21,11 @@ from numerics import (
     logodds_atol,
     logprob_atol,
 )
-from tiny_chat_model import HARMFUL, HARMLESS, WORDS
+from tiny_chat_model import HARMFUL, HARMLESS, write_tiny_glm_air
 
 from abliterate.check.evaluate import evaluate_model
 from abliterate.config import Evaluation, Measurement, Runtime, Selection, Template
 from abliterate.demo import DEMO_MODEL_DIR, prompt_file
-from abliterate.demo.train import build_tokenizer
 from abliterate.edit.ablate import ablate_checkpoint
 from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.inference.loading import load_model, pad_token_id
@@ -38,7 +37,6 @@ from abliterate.measure.directions import compute_directions
 from abliterate.measure.means import measure
 from abliterate.measure.prompts import load_prompts
 from abliterate.select.selection import select_direction
-from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 MEASURED = (Measurement(), Template())  # the sections that encode the prompts as measured
 RUNTIME = Runtime(device="cpu", dtype="float32", batch_size=8)
@@ -289,24 +287,7 @@ def test_full_replies_of_an_over_budget_model_run_layer_streamed(demo, demo_abla
 def glm_air(request, tmp_path_factory):
     """GLM-4.5-Air's names and structure (dense layer 0, sigmoid routers with correction bias, shared
     expert, q/k/v biases, MTP layer) at small widths, sharded, with a chat tokenizer."""
-    tokenizer = build_tokenizer([WORDS])
-    layout = GlmLayout(
-        num_layers=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        vocab_size=len(tokenizer),
-        fused_experts=request.param,
-        dtype=torch.float32,
-    )
-    out = write_glm_layout(tmp_path_factory.mktemp("glm-scoring") / "glm-air", layout, num_shards=3)
-    tokenizer.save_pretrained(out)
-    return out
+    return write_tiny_glm_air(tmp_path_factory.mktemp("glm-scoring") / "glm-air", request.param)
 
 
 def test_streamed_selection_equals_in_memory_on_glm_air_layout(glm_air):

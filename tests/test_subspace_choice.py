@@ -18,7 +18,7 @@ import pytest
 import torch
 from fixtures import ROOT
 from mlflow.tracking import MlflowClient
-from numerics import accumulation_length, logits_rtol, logodds_atol
+from numerics import accumulation_length, first_token_delta, logodds_atol
 
 from abliterate.check.evaluate import model_behaviour
 from abliterate.config import Ablation, Evaluation, Measurement, Runtime, Search, Selection, Template
@@ -26,7 +26,7 @@ from abliterate.demo import DATA_DIR, DEMO_MODEL_DIR, TWO_CATEGORY_MODEL_DIR, pr
 from abliterate.edit.ablate import load_inputs
 from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.edit.matching import configured_plan, resolve_plan
-from abliterate.inference.loading import length_sorted_batches, load_model
+from abliterate.inference.loading import load_model
 from abliterate.inference.runner import StreamedForward
 from abliterate.inference.scores import first_token_kl, wilson_bounds
 from abliterate.measure.chat import encode_prompts
@@ -423,17 +423,7 @@ def test_streamed_rank_scores_equal_in_memory(demo):
     for m, s in zip(memory.ranks, streamed.ranks, strict=True):
         assert (m.rank, m.subspace, m.refusals) == (s.rank, s.subspace, s.refusals)
         basis = subspaces["pca"][memory.position, : m.rank]
-        largest = 0.0
-        with torch.inference_mode(), DirectionEdit(basis).applied(model):
-            for batch in length_sorted_batches(everything, 8, 0):
-                logits = model(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    logits_to_keep=1,
-                ).logits[:, -1]
-                largest = max(largest, float(logits.double().norm(dim=-1).max()))
-        delta = logits_rtol(model.config.num_hidden_layers, n, 2 * m.rank) * largest
+        delta = first_token_delta(model, everything, n, basis)
         assert abs(m.refusal_score - s.refusal_score) <= logodds_atol(delta), (m, s, delta)
 
 

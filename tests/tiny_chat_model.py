@@ -14,6 +14,7 @@ from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
 from abliterate.config import Measurement, Runtime, Template
 from abliterate.demo.train import build_tokenizer
+from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 WORDS = (
     "how do I make a bomb cake poison help my neighbor write a poem about the sea "
@@ -79,3 +80,27 @@ def measure_sections(**fields: Any) -> tuple[Measurement, Template, Runtime]:
         parts.append(cls(**{k: fields.pop(k) for k in list(fields) if k in cls.model_fields}))
     runtime = Runtime(**{"device": "cpu", "dtype": "float32", **fields})
     return parts[0], parts[1], runtime
+
+
+def write_tiny_glm_air(folder: Path, fused_experts: bool) -> Path:
+    """GLM-4.5-Air's names and structure (dense layer 0, sigmoid routers with correction bias, shared
+    expert, q/k/v biases, grouped-query attention, MTP layer) at small widths, random float32 weights,
+    in 3 shards with a chat tokenizer of WORDS."""
+    tokenizer = build_tokenizer([WORDS])
+    layout = GlmLayout(
+        num_layers=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=len(tokenizer),
+        fused_experts=fused_experts,
+        dtype=torch.float32,
+    )
+    out = write_glm_layout(folder, layout, num_shards=3)
+    tokenizer.save_pretrained(out)
+    return out

@@ -64,17 +64,22 @@ class Directions:
     def fingerprint(self) -> str | None:
         return self.metadata.get("fingerprint")
 
-    def vector(self, position: int | None = None) -> torch.Tensor:
-        """Unit direction (float32, [H]) at a residual position (a fraction: between two, `_between`); the
-        only row of a single-direction file."""
+    def _position(self, position: int | float | None) -> int | float:
+        """The row a position names: 0 in a single-direction file, the selected position for None."""
         if self.single:
-            position = 0
-        elif position is None:
+            return 0
+        if position is None:
             position = self.selected_position
             if position is None:
                 raise AbliterateError(
                     f"{self._where()} records no selected position: pass an explicit direction position"
                 )
+        return position
+
+    def vector(self, position: int | None = None) -> torch.Tensor:
+        """Unit direction (float32, [H]) at a residual position (a fraction: between two, `_between`); the
+        only row of a single-direction file."""
+        position = self._position(position)
         if not 0 <= position <= self.num_positions - 1:
             raise AbliterateError(
                 f"direction position {position} is out of range: {self._where()} holds positions "
@@ -116,14 +121,7 @@ class Directions:
                 f"{holds or 'one direction per position (no subspace)'}: measure more with "
                 f"`abliterate measure --subspace-rank {rank}`, or choose --rank and --subspace within what it holds"
             )
-        if self.single:
-            position = 0
-        elif position is None:
-            position = self.selected_position
-            if position is None:
-                raise AbliterateError(
-                    f"{self._where()} records no selected position: pass an explicit direction position"
-                )
+        position = self._position(position)
         if not float(position).is_integer():
             raise AbliterateError(
                 f"direction position {position} lies between two positions: a subspace (rank {rank}) is "
