@@ -21,7 +21,7 @@ from fixtures import CLI, assert_error, cli
 from abliterate.demo import DEMO_MODEL_DIR
 
 from .common import ablate_args, no_partial_shard, shard_bytes, start_paused
-from .test_process import _gone, _server_of, _start_run
+from .test_process import _gone, _start_run, kill_server_mid_run
 
 TERMINATED = (
     "abliterate {command}: terminated (SIGTERM); files already finished are kept and nothing partial "
@@ -104,18 +104,7 @@ def test_a_killed_temporary_server_is_one_line_within_seconds(tmp_path):
     """B8: the temporary server killed in the middle of a run (R12): Prefect's client retried each request
     5 times with backoff (2+4+8+16+32 s) before the one line: 20 s to 2 minutes. With two retries against
     the temporary server the line comes within the retries of the few requests left."""
-    run, home, _ = _start_run(
-        tmp_path, ["run", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "out"), "--quiet"]
-    )
-    deadline = time.monotonic() + 400  # the flow runs once it has opened its MLflow store
-    while not (home / "mlruns" / "mlflow.db").exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # into the flow's first tasks
-    for pid, _cmd in _server_of(home):
-        os.kill(pid, signal.SIGKILL)
-    began = time.monotonic()
-    _, err = run.communicate(timeout=400)
-    took = time.monotonic() - began
+    run, home, err, took = kill_server_mid_run(tmp_path)
     lines = err.decode().strip().splitlines()
     assert run.returncode == 2, lines[-20:]
     assert "stopped answering" in lines[-1] and "rerun the same command" in lines[-1], lines[-5:]

@@ -476,11 +476,9 @@ def test_measure_and_evaluate_on_a_full_disk_leave_no_file_under_a_final_name(
     assert left in ([], ["m"]), left  # at most the empty folder measure creates first
 
 
-@pytest.mark.slow
-def test_prefect_server_killed_in_the_middle_of_a_run_is_one_line(tmp_path):
-    """R12: the temporary Prefect server killed in the middle of a run (the OOM killer, a user's `kill`):
-    a connection traceback (httpx.ConnectError), exit 1. Now exit 2, one line saying the server stopped
-    answering and to rerun; no process of the run left."""
+def kill_server_mid_run(tmp_path: Path) -> tuple[subprocess.Popen, Path, bytes, float]:
+    """`run` on the demo model with its temporary Prefect server SIGKILLed in the flow's first tasks:
+    (the finished run, its home, its stderr, seconds from the kill to its end)."""
     run, home, _ = _start_run(
         tmp_path, ["run", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "out"), "--quiet"]
     )
@@ -490,7 +488,17 @@ def test_prefect_server_killed_in_the_middle_of_a_run_is_one_line(tmp_path):
     time.sleep(3)  # into the flow's first tasks
     for pid, _cmd in _server_of(home):
         os.kill(pid, signal.SIGKILL)
+    began = time.monotonic()
     _, err = run.communicate(timeout=400)
+    return run, home, err, time.monotonic() - began
+
+
+@pytest.mark.slow
+def test_prefect_server_killed_in_the_middle_of_a_run_is_one_line(tmp_path):
+    """R12: the temporary Prefect server killed in the middle of a run (the OOM killer, a user's `kill`):
+    a connection traceback (httpx.ConnectError), exit 1. Now exit 2, one line saying the server stopped
+    answering and to rerun; no process of the run left."""
+    run, home, err, _ = kill_server_mid_run(tmp_path)
     lines = err.decode().strip().splitlines()
     assert run.returncode == 2, lines[-20:]
     last = lines[-1]
