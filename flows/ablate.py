@@ -20,6 +20,12 @@ from abliterate.edit.plan import AblationPlan
 from abliterate_tasks.ablate import ablate_shard_task
 
 
+def edit_threads(runtime: Runtime) -> int:
+    """The `ablate` flow's `edit_threads` for `runtime`: its `workers` threads, 1 on Dask (a process per
+    worker, one thread each)."""
+    return 1 if runtime.dask_address or runtime.dask_workers else runtime.workers
+
+
 def task_runner(runtime: Runtime):
     """The runtime's `workers` threads, or Dask: an existing scheduler (`dask_address`,
     `tcp://host:8786`) or a local cluster of `dask_workers` processes."""
@@ -42,10 +48,13 @@ def ablate_flow(
     plan: AblationPlan,
     overwrite: bool = False,
     force: bool = False,
+    edit_threads: int = 1,
 ) -> dict[str, Any]:
     """Write OUT: MODEL_DIR with `plan` (resolved against this model and directions file by
     `matching.configured_plan` or `matching.resolve_plan`) applied shard by shard, one task per
-    shard; returns the manifest. The inputs are read once per process (`load_inputs`): the caller's
+    shard; returns the manifest. `edit_threads`: threads of this process that edit the tensors of
+    the shards its tasks write (`engine.edit_pool`: a shard's tensors edited at once where cores are
+    free); 1: each task edits its own, as on a Dask worker of one thread. The inputs are read once per process (`load_inputs`): the caller's
     read is reused here, and by every shard task that runs in this process."""
     inputs = load_inputs(model_dir, directions_path, force)
     resolved = plan
@@ -61,5 +70,6 @@ def ablate_flow(
             unmapped(resolved),
             unmapped(str(prepared.out_dir)),
             unmapped(force),
+            unmapped(edit_threads),
         )
         return finalize_output(inputs, resolved, prepared, [f.result() for f in futures])

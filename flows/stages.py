@@ -44,7 +44,7 @@ from abliterate.select.selection import describe_rank
 from abliterate.weights.hub import hub_origin
 from abliterate.weights.structure import Structure
 from abliterate_flows import plots
-from abliterate_flows.ablate import ablate_flow, task_runner
+from abliterate_flows.ablate import ablate_flow, edit_threads, task_runner
 from abliterate_flows.inventory import log_structure
 from abliterate_flows.tracking import (
     DIRECTIONS,
@@ -311,7 +311,7 @@ def ablation_stages(
         tracker.metrics({metric(EDIT, f"matched.{role}"): n for role, n in role_counts(matches).items()})
         runner = task_runner(runtime)
         manifest = ablate_flow.with_options(task_runner=runner)(
-            measured.model, measured.directions_path, out, plan, overwrite, force
+            measured.model, measured.directions_path, out, plan, overwrite, force, edit_threads(runtime)
         )
         output = manifest["output"]["path"]
         tracker.json(manifest, "abliteration.json")

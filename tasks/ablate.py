@@ -30,7 +30,14 @@ def _shard_key(_context, p) -> str:
 
 @task(name="ablate-shard", cache_key_fn=_shard_key, persist_result=True, task_run_name="ablate-shard-{shard}")
 def ablate_shard_task(
-    shard: str, model_dir: str, directions_path: str, plan: AblationPlan, out_dir: str, force: bool = False
+    shard: str,
+    model_dir: str,
+    directions_path: str,
+    plan: AblationPlan,
+    out_dir: str,
+    force: bool = False,
+    edit_threads: int = 1,
 ) -> ShardResult:
     apply_threads()  # this process's choice (the command's), else the default setting
-    return ablate_shard(plan, load_inputs(model_dir, directions_path, force), shard, out_dir)
+    inputs = load_inputs(model_dir, directions_path, force)
+    return ablate_shard(plan, inputs, shard, out_dir, workers=edit_threads)

@@ -385,7 +385,9 @@ def test_single_file_checkpoint_and_parallel_shards_agree(tmp_path):
     )
     inputs = load_inputs(sharded, d2)
     plan = configured_plan(inputs, Ablation(), "auto")
-    serial = ablate_checkpoint(sharded, d2, tmp_path / "serial", plan, progress=False, log=lambda _: None)
+    serial = ablate_checkpoint(
+        sharded, d2, tmp_path / "serial", plan, workers=1, progress=False, log=lambda _: None
+    )
     parallel = ablate_checkpoint(
         sharded, d2, tmp_path / "par", plan, workers=3, progress=False, log=lambda _: None
     )

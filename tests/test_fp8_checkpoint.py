@@ -166,9 +166,9 @@ def test_fp8_output_is_deterministic_and_resumes(fp8_run, tmp_path, capsys):
 
 def test_a_scale_in_another_shard_is_computed_once_in_a_process(fp8_run, tmp_path, monkeypatch):
     """With one worker the shards run in order: the task of a weight whose scale lies in a later
-    shard hands its fresh scales to that shard's task, which computes nothing again; a scale in an
-    earlier shard is computed there alone (the weight's task runs later). Every weight is
-    requantized once, and the bytes are those of the fixture's two-worker run."""
+    shard hands its fresh scales to that shard's task; a scale in an earlier shard is computed there
+    with its weight, whose bytes are kept for the weight's task. Every weight is requantized once,
+    whole, and the bytes are those of the fixture's two-worker run (its tensors edited in a pool)."""
     src, directions, out = fp8_run
     calls = []
     real = fp8_edit._requantized_edit
@@ -188,8 +188,35 @@ def test_a_scale_in_another_shard_is_computed_once_in_a_process(fp8_run, tmp_pat
     later = {w for w in edited if inventory.tensors[w].shard < inventory.tensors[inventory.fp8[w][0]].shard}
     earlier = {w for w in edited if inventory.tensors[w].shard > inventory.tensors[inventory.fp8[w][0]].shard}
     assert later and earlier  # convert_to_fp8 puts every second scale in the next shard (the last: the first)
-    assert sorted(name for name, only in calls if not only) == sorted(edited)
-    assert {name for name, only in calls if only} == earlier
+    assert sorted(name for name, _ in calls) == sorted(edited)  # once each
+    assert not any(only for _, only in calls)  # whole: the first task computes the other's part too
+    for p in sorted(out.glob("*.safetensors")):
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_a_weight_kept_for_a_later_task_is_dropped_above_the_budget(fp8_run, tmp_path, monkeypatch):
+    """Bytes kept for weight tasks still to come stay under `BUDGET`: with no budget the weights whose
+    scale lies in an earlier shard are requantized twice (for the scale, then for the weight), and the
+    output's bytes are the same."""
+    src, directions, out = fp8_run
+    calls = []
+    real = fp8_edit._requantized_edit
+
+    def counted(model_dir, m, r, buffers, scales_only):
+        calls.append(m.tensor.name)
+        return real(model_dir, m, r, buffers, scales_only)
+
+    monkeypatch.setattr(fp8_edit, "_requantized_edit", counted)
+    monkeypatch.setattr(fp8_edit._SharedEdits, "BUDGET", 0)
+    again = tmp_path / "again"
+    args = ["ablate", str(src), "--directions", str(directions), "--out", str(again), "--workers", "1"]
+    assert main([*args, "--quiet"]) == 0
+    inventory = build_inventory(src)
+    twice = {n for n in calls if calls.count(n) == 2}
+    assert twice == {
+        w for w in set(calls) if inventory.tensors[w].shard > inventory.tensors[inventory.fp8[w][0]].shard
+    }
+    assert all(calls.count(n) <= 2 for n in calls)
     for p in sorted(out.glob("*.safetensors")):
         assert (again / p.name).read_bytes() == p.read_bytes(), p.name
 

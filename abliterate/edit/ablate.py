@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from abliterate.config import Ablation, Runtime, Selection
-from abliterate.edit.engine import write_shard
+from abliterate.edit.engine import edit_pool, write_shard
 from abliterate.edit.fp8_edit import check_input_scales
 from abliterate.edit.matching import (
     AblationInputs,
@@ -121,11 +121,15 @@ def ablate_shard(
     shard: str,
     out_dir: str | Path,
     matches: list[Match] | None = None,
+    workers: int = 1,
 ) -> ShardResult:
     """Write `<out_dir>/<shard>`: the input shard with the plan's tensors edited (atomic: temp + rename).
 
     Independent of every other shard: safe to run in parallel threads or processes. Skips the
     shard when an earlier run of the same key completed it. `prepare_output` must have run.
+    `workers` > 1: the tensors are edited in this process's pool of that many threads
+    (`engine.edit_pool`), which the shards running at once share: a shard's tensors are edited at
+    once where cores are free.
     """
     out = Path(out_dir)
     began = time.perf_counter()
@@ -151,7 +155,9 @@ def ablate_shard(
         for m in mine + scales_here
     ]
     with replacing(out / shard) as tmp:
-        size = write_shard(inputs.inventory.model_dir / shard, tmp, edits, inputs.inventory.model_dir)
+        size = write_shard(
+            inputs.inventory.model_dir / shard, tmp, edits, inputs.inventory.model_dir, edit_pool(workers)
+        )
         same = unchanged_tensors(inputs.inventory.model_dir / shard, tmp, mine)
     result = ShardResult(
         shard, key, [m.to_dict() for m in mine], size, seconds=time.perf_counter() - began, unchanged=same
@@ -193,7 +199,7 @@ def ablate_checkpoint(
 
         def one(shard: str) -> ShardResult:
             apply_threads(share=workers)  # each worker thread its part of this process's torch threads
-            result = ablate_shard(plan, inputs, shard, prepared.out_dir, matches)
+            result = ablate_shard(plan, inputs, shard, prepared.out_dir, matches, workers)
             bar.update(sizes[shard])
             return result
 

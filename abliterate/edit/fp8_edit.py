@@ -15,13 +15,14 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from abliterate.edit.matching import Match
 from abliterate.edit.orthogonalize import edit_for
 from abliterate.errors import AbliterateError
+from abliterate.paths import file_identity
 from abliterate.weights.checkpoint import Inventory, TensorInfo, refuse_nonfinite
 from abliterate.weights.fp8 import (
     E4M3,
@@ -33,9 +34,11 @@ from abliterate.weights.fp8 import (
     read_tensor,
 )
 
-# Elements of one slice of whole vectors (columns of a writer, rows of a reader) edited at once: its
-# float32 values stay in the cache from dequantization to requantization (2 MiB, a core's L2 share).
-SLICE = 1 << 19
+# Elements of one slice of whole vectors (columns of a writer, rows of a reader) edited at once (16 MiB
+# in float32). Each slice costs a few dozen small torch calls whose Python part holds the GIL: with two
+# edit threads, slices of 512 Ki elements (in a core's L2) ran at 0.55x one thread's speed each, slices
+# of 4 Mi at 0.96x, and alone no slower (a [4096, 12288] weight, 2 cores). The bytes never depend on it.
+SLICE = 1 << 22
 
 
 class Buffers(Protocol):
@@ -76,7 +79,7 @@ def requantized_edit(
     if not share:
         return _requantized_edit(model_dir, m, r, buffers, scales_only)
     return _SHARED.run(
-        model_dir, m, r, scales_only, lambda: _requantized_edit(model_dir, m, r, buffers, scales_only)
+        model_dir, m, r, scales_only, lambda only: _requantized_edit(model_dir, m, r, buffers, only)
     )
 
 
@@ -126,33 +129,34 @@ def _requantized_edit(
     return (None if scales_only else raw.view(E4M3)), new
 
 
-class _SharedScales:
-    """The fresh scales of FP8 weights whose scale tensor another shard holds, handed in this process
-    from the shard task that requantizes the weight to the one that writes its scale (the shard
-    workers are threads): the scale-only task waits for the weight's task if it is under way or has
-    finished, else computes the scales itself (and says so, so the weight's task keeps nothing for
-    it). Bytes never depend on who computed them (`requantized_edit` is deterministic); a key holds
-    every input of the computation. At most `KEEP` scales kept (scales a task never collects: its
-    shard was complete from an earlier run, or is ablated by another process)."""
+class _SharedEdits:
+    """FP8 edits whose weight and scale tensor lie in different shards, computed once in this process
+    (the shard tasks are threads) and handed from the first of the two shard tasks to the other: the
+    first to come computes the whole requantization (weight and scales) and keeps the other's part,
+    the second waits for it if it is under way and takes its part. A weight's bytes kept for a task
+    that has not run yet (its shard is later in the run) count against `BUDGET`: above it the oldest
+    are dropped and that task computes again. Bytes never depend on who computed them
+    (`requantized_edit` is deterministic); a key holds every input of the computation. At most `KEEP`
+    parts kept (for tasks that never come: their shard was complete from an earlier run, or another
+    process ablates it)."""
 
     KEEP = 256
-    _TAKEN = "taken"  # the scale-only task computes for itself
+    BUDGET = 512 << 20  # bytes of requantized weights kept for weight tasks that have not run yet
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._entries: OrderedDict[tuple, _Handed] = OrderedDict()
 
     @staticmethod
     def key(model_dir: Path, m: Match, r: torch.Tensor) -> tuple:
         t, s = m.tensor, m.scales[0]
         vector = hashlib.sha256(r.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
         return (
-            str(Path(model_dir).resolve()),
+            file_identity(Path(model_dir) / t.shard),  # a shard rewritten in place is another input
+            file_identity(Path(model_dir) / s.shard),
             t.name,
-            t.shard,
             t.start,
             s.name,
-            s.shard,
             s.start,
             m.method,
             m.side,
@@ -164,48 +168,60 @@ class _SharedScales:
         )
 
     def run(self, model_dir: Path, m: Match, r: torch.Tensor, scales_only: bool, compute):
+        """`compute(scales_only)` -> (weight or None, scale): this task's part, computed once."""
         if m.scales[0].shard == m.tensor.shard:  # one task writes both: nothing to hand over
-            return compute()
+            return compute(scales_only)
         key = self.key(model_dir, m, r)
-        if scales_only:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is None:
-                    self._remember(key, self._TAKEN)
-            if entry is not None and entry is not self._TAKEN:
-                entry[0].wait()
-                with self._lock:
-                    self._entries.pop(key, None)
-                if entry[1] is not None:
-                    return None, entry[1]
-            return compute()
         with self._lock:
-            if self._entries.get(key) is self._TAKEN:
-                del self._entries[key]
-                entry = None
-            else:
-                entry = (threading.Event(), None)
-                self._remember(key, entry)
-        if entry is None:
-            return compute()
-        result = None
-        try:
-            result = compute()
-        finally:  # a failure hands over nothing: the scale-only task computes for itself
+            entry = self._entries.get(key)
+            first = entry is None
+            if first:
+                entry = self._entries[key] = _Handed()
+        if not first:
+            entry.done.wait()
             with self._lock:
                 if self._entries.get(key) is entry:
-                    self._entries[key] = done = (entry[0], None if result is None else result[1].clone())
-                    entry = done
-            entry[0].set()
-        return result
+                    del self._entries[key]
+            if scales_only and entry.scale is not None:
+                return None, entry.scale
+            if not scales_only and entry.weight is not None:
+                return entry.weight, entry.scale
+            return compute(scales_only)  # the first task failed, or its weight was dropped
+        try:
+            weight, scale = compute(False)  # the whole edit: the other task's part too
+            if (
+                scales_only
+            ):  # the weight's task comes later: its bytes are kept for it (a copy: buffers are reused)
+                entry.weight, entry.scale = weight.clone(), scale
+            else:
+                entry.scale = scale.clone()
+        finally:  # a failure hands over nothing: the other task computes for itself
+            with self._lock:
+                entry.done.set()
+                self._trim()
+        return (None if scales_only else weight), scale
 
-    def _remember(self, key: tuple, entry: Any) -> None:
-        self._entries[key] = entry
-        while len(self._entries) > self.KEEP:
-            self._entries.popitem(last=False)
+    def _trim(self) -> None:
+        """Drop the oldest finished parts: weights above `BUDGET` bytes, any above `KEEP` (under the lock)."""
+        held = sum(e.weight.numel() for e in self._entries.values() if e.weight is not None)
+        for key, e in list(self._entries.items()):
+            if not e.done.is_set():
+                continue
+            if len(self._entries) > self.KEEP or (held > self.BUDGET and e.weight is not None):
+                del self._entries[key]
+                held -= 0 if e.weight is None else e.weight.numel()
 
 
-_SHARED = _SharedScales()
+class _Handed:
+    """One shared FP8 edit: set once computed (`weight` kept only for a weight task still to come)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.weight: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+
+_SHARED = _SharedEdits()
 
 
 def _refuse_nonfinite_input(model_dir: Path, weight: TensorInfo, scale: torch.Tensor, block) -> None:

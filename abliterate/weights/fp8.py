@@ -218,9 +218,9 @@ def grid(
     return bm, bn
 
 
-# Elements handled at once: a piece in float32 and its int32 index stay in the cache (the fastest of
-# 16 Ki .. 2 Mi on a [4096, 12288] weight; the bytes never depend on it).
-PIECE = 1 << 17
+# Elements handled at once (a slice of `fp8_edit.SLICE` is one piece): fewer, larger torch calls, so
+# threads that edit at once seldom wait for the GIL (fp8_edit.SLICE); the bytes never depend on it.
+PIECE = 1 << 22
 # The float32 value of each of the 256 e4m3 bytes, as torch's cast gives it (exact: e4m3 values are
 # float32 values): the reference of the decoding below, and the values of the NaN bytes.
 _E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3).to(torch.float32)
