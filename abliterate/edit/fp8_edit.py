@@ -141,7 +141,9 @@ class _SharedEdits:
     process ablates it)."""
 
     KEEP = 256
-    BUDGET = 512 << 20  # bytes of requantized weights kept for weight tasks that have not run yet
+    # bytes of requantized weights kept for weight tasks that have not run yet: about one of GLM-4.5-Air's
+    # largest FP8 weights (o_proj, 48 MiB), so memory stays within a tensor of the ablation's own
+    BUDGET = 64 << 20
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
