@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from abliterate.demo import DEMO_MODEL_DIR
 from abliterate.errors import AbliterateError
 from abliterate.inference.threads import (
     SLACK,
+    Look,
     ThreadChoice,
     affinity,
     apply_threads,
@@ -31,6 +33,7 @@ from abliterate.inference.threads import (
     cgroup_cores,
     cpu_ticks,
     omp_threads,
+    others_busy,
 )
 
 cores = st.floats(min_value=0.1, max_value=512, allow_nan=False)
@@ -126,6 +129,57 @@ def test_busy_cores_from_proc_stat():
     assert busy_between(cpu_ticks(STAT_BEFORE, {1}), cpu_ticks(STAT_AFTER, {1})) == 0.0  # only our CPUs count
     assert cpu_ticks(STAT_BEFORE, {0}) == {0: (100, 200)}
     assert busy_between({}, {}) == 0.0
+
+
+def test_others_busy_leaves_out_this_process():
+    """Between two looks 2 cores were busy (STAT_BEFORE -> STAT_AFTER); this process used 1.5 CPU s of
+    them in 1 s: others kept 0.5 busy. Never below 0; nothing known without /proc/stat or elapsed time."""
+    every = {0, 1, 2}
+    before = Look(10.0, cpu_ticks(STAT_BEFORE, every), 3.0)
+    after = Look(11.0, cpu_ticks(STAT_AFTER, every), 4.5)
+    assert others_busy(before, after) == pytest.approx(0.5, abs=1e-12)
+    assert others_busy(before, Look(11.0, after.ticks, 6.0)) == 0.0  # more than the CPUs counted: clamped
+    assert others_busy(before, Look(11.0, None, 4.5)) is None
+    assert others_busy(before, Look(10.0, after.ticks, 4.5)) is None
+
+
+RECHECK = (
+    "import json, subprocess, sys, time\n"
+    "from abliterate.config import Runtime\n"
+    "from abliterate.inference import threads\n"
+    "threads.RECHECK_S = 0.5\n"
+    "first = threads.apply_threads(Runtime())\n"
+    "loop = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+    "try:\n"
+    "    time.sleep(1.5)\n"
+    "    second = threads.apply_threads()\n"
+    "finally:\n"
+    "    loop.kill()\n"
+    "import torch\n"
+    "print(json.dumps({'first': first.params(), 'second': second.params(), 'torch': torch.get_num_threads()}))\n"
+)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads /proc/stat")
+def test_auto_sees_load_that_arrives_after_the_choice():
+    """A busy loop started after a process chose its threads is counted at the next call past RECHECK_S
+    (from the CPUs' ticks since, less the process's own time, with no sleep of its own), and the
+    choice follows it in the calling thread."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", RECHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    second = seen["second"]
+    assert second["threads.cores_busy"] >= 0.75  # the loop's core (and whatever else ran) counted
+    cores = second["threads.cores_available"]
+    assert second["threads.intra"] == auto_threads(cores, second["threads.cores_busy"]) == seen["torch"]
+    assert second["threads.intra"] <= max(1, math.floor(cores - 0.75 + SLACK))
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from abliterate.errors import AbliterateError
 from abliterate.inference.devices import DTYPES, available_memory, resolve_dtype
 from abliterate.inference.loading import Batch, length_sorted_batches
+from abliterate.inference.threads import apply_threads
 from abliterate.vocabulary import STREAMING_MODES
 from abliterate.weights import fp8
 from abliterate.weights.checkpoint import Inventory, TensorInfo, build_inventory, read_config
@@ -165,6 +166,7 @@ class LayerStream:
         bar = tqdm(total=self.num_layers, desc=desc, unit="layer", disable=not progress)
         try:
             for index, layer in enumerate(self.layers):
+                apply_threads()  # load that arrived since the last layer is seen (threads.RECHECK_S)
                 self.loader.load_layer(index, layer)
                 try:
                     yield index, layer

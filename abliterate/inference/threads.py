@@ -16,9 +16,13 @@ machine, while one thread slowed down gracefully (benchmarks/bench_busy.py measu
 Inter-op threads (`auto`: as many as the intra-op threads) can be set once per process, before any
 parallel work; where that is past, they stay as they are and the choice says so.
 
-`apply_threads(runtime)` decides once per process and setting (a later call with the same setting reuses
-the decision: measuring again would count this process's own work as load) and applies the choice in the
-calling thread every time: torch's setting made in one thread does not bound the MKL/OpenMP team of
+`apply_threads(runtime)` decides once per process and setting, and applies the choice in the calling thread
+every time; an `auto` choice is made again, at most every `RECHECK_S` seconds, from what the CPUs did since
+the last call less this process's own CPU time (no sleep: /proc/stat and the process's CPU clock), so load
+that arrives after the start is seen: two runs started together on an idle machine each sampled the other
+asleep, both took two threads, and an FP8 edit then ran 65 s instead of 0.5 s in each. Long stages call it
+between layers (`streaming.each_layer`), tasks and worker threads at their start. The choice applies in the
+calling thread: torch's setting made in one thread does not bound the MKL/OpenMP team of
 another (a matmul in a Prefect task thread used two threads after `torch.set_num_threads(1)` in the
 main thread), so each task and each worker thread calls it.
 
@@ -38,7 +42,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,7 @@ from abliterate.config import Runtime, environment
 # from an idle one, and cost little beside a stage (0.2 s cost a short ablation 8 %).
 SAMPLE_S = 0.05
 SLACK = 0.25  # of a core: free cores are rounded down unless within a quarter core of the next
+RECHECK_S = 2.0  # an auto choice is made again from what the CPUs did since the last look, at most this often
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_STAT = Path("/proc/stat")
 
@@ -137,7 +142,30 @@ def cpu_ticks(text: str, cpus: set[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
+def others_busy(before: Look, after: Look) -> float | None:
+    """Cores other processes kept busy between two looks: the busy share of the CPUs less this process's
+    own CPU time over the interval, at least 0; None where /proc/stat was not read or no time passed."""
+    elapsed = after.at - before.at
+    if before.ticks is None or after.ticks is None or elapsed <= 0:
+        return None
+    return max(0.0, busy_between(before.ticks, after.ticks) - (after.own - before.own) / elapsed)
+
+
 # ------------------------------------------------------------------ this machine, now
+
+
+@dataclass(frozen=True)
+class Look:
+    """What the CPUs and this process had done at one moment (`look`)."""
+
+    at: float  # time.monotonic()
+    ticks: dict[int, tuple[int, int]] | None  # /proc/stat of this process's CPUs (`cpu_ticks`)
+    own: float  # this process's CPU seconds, every thread (time.process_time)
+
+
+def look() -> Look:
+    text = _read(PROC_STAT)
+    return Look(time.monotonic(), None if text is None else cpu_ticks(text, affinity()), time.process_time())
 
 
 def affinity() -> set[int]:
@@ -204,28 +232,37 @@ def prefer_passive_wait() -> None:
 
 
 _decided: dict[tuple[str, str], ThreadChoice] = {}
-_last: list[ThreadChoice] = []  # the choice made or reused last in this process
+_looked: dict[tuple[str, str], Look] = {}  # when each auto choice was last made or checked
+_last: list[tuple[str, str]] = []  # the setting decided or reused last in this process
 _lock = threading.Lock()
 _applied = threading.local()
 
 
 def apply_threads(runtime: Runtime | None = None, share: int = 1) -> ThreadChoice:
-    """Choose torch's threads for `runtime`'s setting once per process, and apply the choice in the
-    calling thread. `runtime` None: the choice this process made last (a shard task's, after the command
-    chose), else the default setting. `share`: this thread is one of that many working at once (the
-    shard workers): each gets its part of the intra-op threads, at least 1."""
+    """Choose torch's threads for `runtime`'s setting once per process (an auto choice again when
+    `RECHECK_S` have passed since it was last checked: `others_busy` since then), and apply the choice
+    in the calling thread. `runtime` None: the setting this process chose last (a shard task's, after
+    the command chose), else the default setting. `share`: this thread is one of that many working at
+    once (the shard workers): each gets its part of the intra-op threads, at least 1."""
     import torch  # heavy; imported here so that `prefer_passive_wait` can run before it loads
 
     with _lock:
         if runtime is None and _last:
-            choice = _last[-1]
+            key = _last[-1]
         else:
             runtime = runtime or Runtime()
             key = (runtime.threads, runtime.interop_threads)
-            choice = _decided.get(key)
-            if choice is None:
-                choice = _decided[key] = _decide(runtime, torch)
-        _last[:] = [choice]
+        choice = _decided.get(key)
+        if choice is None:
+            choice = _decided[key] = _decide(Runtime(threads=key[0], interop_threads=key[1]), torch)
+            _looked[key] = look()
+        elif choice.setting == "auto" and time.monotonic() - _looked[key].at >= RECHECK_S:
+            now = look()
+            busy = others_busy(_looked[key], now)
+            if busy is not None:
+                choice = _decided[key] = replace(choice, intra=auto_threads(choice.cores, busy), busy=busy)
+            _looked[key] = now
+        _last[:] = [key]
     intra = max(1, choice.intra // max(1, share))
     if getattr(_applied, "intra", None) != intra:
         torch.set_num_threads(intra)

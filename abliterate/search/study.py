@@ -56,6 +56,7 @@ from abliterate.errors import AbliterateError
 from abliterate.inference.devices import resolve_runtime
 from abliterate.inference.runner import model_forward
 from abliterate.inference.scores import wilson_bounds
+from abliterate.inference.threads import apply_threads
 from abliterate.measure.prompts import prompts_sha256
 from abliterate.paths import check_sqlite_file, child, file_lock, holders
 from abliterate.search.scoring import TrialScore, TrialScorer, scoring_signature
@@ -576,6 +577,7 @@ def run_search(
     failures = 0
     done = len(complete_trials(study))  # this process holds the study's lock: only its tells add to it
     while done < trials:
+        apply_threads()  # load that arrived since the last trials is seen (threads.RECHECK_S)
         wanted = min(parallel, trials - done)
         asked, plans, edits = [], [], []
         for _ in range(wanted):
