@@ -36,7 +36,7 @@ from abliterate.edit.matching import direction_for
 from abliterate.edit.plan import AblationPlan
 from abliterate.errors import AbliterateError
 from abliterate.weights import fp8
-from abliterate.weights.checkpoint import Inventory, TensorInfo
+from abliterate.weights.checkpoint import Inventory, TensorInfo, count_nonfinite
 from abliterate.weights.dtypes import TORCH_DTYPES
 
 UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
@@ -218,14 +218,14 @@ def _tensor_numbers(
     for row0 in range(0, shape[0], step):
         row1 = min(shape[0], row0 + step)
         new = _read_rows(dst, out_start, t, row0, row1)
-        bad = int((~torch.isfinite(new.float())).sum()) if new.is_floating_point() else 0  # float8: widened
+        bad = count_nonfinite(new)
         if bad and t.fused_experts:
             nonfinite.append((row0, bad))
         bad_total += bad
         if r is None or t.dtype not in UNIT_ROUNDOFF or bad:
             continue
         new = new.double()
-        old = _read_rows(src, t.start, t, row0, row1).double()
+        old = _read_rows(src, t.start, t, row0, row1)  # its norm summed in float64, no copy
         axis = t.residual_axis
         if t.fused_experts:  # one expert [H, I] or [2I, H]: its own residual, the worst is reported
             expert_res = _norm(_along(new[0], r, axis - 1)) / max(_norm(old[0]), 1e-300)
@@ -234,10 +234,10 @@ def _tensor_numbers(
         elif axis == 0:
             part = r[..., row0:row1] @ new.reshape(row1 - row0, -1)
             acc = part if acc is None else acc + part
-            den_sq += float(old.pow(2).sum())
+            den_sq += _norm(old) ** 2
         else:
-            num_sq += float(_along(new, r, axis).pow(2).sum())
-            den_sq += float(old.pow(2).sum())
+            num_sq += _norm(_along(new, r, axis)) ** 2
+            den_sq += _norm(old) ** 2
     if bad_total and not t.fused_experts:
         nonfinite.append((None, bad_total))
     if r is None or t.dtype not in UNIT_ROUNDOFF or bad_total:
@@ -245,7 +245,7 @@ def _tensor_numbers(
     if t.fused_experts:
         return _TensorNumbers(nonfinite, worst, worst_expert)
     if acc is not None:
-        num_sq = float(acc.pow(2).sum())
+        num_sq = _norm(acc) ** 2
     return _TensorNumbers(nonfinite, math.sqrt(num_sq) / max(math.sqrt(den_sq), 1e-300), None)
 
 
@@ -263,7 +263,7 @@ def _fp8_numbers(
     W' of a plain or projected edit at scale 1 has |W'|_F <= |W|_F, and its fresh block scales
     |S'|_F <= sqrt(bm bn) |W'|_F / 448), never from the output's scales (a damaged scale would widen
     its own bound); the float32 edit adds H 2^-24 as for any dtype, and the factor 2 is the usual
-    headroom. Memory: the tensor, twice, in float64."""
+    headroom. Memory: the tensor in float32 twice and its output once in float64."""
     scale_name, block = inventory.fp8[t.name]
     s = inventory.tensors[scale_name]
     old = fp8.dequantize(
@@ -273,13 +273,12 @@ def _fp8_numbers(
     out_s = replace(s, start=output[scale_name].start, end=output[scale_name].start + s.nbytes)
     new_scale = fp8.read_tensor(ablated_dir / s.shard, out_s)
     new = fp8.dequantize(fp8.read_tensor(ablated_dir / t.shard, out_t), new_scale, block)
-    bad = int((~torch.isfinite(new)).sum()) + int((~torch.isfinite(new_scale)).sum())  # in float32
+    bad = count_nonfinite(new) + count_nonfinite(new_scale)
     if bad:
         return _TensorNumbers([(None, bad)], None, None), None
     if r is None or t.residual_axis is None:
         return _TensorNumbers([], None, None), None
-    old = old.double()
-    new = new.double()  # one after the other: at most the tensor twice in float64 and once in float32
+    new = new.double()  # the residual in float64; the input's norm summed in float64 from float32
     axis = t.residual_axis
     experts = [(e, old[e], new[e]) for e in range(t.shape[0])] if t.fused_experts else [(None, old, new)]
     worst, worst_expert, tolerance = -1.0, None, 0.0
@@ -301,7 +300,7 @@ def _input_nonfinite(original_dir: Path, inventory: Inventory, t: TensorInfo) ->
     if t.name in inventory.fp8:
         s = inventory.tensors[inventory.fp8[t.name][0]]
         values = fp8.dequantize(values, fp8.read_tensor(original_dir / s.shard, s), inventory.fp8[t.name][1])
-    return int((~torch.isfinite(values.float())).sum()) if values.is_floating_point() else 0
+    return count_nonfinite(values)
 
 
 def _along(x: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
@@ -310,4 +309,5 @@ def _along(x: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _norm(x: torch.Tensor) -> float:
-    return float(x.pow(2).sum().sqrt())
+    """|x|_F summed in float64 (a float32 or bf16 tensor is widened element by element, never copied)."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))

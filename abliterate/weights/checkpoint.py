@@ -53,19 +53,28 @@ class TensorInfo:
         return self.end - self.start
 
 
+def count_nonfinite(values: torch.Tensor) -> int:
+    """How many NaN or Inf values `values` holds (any float dtype; float8 widened; 0 for integers). Cheap
+    on the good path: one float32 sum (finite values whose sum overflows are counted element by element)."""
+    if not values.is_floating_point() or values.numel() == 0:
+        return 0
+    flat = values.reshape(-1)
+    if flat.element_size() == 1:  # float8: no sum of its own
+        flat = flat.float()
+    if math.isfinite(float(flat.sum(dtype=torch.float32))):
+        return 0
+    return int((~torch.isfinite(flat)).sum())
+
+
 def refuse_nonfinite(values: torch.Tensor, t: TensorInfo, first: int = 0, what: str = "tensor") -> None:
     """One line naming the input tensor `t` when `values` (its elements from flat index `first`, any
     float dtype) hold NaN or Inf: a damaged input, refused where it is read, never blamed later on
-    the edit (which would spread a NaN over a whole vector). Cheap on the good path: one float32 sum
-    (finite values whose sum overflows are confirmed element by element)."""
-    flat = values.reshape(-1)
-    if math.isfinite(float(flat.sum(dtype=torch.float32))):
-        return
-    bad = ~torch.isfinite(flat)
-    count = int(bad.sum())
+    the edit (which would spread a NaN over a whole vector). Cheap on the good path (`count_nonfinite`)."""
+    count = count_nonfinite(values)
     if not count:
         return
-    at = first + int(bad.nonzero()[0, 0])
+    flat = values.reshape(-1)
+    at = first + int((~torch.isfinite(flat.float() if flat.element_size() == 1 else flat)).nonzero()[0, 0])
     where = [int(i) for i in torch.unravel_index(torch.tensor(at), t.shape)] if t.shape else []
     raise AbliterateError(
         f"{what} {t.name} in the input shard {t.shard} holds NaN or Inf ({count} value(s) of those read, "
