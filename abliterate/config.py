@@ -246,7 +246,10 @@ class Selection(Section):
         json_schema_extra=text_or_number,
     )
     shortlist_prompts: int = Field(
-        8, ge=1, description="prompts of each validation set in the first ranking round (doubled each round)"
+        8,
+        ge=1,
+        description="prompts of each validation set in the first ranking round (doubled each round); the rank "
+        "pass's first round takes this many harmful ones, rounded up to whole batches",
     )
     prefilter: str = Field(
         "4",
@@ -269,6 +272,15 @@ class Selection(Section):
         lt=1,
         description="level of the Wilson bound a subspace's first-token refusal rate must stay under (below one "
         "direction's rate) for selection to keep it",
+    )
+    rank_elimination: bool = Field(
+        True,
+        description="score the ranks only as far as they can still earn their KL: none where one direction's "
+        "first-token refusal rate is at or below the Wilson upper bound of a subspace refusing none; else the "
+        "harmful validation prompts first, in whole batches from shortlist-prompts on (doubled each pass), a rank "
+        "dropped once its refusals so far put that bound at or above one direction's rate, and the harmless "
+        "prompts for the ranks left: the same choice as scoring every rank on every prompt "
+        "(--no-rank-elimination: that, in one pass)",
     )
 
     @field_validator("direction_position", mode="before")

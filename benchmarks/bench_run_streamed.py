@@ -22,9 +22,12 @@ automatic selection's time against one measurement pass, and a projection of GLM
    before (every candidate on every prompt in one pass, the refusal-token probe recomputing prompt +
    reply each pass) and after (the defaults: `--prefilter`, then `--shortlist`'s halving rounds, one
    pass each; the probe with the layers' keys and values cached, its first pass the baseline's harmful
-   scores); the rank choice at the chosen position (issue 25's subspaces at the defaults: one pass, the
-   same in both columns); each stage's hours before and after, the ratios and the total print, and the
-   total without the rank choice. Then the full replies of one model (`--full-replies always`):
+   scores); the rank choice at the chosen position (issue 25's subspaces at the defaults): before, every
+   rank on both validation sets and every direction alone on the harmful set in one pass (the code before
+   the elimination); after, its usual case (one direction leaves at most wilson_upper(0, n) n refusals:
+   nothing scored) in the table, and its worst case (no rank dropped: the ranks through the harmful
+   rounds, then the harmless set, then the chosen rank's k-1 rows for the shares) beside it; each stage's
+   hours before and after, the ratios and both totals print, and the total without any rank choice. Then the full replies of one model (`--full-replies always`):
    accelerate's offloading (every layer read per new token of each batch) against the runner's cached
    layer-streamed greedy (one read per new token for every prompt), from the same measured rates.
    `--full-replies always` makes the run's own evaluation make them so (its seconds in the stages).
@@ -77,6 +80,14 @@ chosen position. Full replies of one model, 48 tokens on 194 prompts: accelerate
 the cached greedy 3.8-4.3 h (9.6-10.3x). Runs 1 and 4 with `--full-replies always`: the run's
 evaluation 153 / 126 s with 8-token replies of both models against 19 / 20 s without. Selected
 position: demo 3 against 3, shifted demo 4 against 4, in every run.
+
+Figures seen (2026-12-05 12:03, load average 1.5-2.3 on the 2 cores), one run after the rank choice
+scores only what can earn (before: the old rank pass, 6 ranks on both sets + 6 rows in one pass): one
+MoE layer read in 2.22 s, 144 tokens/s; the full run 28.5 -> 5.6 h (5.07x) in the rank choice's usual
+case (one direction leaves <= 3.64 of 69 refusing: nothing scored, 4.52 -> 0 h), 28.5 -> 9.8 h (2.91x) in
+its worst (no rank dropped: 3 harmful passes of 16/32/69, the harmless, 3 rows for the shares: 4.52 ->
+4.17 h), 23.9 -> 5.6 h (4.26x) without any rank choice; GPU column 19.8 -> 20.9 min (usual) and 27.7 min
+(worst). Selected position: demo 3 against 3, shifted demo 4 against 4.
 """
 
 from __future__ import annotations
@@ -276,7 +287,7 @@ def projection(
     selection: Any,
     cached: bool = True,
     candidates: int | None = None,
-    rank_variants: tuple[int, int] = (0, 0),
+    rank_work: tuple[str, list[int]] = ("no subspace", []),
 ) -> list[tuple[str, float, float]]:
     """(stage, CPU seconds, GPU seconds) of GLM-4.5-Air's full run with `prompts` (train: measured, val:
     both validation sets, test: both test sets) of `tokens_per_prompt` tokens.
@@ -293,8 +304,8 @@ def projection(
     pass runs prompt + reply so far and scoring runs the unmodified model on both sets. Scoring follows
     selection's own rounds (`prefilter`, then `halving_rounds` with the `selection` section's shortlist):
     one pass per round, the unmodified model in the first, each round's candidates on its new prompts.
-    The rank choice at the chosen position (`rank_variants`: subspace ranks scored on both validation sets,
-    directions alone on the harmful set; (0, 0): no subspace) is one more pass."""
+    The rank choice at the chosen position (`rank_work`: its label and the variant-prompts of each of its
+    passes, `rank_choice_work`) adds one pass each."""
     from abliterate.select.selection import halving_rounds
 
     passes, air_layer = air_passes(layer, assumed)
@@ -321,10 +332,8 @@ def projection(
         scoring = add(scoring, passes(1, scored * tokens_per_prompt))
         done = upto
     fully = rounds[-1].candidates
-    ranks, alone = rank_variants
-    rank_pass = (
-        passes(1, (ranks * val + alone * harmful) * tokens_per_prompt) if ranks + alone else (0.0, 0.0)
-    )
+    rank_label, rank_passes = rank_work
+    rank_pass = add((0.0, 0.0), *(passes(1, work * tokens_per_prompt) for work in rank_passes))
     pre = "" if selection.prefilter == "all" else f"prefilter {selection.prefilter}, "
     return [
         ("measurement (1 pass)", *passes(1, prompts["train"] * tokens_per_prompt)),
@@ -337,10 +346,7 @@ def projection(
             f"pass{'es' if len(rounds) > 1 else ''}, {fully} on every prompt)",
             *scoring,
         ),
-        (
-            f"rank choice (1 pass: {ranks} ranks on both sets, {alone} directions alone on the harmful)",
-            *rank_pass,
-        ),
+        (f"rank choice ({rank_label})", *rank_pass),
         ("evaluation before + after (2 passes)", *passes(2, prompts["test"] * tokens_per_prompt)),
         (
             "ablation + validation (this run's s/byte; GPU: 4 disk passes)",
@@ -348,6 +354,112 @@ def projection(
             4 * air_bytes / (assumed["disk_gbps"] * 1e9),
         ),
     ]
+
+
+def rank_choice_work(case: str, prompts: dict[str, int], selection: Any, subspace_rank: int, batch_size: int):
+    """(label, variant-prompts of each pass) of the rank choice at the chosen position with the defaults'
+    subspaces (`pca` and `clusters`: `categories` needs a category field), ranks 2..top of each (top =
+    min(max_rank, subspace_rank)), as `score_ranks` and `direction_shares` run them. `before`: the code
+    before the elimination (every rank on both validation sets and every row 1..top-1 alone on the harmful
+    set, one pass); `usual`: one direction leaves at most wilson_upper(0, n) n of the n harmful prompts
+    refusing, so no rank can earn and nothing is scored; `worst`: no rank is dropped, so every rank goes
+    through the harmful rounds (`rank_rounds`), then the harmless set, and the chosen rank top's rows
+    1..top-1 alone on the harmful set (the shares)."""
+    from abliterate.inference.scores import wilson_bounds
+    from abliterate.select.selection import rank_rounds
+
+    top = min(selection.max_rank, subspace_rank)
+    ranks, harmful, harmless = 2 * (top - 1), prompts["val_harmful"], prompts["val_harmless"]
+    if case == "before":
+        return (
+            f"1 pass: {ranks} ranks on both sets, {ranks} directions alone on the harmful",
+            [ranks * (harmful + harmless) + ranks * harmful],
+        )
+    if case == "usual":
+        floor = wilson_bounds(0, harmful, selection.rank_confidence)[1]
+        return (
+            f"usual: one direction leaves <= {floor * harmful:.2f} of {harmful} refusing, nothing scored",
+            [],
+        )
+    steps = rank_rounds(harmful, selection.shortlist_prompts, batch_size)
+    work = [ranks * (end - start) for start, end in zip([0, *steps[:-1]], steps, strict=True)]
+    return (
+        f"worst: none dropped, {len(steps)} harmful passes ({'/'.join(map(str, steps))}), the harmless, "
+        f"{top - 1} shares",
+        [*work, ranks * harmless, (top - 1) * harmful],
+    )
+
+
+def print_projection(layer: dict, io: dict, assumed: dict, general: dict, air_tokens: float, device: str):
+    """Print GLM-4.5-Air's projected run before and after (the table, the rank choice's usual and worst
+    cases, the totals); returns (before, after in the usual case, after in the worst case) rows."""
+    from abliterate.config import Measurement, Runtime, Selection
+
+    # before: every candidate on every prompt, the probe recomputing prompt + reply each pass (the code
+    # before issue 24), every rank on every prompt (before the rank choice's elimination); after: the
+    # defaults (prefilter, shortlist), the cached probe, the rank choice in its usual and its worst case
+    everything = Selection(shortlist="all", prefilter="all")
+    rank_case = {
+        case: rank_choice_work(case, general, Selection(), Measurement().subspace_rank, Runtime().batch_size)
+        for case in ("before", "usual", "worst")
+    }
+    before, rows, worst = (
+        projection(layer, general, air_tokens, io, assumed, 6, chosen, cached, rank_work=rank_case[case])
+        for chosen, cached, case in (
+            (everything, False, "before"),
+            (Selection(), True, "usual"),
+            (Selection(), True, "worst"),
+        )
+    )
+    print(
+        f"\nprojection, GLM-4.5-Air (46 layers, 128 experts) with the general prompt set ({general['train']} "
+        f"measured, {general['val']} validation, {general['test']} test prompts, {air_tokens:.0f} tokens each): "
+        f"{'this CPU' if device == 'cpu' else device}, from the measured per-layer figures | one GPU, assumed "
+        f"{assumed['tflops']:.0f} TFLOPS bf16, {assumed['h2d_gbps']:.0f} GB/s host->GPU, {assumed['disk_gbps']:.0f} GB/s disk "
+        "(no GPU measured); before: every candidate scored on every prompt, the probe recomputed, every rank on "
+        "every prompt; after: the defaults, the rank choice in its usual case"
+    )
+    print(f"  {'stage':<22} {'before':>9} {'after':>9} {'ratio':>7} | {'GPU before':>10} {'after':>8}")
+    labels = [
+        "measurement",
+        "refusal-token probe",
+        "scoring",
+        "rank choice",
+        "evaluation",
+        "ablation+validation",
+    ]
+    for label, old, new in zip(labels, before, rows, strict=True):
+        ratio = f"{old[1] / new[1]:>6.2f}x" if new[1] > 0 else f"{'-':>7}"
+        print(
+            f"  {label:<22} {old[1] / 3600:>7.2f} h {new[1] / 3600:>7.2f} h {ratio} "
+            f"| {old[2] / 60:>6.1f} min {new[2] / 60:>5.1f} min"
+        )
+    total_before, total = sum(r[1] for r in before), sum(r[1] for r in rows)
+    gpu_before, gpu = sum(r[2] for r in before), sum(r[2] for r in rows)
+    total_worst, gpu_worst = sum(r[1] for r in worst), sum(r[2] for r in worst)
+    print(
+        f"  {'total':<22} {total_before / 3600:>7.2f} h {total / 3600:>7.2f} h "
+        f"{total_before / total:>6.2f}x | {gpu_before / 60:>6.1f} min {gpu / 60:>5.1f} min"
+    )
+    print(
+        f"  {'rank choice, worst':<22} {before[3][1] / 3600:>7.2f} h {worst[3][1] / 3600:>7.2f} h "
+        f"{before[3][1] / worst[3][1]:>6.2f}x | {before[3][2] / 60:>6.1f} min {worst[3][2] / 60:>5.1f} min"
+    )
+    print(
+        f"  {'total, worst':<22} {total_before / 3600:>7.2f} h {total_worst / 3600:>7.2f} h "
+        f"{total_before / total_worst:>6.2f}x | {gpu_before / 60:>6.1f} min {gpu_worst / 60:>5.1f} min"
+    )
+    for name, old, new in ((labels[1], before[1], rows[1]), (labels[2], before[2], rows[2])):
+        print(f"  {name}: before {old[0]}; after {new[0]}")
+    print(f"  rank choice: before {before[3][0]}; after, usual {rows[3][0]}; after, worst {worst[3][0]}")
+    rank_before = before[3][1]
+    print(
+        f"  the full run: {total_before / 3600:.1f} h -> {total / 3600:.1f} h on this CPU, {total_before / total:.2f}x"
+        f" (usual case); {total_worst / 3600:.1f} h, {total_before / total_worst:.2f}x (worst case); without any "
+        f"rank choice: {(total_before - rank_before) / 3600:.1f} h -> {total / 3600:.1f} h, "
+        f"{(total_before - rank_before) / total:.2f}x"
+    )
+    return before, rows, worst
 
 
 def air_passes(layer: dict, assumed: dict) -> tuple[Any, int]:
@@ -641,58 +753,8 @@ def main() -> int:
     }
     assumed = {"tflops": args.gpu_tflops, "h2d_gbps": args.gpu_h2d_gbps, "disk_gbps": args.disk_gbps}
     general = general_counts()
-    # before: every candidate on every prompt, the probe recomputing prompt + reply each pass (the code
-    # before issue 24); after: the defaults (prefilter, shortlist) and the cached probe
-    from abliterate.config import Measurement, Selection
-
-    everything = Selection(shortlist="all", prefilter="all")
-    # the rank choice of issue 25 at the defaults: pca and clusters (categories need a category field), ranks
-    # 2..top of each on both sets, rows 1..top-1 alone on the harmful set; the same pass in both columns
-    top = min(Selection().max_rank, Measurement().subspace_rank)
-    rank_variants = (2 * (top - 1), 2 * (top - 1))
-    before = projection(
-        layer, general, args.air_tokens, io, assumed, 6, everything, cached=False, rank_variants=rank_variants
-    )
-    rows = projection(
-        layer, general, args.air_tokens, io, assumed, 6, Selection(), cached=True, rank_variants=rank_variants
-    )
-    print(
-        f"\nprojection, GLM-4.5-Air (46 layers, 128 experts) with the general prompt set ({general['train']} "
-        f"measured, {general['val']} validation, {general['test']} test prompts, {args.air_tokens:.0f} tokens each): "
-        f"{'this CPU' if device == 'cpu' else device}, from the measured per-layer figures | one GPU, assumed "
-        f"{args.gpu_tflops:.0f} TFLOPS bf16, {args.gpu_h2d_gbps:.0f} GB/s host->GPU, {args.disk_gbps:.0f} GB/s disk "
-        "(no GPU measured); before: every candidate scored on every prompt, the probe recomputed; after: the "
-        "defaults"
-    )
-    print(f"  {'stage':<22} {'before':>9} {'after':>9} {'ratio':>7} | {'GPU before':>10} {'after':>8}")
-    labels = [
-        "measurement",
-        "refusal-token probe",
-        "scoring",
-        "rank choice",
-        "evaluation",
-        "ablation+validation",
-    ]
-    for label, old, new in zip(labels, before, rows, strict=True):
-        print(
-            f"  {label:<22} {old[1] / 3600:>7.2f} h {new[1] / 3600:>7.2f} h {old[1] / new[1]:>6.2f}x "
-            f"| {old[2] / 60:>6.1f} min {new[2] / 60:>5.1f} min"
-        )
-    total_before, total = sum(r[1] for r in before), sum(r[1] for r in rows)
-    gpu_before, gpu = sum(r[2] for r in before), sum(r[2] for r in rows)
-    print(
-        f"  {'total':<22} {total_before / 3600:>7.2f} h {total / 3600:>7.2f} h "
-        f"{total_before / total:>6.2f}x | {gpu_before / 60:>6.1f} min {gpu / 60:>5.1f} min"
-    )
-    for name, old, new in ((labels[1], before[1], rows[1]), (labels[2], before[2], rows[2])):
-        print(f"  {name}: before {old[0]}; after {new[0]}")
-    rank_cpu = rows[3][1]
-    print(
-        f"  the full run: {total_before / 3600:.1f} h -> {total / 3600:.1f} h on this CPU, {total_before / total:.2f}x;"
-        f" without the rank choice (issue 25, {rank_cpu / 3600:.2f} h in both): {(total_before - rank_cpu) / 3600:.1f} h"
-        f" -> {(total - rank_cpu) / 3600:.1f} h, {(total_before - rank_cpu) / (total - rank_cpu):.2f}x"
-    )
-    from abliterate.config import Evaluation, Runtime
+    before, rows, worst = print_projection(layer, io, assumed, general, args.air_tokens, device)
+    from abliterate.config import Evaluation, Runtime, Selection
 
     new_tokens, batch = Evaluation().max_new_tokens, Runtime().batch_size
     replies = replies_projection(layer, general, args.air_tokens, assumed, new_tokens, batch)
@@ -725,6 +787,7 @@ def main() -> int:
                 "io": io,
                 "rows": rows,
                 "rows_before": before,
+                "rows_worst": worst,
                 "replies": replies,
                 "positions": positions,
                 "device": device,

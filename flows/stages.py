@@ -255,21 +255,47 @@ def log_directions(tracker: Tracker, directions_path: str, chosen: Chosen | None
 
 
 def log_rank_choice(tracker: Tracker, chosen: Chosen) -> None:
-    """The rank selection chose at its position (`selection/rank`, 1: one direction), every rank it scored
-    there (per subspace method, step = rank: refusal score, KL, first-token refusals) and each direction's
-    share of the refusal score (`selection/share.<method>`, step = the direction's row; docs/DESIGN.md)."""
-    tracker.params({"selected_rank": chosen.rank, "selected_subspace": chosen.subspace or "none"})
+    """The rank selection chose at its position (`selection/rank`, 1: one direction), how the rank pass went
+    (param `rank_pass`: none, skipped or scored; `selection/rank_floor`, the Wilson upper bound of a subspace
+    refusing none, against `selection/rank_one_direction_rate`; `selection/rank_limit`, the most refusals a
+    rank could leave and earn; `selection/ranks_dropped`), every rank it scored there (per subspace method,
+    step = rank: refusal score and first-token refusals on the harmful prompts each saw
+    (`rank_harmful_prompts`), KL where scored, whether it earns) and each direction of the chosen edit's
+    share of the refusal score (`selection/share.<method>`, `none` at rank 1, step = the direction's row;
+    docs/DESIGN.md)."""
+    rank_pass, one = chosen.rank_pass, chosen.ranks[0]
+    tracker.params(
+        {
+            "selected_rank": chosen.rank,
+            "selected_subspace": chosen.subspace or "none",
+            "rank_pass": rank_pass.state,
+        }
+    )
     tracker.metrics({metric(SELECTION, "rank"): chosen.rank})
+    if rank_pass.state != "none":
+        tracker.metrics(
+            {
+                metric(SELECTION, "rank_floor"): rank_pass.floor,
+                metric(SELECTION, "rank_one_direction_rate"): one.refusals / max(one.prompts, 1),
+                metric(SELECTION, "rank_limit"): rank_pass.limit,
+                metric(SELECTION, "ranks_dropped"): rank_pass.dropped,
+                metric(SELECTION, "rank_passes"): len(rank_pass.rounds),
+            }
+        )
     for method in sorted({r.subspace for r in chosen.ranks if r.subspace}):
         rows = [r for r in chosen.ranks if r.subspace in (None, method)]  # rank 1 is every method's first
         tracker.series(
             metric(SELECTION, f"rank_refusal_score.{method}"), {r.rank: r.refusal_score for r in rows}
         )
-        tracker.series(metric(SELECTION, f"rank_kl.{method}"), {r.rank: r.kl for r in rows})
+        tracker.series(
+            metric(SELECTION, f"rank_kl.{method}"), {r.rank: r.kl for r in rows if r.kl is not None}
+        )
         tracker.series(metric(SELECTION, f"rank_refusals.{method}"), {r.rank: r.refusals for r in rows})
-    for method in sorted({d.subspace for d in chosen.shares}):
+        tracker.series(metric(SELECTION, f"rank_harmful_prompts.{method}"), {r.rank: r.prompts for r in rows})
+        tracker.series(metric(SELECTION, f"rank_earns.{method}"), {r.rank: int(r.earns) for r in rows})
+    for method in {d.subspace for d in chosen.shares}:
         shares = {d.index: d.share for d in chosen.shares if d.subspace == method}
-        tracker.series(metric(SELECTION, f"share.{method}"), shares)
+        tracker.series(metric(SELECTION, f"share.{method or 'none'}"), shares)
 
 
 # ------------------------------------------------------------------ ablation, validation, evaluation

@@ -38,6 +38,7 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "shortlist_prompts": (["4"], 4),
     "max_rank": (["2"], 2),
     "rank_confidence": (["0.9"], 0.9),
+    "rank_elimination": ([], False),
     "prefilter": (["all"], "all"),
     "layers": (["1-3"], "1-3"),
     "scale": (["0.8"], "0.8"),
@@ -87,7 +88,8 @@ SAMPLES: dict[str, tuple[list[str], object]] = {
     "max_reply_tokens": (["64"], 64),
 }
 FLOW_FIELDS = sorted(f for cls in FLOW_SECTIONS for f in cls.model_fields)
-NEGATED = {"evaluate": "--no-evaluate"}  # booleans that default to true are switched off
+# booleans that default to true are switched off
+NEGATED = {"evaluate": "--no-evaluate", "rank_elimination": "--no-rank-elimination"}
 
 
 def flag(field: str) -> str:

@@ -6,6 +6,11 @@ The demo model refuses along one direction: there selection and the search keep 
 are built by hand (`orthonormal_rows`: row 0 the measured direction, the rest what a test needs), so the
 choice is checked against rows whose effect is known: random rows earn nothing, and a row 0 that misses
 refusal with the measured direction as row 1 earns rank 2.
+
+The ranks are scored only as far as they can still earn (issue 24): the rule is checked on every count
+(`refusal_limit`, hypothesis), the demo skips the rank pass (one direction leaves no refusal), and on the
+two-category model (one direction leaves `deception` refusing) the choice and the figures of the ranks left
+equal scoring every rank on every prompt (`rank_elimination` off), bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import re
 import pytest
 import torch
 from fixtures import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from numerics import accumulation_length, first_token_delta, logodds_atol
 
@@ -38,10 +45,14 @@ from abliterate.search.space import default_params, plan_for, search_space, tria
 from abliterate.search.study import choose as choose_trial
 from abliterate.search.study import decide, record_rank, run_study, search_front
 from abliterate.select.selection import (
+    DirectionShare,
     RankScore,
+    beats_one_direction,
     choose_rank,
     describe_rank,
     rank_edits,
+    rank_rounds,
+    refusal_limit,
     select_direction,
 )
 from abliterate.vocabulary import SUBSPACE_METHODS
@@ -92,15 +103,66 @@ def orthonormal_rows(first: torch.Tensor, others: list[torch.Tensor]) -> torch.T
     return torch.stack(rows).float()
 
 
-def test_rank_edits_lists_each_held_rank_and_direction():
+def test_rank_edits_lists_each_held_rank():
     q = torch.zeros(3, 4, 5)
     q[1] = torch.eye(4, 5)
     subspaces = {"clusters": q[:, :2].clone(), "pca": q.clone()}
-    ranks, rows = rank_edits(subspaces, 1, 3)
-    assert ranks == [(2, "pca"), (3, "pca"), (2, "clusters")]  # the vocabulary's order, up to max_rank
-    assert rows == [("pca", 1), ("pca", 2), ("clusters", 1)]
-    assert rank_edits(subspaces, 0, 4) == ([], [])  # nothing measured where the direction is zero
-    assert rank_edits(subspaces, 1, 1) == ([], [])  # max_rank 1: one direction, nothing more scored
+    assert rank_edits(subspaces, 1, 3) == [(2, "pca"), (3, "pca"), (2, "clusters")]  # the vocabulary's order
+    assert rank_edits(subspaces, 0, 4) == []  # nothing measured where the direction is zero
+    assert rank_edits(subspaces, 1, 1) == []  # max_rank 1: one direction, nothing more scored
+
+
+# ------------------------------------------------------------------ the elimination rule, exactly
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    data=st.data(),
+    confidence=st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99, 0.999]),
+)
+def test_a_rank_dropped_on_its_partial_count_never_earns(n, data, confidence):
+    """`score_ranks` drops a rank once its refusals on the prompts seen so far exceed `refusal_limit`: for
+    every way the rest of its prompts could go (its final count anywhere from that count up to that count
+    plus the prompts left), it then never beats one direction; one it keeps still can (the rest refusing
+    none). No rank can earn (limit -1) exactly where one direction's rate is at or below the Wilson upper
+    bound of 0 refusals: the pass is skipped only where nothing could be chosen."""
+    single_refusals = data.draw(st.integers(0, n))
+    single = RankScore(1, None, 0.0, 0.0, single_refusals, n, 0.0, False)
+    limit = refusal_limit(single, confidence)
+    assert (limit < 0) == (single_refusals / n <= wilson_bounds(0, n, confidence)[1])
+    seen = data.draw(st.integers(0, n))
+    count = data.draw(st.integers(0, seen))
+    finals = range(count, count + n - seen + 1)
+    if count > limit:
+        assert not any(beats_one_direction(final, single, confidence) for final in finals)
+    else:
+        assert beats_one_direction(count, single, confidence)
+
+
+def test_the_limit_is_every_count_that_earns():
+    """The Wilson upper bound never falls as the count grows (every count of every prompt count up to 300, at
+    four levels), so the counts that beat one direction are exactly 0..limit (every one-direction count of
+    every prompt count up to 80 at the default level)."""
+    for confidence in (0.5, 0.9, 0.95, 0.99):
+        for n in range(1, 301):
+            uppers = [wilson_bounds(c, n, confidence)[1] for c in range(n + 1)]
+            assert uppers == sorted(uppers), (n, confidence)
+    for n in range(1, 81):
+        for single_refusals in range(n + 1):
+            single = RankScore(1, None, 0.0, 0.0, single_refusals, n, 0.0, False)
+            beats = [c for c in range(n + 1) if beats_one_direction(c, single, 0.95)]
+            assert beats == list(range(refusal_limit(single, 0.95) + 1))
+
+
+def test_rank_rounds_grow_by_whole_batches():
+    assert rank_rounds(69, 8, 16) == [16, 32, 69]  # GLM-4.5-Air's 69: not a pass for the last 5 prompts
+    assert rank_rounds(64, 8, 8) == [8, 16, 32, 64]
+    assert rank_rounds(98, 8, 16) == [16, 32, 64, 98]
+    assert rank_rounds(10, 8, 16) == [10]
+    assert rank_rounds(32, 8, 16) == [16, 32]
+    assert rank_rounds(24, 20, 4) == [24]  # 20, then 4 left: fewer than the first round's
+    assert rank_rounds(44, 20, 4) == [20, 44]
 
 
 def test_a_basis_edit_removes_every_row_and_one_row_is_the_direction_edit():
@@ -167,55 +229,90 @@ def choose(demo, directions, subspaces, selection=Selection(), position=None):
     )
 
 
-def test_demo_selection_keeps_rank_one_and_measures_each_directions_share(demo):
+def test_demo_selection_keeps_rank_one_and_scores_no_rank(demo, tmp_path, monkeypatch):
+    """One direction leaves 0 of 118 harmful validation prompts opening with a refusal token: at or below the
+    Wilson upper bound of a subspace refusing none, so no rank can earn its KL and none is scored; the one
+    direction carries the whole drop of the refusal score (share 1). Scoring every rank on every prompt
+    (`rank_elimination` false) keeps rank 1 too."""
     directions = demo[3]
     subspaces = {"pca": random_subspace(directions, 4, 0), "clusters": random_subspace(directions, 2, 1)}
     chosen = choose(demo, directions, subspaces)
     assert (chosen.rank, chosen.subspace) == (1, None)
     one = chosen.ranks[0]
-    assert (one.rank, one.subspace, one.refusals) == (1, None, 0)  # one direction stops every first token
-    assert [(r.rank, r.subspace) for r in chosen.ranks[1:]] == [
+    n = len(demo[4])
+    assert (one.rank, one.subspace, one.refusals, one.prompts) == (1, None, 0, n)  # none refuses
+    assert chosen.ranks == [one]  # nothing else scored
+    floor = wilson_bounds(0, n, 0.95)[1]
+    rank_pass = chosen.rank_pass
+    assert (rank_pass.state, rank_pass.floor, rank_pass.limit, rank_pass.rounds) == ("skipped", floor, -1, [])
+    candidate = next(c for c in chosen.candidates if c.position == chosen.position)
+    assert (one.refusal_score, one.kl) == (candidate.refusal_score, candidate.kl)
+    drop = chosen.baseline_refusal_score - one.refusal_score
+    assert drop > 0 and chosen.shares == [DirectionShare(None, 0, one.refusal_score, drop, 1.0)]
+    line = describe_rank(chosen)
+    print(line)
+    assert line.startswith(f"rank 1 kept (one direction: 0 of {n} ")
+    assert (
+        f"none scored (one direction's rate 0.000 is at or below {floor:.3f}, the Wilson upper bound" in line
+    )
+    # no pass: the same reads of the weights as one direction alone (max_rank 1: nothing to score)
+    alone = choose(demo, directions, subspaces, Selection(max_rank=1))
+    assert alone.ranks == [one] and alone.rank_pass.state == "none" and describe_rank(alone) is None
+    assert alone.shares == chosen.shares
+    # the subspaces measurement keeps (pca and k-means clusters of the harmful prompts): skipped too
+    measured = choose(demo, directions, directions.subspaces)
+    assert sorted(directions.subspaces) == ["clusters", "pca"]
+    assert (measured.rank, measured.subspace, measured.rank_pass.state) == (1, None, "skipped")
+    # every rank on every prompt (the rule before elimination): each scored, none earns, rank 1 kept
+    every = choose(demo, directions, subspaces, Selection(rank_elimination=False))
+    assert (every.rank, every.subspace, every.ranks[0]) == (1, None, one)
+    assert [(r.rank, r.subspace) for r in every.ranks[1:]] == [
         (2, "pca"),
         (3, "pca"),
         (4, "pca"),
         (2, "clusters"),
     ]
-    assert not any(r.earns for r in chosen.ranks)
-    candidate = next(c for c in chosen.candidates if c.position == chosen.position)
-    assert (one.refusal_score, one.kl) == (candidate.refusal_score, candidate.kl)
-    # each direction's share: the drop of the refusal score when it alone is removed, over the sum
-    for method, k in (("pca", 4), ("clusters", 2)):
-        shares = [d for d in chosen.shares if d.subspace == method]
-        assert [d.index for d in shares] == list(range(k))
-        assert sum(d.share for d in shares) == pytest.approx(1.0, abs=1e-12)
-        for d in shares:
-            assert d.drop == max(0.0, chosen.baseline_refusal_score - d.refusal_score)
-        assert shares[0].share > 0.9  # the difference of means carries the refusal; random rows next to none
-    assert describe_rank(chosen).startswith("rank 1 kept")
-    # the subspaces measurement keeps (pca and k-means clusters of the harmful prompts): rank 1 too
-    measured = choose(demo, directions, directions.subspaces)
-    assert sorted(directions.subspaces) == ["clusters", "pca"]
-    assert (measured.rank, measured.subspace) == (1, None) and len(measured.ranks) > 1
-    # max_rank 1: nothing but one direction is scored
-    assert choose(demo, directions, subspaces, Selection(max_rank=1)).ranks == [chosen.ranks[0]]
+    assert all(r.kl is not None and r.prompts == n and not r.earns for r in every.ranks)
+    rounds = [(r.candidates, r.harmful_prompts, r.harmless_prompts) for r in every.rank_pass.rounds]
+    assert every.rank_pass.state == "scored" and rounds == [(4, n, len(demo[5]))]  # one pass, both sets
+    assert (
+        describe_rank(every).startswith(f"rank 1 kept (one direction: 0 of {n}")
+        and every.shares == chosen.shares
+    )
+    # MLflow: the pass skipped, the bound, the one direction's share
+    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracked_run("abliterate/subspace-test", "skipped") as run:
+        log_rank_choice(run, chosen)
+    client = MlflowClient(tracking_uri())
+    logged = client.get_run(run.run_id).data
+    assert logged.params["rank_pass"] == "skipped" and logged.params["selected_subspace"] == "none"
+    assert logged.metrics["selection/rank_floor"] == floor
+    assert logged.metrics["selection/rank_one_direction_rate"] == 0.0
+    assert logged.metrics["selection/rank_limit"] == -1 and logged.metrics["selection/rank_passes"] == 0
+    history = client.get_metric_history(run.run_id, "selection/share.none")
+    assert {m.step: m.value for m in history} == {0: 1.0}
 
 
-@pytest.fixture(scope="module")
-def earned(demo):
-    """Row 0 a random direction (it stops no refusal), row 1 the measured direction made orthogonal to it,
-    at position 3: (the directions with that row 0, the subspace, the selection at position 3)."""
-    directions = demo[3]
+def missed(directions, p: int = 3):
+    """Row 0 a random direction (it stops no refusal), row 1 the measured direction made orthogonal to it, at
+    position `p`: (the directions with that row 0 there, that [P, 2, H] subspace)."""
     generator = torch.Generator().manual_seed(2)
-    p = 3
     weak = torch.randn(directions.direction.shape[1], generator=generator, dtype=torch.float64)
     weak /= weak.norm()
     rows = orthonormal_rows(weak, [directions.direction[p]])
     direction = directions.direction.clone()
     direction[p] = rows[0].double()
-    missed = dataclasses.replace(directions, direction=direction)
     subspace = torch.zeros(directions.num_positions, 2, directions.direction.shape[1])
     subspace[p] = rows
-    return missed, {"categories": subspace}, choose(demo, missed, {"categories": subspace}, position=p)
+    return dataclasses.replace(directions, direction=direction), subspace
+
+
+@pytest.fixture(scope="module")
+def earned(demo):
+    """`missed` at position 3: (the directions with that row 0, the subspace, the selection at position 3)."""
+    weak, subspace = missed(demo[3])
+    return weak, {"categories": subspace}, choose(demo, weak, {"categories": subspace}, position=3)
 
 
 def test_a_subspace_that_earns_its_kl_is_kept(demo, earned):
@@ -226,9 +323,13 @@ def test_a_subspace_that_earns_its_kl_is_kept(demo, earned):
     assert (two.rank, two.subspace, two.refusals, two.earns) == (2, "categories", 0, True)
     assert two.kl <= Selection().kl_threshold
     assert (chosen.rank, chosen.subspace) == (2, "categories")
+    assert chosen.rank_pass.state == "scored" and chosen.rank_pass.dropped == 0
     assert describe_rank(chosen).startswith("rank 2 (categories): 0 of")
+    # the chosen edit's directions: row 0 (its score known) and row 1 removed alone
+    assert [(d.subspace, d.index) for d in chosen.shares] == [("categories", 0), ("categories", 1)]
     shares = {d.index: d.share for d in chosen.shares}
     assert shares[1] > 0.99  # the measured direction carries the refusal score's drop
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-12)
     # the same scores, a stricter threshold than the subspace's KL: one direction is kept
     strict = choose(demo, missed, subspaces, Selection(kl_threshold=two.kl / 2), position=3)
     assert strict.rank == 1 and not strict.ranks[1].earns
@@ -243,6 +344,7 @@ def test_mlflow_shows_the_rank_and_each_directions_share(earned, tmp_path, monke
     client = MlflowClient(tracking_uri())
     logged = client.get_run(run.run_id).data
     assert logged.params["selected_rank"] == "2" and logged.params["selected_subspace"] == "categories"
+    assert logged.params["rank_pass"] == "scored" and logged.metrics["selection/ranks_dropped"] == 0
     assert logged.metrics["selection/rank"] == 2
     history = client.get_metric_history(run.run_id, "selection/share.categories")
     assert {m.step: m.value for m in history} == {d.index: d.share for d in chosen.shares}
@@ -386,12 +488,16 @@ def test_demo_search_keeps_rank_one(demo, tmp_path):
 
 
 def test_streamed_rank_scores_equal_in_memory(demo):
-    """Layer-streamed, the ranks are scored in one more pass over the weights, with the same figures within
-    the float32 bounds of tests/numerics.py (an edit of rank k: k projections of each of the two writes of
-    a layer) and the same choice."""
+    """Layer-streamed, the ranks are scored in one more pass over the weights per round of the rank pass
+    (the harmful rounds, then the harmless prompts for the ranks left) and one for the chosen edit's shares,
+    with the same figures within the float32 bounds of tests/numerics.py (an edit of rank k: k projections of
+    each of the two writes of a layer), the same ranks dropped and the same choice. Position 3 holds a random
+    row 0 (`missed`): one direction refuses every prompt, so the pass runs; `pca`'s random rows refuse every
+    prompt too and are dropped, `categories` rank 2 is kept."""
     model, tokenizer, _, directions, harmful_val, harmless_val = demo
     harmful_val, harmless_val = harmful_val[:24], harmless_val[:24]
-    subspaces = {"pca": random_subspace(directions, 3, 0)}
+    weak, subspace = missed(directions)
+    subspaces = {"pca": random_subspace(weak, 3, 0), "categories": subspace}
     settings = Selection(shortlist="all", max_candidates=2)
     sections = (
         Measurement(),
@@ -405,10 +511,11 @@ def test_streamed_rank_scores_equal_in_memory(demo):
         return select_direction(
             forward,
             tokenizer,
-            directions,
+            weak,
             harmful_val,
             harmless_val,
             *sections,
+            position=3,
             progress=False,
             subspaces=subspaces,
         )
@@ -416,13 +523,24 @@ def test_streamed_rank_scores_equal_in_memory(demo):
     memory = select(model, subspaces)
     streamed = select(StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"), subspaces)
     without = select(StreamedForward(DEMO_MODEL_DIR, "float32", "cpu"), None)
-    assert streamed.weight_reads == without.weight_reads + 1
-    assert (memory.rank, memory.subspace) == (streamed.rank, streamed.subspace) == (1, None)
+    rounds = [
+        (r.candidates, r.harmful_prompts, r.harmless_prompts, r.keep) for r in streamed.rank_pass.rounds
+    ]
+    assert rounds == [(3, 8, 0, 3), (3, 16, 0, 3), (3, 24, 0, 1), (1, 24, 24, 1)]
+    assert streamed.weight_reads == without.weight_reads + len(rounds) + 1  # + the shares of rank 2's rows
+    assert (memory.rank, memory.subspace) == (streamed.rank, streamed.subspace) == (2, "categories")
+    assert [r.dropped for r in streamed.ranks] == [False, True, True, False]  # pca 2 and 3: 24 of 24
     everything = encode_prompts(tokenizer, harmful_val + harmless_val, Template(), "prompt")
     n = accumulation_length(DEMO_MODEL_DIR, max(len(ids) for ids in everything))
     for m, s in zip(memory.ranks, streamed.ranks, strict=True):
-        assert (m.rank, m.subspace, m.refusals) == (s.rank, s.subspace, s.refusals)
-        basis = subspaces["pca"][memory.position, : m.rank]
+        assert (m.rank, m.subspace, m.refusals, m.prompts, m.dropped) == (
+            s.rank,
+            s.subspace,
+            s.refusals,
+            s.prompts,
+            s.dropped,
+        )
+        basis = subspaces[m.subspace or "categories"][3, : m.rank]
         delta = first_token_delta(model, everything, n, basis)
         assert abs(m.refusal_score - s.refusal_score) <= logodds_atol(delta), (m, s, delta)
 
@@ -435,6 +553,100 @@ TWO_READY = (TWO_CATEGORY_MODEL_DIR / "config.json").is_file() and (TWO_DATA / "
 
 def rows(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def two_category():
+    """The two-category model measured on its training prompts (categories kept): (model, tokenizer,
+    directions, harmful validation prompts, harmless validation prompts)."""
+    model, tokenizer = load_model(TWO_CATEGORY_MODEL_DIR)
+    load = lambda kind, split: load_prompts(TWO_DATA / f"{kind}_{split}.jsonl")  # noqa: E731
+    measured = measure(
+        model,
+        tokenizer,
+        load("harmful", "train"),
+        load("harmless", "train"),
+        Measurement(),
+        Template(),
+        RUNTIME,
+        progress=False,
+    )
+    directions = compute_directions(measured, Measurement().direction_method)
+    return model, tokenizer, directions, load("harmful", "val"), load("harmless", "val")
+
+
+@pytest.mark.skipif(
+    not TWO_READY, reason="the two-category model is not built (python -m abliterate.demo.two_category)"
+)
+def test_two_categories_choose_with_elimination_what_scoring_every_rank_chooses(
+    two_category, tmp_path, monkeypatch
+):
+    """One direction leaves `deception` refusing (29 of 98 first tokens), so the rank pass runs. Its
+    measured `pca` and `clusters` subspaces refuse none; `categories` is replaced by random rows beside the
+    direction, which refuse as one direction does. With elimination the random ranks are dropped on the
+    harmful prompts, never scored on the harmless ones; the choice (rank 2 of `clusters`) and every figure of
+    the ranks left are those of scoring every rank on every prompt, bit for bit; the shares are those of the
+    chosen edit's two directions, as MLflow shows them."""
+    model, tokenizer, directions, harmful_val, harmless_val = two_category
+    subspaces = {
+        "pca": directions.subspaces["pca"],
+        "clusters": directions.subspaces["clusters"],
+        "categories": random_subspace(directions, 3, 0),
+    }
+
+    def select(selection):
+        return select_direction(
+            model,
+            tokenizer,
+            directions,
+            harmful_val,
+            harmless_val,
+            Measurement(),
+            Template(),
+            selection,
+            Evaluation(),
+            RUNTIME,
+            progress=False,
+            subspaces=subspaces,
+        )
+
+    fast, every = select(Selection()), select(Selection(rank_elimination=False))
+    one = fast.ranks[0]
+    assert (one.refusals, one.prompts) == (29, 98) and every.ranks[0] == one  # `deception` left refusing
+    assert fast.rank_pass.state == every.rank_pass.state == "scored"
+    assert fast.rank_pass.limit == every.rank_pass.limit == refusal_limit(one, 0.95)
+    assert (fast.rank, fast.subspace) == (every.rank, every.subspace) == (2, "clusters")
+    assert [(r.rank, r.subspace) for r in fast.ranks] == [(r.rank, r.subspace) for r in every.ranks]
+    dropped = [(f, e) for f, e in zip(fast.ranks, every.ranks, strict=True) if f.dropped]
+    assert [(f.rank, f.subspace) for f, _ in dropped] == [(2, "categories"), (3, "categories")]
+    assert fast.rank_pass.dropped == 2
+    for f, e in zip(fast.ranks, every.ranks, strict=True):
+        if f.dropped:  # its count so far already over the limit; scoring it everywhere: it does not earn
+            assert fast.rank_pass.limit < f.refusals <= e.refusals and f.prompts <= e.prompts == 98
+            assert not e.earns and e.kl is not None
+        else:
+            assert f == e  # the same figures, bit for bit
+    print(describe_rank(fast))
+    print("rank pass:", fast.rank_pass.rounds)
+    assert "2 of 8 ranks dropped on the harmful prompts" in describe_rank(fast)
+    # the chosen edit's two directions, removed alone: the same in both, summing to 1
+    assert fast.shares == every.shares
+    assert [(d.subspace, d.index) for d in fast.shares] == [("clusters", 0), ("clusters", 1)]
+    assert sum(d.share for d in fast.shares) == pytest.approx(1.0, abs=1e-12)
+    assert fast.shares[0].share > fast.shares[1].share > 0
+    monkeypatch.setenv("ABLITERATE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracked_run("abliterate/subspace-test", "two-category") as run:
+        log_rank_choice(run, fast)
+    client = MlflowClient(tracking_uri())
+    history = client.get_metric_history(run.run_id, "selection/share.clusters")
+    assert {m.step: m.value for m in history} == {0: fast.shares[0].share, 1: fast.shares[1].share}
+    kl = client.get_metric_history(run.run_id, "selection/rank_kl.categories")
+    assert {m.step for m in kl} == {1}  # the dropped ranks have no KL: only rank 1 (every method's first)
+    prompts = client.get_metric_history(run.run_id, "selection/rank_harmful_prompts.categories")
+    assert {m.step: m.value for m in prompts} == {
+        r.rank: r.prompts for r in fast.ranks if r.subspace in (None, "categories")
+    }
 
 
 @pytest.mark.slow

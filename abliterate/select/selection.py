@@ -49,11 +49,17 @@ none is left (then the choice fails as it does with every candidate scored); tho
 rounds with `fallback` true.
 
 At the chosen position, when the directions hold subspaces (`subspaces`: method -> [P, K, H] orthonormal
-rows, row 0 the direction), the rank is a choice too (`score_ranks`, `choose_rank`): one more pass scores
-every rank 2..min(`max_rank`, K) of every method, and every row alone on the harmful prompts (each
-direction's share of the refusal score; no KL needed). A rank above 1 is kept only where it earns its KL: its KL within `kl_threshold`, and one
-direction's first-token refusal rate (harmful validation prompts whose most likely first reply token is
+rows, row 0 the direction), the rank is a choice too (`score_ranks`, `choose_rank`): each method's ranks
+2..min(`max_rank`, K). A rank above 1 is kept only where it earns its KL: its KL within `kl_threshold`, and
+one direction's first-token refusal rate (harmful validation prompts whose most likely first reply token is
 a refusal token) above the rank's Wilson upper bound at `rank_confidence`; else rank 1 (docs/DESIGN.md 2.3).
+The ranks are scored only as far as they can still earn it (`rank_elimination`): where one direction's
+rate is at or below the bound of a rank refusing none, none can, and nothing is scored (the demo model: 0
+of 64); else the harmful prompts first, in growing whole batches (`rank_rounds`), each rank dropped as soon
+as its refusals so far exceed the most a rank may leave and earn (`refusal_limit`), then the harmless
+prompts for the ranks left. The choice is the one scoring every rank on every prompt gives, with the same
+figures for the ranks left. Each direction of the chosen edit removed alone gives its share of the refusal
+score (`direction_shares`: at rank 1 the one direction, known; at rank k one pass of rows 1..k-1).
 
 The forward passes run on a model in memory or layer-streamed (`abliterate.inference.runner`): streamed,
 the unmodified model and every candidate of a round go through each decoder layer while it is loaded,
@@ -76,7 +82,7 @@ from abliterate import config
 from abliterate.edit.inference_edit import DirectionEdit
 from abliterate.errors import AbliterateError
 from abliterate.figures import figure
-from abliterate.inference.loading import pad_token_id
+from abliterate.inference.loading import length_sorted_batches, pad_token_id
 from abliterate.inference.refusal import find_refusal_tokens, marker_phrases
 from abliterate.inference.runner import as_forward
 from abliterate.inference.scores import first_token_kl_each, refusal_logodds, refusal_score, wilson_bounds
@@ -126,27 +132,53 @@ class Round:
 
 @dataclass
 class RankScore:
-    """Removing the first `rank` directions of a subspace at the chosen position, on every validation prompt."""
+    """Removing the first `rank` directions of a subspace at the chosen position: its first-token figures on
+    the harmful validation prompts it was scored on and, unless it was dropped before them, the harmless ones."""
 
     rank: int
     subspace: str | None  # how its directions were found (SUBSPACE_METHODS); None: the one direction
-    refusal_score: float
-    kl: float
-    refusals: int  # harmful validation prompts whose most likely first reply token is a refusal token
-    prompts: int
-    upper_bound: float  # Wilson upper bound of refusals / prompts at `rank_confidence`
+    refusal_score: float  # mean over the `prompts` harmful validation prompts it was scored on
+    # None: dropped on the harmful prompts (`score_ranks`), never scored on the harmless ones
+    kl: float | None
+    refusals: int  # of those `prompts`, the ones whose most likely first reply token is a refusal token
+    prompts: int  # harmful validation prompts it was scored on: all of them, unless dropped before
+    # Wilson upper bound at `rank_confidence` of `refusals` of every harmful validation prompt (dropped: the
+    # least its bound could have ended at, the rest of its prompts refusing none)
+    upper_bound: float
     earns: bool  # fewer refusals than one direction beyond that bound, at a KL within the threshold
+
+    @property
+    def dropped(self) -> bool:
+        """Left out on the harmful prompts: its refusals already rule out earning its KL."""
+        return self.kl is None
 
 
 @dataclass
 class DirectionShare:
-    """One direction of a subspace at the chosen position, removed alone: its share of the refusal score."""
+    """One direction of the chosen edit, removed alone: its share of the refusal score."""
 
-    subspace: str
+    subspace: str | None  # the chosen subspace method; None: the one direction (rank 1)
     index: int  # its row in the subspace (0: the difference of means)
     refusal_score: float
     drop: float  # max(0, baseline refusal score - refusal_score)
-    share: float  # drop / the sum of the drops of the subspace's scored directions (0 when that sum is 0)
+    share: float  # drop / the sum of the drops of the chosen edit's directions (0 when that sum is 0)
+
+
+@dataclass
+class RankPass:
+    """How the rank at the chosen position was reached (`score_ranks`)."""
+
+    # none: nothing to score (no subspace held there, or max_rank 1); skipped: no rank can earn its KL, one
+    # direction's refusal rate being at or below `floor`; scored: the ranks were scored
+    state: str = "none"
+    floor: float | None = None  # Wilson upper bound at rank_confidence of 0 refusals of the harmful prompts
+    limit: int | None = None  # the most refusals a rank may leave and still earn (`refusal_limit`; -1: none)
+    confidence: float | None = None  # the setting `rank_confidence`: the level of the bounds
+    eliminated: bool = True  # the setting `rank_elimination` (false: every rank on every prompt, one pass)
+    # the passes: on growing whole batches of the harmful prompts (harmless_prompts 0), then the harmless
+    # prompts for the ranks left (`keep`: the ranks left after the pass)
+    rounds: list[Round] = field(default_factory=list)
+    dropped: int = 0  # ranks left out on the harmful prompts
 
 
 @dataclass
@@ -172,9 +204,10 @@ class Selection:
     prefiltered_out: list[Prefiltered] = field(default_factory=list)  # left out by it, never scored
     rank: int = 1  # directions removed together at the chosen position (1: the difference of means alone)
     subspace: str | None = None  # the subspace method of the chosen rank (None at rank 1)
-    # one direction at the chosen position first, then each subspace rank scored there
+    # one direction at the chosen position first, then each subspace rank scored there (or dropped)
     ranks: list[RankScore] = field(default_factory=list)
-    # each scored direction of each subspace removed alone: its share of the refusal score
+    rank_pass: RankPass = field(default_factory=RankPass)  # how the rank was reached
+    # each direction of the chosen edit removed alone: its share of the refusal score
     shares: list[DirectionShare] = field(default_factory=list)
 
     @property
@@ -204,6 +237,7 @@ def selection_record(selection: config.Selection, evaluation: config.Evaluation)
         "prefilter": selection.prefilter,
         "max_rank": selection.max_rank,
         "rank_confidence": selection.rank_confidence,
+        "rank_elimination": selection.rank_elimination,
         "markers": list(marker_phrases(evaluation)),
         "refusal_probe_tokens": evaluation.refusal_probe_tokens,
     }
@@ -443,20 +477,22 @@ def select_direction(
     refused = int(torch.cat(refused_each[position]).sum())
     upper = wilson_bounds(refused, len(harmful), selection.rank_confidence)[1]
     single = RankScore(1, None, one.refusal_score, one.kl, refused, len(harmful), upper, False)
-    ranks, shares = score_ranks(
+    batching = (runtime.batch_size, pad_id, progress)
+    ranks, rank_pass = score_ranks(
         forward,
         subspaces or {},
         position,
         single,
         (harmful, harmless),
-        (base_harmless, answered, baseline),
+        (base_harmless, answered),
         found.ids,
         selection,
-        runtime.batch_size,
-        pad_id,
-        progress,
+        batching,
     )
     chosen = choose_rank(ranks)
+    shares = direction_shares(
+        forward, subspaces or {}, position, (chosen, single), harmful, baseline, found.ids, batching
+    )
     scored = time.perf_counter()
     return Selection(
         position=position,
@@ -481,6 +517,7 @@ def select_direction(
         rank=chosen.rank,
         subspace=chosen.subspace,
         ranks=ranks,
+        rank_pass=rank_pass,
         shares=shares,
     )
 
@@ -544,22 +581,45 @@ def _fallback(
     return passes
 
 
-def rank_edits(
-    subspaces: Mapping[str, torch.Tensor], position: int, max_rank: int
-) -> tuple[list[tuple[int, str]], list[tuple[str, int]]]:
-    """What `score_ranks` scores at `position`: each subspace's ranks 2..min(max_rank, K) as (rank,
-    method), and each of its directions 1..min(max_rank, K)-1 alone as (method, row), methods in the
-    vocabulary's order, those with zero rows there (nothing measured) left out."""
+def rank_edits(subspaces: Mapping[str, torch.Tensor], position: int, max_rank: int) -> list[tuple[int, str]]:
+    """What `score_ranks` may score at `position`: each subspace's ranks 2..min(max_rank, K) as (rank,
+    method), methods in the vocabulary's order, those with zero rows there (nothing measured) left out."""
     ranks: list[tuple[int, str]] = []
-    rows: list[tuple[str, int]] = []
     for method in SUBSPACE_METHODS:
         basis = subspaces.get(method)
         if basis is None or not bool(basis[position].any()):
             continue
-        top = min(max_rank, int(basis.shape[1]))
-        ranks += [(k, method) for k in range(2, top + 1)]
-        rows += [(method, i) for i in range(1, top)]
-    return ranks, rows
+        ranks += [(k, method) for k in range(2, min(max_rank, int(basis.shape[1])) + 1)]
+    return ranks
+
+
+def beats_one_direction(refusals: int, single: RankScore, confidence: float) -> bool:
+    """The refusal half of earning its KL: one direction's first-token refusal rate on the harmful validation
+    prompts is above the Wilson upper bound (at `confidence`) of `refusals` of those same prompts."""
+    return single.refusals / max(single.prompts, 1) > wilson_bounds(refusals, single.prompts, confidence)[1]
+
+
+def refusal_limit(single: RankScore, confidence: float) -> int:
+    """The most first-token refusals a rank may leave on the harmful validation prompts and still earn its KL
+    (`beats_one_direction`); -1: none can, not even a rank leaving none (one direction's rate is at or below
+    the Wilson upper bound of 0 refusals). A rank whose count on the prompts seen so far is above the limit
+    can never earn it, whatever the rest of its prompts give: its count over all of them is no smaller."""
+    counts = range(single.prompts + 1)
+    return max((c for c in counts if beats_one_direction(c, single, confidence)), default=-1)
+
+
+def rank_rounds(num_harmful: int, first: int, batch_size: int) -> list[int]:
+    """The harmful prompts seen after each harmful round of the rank pass: `first` rounded up to whole
+    batches, doubled each round, the last round every prompt (a round that would leave fewer than the first
+    round's prompts to the last is left out: a read of the weights for a few prompts). Whole batches of the
+    length-sorted order (`length_sorted_batches`), so each prompt is scored in the batch it shares when every
+    prompt is scored at once: the same figures, bit for bit."""
+    step = batch_size * max(1, math.ceil(first / batch_size))
+    seen, n = [], step
+    while n + step <= num_harmful:
+        seen.append(n)
+        n *= 2
+    return [*seen, num_harmful]
 
 
 def score_ranks(
@@ -568,58 +628,123 @@ def score_ranks(
     position: int,
     single: RankScore,
     encoded: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]],
-    reference: tuple[torch.Tensor, torch.Tensor, float],
+    reference: tuple[torch.Tensor, torch.Tensor],
     token_ids: list[int],
     selection: config.Selection,
-    batch_size: int,
-    pad_id: int,
-    progress: bool,
-) -> tuple[list[RankScore], list[DirectionShare]]:
-    """Every rank above 1 of every subspace at `position`, and every direction of them alone, scored in
-    one pass on every validation prompt (`single`: one direction there, scored already). `reference`:
-    the unmodified model's harmless log-probabilities, which harmless prompts it answers, and its
-    refusal score. Returns the rank scores (`single` first) and each direction's share of the refusal
-    score: drop_i = max(0, baseline - refusal score with direction i alone removed), share_i = drop_i
-    over the sum of the drops of its subspace's directions 0..min(max_rank, K)-1."""
+    batching: tuple[int, int, bool],
+) -> tuple[list[RankScore], RankPass]:
+    """Every rank above 1 of every subspace at `position` (`rank_edits`), scored only as far as it can still
+    earn its KL (`single`: one direction there, scored already; `reference`: the unmodified model's harmless
+    log-probabilities and which harmless prompts it answers; `batching`: batch size, pad id, progress).
+
+    No rank can earn (`refusal_limit` -1: one direction's rate is at or below the Wilson upper bound of a
+    rank refusing none): nothing is scored. Otherwise the ranks go through the harmful validation prompts in
+    growing whole batches (`rank_rounds`, one pass each), and a rank whose refusals so far exceed the limit
+    is dropped (it keeps its figures on the prompts it saw, `kl` None); the ranks left after every harmful
+    prompt are scored on the harmless ones, one more pass. `choose_rank` over these gives what it gives over
+    every rank scored on every prompt: a dropped rank could not have earned, and the others' figures are
+    those of one pass, bit for bit (the same batches). `selection.rank_elimination` false: every rank on
+    every prompt of both sets in one pass. Returns the rank scores (`single` first) and the pass's record."""
     harmful, harmless = encoded
-    base_harmless, answered, baseline = reference
-    pairs, rows = rank_edits(subspaces, position, selection.max_rank)
+    base_harmless, answered = reference
+    batch_size, pad_id, progress = batching
+    pairs = rank_edits(subspaces, position, selection.max_rank)
+    confidence, eliminate = selection.rank_confidence, selection.rank_elimination
     if not pairs:
-        return [single], []
-    edits = [DirectionEdit(subspaces[m][position, :k]) for k, m in pairs]
-    edits += [DirectionEdit(subspaces[m][position, i]) for m, i in rows]
-    refusal: list[torch.Tensor] = [torch.zeros(0)] * len(edits)
-    kl: list[float] = [0.0] * len(edits)
+        return [single], RankPass(eliminated=eliminate)
+    n = len(harmful)
+    floor, limit = wilson_bounds(0, n, confidence)[1], refusal_limit(single, confidence)
+    record = RankPass("scored", floor, limit, confidence, eliminate)
+    if eliminate and limit < 0:
+        record.state = "skipped"
+        return [single], record
+    edits = {pair: DirectionEdit(subspaces[pair[1]][position, : pair[0]]) for pair in pairs}
+    order = [i for batch in length_sorted_batches(harmful, batch_size, pad_id) for i in batch.indices]
     token = torch.tensor(token_ids)
-    # a rank needs both sets (refusal and KL); a direction alone only its refusal score: the harmful set
-    both, harmful_only = {"harmless": harmless, "harmful": harmful}, {"harmful": harmful}
-    sets = [both] * len(pairs) + [harmful_only] * len(rows)
-    for variant, label, logprobs in forward.first_token_logprobs(sets, edits, batch_size, pad_id, progress):
-        if label == "harmless":
-            kl[variant] = float(first_token_kl_each(base_harmless[answered], logprobs[answered]).mean())
-        else:
-            refusal[variant] = logprobs
+    logodds = {pair: torch.zeros(n, dtype=torch.float64) for pair in pairs}  # per prompt, in prompt order
+    refused = {pair: torch.zeros(n, dtype=torch.bool) for pair in pairs}
+    kl: dict[tuple[int, str], float] = {}
+    seen: dict[tuple[int, str], int] = {}  # harmful prompts each rank was scored on
+    alive, done = list(pairs), 0
+    steps = rank_rounds(n, selection.shortlist_prompts, batch_size) if eliminate else [n]
+    for upto in steps:
+        if not alive:
+            break
+        indices = order[done:upto]
+        sets: dict[str, Any] = {"harmful": [harmful[i] for i in indices]}
+        if not eliminate:
+            sets["harmless"] = harmless
+        rows = torch.tensor(indices, dtype=torch.long)
+        for variant, label, logprobs in forward.first_token_logprobs(
+            sets, [edits[p] for p in alive], batch_size, pad_id, progress
+        ):
+            pair = alive[variant]
+            if label == "harmless":
+                kl[pair] = float(first_token_kl_each(base_harmless[answered], logprobs[answered]).mean())
+            else:
+                logodds[pair][rows] = refusal_logodds(logprobs, token_ids)
+                refused[pair][rows] = torch.isin(logprobs.argmax(dim=-1), token)
+        done, before = upto, len(alive)
+        for pair in alive:
+            seen[pair] = done
+        if eliminate:
+            alive = [p for p in alive if int(refused[p].sum()) <= limit]
+        record.rounds.append(Round(before, done, 0 if eliminate else len(harmless), len(alive)))
+    if eliminate and alive:  # the ranks left: the harmless prompts, one more pass
+        for variant, _, logprobs in forward.first_token_logprobs(
+            {"harmless": harmless}, [edits[p] for p in alive], batch_size, pad_id, progress
+        ):
+            kl[alive[variant]] = float(
+                first_token_kl_each(base_harmless[answered], logprobs[answered]).mean()
+            )
+        record.rounds.append(Round(len(alive), n, len(harmless), len(alive)))
+    record.dropped = len(pairs) - len(kl)
     ranks = [single]
-    for (k, method), logprobs, divergence in zip(pairs, refusal[: len(pairs)], kl[: len(pairs)], strict=True):
-        count = int(torch.isin(logprobs.argmax(dim=-1), token).sum())
-        upper = wilson_bounds(count, len(harmful), selection.rank_confidence)[1]
-        earns = divergence <= selection.kl_threshold and single.refusals / max(single.prompts, 1) > upper
-        score = float(refusal_logodds(logprobs, token_ids).mean())
-        ranks.append(RankScore(k, method, score, divergence, count, len(harmful), upper, earns))
-    alone: dict[str, list[tuple[int, float]]] = {}
-    for (method, i), logprobs in zip(rows, refusal[len(pairs) :], strict=True):
-        alone.setdefault(method, [(0, single.refusal_score)]).append(
-            (i, float(refusal_logodds(logprobs, token_ids).mean()))
+    for pair in pairs:
+        count, scored = int(refused[pair].sum()), sorted(order[: seen[pair]])
+        divergence = kl.get(pair)
+        earns = (
+            divergence is not None
+            and divergence <= selection.kl_threshold
+            and beats_one_direction(count, single, confidence)
         )
-    shares = []
-    for method, scored in alone.items():
-        drops = [max(0.0, baseline - score) for _, score in scored]
-        total = sum(drops)
-        shares += [
-            DirectionShare(method, i, score, drop, drop / total if total > 0 else 0.0)
-            for (i, score), drop in zip(scored, drops, strict=True)
-        ]
-    return ranks, shares
+        score = float(logodds[pair][scored].mean())
+        upper = wilson_bounds(count, n, confidence)[1]
+        ranks.append(RankScore(*pair, score, divergence, count, len(scored), upper, earns))
+    return ranks, record
+
+
+def direction_shares(
+    forward: Any,
+    subspaces: Mapping[str, torch.Tensor],
+    position: int,
+    edit: tuple[RankScore, RankScore],
+    harmful: Sequence[Sequence[int]],
+    baseline: float,
+    token_ids: list[int],
+    batching: tuple[int, int, bool],
+) -> list[DirectionShare]:
+    """Each direction of the chosen edit (`edit`: the chosen rank, one direction's score) removed alone: its
+    share of the refusal score, drop_i = max(0, baseline - refusal score with direction i alone removed),
+    share_i = drop_i over the sum of the drops of the edit's directions 0..k-1. Rank 1: the one direction,
+    whose score is known (share 1, or 0 when removing it does not lower the score); rank k: rows 1..k-1 of
+    the chosen subspace alone on the harmful validation prompts, one pass."""
+    chosen, single = edit
+    batch_size, pad_id, progress = batching
+    scored = [(0, single.refusal_score)]
+    if chosen.subspace is not None:
+        rows = list(range(1, chosen.rank))
+        basis = subspaces[chosen.subspace][position]
+        for variant, _, logprobs in forward.first_token_logprobs(
+            {"harmful": harmful}, [DirectionEdit(basis[i]) for i in rows], batch_size, pad_id, progress
+        ):
+            scored.append((rows[variant], float(refusal_logodds(logprobs, token_ids).mean())))
+    drops = [max(0.0, baseline - score) for _, score in scored]
+    total = sum(drops)
+    return [
+        DirectionShare(chosen.subspace, i, score, drop, drop / total if total > 0 else 0.0)
+        for (i, score), drop in zip(scored, drops, strict=True)
+    ]
 
 
 def choose_rank(ranks: Sequence[RankScore]) -> RankScore:
@@ -632,20 +757,39 @@ def choose_rank(ranks: Sequence[RankScore]) -> RankScore:
 
 
 def describe_rank(chosen: Selection) -> str | None:
-    """The rank choice in one line (None when no subspace was scored): what was kept, and why."""
-    if len(chosen.ranks) < 2:
+    """The rank choice in one line (None when there was nothing to score): what was kept, and why."""
+    rank_pass, one = chosen.rank_pass, chosen.ranks[0] if chosen.ranks else None
+    if rank_pass.state == "none" or one is None:
         return None
-    one = chosen.ranks[0]
-    if chosen.rank == 1:
-        best = min(chosen.ranks[1:], key=lambda r: (r.refusals, r.rank, r.kl))
+    opening = f"{one.refusals} of {one.prompts} harmful validation prompts open with a refusal token"
+    if rank_pass.state == "skipped":
         return (
-            f"rank 1 kept (one direction: {one.refusals} of {one.prompts} harmful validation prompts open with a "
-            f"refusal token, KL {figure(one.kl)}); no subspace earns its KL, the best: {best.subspace} rank "
-            f"{best.rank}, {best.refusals} of {best.prompts} (upper bound {best.upper_bound:.3f}), KL {figure(best.kl)}"
+            f"rank 1 kept (one direction: {opening}, KL {figure(one.kl)}): no subspace can earn its KL, none "
+            f"scored (one direction's rate {one.refusals / max(one.prompts, 1):.3f} is at or below "
+            f"{rank_pass.floor:.3f}, the Wilson upper bound at {rank_pass.confidence:.0%} of a subspace leaving none)"
+        )
+    dropped = [r for r in chosen.ranks[1:] if r.dropped]
+    left = (
+        f"; {len(dropped)} of {len(chosen.ranks) - 1} ranks dropped on the harmful prompts (more than "
+        f"{rank_pass.limit} refusals: Wilson upper bound at or above one direction's rate)"
+        if dropped
+        else ""
+    )
+    if chosen.rank == 1:
+        full = [r for r in chosen.ranks[1:] if not r.dropped]
+        if not full:
+            return (
+                f"rank 1 kept (one direction: {opening}, KL {figure(one.kl)}); no subspace earns its KL{left}"
+            )
+        best = min(full, key=lambda r: (r.refusals, r.rank, r.kl))
+        return (
+            f"rank 1 kept (one direction: {opening}, KL {figure(one.kl)}); no subspace earns its KL, the best: "
+            f"{best.subspace} rank {best.rank}, {best.refusals} of {best.prompts} (upper bound "
+            f"{best.upper_bound:.3f}), KL {figure(best.kl)}{left}"
         )
     kept = next(r for r in chosen.ranks if r.rank == chosen.rank and r.subspace == chosen.subspace)
     return (
         f"rank {kept.rank} ({kept.subspace}): {kept.refusals} of {kept.prompts} harmful validation prompts open "
         f"with a refusal token (upper bound {kept.upper_bound:.3f}) against {one.refusals} with one direction, "
-        f"KL {figure(kept.kl)} (one direction: {figure(one.kl)})"
+        f"KL {figure(kept.kl)} (one direction: {figure(one.kl)}){left}"
     )
