@@ -25,6 +25,16 @@ Prints one line per stage: seconds quiet / busy1 / busy2 with each setting, the 
 (busy / quiet, same setting), and whether every stage of `auto` stays within 2.5x beside one busy loop
 (issue 24's "done when"). "Quiet" is the machine as found: the load average is printed with it.
 
+Figures seen (2026-12-05 12:20, the same CPU quiet, load average 0.9: auto chose 2 threads quiet, 1
+beside the loops; seconds quiet / busy1 / busy2):
+    measurement  auto 0.27 0.22 0.34 (0.83x 1.27x)   default  0.21  3.51  1.53
+    selection    auto 0.30 0.19 0.28 (0.63x 0.92x)   default  0.20  6.38  1.23
+    ablation     auto 0.05 0.05 0.09 (1.08x 1.86x)   default  0.10  0.10  0.22
+    evaluation   auto 1.60 1.18 1.66 (0.74x 1.04x)   default  1.12 27.29 10.54
+    search       auto 1.29 1.04 1.70 (0.81x 1.32x)   default  1.02  2.80  2.92
+    auto: every stage within 2.5x of quiet beside one busy loop: yes (112 s in all)
+(two threads with the passive wait policy are slower than one on the demo's small matrices.)
+
 Figures seen (2026-12-05, this 2-core CPU with other jobs at load average 8-11, so auto chose one
 thread in every condition; seconds quiet / busy1 / busy2):
     measurement  auto 0.53 0.66 0.57 (1.26x 1.09x)   default  2.40  4.25 10.69
