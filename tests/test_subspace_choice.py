@@ -180,10 +180,10 @@ def test_a_basis_edit_removes_every_row_and_one_row_is_the_direction_edit():
 # ------------------------------------------------------------------ the demo model: rank 1 is kept
 
 
-@pytest.fixture(scope="module")
-def demo():
-    model, tokenizer = load_model(DEMO_MODEL_DIR)
-    load = lambda kind, split: load_prompts(prompt_file("demo", kind, split))  # noqa: E731
+def measured_model(model_dir, load):
+    """(model, tokenizer, measurement, directions) of `model_dir` measured on its training prompts
+    (`load(kind, split)` gives a prompt set) with the default settings."""
+    model, tokenizer = load_model(model_dir)
     measured = measure(
         model,
         tokenizer,
@@ -194,7 +194,13 @@ def demo():
         RUNTIME,
         progress=False,
     )
-    directions = compute_directions(measured, Measurement().direction_method)
+    return model, tokenizer, measured, compute_directions(measured, Measurement().direction_method)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    load = lambda kind, split: load_prompts(prompt_file("demo", kind, split))  # noqa: E731
+    model, tokenizer, measured, directions = measured_model(DEMO_MODEL_DIR, load)
     return model, tokenizer, measured, directions, load("harmful", "val"), load("harmless", "val")
 
 
@@ -559,19 +565,8 @@ def rows(path) -> list[dict]:
 def two_category():
     """The two-category model measured on its training prompts (categories kept): (model, tokenizer,
     directions, harmful validation prompts, harmless validation prompts)."""
-    model, tokenizer = load_model(TWO_CATEGORY_MODEL_DIR)
     load = lambda kind, split: load_prompts(TWO_DATA / f"{kind}_{split}.jsonl")  # noqa: E731
-    measured = measure(
-        model,
-        tokenizer,
-        load("harmful", "train"),
-        load("harmless", "train"),
-        Measurement(),
-        Template(),
-        RUNTIME,
-        progress=False,
-    )
-    directions = compute_directions(measured, Measurement().direction_method)
+    model, tokenizer, _, directions = measured_model(TWO_CATEGORY_MODEL_DIR, load)
     return model, tokenizer, directions, load("harmful", "val"), load("harmless", "val")
 
 
