@@ -216,12 +216,10 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, fp8
     searches is in the plan (attention outputs, dense MLP, routed and shared experts, routers, router
     bias shifts) and each matters: the unedited model, the plan without its router bias shifts, without
     its router edits and, for FP8, the edit without its requantization are far outside the bound."""
-    from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
+    from tiny_chat_model import build_tiny_chat_model, chat_batch, plan_edit
 
-    from abliterate.edit.inference_edit import PlanEdit, fp8_blocks, storage_dtypes
+    from abliterate.edit.inference_edit import PlanEdit, fp8_blocks
     from abliterate.inference.loading import load_model
-    from abliterate.measure.chat import render_chat
-    from abliterate.weights.profiles import GLM4_MOE
     from abliterate.weights.synthetic import convert_to_fp8
 
     src = build_tiny_chat_model(tmp_path / "tiny")
@@ -241,15 +239,10 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, fp8
     ablate_checkpoint(src, path, tmp_path / "out", plan, progress=False, log=lambda _: None)
     original, tokenizer = load_model(src)
     ablated, _ = load_model(tmp_path / "out")
-    batch = tokenizer(
-        render_chat(tokenizer, HARMFUL + HARMLESS),
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
+    batch = chat_batch(tokenizer)
+    assert (
+        bool(fp8_blocks(build_inventory(src))) == fp8 and bool(build_inventory(tmp_path / "out").fp8) == fp8
     )
-    directions = load_directions(path)
-    storage, blocks = storage_dtypes(build_inventory(src)), fp8_blocks(build_inventory(src))
-    assert bool(blocks) == fp8 and bool(build_inventory(tmp_path / "out").fp8) == fp8
 
     def run(model, edit: PlanEdit | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits, and every MoE router's logits (what its edit changes directly)."""
@@ -266,7 +259,7 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, fp8
             for handle in handles:
                 handle.remove()
 
-    hooked, hooked_routers = run(original, PlanEdit(plan, directions, GLM4_MOE, storage, blocks))
+    hooked, hooked_routers = run(original, plan_edit(src, path, plan))
     edited, edited_routers = run(ablated)
     # Both evaluate the same float32 model math in two orders (the plan replaces weights exactly as the
     # engine rounds them, or projects three writes and one router input per layer): the bound of
@@ -284,17 +277,15 @@ def test_plan_applied_at_inference_time_equals_the_edited_checkpoint(method, fp8
     # the router bias shift changes the logits, the router edit (scale 0.7 in layer 2) its logits
     data = plan.to_dict()
     no_bias_shift = AblationPlan.from_dict({k: v for k, v in data.items() if k != "router_bias"})
-    assert (
-        run(original, PlanEdit(no_bias_shift, directions, GLM4_MOE, storage, blocks))[0] - edited
-    ).abs().max() > 10 * atol
+    assert (run(original, plan_edit(src, path, no_bias_shift))[0] - edited).abs().max() > 10 * atol
     no_router = AblationPlan.from_dict(
         {**data, "role_scales": {**data["role_scales"], "router": dict.fromkeys(data["scale"], 0.0)}}
     )
-    unedited_router = run(original, PlanEdit(no_router, directions, GLM4_MOE, storage, blocks))[1][-1]
+    unedited_router = run(original, plan_edit(src, path, no_router))[1][-1]
     assert (unedited_router - edited_routers[-1]).abs().max() > 100 * rtol * float(
         edited_routers[-1].norm(dim=-1).max()
     )
     if fp8:  # the exact edit, not requantized, is not what the engine wrote
-        unrounded = run(original, PlanEdit(plan, directions, GLM4_MOE, storage))[0]
+        unrounded = run(original, plan_edit(src, path, plan, fp8_rounded=False))[0]
         assert (unrounded - edited).abs().max() > 10 * atol
     assert torch.equal(run(original)[0], original(**batch).logits)  # every hook and replaced tensor is gone

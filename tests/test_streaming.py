@@ -16,7 +16,15 @@ from numerics import (
     sample_rms,
 )
 from safetensors.torch import load_file, save_file
-from tiny_chat_model import HARMFUL, HARMLESS, WORDS, build_tiny_chat_model, measure_sections
+from tiny_chat_model import (
+    HARMFUL,
+    HARMLESS,
+    WORDS,
+    build_tiny_chat_model,
+    measure_sections,
+    tiny_air_layout,
+    write_tiny_glm_air,
+)
 
 from abliterate.cli import main
 from abliterate.config import Runtime, parse_size
@@ -30,28 +38,10 @@ from abliterate.measure.means import Measurement, measure_checkpoint
 from abliterate.measure.prompts import load_prompts
 from abliterate.measure.streamed import measure_streamed
 from abliterate.pipeline import decide_streaming, measure_stage
-from abliterate.weights.synthetic import GlmLayout, glm_tensor_specs, write_glm_layout
+from abliterate.weights.synthetic import glm_tensor_specs
 
 DEMO_READY = (DEMO_MODEL_DIR / "model.safetensors.index.json").is_file()
 SETTINGS = measure_sections(batch_size=3, system_prompt="Be concise.")
-
-
-def glm_layout(fused: bool, vocab_size: int) -> GlmLayout:
-    """GLM-4.5-Air's names and structure (dense layer 0, routers with bias, shared expert, MTP layer)."""
-    return GlmLayout(
-        num_layers=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        num_nextn_predict_layers=1,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        vocab_size=vocab_size,
-        fused_experts=fused,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +63,7 @@ def tiny_fused(tiny, tmp_path_factory):
 @pytest.fixture(scope="module", params=[False, True], ids=["per-expert", "fused"])
 def glm_air(request, tmp_path_factory):
     """GLM-4.5-Air's exact tensor names at small widths, sharded, with a chat tokenizer."""
-    tokenizer = build_tokenizer([WORDS])
-    out = write_glm_layout(
-        tmp_path_factory.mktemp("stream") / "glm-air", glm_layout(request.param, len(tokenizer)), num_shards=3
-    )
-    tokenizer.save_pretrained(out)
-    return out
+    return write_tiny_glm_air(tmp_path_factory.mktemp("stream") / "glm-air", request.param, torch.bfloat16)
 
 
 def terms(model_dir, settings: tuple, prompts: list[str] = HARMFUL + HARMLESS) -> int:
@@ -149,7 +134,7 @@ def test_streamed_equals_in_memory_on_demo_model():
 
 
 def test_weight_bytes_count_the_main_model_without_mtp(glm_air):
-    layout = glm_layout(False, len(build_tokenizer([WORDS])))
+    layout = tiny_air_layout(False, len(build_tokenizer([WORDS])))
     numel: dict[int | None, int] = {}  # decoder layer (None: outside the layers) -> elements
     for name, shape, _dtype in glm_tensor_specs(layout):
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None

@@ -216,8 +216,10 @@ def random_subspace(directions, k: int, seed: int) -> torch.Tensor:
     return out
 
 
-def choose(demo, directions, subspaces, selection=Selection(), position=None):
-    model, tokenizer, _, _, harmful_val, harmless_val = demo
+def choose(fixture, directions, subspaces, selection=Selection(), position=None):
+    """Selection on a model fixture (`demo` or `two_category`: model and tokenizer first, the harmful
+    and harmless validation prompts last)."""
+    model, tokenizer, *_, harmful_val, harmless_val = fixture
     return select_direction(
         model,
         tokenizer,
@@ -582,30 +584,14 @@ def test_two_categories_choose_with_elimination_what_scoring_every_rank_chooses(
     harmful prompts, never scored on the harmless ones; the choice (rank 2 of `clusters`) and every figure of
     the ranks left are those of scoring every rank on every prompt, bit for bit; the shares are those of the
     chosen edit's two directions, as MLflow shows them."""
-    model, tokenizer, directions, harmful_val, harmless_val = two_category
+    directions = two_category[2]
     subspaces = {
         "pca": directions.subspaces["pca"],
         "clusters": directions.subspaces["clusters"],
         "categories": random_subspace(directions, 3, 0),
     }
-
-    def select(selection):
-        return select_direction(
-            model,
-            tokenizer,
-            directions,
-            harmful_val,
-            harmless_val,
-            Measurement(),
-            Template(),
-            selection,
-            Evaluation(),
-            RUNTIME,
-            progress=False,
-            subspaces=subspaces,
-        )
-
-    fast, every = select(Selection()), select(Selection(rank_elimination=False))
+    fast = choose(two_category, directions, subspaces)
+    every = choose(two_category, directions, subspaces, Selection(rank_elimination=False))
     one = fast.ranks[0]
     assert (one.refusals, one.prompts) == (29, 98) and every.ranks[0] == one  # `deception` left refusing
     assert fast.rank_pass.state == every.rank_pass.state == "scored"

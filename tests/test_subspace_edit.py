@@ -497,12 +497,10 @@ def test_plan_edit_at_inference_equals_the_edited_checkpoint(method, fp8, tmp_pa
     projected by Q^T Q; norm-preserved and FP8 weights replaced) computes the logits of the checkpoint the
     engine edits with the same plan, within the float32 bound of tests/numerics.py; the rank-1 plan is
     far outside it."""
-    from tiny_chat_model import HARMFUL, HARMLESS, build_tiny_chat_model
+    from tiny_chat_model import build_tiny_chat_model, chat_batch, plan_edit
 
-    from abliterate.edit.inference_edit import PlanEdit, fp8_blocks, storage_dtypes
+    from abliterate.edit.inference_edit import PlanEdit
     from abliterate.inference.loading import load_model
-    from abliterate.measure.chat import render_chat
-    from abliterate.weights.profiles import GLM4_MOE
 
     src = build_tiny_chat_model(tmp_path / "tiny")
     if fp8:
@@ -514,20 +512,13 @@ def test_plan_edit_at_inference_equals_the_edited_checkpoint(method, fp8, tmp_pa
     ablate_checkpoint(src, path, tmp_path / "out", plan, progress=False, log=lambda _: None)
     original, tokenizer = load_model(src)
     ablated, _ = load_model(tmp_path / "out")
-    batch = tokenizer(
-        render_chat(tokenizer, HARMFUL + HARMLESS),
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    )
-    directions = load_directions(path)
-    storage, blocks = storage_dtypes(build_inventory(src)), fp8_blocks(build_inventory(src))
+    batch = chat_batch(tokenizer)
 
     def run(model, edit: PlanEdit | None = None) -> torch.Tensor:
         with edit.applied(model) if edit else nullcontext(), torch.inference_mode():
             return model(**batch).logits
 
-    hooked = run(original, PlanEdit(plan, directions, GLM4_MOE, storage, blocks))
+    hooked = run(original, plan_edit(src, path, plan))
     edited = run(ablated)
     config = json.loads((src / "config.json").read_text())
     rtol = logits_rtol(
@@ -538,12 +529,10 @@ def test_plan_edit_at_inference_equals_the_edited_checkpoint(method, fp8, tmp_pa
     rank_one = AblationPlan.from_dict(
         {k: v for k, v in plan.to_dict().items() if k not in ("rank", "subspace")}
     )
-    assert (
-        run(original, PlanEdit(rank_one, directions, GLM4_MOE, storage, blocks)) - edited
-    ).abs().max() > 10 * atol
+    hooked_one = run(original, plan_edit(src, path, rank_one))
+    assert (hooked_one - edited).abs().max() > 10 * atol
     if method == "norm_preserving":  # the embedding's rows norm-preserved at inference too, at rank 1 as well
         ablate_checkpoint(src, path, tmp_path / "one", rank_one, progress=False, log=lambda _: None)
-        hooked_one = run(original, PlanEdit(rank_one, directions, GLM4_MOE, storage, blocks))
         torch.testing.assert_close(hooked_one, run(load_model(tmp_path / "one")[0]), rtol=0, atol=atol)
     assert torch.equal(run(original), original(**batch).logits)  # every hook and replaced tensor is gone
 

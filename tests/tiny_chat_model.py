@@ -14,6 +14,12 @@ from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
 from abliterate.config import Measurement, Runtime, Template
 from abliterate.demo.train import build_tokenizer
+from abliterate.edit.inference_edit import PlanEdit, fp8_blocks, storage_dtypes
+from abliterate.edit.plan import AblationPlan
+from abliterate.measure.chat import render_chat
+from abliterate.measure.direction_file import load_directions
+from abliterate.weights.checkpoint import build_inventory
+from abliterate.weights.profiles import GLM4_MOE
 from abliterate.weights.synthetic import GlmLayout, write_glm_layout
 
 WORDS = (
@@ -82,25 +88,48 @@ def measure_sections(**fields: Any) -> tuple[Measurement, Template, Runtime]:
     return parts[0], parts[1], runtime
 
 
-def write_tiny_glm_air(folder: Path, fused_experts: bool) -> Path:
+def tiny_air_layout(fused_experts: bool, vocab_size: int, dtype: torch.dtype = torch.float32) -> GlmLayout:
     """GLM-4.5-Air's names and structure (dense layer 0, sigmoid routers with correction bias, shared
-    expert, q/k/v biases, grouped-query attention, MTP layer) at small widths, random float32 weights,
-    in 3 shards with a chat tokenizer of WORDS."""
-    tokenizer = build_tokenizer([WORDS])
-    layout = GlmLayout(
+    expert, q/k/v biases, grouped-query attention, MTP layer) at small widths."""
+    return GlmLayout(
         num_layers=4,
         n_routed_experts=8,
         num_experts_per_tok=2,
+        num_nextn_predict_layers=1,
         hidden_size=16,
         intermediate_size=32,
         moe_intermediate_size=8,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         fused_experts=fused_experts,
-        dtype=torch.float32,
+        dtype=dtype,
     )
-    out = write_glm_layout(folder, layout, num_shards=3)
+
+
+def write_tiny_glm_air(folder: Path, fused_experts: bool, dtype: torch.dtype = torch.float32) -> Path:
+    """`tiny_air_layout` with random weights in 3 shards and a chat tokenizer of WORDS."""
+    tokenizer = build_tokenizer([WORDS])
+    out = write_glm_layout(folder, tiny_air_layout(fused_experts, len(tokenizer), dtype), num_shards=3)
     tokenizer.save_pretrained(out)
     return out
+
+
+def chat_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    """HARMFUL + HARMLESS rendered with the chat template, one padded batch: what an inference-time edit
+    and the checkpoint the engine edited are compared on."""
+    return tokenizer(
+        render_chat(tokenizer, HARMFUL + HARMLESS),
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+
+
+def plan_edit(src: Path, directions_path: Path, plan: AblationPlan, fp8_rounded: bool = True) -> PlanEdit:
+    """`plan` applied at inference to the model of the GLM checkpoint `src` (stored dtypes as the engine
+    rounds to; `fp8_rounded`: FP8 weights replaced by their requantized edit, else left in float32)."""
+    inventory = build_inventory(src)
+    blocks = fp8_blocks(inventory) if fp8_rounded else None
+    return PlanEdit(plan, load_directions(directions_path), GLM4_MOE, storage_dtypes(inventory), blocks)

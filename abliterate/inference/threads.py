@@ -254,7 +254,7 @@ def apply_threads(runtime: Runtime | None = None, share: int = 1) -> ThreadChoic
             key = (runtime.threads, runtime.interop_threads)
         choice = _decided.get(key)
         if choice is None:
-            choice = _decided[key] = _decide(Runtime(threads=key[0], interop_threads=key[1]), torch)
+            choice = _decided[key] = _decide(runtime or Runtime(), torch)  # runtime is set: no choice yet
             _looked[key] = look()
         elif choice.setting == "auto" and time.monotonic() - _looked[key].at >= RECHECK_S:
             now = look()
